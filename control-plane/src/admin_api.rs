@@ -1,0 +1,294 @@
+//! `AdminService`: stores, enrollment tokens and devices, for ops.
+
+use posfleet_proto::v1::{self, admin_service_server::AdminService};
+use std::collections::BTreeMap;
+use tonic::{Request, Response, Status};
+
+use crate::metrics::Metrics;
+use crate::storage::{DeviceFilter, EnrollmentTokenRecord, StatusFilter, Storage, StoreRecord};
+use crate::validate::{invalid, label_key, slug, text, time_zone};
+use crate::{convert, now_ms, secret};
+
+const DEFAULT_PAGE_SIZE: u32 = 500;
+const MAX_PAGE_SIZE: u32 = 1000;
+const DEFAULT_TOKEN_LIFETIME_SECONDS: u64 = 24 * 3600;
+const MAX_TOKEN_LIFETIME_SECONDS: u64 = 365 * 24 * 3600;
+const MAX_TOKEN_USES: u32 = 1_000_000;
+const MAX_LABELS_PER_CALL: usize = 64;
+
+pub struct AdminApi {
+    storage: Storage,
+    metrics: Metrics,
+    offline_after_missed_heartbeats: i64,
+}
+
+impl AdminApi {
+    pub fn new(
+        storage: Storage,
+        metrics: Metrics,
+        offline_after_missed_heartbeats: u32,
+    ) -> AdminApi {
+        AdminApi {
+            storage,
+            metrics,
+            offline_after_missed_heartbeats: offline_after_missed_heartbeats.into(),
+        }
+    }
+
+    /// Checks `authorization: Bearer <admin API token>`.
+    async fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let token = request
+            .metadata()
+            .get(posfleet_proto::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let Some(token) = token else {
+            self.metrics.admin_auth_failures.inc();
+            return Err(Status::unauthenticated(
+                "missing admin API token: pass --token or set POSFLEET_TOKEN",
+            ));
+        };
+        match self.storage.find_admin_token(&secret::hash(token)).await {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => {
+                self.metrics.admin_auth_failures.inc();
+                Err(Status::unauthenticated("admin API token is not valid"))
+            }
+            Err(e) => Err(crate::error::Error::from(e).into()),
+        }
+    }
+
+    fn device(&self, d: crate::storage::DeviceRecord) -> v1::Device {
+        convert::device(d, now_ms(), self.offline_after_missed_heartbeats)
+    }
+}
+
+fn page_size(requested: u32) -> i64 {
+    match requested {
+        0 => DEFAULT_PAGE_SIZE,
+        n => n.min(MAX_PAGE_SIZE),
+    }
+    .into()
+}
+
+fn db(e: impl Into<crate::error::Error>) -> Status {
+    e.into().into()
+}
+
+#[tonic::async_trait]
+impl AdminService for AdminApi {
+    async fn create_store(
+        &self,
+        request: Request<v1::CreateStoreRequest>,
+    ) -> Result<Response<v1::Store>, Status> {
+        self.authorize(&request).await?;
+        let req = request.into_inner();
+        slug("id", &req.id, 64)?;
+        text("name", &req.name, true, 128)?;
+        time_zone("time_zone", &req.time_zone)?;
+        let store = StoreRecord {
+            id: req.id,
+            name: req.name,
+            time_zone: req.time_zone,
+            created_at_ms: now_ms(),
+            device_count: 0,
+        };
+        if !self.storage.create_store(&store).await.map_err(db)? {
+            return Err(Status::already_exists(format!(
+                "store {} already exists",
+                store.id
+            )));
+        }
+        tracing::info!(store_id = %store.id, time_zone = %store.time_zone, "Store created.");
+        Ok(Response::new(convert::store(store)))
+    }
+
+    async fn list_stores(
+        &self,
+        request: Request<v1::ListStoresRequest>,
+    ) -> Result<Response<v1::ListStoresResponse>, Status> {
+        self.authorize(&request).await?;
+        let req = request.into_inner();
+        let limit = page_size(req.page_size);
+        let stores = self
+            .storage
+            .list_stores(&req.page_token, limit)
+            .await
+            .map_err(db)?;
+        let next_page_token = match stores.last() {
+            Some(last) if stores.len() as i64 == limit => last.id.clone(),
+            _ => String::new(),
+        };
+        Ok(Response::new(v1::ListStoresResponse {
+            stores: stores.into_iter().map(convert::store).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn create_enrollment_token(
+        &self,
+        request: Request<v1::CreateEnrollmentTokenRequest>,
+    ) -> Result<Response<v1::CreateEnrollmentTokenResponse>, Status> {
+        self.authorize(&request).await?;
+        let req = request.into_inner();
+        slug("store_id", &req.store_id, 64)?;
+        let lifetime = match req.expires_in_seconds {
+            0 => DEFAULT_TOKEN_LIFETIME_SECONDS,
+            n if n > MAX_TOKEN_LIFETIME_SECONDS => {
+                return Err(invalid("expires_in_seconds", "must be at most one year"));
+            }
+            n => n,
+        };
+        let uses = match req.uses {
+            0 => 1,
+            n if n > MAX_TOKEN_USES => {
+                return Err(invalid("uses", format!("must be at most {MAX_TOKEN_USES}")));
+            }
+            n => n,
+        };
+        if !self.storage.store_exists(&req.store_id).await.map_err(db)? {
+            return Err(Status::not_found(format!("unknown store {}", req.store_id)));
+        }
+        let secret = secret::generate(secret::ENROLLMENT_TOKEN_PREFIX);
+        let now = now_ms();
+        let token = EnrollmentTokenRecord {
+            id: secret::short_id("tok-", 6),
+            store_id: req.store_id,
+            uses_total: uses.into(),
+            uses_remaining: uses.into(),
+            expires_at_ms: now + (lifetime as i64) * 1000,
+            revoked_at_ms: None,
+            created_at_ms: now,
+        };
+        self.storage
+            .create_enrollment_token(&token, &secret::hash(&secret))
+            .await
+            .map_err(db)?;
+        tracing::info!(token_id = %token.id, store_id = %token.store_id, uses, "Enrollment token created.");
+        Ok(Response::new(v1::CreateEnrollmentTokenResponse {
+            token: Some(convert::enrollment_token(token)),
+            secret,
+        }))
+    }
+
+    async fn list_enrollment_tokens(
+        &self,
+        request: Request<v1::ListEnrollmentTokensRequest>,
+    ) -> Result<Response<v1::ListEnrollmentTokensResponse>, Status> {
+        self.authorize(&request).await?;
+        let req = request.into_inner();
+        let store = (!req.store_id.is_empty()).then_some(req.store_id.as_str());
+        if let Some(store) = store
+            && !self.storage.store_exists(store).await.map_err(db)?
+        {
+            return Err(Status::not_found(format!("unknown store {store}")));
+        }
+        let tokens = self
+            .storage
+            .list_enrollment_tokens(store)
+            .await
+            .map_err(db)?;
+        Ok(Response::new(v1::ListEnrollmentTokensResponse {
+            tokens: tokens.into_iter().map(convert::enrollment_token).collect(),
+        }))
+    }
+
+    async fn revoke_enrollment_token(
+        &self,
+        request: Request<v1::RevokeEnrollmentTokenRequest>,
+    ) -> Result<Response<v1::EnrollmentToken>, Status> {
+        self.authorize(&request).await?;
+        let id = request.into_inner().id;
+        text("id", &id, true, 64)?;
+        let token = self
+            .storage
+            .revoke_enrollment_token(&id, now_ms())
+            .await
+            .map_err(db)?
+            .ok_or_else(|| Status::not_found(format!("unknown enrollment token {id}")))?;
+        tracing::info!(token_id = %token.id, store_id = %token.store_id, "Enrollment token revoked.");
+        Ok(Response::new(convert::enrollment_token(token)))
+    }
+
+    async fn list_devices(
+        &self,
+        request: Request<v1::ListDevicesRequest>,
+    ) -> Result<Response<v1::ListDevicesResponse>, Status> {
+        self.authorize(&request).await?;
+        let req = request.into_inner();
+        let status = match v1::DeviceStatus::try_from(req.status) {
+            Ok(v1::DeviceStatus::Unspecified) => None,
+            Ok(v1::DeviceStatus::Online) => Some(StatusFilter::Online),
+            Ok(v1::DeviceStatus::Offline) => Some(StatusFilter::Offline),
+            Err(_) => return Err(invalid("status", format!("unknown status {}", req.status))),
+        };
+        for key in req.labels.keys() {
+            label_key("labels", key)?;
+        }
+        let filter = DeviceFilter {
+            store_id: (!req.store_id.is_empty()).then_some(req.store_id),
+            status,
+            labels: req.labels.into_iter().collect(),
+            after_id: req.page_token,
+            limit: page_size(req.page_size),
+            now_ms: now_ms(),
+            offline_after_missed_heartbeats: self.offline_after_missed_heartbeats,
+        };
+        let devices = self.storage.list_devices(&filter).await.map_err(db)?;
+        let next_page_token = match devices.last() {
+            Some(last) if devices.len() as i64 == filter.limit => last.id.clone(),
+            _ => String::new(),
+        };
+        Ok(Response::new(v1::ListDevicesResponse {
+            devices: devices.into_iter().map(|d| self.device(d)).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn get_device(
+        &self,
+        request: Request<v1::GetDeviceRequest>,
+    ) -> Result<Response<v1::Device>, Status> {
+        self.authorize(&request).await?;
+        let id = request.into_inner().id;
+        text("id", &id, true, 64)?;
+        let device = self
+            .storage
+            .get_device(&id)
+            .await
+            .map_err(db)?
+            .ok_or_else(|| Status::not_found(format!("unknown device {id}")))?;
+        Ok(Response::new(self.device(device)))
+    }
+
+    async fn set_device_labels(
+        &self,
+        request: Request<v1::SetDeviceLabelsRequest>,
+    ) -> Result<Response<v1::Device>, Status> {
+        self.authorize(&request).await?;
+        let req = request.into_inner();
+        text("device_id", &req.device_id, true, 64)?;
+        if req.set.len() + req.remove.len() > MAX_LABELS_PER_CALL {
+            return Err(invalid(
+                "set",
+                format!("at most {MAX_LABELS_PER_CALL} labels per call"),
+            ));
+        }
+        for (key, value) in &req.set {
+            label_key("set", key)?;
+            text("set", value, false, 128)?;
+        }
+        for key in &req.remove {
+            label_key("remove", key)?;
+        }
+        let set: BTreeMap<String, String> = req.set.into_iter().collect();
+        let device = self
+            .storage
+            .set_device_labels(&req.device_id, &set, &req.remove)
+            .await
+            .map_err(db)?
+            .ok_or_else(|| Status::not_found(format!("unknown device {}", req.device_id)))?;
+        tracing::info!(device_id = %device.id, set = set.len(), removed = req.remove.len(), "Device labels changed.");
+        Ok(Response::new(self.device(device)))
+    }
+}

@@ -1,0 +1,297 @@
+//! `AgentService`: enrollment and heartbeats.
+
+use ed25519_dalek::{Signature, VerifyingKey};
+use posfleet_proto::v1::{
+    self, EnrollRequest, EnrollResponse, HeartbeatRequest, HeartbeatResponse,
+    agent_service_server::AgentService,
+};
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+use crate::heartbeat::{HeartbeatQueue, interval_for_load};
+use crate::metrics::Metrics;
+use crate::storage::{DeviceAuth, EnrollError, HeartbeatRecord, NewDevice, Storage};
+use crate::validate::{invalid, text};
+use crate::{convert, now_ms, secret};
+
+/// Limits on what one heartbeat may report.
+const MAX_INSTALLED_BUNDLES: usize = 256;
+const MAX_PERIPHERALS: usize = 32;
+
+/// Devices whose credential hash is kept in memory, so a heartbeat does not
+/// read the database.
+const AUTH_CACHE_CAPACITY: u64 = 2_000_000;
+
+pub struct AgentApi {
+    storage: Storage,
+    metrics: Metrics,
+    queue: HeartbeatQueue,
+    auth_cache: moka::future::Cache<String, Arc<DeviceAuth>>,
+    heartbeat_interval_seconds: u32,
+}
+
+impl AgentApi {
+    pub fn new(
+        storage: Storage,
+        metrics: Metrics,
+        queue: HeartbeatQueue,
+        heartbeat_interval_seconds: u32,
+    ) -> AgentApi {
+        AgentApi {
+            storage,
+            metrics,
+            queue,
+            auth_cache: moka::future::Cache::new(AUTH_CACHE_CAPACITY),
+            heartbeat_interval_seconds,
+        }
+    }
+
+    fn current_interval(&self) -> u32 {
+        interval_for_load(
+            self.heartbeat_interval_seconds,
+            self.queue.queued(),
+            self.queue.capacity(),
+        )
+    }
+
+    /// Finds the device named by the `authorization: Device …` credential.
+    async fn authenticate<T>(&self, request: &Request<T>) -> Result<String, Status> {
+        let credential = request
+            .metadata()
+            .get(posfleet_proto::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Device "))
+            .ok_or_else(|| {
+                Status::unauthenticated(
+                    "missing device credential: send `authorization: Device <credential>` (enroll first)",
+                )
+            })?;
+        let device_id = secret::device_id_of_credential(credential)
+            .ok_or_else(|| Status::unauthenticated("malformed device credential"))?
+            .to_string();
+        let storage = self.storage.clone();
+        let lookup_id = device_id.clone();
+        let auth = self
+            .auth_cache
+            .try_get_with(device_id.clone(), async move {
+                match storage.device_auth(&lookup_id).await {
+                    Ok(Some(auth)) => Ok(Arc::new(auth)),
+                    Ok(None) => Err(None),
+                    Err(e) => Err(Some(e.to_string())),
+                }
+            })
+            .await
+            .map_err(|e| match e.as_ref() {
+                None => Status::unauthenticated(format!("unknown device {device_id}")),
+                Some(detail) => {
+                    tracing::error!(error = %detail, device_id = %device_id, "Device lookup failed.");
+                    Status::unavailable("device lookup failed; retry later")
+                }
+            })?;
+        // Both sides are SHA-256 digests of a 256-bit secret: comparing them
+        // reveals nothing useful about the secret.
+        if secret::hash(credential) != auth.credential_sha256 {
+            return Err(Status::unauthenticated(format!(
+                "device credential is not valid for device {device_id}"
+            )));
+        }
+        Ok(device_id)
+    }
+}
+
+fn validate_enroll(req: &EnrollRequest) -> Result<VerifyingKey, Status> {
+    if req.enrollment_token.is_empty() {
+        return Err(invalid("enrollment_token", "is required"));
+    }
+    text("enrollment_token", &req.enrollment_token, true, 256)?;
+    text("hardware_model", &req.hardware_model, true, 64)?;
+    text("serial_number", &req.serial_number, true, 128)?;
+    text("agent_version", &req.agent_version, false, 64)?;
+    let key_bytes: [u8; 32] = req
+        .public_key
+        .as_slice()
+        .try_into()
+        .map_err(|_| invalid("public_key", "must be a 32-byte Ed25519 public key"))?;
+    let key = VerifyingKey::from_bytes(&key_bytes)
+        .map_err(|_| invalid("public_key", "is not a valid Ed25519 public key"))?;
+    let signature = Signature::from_slice(&req.signature)
+        .map_err(|_| invalid("signature", "must be a 64-byte Ed25519 signature"))?;
+    let payload = posfleet_proto::enroll_signing_payload(
+        &req.enrollment_token,
+        &req.public_key,
+        &req.hardware_model,
+        &req.serial_number,
+    );
+    key.verify_strict(&payload, &signature).map_err(|_| {
+        Status::unauthenticated("signature does not prove possession of the presented public key")
+    })?;
+    Ok(key)
+}
+
+fn validate_heartbeat(req: &HeartbeatRequest) -> Result<(), Status> {
+    text("agent_version", &req.agent_version, false, 64)?;
+    if req.installed_bundles.len() > MAX_INSTALLED_BUNDLES {
+        return Err(invalid(
+            "installed_bundles",
+            format!("more than {MAX_INSTALLED_BUNDLES} entries"),
+        ));
+    }
+    for (name, version) in &req.installed_bundles {
+        text("installed_bundles", name, true, 128)?;
+        text("installed_bundles", version, true, 64)?;
+    }
+    if let Some(health) = &req.health {
+        if health.peripherals.len() > MAX_PERIPHERALS {
+            return Err(invalid(
+                "health.peripherals",
+                format!("more than {MAX_PERIPHERALS} entries"),
+            ));
+        }
+        for p in &health.peripherals {
+            text("health.peripherals.name", &p.name, false, 64)?;
+            text("health.peripherals.detail", &p.detail, false, 256)?;
+        }
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl AgentService for AgentApi {
+    async fn enroll(
+        &self,
+        request: Request<EnrollRequest>,
+    ) -> Result<Response<EnrollResponse>, Status> {
+        let req = request.into_inner();
+        let key = match validate_enroll(&req) {
+            Ok(key) => key,
+            Err(status) => {
+                self.metrics
+                    .enrollments
+                    .with_label_values(&["invalid"])
+                    .inc();
+                return Err(status);
+            }
+        };
+        let device_id = secret::short_id("dev-", 10);
+        let credential = secret::device_credential(&device_id);
+        let interval = self.current_interval();
+        let new_device = NewDevice {
+            id: device_id.clone(),
+            public_key_hex: hex::encode(key.as_bytes()),
+            credential_sha256: secret::hash(&credential),
+            hardware_model: req.hardware_model,
+            serial_number: req.serial_number,
+            agent_version: req.agent_version,
+            heartbeat_interval_seconds: interval.into(),
+        };
+        let now = now_ms();
+        match self
+            .storage
+            .enroll_device(&secret::hash(&req.enrollment_token), &new_device, now)
+            .await
+        {
+            Ok(device) => {
+                self.metrics.enrollments.with_label_values(&["ok"]).inc();
+                tracing::info!(
+                    device_id = %device.id,
+                    store_id = %device.store_id,
+                    hardware_model = %device.hardware_model,
+                    "Device enrolled."
+                );
+                Ok(Response::new(EnrollResponse {
+                    device_id: device.id,
+                    device_credential: credential,
+                    store_id: device.store_id,
+                    heartbeat_interval_seconds: interval,
+                }))
+            }
+            Err(error) => {
+                let (result, status) = match &error {
+                    EnrollError::UnknownToken => (
+                        "unknown_token",
+                        Status::unauthenticated("enrollment token is not valid"),
+                    ),
+                    EnrollError::Expired { expired_at_ms } => (
+                        "expired",
+                        Status::unauthenticated(format!(
+                            "enrollment token expired at {}; ask ops for a new one",
+                            crate::format_ms(*expired_at_ms)
+                        )),
+                    ),
+                    EnrollError::Revoked { revoked_at_ms } => (
+                        "revoked",
+                        Status::permission_denied(format!(
+                            "enrollment token was revoked at {}",
+                            crate::format_ms(*revoked_at_ms)
+                        )),
+                    ),
+                    EnrollError::UsedUp => (
+                        "used_up",
+                        Status::permission_denied("enrollment token has no uses left"),
+                    ),
+                    EnrollError::PublicKeyInUse { device_id } => (
+                        "key_in_use",
+                        Status::already_exists(format!(
+                            "this device key is already enrolled as {device_id}"
+                        )),
+                    ),
+                    EnrollError::Storage(e) => {
+                        tracing::error!(error = %e, "Enrollment failed.");
+                        (
+                            "error",
+                            Status::internal("internal error; see the control plane log"),
+                        )
+                    }
+                };
+                self.metrics.enrollments.with_label_values(&[result]).inc();
+                Err(status)
+            }
+        }
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        let device_id = match self.authenticate(&request).await {
+            Ok(id) => id,
+            Err(status) => {
+                self.metrics
+                    .heartbeats
+                    .with_label_values(&["unauthenticated"])
+                    .inc();
+                return Err(status);
+            }
+        };
+        let req = request.into_inner();
+        if let Err(status) = validate_heartbeat(&req) {
+            self.metrics
+                .heartbeats
+                .with_label_values(&["invalid"])
+                .inc();
+            return Err(status);
+        }
+        let interval = self.current_interval();
+        let now = now_ms();
+        let record = HeartbeatRecord {
+            device_id,
+            seen_at_ms: now,
+            heartbeat_interval_seconds: interval.into(),
+            agent_version: req.agent_version,
+            installed_bundles: req.installed_bundles.into_iter().collect(),
+            agent_uptime_seconds: convert::signed(req.agent_uptime_seconds),
+            health: convert::health_from_proto(req.health.unwrap_or_default()),
+        };
+        if self.queue.push(record).await.is_err() {
+            return Err(Status::unavailable("the control plane is shutting down"));
+        }
+        self.metrics.heartbeats.with_label_values(&["ok"]).inc();
+        Ok(Response::new(HeartbeatResponse {
+            next_heartbeat_interval_seconds: interval,
+            server_time_unix_ms: now,
+        }))
+    }
+}
+
+// Keep the generated type referenced so the health reporter can name it.
+pub type Server = v1::agent_service_server::AgentServiceServer<AgentApi>;

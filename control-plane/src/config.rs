@@ -1,0 +1,307 @@
+//! Control-plane configuration: defaults, then a TOML file, then `POSFLEET_*`
+//! environment variables, then command-line flags. Everything is validated
+//! before any port is bound.
+
+use clap::Parser;
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Keys accepted from `POSFLEET_<KEY>` environment variables.
+const ENV_KEYS: &[&str] = &[
+    "data_dir",
+    "database_url",
+    "grpc_listen_address",
+    "http_listen_address",
+    "heartbeat_interval_seconds",
+    "offline_after_missed_heartbeats",
+    "max_message_size_bytes",
+    "database_max_connections",
+    "log_format",
+    "log_level",
+];
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The control plane's settings. Keys carry their unit.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Holds the SQLite database (by default) and the first admin token.
+    pub data_dir: PathBuf,
+    /// `sqlite://…` or `postgres://…`; empty means SQLite in `data_dir`.
+    pub database_url: String,
+    pub grpc_listen_address: String,
+    pub http_listen_address: String,
+    /// The interval handed to agents (lengthened under load).
+    pub heartbeat_interval_seconds: u32,
+    /// A device is `offline` after this many intervals without a heartbeat.
+    pub offline_after_missed_heartbeats: u32,
+    /// Largest gRPC message accepted from an agent or an operator.
+    pub max_message_size_bytes: usize,
+    pub database_max_connections: u32,
+    pub log_format: LogFormat,
+    pub log_level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("posfleet-data"),
+            database_url: String::new(),
+            grpc_listen_address: "127.0.0.1:7400".into(),
+            http_listen_address: "127.0.0.1:7401".into(),
+            heartbeat_interval_seconds: 30,
+            offline_after_missed_heartbeats: 3,
+            max_message_size_bytes: 64 * 1024,
+            database_max_connections: 8,
+            log_format: LogFormat::Text,
+            log_level: "info".into(),
+        }
+    }
+}
+
+/// A configuration problem, reported as one line naming the key.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {key}: {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(key: &str, message: impl Into<String>) -> Self {
+        ConfigError {
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Command-line flags; each one overrides the file and the environment.
+#[derive(Debug, Parser, Serialize)]
+#[command(
+    name = "posfleet-control-plane",
+    version,
+    about = "The posfleet control plane."
+)]
+pub struct Args {
+    /// TOML configuration file.
+    #[arg(long, env = "POSFLEET_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<String>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grpc_listen_address: Option<String>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_listen_address: Option<String>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeat_interval_seconds: Option<u32>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offline_after_missed_heartbeats: Option<u32>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_message_size_bytes: Option<usize>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_max_connections: Option<u32>,
+    /// `text` or `json`.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<String>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<String>,
+}
+
+impl Config {
+    /// Layers defaults, the file named by `--config`, the environment and the
+    /// flags, then validates the result.
+    pub fn load(args: &Args) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = &args.config {
+            if !path.is_file() {
+                return Err(ConfigError::new(
+                    "config",
+                    format!("{} is not a readable file", path.display()),
+                ));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        let config: Config = figment
+            .merge(Env::prefixed("POSFLEET_").only(ENV_KEYS))
+            .merge(Serialized::defaults(args))
+            .extract()
+            .map_err(figment_error)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value that could make the server misbehave later.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (key, value) in [
+            ("grpc_listen_address", &self.grpc_listen_address),
+            ("http_listen_address", &self.http_listen_address),
+        ] {
+            value.parse::<SocketAddr>().map_err(|_| {
+                ConfigError::new(
+                    key,
+                    format!("`{value}` is not an address like 127.0.0.1:7400"),
+                )
+            })?;
+        }
+        if !(1..=86_400).contains(&self.heartbeat_interval_seconds) {
+            return Err(ConfigError::new(
+                "heartbeat_interval_seconds",
+                format!(
+                    "must be 1 to 86400, got {}",
+                    self.heartbeat_interval_seconds
+                ),
+            ));
+        }
+        if !(1..=100).contains(&self.offline_after_missed_heartbeats) {
+            return Err(ConfigError::new(
+                "offline_after_missed_heartbeats",
+                format!(
+                    "must be 1 to 100, got {}",
+                    self.offline_after_missed_heartbeats
+                ),
+            ));
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&self.max_message_size_bytes) {
+            return Err(ConfigError::new(
+                "max_message_size_bytes",
+                format!(
+                    "must be 1024 to 16777216, got {}",
+                    self.max_message_size_bytes
+                ),
+            ));
+        }
+        if !(1..=1000).contains(&self.database_max_connections) {
+            return Err(ConfigError::new(
+                "database_max_connections",
+                format!("must be 1 to 1000, got {}", self.database_max_connections),
+            ));
+        }
+        if !self.database_url.is_empty()
+            && crate::storage::Backend::of_url(&self.database_url).is_none()
+        {
+            return Err(ConfigError::new(
+                "database_url",
+                "must start with sqlite:// or postgres:// (or be empty for SQLite in data_dir)",
+            ));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::new("data_dir", "must not be empty"));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log_level)
+            .map_err(|e| ConfigError::new("log_level", e.to_string()))?;
+        Ok(())
+    }
+
+    /// The database URL actually used: SQLite in the data dir unless set.
+    pub fn effective_database_url(&self) -> String {
+        if self.database_url.is_empty() {
+            format!(
+                "sqlite://{}?mode=rwc",
+                self.data_dir.join("posfleet.db").display()
+            )
+        } else {
+            self.database_url.clone()
+        }
+    }
+}
+
+fn figment_error(error: figment::Error) -> ConfigError {
+    let key = error
+        .path
+        .last()
+        .cloned()
+        .unwrap_or_else(|| "config".to_string());
+    let source = error
+        .metadata
+        .as_ref()
+        .map(|m| format!(" (from {})", m.name))
+        .unwrap_or_default();
+    ConfigError::new(&key, format!("{}{source}", error.kind))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Args {
+        let mut argv = vec!["posfleet-control-plane"];
+        argv.extend_from_slice(extra);
+        Args::parse_from(argv)
+    }
+
+    fn check_err(extra: &[&str], key: &str) {
+        let err = Config::load(&args(extra)).expect_err("config should be refused");
+        assert_eq!(err.key, key, "{err}");
+        assert!(!err.to_string().contains('\n'), "one line: {err}");
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let config = Config::load(&args(&[])).unwrap();
+        assert_eq!(config.heartbeat_interval_seconds, 30);
+        assert!(config.effective_database_url().starts_with("sqlite://"));
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        check_err(
+            &["--heartbeat-interval-seconds", "0"],
+            "heartbeat_interval_seconds",
+        );
+        check_err(&["--grpc-listen-address", "nowhere"], "grpc_listen_address");
+        check_err(&["--database-url", "mysql://x"], "database_url");
+        check_err(&["--log-format", "xml"], "log_format");
+        check_err(&["--config", "/nonexistent/posfleet.toml"], "config");
+    }
+
+    #[test]
+    fn file_values_apply_and_unknown_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cp.toml");
+        std::fs::write(&path, "heartbeat_interval_seconds = 7\n").unwrap();
+        let config = Config::load(&args(&["--config", path.to_str().unwrap()])).unwrap();
+        assert_eq!(config.heartbeat_interval_seconds, 7);
+        // A flag overrides the file.
+        let config = Config::load(&args(&[
+            "--config",
+            path.to_str().unwrap(),
+            "--heartbeat-interval-seconds",
+            "9",
+        ]))
+        .unwrap();
+        assert_eq!(config.heartbeat_interval_seconds, 9);
+
+        std::fs::write(&path, "heartbeat_interval_secs = 7\n").unwrap();
+        let err = Config::load(&args(&["--config", path.to_str().unwrap()])).unwrap_err();
+        assert!(err.to_string().contains("heartbeat_interval_secs"), "{err}");
+
+        std::fs::write(&path, "heartbeat_interval_seconds = \"soon\"\n").unwrap();
+        check_err(
+            &["--config", path.to_str().unwrap()],
+            "heartbeat_interval_seconds",
+        );
+    }
+}

@@ -1,0 +1,40 @@
+//! The control plane's errors, one variant per failing operation.
+
+use tonic::{Code, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot open the database {url}: {source}")]
+    DatabaseOpen { url: String, source: sqlx::Error },
+    #[error("cannot migrate the database: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database query failed: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("cannot create the data dir {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write the admin token file {path}: {source}")]
+    AdminTokenFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("gRPC server failed: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("HTTP server failed: {0}")]
+    Http(std::io::Error),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Storage errors become INTERNAL without leaking SQL to callers; the detail
+/// goes to the log.
+impl From<Error> for Status {
+    fn from(error: Error) -> Status {
+        tracing::error!(error = %error, "Request failed.");
+        Status::new(Code::Internal, "internal error; see the control plane log")
+    }
+}

@@ -1,0 +1,159 @@
+//! Heartbeats are acknowledged at once and written in batches by one task:
+//! a heartbeat costs an in-memory credential check and a queue push, and the
+//! database sees a few multi-row statements per second instead of one write
+//! per device. A crash loses at most the batch in flight, which the next
+//! heartbeats re-report.
+
+use std::collections::HashMap;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+use crate::metrics::Metrics;
+use crate::storage::{HeartbeatRecord, Storage};
+
+/// Most heartbeats written in one batch.
+const MAX_BATCH: usize = 2000;
+/// A batch waits at most this long for more heartbeats.
+const BATCH_WINDOW: Duration = Duration::from_millis(50);
+
+/// The interval handed to agents: the configured one, lengthened while the
+/// write queue backs up so the fleet slows down before the database falls
+/// behind.
+pub fn interval_for_load(base_seconds: u32, queued: usize, capacity: usize) -> u32 {
+    let factor = if queued * 4 >= capacity * 3 {
+        4
+    } else if queued * 2 >= capacity {
+        2
+    } else {
+        1
+    };
+    base_seconds.saturating_mul(factor)
+}
+
+/// The sending side, held by the AgentService.
+#[derive(Clone)]
+pub struct HeartbeatQueue {
+    tx: mpsc::Sender<HeartbeatRecord>,
+}
+
+impl HeartbeatQueue {
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.tx.max_capacity()
+    }
+
+    /// Queues a heartbeat, waiting while the queue is full (backpressure).
+    pub async fn push(&self, record: HeartbeatRecord) -> Result<(), HeartbeatRecord> {
+        self.tx.send(record).await.map_err(|e| e.0)
+    }
+}
+
+/// Starts the writer task. It ends, after writing everything queued, once
+/// every `HeartbeatQueue` clone is dropped.
+pub fn spawn_writer(
+    storage: Storage,
+    metrics: Metrics,
+    capacity: usize,
+) -> (HeartbeatQueue, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(capacity);
+    let handle = tokio::spawn(write_loop(storage, metrics, rx));
+    (HeartbeatQueue { tx }, handle)
+}
+
+async fn write_loop(storage: Storage, metrics: Metrics, mut rx: mpsc::Receiver<HeartbeatRecord>) {
+    let mut buf = Vec::with_capacity(MAX_BATCH);
+    loop {
+        if rx.recv_many(&mut buf, MAX_BATCH).await == 0 {
+            return; // every sender is gone and the queue is empty
+        }
+        // Give the batch a moment to fill when traffic is light.
+        if buf.len() < MAX_BATCH {
+            let _ = tokio::time::timeout(BATCH_WINDOW, async {
+                while buf.len() < MAX_BATCH {
+                    let room = MAX_BATCH - buf.len();
+                    if rx.recv_many(&mut buf, room).await == 0 {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
+        metrics.heartbeat_queue_depth.set(rx.len() as i64);
+        let batch = latest_per_device(std::mem::take(&mut buf));
+        let timer = metrics.heartbeat_flush_seconds.start_timer();
+        metrics.heartbeat_flush_rows.observe(batch.len() as f64);
+        let mut attempt = 0;
+        while let Err(error) = storage.record_heartbeats(&batch).await {
+            attempt += 1;
+            tracing::warn!(%error, rows = batch.len(), attempt, "Writing heartbeats failed; retrying.");
+            if attempt >= 5 {
+                tracing::error!(%error, rows = batch.len(), "Dropping a heartbeat batch; devices re-report on their next heartbeat.");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+        }
+        timer.observe_duration();
+    }
+}
+
+/// Keeps the newest heartbeat of each device, in arrival order.
+fn latest_per_device(batch: Vec<HeartbeatRecord>) -> Vec<HeartbeatRecord> {
+    let mut index: HashMap<String, usize> = HashMap::with_capacity(batch.len());
+    let mut out: Vec<HeartbeatRecord> = Vec::with_capacity(batch.len());
+    for record in batch {
+        match index.get(&record.device_id) {
+            Some(&i) => out[i] = record,
+            None => {
+                index.insert(record.device_id.clone(), out.len());
+                out.push(record);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interval_lengthens_as_the_queue_fills() {
+        for (queued, expected) in [
+            (0, 30),
+            (499, 30),
+            (500, 60),
+            (749, 60),
+            (750, 120),
+            (1000, 120),
+        ] {
+            assert_eq!(
+                interval_for_load(30, queued, 1000),
+                expected,
+                "queued {queued}"
+            );
+        }
+        assert_eq!(interval_for_load(u32::MAX, 1000, 1000), u32::MAX);
+    }
+
+    #[test]
+    fn a_batch_keeps_the_newest_heartbeat_per_device() {
+        let hb = |id: &str, at| HeartbeatRecord {
+            device_id: id.into(),
+            seen_at_ms: at,
+            heartbeat_interval_seconds: 30,
+            agent_version: String::new(),
+            installed_bundles: Default::default(),
+            agent_uptime_seconds: 0,
+            health: Default::default(),
+        };
+        let out = latest_per_device(vec![hb("a", 1), hb("b", 2), hb("a", 3)]);
+        let seen: Vec<_> = out
+            .iter()
+            .map(|r| (r.device_id.as_str(), r.seen_at_ms))
+            .collect();
+        assert_eq!(seen, vec![("a", 3), ("b", 2)]);
+    }
+}

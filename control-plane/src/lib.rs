@@ -1,0 +1,245 @@
+//! The posfleet control plane: holds the fleet (stores, enrollment tokens,
+//! devices), serves `AgentService` and `AdminService` over gRPC and
+//! `/healthz`, `/readyz`, `/metrics` over HTTP.
+//!
+//! Servers take already-bound listeners and a shutdown future, so tests bind
+//! `127.0.0.1:0`:
+//!
+//! ```no_run
+//! # async fn example(config: posfleet_control_plane::config::Config) -> Result<(), posfleet_control_plane::error::Error> {
+//! let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+//! let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+//! let control_plane = posfleet_control_plane::ControlPlane::open(config).await?;
+//! control_plane.serve(grpc, http, std::future::pending()).await
+//! # }
+//! ```
+#![forbid(unsafe_code)]
+
+mod admin_api;
+mod agent_api;
+pub mod config;
+mod convert;
+pub mod error;
+pub mod heartbeat;
+mod http;
+pub mod metrics;
+mod secret;
+pub mod storage;
+mod validate;
+
+use posfleet_proto::v1::admin_service_server::AdminServiceServer;
+use posfleet_proto::v1::agent_service_server::AgentServiceServer;
+use std::future::Future;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::storage::Storage;
+
+/// Name of the file, in the data dir, that receives the first admin token.
+pub const ADMIN_TOKEN_FILE: &str = "admin-token";
+/// Heartbeats that may wait in memory for the database writer.
+const HEARTBEAT_QUEUE_CAPACITY: usize = 50_000;
+/// How long in-flight requests get to finish after a shutdown signal.
+const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Now, in UTC milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+pub(crate) fn format_ms(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_else(|| ms.to_string())
+}
+
+/// A control plane whose database is open and migrated, ready to serve.
+pub struct ControlPlane {
+    config: Config,
+    storage: Storage,
+    metrics: Metrics,
+}
+
+impl ControlPlane {
+    /// Creates the data dir, opens (and migrates) the database, and on the very
+    /// first start creates an admin API token, written once to
+    /// `<data_dir>/admin-token` (mode 0600).
+    pub async fn open(config: Config) -> Result<ControlPlane, Error> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&config.data_dir)
+            .map_err(|source| Error::DataDir {
+                path: config.data_dir.clone(),
+                source,
+            })?;
+        let url = config.effective_database_url();
+        let storage = Storage::connect(&url, config.database_max_connections).await?;
+        tracing::info!(database = %storage::redact_url(&url), "Database ready.");
+        let control_plane = ControlPlane {
+            config,
+            storage,
+            metrics: Metrics::new(),
+        };
+        control_plane.bootstrap_admin_token().await?;
+        Ok(control_plane)
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    /// Where the first admin token is written.
+    pub fn admin_token_path(&self) -> PathBuf {
+        self.config.data_dir.join(ADMIN_TOKEN_FILE)
+    }
+
+    async fn bootstrap_admin_token(&self) -> Result<(), Error> {
+        if self.storage.admin_token_count().await? > 0 {
+            return Ok(());
+        }
+        let token = secret::generate(secret::ADMIN_TOKEN_PREFIX);
+        let path = self.admin_token_path();
+        // The file is written before the hash is stored: if either step fails
+        // the next start tries again, and nobody is ever locked out.
+        let write = || -> std::io::Result<()> {
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&path)?;
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+            file.write_all(format!("{token}\n").as_bytes())?;
+            file.sync_all()
+        };
+        write().map_err(|source| Error::AdminTokenFile {
+            path: path.clone(),
+            source,
+        })?;
+        self.storage
+            .insert_admin_token(
+                &secret::short_id("adm-", 6),
+                &secret::hash(&token),
+                "bootstrap",
+                now_ms(),
+            )
+            .await?;
+        tracing::info!(
+            path = %path.display(),
+            "Created the first admin API token; it is in this file, readable only by its owner."
+        );
+        Ok(())
+    }
+
+    /// Serves gRPC on `grpc` and HTTP on `http` until `shutdown` completes,
+    /// then lets in-flight requests finish (at most 10 s) and writes every
+    /// queued heartbeat before returning.
+    pub async fn serve(
+        self,
+        grpc: TcpListener,
+        http: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), Error> {
+        let ControlPlane {
+            config,
+            storage,
+            metrics,
+        } = self;
+        let (queue, writer) =
+            heartbeat::spawn_writer(storage.clone(), metrics.clone(), HEARTBEAT_QUEUE_CAPACITY);
+        let max_message = config.max_message_size_bytes;
+        let agent = AgentServiceServer::new(agent_api::AgentApi::new(
+            storage.clone(),
+            metrics.clone(),
+            queue,
+            config.heartbeat_interval_seconds,
+        ))
+        .max_decoding_message_size(max_message);
+        let admin = AdminServiceServer::new(admin_api::AdminApi::new(
+            storage.clone(),
+            metrics.clone(),
+            config.offline_after_missed_heartbeats,
+        ))
+        .max_decoding_message_size(max_message);
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        health_reporter.set_serving::<agent_api::Server>().await;
+        health_reporter
+            .set_serving::<AdminServiceServer<admin_api::AdminApi>>()
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(posfleet_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .expect("the embedded descriptor sets are valid: a unit test decodes them");
+
+        let (stop_tx, stop_rx) = watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            tracing::info!("Shutting down: draining in-flight requests.");
+            let _ = stop_tx.send(true);
+        });
+        let stopped = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+
+        tracing::info!(address = %grpc.local_addr().map_err(Error::Http)?, "gRPC listening.");
+        tracing::info!(address = %http.local_addr().map_err(Error::Http)?, "HTTP listening.");
+        let grpc_server = tonic::transport::Server::builder()
+            .timeout(Duration::from_secs(30))
+            .http2_keepalive_interval(Some(Duration::from_secs(60)))
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(agent)
+            .add_service(admin)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(grpc),
+                stopped(stop_rx.clone()),
+            );
+        let http_server = axum::serve(
+            http,
+            http::router(
+                storage.clone(),
+                metrics,
+                config.offline_after_missed_heartbeats,
+            ),
+        )
+        .with_graceful_shutdown(stopped(stop_rx.clone()));
+
+        let servers = async {
+            let (grpc_result, http_result) = tokio::join!(grpc_server, http_server);
+            grpc_result?;
+            http_result.map_err(Error::Http)
+        };
+        let mut deadline_rx = stop_rx;
+        let result = tokio::select! {
+            result = servers => result,
+            _ = async {
+                stopped(deadline_rx.clone()).await;
+                tokio::time::sleep(SHUTDOWN_DEADLINE).await;
+                let _ = deadline_rx.changed().await;
+            } => {
+                tracing::warn!("In-flight requests did not finish within 10s; closing them.");
+                Ok(())
+            }
+        };
+        // The services (and their heartbeat queue handles) are dropped by now;
+        // the writer drains what is queued and stops.
+        if tokio::time::timeout(SHUTDOWN_DEADLINE, writer)
+            .await
+            .is_err()
+        {
+            tracing::warn!("Queued heartbeats were not all written within 10s.");
+        }
+        storage.close().await;
+        tracing::info!("Stopped.");
+        result
+    }
+}

@@ -1,0 +1,119 @@
+//! Prometheus metrics of the control plane. Label sets are small and fixed.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Heartbeats by result: `ok`, `unauthenticated`, `invalid`.
+    pub heartbeats: IntCounterVec,
+    /// Enrollments by result: `ok`, `unknown_token`, `expired`, `revoked`,
+    /// `used_up`, `key_in_use`, `invalid`.
+    pub enrollments: IntCounterVec,
+    /// Admin calls refused for a missing or unknown API token.
+    pub admin_auth_failures: prometheus::IntCounter,
+    pub heartbeat_queue_depth: IntGauge,
+    pub heartbeat_flush_seconds: Histogram,
+    pub heartbeat_flush_rows: Histogram,
+    /// Devices by `status` (`online`, `offline`), refreshed at each scrape.
+    pub devices: IntGaugeVec,
+    pub stores: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let heartbeats = IntCounterVec::new(
+            Opts::new(
+                "posfleet_heartbeats_total",
+                "Heartbeats received, by result.",
+            ),
+            &["result"],
+        )
+        .expect("static metric definition is valid");
+        let enrollments = IntCounterVec::new(
+            Opts::new(
+                "posfleet_enrollments_total",
+                "Enrollment attempts, by result.",
+            ),
+            &["result"],
+        )
+        .expect("static metric definition is valid");
+        let admin_auth_failures = prometheus::IntCounter::new(
+            "posfleet_admin_auth_failures_total",
+            "Admin API calls refused for a missing or unknown API token.",
+        )
+        .expect("static metric definition is valid");
+        let heartbeat_queue_depth = IntGauge::new(
+            "posfleet_heartbeat_queue_depth",
+            "Heartbeats received and not yet written to the database.",
+        )
+        .expect("static metric definition is valid");
+        let heartbeat_flush_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "posfleet_heartbeat_flush_seconds",
+                "Time to write one batch of heartbeats to the database.",
+            )
+            .buckets(prometheus::exponential_buckets(0.0005, 2.0, 14).expect("valid buckets")),
+        )
+        .expect("static metric definition is valid");
+        let heartbeat_flush_rows = Histogram::with_opts(
+            HistogramOpts::new(
+                "posfleet_heartbeat_flush_rows",
+                "Devices written per heartbeat batch.",
+            )
+            .buckets(prometheus::exponential_buckets(1.0, 4.0, 8).expect("valid buckets")),
+        )
+        .expect("static metric definition is valid");
+        let devices = IntGaugeVec::new(
+            Opts::new("posfleet_devices", "Enrolled devices, by status."),
+            &["status"],
+        )
+        .expect("static metric definition is valid");
+        let stores =
+            IntGauge::new("posfleet_stores", "Stores.").expect("static metric definition is valid");
+        for collector in [
+            Box::new(heartbeats.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(enrollments.clone()),
+            Box::new(admin_auth_failures.clone()),
+            Box::new(heartbeat_queue_depth.clone()),
+            Box::new(heartbeat_flush_seconds.clone()),
+            Box::new(heartbeat_flush_rows.clone()),
+            Box::new(devices.clone()),
+            Box::new(stores.clone()),
+        ] {
+            registry
+                .register(collector)
+                .expect("each metric is registered once");
+        }
+        Metrics {
+            registry,
+            heartbeats,
+            enrollments,
+            admin_auth_failures,
+            heartbeat_queue_depth,
+            heartbeat_flush_seconds,
+            heartbeat_flush_rows,
+            devices,
+            stores,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("encoding into a Vec cannot fail");
+        String::from_utf8(buf).expect("the text encoder writes UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

@@ -1,0 +1,812 @@
+//! Storage through sqlx's `Any` driver: SQLite (the default, a file in the data
+//! dir, WAL mode) or PostgreSQL. Every query here is written once in SQL both
+//! accept (`$N` parameters, `ON CONFLICT`, `RETURNING`, `UPDATE … FROM`), and
+//! the conformance suite in `tests/storage.rs` runs against both.
+//! Timestamps are UTC milliseconds since the Unix epoch.
+
+use serde::{Deserialize, Serialize};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::migrate::Migrator;
+use sqlx::{AnyPool, Executor, Row};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::error::Error;
+
+static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+
+/// Heartbeats written per statement (12 parameters each; both databases
+/// accept well over 6,000 parameters).
+const HEARTBEAT_ROWS_PER_STATEMENT: usize = 500;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    pub fn of_url(url: &str) -> Option<Backend> {
+        if url.starts_with("sqlite:") {
+            Some(Backend::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Some(Backend::Postgres)
+        } else {
+            None
+        }
+    }
+}
+
+/// The URL with any password replaced, for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreRecord {
+    pub id: String,
+    pub name: String,
+    pub time_zone: String,
+    pub created_at_ms: i64,
+    pub device_count: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnrollmentTokenRecord {
+    pub id: String,
+    pub store_id: String,
+    pub uses_total: i64,
+    pub uses_remaining: i64,
+    pub expires_at_ms: i64,
+    pub revoked_at_ms: Option<i64>,
+    pub created_at_ms: i64,
+}
+
+/// A peripheral as reported in the last heartbeat (proto enum values kept as
+/// numbers so an agent newer than the server loses nothing).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeripheralRecord {
+    pub kind: i32,
+    pub name: String,
+    pub state: i32,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HealthRecord {
+    pub uptime_seconds: i64,
+    pub disk_free_bytes: i64,
+    pub disk_total_bytes: i64,
+    pub memory_total_bytes: i64,
+    pub memory_available_bytes: i64,
+    pub peripherals: Vec<PeripheralRecord>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewDevice {
+    pub id: String,
+    pub public_key_hex: String,
+    pub credential_sha256: String,
+    pub hardware_model: String,
+    pub serial_number: String,
+    pub agent_version: String,
+    pub heartbeat_interval_seconds: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRecord {
+    pub id: String,
+    pub store_id: String,
+    pub hardware_model: String,
+    pub serial_number: String,
+    pub labels: BTreeMap<String, String>,
+    pub enrolled_at_ms: i64,
+    pub last_seen_ms: i64,
+    pub heartbeat_interval_seconds: i64,
+    pub agent_version: String,
+    pub installed_bundles: BTreeMap<String, String>,
+    pub agent_uptime_seconds: i64,
+    pub health: HealthRecord,
+}
+
+/// What the control plane needs to check a device credential.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceAuth {
+    pub credential_sha256: String,
+    pub store_id: String,
+}
+
+/// One device's reported state from one heartbeat.
+#[derive(Debug, Clone)]
+pub struct HeartbeatRecord {
+    pub device_id: String,
+    pub seen_at_ms: i64,
+    pub heartbeat_interval_seconds: i64,
+    pub agent_version: String,
+    pub installed_bundles: BTreeMap<String, String>,
+    pub agent_uptime_seconds: i64,
+    pub health: HealthRecord,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusFilter {
+    Online,
+    Offline,
+}
+
+#[derive(Debug, Clone)]
+pub struct DeviceFilter {
+    pub store_id: Option<String>,
+    pub status: Option<StatusFilter>,
+    pub labels: BTreeMap<String, String>,
+    /// Keyset pagination: only devices whose id sorts after this one.
+    pub after_id: String,
+    pub limit: i64,
+    pub now_ms: i64,
+    pub offline_after_missed_heartbeats: i64,
+}
+
+/// Why an enrollment was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error("the enrollment token is not valid")]
+    UnknownToken,
+    #[error("the enrollment token expired")]
+    Expired { expired_at_ms: i64 },
+    #[error("the enrollment token was revoked")]
+    Revoked { revoked_at_ms: i64 },
+    #[error("the enrollment token has no uses left")]
+    UsedUp,
+    #[error("this public key is already enrolled as device {device_id}")]
+    PublicKeyInUse { device_id: String },
+    #[error(transparent)]
+    Storage(#[from] sqlx::Error),
+}
+
+/// True when a device seen at `last_seen_ms` is still online at `now_ms`.
+/// The SQL filters in `list_devices` use the same rule.
+pub fn is_online(
+    last_seen_ms: i64,
+    heartbeat_interval_seconds: i64,
+    offline_after_missed_heartbeats: i64,
+    now_ms: i64,
+) -> bool {
+    last_seen_ms + heartbeat_interval_seconds * 1000 * offline_after_missed_heartbeats >= now_ms
+}
+
+/// A query parameter whose type is chosen at run time.
+enum Param {
+    Text(String),
+    Int(i64),
+}
+
+fn bind_all<'q>(
+    mut query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    params: Vec<Param>,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    for param in params {
+        query = match param {
+            Param::Text(s) => query.bind(s),
+            Param::Int(i) => query.bind(i),
+        };
+    }
+    query
+}
+
+const DEVICE_COLUMNS: &str = "d.id, d.store_id, d.hardware_model, d.serial_number, \
+    d.enrolled_at_ms, d.last_seen_ms, d.heartbeat_interval_seconds, d.agent_version, \
+    d.installed_bundles_json, d.agent_uptime_seconds, d.uptime_seconds, d.disk_free_bytes, \
+    d.disk_total_bytes, d.memory_total_bytes, d.memory_available_bytes, d.peripherals_json";
+
+fn device_from_row(row: &AnyRow) -> Result<DeviceRecord, Error> {
+    let installed: String = row.try_get("installed_bundles_json")?;
+    let peripherals: String = row.try_get("peripherals_json")?;
+    let id: String = row.try_get("id")?;
+    Ok(DeviceRecord {
+        installed_bundles: serde_json::from_str(&installed)
+            .map_err(|e| Error::Corrupt(format!("installed bundles of {id}: {e}")))?,
+        health: HealthRecord {
+            uptime_seconds: row.try_get("uptime_seconds")?,
+            disk_free_bytes: row.try_get("disk_free_bytes")?,
+            disk_total_bytes: row.try_get("disk_total_bytes")?,
+            memory_total_bytes: row.try_get("memory_total_bytes")?,
+            memory_available_bytes: row.try_get("memory_available_bytes")?,
+            peripherals: serde_json::from_str(&peripherals)
+                .map_err(|e| Error::Corrupt(format!("peripherals of {id}: {e}")))?,
+        },
+        store_id: row.try_get("store_id")?,
+        hardware_model: row.try_get("hardware_model")?,
+        serial_number: row.try_get("serial_number")?,
+        labels: BTreeMap::new(),
+        enrolled_at_ms: row.try_get("enrolled_at_ms")?,
+        last_seen_ms: row.try_get("last_seen_ms")?,
+        heartbeat_interval_seconds: row.try_get("heartbeat_interval_seconds")?,
+        agent_version: row.try_get("agent_version")?,
+        agent_uptime_seconds: row.try_get("agent_uptime_seconds")?,
+        id,
+    })
+}
+
+fn token_from_row(row: &AnyRow) -> Result<EnrollmentTokenRecord, sqlx::Error> {
+    Ok(EnrollmentTokenRecord {
+        id: row.try_get("id")?,
+        store_id: row.try_get("store_id")?,
+        uses_total: row.try_get("uses_total")?,
+        uses_remaining: row.try_get("uses_remaining")?,
+        expires_at_ms: row.try_get("expires_at_ms")?,
+        revoked_at_ms: row.try_get("revoked_at_ms")?,
+        created_at_ms: row.try_get("created_at_ms")?,
+    })
+}
+
+fn is_unique_violation(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(e) if e.is_unique_violation())
+}
+
+/// The fleet's database. Cheap to clone (a pool handle).
+#[derive(Clone, Debug)]
+pub struct Storage {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+impl Storage {
+    /// Opens the database and runs the migrations it has not seen yet.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Storage, Error> {
+        sqlx::any::install_default_drivers();
+        let open_error = |source| Error::DatabaseOpen {
+            url: redact_url(url),
+            source,
+        };
+        let backend = Backend::of_url(url)
+            .ok_or_else(|| open_error(sqlx::Error::Configuration("unknown scheme".into())))?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .after_connect(move |conn, _meta| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        // WAL lets readers run beside the single writer; NORMAL
+                        // sync is durable across process crashes in WAL mode.
+                        for pragma in [
+                            "PRAGMA journal_mode = WAL",
+                            "PRAGMA synchronous = NORMAL",
+                            "PRAGMA foreign_keys = ON",
+                            "PRAGMA busy_timeout = 5000",
+                        ] {
+                            conn.execute(pragma).await?;
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .connect(url)
+            .await
+            .map_err(open_error)?;
+        MIGRATOR.run(&pool).await?;
+        Ok(Storage { pool, backend })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Closes every connection (waits for queries in flight).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Succeeds when the database answers.
+    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+    }
+
+    // ----- admin API tokens -----
+
+    pub async fn admin_token_count(&self) -> Result<i64, sqlx::Error> {
+        sqlx::query("SELECT COUNT(*) AS n FROM admin_tokens WHERE revoked_at_ms IS NULL")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("n")
+    }
+
+    pub async fn insert_admin_token(
+        &self,
+        id: &str,
+        secret_sha256: &str,
+        name: &str,
+        now_ms: i64,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO admin_tokens (id, secret_sha256, name, created_at_ms) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(id)
+        .bind(secret_sha256)
+        .bind(name)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await
+        .map(|_| ())
+    }
+
+    /// The id of the live admin token with this hash, if any.
+    pub async fn find_admin_token(
+        &self,
+        secret_sha256: &str,
+    ) -> Result<Option<String>, sqlx::Error> {
+        sqlx::query(
+            "SELECT id FROM admin_tokens WHERE secret_sha256 = $1 AND revoked_at_ms IS NULL",
+        )
+        .bind(secret_sha256)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(|row| row.try_get("id"))
+        .transpose()
+    }
+
+    // ----- stores -----
+
+    /// Creates a store; `Ok(false)` if the id is taken.
+    pub async fn create_store(&self, store: &StoreRecord) -> Result<bool, sqlx::Error> {
+        let result = sqlx::query(
+            "INSERT INTO stores (id, name, time_zone, created_at_ms) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&store.id)
+        .bind(&store.name)
+        .bind(&store.time_zone)
+        .bind(store.created_at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    pub async fn list_stores(
+        &self,
+        after_id: &str,
+        limit: i64,
+    ) -> Result<Vec<StoreRecord>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT s.id, s.name, s.time_zone, s.created_at_ms, \
+             (SELECT COUNT(*) FROM devices d WHERE d.store_id = s.id) AS device_count \
+             FROM stores s WHERE s.id > $1 ORDER BY s.id LIMIT $2",
+        )
+        .bind(after_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(StoreRecord {
+                    id: row.try_get("id")?,
+                    name: row.try_get("name")?,
+                    time_zone: row.try_get("time_zone")?,
+                    created_at_ms: row.try_get("created_at_ms")?,
+                    device_count: row.try_get("device_count")?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn store_exists(&self, id: &str) -> Result<bool, sqlx::Error> {
+        Ok(sqlx::query("SELECT id FROM stores WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .is_some())
+    }
+
+    // ----- enrollment tokens -----
+
+    pub async fn create_enrollment_token(
+        &self,
+        token: &EnrollmentTokenRecord,
+        secret_sha256: &str,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO enrollment_tokens (id, store_id, secret_sha256, uses_total, uses_remaining, \
+             expires_at_ms, revoked_at_ms, created_at_ms) VALUES ($1, $2, $3, $4, $5, $6, NULL, $7)",
+        )
+        .bind(&token.id)
+        .bind(&token.store_id)
+        .bind(secret_sha256)
+        .bind(token.uses_total)
+        .bind(token.uses_remaining)
+        .bind(token.expires_at_ms)
+        .bind(token.created_at_ms)
+        .execute(&self.pool)
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn list_enrollment_tokens(
+        &self,
+        store_id: Option<&str>,
+    ) -> Result<Vec<EnrollmentTokenRecord>, sqlx::Error> {
+        let query = match store_id {
+            Some(store) => sqlx::query(
+                "SELECT * FROM enrollment_tokens WHERE store_id = $1 ORDER BY created_at_ms, id",
+            )
+            .bind(store.to_string()),
+            None => sqlx::query("SELECT * FROM enrollment_tokens ORDER BY created_at_ms, id"),
+        };
+        query
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(token_from_row)
+            .collect()
+    }
+
+    /// Revokes a token (idempotent: the first revocation time is kept).
+    pub async fn revoke_enrollment_token(
+        &self,
+        id: &str,
+        now_ms: i64,
+    ) -> Result<Option<EnrollmentTokenRecord>, sqlx::Error> {
+        sqlx::query(
+            "UPDATE enrollment_tokens SET revoked_at_ms = COALESCE(revoked_at_ms, $2) WHERE id = $1 \
+             RETURNING *",
+        )
+        .bind(id)
+        .bind(now_ms)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(token_from_row)
+        .transpose()
+    }
+
+    /// Spends one use of the token and creates the device, atomically: a
+    /// refused enrollment spends nothing.
+    pub async fn enroll_device(
+        &self,
+        token_sha256: &str,
+        device: &NewDevice,
+        now_ms: i64,
+    ) -> Result<DeviceRecord, EnrollError> {
+        let mut tx = self.pool.begin().await?;
+        // The write comes first so SQLite takes its write lock up front.
+        let spent = sqlx::query(
+            "UPDATE enrollment_tokens SET uses_remaining = uses_remaining - 1 \
+             WHERE secret_sha256 = $1 AND revoked_at_ms IS NULL AND expires_at_ms > $2 \
+             AND uses_remaining > 0 RETURNING id, store_id",
+        )
+        .bind(token_sha256)
+        .bind(now_ms)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(spent) = spent else {
+            tx.rollback().await?;
+            return Err(self.why_token_refused(token_sha256, now_ms).await?);
+        };
+        let token_id: String = spent.try_get("id")?;
+        let store_id: String = spent.try_get("store_id")?;
+        if let Some(row) = sqlx::query("SELECT id FROM devices WHERE public_key = $1")
+            .bind(&device.public_key_hex)
+            .fetch_optional(&mut *tx)
+            .await?
+        {
+            tx.rollback().await?;
+            return Err(EnrollError::PublicKeyInUse {
+                device_id: row.try_get("id")?,
+            });
+        }
+        let inserted = sqlx::query(
+            "INSERT INTO devices (id, store_id, public_key, credential_sha256, hardware_model, \
+             serial_number, enrollment_token_id, enrolled_at_ms, last_seen_ms, \
+             heartbeat_interval_seconds, agent_version, installed_bundles_json, agent_uptime_seconds, \
+             uptime_seconds, disk_free_bytes, disk_total_bytes, memory_total_bytes, \
+             memory_available_bytes, peripherals_json) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9, $10, '{}', 0, 0, 0, 0, 0, 0, '[]')",
+        )
+        .bind(&device.id)
+        .bind(&store_id)
+        .bind(&device.public_key_hex)
+        .bind(&device.credential_sha256)
+        .bind(&device.hardware_model)
+        .bind(&device.serial_number)
+        .bind(&token_id)
+        .bind(now_ms)
+        .bind(device.heartbeat_interval_seconds)
+        .bind(&device.agent_version)
+        .execute(&mut *tx)
+        .await;
+        match inserted {
+            Ok(_) => {}
+            // Another enrollment with the same key committed in between.
+            Err(e) if is_unique_violation(&e) => {
+                return Err(EnrollError::PublicKeyInUse {
+                    device_id: "another device".into(),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tx.commit().await?;
+        Ok(DeviceRecord {
+            id: device.id.clone(),
+            store_id,
+            hardware_model: device.hardware_model.clone(),
+            serial_number: device.serial_number.clone(),
+            labels: BTreeMap::new(),
+            enrolled_at_ms: now_ms,
+            last_seen_ms: now_ms,
+            heartbeat_interval_seconds: device.heartbeat_interval_seconds,
+            agent_version: device.agent_version.clone(),
+            installed_bundles: BTreeMap::new(),
+            agent_uptime_seconds: 0,
+            health: HealthRecord::default(),
+        })
+    }
+
+    async fn why_token_refused(
+        &self,
+        token_sha256: &str,
+        now_ms: i64,
+    ) -> Result<EnrollError, sqlx::Error> {
+        let row = sqlx::query("SELECT * FROM enrollment_tokens WHERE secret_sha256 = $1")
+            .bind(token_sha256)
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(token) = row.as_ref().map(token_from_row).transpose()? else {
+            return Ok(EnrollError::UnknownToken);
+        };
+        Ok(if let Some(revoked_at_ms) = token.revoked_at_ms {
+            EnrollError::Revoked { revoked_at_ms }
+        } else if token.expires_at_ms <= now_ms {
+            EnrollError::Expired {
+                expired_at_ms: token.expires_at_ms,
+            }
+        } else {
+            EnrollError::UsedUp
+        })
+    }
+
+    // ----- devices -----
+
+    pub async fn device_auth(&self, device_id: &str) -> Result<Option<DeviceAuth>, sqlx::Error> {
+        sqlx::query("SELECT credential_sha256, store_id FROM devices WHERE id = $1")
+            .bind(device_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|row| {
+                Ok(DeviceAuth {
+                    credential_sha256: row.try_get("credential_sha256")?,
+                    store_id: row.try_get("store_id")?,
+                })
+            })
+            .transpose()
+    }
+
+    /// Writes a batch of heartbeats in a few multi-row statements. The caller
+    /// keeps at most one heartbeat per device in a batch.
+    pub async fn record_heartbeats(&self, batch: &[HeartbeatRecord]) -> Result<(), Error> {
+        for chunk in batch.chunks(HEARTBEAT_ROWS_PER_STATEMENT) {
+            let mut sql = String::from(
+                "UPDATE devices SET last_seen_ms = v.column2, heartbeat_interval_seconds = v.column3, \
+                 agent_version = v.column4, installed_bundles_json = v.column5, \
+                 agent_uptime_seconds = v.column6, uptime_seconds = v.column7, \
+                 disk_free_bytes = v.column8, disk_total_bytes = v.column9, \
+                 memory_total_bytes = v.column10, memory_available_bytes = v.column11, \
+                 peripherals_json = v.column12 FROM (VALUES ",
+            );
+            let mut params = Vec::with_capacity(chunk.len() * 12);
+            for (i, hb) in chunk.iter().enumerate() {
+                let base = i * 12;
+                if i > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push('(');
+                for column in 1..=12 {
+                    if column > 1 {
+                        sql.push_str(", ");
+                    }
+                    sql.push_str(&format!("${}", base + column));
+                }
+                sql.push(')');
+                let installed = serde_json::to_string(&hb.installed_bundles)
+                    .map_err(|e| Error::Corrupt(e.to_string()))?;
+                let peripherals = serde_json::to_string(&hb.health.peripherals)
+                    .map_err(|e| Error::Corrupt(e.to_string()))?;
+                params.extend([
+                    Param::Text(hb.device_id.clone()),
+                    Param::Int(hb.seen_at_ms),
+                    Param::Int(hb.heartbeat_interval_seconds),
+                    Param::Text(hb.agent_version.clone()),
+                    Param::Text(installed),
+                    Param::Int(hb.agent_uptime_seconds),
+                    Param::Int(hb.health.uptime_seconds),
+                    Param::Int(hb.health.disk_free_bytes),
+                    Param::Int(hb.health.disk_total_bytes),
+                    Param::Int(hb.health.memory_total_bytes),
+                    Param::Int(hb.health.memory_available_bytes),
+                    Param::Text(peripherals),
+                ]);
+            }
+            sql.push_str(") AS v WHERE devices.id = v.column1");
+            bind_all(sqlx::query(&sql).persistent(false), params)
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(())
+    }
+
+    pub async fn get_device(&self, id: &str) -> Result<Option<DeviceRecord>, Error> {
+        let row = sqlx::query(&format!(
+            "SELECT {DEVICE_COLUMNS} FROM devices d WHERE d.id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let mut devices = vec![device_from_row(&row)?];
+        self.attach_labels(&mut devices).await?;
+        Ok(devices.pop())
+    }
+
+    pub async fn list_devices(&self, filter: &DeviceFilter) -> Result<Vec<DeviceRecord>, Error> {
+        let mut sql = format!("SELECT {DEVICE_COLUMNS} FROM devices d WHERE d.id > $1");
+        let mut params = vec![Param::Text(filter.after_id.clone())];
+        let next = |params: &mut Vec<Param>, p: Param| {
+            params.push(p);
+            format!("${}", params.len())
+        };
+        if let Some(store) = &filter.store_id {
+            let p = next(&mut params, Param::Text(store.clone()));
+            sql.push_str(&format!(" AND d.store_id = {p}"));
+        }
+        if let Some(status) = filter.status {
+            let window = next(
+                &mut params,
+                Param::Int(1000 * filter.offline_after_missed_heartbeats),
+            );
+            let now = next(&mut params, Param::Int(filter.now_ms));
+            let op = match status {
+                StatusFilter::Online => ">=",
+                StatusFilter::Offline => "<",
+            };
+            sql.push_str(&format!(
+                " AND d.last_seen_ms + d.heartbeat_interval_seconds * {window} {op} {now}"
+            ));
+        }
+        for (key, value) in &filter.labels {
+            let k = next(&mut params, Param::Text(key.clone()));
+            let v = next(&mut params, Param::Text(value.clone()));
+            sql.push_str(&format!(
+                " AND EXISTS (SELECT 1 FROM device_labels l WHERE l.device_id = d.id \
+                 AND l.key = {k} AND l.value = {v})"
+            ));
+        }
+        let limit = next(&mut params, Param::Int(filter.limit));
+        sql.push_str(&format!(" ORDER BY d.id LIMIT {limit}"));
+        let rows = bind_all(sqlx::query(&sql).persistent(false), params)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut devices = rows
+            .iter()
+            .map(device_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        self.attach_labels(&mut devices).await?;
+        Ok(devices)
+    }
+
+    async fn attach_labels(&self, devices: &mut [DeviceRecord]) -> Result<(), Error> {
+        if devices.is_empty() {
+            return Ok(());
+        }
+        let placeholders: Vec<String> = (1..=devices.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "SELECT device_id, key, value FROM device_labels WHERE device_id IN ({})",
+            placeholders.join(", ")
+        );
+        let params = devices.iter().map(|d| Param::Text(d.id.clone())).collect();
+        let rows = bind_all(sqlx::query(&sql).persistent(false), params)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut by_device: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        for row in rows {
+            by_device
+                .entry(row.try_get("device_id")?)
+                .or_default()
+                .insert(row.try_get("key")?, row.try_get("value")?);
+        }
+        for device in devices {
+            if let Some(labels) = by_device.remove(&device.id) {
+                device.labels = labels;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets and removes labels in one transaction; `None` if no such device.
+    pub async fn set_device_labels(
+        &self,
+        id: &str,
+        set: &BTreeMap<String, String>,
+        remove: &[String],
+    ) -> Result<Option<DeviceRecord>, Error> {
+        if self.device_auth(id).await?.is_none() {
+            return Ok(None);
+        }
+        let mut tx = self.pool.begin().await?;
+        for (key, value) in set {
+            sqlx::query(
+                "INSERT INTO device_labels (device_id, key, value) VALUES ($1, $2, $3) \
+                 ON CONFLICT (device_id, key) DO UPDATE SET value = excluded.value",
+            )
+            .bind(id)
+            .bind(key)
+            .bind(value)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for key in remove {
+            sqlx::query("DELETE FROM device_labels WHERE device_id = $1 AND key = $2")
+                .bind(id)
+                .bind(key)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        self.get_device(id).await
+    }
+
+    /// (online, total) device counts, for the metrics endpoint.
+    pub async fn count_devices(
+        &self,
+        now_ms: i64,
+        offline_after_missed_heartbeats: i64,
+    ) -> Result<(i64, i64), sqlx::Error> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS total, \
+             COALESCE(SUM(CASE WHEN last_seen_ms + heartbeat_interval_seconds * $1 >= $2 \
+             THEN 1 ELSE 0 END), 0) AS online FROM devices",
+        )
+        .bind(1000 * offline_after_missed_heartbeats)
+        .bind(now_ms)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((row.try_get("online")?, row.try_get("total")?))
+    }
+
+    pub async fn count_stores(&self) -> Result<i64, sqlx::Error> {
+        sqlx::query("SELECT COUNT(*) AS n FROM stores")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn online_rule_counts_missed_intervals() {
+        // 30 s interval, offline after 3 missed: online up to 90 s after.
+        assert!(is_online(0, 30, 3, 90_000));
+        assert!(!is_online(0, 30, 3, 90_001));
+    }
+
+    #[test]
+    fn urls_lose_their_password() {
+        assert_eq!(
+            redact_url("postgres://u:secret@db:5432/x"),
+            "postgres://u:***@db:5432/x"
+        );
+        assert_eq!(redact_url("postgres://u@db/x"), "postgres://u@db/x");
+        assert_eq!(redact_url("sqlite://a.db"), "sqlite://a.db");
+    }
+}
