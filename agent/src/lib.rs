@@ -1,1 +1,15 @@
+//! The posfleet point-of-sale agent: enrolls its terminal with a one-time
+//! token, then reports its versions and health to the control plane,
+//! working on whatever the network does.
+#![forbid(unsafe_code)]
 
+mod agent;
+pub mod backoff;
+pub mod config;
+pub mod error;
+mod files;
+pub mod health;
+pub mod identity;
+pub mod state;
+
+pub use agent::{AGENT_VERSION, Agent};

@@ -1,1 +1,522 @@
-fn main() {}
+//! `posfleet`, the ops CLI. It talks to the control plane's `AdminService`
+//! only. Errors are one line on stderr and a non-zero exit code.
+
+mod demo;
+mod view;
+
+use anyhow::{Context, anyhow, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use posfleet_proto::v1;
+use posfleet_proto::v1::admin_service_client::AdminServiceClient;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use tonic::Request;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::view::{DeviceView, StoreView, TokenView};
+
+#[derive(Debug, Parser)]
+#[command(name = "posfleet", version, about = "Drive a posfleet control plane.")]
+struct Cli {
+    /// The control plane's gRPC address.
+    #[arg(
+        long,
+        global = true,
+        env = "POSFLEET_SERVER",
+        default_value = "http://127.0.0.1:7400"
+    )]
+    server: String,
+    /// Admin API token.
+    #[arg(long, global = true, env = "POSFLEET_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the admin API token (e.g. the control plane's
+    /// `<data_dir>/admin-token`).
+    #[arg(long, global = true, env = "POSFLEET_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// `table` for people, `json` for scripts.
+    #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    #[command(flatten)]
+    Admin(AdminCommand),
+    /// Start a control plane and six tills in two stores, on SQLite in a
+    /// temporary directory, and show them come online.
+    Demo(demo::DemoArgs),
+}
+
+/// Commands that call the control plane's AdminService.
+#[derive(Debug, Subcommand)]
+enum AdminCommand {
+    /// Stores (a shop with its tills).
+    #[command(subcommand)]
+    Store(StoreCommand),
+    /// One-time, store-scoped tokens that enroll new devices.
+    #[command(subcommand, name = "enroll-token")]
+    EnrollToken(TokenCommand),
+    /// Enrolled devices.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum StoreCommand {
+    /// Create a store.
+    Create {
+        /// Lowercase letters, digits and '-', e.g. `paris-04`.
+        id: String,
+        #[arg(long)]
+        name: String,
+        /// IANA time zone, e.g. `Europe/Paris`.
+        #[arg(long)]
+        time_zone: String,
+    },
+    /// List stores.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create an enrollment token; its secret is printed once.
+    Create {
+        #[arg(long)]
+        store: String,
+        /// Lifetime, e.g. `30m`, `24h`, `7d`.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        expires_in: Duration,
+        /// How many devices it may enroll.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+    },
+    /// List enrollment tokens.
+    List {
+        #[arg(long)]
+        store: Option<String>,
+    },
+    /// Revoke an enrollment token by id.
+    Revoke { id: String },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum StatusArg {
+    Online,
+    Offline,
+}
+
+#[derive(Debug, Args)]
+struct DeviceListArgs {
+    #[arg(long)]
+    store: Option<String>,
+    #[arg(long, value_enum)]
+    status: Option<StatusArg>,
+    /// Only devices with this label, `key=value`; repeatable.
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+}
+
+#[derive(Debug, Subcommand)]
+enum DeviceCommand {
+    /// List devices, optionally filtered.
+    List(DeviceListArgs),
+    /// Show one device.
+    Show { id: String },
+    /// Set labels (`key=value`) and remove them (`key-`).
+    Label {
+        id: String,
+        #[arg(required = true)]
+        changes: Vec<String>,
+    },
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("`{s}` is not key=value"))
+}
+
+/// Splits `k=v` and `k-` arguments into labels to set and keys to remove.
+fn parse_label_changes(
+    changes: &[String],
+) -> anyhow::Result<(HashMap<String, String>, Vec<String>)> {
+    let mut set = HashMap::new();
+    let mut remove = Vec::new();
+    for change in changes {
+        if let Some((k, v)) = change.split_once('=') {
+            set.insert(k.to_string(), v.to_string());
+        } else if let Some(k) = change.strip_suffix('-') {
+            remove.push(k.to_string());
+        } else {
+            bail!("`{change}` is neither key=value (set) nor key- (remove)");
+        }
+    }
+    Ok((set, remove))
+}
+
+/// An `AdminService` client that adds the API token to every call.
+pub struct Admin {
+    client: AdminServiceClient<Channel>,
+    authorization: MetadataValue<tonic::metadata::Ascii>,
+    server: String,
+}
+
+impl Admin {
+    pub async fn connect(server: &str, token: &str) -> anyhow::Result<Admin> {
+        let channel = Endpoint::from_shared(server.to_string())
+            .map_err(|_| anyhow!("`{server}` is not a valid server URL"))?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30))
+            .connect_lazy();
+        let authorization = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| anyhow!("the admin API token contains characters that cannot be sent"))?;
+        Ok(Admin {
+            client: AdminServiceClient::new(channel),
+            authorization,
+            server: server.to_string(),
+        })
+    }
+
+    fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        request
+            .metadata_mut()
+            .insert(posfleet_proto::AUTHORIZATION, self.authorization.clone());
+        request
+    }
+
+    fn error(&self, status: tonic::Status) -> anyhow::Error {
+        use tonic::Code;
+        match status.code() {
+            Code::Unavailable => anyhow!(
+                "cannot reach the control plane at {}: {}",
+                self.server,
+                status.message()
+            ),
+            code => anyhow!("{}: {}", code_name(code), status.message()),
+        }
+    }
+
+    pub async fn create_store(
+        &mut self,
+        id: &str,
+        name: &str,
+        time_zone: &str,
+    ) -> anyhow::Result<v1::Store> {
+        let request = self.request(v1::CreateStoreRequest {
+            id: id.into(),
+            name: name.into(),
+            time_zone: time_zone.into(),
+        });
+        self.client
+            .create_store(request)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| self.error(s))
+    }
+
+    pub async fn list_stores(&mut self) -> anyhow::Result<Vec<v1::Store>> {
+        let mut stores = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let request = self.request(v1::ListStoresRequest {
+                page_size: 0,
+                page_token,
+            });
+            let page = self
+                .client
+                .list_stores(request)
+                .await
+                .map_err(|s| self.error(s))?
+                .into_inner();
+            stores.extend(page.stores);
+            if page.next_page_token.is_empty() {
+                return Ok(stores);
+            }
+            page_token = page.next_page_token;
+        }
+    }
+
+    pub async fn create_token(
+        &mut self,
+        store: &str,
+        expires_in: Duration,
+        uses: u32,
+    ) -> anyhow::Result<v1::CreateEnrollmentTokenResponse> {
+        let request = self.request(v1::CreateEnrollmentTokenRequest {
+            store_id: store.into(),
+            expires_in_seconds: expires_in.as_secs().max(1),
+            uses,
+        });
+        self.client
+            .create_enrollment_token(request)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| self.error(s))
+    }
+
+    pub async fn list_devices(
+        &mut self,
+        filter: v1::ListDevicesRequest,
+    ) -> anyhow::Result<Vec<v1::Device>> {
+        let mut devices = Vec::new();
+        let mut filter = filter;
+        loop {
+            let request = self.request(filter.clone());
+            let page = self
+                .client
+                .list_devices(request)
+                .await
+                .map_err(|s| self.error(s))?
+                .into_inner();
+            devices.extend(page.devices);
+            if page.next_page_token.is_empty() {
+                return Ok(devices);
+            }
+            filter.page_token = page.next_page_token;
+        }
+    }
+}
+
+pub fn code_name(code: tonic::Code) -> String {
+    // "NotFound" → "not found"
+    let debug = format!("{code:?}");
+    let mut out = String::new();
+    for (i, c) in debug.chars().enumerate() {
+        if c.is_uppercase() && i > 0 {
+            out.push(' ');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    out
+}
+
+fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn admin_token(token: Option<String>, token_file: Option<PathBuf>) -> anyhow::Result<String> {
+    if let Some(token) = token {
+        return Ok(token.trim().to_string());
+    }
+    if let Some(path) = token_file {
+        let token = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read the token file {}", path.display()))?;
+        return Ok(token.trim().to_string());
+    }
+    bail!(
+        "no admin API token: pass --token or --token-file, or set POSFLEET_TOKEN \
+         (the first token is in the control plane's data dir, file admin-token)"
+    )
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let Cli {
+        server,
+        token,
+        token_file,
+        output,
+        command,
+    } = cli;
+    let command = match command {
+        Command::Demo(args) => return demo::run(&args, output).await,
+        Command::Admin(command) => command,
+    };
+    let mut admin = Admin::connect(&server, &admin_token(token, token_file)?).await?;
+    let json = output == Output::Json;
+    match command {
+        AdminCommand::Store(StoreCommand::Create {
+            id,
+            name,
+            time_zone,
+        }) => {
+            let store = StoreView::from(admin.create_store(&id, &name, &time_zone).await?);
+            if json {
+                print_json(&store)?;
+            } else {
+                println!("{}", view::stores_table(&[store]));
+            }
+        }
+        AdminCommand::Store(StoreCommand::List) => {
+            let stores: Vec<StoreView> = admin
+                .list_stores()
+                .await?
+                .into_iter()
+                .map(Into::into)
+                .collect();
+            if json {
+                print_json(&stores)?;
+            } else {
+                println!("{}", view::stores_table(&stores));
+            }
+        }
+        AdminCommand::EnrollToken(TokenCommand::Create {
+            store,
+            expires_in,
+            uses,
+        }) => {
+            let created = admin.create_token(&store, expires_in, uses).await?;
+            let mut token = TokenView::from(created.token.unwrap_or_default());
+            token.secret = Some(created.secret.clone());
+            if json {
+                print_json(&token)?;
+            } else {
+                println!("{}", view::tokens_table(std::slice::from_ref(&token)));
+                println!("Secret (shown once; give it to the agent as enrollment_token):");
+                println!("{}", created.secret);
+            }
+        }
+        AdminCommand::EnrollToken(TokenCommand::List { store }) => {
+            let request = admin.request(v1::ListEnrollmentTokensRequest {
+                store_id: store.unwrap_or_default(),
+            });
+            let tokens: Vec<TokenView> = admin
+                .client
+                .list_enrollment_tokens(request)
+                .await
+                .map_err(|s| admin.error(s))?
+                .into_inner()
+                .tokens
+                .into_iter()
+                .map(Into::into)
+                .collect();
+            if json {
+                print_json(&tokens)?;
+            } else {
+                println!("{}", view::tokens_table(&tokens));
+            }
+        }
+        AdminCommand::EnrollToken(TokenCommand::Revoke { id }) => {
+            let request = admin.request(v1::RevokeEnrollmentTokenRequest { id });
+            let token = TokenView::from(
+                admin
+                    .client
+                    .revoke_enrollment_token(request)
+                    .await
+                    .map_err(|s| admin.error(s))?
+                    .into_inner(),
+            );
+            if json {
+                print_json(&token)?;
+            } else {
+                println!("{}", view::tokens_table(&[token]));
+            }
+        }
+        AdminCommand::Device(DeviceCommand::List(args)) => {
+            let status = match args.status {
+                None => v1::DeviceStatus::Unspecified,
+                Some(StatusArg::Online) => v1::DeviceStatus::Online,
+                Some(StatusArg::Offline) => v1::DeviceStatus::Offline,
+            };
+            let devices: Vec<DeviceView> = admin
+                .list_devices(v1::ListDevicesRequest {
+                    store_id: args.store.unwrap_or_default(),
+                    status: status as i32,
+                    labels: args.labels.into_iter().collect(),
+                    page_size: 0,
+                    page_token: String::new(),
+                })
+                .await?
+                .into_iter()
+                .map(Into::into)
+                .collect();
+            if json {
+                print_json(&devices)?;
+            } else {
+                println!("{}", view::devices_table(&devices));
+            }
+        }
+        AdminCommand::Device(DeviceCommand::Show { id }) => {
+            let request = admin.request(v1::GetDeviceRequest { id });
+            let device = DeviceView::from(
+                admin
+                    .client
+                    .get_device(request)
+                    .await
+                    .map_err(|s| admin.error(s))?
+                    .into_inner(),
+            );
+            if json {
+                print_json(&device)?;
+            } else {
+                print!("{}", view::device_details(&device));
+            }
+        }
+        AdminCommand::Device(DeviceCommand::Label { id, changes }) => {
+            let (set, remove) = parse_label_changes(&changes)?;
+            let request = admin.request(v1::SetDeviceLabelsRequest {
+                device_id: id,
+                set,
+                remove,
+            });
+            let device = DeviceView::from(
+                admin
+                    .client
+                    .set_device_labels(request)
+                    .await
+                    .map_err(|s| admin.error(s))?
+                    .into_inner(),
+            );
+            if json {
+                print_json(&device)?;
+            } else {
+                print!("{}", view::device_details(&device));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("posfleet: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("posfleet: {}", format!("{error:#}").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_changes_split_into_set_and_remove() {
+        let (set, remove) = parse_label_changes(&["ring=canary".into(), "old-".into()]).unwrap();
+        assert_eq!(set.get("ring").map(String::as_str), Some("canary"));
+        assert_eq!(remove, vec!["old".to_string()]);
+        assert!(parse_label_changes(&["oops".into()]).is_err());
+    }
+
+    #[test]
+    fn status_codes_read_as_words() {
+        assert_eq!(code_name(tonic::Code::NotFound), "not found");
+        assert_eq!(code_name(tonic::Code::Unauthenticated), "unauthenticated");
+    }
+}

@@ -66,9 +66,9 @@ impl AgentApi {
                     "missing device credential: send `authorization: Device <credential>` (enroll first)",
                 )
             })?;
-        let device_id = secret::device_id_of_credential(credential)
-            .ok_or_else(|| Status::unauthenticated("malformed device credential"))?
-            .to_string();
+        let (device_id, device_secret) = secret::parse_device_credential(credential)
+            .ok_or_else(|| Status::unauthenticated("malformed device credential"))?;
+        let device_id = device_id.to_string();
         let storage = self.storage.clone();
         let lookup_id = device_id.clone();
         let auth = self
@@ -90,7 +90,7 @@ impl AgentApi {
             })?;
         // Both sides are SHA-256 digests of a 256-bit secret: comparing them
         // reveals nothing useful about the secret.
-        if secret::hash(credential) != auth.credential_sha256 {
+        if secret::hash(device_secret) != auth.credential_sha256 {
             return Err(Status::unauthenticated(format!(
                 "device credential is not valid for device {device_id}"
             )));
@@ -172,13 +172,12 @@ impl AgentService for AgentApi {
                 return Err(status);
             }
         };
-        let device_id = secret::short_id("dev-", 10);
-        let credential = secret::device_credential(&device_id);
+        let device_secret = secret::generate("");
         let interval = self.current_interval();
         let new_device = NewDevice {
-            id: device_id.clone(),
+            id: secret::short_id("dev-", 10),
             public_key_hex: hex::encode(key.as_bytes()),
-            credential_sha256: secret::hash(&credential),
+            credential_sha256: secret::hash(&device_secret),
             hardware_model: req.hardware_model,
             serial_number: req.serial_number,
             agent_version: req.agent_version,
@@ -191,6 +190,8 @@ impl AgentService for AgentApi {
             .await
         {
             Ok(device) => {
+                // A retried enrollment replaced the credential of an existing device.
+                self.auth_cache.invalidate(&device.id).await;
                 self.metrics.enrollments.with_label_values(&["ok"]).inc();
                 tracing::info!(
                     device_id = %device.id,
@@ -199,8 +200,8 @@ impl AgentService for AgentApi {
                     "Device enrolled."
                 );
                 Ok(Response::new(EnrollResponse {
+                    device_credential: secret::device_credential(&device.id, &device_secret),
                     device_id: device.id,
-                    device_credential: credential,
                     store_id: device.store_id,
                     heartbeat_interval_seconds: interval,
                 }))

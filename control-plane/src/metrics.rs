@@ -5,13 +5,24 @@ use prometheus::{
     TextEncoder,
 };
 
+/// Every value of the `result` label of `posfleet_enrollments_total`.
+pub const ENROLLMENT_RESULTS: [&str; 8] = [
+    "ok",
+    "invalid",
+    "unknown_token",
+    "expired",
+    "revoked",
+    "used_up",
+    "key_in_use",
+    "error",
+];
+
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
     /// Heartbeats by result: `ok`, `unauthenticated`, `invalid`.
     pub heartbeats: IntCounterVec,
-    /// Enrollments by result: `ok`, `unknown_token`, `expired`, `revoked`,
-    /// `used_up`, `key_in_use`, `invalid`.
+    /// Enrollments by result (`ENROLLMENT_RESULTS`).
     pub enrollments: IntCounterVec,
     /// Admin calls refused for a missing or unknown API token.
     pub admin_auth_failures: prometheus::IntCounter,
@@ -88,6 +99,16 @@ impl Metrics {
             registry
                 .register(collector)
                 .expect("each metric is registered once");
+        }
+        // Every label value exists from the start, so rates work from zero.
+        for result in ["ok", "unauthenticated", "invalid"] {
+            heartbeats.with_label_values(&[result]);
+        }
+        for result in ENROLLMENT_RESULTS {
+            enrollments.with_label_values(&[result]);
+        }
+        for status in ["online", "offline"] {
+            devices.with_label_values(&[status]);
         }
         Metrics {
             registry,

@@ -30,20 +30,20 @@ pub const ADMIN_TOKEN_PREFIX: &str = "pfa_";
 pub const ENROLLMENT_TOKEN_PREFIX: &str = "pfe_";
 
 /// A device credential is `pfd.<device id>.<secret>`: the device id lets the
-/// server find the stored hash without scanning.
-pub fn device_credential(device_id: &str) -> String {
-    format!("pfd.{device_id}.{}", generate(""))
+/// server find the stored hash (of the secret) without scanning.
+pub fn device_credential(device_id: &str, secret: &str) -> String {
+    format!("pfd.{device_id}.{secret}")
 }
 
-/// Splits a device credential into its device id; `None` if malformed.
-pub fn device_id_of_credential(credential: &str) -> Option<&str> {
+/// Splits a device credential into device id and secret; `None` if malformed.
+pub fn parse_device_credential(credential: &str) -> Option<(&str, &str)> {
     let mut parts = credential.split('.');
     let (Some("pfd"), Some(id), Some(secret), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return None;
     };
-    (!id.is_empty() && secret.len() == 64).then_some(id)
+    (!id.is_empty() && secret.len() == 64).then_some((id, secret))
 }
 
 #[cfg(test)]
@@ -52,8 +52,12 @@ mod tests {
 
     #[test]
     fn credentials_round_trip_and_malformed_ones_are_refused() {
-        let credential = device_credential("dev-abc");
-        assert_eq!(device_id_of_credential(&credential), Some("dev-abc"));
+        let secret = generate("");
+        let credential = device_credential("dev-abc", &secret);
+        assert_eq!(
+            parse_device_credential(&credential),
+            Some(("dev-abc", secret.as_str()))
+        );
         for bad in [
             "",
             "pfd.dev-abc",
@@ -61,7 +65,7 @@ mod tests {
             "pfx.dev-abc.00",
             &format!("{credential}.x"),
         ] {
-            assert_eq!(device_id_of_credential(bad), None, "{bad}");
+            assert_eq!(parse_device_credential(bad), None, "{bad}");
         }
         assert_ne!(generate("p"), generate("p"));
         assert_eq!(hash("a"), hash("a"));

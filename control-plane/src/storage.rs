@@ -95,6 +95,7 @@ pub struct HealthRecord {
 pub struct NewDevice {
     pub id: String,
     pub public_key_hex: String,
+    /// SHA-256 of the secret part of the device credential.
     pub credential_sha256: String,
     pub hardware_model: String,
     pub serial_number: String,
@@ -169,7 +170,13 @@ pub enum EnrollError {
     #[error("this public key is already enrolled as device {device_id}")]
     PublicKeyInUse { device_id: String },
     #[error(transparent)]
-    Storage(#[from] sqlx::Error),
+    Storage(#[from] Error),
+}
+
+impl From<sqlx::Error> for EnrollError {
+    fn from(error: sqlx::Error) -> Self {
+        EnrollError::Storage(Error::Database(error))
+    }
 }
 
 /// True when a device seen at `last_seen_ms` is still online at `now_ms`.
@@ -477,6 +484,24 @@ impl Storage {
         device: &NewDevice,
         now_ms: i64,
     ) -> Result<DeviceRecord, EnrollError> {
+        // A retry by a device that enrolled but never saw the answer (killed,
+        // network cut): the same key, proven by the caller's signature, with
+        // the token that enrolled it, gets a fresh credential for the same
+        // device instead of being stranded. Nothing else changes.
+        let retried = sqlx::query(
+            "UPDATE devices SET credential_sha256 = $1 WHERE public_key = $2 AND enrollment_token_id = \
+             (SELECT id FROM enrollment_tokens WHERE secret_sha256 = $3 AND revoked_at_ms IS NULL) \
+             RETURNING id",
+        )
+        .bind(&device.credential_sha256)
+        .bind(&device.public_key_hex)
+        .bind(token_sha256)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(row) = retried {
+            let id: String = row.try_get("id")?;
+            return self.get_device(&id).await?.ok_or(EnrollError::UnknownToken);
+        }
         let mut tx = self.pool.begin().await?;
         // The write comes first so SQLite takes its write lock up front.
         let spent = sqlx::query(

@@ -1,0 +1,239 @@
+//! The agent's main loop: enroll once, then heartbeat at the interval the
+//! control plane hands out, backing off while it is unreachable. Nothing
+//! here can stop the till from selling: failures are logged and retried.
+
+use ed25519_dalek::{Signer, SigningKey};
+use posfleet_proto::v1::agent_service_client::AgentServiceClient;
+use posfleet_proto::v1::{EnrollRequest, HeartbeatRequest};
+use std::future::Future;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request};
+
+use crate::backoff::{Backoff, jittered};
+use crate::config::{AgentConfig, PeripheralsDriver};
+use crate::error::Error;
+use crate::health::{self, FakePeripherals, NoPeripherals, Peripherals};
+use crate::state::{Enrollment, StateDir};
+
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// First retry delay after a failed call.
+const BACKOFF_BASE: Duration = Duration::from_secs(1);
+
+pub struct Agent {
+    config: AgentConfig,
+    key: SigningKey,
+    state: StateDir,
+    peripherals: Box<dyn Peripherals>,
+    client: AgentServiceClient<Channel>,
+    started: Instant,
+}
+
+/// Codes that mean the request itself was refused: retrying the same
+/// request cannot succeed.
+fn is_refusal(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unauthenticated
+            | Code::PermissionDenied
+            | Code::InvalidArgument
+            | Code::AlreadyExists
+    )
+}
+
+impl Agent {
+    /// Prepares the data dir and the device key. Makes no network call.
+    pub fn open(config: AgentConfig) -> Result<Agent, Error> {
+        let peripherals: Box<dyn Peripherals> = match config.peripherals {
+            PeripheralsDriver::None => Box::new(NoPeripherals),
+            PeripheralsDriver::Fake => {
+                Box::new(FakePeripherals::new(config.fake_peripheral_faults.clone()))
+            }
+        };
+        Agent::with_peripherals(config, peripherals)
+    }
+
+    /// As `open`, with a given peripherals driver.
+    pub fn with_peripherals(
+        config: AgentConfig,
+        peripherals: Box<dyn Peripherals>,
+    ) -> Result<Agent, Error> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&config.data_dir)
+            .map_err(|source| Error::DataDir {
+                path: config.data_dir.clone(),
+                source,
+            })?;
+        let key = crate::identity::load_or_create(&config.data_dir)?;
+        let timeout = Duration::from_secs(config.request_timeout_seconds);
+        let channel = Endpoint::from_shared(config.server_url.clone())
+            .map_err(|e| Error::ServerUrl(e.to_string()))?
+            .connect_timeout(timeout)
+            .timeout(timeout)
+            .http2_keep_alive_interval(Duration::from_secs(60))
+            .keep_alive_while_idle(false)
+            .connect_lazy();
+        Ok(Agent {
+            state: StateDir::new(&config.data_dir),
+            client: AgentServiceClient::new(channel),
+            config,
+            key,
+            peripherals,
+            started: Instant::now(),
+        })
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.config.data_dir
+    }
+
+    /// Runs until `shutdown` completes. Returns an error only when the agent
+    /// cannot go on at all (no enrollment possible, unusable data dir).
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        tokio::pin!(shutdown);
+        let enrollment = tokio::select! {
+            result = self.ensure_enrolled() => result?,
+            _ = &mut shutdown => return Ok(()),
+        };
+        tracing::info!(device_id = %enrollment.device_id, store_id = %enrollment.store_id, "Agent running.");
+        let mut backoff = Backoff::new(
+            BACKOFF_BASE,
+            Duration::from_secs(self.config.max_backoff_seconds),
+        );
+        let mut online = true;
+        loop {
+            let wait = match self.heartbeat(&enrollment).await {
+                Ok(interval) => {
+                    if !online {
+                        tracing::info!("Control plane reachable again.");
+                        online = true;
+                    }
+                    backoff.reset();
+                    jittered(interval)
+                }
+                Err(status) => {
+                    let delay = backoff.next_delay();
+                    if is_refusal(status.code()) {
+                        tracing::error!(code = ?status.code(), error = %status.message(), "Heartbeat refused.");
+                    } else if online {
+                        tracing::warn!(code = ?status.code(), error = %status.message(), "Control plane unreachable; the till keeps working, retrying with backoff.");
+                        online = false;
+                    }
+                    delay
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = &mut shutdown => {
+                    tracing::info!("Agent stopped.");
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// The saved enrollment, or a new one. Retries while the control plane
+    /// is unreachable; gives up when it refuses.
+    async fn ensure_enrolled(&mut self) -> Result<Enrollment, Error> {
+        if let Some(enrollment) = self.state.enrollment()? {
+            return Ok(enrollment);
+        }
+        if self.config.enrollment_token.is_empty() {
+            return Err(Error::NoEnrollmentToken);
+        }
+        let serial_number = if self.config.serial_number.is_empty() {
+            default_serial_number()
+        } else {
+            self.config.serial_number.clone()
+        };
+        let public_key = self.key.verifying_key().to_bytes().to_vec();
+        let payload = posfleet_proto::enroll_signing_payload(
+            &self.config.enrollment_token,
+            &public_key,
+            &self.config.hardware_model,
+            &serial_number,
+        );
+        let request = EnrollRequest {
+            enrollment_token: self.config.enrollment_token.clone(),
+            signature: self.key.sign(&payload).to_bytes().to_vec(),
+            public_key,
+            hardware_model: self.config.hardware_model.clone(),
+            serial_number,
+            agent_version: AGENT_VERSION.into(),
+        };
+        let mut backoff = Backoff::new(
+            BACKOFF_BASE,
+            Duration::from_secs(self.config.max_backoff_seconds),
+        );
+        loop {
+            match self.client.enroll(request.clone()).await {
+                Ok(response) => {
+                    let response = response.into_inner();
+                    let enrollment = Enrollment {
+                        device_id: response.device_id,
+                        device_credential: response.device_credential,
+                        store_id: response.store_id,
+                    };
+                    self.state.save_enrollment(&enrollment)?;
+                    tracing::info!(device_id = %enrollment.device_id, store_id = %enrollment.store_id, "Enrolled.");
+                    return Ok(enrollment);
+                }
+                Err(status) if is_refusal(status.code()) => {
+                    return Err(Error::EnrollmentRefused(status.message().to_string()));
+                }
+                Err(status) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(code = ?status.code(), error = %status.message(), retry_in_seconds = delay.as_secs_f64(), "Cannot enroll yet.");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    /// Sends one heartbeat; returns the interval before the next one.
+    async fn heartbeat(&mut self, enrollment: &Enrollment) -> Result<Duration, tonic::Status> {
+        let installed_bundles = self.state.installed_bundles().unwrap_or_else(|error| {
+            tracing::error!(%error, "Cannot read installed bundles; reporting none.");
+            Default::default()
+        });
+        let mut request = Request::new(HeartbeatRequest {
+            agent_version: AGENT_VERSION.into(),
+            installed_bundles: installed_bundles.into_iter().collect(),
+            health: Some(health::collect(
+                &self.config.data_dir,
+                self.peripherals.as_ref(),
+            )),
+            agent_uptime_seconds: self.started.elapsed().as_secs(),
+        });
+        let value = format!("Device {}", enrollment.device_credential)
+            .parse()
+            .map_err(|_| tonic::Status::internal("the saved device credential is not ASCII"))?;
+        request
+            .metadata_mut()
+            .insert(posfleet_proto::AUTHORIZATION, value);
+        let response = self.client.heartbeat(request).await?.into_inner();
+        Ok(Duration::from_secs(
+            response.next_heartbeat_interval_seconds.max(1).into(),
+        ))
+    }
+}
+
+/// The machine id, else the host name, else "unknown".
+fn default_serial_number() -> String {
+    std::fs::read_to_string("/etc/machine-id")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}

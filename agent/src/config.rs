@@ -1,0 +1,245 @@
+//! Agent configuration: defaults, then a TOML file, then `POSFLEET_*`
+//! environment variables, then flags. Validated before anything starts.
+
+use clap::Parser;
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+const ENV_KEYS: &[&str] = &[
+    "server_url",
+    "data_dir",
+    "enrollment_token",
+    "hardware_model",
+    "serial_number",
+    "peripherals",
+    "fake_peripheral_faults",
+    "max_backoff_seconds",
+    "request_timeout_seconds",
+    "log_format",
+    "log_level",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeripheralsDriver {
+    /// No peripherals are attached (or none is watched).
+    None,
+    /// A simulated printer, scanner and cash drawer, for tests and demos.
+    Fake,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FakeFault {
+    Printer,
+    Scanner,
+    CashDrawer,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The control plane's gRPC address, e.g. `http://cp.example:7400`.
+    pub server_url: String,
+    /// Device key, enrollment and state; survives restarts.
+    pub data_dir: PathBuf,
+    /// One-time token from ops; only read until the device is enrolled.
+    pub enrollment_token: String,
+    pub hardware_model: String,
+    /// Empty means the machine id (`/etc/machine-id`), else the host name.
+    pub serial_number: String,
+    pub peripherals: PeripheralsDriver,
+    /// With `peripherals = "fake"`: which peripherals report a failure.
+    pub fake_peripheral_faults: Vec<FakeFault>,
+    /// Longest wait between retries while the control plane is unreachable.
+    pub max_backoff_seconds: u64,
+    pub request_timeout_seconds: u64,
+    pub log_format: LogFormat,
+    pub log_level: String,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            server_url: "http://127.0.0.1:7400".into(),
+            data_dir: PathBuf::from("posfleet-agent-data"),
+            enrollment_token: String::new(),
+            hardware_model: "generic-pos".into(),
+            serial_number: String::new(),
+            peripherals: PeripheralsDriver::None,
+            fake_peripheral_faults: Vec::new(),
+            max_backoff_seconds: 300,
+            request_timeout_seconds: 10,
+            log_format: LogFormat::Text,
+            log_level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {key}: {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+fn config_error(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Parser, Serialize)]
+#[command(
+    name = "posfleet-agent",
+    version,
+    about = "The posfleet point-of-sale agent."
+)]
+pub struct Args {
+    /// TOML configuration file.
+    #[arg(long, env = "POSFLEET_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_url: Option<String>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enrollment_token: Option<String>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hardware_model: Option<String>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub serial_number: Option<String>,
+    /// `none` or `fake`.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peripherals: Option<String>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_backoff_seconds: Option<u64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_timeout_seconds: Option<u64>,
+    /// `text` or `json`.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<String>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<String>,
+}
+
+impl AgentConfig {
+    pub fn load(args: &Args) -> Result<AgentConfig, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(AgentConfig::default()));
+        if let Some(path) = &args.config {
+            if !path.is_file() {
+                return Err(config_error(
+                    "config",
+                    format!("{} is not a readable file", path.display()),
+                ));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        let config: AgentConfig = figment
+            .merge(Env::prefixed("POSFLEET_").only(ENV_KEYS))
+            .merge(Serialized::defaults(args))
+            .extract()
+            .map_err(|e| {
+                let key = e.path.last().cloned().unwrap_or_else(|| "config".into());
+                let source = e
+                    .metadata
+                    .as_ref()
+                    .map(|m| format!(" (from {})", m.name))
+                    .unwrap_or_default();
+                config_error(&key, format!("{}{source}", e.kind))
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let uri: tonic::transport::Uri = self.server_url.parse().map_err(|_| {
+            config_error("server_url", format!("`{}` is not a URL", self.server_url))
+        })?;
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+            return Err(config_error(
+                "server_url",
+                format!("`{}` must look like http://host:7400", self.server_url),
+            ));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(config_error("data_dir", "must not be empty"));
+        }
+        if self.hardware_model.trim().is_empty() || self.hardware_model.len() > 64 {
+            return Err(config_error("hardware_model", "must be 1 to 64 bytes"));
+        }
+        if self.serial_number.len() > 128 {
+            return Err(config_error("serial_number", "must be at most 128 bytes"));
+        }
+        if !(1..=86_400).contains(&self.max_backoff_seconds) {
+            return Err(config_error("max_backoff_seconds", "must be 1 to 86400"));
+        }
+        if !(1..=600).contains(&self.request_timeout_seconds) {
+            return Err(config_error("request_timeout_seconds", "must be 1 to 600"));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log_level)
+            .map_err(|e| config_error("log_level", e.to_string()))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(extra: &[&str]) -> Result<AgentConfig, ConfigError> {
+        let mut argv = vec!["posfleet-agent"];
+        argv.extend_from_slice(extra);
+        AgentConfig::load(&Args::parse_from(argv))
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        for (args, key) in [
+            (&["--server-url", "not a url"][..], "server_url"),
+            (&["--server-url", "ftp://x:1"][..], "server_url"),
+            (&["--peripherals", "real"][..], "peripherals"),
+            (&["--max-backoff-seconds", "0"][..], "max_backoff_seconds"),
+            (&["--hardware-model", ""][..], "hardware_model"),
+        ] {
+            let err = load(args).expect_err("should be refused");
+            assert_eq!(err.key, key, "{err}");
+        }
+        assert!(load(&[]).is_ok());
+    }
+
+    #[test]
+    fn file_sets_fake_faults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(
+            &path,
+            "peripherals = \"fake\"\nfake_peripheral_faults = [\"printer\"]\n",
+        )
+        .unwrap();
+        let config = load(&["--config", path.to_str().unwrap()]).unwrap();
+        assert_eq!(config.peripherals, PeripheralsDriver::Fake);
+        assert_eq!(config.fake_peripheral_faults, vec![FakeFault::Printer]);
+    }
+}

@@ -1,0 +1,32 @@
+//! The agent's errors, one variant per failing operation.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot use the data dir {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is corrupt: {detail}")]
+    Corrupt { path: PathBuf, detail: String },
+    #[error(
+        "the device is not enrolled and no enrollment token is configured (set enrollment_token)"
+    )]
+    NoEnrollmentToken,
+    #[error("enrollment refused by the control plane: {0}")]
+    EnrollmentRefused(String),
+    #[error("invalid server URL: {0}")]
+    ServerUrl(String),
+}

@@ -1,0 +1,145 @@
+//! Storage conformance: the same checks on SQLite and (with --ignored)
+//! PostgreSQL, for what the API tests cannot reach easily.
+
+mod common;
+
+use common::{Backend, TestDb};
+use posfleet_control_plane::storage::{
+    EnrollError, EnrollmentTokenRecord, HeartbeatRecord, NewDevice, Storage, StoreRecord,
+};
+use std::collections::BTreeMap;
+
+async fn open(backend: Backend) -> (Storage, TestDb, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new(backend, dir.path()).await;
+    let storage = Storage::connect(&db.url, 8).await.unwrap();
+    storage
+        .create_store(&StoreRecord {
+            id: "s1".into(),
+            name: "S1".into(),
+            time_zone: "UTC".into(),
+            created_at_ms: 0,
+            device_count: 0,
+        })
+        .await
+        .unwrap();
+    (storage, db, dir)
+}
+
+async fn token(storage: &Storage, uses: i64) -> String {
+    let secret = format!("secret-{}", uuid::Uuid::new_v4());
+    storage
+        .create_enrollment_token(
+            &EnrollmentTokenRecord {
+                id: format!("tok-{}", uuid::Uuid::new_v4().simple()),
+                store_id: "s1".into(),
+                uses_total: uses,
+                uses_remaining: uses,
+                expires_at_ms: i64::MAX,
+                revoked_at_ms: None,
+                created_at_ms: 0,
+            },
+            &secret,
+        )
+        .await
+        .unwrap();
+    secret
+}
+
+fn device(i: usize) -> NewDevice {
+    NewDevice {
+        id: format!("dev-{i:06}"),
+        public_key_hex: format!("{i:064x}"),
+        credential_sha256: "h".into(),
+        hardware_model: "m".into(),
+        serial_number: format!("SN{i}"),
+        agent_version: "1".into(),
+        heartbeat_interval_seconds: 30,
+    }
+}
+
+async fn concurrent_enrollments_spend_exactly_the_tokens_uses(backend: Backend) {
+    let (storage, db, _dir) = open(backend).await;
+    let secret = token(&storage, 10).await;
+    let attempts = (0..25).map(|i| {
+        let storage = storage.clone();
+        let secret = secret.clone();
+        tokio::spawn(async move { storage.enroll_device(&secret, &device(i), 1).await })
+    });
+    let mut enrolled = 0;
+    let mut used_up = 0;
+    for attempt in attempts {
+        match attempt.await.unwrap() {
+            Ok(_) => enrolled += 1,
+            Err(EnrollError::UsedUp) => used_up += 1,
+            Err(other) => panic!("unexpected: {other}"),
+        }
+    }
+    assert_eq!((enrolled, used_up), (10, 15));
+    let tokens = storage.list_enrollment_tokens(Some("s1")).await.unwrap();
+    assert_eq!(tokens[0].uses_remaining, 0);
+    storage.close().await;
+    db.cleanup().await;
+}
+
+async fn heartbeat_batches_span_several_statements(backend: Backend) {
+    let (storage, db, _dir) = open(backend).await;
+    let secret = token(&storage, 1200).await;
+    for i in 0..1200 {
+        storage.enroll_device(&secret, &device(i), 1).await.unwrap();
+    }
+    let batch: Vec<HeartbeatRecord> = (0..1200)
+        .map(|i| HeartbeatRecord {
+            device_id: format!("dev-{i:06}"),
+            seen_at_ms: 1_000 + i as i64,
+            heartbeat_interval_seconds: 60,
+            agent_version: format!("v{i}"),
+            installed_bundles: BTreeMap::from([("pos-app".to_string(), format!("1.{i}.0"))]),
+            agent_uptime_seconds: i as i64,
+            health: Default::default(),
+        })
+        .collect();
+    storage.record_heartbeats(&batch).await.unwrap();
+    for i in [0, 499, 500, 1199] {
+        let d = storage
+            .get_device(&format!("dev-{i:06}"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.agent_version, format!("v{i}"));
+        assert_eq!(d.last_seen_ms, 1_000 + i as i64);
+        assert_eq!(d.installed_bundles["pos-app"], format!("1.{i}.0"));
+    }
+    // Seen at 1.0 to 2.2 s, 60 s interval, offline after 3 missed: all online
+    // until 181 s, all offline after 182.2 s.
+    assert_eq!(
+        storage.count_devices(180_000, 3).await.unwrap(),
+        (1200, 1200)
+    );
+    assert_eq!(storage.count_devices(182_200, 3).await.unwrap(), (0, 1200));
+    storage.close().await;
+    db.cleanup().await;
+}
+
+async fn a_heartbeat_for_an_unknown_device_changes_nothing(backend: Backend) {
+    let (storage, db, _dir) = open(backend).await;
+    let record = HeartbeatRecord {
+        device_id: "dev-ghost".into(),
+        seen_at_ms: 5,
+        heartbeat_interval_seconds: 30,
+        agent_version: "x".into(),
+        installed_bundles: BTreeMap::new(),
+        agent_uptime_seconds: 0,
+        health: Default::default(),
+    };
+    storage.record_heartbeats(&[record]).await.unwrap();
+    assert_eq!(storage.count_devices(0, 3).await.unwrap(), (0, 0));
+    storage.close().await;
+    db.cleanup().await;
+}
+
+on_both_backends!(
+    concurrent_enrollments_spend_exactly_the_tokens_uses,
+    heartbeat_batches_span_several_statements,
+    a_heartbeat_for_an_unknown_device_changes_nothing,
+);
