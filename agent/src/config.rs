@@ -167,7 +167,7 @@ impl AgentConfig {
                     .as_ref()
                     .map(|m| format!(" (from {})", m.name))
                     .unwrap_or_default();
-                config_error(&key, format!("{}{source}", e.kind))
+                config_error(&key, format!("{}{source}", one_line(&e.kind.to_string())))
             })?;
         config.validate()?;
         Ok(config)
@@ -202,6 +202,19 @@ impl AgentConfig {
             .map_err(|e| config_error("log_level", e.to_string()))?;
         Ok(())
     }
+}
+
+/// Parser messages can quote the offending source over several lines; the
+/// error is reported on one line without the quote.
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with('|') && !l.contains(" | ") && !l.starts_with('^')
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[cfg(test)]

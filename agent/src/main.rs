@@ -45,7 +45,6 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(error = %error, "The agent stopped.");
-            eprintln!("posfleet-agent: {error}");
             ExitCode::FAILURE
         }
     }

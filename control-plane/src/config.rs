@@ -239,7 +239,23 @@ fn figment_error(error: figment::Error) -> ConfigError {
         .as_ref()
         .map(|m| format!(" (from {})", m.name))
         .unwrap_or_default();
-    ConfigError::new(&key, format!("{}{source}", error.kind))
+    ConfigError::new(
+        &key,
+        format!("{}{source}", one_line(&error.kind.to_string())),
+    )
+}
+
+/// Parser messages can quote the offending source over several lines; the
+/// error is reported on one line without the quote.
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with('|') && !l.contains(" | ") && !l.starts_with('^')
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[cfg(test)]

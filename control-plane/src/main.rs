@@ -29,8 +29,10 @@ fn main() -> ExitCode {
     match runtime.block_on(run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!(error = %error, "The control plane stopped on an error.");
-            eprintln!("posfleet-control-plane: {error:#}");
+            tracing::error!(
+                error = format!("{error:#}"),
+                "The control plane stopped on an error."
+            );
             ExitCode::FAILURE
         }
     }

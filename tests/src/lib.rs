@@ -1,1 +1,285 @@
+//! Helpers for end-to-end tests and benchmarks: they start the real
+//! `posfleet-control-plane`, `posfleet-agent` and `posfleet` binaries and
+//! read what they print, as an operator would.
 
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// Builds the workspace's binaries once per test process (a no-op when they
+/// are up to date) and returns the folder holding them.
+pub fn bin_dir() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let mut args = vec![
+            "build",
+            "--quiet",
+            "--bins",
+            "-p",
+            "posfleet-control-plane",
+            "-p",
+            "posfleet-agent",
+            "-p",
+            "posfleet",
+        ];
+        if !cfg!(debug_assertions) {
+            args.push("--release");
+        }
+        let status = Command::new(env!("CARGO"))
+            .args(&args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "cargo build of the binaries failed");
+        // This test binary lives in target/<profile>/deps/.
+        let exe = std::env::current_exe().expect("current exe");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>");
+        profile_dir.to_path_buf()
+    })
+    .clone()
+}
+
+pub fn binary(name: &str) -> PathBuf {
+    bin_dir().join(name)
+}
+
+/// A process whose stderr lines are collected as they come.
+pub struct Process {
+    pub child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Process {
+    pub fn spawn(mut command: Command) -> Process {
+        command
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .stdin(Stdio::null());
+        let mut child = command.spawn().expect("spawn process");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().expect("log lock").push(line);
+            }
+        });
+        Process { child, lines }
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().expect("log lock").clone()
+    }
+
+    /// Waits for a JSON log line with this message; returns it parsed.
+    pub fn wait_for_log(&self, message: &str, timeout: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for line in self.lines() {
+                if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line)
+                    && value["message"] == message
+                {
+                    return value;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no log line `{message}` within {timeout:?}; log:\n{}",
+                self.lines().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(&mut self) {
+        let _ = kill(self.pid(), Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let _ = kill(self.pid(), Signal::SIGTERM);
+        self.child.wait().expect("wait for process")
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if self.is_running() {
+            self.kill9();
+        }
+    }
+}
+
+/// A `posfleet-control-plane` process.
+pub struct ControlPlane {
+    pub process: Process,
+    pub grpc_address: String,
+    pub http_address: String,
+    pub data_dir: PathBuf,
+    pub database_url: Option<String>,
+}
+
+impl ControlPlane {
+    /// Starts on the given addresses (`127.0.0.1:0` for any free port) and
+    /// waits until both listeners are up.
+    pub fn start(
+        data_dir: &Path,
+        database_url: Option<&str>,
+        grpc: &str,
+        http: &str,
+        extra: &[&str],
+    ) -> ControlPlane {
+        let mut command = Command::new(binary("posfleet-control-plane"));
+        command
+            .args(["--data-dir", data_dir.to_str().expect("utf-8 path")])
+            .args(["--grpc-listen-address", grpc, "--http-listen-address", http])
+            .args(["--log-format", "json"])
+            .args(extra);
+        if let Some(url) = database_url {
+            command.args(["--database-url", url]);
+        }
+        let process = Process::spawn(command);
+        let grpc_address =
+            process.wait_for_log("gRPC listening.", Duration::from_secs(30))["address"]
+                .as_str()
+                .expect("address field")
+                .to_string();
+        let http_address =
+            process.wait_for_log("HTTP listening.", Duration::from_secs(30))["address"]
+                .as_str()
+                .expect("address field")
+                .to_string();
+        ControlPlane {
+            process,
+            grpc_address,
+            http_address,
+            data_dir: data_dir.to_path_buf(),
+            database_url: database_url.map(str::to_string),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.grpc_address)
+    }
+
+    pub fn admin_token_file(&self) -> PathBuf {
+        self.data_dir.join("admin-token")
+    }
+
+    /// Runs the `posfleet` CLI against this control plane.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(binary("posfleet"))
+            .args(["--server", &self.url()])
+            .args([
+                "--token-file",
+                self.admin_token_file().to_str().expect("utf-8 path"),
+            ])
+            .args(args)
+            .output()
+            .expect("run posfleet")
+    }
+
+    /// Runs the CLI with `--output json`, asserting success, and parses stdout.
+    pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["--output", "json"];
+        all.extend_from_slice(args);
+        let output = self.cli(&all);
+        assert!(
+            output.status.success(),
+            "posfleet {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).expect("JSON output")
+    }
+}
+
+/// Starts a `posfleet-agent` process.
+pub fn start_agent(server_url: &str, data_dir: &Path, token: &str, extra: &[&str]) -> Process {
+    let mut command = Command::new(binary("posfleet-agent"));
+    command
+        .args(["--server-url", server_url])
+        .args(["--data-dir", data_dir.to_str().expect("utf-8 path")])
+        .args(["--enrollment-token", token])
+        .args(["--log-format", "json", "--max-backoff-seconds", "2"])
+        .args(extra);
+    Process::spawn(command)
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, or panics.
+pub fn eventually<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A PostgreSQL database created for one test on the server named by
+/// `POSFLEET_TEST_POSTGRES_URL`, dropped on `Drop`.
+pub struct PostgresDb {
+    server: String,
+    name: String,
+    pub url: String,
+}
+
+pub const POSTGRES_ENV: &str = "POSFLEET_TEST_POSTGRES_URL";
+
+impl PostgresDb {
+    pub fn create() -> PostgresDb {
+        let server = std::env::var(POSTGRES_ENV)
+            .unwrap_or_else(|_| panic!("{POSTGRES_ENV} must name a PostgreSQL server"));
+        let name = format!(
+            "posfleet_e2e_{}_{}",
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        psql(&server, &format!("CREATE DATABASE {name}"));
+        let (base, _) = server.rsplit_once('/').expect("URL names a database");
+        PostgresDb {
+            url: format!("{base}/{name}"),
+            server,
+            name,
+        }
+    }
+}
+
+impl Drop for PostgresDb {
+    fn drop(&mut self) {
+        psql(
+            &self.server,
+            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+        );
+    }
+}
+
+fn psql(url: &str, sql: &str) {
+    let status = Command::new("psql")
+        .args([url, "-q", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .stdout(Stdio::null())
+        .status()
+        .expect("run psql");
+    assert!(status.success(), "psql {sql} failed");
+}
