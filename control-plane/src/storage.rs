@@ -1,7 +1,8 @@
 //! Storage through sqlx's `Any` driver: SQLite (the default, a file in the data
 //! dir, WAL mode) or PostgreSQL. Every query here is written once in SQL both
-//! accept (`$N` parameters, `ON CONFLICT`, `RETURNING`, `UPDATE … FROM`), and
-//! the conformance suite in `tests/storage.rs` runs against both.
+//! accept (`$N` parameters, `ON CONFLICT`, `RETURNING`, `UPDATE … FROM`);
+//! statements built at run time use `Placeholders`. The conformance suites in
+//! `tests/` run against both.
 //! Timestamps are UTC milliseconds since the Unix epoch.
 
 use serde::{Deserialize, Serialize};
@@ -188,6 +189,29 @@ pub fn is_online(
     now_ms: i64,
 ) -> bool {
     last_seen_ms + heartbeat_interval_seconds * 1000 * offline_after_missed_heartbeats >= now_ms
+}
+
+/// Parameters of statements built at run time: `$1, $2, …` on PostgreSQL,
+/// plain `?` on SQLite, whose parser looks every *named* parameter up in the
+/// list of those seen before (quadratic in a statement with thousands of
+/// them). Parameters must appear in the SQL in the order they are bound.
+struct Placeholders {
+    backend: Backend,
+    count: usize,
+}
+
+impl Placeholders {
+    fn new(backend: Backend) -> Placeholders {
+        Placeholders { backend, count: 0 }
+    }
+
+    fn next(&mut self) -> String {
+        self.count += 1;
+        match self.backend {
+            Backend::Sqlite => "?".to_string(),
+            Backend::Postgres => format!("${}", self.count),
+        }
+    }
 }
 
 /// A query parameter whose type is chosen at run time.
@@ -628,19 +652,13 @@ impl Storage {
                  peripherals_json = v.column12 FROM (VALUES ",
             );
             let mut params = Vec::with_capacity(chunk.len() * 12);
+            let mut placeholders = Placeholders::new(self.backend);
             for (i, hb) in chunk.iter().enumerate() {
-                let base = i * 12;
                 if i > 0 {
                     sql.push_str(", ");
                 }
-                sql.push('(');
-                for column in 1..=12 {
-                    if column > 1 {
-                        sql.push_str(", ");
-                    }
-                    sql.push_str(&format!("${}", base + column));
-                }
-                sql.push(')');
+                let row: Vec<String> = (0..12).map(|_| placeholders.next()).collect();
+                sql.push_str(&format!("({})", row.join(", ")));
                 let installed = serde_json::to_string(&hb.installed_bundles)
                     .map_err(|e| Error::Corrupt(e.to_string()))?;
                 let peripherals = serde_json::to_string(&hb.health.peripherals)
@@ -682,11 +700,15 @@ impl Storage {
     }
 
     pub async fn list_devices(&self, filter: &DeviceFilter) -> Result<Vec<DeviceRecord>, Error> {
-        let mut sql = format!("SELECT {DEVICE_COLUMNS} FROM devices d WHERE d.id > $1");
+        let mut placeholders = Placeholders::new(self.backend);
+        let mut sql = format!(
+            "SELECT {DEVICE_COLUMNS} FROM devices d WHERE d.id > {}",
+            placeholders.next()
+        );
         let mut params = vec![Param::Text(filter.after_id.clone())];
-        let next = |params: &mut Vec<Param>, p: Param| {
+        let mut next = |params: &mut Vec<Param>, p: Param| {
             params.push(p);
-            format!("${}", params.len())
+            placeholders.next()
         };
         if let Some(store) = &filter.store_id {
             let p = next(&mut params, Param::Text(store.clone()));
@@ -731,7 +753,8 @@ impl Storage {
         if devices.is_empty() {
             return Ok(());
         }
-        let placeholders: Vec<String> = (1..=devices.len()).map(|i| format!("${i}")).collect();
+        let mut next = Placeholders::new(self.backend);
+        let placeholders: Vec<String> = devices.iter().map(|_| next.next()).collect();
         let sql = format!(
             "SELECT device_id, key, value FROM device_labels WHERE device_id IN ({})",
             placeholders.join(", ")

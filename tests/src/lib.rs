@@ -29,19 +29,24 @@ pub fn bin_dir() -> PathBuf {
         if !cfg!(debug_assertions) {
             args.push("--release");
         }
-        let status = Command::new(env!("CARGO"))
+        // The cargo that runs us (`cargo test`, `cargo run`), else the one on
+        // PATH; not the compile-time path, which bypasses rustup's choice of
+        // toolchain for the nested build.
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(cargo)
             .args(&args)
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
             .expect("run cargo build");
         assert!(status.success(), "cargo build of the binaries failed");
-        // This test binary lives in target/<profile>/deps/.
+        // Test binaries live in target/<profile>/deps/, other binaries
+        // (fleet-sim) in target/<profile>/.
         let exe = std::env::current_exe().expect("current exe");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile>");
-        profile_dir.to_path_buf()
+        let mut dir = exe.parent().expect("the executable's folder").to_path_buf();
+        if dir.ends_with("deps") {
+            dir.pop();
+        }
+        dir
     })
     .clone()
 }
@@ -251,6 +256,13 @@ impl PostgresDb {
     pub fn create() -> PostgresDb {
         let server = std::env::var(POSTGRES_ENV)
             .unwrap_or_else(|_| panic!("{POSTGRES_ENV} must name a PostgreSQL server"));
+        PostgresDb::create_on(&server)
+    }
+
+    /// Creates the database on the server at `server` (a URL naming any
+    /// existing database there).
+    pub fn create_on(server: &str) -> PostgresDb {
+        let server = server.to_string();
         let name = format!(
             "posfleet_e2e_{}_{}",
             std::process::id(),
