@@ -19,6 +19,9 @@ use crate::state::{Enrollment, StateDir};
 
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// Longest heartbeat interval the agent accepts from the server.
+const MAX_HEARTBEAT_INTERVAL_SECONDS: u32 = 4 * 3600;
+
 /// First retry delay after a failed call.
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
 
@@ -217,8 +220,12 @@ impl Agent {
             .metadata_mut()
             .insert(posfleet_proto::AUTHORIZATION, value);
         let response = self.client.heartbeat(request).await?.into_inner();
+        // The server configures at most 1 h and quadruples it under load.
         Ok(Duration::from_secs(
-            response.next_heartbeat_interval_seconds.max(1).into(),
+            response
+                .next_heartbeat_interval_seconds
+                .clamp(1, MAX_HEARTBEAT_INTERVAL_SECONDS)
+                .into(),
         ))
     }
 }

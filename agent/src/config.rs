@@ -19,6 +19,7 @@ const ENV_KEYS: &[&str] = &[
     "request_timeout_seconds",
     "log_format",
     "log_level",
+    "insecure_dev",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,6 +66,10 @@ pub struct AgentConfig {
     pub request_timeout_seconds: u64,
     pub log_format: LogFormat,
     pub log_level: String,
+    /// Talk plaintext gRPC to a control plane beyond loopback. Until TLS is
+    /// configured the device credential crosses the network in clear, so
+    /// this is for development networks only.
+    pub insecure_dev: bool,
 }
 
 impl Default for AgentConfig {
@@ -81,6 +86,7 @@ impl Default for AgentConfig {
             request_timeout_seconds: 10,
             log_format: LogFormat::Text,
             log_level: "info".into(),
+            insecure_dev: false,
         }
     }
 }
@@ -142,6 +148,10 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_level: Option<String>,
+    /// Talk plaintext gRPC to a non-loopback control plane (development only).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub insecure_dev: bool,
 }
 
 impl AgentConfig {
@@ -177,10 +187,25 @@ impl AgentConfig {
         let uri: tonic::transport::Uri = self.server_url.parse().map_err(|_| {
             config_error("server_url", format!("`{}` is not a URL", self.server_url))
         })?;
-        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+        let Some(host) = uri.host().filter(|_| uri.scheme_str() == Some("http")) else {
             return Err(config_error(
                 "server_url",
                 format!("`{}` must look like http://host:7400", self.server_url),
+            ));
+        };
+        let loopback = host == "localhost"
+            || host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if !loopback && !self.insecure_dev {
+            return Err(config_error(
+                "server_url",
+                format!(
+                    "`{host}` is not this machine, and gRPC is plaintext until TLS is configured; \
+                     set insecure_dev = true (--insecure-dev) to use it anyway"
+                ),
             ));
         }
         if self.data_dir.as_os_str().is_empty() {
@@ -234,12 +259,18 @@ mod tests {
             (&["--server-url", "ftp://x:1"][..], "server_url"),
             (&["--peripherals", "real"][..], "peripherals"),
             (&["--max-backoff-seconds", "0"][..], "max_backoff_seconds"),
+            (
+                &["--server-url", "http://cp.example:7400"][..],
+                "server_url",
+            ),
             (&["--hardware-model", ""][..], "hardware_model"),
         ] {
             let err = load(args).expect_err("should be refused");
             assert_eq!(err.key, key, "{err}");
         }
         assert!(load(&[]).is_ok());
+        assert!(load(&["--server-url", "http://[::1]:7400"]).is_ok());
+        assert!(load(&["--server-url", "http://cp.example:7400", "--insecure-dev"]).is_ok());
     }
 
     #[test]

@@ -18,9 +18,12 @@ use crate::{convert, now_ms, secret};
 const MAX_INSTALLED_BUNDLES: usize = 256;
 const MAX_PERIPHERALS: usize = 32;
 
-/// Devices whose credential hash is kept in memory, so a heartbeat does not
-/// read the database.
+/// Devices whose credential hash is kept in memory, so a heartbeat normally
+/// does not read the database.
 const AUTH_CACHE_CAPACITY: u64 = 2_000_000;
+/// How long a cached credential hash is trusted before it is read again, so a
+/// credential changed through another replica takes effect everywhere.
+const AUTH_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
 pub struct AgentApi {
     storage: Storage,
@@ -41,7 +44,10 @@ impl AgentApi {
             storage,
             metrics,
             queue,
-            auth_cache: moka::future::Cache::new(AUTH_CACHE_CAPACITY),
+            auth_cache: moka::future::Cache::builder()
+                .max_capacity(AUTH_CACHE_CAPACITY)
+                .time_to_live(AUTH_CACHE_TTL)
+                .build(),
             heartbeat_interval_seconds,
         }
     }
@@ -69,11 +75,27 @@ impl AgentApi {
         let (device_id, device_secret) = secret::parse_device_credential(credential)
             .ok_or_else(|| Status::unauthenticated("malformed device credential"))?;
         let device_id = device_id.to_string();
+        let presented = secret::hash(device_secret);
+        // Both sides are SHA-256 digests of a 256-bit secret: comparing them
+        // reveals nothing useful about the secret.
+        if self.cached_auth(&device_id).await?.credential_sha256 == presented {
+            return Ok(device_id);
+        }
+        // The cache may predate a credential re-issued elsewhere: read again.
+        self.auth_cache.invalidate(&device_id).await;
+        if self.cached_auth(&device_id).await?.credential_sha256 == presented {
+            return Ok(device_id);
+        }
+        Err(Status::unauthenticated(format!(
+            "device credential is not valid for device {device_id}"
+        )))
+    }
+
+    async fn cached_auth(&self, device_id: &str) -> Result<Arc<DeviceAuth>, Status> {
         let storage = self.storage.clone();
-        let lookup_id = device_id.clone();
-        let auth = self
-            .auth_cache
-            .try_get_with(device_id.clone(), async move {
+        let lookup_id = device_id.to_string();
+        self.auth_cache
+            .try_get_with(device_id.to_string(), async move {
                 match storage.device_auth(&lookup_id).await {
                     Ok(Some(auth)) => Ok(Arc::new(auth)),
                     Ok(None) => Err(None),
@@ -87,15 +109,7 @@ impl AgentApi {
                     tracing::error!(error = %detail, device_id = %device_id, "Device lookup failed.");
                     Status::unavailable("device lookup failed; retry later")
                 }
-            })?;
-        // Both sides are SHA-256 digests of a 256-bit secret: comparing them
-        // reveals nothing useful about the secret.
-        if secret::hash(device_secret) != auth.credential_sha256 {
-            return Err(Status::unauthenticated(format!(
-                "device credential is not valid for device {device_id}"
-            )));
-        }
-        Ok(device_id)
+            })
     }
 }
 

@@ -21,6 +21,7 @@ const ENV_KEYS: &[&str] = &[
     "database_max_connections",
     "log_format",
     "log_level",
+    "insecure_dev",
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,6 +50,10 @@ pub struct Config {
     pub database_max_connections: u32,
     pub log_format: LogFormat,
     pub log_level: String,
+    /// Serve plaintext gRPC beyond loopback. Until TLS is configured, gRPC
+    /// carries API tokens and device credentials in clear, so this is for
+    /// development networks only.
+    pub insecure_dev: bool,
 }
 
 impl Default for Config {
@@ -64,6 +69,7 @@ impl Default for Config {
             database_max_connections: 8,
             log_format: LogFormat::Text,
             log_level: "info".into(),
+            insecure_dev: false,
         }
     }
 }
@@ -128,6 +134,10 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_level: Option<String>,
+    /// Serve plaintext gRPC on non-loopback addresses (development only).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub insecure_dev: bool,
 }
 
 impl Config {
@@ -155,31 +165,40 @@ impl Config {
 
     /// Checks every value that could make the server misbehave later.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut addresses = Vec::new();
         for (key, value) in [
             ("grpc_listen_address", &self.grpc_listen_address),
             ("http_listen_address", &self.http_listen_address),
         ] {
-            value.parse::<SocketAddr>().map_err(|_| {
+            addresses.push(value.parse::<SocketAddr>().map_err(|_| {
                 ConfigError::new(
                     key,
                     format!("`{value}` is not an address like 127.0.0.1:7400"),
                 )
-            })?;
+            })?);
         }
-        if !(1..=86_400).contains(&self.heartbeat_interval_seconds) {
+        if !addresses[0].ip().is_loopback() && !self.insecure_dev {
             return Err(ConfigError::new(
-                "heartbeat_interval_seconds",
+                "grpc_listen_address",
                 format!(
-                    "must be 1 to 86400, got {}",
-                    self.heartbeat_interval_seconds
+                    "`{}` is not a loopback address, and gRPC is plaintext until TLS is configured; \
+                     set insecure_dev = true (--insecure-dev) to serve it on the network anyway",
+                    self.grpc_listen_address
                 ),
             ));
         }
-        if !(1..=100).contains(&self.offline_after_missed_heartbeats) {
+        if !(1..=3600).contains(&self.heartbeat_interval_seconds) {
+            return Err(ConfigError::new(
+                "heartbeat_interval_seconds",
+                format!("must be 1 to 3600, got {}", self.heartbeat_interval_seconds),
+            ));
+        }
+        // Agents add ±10 % jitter: one missed interval would make devices flap.
+        if !(2..=100).contains(&self.offline_after_missed_heartbeats) {
             return Err(ConfigError::new(
                 "offline_after_missed_heartbeats",
                 format!(
-                    "must be 1 to 100, got {}",
+                    "must be 2 to 100, got {}",
                     self.offline_after_missed_heartbeats
                 ),
             ));
@@ -291,6 +310,24 @@ mod tests {
         check_err(&["--database-url", "mysql://x"], "database_url");
         check_err(&["--log-format", "xml"], "log_format");
         check_err(&["--config", "/nonexistent/posfleet.toml"], "config");
+    }
+
+    #[test]
+    fn plaintext_grpc_beyond_loopback_needs_insecure_dev() {
+        check_err(
+            &["--grpc-listen-address", "0.0.0.0:7400"],
+            "grpc_listen_address",
+        );
+        let config = Config::load(&args(&[
+            "--grpc-listen-address",
+            "0.0.0.0:7400",
+            "--insecure-dev",
+        ]));
+        assert!(config.unwrap().insecure_dev);
+        check_err(
+            &["--offline-after-missed-heartbeats", "1"],
+            "offline_after_missed_heartbeats",
+        );
     }
 
     #[test]

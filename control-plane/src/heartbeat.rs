@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::metrics::Metrics;
 use crate::storage::{HeartbeatRecord, Storage};
@@ -51,23 +51,40 @@ impl HeartbeatQueue {
     }
 }
 
-/// Starts the writer task. It ends, after writing everything queued, once
-/// every `HeartbeatQueue` clone is dropped.
+/// Starts the writer task. When `stop` turns true the queue is closed (a
+/// heartbeat pushed after that is refused, and the agent retries later),
+/// everything already queued is written, and the task ends. It also ends
+/// once every `HeartbeatQueue` clone is dropped and the queue is empty.
 pub fn spawn_writer(
     storage: Storage,
     metrics: Metrics,
     capacity: usize,
+    stop: watch::Receiver<bool>,
 ) -> (HeartbeatQueue, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(capacity);
-    let handle = tokio::spawn(write_loop(storage, metrics, rx));
+    let handle = tokio::spawn(write_loop(storage, metrics, rx, stop));
     (HeartbeatQueue { tx }, handle)
 }
 
-async fn write_loop(storage: Storage, metrics: Metrics, mut rx: mpsc::Receiver<HeartbeatRecord>) {
+async fn write_loop(
+    storage: Storage,
+    metrics: Metrics,
+    mut rx: mpsc::Receiver<HeartbeatRecord>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut buf = Vec::with_capacity(MAX_BATCH);
+    let mut stopping = false;
     loop {
-        if rx.recv_many(&mut buf, MAX_BATCH).await == 0 {
-            return; // every sender is gone and the queue is empty
+        let received = tokio::select! {
+            n = rx.recv_many(&mut buf, MAX_BATCH) => n,
+            _ = stop.wait_for(|s| *s), if !stopping => {
+                stopping = true;
+                rx.close();
+                continue;
+            }
+        };
+        if received == 0 {
+            return; // closed (or every sender gone) and nothing left
         }
         // Give the batch a moment to fill when traffic is light.
         if buf.len() < MAX_BATCH {

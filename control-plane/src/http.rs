@@ -7,6 +7,7 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use std::time::Duration;
+use tokio::sync::watch;
 
 use crate::metrics::Metrics;
 use crate::now_ms;
@@ -17,9 +18,16 @@ struct HttpState {
     storage: Storage,
     metrics: Metrics,
     offline_after_missed_heartbeats: i64,
+    stopping: watch::Receiver<bool>,
 }
 
-pub fn router(storage: Storage, metrics: Metrics, offline_after_missed_heartbeats: u32) -> Router {
+/// `stopping` turns true at the shutdown signal; `/readyz` then answers 503.
+pub fn router(
+    storage: Storage,
+    metrics: Metrics,
+    offline_after_missed_heartbeats: u32,
+    stopping: watch::Receiver<bool>,
+) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -28,17 +36,24 @@ pub fn router(storage: Storage, metrics: Metrics, offline_after_missed_heartbeat
             storage,
             metrics,
             offline_after_missed_heartbeats: offline_after_missed_heartbeats.into(),
+            stopping,
         })
 }
 
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
+    if *state.stopping.borrow() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
+    }
     match tokio::time::timeout(Duration::from_secs(2), state.storage.ping()).await {
-        Ok(Ok(())) => (StatusCode::OK, "ready\n".to_string()),
-        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("database: {e}\n")),
-        Err(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "database: no answer within 2s\n".into(),
-        ),
+        Ok(Ok(())) => (StatusCode::OK, "ready\n"),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "Not ready: the database does not answer.");
+            (StatusCode::SERVICE_UNAVAILABLE, "database unavailable\n")
+        }
+        Err(_) => {
+            tracing::warn!("Not ready: the database gave no answer within 2s.");
+            (StatusCode::SERVICE_UNAVAILABLE, "database unavailable\n")
+        }
     }
 }
 

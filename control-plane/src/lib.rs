@@ -139,9 +139,10 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// Serves gRPC on `grpc` and HTTP on `http` until `shutdown` completes,
-    /// then lets in-flight requests finish (at most 10 s) and writes every
-    /// queued heartbeat before returning.
+    /// Serves gRPC on `grpc` and HTTP on `http` until `shutdown` completes.
+    /// Then: gRPC health and `/readyz` report not-serving at once, no new
+    /// connection is accepted, open requests get at most 10 s, and every
+    /// heartbeat that was acknowledged is written before this returns.
     pub async fn serve(
         self,
         grpc: TcpListener,
@@ -153,8 +154,13 @@ impl ControlPlane {
             storage,
             metrics,
         } = self;
-        let (queue, writer) =
-            heartbeat::spawn_writer(storage.clone(), metrics.clone(), HEARTBEAT_QUEUE_CAPACITY);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (queue, writer) = heartbeat::spawn_writer(
+            storage.clone(),
+            metrics.clone(),
+            HEARTBEAT_QUEUE_CAPACITY,
+            stop_rx.clone(),
+        );
         let max_message = config.max_message_size_bytes;
         let agent = AgentServiceServer::new(agent_api::AgentApi::new(
             storage.clone(),
@@ -180,11 +186,14 @@ impl ControlPlane {
             .build_v1()
             .expect("the embedded descriptor sets are valid: a unit test decodes them");
 
-        let (stop_tx, stop_rx) = watch::channel(false);
         tokio::spawn(async move {
             shutdown.await;
             tracing::info!("Shutting down: draining in-flight requests.");
             let _ = stop_tx.send(true);
+            health_reporter.set_not_serving::<agent_api::Server>().await;
+            health_reporter
+                .set_not_serving::<AdminServiceServer<admin_api::AdminApi>>()
+                .await;
         });
         let stopped = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
@@ -209,34 +218,32 @@ impl ControlPlane {
                 storage.clone(),
                 metrics,
                 config.offline_after_missed_heartbeats,
+                stop_rx.clone(),
             ),
         )
         .with_graceful_shutdown(stopped(stop_rx.clone()));
 
         let servers = async {
-            let (grpc_result, http_result) = tokio::join!(grpc_server, http_server);
-            grpc_result?;
-            http_result.map_err(Error::Http)
+            tokio::try_join!(async { grpc_server.await.map_err(Error::from) }, async {
+                http_server.await.map_err(Error::Http)
+            },)
+            .map(|_| ())
         };
-        let mut deadline_rx = stop_rx;
+        let deadline = async {
+            stopped(stop_rx.clone()).await;
+            tokio::time::sleep(SHUTDOWN_DEADLINE).await;
+        };
         let result = tokio::select! {
             result = servers => result,
-            _ = async {
-                stopped(deadline_rx.clone()).await;
-                tokio::time::sleep(SHUTDOWN_DEADLINE).await;
-                let _ = deadline_rx.changed().await;
-            } => {
-                tracing::warn!("In-flight requests did not finish within 10s; closing them.");
+            _ = deadline => {
+                tracing::warn!("Requests still open 10s after the signal are abandoned.");
                 Ok(())
             }
         };
-        // The services (and their heartbeat queue handles) are dropped by now;
-        // the writer drains what is queued and stops.
-        if tokio::time::timeout(SHUTDOWN_DEADLINE, writer)
-            .await
-            .is_err()
-        {
-            tracing::warn!("Queued heartbeats were not all written within 10s.");
+        // The writer closed its queue at the signal; it ends once everything
+        // acknowledged before that is written.
+        if let Err(error) = writer.await {
+            tracing::error!(%error, "The heartbeat writer failed.");
         }
         storage.close().await;
         tracing::info!("Stopped.");

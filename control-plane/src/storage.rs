@@ -40,6 +40,17 @@ impl Backend {
 
 /// The URL with any password replaced, for logs and errors.
 pub fn redact_url(url: &str) -> String {
+    // A password may also come as a query parameter (`?password=…`).
+    if let Some((base, query)) = url.split_once('?') {
+        let query: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+                _ => pair.to_string(),
+            })
+            .collect();
+        return format!("{}?{}", redact_url(base), query.join("&"));
+    }
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme_end), Some(at)) if at > scheme_end => {
             let userinfo = &url[scheme_end + 3..at];
@@ -511,15 +522,19 @@ impl Storage {
         // A retry by a device that enrolled but never saw the answer (killed,
         // network cut): the same key, proven by the caller's signature, with
         // the token that enrolled it, gets a fresh credential for the same
-        // device instead of being stranded. Nothing else changes.
+        // device instead of being stranded. Only until the device's first
+        // heartbeat (it has its credential by then) and while the token is
+        // live, so a captured request cannot be replayed to take a device over.
         let retried = sqlx::query(
-            "UPDATE devices SET credential_sha256 = $1 WHERE public_key = $2 AND enrollment_token_id = \
-             (SELECT id FROM enrollment_tokens WHERE secret_sha256 = $3 AND revoked_at_ms IS NULL) \
-             RETURNING id",
+            "UPDATE devices SET credential_sha256 = $1 WHERE public_key = $2 \
+             AND first_heartbeat_ms IS NULL AND enrollment_token_id = \
+             (SELECT id FROM enrollment_tokens WHERE secret_sha256 = $3 \
+             AND revoked_at_ms IS NULL AND expires_at_ms > $4) RETURNING id",
         )
         .bind(&device.credential_sha256)
         .bind(&device.public_key_hex)
         .bind(token_sha256)
+        .bind(now_ms)
         .fetch_optional(&self.pool)
         .await?;
         if let Some(row) = retried {
@@ -644,7 +659,9 @@ impl Storage {
     pub async fn record_heartbeats(&self, batch: &[HeartbeatRecord]) -> Result<(), Error> {
         for chunk in batch.chunks(HEARTBEAT_ROWS_PER_STATEMENT) {
             let mut sql = String::from(
-                "UPDATE devices SET last_seen_ms = v.column2, heartbeat_interval_seconds = v.column3, \
+                "UPDATE devices SET last_seen_ms = v.column2, \
+                 first_heartbeat_ms = COALESCE(first_heartbeat_ms, v.column2), \
+                 heartbeat_interval_seconds = v.column3, \
                  agent_version = v.column4, installed_bundles_json = v.column5, \
                  agent_uptime_seconds = v.column6, uptime_seconds = v.column7, \
                  disk_free_bytes = v.column8, disk_total_bytes = v.column9, \
@@ -855,6 +872,13 @@ mod tests {
             "postgres://u:***@db:5432/x"
         );
         assert_eq!(redact_url("postgres://u@db/x"), "postgres://u@db/x");
-        assert_eq!(redact_url("sqlite://a.db"), "sqlite://a.db");
+        assert_eq!(
+            redact_url("sqlite://a.db?mode=rwc"),
+            "sqlite://a.db?mode=rwc"
+        );
+        assert_eq!(
+            redact_url("postgres://db/x?user=u&password=secret&sslmode=require"),
+            "postgres://db/x?user=u&password=***&sslmode=require"
+        );
     }
 }

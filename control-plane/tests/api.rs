@@ -326,10 +326,6 @@ async fn an_enrollment_retry_recovers_the_same_device(backend: Backend) {
         .await
         .unwrap()
         .into_inner();
-    agent
-        .heartbeat(heartbeat(&first.device_credential, Default::default()))
-        .await
-        .unwrap();
     // The answer was lost: the agent asks again with the same key and token.
     let second = agent
         .enroll(enroll_request(&key, &token.secret, "A"))
@@ -345,10 +341,27 @@ async fn an_enrollment_retry_recovers_the_same_device(backend: Backend) {
         Code::Unauthenticated,
         "not valid",
     );
+    let hello = v1::HeartbeatRequest {
+        agent_version: "1.0.0".into(),
+        ..Default::default()
+    };
+    agent
+        .heartbeat(heartbeat(&second.device_credential, hello))
+        .await
+        .unwrap();
+    eventually(&mut admin, &first.device_id, |d| d.agent_version == "1.0.0").await;
+
+    // Once the device has heartbeated, the same request (say, a captured
+    // copy) is refused and the device keeps its credential.
+    assert_status(
+        agent.enroll(enroll_request(&key, &token.secret, "A")).await,
+        Code::PermissionDenied,
+        "no uses left",
+    );
     agent
         .heartbeat(heartbeat(&second.device_credential, Default::default()))
         .await
-        .unwrap();
+        .expect("the device still holds its credential");
     // The same key with another token is a different request: refused.
     let other = admin.token("s1", 1, 0).await.unwrap();
     assert_status(
@@ -357,6 +370,26 @@ async fn an_enrollment_retry_recovers_the_same_device(backend: Backend) {
         &first.device_id,
     );
     assert_eq!(admin.devices(Default::default()).await.len(), 1);
+    s.finish().await;
+}
+
+async fn an_enrollment_retry_needs_a_live_token(backend: Backend) {
+    let s = setup(backend, |_| {}).await;
+    let mut admin = s.server.admin().await;
+    let mut agent = s.server.agent().await;
+    admin.store("s1").await;
+    let token = admin.token("s1", 1, 1).await.unwrap();
+    let key = new_key();
+    agent
+        .enroll(enroll_request(&key, &token.secret, "A"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_status(
+        agent.enroll(enroll_request(&key, &token.secret, "A")).await,
+        Code::Unauthenticated,
+        "expired",
+    );
     s.finish().await;
 }
 
@@ -804,6 +837,7 @@ on_both_backends!(
     enrollment_tokens_are_spent_expire_and_are_revoked,
     enrollment_requires_proof_of_the_device_key,
     an_enrollment_retry_recovers_the_same_device,
+    an_enrollment_retry_needs_a_live_token,
     heartbeats_fill_the_fleet_view,
     heartbeats_need_the_device_credential,
     oversized_and_malformed_heartbeats_lose_nothing,

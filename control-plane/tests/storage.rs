@@ -123,17 +123,29 @@ async fn heartbeat_batches_span_several_statements(backend: Backend) {
 
 async fn a_heartbeat_for_an_unknown_device_changes_nothing(backend: Backend) {
     let (storage, db, _dir) = open(backend).await;
-    let record = HeartbeatRecord {
-        device_id: "dev-ghost".into(),
-        seen_at_ms: 5,
+    let secret = token(&storage, 1).await;
+    storage.enroll_device(&secret, &device(1), 1).await.unwrap();
+    let record = |id: &str| HeartbeatRecord {
+        device_id: id.into(),
+        seen_at_ms: 5_000,
         heartbeat_interval_seconds: 30,
-        agent_version: "x".into(),
+        agent_version: "2.0".into(),
         installed_bundles: BTreeMap::new(),
         agent_uptime_seconds: 0,
         health: Default::default(),
     };
-    storage.record_heartbeats(&[record]).await.unwrap();
-    assert_eq!(storage.count_devices(0, 3).await.unwrap(), (0, 0));
+    // A batch holding a real device and one that does not exist.
+    storage
+        .record_heartbeats(&[record("dev-ghost"), record("dev-000001")])
+        .await
+        .unwrap();
+    let real = storage.get_device("dev-000001").await.unwrap().unwrap();
+    assert_eq!(
+        (real.agent_version.as_str(), real.last_seen_ms),
+        ("2.0", 5_000)
+    );
+    assert!(storage.get_device("dev-ghost").await.unwrap().is_none());
+    assert_eq!(storage.count_devices(0, 3).await.unwrap(), (1, 1));
     storage.close().await;
     db.cleanup().await;
 }

@@ -78,6 +78,11 @@ fn tills_come_back_after_the_control_plane_is_killed(database_url: Option<&str>)
 
     let (grpc, http) = (cp.grpc_address.clone(), cp.http_address.clone());
     let cp = ControlPlane::start(&dir.path().join("cp"), database_url, &grpc, &http, &fast);
+    // Each agent says it reached the new process (the fleet view alone could
+    // still show heartbeats from before the kill as online).
+    for agent in &agents {
+        agent.wait_for_log("Control plane reachable again.", Duration::from_secs(30));
+    }
     let after = eventually("3 tills back online", Duration::from_secs(30), || {
         let ids = online_ids(&cp);
         (ids.len() == 3).then_some(ids)

@@ -232,7 +232,7 @@ pub fn enroll_request(key: &SigningKey, token: &str, serial: &str) -> v1::Enroll
         public_key,
         hardware_model: "pos-x1".into(),
         serial_number: serial.into(),
-        agent_version: "1.0.0".into(),
+        agent_version: "0.9.0".into(),
     }
 }
 
