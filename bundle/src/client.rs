@@ -1,0 +1,374 @@
+//! The client side of TUF: which metadata to trust, given bytes from
+//! anywhere. It follows the TUF client workflow: start from a pinned root,
+//! follow root rotations one version at a time, then timestamp, snapshot
+//! and targets, each checked for size, signatures, version and expiry.
+//! Fetching is the caller's job (this crate does no I/O); trust is decided
+//! here only.
+
+use chrono::{DateTime, Utc};
+
+use crate::error::{Error, Result};
+use crate::tuf::{
+    self, BundleInfo, Envelope, ROOT, Root, SNAPSHOT, Snapshot, TARGETS, TIMESTAMP, TargetFile,
+    Targets, Timestamp, check_expiry, parse_envelope, sha256_hex,
+};
+
+/// Upper bounds on what the client downloads and accepts (TUF's endless data
+/// attack). The defaults suit a fleet repository.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_root_size: u64,
+    pub max_timestamp_size: u64,
+    /// Used when the timestamp gives no length for the snapshot.
+    pub max_snapshot_size: u64,
+    /// Used when the snapshot gives no length for targets.
+    pub max_targets_size: u64,
+    /// Root versions followed in one update.
+    pub max_root_updates: u64,
+    pub max_bundle_size: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_root_size: 512 * 1024,
+            max_timestamp_size: 16 * 1024,
+            max_snapshot_size: 1024 * 1024,
+            max_targets_size: 32 * 1024 * 1024,
+            max_root_updates: 256,
+            max_bundle_size: 8 * 1024 * 1024 * 1024,
+        }
+    }
+}
+
+/// A target the repository vouches for, with its posfleet fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedTarget {
+    pub name: String,
+    pub length: u64,
+    pub sha256: String,
+    pub info: BundleInfo,
+}
+
+/// The metadata trusted so far, each file kept as received.
+#[derive(Debug, Clone)]
+pub struct TrustedMetadata {
+    limits: Limits,
+    root: Root,
+    root_bytes: Vec<u8>,
+    root_updates: u64,
+    timestamp: Option<(Timestamp, Vec<u8>)>,
+    snapshot: Option<(Snapshot, Vec<u8>)>,
+    targets: Option<(Targets, Vec<u8>)>,
+}
+
+fn check_length_and_hashes(what: &str, bytes: &[u8], meta: &tuf::MetaFile) -> Result<()> {
+    if let Some(length) = meta.length
+        && bytes.len() as u64 != length
+    {
+        return Err(Error::LengthMismatch {
+            what: what.into(),
+            expected: length,
+            actual: bytes.len() as u64,
+        });
+    }
+    if let Some(hashes) = &meta.hashes {
+        let sha256 = hashes.get("sha256").ok_or_else(|| Error::Malformed {
+            role: what.into(),
+            message: "no sha256 hash given".into(),
+        })?;
+        if &sha256_hex(bytes) != sha256 {
+            return Err(Error::HashMismatch { what: what.into() });
+        }
+    }
+    Ok(())
+}
+
+impl TrustedMetadata {
+    /// Starts from the root shipped with the agent. It must be signed by a
+    /// threshold of its own root keys; its expiry is checked after updates.
+    pub fn from_pinned_root(bytes: &[u8], limits: Limits) -> Result<TrustedMetadata> {
+        let envelope = parse_envelope(ROOT, bytes, limits.max_root_size)?;
+        let root: Root = envelope.decode(ROOT)?;
+        envelope.verify(ROOT, &root)?;
+        Ok(TrustedMetadata {
+            limits,
+            root,
+            root_bytes: bytes.to_vec(),
+            root_updates: 0,
+            timestamp: None,
+            snapshot: None,
+            targets: None,
+        })
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub fn root(&self) -> &Root {
+        &self.root
+    }
+
+    /// The trusted root file as received (to save on disk).
+    pub fn root_bytes(&self) -> &[u8] {
+        &self.root_bytes
+    }
+
+    /// The version of root to ask for next.
+    pub fn next_root_version(&self) -> u64 {
+        self.root.version + 1
+    }
+
+    /// Accepts root version N+1: signed by a threshold of the trusted root's
+    /// root keys and of its own. When the timestamp or snapshot keys change,
+    /// trusted timestamp and snapshot are dropped (fast-forward recovery).
+    pub fn update_root(&mut self, bytes: &[u8]) -> Result<()> {
+        if self.root_updates >= self.limits.max_root_updates {
+            return Err(Error::TooManyRootUpdates {
+                limit: self.limits.max_root_updates,
+            });
+        }
+        let envelope = parse_envelope(ROOT, bytes, self.limits.max_root_size)?;
+        let new: Root = envelope.decode(ROOT)?;
+        envelope.verify(ROOT, &self.root)?;
+        if new.version != self.root.version + 1 {
+            return Err(Error::RootVersionSkip {
+                trusted: self.root.version,
+                offered: new.version,
+            });
+        }
+        envelope.verify(ROOT, &new)?;
+        let keys_of = |root: &Root, role: &str| {
+            root.roles.get(role).map(|r| {
+                let mut ids = r.keyids.clone();
+                ids.sort();
+                (ids, r.threshold)
+            })
+        };
+        if keys_of(&self.root, TIMESTAMP) != keys_of(&new, TIMESTAMP)
+            || keys_of(&self.root, SNAPSHOT) != keys_of(&new, SNAPSHOT)
+        {
+            self.timestamp = None;
+            self.snapshot = None;
+        }
+        self.root = new;
+        self.root_bytes = bytes.to_vec();
+        self.root_updates += 1;
+        Ok(())
+    }
+
+    /// Called once no newer root is found: the final root must be current.
+    pub fn finish_root_updates(&mut self, now: DateTime<Utc>) -> Result<()> {
+        self.root_updates = 0;
+        check_expiry(ROOT, &self.root.expires, now)
+    }
+
+    /// Accepts a timestamp. Returns false when it is the one already trusted.
+    pub fn update_timestamp(&mut self, bytes: &[u8], now: DateTime<Utc>) -> Result<bool> {
+        let envelope = parse_envelope(TIMESTAMP, bytes, self.limits.max_timestamp_size)?;
+        let new: Timestamp = envelope.decode(TIMESTAMP)?;
+        envelope.verify(TIMESTAMP, &self.root)?;
+        let new_snapshot = new
+            .meta
+            .get("snapshot.json")
+            .ok_or_else(|| Error::Malformed {
+                role: TIMESTAMP.into(),
+                message: "no snapshot.json entry".into(),
+            })?;
+        if let Some((old, _)) = &self.timestamp {
+            if new.version < old.version {
+                return Err(Error::RollbackAttempt {
+                    role: TIMESTAMP.into(),
+                    trusted: old.version,
+                    offered: new.version,
+                });
+            }
+            let old_snapshot = old
+                .meta
+                .get("snapshot.json")
+                .map(|m| m.version)
+                .unwrap_or(0);
+            if new_snapshot.version < old_snapshot {
+                return Err(Error::RollbackAttempt {
+                    role: SNAPSHOT.into(),
+                    trusted: old_snapshot,
+                    offered: new_snapshot.version,
+                });
+            }
+            if new.version == old.version {
+                check_expiry(TIMESTAMP, &old.expires, now)?;
+                return Ok(false);
+            }
+        }
+        check_expiry(TIMESTAMP, &new.expires, now)?;
+        self.timestamp = Some((new, bytes.to_vec()));
+        Ok(true)
+    }
+
+    /// The snapshot version and size the trusted timestamp names.
+    pub fn snapshot_to_fetch(&self) -> Result<(u64, u64)> {
+        let (timestamp, _) = self
+            .timestamp
+            .as_ref()
+            .ok_or(Error::MissingMetadata(TIMESTAMP))?;
+        let meta = &timestamp.meta["snapshot.json"];
+        Ok((
+            meta.version,
+            meta.length.unwrap_or(self.limits.max_snapshot_size),
+        ))
+    }
+
+    pub fn update_snapshot(&mut self, bytes: &[u8], now: DateTime<Utc>) -> Result<()> {
+        let (timestamp, _) = self
+            .timestamp
+            .as_ref()
+            .ok_or(Error::MissingMetadata(TIMESTAMP))?;
+        let meta = &timestamp.meta["snapshot.json"];
+        let limit = meta
+            .length
+            .unwrap_or(self.limits.max_snapshot_size)
+            .min(self.limits.max_snapshot_size);
+        if bytes.len() as u64 > limit {
+            return Err(Error::TooLarge {
+                role: SNAPSHOT.into(),
+                size: bytes.len() as u64,
+                limit,
+            });
+        }
+        check_length_and_hashes(SNAPSHOT, bytes, meta)?;
+        let envelope = parse_envelope(SNAPSHOT, bytes, limit)?;
+        let new: Snapshot = envelope.decode(SNAPSHOT)?;
+        envelope.verify(SNAPSHOT, &self.root)?;
+        if new.version != meta.version {
+            return Err(Error::VersionMismatch {
+                role: SNAPSHOT.into(),
+                expected: meta.version,
+                offered: new.version,
+                by: TIMESTAMP.into(),
+            });
+        }
+        if !new.meta.contains_key("targets.json") {
+            return Err(Error::Malformed {
+                role: SNAPSHOT.into(),
+                message: "no targets.json entry".into(),
+            });
+        }
+        if let Some((old, _)) = &self.snapshot {
+            for (name, old_meta) in &old.meta {
+                match new.meta.get(name) {
+                    Some(m) if m.version >= old_meta.version => {}
+                    Some(m) => {
+                        return Err(Error::RollbackAttempt {
+                            role: name.trim_end_matches(".json").into(),
+                            trusted: old_meta.version,
+                            offered: m.version,
+                        });
+                    }
+                    None => {
+                        return Err(Error::Malformed {
+                            role: SNAPSHOT.into(),
+                            message: format!("{name} disappeared"),
+                        });
+                    }
+                }
+            }
+        }
+        check_expiry(SNAPSHOT, &new.expires, now)?;
+        self.snapshot = Some((new, bytes.to_vec()));
+        Ok(())
+    }
+
+    /// The targets version and size the trusted snapshot names.
+    pub fn targets_to_fetch(&self) -> Result<(u64, u64)> {
+        let (snapshot, _) = self
+            .snapshot
+            .as_ref()
+            .ok_or(Error::MissingMetadata(SNAPSHOT))?;
+        let meta = &snapshot.meta["targets.json"];
+        Ok((
+            meta.version,
+            meta.length.unwrap_or(self.limits.max_targets_size),
+        ))
+    }
+
+    pub fn update_targets(&mut self, bytes: &[u8], now: DateTime<Utc>) -> Result<()> {
+        let (snapshot, _) = self
+            .snapshot
+            .as_ref()
+            .ok_or(Error::MissingMetadata(SNAPSHOT))?;
+        let meta = &snapshot.meta["targets.json"];
+        let limit = meta
+            .length
+            .unwrap_or(self.limits.max_targets_size)
+            .min(self.limits.max_targets_size);
+        if bytes.len() as u64 > limit {
+            return Err(Error::TooLarge {
+                role: TARGETS.into(),
+                size: bytes.len() as u64,
+                limit,
+            });
+        }
+        check_length_and_hashes(TARGETS, bytes, meta)?;
+        let envelope: Envelope = parse_envelope(TARGETS, bytes, limit)?;
+        let new: Targets = envelope.decode(TARGETS)?;
+        envelope.verify(TARGETS, &self.root)?;
+        if new.version != meta.version {
+            return Err(Error::VersionMismatch {
+                role: TARGETS.into(),
+                expected: meta.version,
+                offered: new.version,
+                by: SNAPSHOT.into(),
+            });
+        }
+        check_expiry(TARGETS, &new.expires, now)?;
+        self.targets = Some((new, bytes.to_vec()));
+        Ok(())
+    }
+
+    pub fn targets(&self) -> Result<&Targets> {
+        self.targets
+            .as_ref()
+            .map(|(t, _)| t)
+            .ok_or(Error::MissingMetadata(TARGETS))
+    }
+
+    /// A target the trusted targets metadata lists, for `hardware_model`.
+    /// Anything not listed is refused: no extraneous bundle gets in.
+    pub fn bundle(&self, name: &str, hardware_model: &str) -> Result<VerifiedTarget> {
+        let targets = self.targets()?;
+        let target: &TargetFile = targets
+            .targets
+            .get(name)
+            .ok_or_else(|| Error::UnknownTarget(name.into()))?;
+        let info = target.bundle_info(name)?;
+        if !info
+            .hardware
+            .iter()
+            .any(|h| h == "*" || h == hardware_model)
+        {
+            return Err(Error::WrongHardware {
+                name: name.into(),
+                model: hardware_model.into(),
+                allowed: info.hardware,
+            });
+        }
+        if target.length > self.limits.max_bundle_size {
+            return Err(Error::TooLarge {
+                role: format!("target {name}"),
+                size: target.length,
+                limit: self.limits.max_bundle_size,
+            });
+        }
+        let sha256 = target.sha256().ok_or_else(|| Error::Malformed {
+            role: TARGETS.into(),
+            message: format!("target {name} has no sha256"),
+        })?;
+        Ok(VerifiedTarget {
+            name: name.into(),
+            length: target.length,
+            sha256: sha256.into(),
+            info,
+        })
+    }
+}

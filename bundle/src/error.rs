@@ -1,0 +1,96 @@
+//! Every way a bundle or a piece of metadata can be refused. Attacks from
+//! TUF's threat list have variants of their own.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    // ----- bundles -----
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid manifest {path}: {message}")]
+    Manifest { path: PathBuf, message: String },
+    #[error("the bundle source {path} holds {what}, which a bundle cannot carry")]
+    UnsupportedEntry { path: PathBuf, what: &'static str },
+    #[error("the archive has no posfleet-bundle.toml at its root")]
+    MissingManifest,
+    #[error("the archive is malformed: {0}")]
+    Archive(String),
+
+    // ----- chunks -----
+    #[error("chunk {index} does not match its signed hash")]
+    ChunkHashMismatch { index: usize },
+    #[error("the chunk list does not match its signed digest")]
+    ChunkListMismatch,
+    #[error("the chunk list is malformed: {0}")]
+    ChunkList(String),
+    #[error("chunk {index} is out of range (the bundle has {count})")]
+    ChunkOutOfRange { index: usize, count: usize },
+
+    // ----- metadata -----
+    #[error("{role} metadata is {size} bytes, over the limit of {limit}")]
+    TooLarge { role: String, size: u64, limit: u64 },
+    #[error("{role} metadata is malformed: {message}")]
+    Malformed { role: String, message: String },
+    #[error("{role} metadata has {valid} valid signatures of the {threshold} required")]
+    ThresholdNotMet {
+        role: String,
+        valid: usize,
+        threshold: u64,
+    },
+    #[error("{role} metadata expired at {expires}")]
+    ExpiredMetadata { role: String, expires: String },
+    #[error("{role} version {offered} is older than the trusted version {trusted}")]
+    RollbackAttempt {
+        role: String,
+        trusted: u64,
+        offered: u64,
+    },
+    #[error("{role} version {offered} is not the version {expected} that {by} names")]
+    VersionMismatch {
+        role: String,
+        expected: u64,
+        offered: u64,
+        by: String,
+    },
+    #[error("{what} does not match the hash that signed metadata gives it")]
+    HashMismatch { what: String },
+    #[error("{what} is {actual} bytes, not the {expected} that signed metadata gives it")]
+    LengthMismatch {
+        what: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("root version {offered} does not follow the trusted root version {trusted}")]
+    RootVersionSkip { trusted: u64, offered: u64 },
+    #[error("more than {limit} root rotations in one update")]
+    TooManyRootUpdates { limit: u64 },
+    #[error("{0} must be trusted first")]
+    MissingMetadata(&'static str),
+    #[error("no target {0} in the signed targets metadata")]
+    UnknownTarget(String),
+    #[error("target {name} is for hardware {allowed:?}, not {model}")]
+    WrongHardware {
+        name: String,
+        model: String,
+        allowed: Vec<String>,
+    },
+    #[error("target {name} version {offered} is lower than the installed {installed}")]
+    Downgrade {
+        name: String,
+        installed: String,
+        offered: String,
+    },
+    #[error("key error: {0}")]
+    Key(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

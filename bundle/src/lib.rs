@@ -1,0 +1,22 @@
+//! What a posfleet bundle is, and when to trust one.
+//!
+//! - `manifest`, `archive`: the bundle format (a directory with
+//!   `posfleet-bundle.toml`, packed reproducibly as tar + zstd).
+//! - `chunks`: the SHA-256 of every 1 MiB piece, so each piece is verified on
+//!   its own, whoever served it.
+//! - `tuf`: TUF 1.0 metadata in canonical JSON, signed with Ed25519.
+//! - `repo`: building and signing metadata (ops and the control plane).
+//! - `client`: deciding which metadata and targets to trust (agents).
+//!
+//! No network and no database here.
+#![forbid(unsafe_code)]
+
+pub mod archive;
+pub mod chunks;
+pub mod client;
+pub mod error;
+pub mod manifest;
+pub mod repo;
+pub mod tuf;
+
+pub use error::{Error, Result};

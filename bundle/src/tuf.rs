@@ -1,0 +1,336 @@
+//! TUF 1.0 metadata (root, targets, snapshot, timestamp) in canonical JSON,
+//! signed with Ed25519 (ed25519-dalek). Signatures cover the canonical form
+//! of the `signed` object exactly as received, so fields this code does not
+//! know still count.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use ed25519_dalek::{Signature as DalekSignature, Signer, SigningKey, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::error::{Error, Result};
+use crate::manifest::Kind;
+
+pub const SPEC_VERSION: &str = "1.0.31";
+
+pub const ROOT: &str = "root";
+pub const TARGETS: &str = "targets";
+pub const SNAPSHOT: &str = "snapshot";
+pub const TIMESTAMP: &str = "timestamp";
+
+/// Canonical JSON (OLPC), as TUF signs it.
+pub fn canonical_json<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut serializer =
+        serde_json::Serializer::with_formatter(&mut out, olpc_cjson::CanonicalFormatter::new());
+    value
+        .serialize(&mut serializer)
+        .expect("metadata serializes: no maps with non-string keys, no floats");
+    out
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// `expires` values: whole seconds, UTC, `Z` (the form TUF clients expect).
+pub fn format_time(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyVal {
+    pub public: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Key {
+    pub keytype: String,
+    pub scheme: String,
+    pub keyval: KeyVal,
+}
+
+impl Key {
+    pub fn ed25519(key: &VerifyingKey) -> Key {
+        Key {
+            keytype: "ed25519".into(),
+            scheme: "ed25519".into(),
+            keyval: KeyVal {
+                public: hex::encode(key.as_bytes()),
+            },
+        }
+    }
+
+    /// The key id: SHA-256 of the key's canonical JSON.
+    pub fn id(&self) -> String {
+        sha256_hex(&canonical_json(self))
+    }
+
+    fn verifying_key(&self) -> Option<VerifyingKey> {
+        if self.keytype != "ed25519" || self.scheme != "ed25519" {
+            return None;
+        }
+        let bytes: [u8; 32] = hex::decode(&self.keyval.public).ok()?.try_into().ok()?;
+        VerifyingKey::from_bytes(&bytes).ok()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoleKeys {
+    pub keyids: Vec<String>,
+    pub threshold: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Root {
+    #[serde(rename = "_type")]
+    pub type_: String,
+    pub spec_version: String,
+    pub consistent_snapshot: bool,
+    pub version: u64,
+    pub expires: String,
+    pub keys: BTreeMap<String, Key>,
+    pub roles: BTreeMap<String, RoleKeys>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaFile {
+    pub version: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub length: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hashes: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timestamp {
+    #[serde(rename = "_type")]
+    pub type_: String,
+    pub spec_version: String,
+    pub version: u64,
+    pub expires: String,
+    pub meta: BTreeMap<String, MetaFile>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    #[serde(rename = "_type")]
+    pub type_: String,
+    pub spec_version: String,
+    pub version: u64,
+    pub expires: String,
+    pub meta: BTreeMap<String, MetaFile>,
+}
+
+/// posfleet's fields in a target's `custom` object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleInfo {
+    pub kind: Kind,
+    pub version: String,
+    pub hardware: Vec<String>,
+    pub chunk_size: u32,
+    pub chunks_sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetFile {
+    pub length: u64,
+    pub hashes: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub custom: Option<serde_json::Value>,
+}
+
+impl TargetFile {
+    /// The posfleet fields of this target, if it is a bundle.
+    pub fn bundle_info(&self, name: &str) -> Result<BundleInfo> {
+        let custom = self.custom.clone().ok_or_else(|| Error::Malformed {
+            role: TARGETS.into(),
+            message: format!("target {name} has no custom bundle fields"),
+        })?;
+        serde_json::from_value(custom).map_err(|e| Error::Malformed {
+            role: TARGETS.into(),
+            message: format!("target {name}: {e}"),
+        })
+    }
+
+    pub fn sha256(&self) -> Option<&str> {
+        self.hashes.get("sha256").map(String::as_str)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Targets {
+    #[serde(rename = "_type")]
+    pub type_: String,
+    pub spec_version: String,
+    pub version: u64,
+    pub expires: String,
+    pub targets: BTreeMap<String, TargetFile>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Signature {
+    pub keyid: String,
+    pub sig: String,
+}
+
+/// A metadata file as sent: the signed object, kept as received, and its
+/// signatures.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Envelope {
+    pub signed: serde_json::Value,
+    pub signatures: Vec<Signature>,
+}
+
+/// Signs `signed` with each key and returns the metadata file's bytes.
+pub fn sign<T: Serialize>(signed: &T, keys: &[&SigningKey]) -> Vec<u8> {
+    let value = serde_json::to_value(signed).expect("metadata serializes");
+    let payload = canonical_json(&value);
+    let signatures = keys
+        .iter()
+        .map(|key| Signature {
+            keyid: Key::ed25519(&key.verifying_key()).id(),
+            sig: hex::encode(key.sign(&payload).to_bytes()),
+        })
+        .collect();
+    let mut bytes = serde_json::to_vec_pretty(&Envelope {
+        signed: value,
+        signatures,
+    })
+    .expect("metadata serializes");
+    bytes.push(b'\n');
+    bytes
+}
+
+/// Parses a metadata file of `role`, refusing it unparsed when over `limit`.
+pub fn parse_envelope(role: &str, bytes: &[u8], limit: u64) -> Result<Envelope> {
+    if bytes.len() as u64 > limit {
+        return Err(Error::TooLarge {
+            role: role.into(),
+            size: bytes.len() as u64,
+            limit,
+        });
+    }
+    serde_json::from_slice(bytes).map_err(|e| Error::Malformed {
+        role: role.into(),
+        message: e.to_string(),
+    })
+}
+
+impl Envelope {
+    /// The signed object as `T`, after checking its `_type`.
+    pub fn decode<T: serde::de::DeserializeOwned>(&self, role: &str) -> Result<T> {
+        let malformed = |message: String| Error::Malformed {
+            role: role.into(),
+            message,
+        };
+        match self.signed.get("_type").and_then(|t| t.as_str()) {
+            Some(t) if t == role => {}
+            other => return Err(malformed(format!("_type is {other:?}, expected {role}"))),
+        }
+        serde_json::from_value(self.signed.clone()).map_err(|e| malformed(e.to_string()))
+    }
+
+    /// Checks that a threshold of `role`'s keys in `root` signed this file.
+    /// A key counts once however many signatures carry its id.
+    pub fn verify(&self, role: &str, root: &Root) -> Result<()> {
+        let role_keys = root.roles.get(role).ok_or_else(|| Error::Malformed {
+            role: ROOT.into(),
+            message: format!("no {role} role"),
+        })?;
+        let payload = canonical_json(&self.signed);
+        let mut valid = BTreeSet::new();
+        for signature in &self.signatures {
+            if !role_keys.keyids.contains(&signature.keyid) || valid.contains(&signature.keyid) {
+                continue;
+            }
+            let Some(key) = root.keys.get(&signature.keyid).and_then(Key::verifying_key) else {
+                continue;
+            };
+            let Ok(sig) = hex::decode(&signature.sig)
+                .map_err(|_| ())
+                .and_then(|b| DalekSignature::from_slice(&b).map_err(|_| ()))
+            else {
+                continue;
+            };
+            if key.verify_strict(&payload, &sig).is_ok() {
+                valid.insert(signature.keyid.clone());
+            }
+        }
+        if role_keys.threshold == 0 || (valid.len() as u64) < role_keys.threshold {
+            return Err(Error::ThresholdNotMet {
+                role: role.into(),
+                valid: valid.len(),
+                threshold: role_keys.threshold,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Refuses metadata whose `expires` is not after `now`.
+pub fn check_expiry(role: &str, expires: &str, now: DateTime<Utc>) -> Result<()> {
+    let at = DateTime::parse_from_rfc3339(expires).map_err(|e| Error::Malformed {
+        role: role.into(),
+        message: format!("expires `{expires}`: {e}"),
+    })?;
+    if at <= now {
+        return Err(Error::ExpiredMetadata {
+            role: role.into(),
+            expires: expires.into(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_json_sorts_keys_and_drops_spaces() {
+        let value = serde_json::json!({"b": 1, "a": {"d": "x", "c": [true, null]}});
+        assert_eq!(
+            canonical_json(&value),
+            br#"{"a":{"c":[true,null],"d":"x"},"b":1}"#
+        );
+    }
+
+    #[test]
+    fn a_signature_covers_unknown_fields_too() {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let mut root = Root {
+            type_: ROOT.into(),
+            spec_version: SPEC_VERSION.into(),
+            consistent_snapshot: true,
+            version: 1,
+            expires: "2099-01-01T00:00:00Z".into(),
+            keys: BTreeMap::from([(
+                Key::ed25519(&key.verifying_key()).id(),
+                Key::ed25519(&key.verifying_key()),
+            )]),
+            roles: BTreeMap::new(),
+        };
+        root.roles.insert(
+            ROOT.into(),
+            RoleKeys {
+                keyids: root.keys.keys().cloned().collect(),
+                threshold: 1,
+            },
+        );
+        let bytes = sign(&root, &[&key]);
+        let envelope = parse_envelope(ROOT, &bytes, 1 << 20).unwrap();
+        envelope.verify(ROOT, &root).unwrap();
+        let mut tampered = envelope.clone();
+        tampered.signed["x-extra"] = serde_json::json!("added later");
+        assert!(matches!(
+            tampered.verify(ROOT, &root),
+            Err(Error::ThresholdNotMet { .. })
+        ));
+        assert!(matches!(
+            parse_envelope(ROOT, &bytes, 10),
+            Err(Error::TooLarge { .. })
+        ));
+    }
+}
