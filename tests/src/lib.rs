@@ -59,6 +59,7 @@ pub fn binary(name: &str) -> PathBuf {
 pub struct Process {
     pub child: Child,
     lines: Arc<Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Process {
@@ -71,12 +72,16 @@ impl Process {
         let stderr = child.stderr.take().expect("piped stderr");
         let lines = Arc::new(Mutex::new(Vec::new()));
         let sink = lines.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 sink.lock().expect("log lock").push(line);
             }
         });
-        Process { child, lines }
+        Process {
+            child,
+            lines,
+            reader: Some(reader),
+        }
     }
 
     pub fn lines(&self) -> Vec<String> {
@@ -103,6 +108,15 @@ impl Process {
         }
     }
 
+    /// Waits for the process to exit and for all it printed to be read.
+    pub fn wait(&mut self) -> ExitStatus {
+        let status = self.child.wait().expect("wait for process");
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        status
+    }
+
     pub fn pid(&self) -> Pid {
         Pid::from_raw(self.child.id() as i32)
     }
@@ -120,7 +134,7 @@ impl Process {
     /// SIGTERM, then the exit status.
     pub fn terminate(&mut self) -> ExitStatus {
         let _ = kill(self.pid(), Signal::SIGTERM);
-        self.child.wait().expect("wait for process")
+        self.wait()
     }
 }
 

@@ -148,7 +148,7 @@ fn an_agent_with_a_spent_token_stops_with_a_clear_error() {
     let mut first = start_agent(&cp.url(), &dir.path().join("a"), secret, &[]);
     first.wait_for_log("Enrolled.", Duration::from_secs(30));
     let mut second = start_agent(&cp.url(), &dir.path().join("b"), secret, &[]);
-    let status = second.child.wait().unwrap();
+    let status = second.wait();
     assert!(!status.success());
     let log = second.lines().join("\n");
     assert!(log.contains("enrollment token has no uses left"), "{log}");
@@ -157,7 +157,7 @@ fn an_agent_with_a_spent_token_stops_with_a_clear_error() {
 
     // Not enrolled and no token: says what to set.
     let mut none = start_agent(&cp.url(), &dir.path().join("c"), "", &[]);
-    assert!(!none.child.wait().unwrap().success());
+    assert!(!none.wait().success());
     assert!(
         none.lines().join("\n").contains("set enrollment_token"),
         "{:?}",
