@@ -2,6 +2,7 @@
 //! only. Errors are one line on stderr and a non-zero exit code.
 
 mod demo;
+mod repo_cmd;
 mod view;
 
 use anyhow::{Context, anyhow, bail};
@@ -38,7 +39,7 @@ struct Cli {
     #[arg(long, global = true, env = "POSFLEET_TOKEN_FILE")]
     token_file: Option<PathBuf>,
     /// `table` for people, `json` for scripts.
-    #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
+    #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
     #[command(subcommand)]
     command: Command,
@@ -54,6 +55,12 @@ pub enum Output {
 enum Command {
     #[command(flatten)]
     Admin(AdminCommand),
+    /// Root and targets keys of the bundle repository.
+    #[command(subcommand)]
+    Keys(repo_cmd::KeysCommand),
+    /// Build, publish and list bundles.
+    #[command(subcommand)]
+    Bundle(repo_cmd::BundleCommand),
     /// Start a control plane and six tills in two stores, on SQLite in a
     /// temporary directory, and show them come online.
     Demo(demo::DemoArgs),
@@ -291,6 +298,70 @@ impl Admin {
     }
 }
 
+impl Admin {
+    pub async fn repository(&mut self) -> anyhow::Result<v1::Repository> {
+        let request = self.request(v1::GetRepositoryRequest {});
+        self.client
+            .get_repository(request)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| self.error(s))
+    }
+
+    pub async fn init_repository(
+        &mut self,
+        root_json: Vec<u8>,
+        targets_json: Vec<u8>,
+    ) -> anyhow::Result<()> {
+        let request = self.request(v1::InitRepositoryRequest {
+            root_json,
+            targets_json,
+        });
+        self.client
+            .init_repository(request)
+            .await
+            .map(|_| ())
+            .map_err(|s| self.error(s))
+    }
+
+    pub async fn update_root(&mut self, root_json: Vec<u8>) -> anyhow::Result<()> {
+        let request = self.request(v1::UpdateRootRequest { root_json });
+        self.client
+            .update_root(request)
+            .await
+            .map(|_| ())
+            .map_err(|s| self.error(s))
+    }
+
+    /// Publishes targets metadata, with the bundle file it adds if any.
+    pub async fn publish(
+        &mut self,
+        targets_json: Vec<u8>,
+        bundle: Option<(String, PathBuf)>,
+    ) -> anyhow::Result<v1::Bundle> {
+        let (target, file) = bundle.map(|(t, f)| (t, Some(f))).unwrap_or_default();
+        let header = v1::PublishBundleHeader {
+            targets_json,
+            target,
+        };
+        let request = self.request(repo_cmd::upload_stream(header, file));
+        self.client
+            .publish_bundle(request)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| self.error(s))
+    }
+
+    pub async fn list_bundles(&mut self, name: String) -> anyhow::Result<Vec<v1::Bundle>> {
+        let request = self.request(v1::ListBundlesRequest { name });
+        self.client
+            .list_bundles(request)
+            .await
+            .map(|r| r.into_inner().bundles)
+            .map_err(|s| self.error(s))
+    }
+}
+
 pub fn code_name(code: tonic::Code) -> String {
     // "NotFound" → "not found"
     let debug = format!("{code:?}");
@@ -334,6 +405,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     } = cli;
     let command = match command {
         Command::Demo(args) => return demo::run(&args, output).await,
+        Command::Bundle(build @ repo_cmd::BundleCommand::Build { .. }) => {
+            return repo_cmd::bundle(None, build, output).await;
+        }
+        Command::Bundle(command) => {
+            let mut admin = Admin::connect(&server, &admin_token(token, token_file)?).await?;
+            return repo_cmd::bundle(Some(&mut admin), command, output).await;
+        }
+        Command::Keys(command) => {
+            let mut admin = Admin::connect(&server, &admin_token(token, token_file)?).await?;
+            return repo_cmd::keys(&mut admin, command).await;
+        }
         Command::Admin(command) => command,
     };
     let mut admin = Admin::connect(&server, &admin_token(token, token_file)?).await?;

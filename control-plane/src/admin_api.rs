@@ -5,9 +5,15 @@ use std::collections::BTreeMap;
 use tonic::{Request, Response, Status};
 
 use crate::metrics::Metrics;
-use crate::storage::{DeviceFilter, EnrollmentTokenRecord, StatusFilter, Storage, StoreRecord};
+use crate::repository::{Repository, Upload};
+use crate::storage::{
+    BundleRecord, DeviceFilter, EnrollmentTokenRecord, StatusFilter, Storage, StoreRecord,
+};
 use crate::validate::{invalid, label_key, slug, text, time_zone};
 use crate::{convert, now_ms, secret};
+use posfleet_proto::v1::publish_bundle_request::Part;
+use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
 
 const DEFAULT_PAGE_SIZE: u32 = 500;
 const MAX_PAGE_SIZE: u32 = 1000;
@@ -20,6 +26,35 @@ pub struct AdminApi {
     storage: Storage,
     metrics: Metrics,
     offline_after_missed_heartbeats: i64,
+    repository: Arc<Repository>,
+}
+
+/// Largest bundle accepted for publishing.
+const MAX_BUNDLE_BYTES: u64 = 8 * 1024 * 1024 * 1024;
+
+/// Removes an upload's temporary file however the call ends (a committed
+/// upload has been renamed away already).
+struct TempFile(std::path::PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn bundle_view(b: BundleRecord) -> v1::Bundle {
+    v1::Bundle {
+        target: b.target,
+        name: b.name,
+        version: b.version,
+        kind: b.kind,
+        hardware: b.hardware,
+        length: b.length.max(0) as u64,
+        sha256: b.sha256,
+        chunks_sha256: b.chunks_sha256,
+        targets_version: b.targets_version.max(0) as u64,
+        published_at_unix_ms: b.published_at_ms,
+    }
 }
 
 impl AdminApi {
@@ -27,12 +62,25 @@ impl AdminApi {
         storage: Storage,
         metrics: Metrics,
         offline_after_missed_heartbeats: u32,
+        repository: Arc<Repository>,
     ) -> AdminApi {
         AdminApi {
             storage,
             metrics,
             offline_after_missed_heartbeats: offline_after_missed_heartbeats.into(),
+            repository,
         }
+    }
+
+    async fn repository_view(&self) -> Result<v1::Repository, Status> {
+        let (root, targets) = self.repository.current().await?;
+        let (snapshot, timestamp) = self.repository.online_public_keys();
+        Ok(v1::Repository {
+            root_json: root.into_bytes(),
+            targets_json: targets.into_bytes(),
+            snapshot_public_key: snapshot,
+            timestamp_public_key: timestamp,
+        })
     }
 
     /// Checks `authorization: Bearer <admin API token>`.
@@ -290,5 +338,108 @@ impl AdminService for AdminApi {
             .ok_or_else(|| Status::not_found(format!("unknown device {}", req.device_id)))?;
         tracing::info!(device_id = %device.id, set = set.len(), removed = req.remove.len(), "Device labels changed.");
         Ok(Response::new(self.device(device)))
+    }
+
+    async fn get_repository(
+        &self,
+        request: Request<v1::GetRepositoryRequest>,
+    ) -> Result<Response<v1::Repository>, Status> {
+        self.authorize(&request).await?;
+        Ok(Response::new(self.repository_view().await?))
+    }
+
+    async fn init_repository(
+        &self,
+        request: Request<v1::InitRepositoryRequest>,
+    ) -> Result<Response<v1::Repository>, Status> {
+        self.authorize(&request).await?;
+        let req = request.into_inner();
+        self.repository
+            .init(&req.root_json, &req.targets_json, chrono::Utc::now())
+            .await?;
+        Ok(Response::new(self.repository_view().await?))
+    }
+
+    async fn update_root(
+        &self,
+        request: Request<v1::UpdateRootRequest>,
+    ) -> Result<Response<v1::Repository>, Status> {
+        self.authorize(&request).await?;
+        let req = request.into_inner();
+        self.repository
+            .update_root(&req.root_json, chrono::Utc::now())
+            .await?;
+        Ok(Response::new(self.repository_view().await?))
+    }
+
+    async fn publish_bundle(
+        &self,
+        request: Request<tonic::Streaming<v1::PublishBundleRequest>>,
+    ) -> Result<Response<v1::Bundle>, Status> {
+        self.authorize(&request).await?;
+        let mut stream = request.into_inner();
+        let header = match stream.message().await? {
+            Some(v1::PublishBundleRequest {
+                part: Some(Part::Header(header)),
+            }) => header,
+            _ => return Err(invalid("header", "the first message must be the header")),
+        };
+        let mut temp = None;
+        if !header.target.is_empty() {
+            let path = TempFile(self.repository.blobs().temp_path());
+            let write_error = |e: std::io::Error| {
+                tracing::error!(error = %e, path = %path.0.display(), "Cannot store an upload.");
+                if e.raw_os_error() == Some(28) {
+                    Status::resource_exhausted(
+                        "the control plane's disk is full; nothing was published",
+                    )
+                } else {
+                    Status::internal("cannot store the upload; see the control plane log")
+                }
+            };
+            let mut file = tokio::fs::File::create(&path.0)
+                .await
+                .map_err(write_error)?;
+            let mut total = 0u64;
+            while let Some(message) = stream.message().await? {
+                let Some(Part::Data(data)) = message.part else {
+                    return Err(invalid("data", "only data may follow the header"));
+                };
+                total += data.len() as u64;
+                if total > MAX_BUNDLE_BYTES {
+                    return Err(Status::resource_exhausted(format!(
+                        "bundles are limited to {MAX_BUNDLE_BYTES} bytes"
+                    )));
+                }
+                file.write_all(&data).await.map_err(write_error)?;
+            }
+            file.sync_all().await.map_err(write_error)?;
+            temp = Some(path);
+        }
+        let upload = temp.as_ref().map(|t| Upload {
+            target: header.target.clone(),
+            temp: t.0.clone(),
+        });
+        let bundle = self
+            .repository
+            .publish(&header.targets_json, upload, chrono::Utc::now())
+            .await?;
+        Ok(Response::new(bundle.map(bundle_view).unwrap_or_default()))
+    }
+
+    async fn list_bundles(
+        &self,
+        request: Request<v1::ListBundlesRequest>,
+    ) -> Result<Response<v1::ListBundlesResponse>, Status> {
+        self.authorize(&request).await?;
+        let name = request.into_inner().name;
+        let bundles = self
+            .storage
+            .list_bundles((!name.is_empty()).then_some(name.as_str()))
+            .await
+            .map_err(db)?;
+        Ok(Response::new(v1::ListBundlesResponse {
+            bundles: bundles.into_iter().map(bundle_view).collect(),
+        }))
     }
 }

@@ -11,10 +11,17 @@ use tokio::sync::watch;
 
 use crate::metrics::Metrics;
 use crate::now_ms;
+use crate::repository::Repository;
 use crate::storage::Storage;
+use axum::extract::{Path, Request};
+use axum::response::Response;
+use posfleet_bundle::tuf::{ROOT, SNAPSHOT, TARGETS, TIMESTAMP};
+use std::sync::Arc;
+use tower::ServiceExt;
 
 #[derive(Clone)]
 struct HttpState {
+    repository: Arc<Repository>,
     storage: Storage,
     metrics: Metrics,
     offline_after_missed_heartbeats: i64,
@@ -23,7 +30,7 @@ struct HttpState {
 
 /// `stopping` turns true at the shutdown signal; `/readyz` then answers 503.
 pub fn router(
-    storage: Storage,
+    repository: Arc<Repository>,
     metrics: Metrics,
     offline_after_missed_heartbeats: u32,
     stopping: watch::Receiver<bool>,
@@ -32,8 +39,10 @@ pub fn router(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_handler))
+        .route("/repo/{*path}", get(repo_file))
         .with_state(HttpState {
-            storage,
+            storage: repository.storage().clone(),
+            repository,
             metrics,
             offline_after_missed_heartbeats: offline_after_missed_heartbeats.into(),
             stopping,
@@ -92,4 +101,126 @@ async fn metrics_handler(State(state): State<HttpState>) -> impl IntoResponse {
         )],
         state.metrics.render(),
     )
+}
+
+/// What a path under `/repo/` names.
+#[derive(Debug, PartialEq, Eq)]
+enum RepoPath<'a> {
+    /// The newest file of a role (`timestamp.json`, and `root.json` for people).
+    Latest(&'static str),
+    /// `<version>.<role>.json`.
+    Versioned(&'static str, i64),
+    /// A blob by SHA-256: `targets/<name>/<sha256>.<version>` (TUF's
+    /// consistent-snapshot target path) or `chunks/<sha256>`.
+    Blob(&'a str),
+}
+
+fn parse_repo_path(path: &str) -> Option<RepoPath<'_>> {
+    match path {
+        "timestamp.json" => return Some(RepoPath::Latest(TIMESTAMP)),
+        "root.json" => return Some(RepoPath::Latest(ROOT)),
+        _ => {}
+    }
+    if let Some(rest) = path.strip_prefix("chunks/") {
+        return Some(RepoPath::Blob(rest)).filter(|_| rest.len() == 64);
+    }
+    if let Some(rest) = path.strip_prefix("targets/") {
+        let file = rest.rsplit('/').next()?;
+        let (hash, _) = file.split_once('.')?;
+        return Some(RepoPath::Blob(hash)).filter(|_| hash.len() == 64);
+    }
+    let (version, role) = path.strip_suffix(".json")?.split_once('.')?;
+    let role = [ROOT, SNAPSHOT, TARGETS].into_iter().find(|r| *r == role)?;
+    Some(RepoPath::Versioned(
+        role,
+        version.parse().ok().filter(|v: &i64| *v > 0)?,
+    ))
+}
+
+/// The bundle repository: TUF metadata from the database, bundle bytes and
+/// chunk lists from the blob store (with `Range`, so downloads resume).
+async fn repo_file(
+    State(state): State<HttpState>,
+    Path(path): Path<String>,
+    request: Request,
+) -> Response {
+    let not_found = || (StatusCode::NOT_FOUND, "not found\n").into_response();
+    let metadata = |body: String, cache: &'static str| {
+        (
+            [
+                (header::CONTENT_TYPE, "application/json"),
+                (header::CACHE_CONTROL, cache),
+            ],
+            body,
+        )
+            .into_response()
+    };
+    let failed = |error: sqlx::Error| {
+        tracing::error!(%error, "Cannot read repository metadata.");
+        (StatusCode::SERVICE_UNAVAILABLE, "repository unavailable\n").into_response()
+    };
+    match parse_repo_path(&path) {
+        Some(RepoPath::Latest(role)) => match state.storage.latest_metadata(role).await {
+            Ok(Some((_, body))) => metadata(body, "no-cache"),
+            Ok(None) => not_found(),
+            Err(e) => failed(e),
+        },
+        Some(RepoPath::Versioned(role, version)) => {
+            match state.storage.metadata(role, version).await {
+                Ok(Some(body)) => metadata(body, "public, max-age=31536000, immutable"),
+                Ok(None) => not_found(),
+                Err(e) => failed(e),
+            }
+        }
+        Some(RepoPath::Blob(hash)) => match state.repository.blobs().local_path(hash) {
+            Some(file) => match tower_http::services::ServeFile::new(file)
+                .oneshot(request)
+                .await
+            {
+                Ok(response) => response.map(axum::body::Body::new),
+                Err(never) => match never {},
+            },
+            None => not_found(),
+        },
+        None => not_found(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repository_paths() {
+        let hash = "a".repeat(64);
+        let cases = [
+            (
+                "timestamp.json".to_string(),
+                Some(RepoPath::Latest(TIMESTAMP)),
+            ),
+            ("root.json".to_string(), Some(RepoPath::Latest(ROOT))),
+            (
+                "3.root.json".to_string(),
+                Some(RepoPath::Versioned(ROOT, 3)),
+            ),
+            (
+                "12.targets.json".to_string(),
+                Some(RepoPath::Versioned(TARGETS, 12)),
+            ),
+            ("0.snapshot.json".to_string(), None),
+            ("1.timestamp.json".to_string(), None),
+            ("x.root.json".to_string(), None),
+            (
+                format!("targets/pos-app/{hash}.1.1.0"),
+                Some(RepoPath::Blob(&hash)),
+            ),
+            (format!("chunks/{hash}"), Some(RepoPath::Blob(&hash))),
+            ("targets/pos-app/1.1.0".to_string(), None),
+            ("chunks/abc".to_string(), None),
+            ("../../etc/passwd".to_string(), None),
+        ];
+        for (path, expected) in &cases {
+            assert_eq!(parse_repo_path(path), *expected, "{path}");
+        }
+    }
 }

@@ -17,12 +17,14 @@
 
 mod admin_api;
 mod agent_api;
+pub mod blobs;
 pub mod config;
 mod convert;
 pub mod error;
 pub mod heartbeat;
 mod http;
 pub mod metrics;
+pub mod repository;
 mod secret;
 pub mod storage;
 mod validate;
@@ -33,6 +35,7 @@ use std::future::Future;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -44,6 +47,8 @@ use crate::storage::Storage;
 
 /// Name of the file, in the data dir, that receives the first admin token.
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
+/// Largest AdminService message (bundle upload pieces, metadata files).
+const ADMIN_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 /// Heartbeats that may wait in memory for the database writer.
 const HEARTBEAT_QUEUE_CAPACITY: usize = 50_000;
 /// How long in-flight requests get to finish after a shutdown signal.
@@ -65,6 +70,7 @@ pub struct ControlPlane {
     config: Config,
     storage: Storage,
     metrics: Metrics,
+    repository: Arc<repository::Repository>,
 }
 
 impl ControlPlane {
@@ -83,10 +89,23 @@ impl ControlPlane {
         let url = config.effective_database_url();
         let storage = Storage::connect(&url, config.database_max_connections).await?;
         tracing::info!(database = %storage::redact_url(&url), "Database ready.");
+        let repository = (|| {
+            let blobs = blobs::FsBlobStore::open(&config.data_dir.join("blobs"))?;
+            repository::Repository::open(
+                storage.clone(),
+                Arc::new(blobs),
+                &config.data_dir.join("repository-keys"),
+            )
+        })()
+        .map_err(|source| Error::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
         let control_plane = ControlPlane {
             config,
             storage,
             metrics: Metrics::new(),
+            repository: Arc::new(repository),
         };
         control_plane.bootstrap_admin_token().await?;
         Ok(control_plane)
@@ -153,6 +172,7 @@ impl ControlPlane {
             config,
             storage,
             metrics,
+            repository,
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
         let (queue, writer) = heartbeat::spawn_writer(
@@ -173,8 +193,11 @@ impl ControlPlane {
             storage.clone(),
             metrics.clone(),
             config.offline_after_missed_heartbeats,
+            repository.clone(),
         ))
-        .max_decoding_message_size(max_message);
+        // Publishing streams bundles in 1 MiB messages and carries whole
+        // targets metadata files.
+        .max_decoding_message_size(max_message.max(ADMIN_MAX_MESSAGE_BYTES));
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter.set_serving::<agent_api::Server>().await;
         health_reporter
@@ -212,10 +235,24 @@ impl ControlPlane {
                 tokio_stream::wrappers::TcpListenerStream::new(grpc),
                 stopped(stop_rx.clone()),
             );
+        // Re-sign snapshot and timestamp before they expire.
+        let refresher = repository.clone();
+        let mut refresher_stop = stop_rx.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Err(error) = refresher.refresh(chrono::Utc::now()).await {
+                    tracing::error!(%error, "Cannot re-sign repository metadata.");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+                    _ = refresher_stop.wait_for(|s| *s) => return,
+                }
+            }
+        });
         let http_server = axum::serve(
             http,
             http::router(
-                storage.clone(),
+                repository.clone(),
                 metrics,
                 config.offline_after_missed_heartbeats,
                 stop_rx.clone(),

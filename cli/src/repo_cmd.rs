@@ -1,0 +1,480 @@
+//! Keys and bundles: `posfleet keys init|rotate`, `posfleet bundle
+//! build|publish|list`. Root and targets keys stay with ops (root offline);
+//! the control plane only ever sees signed metadata.
+
+use anyhow::{Context, anyhow, bail};
+use chrono::Utc;
+use clap::{Subcommand, ValueEnum};
+use ed25519_dalek::SigningKey;
+use posfleet_bundle::tuf::{self, ROOT, TARGETS, Targets};
+use posfleet_bundle::{archive, chunks, repo};
+use posfleet_proto::v1;
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::{Admin, Output};
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create the root and targets keys in DIR and initialize the control
+    /// plane's bundle repository with them.
+    Init {
+        dir: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        root_keys: u32,
+        #[arg(long, default_value_t = 1)]
+        root_threshold: u64,
+        #[arg(long, default_value_t = 1)]
+        targets_keys: u32,
+        #[arg(long, default_value_t = 1)]
+        targets_threshold: u64,
+        /// Root lifetime, e.g. `365d`.
+        #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+        root_expires_in: Duration,
+        /// Targets metadata lifetime, e.g. `90d`.
+        #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+        targets_expires_in: Duration,
+    },
+    /// Replace the keys of a role with new ones and publish root N+1, signed
+    /// by the old and the new root keys.
+    Rotate {
+        dir: PathBuf,
+        #[arg(long, value_enum)]
+        role: RotateRole,
+        #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+        root_expires_in: Duration,
+        #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+        targets_expires_in: Duration,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum RotateRole {
+    Root,
+    Targets,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BundleCommand {
+    /// Pack a directory with a posfleet-bundle.toml into a bundle file.
+    Build {
+        src: PathBuf,
+        /// The bundle file to write.
+        #[arg(short = 'o', long = "out", value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Sign a bundle with the targets keys in DIR and publish it.
+    Publish {
+        file: PathBuf,
+        #[arg(long)]
+        keys: PathBuf,
+        #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+        targets_expires_in: Duration,
+    },
+    /// List published bundles.
+    List {
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+fn write_key(path: &Path, key: &SigningKey) -> anyhow::Result<()> {
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(format!("{}\n", hex::encode(key.to_bytes())).as_bytes())?;
+    file.sync_all()?;
+    Ok(())
+}
+
+/// The keys `<role>-<n>.key` in `dir`, in order.
+fn read_keys(dir: &Path, role: &str) -> anyhow::Result<Vec<SigningKey>> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read the key directory {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("{role}-")) && n.ends_with(".key"))
+        })
+        .collect();
+    paths.sort();
+    paths
+        .iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            let seed: [u8; 32] = hex::decode(text.trim())
+                .ok()
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| anyhow!("{} is not a hex Ed25519 key", path.display()))?;
+            Ok(SigningKey::from_bytes(&seed))
+        })
+        .collect()
+}
+
+fn generate_keys(dir: &Path, role: &str, count: u32) -> anyhow::Result<Vec<SigningKey>> {
+    (1..=count)
+        .map(|n| {
+            let key = repo::generate_key();
+            write_key(&dir.join(format!("{role}-{n}.key")), &key)?;
+            Ok(key)
+        })
+        .collect()
+}
+
+fn online_keys(
+    repository: &v1::Repository,
+) -> anyhow::Result<(ed25519_dalek::VerifyingKey, ed25519_dalek::VerifyingKey)> {
+    let parse = |hex_key: &str| -> anyhow::Result<ed25519_dalek::VerifyingKey> {
+        let bytes: [u8; 32] = hex::decode(hex_key)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| anyhow!("the control plane sent a malformed online key"))?;
+        Ok(ed25519_dalek::VerifyingKey::from_bytes(&bytes)?)
+    };
+    Ok((
+        parse(&repository.snapshot_public_key)?,
+        parse(&repository.timestamp_public_key)?,
+    ))
+}
+
+fn chrono_duration(d: Duration) -> chrono::Duration {
+    chrono::Duration::seconds(d.as_secs().min(100 * 365 * 86_400) as i64)
+}
+
+pub async fn keys(admin: &mut Admin, command: KeysCommand) -> anyhow::Result<()> {
+    match command {
+        KeysCommand::Init {
+            dir,
+            root_keys,
+            root_threshold,
+            targets_keys,
+            targets_threshold,
+            root_expires_in,
+            targets_expires_in,
+        } => {
+            if !(1..=root_keys as u64).contains(&root_threshold)
+                || !(1..=targets_keys as u64).contains(&targets_threshold)
+            {
+                bail!("each threshold must be between 1 and the number of keys of its role");
+            }
+            let repository = admin.repository().await?;
+            if !repository.root_json.is_empty() {
+                bail!(
+                    "the control plane's repository is already initialized; use `posfleet keys rotate`"
+                );
+            }
+            let (snapshot, timestamp) = online_keys(&repository)?;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            if !read_keys(&dir, ROOT)?.is_empty() || !read_keys(&dir, TARGETS)?.is_empty() {
+                bail!(
+                    "{} already holds keys; choose an empty directory",
+                    dir.display()
+                );
+            }
+            let root_signers = generate_keys(&dir, ROOT, root_keys)?;
+            let targets_signers = generate_keys(&dir, TARGETS, targets_keys)?;
+            let keys = repo::RootKeys {
+                root: root_signers.iter().map(|k| k.verifying_key()).collect(),
+                root_threshold,
+                targets: targets_signers.iter().map(|k| k.verifying_key()).collect(),
+                targets_threshold,
+                snapshot,
+                timestamp,
+            };
+            let now = Utc::now();
+            let root = repo::root(&keys, 1, now + chrono_duration(root_expires_in));
+            let root_json = tuf::sign(&root, &root_signers.iter().collect::<Vec<_>>());
+            let targets = repo::targets(
+                1,
+                now + chrono_duration(targets_expires_in),
+                Default::default(),
+            );
+            let targets_json = tuf::sign(&targets, &targets_signers.iter().collect::<Vec<_>>());
+            admin
+                .init_repository(root_json.clone(), targets_json)
+                .await?;
+            std::fs::write(dir.join("root.json"), &root_json)?;
+            println!(
+                "Repository initialized with root version 1 ({root_keys} root keys, threshold {root_threshold}; \
+                 {targets_keys} targets keys, threshold {targets_threshold})."
+            );
+            println!(
+                "Pin {} on every agent (root_json_path).",
+                dir.join("root.json").display()
+            );
+            println!(
+                "Move {}/root-*.key offline now; they are needed only to rotate keys.",
+                dir.display()
+            );
+        }
+        KeysCommand::Rotate {
+            dir,
+            role,
+            root_expires_in,
+            targets_expires_in,
+        } => {
+            let repository = admin.repository().await?;
+            if repository.root_json.is_empty() {
+                bail!("the repository is not initialized; run `posfleet keys init`");
+            }
+            let current: tuf::Root =
+                tuf::parse_envelope(ROOT, &repository.root_json, u64::MAX)?.decode(ROOT)?;
+            let old_root = read_keys(&dir, ROOT)?;
+            let old_targets = read_keys(&dir, TARGETS)?;
+            let (snapshot, timestamp) = online_keys(&repository)?;
+            let rotated = match role {
+                RotateRole::Root => ROOT,
+                RotateRole::Targets => TARGETS,
+            };
+            let old = if rotated == ROOT {
+                &old_root
+            } else {
+                &old_targets
+            };
+            if old.is_empty() {
+                bail!(
+                    "no {rotated}-*.key in {}: the current keys are needed to rotate",
+                    dir.display()
+                );
+            }
+            // New keys are written as pending-* first and take their place
+            // only once the control plane accepted the new root.
+            let fresh = generate_keys(&dir, &format!("pending-{rotated}"), old.len() as u32)?;
+            let discard_pending = || {
+                for n in 1..=old.len() {
+                    let _ = std::fs::remove_file(dir.join(format!("pending-{rotated}-{n}.key")));
+                }
+            };
+            let (root_signers, targets_signers) = match role {
+                RotateRole::Root => (fresh.clone(), old_targets.clone()),
+                RotateRole::Targets => (old_root.clone(), fresh.clone()),
+            };
+            let keys = repo::RootKeys {
+                root: root_signers.iter().map(|k| k.verifying_key()).collect(),
+                root_threshold: current.roles[ROOT].threshold,
+                targets: targets_signers.iter().map(|k| k.verifying_key()).collect(),
+                targets_threshold: current.roles[TARGETS].threshold,
+                snapshot,
+                timestamp,
+            };
+            let now = Utc::now();
+            let root = repo::root(
+                &keys,
+                current.version + 1,
+                now + chrono_duration(root_expires_in),
+            );
+            // Signed by the old root keys (trust carries over) and the new.
+            let mut signers: Vec<&SigningKey> = old_root.iter().collect();
+            if matches!(role, RotateRole::Root) {
+                signers.extend(fresh.iter());
+            }
+            let root_json = tuf::sign(&root, &signers);
+            if let Err(error) = admin.update_root(root_json.clone()).await {
+                discard_pending();
+                return Err(error);
+            }
+            let retired = dir.join(format!(
+                "retired-{}-{rotated}",
+                Utc::now().format("%Y%m%dT%H%M%S%.3fZ")
+            ));
+            std::fs::DirBuilder::new().mode(0o700).create(&retired)?;
+            for n in 1..=old.len() {
+                let name = format!("{rotated}-{n}.key");
+                std::fs::rename(dir.join(&name), retired.join(&name))?;
+                std::fs::rename(dir.join(format!("pending-{name}")), dir.join(&name))?;
+            }
+            std::fs::write(dir.join("root.json"), &root_json)?;
+            if matches!(role, RotateRole::Targets) {
+                // The targets metadata must now carry the new keys' signatures.
+                let targets: Targets =
+                    tuf::parse_envelope(TARGETS, &repository.targets_json, u64::MAX)?
+                        .decode(TARGETS)?;
+                let resigned = repo::targets(
+                    targets.version + 1,
+                    now + chrono_duration(targets_expires_in),
+                    targets.targets,
+                );
+                let targets_json = tuf::sign(&resigned, &fresh.iter().collect::<Vec<_>>());
+                admin.publish(targets_json, None).await?;
+            }
+            println!(
+                "Rotated the {rotated} keys: root version {} is published; the old keys are in {}.",
+                current.version + 1,
+                retired.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+pub async fn bundle(
+    admin: Option<&mut Admin>,
+    command: BundleCommand,
+    output: Output,
+) -> anyhow::Result<()> {
+    match command {
+        BundleCommand::Build { src, out } => {
+            let manifest = archive::build(&src, &out)?;
+            let digest = chunks::digest_reader(std::fs::File::open(&out)?)?;
+            println!(
+                "Built {} ({} bytes, sha256 {}) into {}",
+                manifest.target_name(),
+                digest.length,
+                hex::encode(digest.sha256),
+                out.display()
+            );
+        }
+        BundleCommand::Publish {
+            file,
+            keys,
+            targets_expires_in,
+        } => {
+            let admin = admin.ok_or_else(|| anyhow!("publishing needs the control plane"))?;
+            let bundle = publish(admin, &file, &keys, targets_expires_in).await?;
+            print_bundles(&[bundle], output)?;
+        }
+        BundleCommand::List { name } => {
+            let admin = admin.ok_or_else(|| anyhow!("listing needs the control plane"))?;
+            let bundles = admin.list_bundles(name.unwrap_or_default()).await?;
+            print_bundles(&bundles, output)?;
+        }
+    }
+    Ok(())
+}
+
+/// Signs `file` into the next targets metadata and uploads both.
+pub async fn publish(
+    admin: &mut Admin,
+    file: &Path,
+    keys: &Path,
+    targets_expires_in: Duration,
+) -> anyhow::Result<v1::Bundle> {
+    let open =
+        || std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()));
+    let manifest = archive::read_manifest(open()?)?;
+    let digest = chunks::digest_reader(open()?)?;
+    let signers = read_keys(keys, TARGETS)?;
+    if signers.is_empty() {
+        bail!("no targets-*.key in {}", keys.display());
+    }
+    let repository = admin.repository().await?;
+    if repository.targets_json.is_empty() {
+        bail!("the repository is not initialized; run `posfleet keys init`");
+    }
+    let current: Targets =
+        tuf::parse_envelope(TARGETS, &repository.targets_json, u64::MAX)?.decode(TARGETS)?;
+    let name = manifest.target_name();
+    if current.targets.contains_key(&name) {
+        bail!("{name} is already published; bump the version in posfleet-bundle.toml");
+    }
+    let mut entries = current.targets;
+    entries.insert(name.clone(), repo::target_file(&manifest, &digest));
+    let targets = repo::targets(
+        current.version + 1,
+        Utc::now() + chrono_duration(targets_expires_in),
+        entries,
+    );
+    let targets_json = tuf::sign(&targets, &signers.iter().collect::<Vec<_>>());
+    admin
+        .publish(targets_json, Some((name, file.to_path_buf())))
+        .await
+}
+
+fn print_bundles(bundles: &[v1::Bundle], output: Output) -> anyhow::Result<()> {
+    #[derive(serde::Serialize)]
+    struct View<'a> {
+        target: &'a str,
+        kind: &'a str,
+        hardware: &'a [String],
+        length: u64,
+        sha256: &'a str,
+        targets_version: u64,
+        published_at: String,
+    }
+    let views: Vec<View> = bundles
+        .iter()
+        .map(|b| View {
+            target: &b.target,
+            kind: &b.kind,
+            hardware: &b.hardware,
+            length: b.length,
+            sha256: &b.sha256,
+            targets_version: b.targets_version,
+            published_at: crate::view::time(b.published_at_unix_ms),
+        })
+        .collect();
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&views)?);
+        return Ok(());
+    }
+    let mut table = comfy_table::Table::new();
+    table
+        .load_preset(comfy_table::presets::UTF8_BORDERS_ONLY)
+        .set_header(vec![
+            "BUNDLE",
+            "KIND",
+            "HARDWARE",
+            "BYTES",
+            "SHA256",
+            "PUBLISHED",
+        ]);
+    for v in &views {
+        table.add_row(vec![
+            v.target.to_string(),
+            v.kind.to_string(),
+            v.hardware.join(","),
+            v.length.to_string(),
+            v.sha256.chars().take(16).collect::<String>(),
+            v.published_at.clone(),
+        ]);
+    }
+    println!("{table}");
+    Ok(())
+}
+
+/// Streams a file in 1 MiB pieces after the header.
+pub fn upload_stream(
+    header: v1::PublishBundleHeader,
+    file: Option<PathBuf>,
+) -> tokio_stream::wrappers::ReceiverStream<v1::PublishBundleRequest> {
+    use v1::publish_bundle_request::Part;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::task::spawn_blocking(move || {
+        if tx
+            .blocking_send(v1::PublishBundleRequest {
+                part: Some(Part::Header(header)),
+            })
+            .is_err()
+        {
+            return;
+        }
+        let Some(path) = file else { return };
+        let Ok(mut file) = std::fs::File::open(&path) else {
+            return;
+        };
+        let mut buf = vec![0u8; chunks::CHUNK_SIZE as usize];
+        loop {
+            match file.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    let part = Some(Part::Data(buf[..n].to_vec()));
+                    if tx.blocking_send(v1::PublishBundleRequest { part }).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}

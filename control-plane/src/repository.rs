@@ -1,0 +1,521 @@
+//! The bundle repository the control plane serves: a TUF repository whose
+//! root and targets metadata are signed by ops, and whose snapshot and
+//! timestamp the control plane signs with its online keys. Every file ever
+//! served is kept; the newest of each role is current.
+
+use chrono::{DateTime, Duration, Utc};
+use ed25519_dalek::SigningKey;
+use posfleet_bundle::chunks::{self, CHUNK_SIZE};
+use posfleet_bundle::client::{Limits, TrustedMetadata};
+use posfleet_bundle::tuf::{
+    self, Key, ROOT, Root, SNAPSHOT, Snapshot, TARGETS, TIMESTAMP, Targets,
+};
+use posfleet_bundle::{Error as BundleError, repo};
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::blobs::BlobStore;
+use crate::storage::{BundleRecord, MetadataRecord, Storage};
+
+/// How long a timestamp is valid; it is re-signed when half of that is left.
+pub const TIMESTAMP_LIFETIME: Duration = Duration::days(1);
+/// How long a snapshot is valid; it is re-signed when half of that is left.
+pub const SNAPSHOT_LIFETIME: Duration = Duration::days(7);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error("the repository is not initialized: run `posfleet keys init`")]
+    NotInitialized,
+    #[error("the repository is already initialized")]
+    AlreadyInitialized,
+    /// Signed metadata that does not verify, with the verifier's reason.
+    #[error("{0}")]
+    Refused(String),
+    #[error("the repository changed meanwhile; fetch it and sign again")]
+    Conflict,
+    #[error(transparent)]
+    Internal(#[from] crate::error::Error),
+}
+
+impl From<BundleError> for RepoError {
+    fn from(e: BundleError) -> Self {
+        RepoError::Refused(e.to_string())
+    }
+}
+
+impl From<sqlx::Error> for RepoError {
+    fn from(e: sqlx::Error) -> Self {
+        RepoError::Internal(e.into())
+    }
+}
+
+impl From<RepoError> for tonic::Status {
+    fn from(e: RepoError) -> Self {
+        match e {
+            RepoError::NotInitialized => tonic::Status::failed_precondition(e.to_string()),
+            RepoError::AlreadyInitialized => tonic::Status::already_exists(e.to_string()),
+            RepoError::Refused(m) => tonic::Status::invalid_argument(m),
+            RepoError::Conflict => tonic::Status::aborted(e.to_string()),
+            RepoError::Internal(e) => e.into(),
+        }
+    }
+}
+
+fn expires_ms(expires: &str) -> Result<i64, RepoError> {
+    DateTime::parse_from_rfc3339(expires)
+        .map(|t| t.timestamp_millis())
+        .map_err(|e| RepoError::Refused(format!("expires `{expires}`: {e}")))
+}
+
+fn load_or_create_key(path: &Path) -> std::io::Result<SigningKey> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let seed: [u8; 32] = hex::decode(String::from_utf8_lossy(&bytes).trim())
+                .ok()
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| {
+                    std::io::Error::other(format!("{} is not a hex Ed25519 seed", path.display()))
+                })?;
+            Ok(SigningKey::from_bytes(&seed))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = repo::generate_key();
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)?;
+            file.write_all(format!("{}\n", hex::encode(key.to_bytes())).as_bytes())?;
+            file.sync_all()?;
+            tracing::info!(path = %path.display(), "Generated an online repository key.");
+            Ok(key)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+pub struct Repository {
+    storage: Storage,
+    blobs: Arc<dyn BlobStore>,
+    snapshot_key: SigningKey,
+    timestamp_key: SigningKey,
+}
+
+/// A finished upload: the temporary file and what it holds.
+pub struct Upload {
+    pub target: String,
+    pub temp: std::path::PathBuf,
+}
+
+impl Repository {
+    /// Loads the online keys from `key_dir`, creating them on first start.
+    pub fn open(
+        storage: Storage,
+        blobs: Arc<dyn BlobStore>,
+        key_dir: &Path,
+    ) -> std::io::Result<Repository> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(key_dir)?;
+        Ok(Repository {
+            snapshot_key: load_or_create_key(&key_dir.join("snapshot.key"))?,
+            timestamp_key: load_or_create_key(&key_dir.join("timestamp.key"))?,
+            storage,
+            blobs,
+        })
+    }
+
+    pub fn blobs(&self) -> &dyn BlobStore {
+        self.blobs.as_ref()
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    /// Public halves of the online keys, hex.
+    pub fn online_public_keys(&self) -> (String, String) {
+        (
+            hex::encode(self.snapshot_key.verifying_key().as_bytes()),
+            hex::encode(self.timestamp_key.verifying_key().as_bytes()),
+        )
+    }
+
+    async fn latest(&self, role: &str) -> Result<Option<(i64, String)>, RepoError> {
+        Ok(self.storage.latest_metadata(role).await?)
+    }
+
+    /// The latest root and targets files (empty before init).
+    pub async fn current(&self) -> Result<(String, String), RepoError> {
+        let root = self.latest(ROOT).await?.map(|(_, b)| b).unwrap_or_default();
+        let targets = self
+            .latest(TARGETS)
+            .await?
+            .map(|(_, b)| b)
+            .unwrap_or_default();
+        Ok((root, targets))
+    }
+
+    /// The root must give the snapshot and timestamp roles to this control
+    /// plane's online keys, or nothing it signs would be trusted.
+    fn check_online_roles(&self, root: &Root) -> Result<(), RepoError> {
+        for (role, key) in [
+            (SNAPSHOT, &self.snapshot_key),
+            (TIMESTAMP, &self.timestamp_key),
+        ] {
+            let id = Key::ed25519(&key.verifying_key()).id();
+            let ok = root
+                .roles
+                .get(role)
+                .is_some_and(|r| r.threshold == 1 && r.keyids == [id.clone()]);
+            if !ok {
+                return Err(RepoError::Refused(format!(
+                    "the root must give the {role} role to the control plane's online key {id} alone (see `posfleet keys init`)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    async fn trusted_root(&self) -> Result<(TrustedMetadata, String), RepoError> {
+        let (_, root) = self.latest(ROOT).await?.ok_or(RepoError::NotInitialized)?;
+        let trusted = TrustedMetadata::from_pinned_root(root.as_bytes(), Limits::default())?;
+        Ok((trusted, root))
+    }
+
+    /// Verifies targets metadata against `root`.
+    fn verify_targets(root: &Root, bytes: &[u8], now: DateTime<Utc>) -> Result<Targets, RepoError> {
+        let envelope = tuf::parse_envelope(TARGETS, bytes, Limits::default().max_targets_size)?;
+        let targets: Targets = envelope.decode(TARGETS)?;
+        envelope.verify(TARGETS, root)?;
+        tuf::check_expiry(TARGETS, &targets.expires, now)?;
+        Ok(targets)
+    }
+
+    /// Signs the snapshot and timestamp naming `targets` (file `targets_bytes`).
+    async fn sign_online(
+        &self,
+        targets_version: u64,
+        targets_bytes: &[u8],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<MetadataRecord>, RepoError> {
+        let snapshot_version = self
+            .latest(SNAPSHOT)
+            .await?
+            .map(|(v, _)| v as u64)
+            .unwrap_or(0)
+            + 1;
+        let timestamp_version = self
+            .latest(TIMESTAMP)
+            .await?
+            .map(|(v, _)| v as u64)
+            .unwrap_or(0)
+            + 1;
+        let snapshot = repo::snapshot(
+            snapshot_version,
+            now + SNAPSHOT_LIFETIME,
+            targets_version,
+            targets_bytes,
+        );
+        let snapshot_bytes = tuf::sign(&snapshot, &[&self.snapshot_key]);
+        let timestamp = repo::timestamp(
+            timestamp_version,
+            now + TIMESTAMP_LIFETIME,
+            snapshot_version,
+            &snapshot_bytes,
+        );
+        let timestamp_bytes = tuf::sign(&timestamp, &[&self.timestamp_key]);
+        Ok(vec![
+            record(
+                SNAPSHOT,
+                snapshot_version,
+                &snapshot_bytes,
+                &snapshot.expires,
+            )?,
+            record(
+                TIMESTAMP,
+                timestamp_version,
+                &timestamp_bytes,
+                &timestamp.expires,
+            )?,
+        ])
+    }
+
+    pub async fn init(
+        &self,
+        root_bytes: &[u8],
+        targets_bytes: &[u8],
+        now: DateTime<Utc>,
+    ) -> Result<(), RepoError> {
+        if self.latest(ROOT).await?.is_some() {
+            return Err(RepoError::AlreadyInitialized);
+        }
+        let trusted = TrustedMetadata::from_pinned_root(root_bytes, Limits::default())?;
+        let root = trusted.root().clone();
+        if root.version != 1 {
+            return Err(RepoError::Refused(format!(
+                "the first root must be version 1, not {}",
+                root.version
+            )));
+        }
+        if !root.consistent_snapshot {
+            return Err(RepoError::Refused(
+                "the root must use consistent snapshots".into(),
+            ));
+        }
+        tuf::check_expiry(ROOT, &root.expires, now)?;
+        self.check_online_roles(&root)?;
+        let targets = Self::verify_targets(&root, targets_bytes, now)?;
+        if targets.version != 1 || !targets.targets.is_empty() {
+            return Err(RepoError::Refused(
+                "the first targets metadata must be version 1 and empty".into(),
+            ));
+        }
+        let mut files = vec![
+            record(ROOT, 1, root_bytes, &root.expires)?,
+            record(TARGETS, 1, targets_bytes, &targets.expires)?,
+        ];
+        files.extend(self.sign_online(1, targets_bytes, now).await?);
+        if !self
+            .storage
+            .insert_metadata(&files, None, now.timestamp_millis())
+            .await?
+        {
+            return Err(RepoError::AlreadyInitialized);
+        }
+        tracing::info!(
+            root_keys = root.roles[ROOT].keyids.len(),
+            "Bundle repository initialized."
+        );
+        Ok(())
+    }
+
+    /// Installs root N+1, signed by thresholds of root N and of itself.
+    pub async fn update_root(&self, bytes: &[u8], now: DateTime<Utc>) -> Result<u64, RepoError> {
+        let (mut trusted, _) = self.trusted_root().await?;
+        trusted.update_root(bytes)?;
+        let root = trusted.root().clone();
+        tuf::check_expiry(ROOT, &root.expires, now)?;
+        self.check_online_roles(&root)?;
+        let files = [record(ROOT, root.version, bytes, &root.expires)?];
+        if !self
+            .storage
+            .insert_metadata(&files, None, now.timestamp_millis())
+            .await?
+        {
+            return Err(RepoError::Conflict);
+        }
+        tracing::info!(version = root.version, "Root rotated.");
+        Ok(root.version)
+    }
+
+    /// Publishes new targets metadata and, with `upload`, the bundle it adds.
+    /// Targets already published can be neither changed nor removed.
+    pub async fn publish(
+        &self,
+        targets_bytes: &[u8],
+        upload: Option<Upload>,
+        now: DateTime<Utc>,
+    ) -> Result<Option<BundleRecord>, RepoError> {
+        self.publish_inner(targets_bytes, upload.as_ref(), now)
+            .await
+    }
+
+    async fn publish_inner(
+        &self,
+        targets_bytes: &[u8],
+        upload: Option<&Upload>,
+        now: DateTime<Utc>,
+    ) -> Result<Option<BundleRecord>, RepoError> {
+        let (trusted, _) = self.trusted_root().await?;
+        let root = trusted.root();
+        let (_, previous) = self
+            .latest(TARGETS)
+            .await?
+            .ok_or(RepoError::NotInitialized)?;
+        let previous: Targets =
+            tuf::parse_envelope(TARGETS, previous.as_bytes(), u64::MAX)?.decode(TARGETS)?;
+        let new = Self::verify_targets(root, targets_bytes, now)?;
+        if new.version != previous.version + 1 {
+            return Err(RepoError::Refused(format!(
+                "targets version {} must be {} (one more than the current)",
+                new.version,
+                previous.version + 1
+            )));
+        }
+        for (name, file) in &previous.targets {
+            if new.targets.get(name) != Some(file) {
+                return Err(RepoError::Refused(format!(
+                    "publishing cannot change or remove target {name}"
+                )));
+            }
+        }
+        let added: Vec<&String> = new
+            .targets
+            .keys()
+            .filter(|n| !previous.targets.contains_key(*n))
+            .collect();
+        let expected: Vec<&String> = upload.map(|u| &u.target).into_iter().collect();
+        if added != expected {
+            return Err(RepoError::Refused(format!(
+                "the new targets metadata adds {added:?}, but the upload carries {expected:?}"
+            )));
+        }
+        let mut bundle = None;
+        if let Some(upload) = upload {
+            bundle = Some(self.store_upload(upload, &new, now).await?);
+        }
+        let mut files = vec![record(TARGETS, new.version, targets_bytes, &new.expires)?];
+        files.extend(self.sign_online(new.version, targets_bytes, now).await?);
+        if !self
+            .storage
+            .insert_metadata(&files, bundle.as_ref(), now.timestamp_millis())
+            .await?
+        {
+            return Err(RepoError::Conflict);
+        }
+        if let Some(b) = &bundle {
+            tracing::info!(target = %b.target, length = b.length, targets_version = new.version, "Bundle published.");
+        }
+        Ok(bundle)
+    }
+
+    /// Checks the uploaded bytes against their signed target entry, then
+    /// stores them and their chunk list.
+    async fn store_upload(
+        &self,
+        upload: &Upload,
+        targets: &Targets,
+        now: DateTime<Utc>,
+    ) -> Result<BundleRecord, RepoError> {
+        let name = &upload.target;
+        let file = &targets.targets[name];
+        let info = file.bundle_info(name)?;
+        let (bundle_name, version) = name
+            .split_once('/')
+            .ok_or_else(|| RepoError::Refused(format!("target {name} is not <name>/<version>")))?;
+        if version != info.version || semver::Version::parse(version).is_err() {
+            return Err(RepoError::Refused(format!(
+                "target {name} must end in its semver version {}",
+                info.version
+            )));
+        }
+        if info.chunk_size != CHUNK_SIZE {
+            return Err(RepoError::Refused(format!(
+                "chunk_size must be {CHUNK_SIZE}"
+            )));
+        }
+        let temp = upload.temp.clone();
+        let digest = tokio::task::spawn_blocking(move || {
+            std::fs::File::open(&temp).and_then(chunks::digest_reader)
+        })
+        .await
+        .map_err(|e| RepoError::Internal(crate::error::Error::Corrupt(e.to_string())))?
+        .map_err(|e| RepoError::Internal(crate::error::Error::Http(e)))?;
+        let sha256 = hex::encode(digest.sha256);
+        if digest.length != file.length || Some(sha256.as_str()) != file.sha256() {
+            return Err(RepoError::Refused(format!(
+                "the uploaded bytes ({} bytes, sha256 {sha256}) do not match target {name} ({} bytes, sha256 {})",
+                digest.length,
+                file.length,
+                file.sha256().unwrap_or("none")
+            )));
+        }
+        let chunks_sha256 = hex::encode(digest.chunks.digest());
+        if chunks_sha256 != info.chunks_sha256 {
+            return Err(RepoError::Refused(format!(
+                "the chunk list of {name} does not match chunks_sha256"
+            )));
+        }
+        let io = |e: std::io::Error| RepoError::Internal(crate::error::Error::Http(e));
+        let list_temp = self.blobs.temp_path();
+        std::fs::write(&list_temp, digest.chunks.encode()).map_err(io)?;
+        self.blobs.commit(&list_temp, &chunks_sha256).map_err(io)?;
+        self.blobs.commit(&upload.temp, &sha256).map_err(io)?;
+        Ok(BundleRecord {
+            target: name.clone(),
+            name: bundle_name.into(),
+            version: version.into(),
+            kind: serde_json::to_value(info.kind)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            hardware: info.hardware,
+            length: digest.length as i64,
+            sha256,
+            chunks_sha256,
+            targets_version: targets.version as i64,
+            published_at_ms: now.timestamp_millis(),
+        })
+    }
+
+    /// Re-signs the snapshot (and timestamp) or the timestamp alone when half
+    /// of its lifetime is gone. Returns true when something was signed.
+    pub async fn refresh(&self, now: DateTime<Utc>) -> Result<bool, RepoError> {
+        let Some((_, timestamp)) = self.latest(TIMESTAMP).await? else {
+            return Ok(false);
+        };
+        let (_, snapshot) = self
+            .latest(SNAPSHOT)
+            .await?
+            .ok_or(RepoError::NotInitialized)?;
+        let timestamp: tuf::Timestamp =
+            tuf::parse_envelope(TIMESTAMP, timestamp.as_bytes(), u64::MAX)?.decode(TIMESTAMP)?;
+        let snapshot_meta: Snapshot =
+            tuf::parse_envelope(SNAPSHOT, snapshot.as_bytes(), u64::MAX)?.decode(SNAPSHOT)?;
+        let due = |expires: &str, lifetime: Duration| -> Result<bool, RepoError> {
+            Ok(expires_ms(expires)? - now.timestamp_millis() < lifetime.num_milliseconds() / 2)
+        };
+        let files = if due(&snapshot_meta.expires, SNAPSHOT_LIFETIME)? {
+            let (targets_version, targets) = self
+                .latest(TARGETS)
+                .await?
+                .ok_or(RepoError::NotInitialized)?;
+            self.sign_online(targets_version as u64, targets.as_bytes(), now)
+                .await?
+        } else if due(&timestamp.expires, TIMESTAMP_LIFETIME)? {
+            let version = timestamp.version + 1;
+            let t = repo::timestamp(
+                version,
+                now + TIMESTAMP_LIFETIME,
+                snapshot_meta.version,
+                snapshot.as_bytes(),
+            );
+            let bytes = tuf::sign(&t, &[&self.timestamp_key]);
+            vec![record(TIMESTAMP, version, &bytes, &t.expires)?]
+        } else {
+            return Ok(false);
+        };
+        // Another replica may have signed first; that is fine.
+        let signed = self
+            .storage
+            .insert_metadata(&files, None, now.timestamp_millis())
+            .await?;
+        if signed {
+            tracing::info!(
+                files = files.len(),
+                "Re-signed repository metadata before it expires."
+            );
+        }
+        Ok(signed)
+    }
+}
+
+fn record(
+    role: &str,
+    version: u64,
+    bytes: &[u8],
+    expires: &str,
+) -> Result<MetadataRecord, RepoError> {
+    Ok(MetadataRecord {
+        role: role.into(),
+        version: version as i64,
+        body: String::from_utf8(bytes.to_vec())
+            .map_err(|_| RepoError::Refused(format!("{role} metadata is not UTF-8")))?,
+        expires_at_ms: expires_ms(expires)?,
+    })
+}
