@@ -15,6 +15,7 @@ use crate::backoff::{Backoff, jittered};
 use crate::config::{AgentConfig, PeripheralsDriver};
 use crate::error::Error;
 use crate::health::{self, FakePeripherals, NoPeripherals, Peripherals};
+use crate::repository::{RepositoryClient, Timeouts};
 use crate::state::{Enrollment, StateDir};
 
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -27,6 +28,7 @@ const BACKOFF_BASE: Duration = Duration::from_secs(1);
 
 pub struct Agent {
     config: AgentConfig,
+    repository: Option<RepositoryClient>,
     key: SigningKey,
     state: StateDir,
     peripherals: Box<dyn Peripherals>,
@@ -81,7 +83,22 @@ impl Agent {
             .http2_keep_alive_interval(Duration::from_secs(60))
             .keep_alive_while_idle(false)
             .connect_lazy();
+        let repository = if config.root_json_path.as_os_str().is_empty() {
+            None
+        } else {
+            Some(
+                RepositoryClient::open(
+                    &config.root_json_path,
+                    &config.data_dir,
+                    &config.repository_url,
+                    posfleet_bundle::client::Limits::default(),
+                    Timeouts::default(),
+                )
+                .map_err(|e| Error::Repository(e.to_string()))?,
+            )
+        };
         Ok(Agent {
+            repository,
             state: StateDir::new(&config.data_dir),
             client: AgentServiceClient::new(channel),
             config,
@@ -93,6 +110,11 @@ impl Agent {
 
     pub fn data_dir(&self) -> &Path {
         &self.config.data_dir
+    }
+
+    /// The verified bundle repository, when `root_json_path` is configured.
+    pub fn repository(&self) -> Option<&RepositoryClient> {
+        self.repository.as_ref()
     }
 
     /// Runs until `shutdown` completes. Returns an error only when the agent
@@ -109,7 +131,29 @@ impl Agent {
             Duration::from_secs(self.config.max_backoff_seconds),
         );
         let mut online = true;
+        let refresh_every = Duration::from_secs(self.config.repository_refresh_seconds);
+        let mut next_refresh = Instant::now();
         loop {
+            if let Some(repository) = &mut self.repository
+                && Instant::now() >= next_refresh
+            {
+                match repository.refresh().await {
+                    Ok(()) => {
+                        let targets = repository
+                            .trusted()
+                            .targets()
+                            .map(|t| t.targets.len())
+                            .unwrap_or(0);
+                        tracing::info!(targets, "Repository metadata verified.");
+                        next_refresh = Instant::now() + refresh_every;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "Cannot refresh the bundle repository; keeping what was trusted.");
+                        next_refresh = Instant::now() + refresh_every.min(Duration::from_secs(60));
+                    }
+                }
+            }
+
             let wait = match self.heartbeat(&enrollment).await {
                 Ok(interval) => {
                     if !online {

@@ -20,6 +20,9 @@ const ENV_KEYS: &[&str] = &[
     "log_format",
     "log_level",
     "insecure_dev",
+    "root_json_path",
+    "repository_url",
+    "repository_refresh_seconds",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,6 +69,13 @@ pub struct AgentConfig {
     pub request_timeout_seconds: u64,
     pub log_format: LogFormat,
     pub log_level: String,
+    /// The pinned TUF root shipped with the agent; empty: no bundle
+    /// repository is used.
+    pub root_json_path: PathBuf,
+    /// The control plane's bundle repository, e.g. `http://cp:7401/repo/`.
+    pub repository_url: String,
+    /// How often the repository metadata is refreshed.
+    pub repository_refresh_seconds: u64,
     /// Talk plaintext gRPC to a control plane beyond loopback. Until TLS is
     /// configured the device credential crosses the network in clear, so
     /// this is for development networks only.
@@ -87,6 +97,9 @@ impl Default for AgentConfig {
             log_format: LogFormat::Text,
             log_level: "info".into(),
             insecure_dev: false,
+            root_json_path: PathBuf::new(),
+            repository_url: String::new(),
+            repository_refresh_seconds: 300,
         }
     }
 }
@@ -148,6 +161,12 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_level: Option<String>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub root_json_path: Option<PathBuf>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repository_url: Option<String>,
     /// Talk plaintext gRPC to a non-loopback control plane (development only).
     #[arg(long)]
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -210,6 +229,27 @@ impl AgentConfig {
         }
         if self.data_dir.as_os_str().is_empty() {
             return Err(config_error("data_dir", "must not be empty"));
+        }
+        if !self.root_json_path.as_os_str().is_empty() {
+            if !self.root_json_path.is_file() {
+                return Err(config_error(
+                    "root_json_path",
+                    format!("{} is not a readable file", self.root_json_path.display()),
+                ));
+            }
+            let url: Result<tonic::transport::Uri, _> = self.repository_url.parse();
+            if !url.is_ok_and(|u| u.scheme_str() == Some("http") && u.host().is_some()) {
+                return Err(config_error(
+                    "repository_url",
+                    "must be set, like http://host:7401/repo/, when root_json_path is",
+                ));
+            }
+            if !(10..=86_400).contains(&self.repository_refresh_seconds) {
+                return Err(config_error(
+                    "repository_refresh_seconds",
+                    "must be 10 to 86400",
+                ));
+            }
         }
         if self.hardware_model.trim().is_empty() || self.hardware_model.len() > 64 {
             return Err(config_error("hardware_model", "must be 1 to 64 bytes"));

@@ -29,4 +29,6 @@ pub enum Error {
     EnrollmentRefused(String),
     #[error("invalid server URL: {0}")]
     ServerUrl(String),
+    #[error("cannot use the bundle repository: {0}")]
+    Repository(String),
 }

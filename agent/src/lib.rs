@@ -10,6 +10,7 @@ pub mod error;
 mod files;
 pub mod health;
 pub mod identity;
+pub mod repository;
 pub mod state;
 
 pub use agent::{AGENT_VERSION, Agent};

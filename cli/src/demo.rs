@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::repo_cmd::{self, RoleKeyCounts};
 use crate::view::{self, DeviceView};
 use crate::{Admin, Output};
 
@@ -45,6 +46,7 @@ pub struct DemoArgs {
 
 #[derive(Serialize)]
 struct Summary {
+    bundles_published: Vec<String>,
     devices_online: usize,
     devices_total: usize,
     stores: usize,
@@ -93,6 +95,25 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
 
     let server_url = format!("http://{grpc_address}");
     let mut admin = Admin::connect(&server_url, admin_token.trim()).await?;
+
+    // Signed bundles: keys, a sample bundle built, signed and published.
+    let keys = dir.path().join("keys");
+    let one_each = RoleKeyCounts {
+        root_keys: 1,
+        root_threshold: 1,
+        targets_keys: 1,
+        targets_threshold: 1,
+    };
+    let day = Duration::from_secs(86_400);
+    repo_cmd::init(&mut admin, &keys, one_each, 30 * day, 7 * day).await?;
+    let bundle = build_sample_bundle(dir.path())?;
+    let published = repo_cmd::publish(&mut admin, &bundle, &keys, 7 * day).await?;
+    say(&format!(
+        "Bundle repository initialized (keys in {}); built, signed and published {} ({} bytes).",
+        keys.display(),
+        published.target,
+        published.length
+    ));
     let mut agents = Vec::new();
     for &(store_id, name, time_zone) in &STORES[..args.stores as usize] {
         admin.create_store(store_id, name, time_zone).await?;
@@ -115,6 +136,8 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
                 hardware_model: "demo-pos-v1".into(),
                 serial_number: format!("DEMO-{store_id}-{till}"),
                 peripherals: PeripheralsDriver::Fake,
+                root_json_path: keys.join("root.json"),
+                repository_url: format!("http://{http_address}/repo/"),
                 ..AgentConfig::default()
             };
             let agent = Agent::open(config)?;
@@ -149,8 +172,10 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
         .await?
         .len();
     let views: Vec<DeviceView> = devices.into_iter().map(Into::into).collect();
+    let bundles = admin.list_bundles(String::new()).await?;
     if json {
         let summary = Summary {
+            bundles_published: bundles.iter().map(|b| b.target.clone()).collect(),
             devices_online: views.len(),
             devices_total,
             stores: args.stores as usize,
@@ -162,6 +187,8 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
     } else {
         println!("{}", view::devices_table(&views));
         println!("{expected} of {expected} tills online after {seconds_to_online:.1}s.");
+        println!("Published bundles (posfleet bundle list):");
+        repo_cmd::print_bundles(&bundles, Output::Table)?;
     }
 
     if args.keep_running {
@@ -186,4 +213,22 @@ fn has_reported(device: &v1::Device) -> bool {
         .health
         .as_ref()
         .is_some_and(|h| h.memory_total_bytes > 0)
+}
+
+/// The sample POS program of the demo, packed as bundle pos-app 1.0.0.
+fn build_sample_bundle(dir: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let src = dir.join("pos-app-src");
+    std::fs::create_dir_all(src.join("bin"))?;
+    std::fs::write(
+        src.join("posfleet-bundle.toml"),
+        "name = \"pos-app\"\nversion = \"1.0.0\"\nkind = \"software\"\nhardware = [\"demo-pos-v1\"]\n\n\
+         [health_check]\ncommand = [\"bin/pos-app\", \"--health\"]\ntimeout_seconds = 10\n",
+    )?;
+    let program = src.join("bin/pos-app");
+    std::fs::write(&program, "#!/bin/sh\necho \"pos-app 1.0.0: ok\"\n")?;
+    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755))?;
+    let bundle = dir.join("pos-app-1.0.0.bundle");
+    posfleet_bundle::archive::build(&src, &bundle)?;
+    Ok(bundle)
 }

@@ -148,6 +148,73 @@ fn chrono_duration(d: Duration) -> chrono::Duration {
     chrono::Duration::seconds(d.as_secs().min(100 * 365 * 86_400) as i64)
 }
 
+/// How many keys each offline role gets, and how many must sign.
+#[derive(Debug, Clone, Copy)]
+pub struct RoleKeyCounts {
+    pub root_keys: u32,
+    pub root_threshold: u64,
+    pub targets_keys: u32,
+    pub targets_threshold: u64,
+}
+
+/// Creates root and targets keys in `dir` (0600), signs root version 1
+/// naming the control plane's online keys and an empty targets metadata, and
+/// initializes the control plane's repository with them. Writes
+/// `dir/root.json`, the root to pin on agents.
+pub async fn init(
+    admin: &mut Admin,
+    dir: &Path,
+    roles: RoleKeyCounts,
+    root_expires_in: Duration,
+    targets_expires_in: Duration,
+) -> anyhow::Result<()> {
+    if !(1..=u64::from(roles.root_keys)).contains(&roles.root_threshold)
+        || !(1..=u64::from(roles.targets_keys)).contains(&roles.targets_threshold)
+    {
+        bail!("each threshold must be between 1 and the number of keys of its role");
+    }
+    let repository = admin.repository().await?;
+    if !repository.root_json.is_empty() {
+        bail!("the control plane's repository is already initialized; use `posfleet keys rotate`");
+    }
+    let (snapshot, timestamp) = online_keys(&repository)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    if !read_keys(dir, ROOT)?.is_empty() || !read_keys(dir, TARGETS)?.is_empty() {
+        bail!(
+            "{} already holds keys; choose an empty directory",
+            dir.display()
+        );
+    }
+    let root_signers = generate_keys(dir, ROOT, roles.root_keys)?;
+    let targets_signers = generate_keys(dir, TARGETS, roles.targets_keys)?;
+    let keys = repo::RootKeys {
+        root: root_signers.iter().map(|k| k.verifying_key()).collect(),
+        root_threshold: roles.root_threshold,
+        targets: targets_signers.iter().map(|k| k.verifying_key()).collect(),
+        targets_threshold: roles.targets_threshold,
+        snapshot,
+        timestamp,
+    };
+    let now = Utc::now();
+    let root = repo::root(&keys, 1, now + chrono_duration(root_expires_in));
+    let root_json = tuf::sign(&root, &root_signers.iter().collect::<Vec<_>>());
+    let targets = repo::targets(
+        1,
+        now + chrono_duration(targets_expires_in),
+        Default::default(),
+    );
+    let targets_json = tuf::sign(&targets, &targets_signers.iter().collect::<Vec<_>>());
+    admin
+        .init_repository(root_json.clone(), targets_json)
+        .await?;
+    std::fs::write(dir.join("root.json"), &root_json)?;
+    Ok(())
+}
+
 pub async fn keys(admin: &mut Admin, command: KeysCommand) -> anyhow::Result<()> {
     match command {
         KeysCommand::Init {
@@ -159,52 +226,13 @@ pub async fn keys(admin: &mut Admin, command: KeysCommand) -> anyhow::Result<()>
             root_expires_in,
             targets_expires_in,
         } => {
-            if !(1..=root_keys as u64).contains(&root_threshold)
-                || !(1..=targets_keys as u64).contains(&targets_threshold)
-            {
-                bail!("each threshold must be between 1 and the number of keys of its role");
-            }
-            let repository = admin.repository().await?;
-            if !repository.root_json.is_empty() {
-                bail!(
-                    "the control plane's repository is already initialized; use `posfleet keys rotate`"
-                );
-            }
-            let (snapshot, timestamp) = online_keys(&repository)?;
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
-            if !read_keys(&dir, ROOT)?.is_empty() || !read_keys(&dir, TARGETS)?.is_empty() {
-                bail!(
-                    "{} already holds keys; choose an empty directory",
-                    dir.display()
-                );
-            }
-            let root_signers = generate_keys(&dir, ROOT, root_keys)?;
-            let targets_signers = generate_keys(&dir, TARGETS, targets_keys)?;
-            let keys = repo::RootKeys {
-                root: root_signers.iter().map(|k| k.verifying_key()).collect(),
+            let roles = RoleKeyCounts {
+                root_keys,
                 root_threshold,
-                targets: targets_signers.iter().map(|k| k.verifying_key()).collect(),
+                targets_keys,
                 targets_threshold,
-                snapshot,
-                timestamp,
             };
-            let now = Utc::now();
-            let root = repo::root(&keys, 1, now + chrono_duration(root_expires_in));
-            let root_json = tuf::sign(&root, &root_signers.iter().collect::<Vec<_>>());
-            let targets = repo::targets(
-                1,
-                now + chrono_duration(targets_expires_in),
-                Default::default(),
-            );
-            let targets_json = tuf::sign(&targets, &targets_signers.iter().collect::<Vec<_>>());
-            admin
-                .init_repository(root_json.clone(), targets_json)
-                .await?;
-            std::fs::write(dir.join("root.json"), &root_json)?;
+            init(admin, &dir, roles, root_expires_in, targets_expires_in).await?;
             println!(
                 "Repository initialized with root version 1 ({root_keys} root keys, threshold {root_threshold}; \
                  {targets_keys} targets keys, threshold {targets_threshold})."
@@ -391,7 +419,7 @@ pub async fn publish(
         .await
 }
 
-fn print_bundles(bundles: &[v1::Bundle], output: Output) -> anyhow::Result<()> {
+pub fn print_bundles(bundles: &[v1::Bundle], output: Output) -> anyhow::Result<()> {
     #[derive(serde::Serialize)]
     struct View<'a> {
         target: &'a str,

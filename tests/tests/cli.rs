@@ -220,4 +220,8 @@ fn the_demo_brings_six_tills_online() {
     assert_eq!(summary["devices_online"], 6);
     assert_eq!(summary["devices_total"], 6);
     assert_eq!(summary["stores"], 2);
+    assert_eq!(
+        summary["bundles_published"],
+        serde_json::json!(["pos-app/1.0.0"])
+    );
 }
