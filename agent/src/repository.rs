@@ -299,24 +299,24 @@ impl RepositoryClient {
             "targets/{}",
             consistent_target_path(&target.name, &target.sha256)
         ));
-        let fail = |e: reqwest::Error| RepoError::Fetch {
-            url: url.clone(),
-            message: e.to_string(),
-        };
-        let mut request = self.http.get(&url);
-        if have > 0 {
-            request = request.header(reqwest::header::RANGE, format!("bytes={have}-"));
-        }
-        let mut response = request.send().await.map_err(|e| {
+        let fail = |e: reqwest::Error| {
             if e.is_timeout() {
                 RepoError::Timeout {
                     url: url.clone(),
                     seconds: self.timeouts.stall.as_secs(),
                 }
             } else {
-                fail(e)
+                RepoError::Fetch {
+                    url: url.clone(),
+                    message: e.to_string(),
+                }
             }
-        })?;
+        };
+        let mut request = self.http.get(&url);
+        if have > 0 {
+            request = request.header(reqwest::header::RANGE, format!("bytes={have}-"));
+        }
+        let mut response = request.send().await.map_err(fail)?;
         match response.status() {
             reqwest::StatusCode::PARTIAL_CONTENT if have > 0 => {}
             reqwest::StatusCode::OK => {
@@ -337,16 +337,7 @@ impl RepositoryClient {
         let mut piece = Vec::with_capacity(size as usize);
         use std::io::Seek;
         file.seek(std::io::SeekFrom::Start(have)).map_err(write)?;
-        while let Some(chunk) = response.chunk().await.map_err(|e| {
-            if e.is_timeout() {
-                RepoError::Timeout {
-                    url: url.clone(),
-                    seconds: self.timeouts.stall.as_secs(),
-                }
-            } else {
-                fail(e)
-            }
-        })? {
+        while let Some(chunk) = response.chunk().await.map_err(fail)? {
             received += chunk.len() as u64;
             if have + received > target.length {
                 return Err(RepoError::TooLarge {

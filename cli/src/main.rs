@@ -375,8 +375,16 @@ pub fn code_name(code: tonic::Code) -> String {
     out
 }
 
-fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+/// Prints `value` as JSON for scripts, or `human()` for people.
+fn show<T: Serialize>(
+    output: Output,
+    value: &T,
+    human: impl FnOnce() -> String,
+) -> anyhow::Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
+        Output::Table => print!("{}", human()),
+    }
     Ok(())
 }
 
@@ -419,7 +427,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Admin(command) => command,
     };
     let mut admin = Admin::connect(&server, &admin_token(token, token_file)?).await?;
-    let json = output == Output::Json;
     match command {
         AdminCommand::Store(StoreCommand::Create {
             id,
@@ -427,11 +434,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             time_zone,
         }) => {
             let store = StoreView::from(admin.create_store(&id, &name, &time_zone).await?);
-            if json {
-                print_json(&store)?;
-            } else {
-                println!("{}", view::stores_table(&[store]));
-            }
+            show(output, &store, || {
+                format!("{}\n", view::stores_table(std::slice::from_ref(&store)))
+            })?;
         }
         AdminCommand::Store(StoreCommand::List) => {
             let stores: Vec<StoreView> = admin
@@ -440,11 +445,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .into_iter()
                 .map(Into::into)
                 .collect();
-            if json {
-                print_json(&stores)?;
-            } else {
-                println!("{}", view::stores_table(&stores));
-            }
+            show(output, &stores, || {
+                format!("{}\n", view::stores_table(&stores))
+            })?;
         }
         AdminCommand::EnrollToken(TokenCommand::Create {
             store,
@@ -454,13 +457,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let created = admin.create_token(&store, expires_in, uses).await?;
             let mut token = TokenView::from(created.token.unwrap_or_default());
             token.secret = Some(created.secret.clone());
-            if json {
-                print_json(&token)?;
-            } else {
-                println!("{}", view::tokens_table(std::slice::from_ref(&token)));
-                println!("Secret (shown once; give it to the agent as enrollment_token):");
-                println!("{}", created.secret);
-            }
+            show(output, &token, || {
+                format!(
+                    "{}\nSecret (shown once; give it to the agent as enrollment_token):\n{}\n",
+                    view::tokens_table(std::slice::from_ref(&token)),
+                    created.secret
+                )
+            })?;
         }
         AdminCommand::EnrollToken(TokenCommand::List { store }) => {
             let request = admin.request(v1::ListEnrollmentTokensRequest {
@@ -476,11 +479,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .into_iter()
                 .map(Into::into)
                 .collect();
-            if json {
-                print_json(&tokens)?;
-            } else {
-                println!("{}", view::tokens_table(&tokens));
-            }
+            show(output, &tokens, || {
+                format!("{}\n", view::tokens_table(&tokens))
+            })?;
         }
         AdminCommand::EnrollToken(TokenCommand::Revoke { id }) => {
             let request = admin.request(v1::RevokeEnrollmentTokenRequest { id });
@@ -492,11 +493,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .map_err(|s| admin.error(s))?
                     .into_inner(),
             );
-            if json {
-                print_json(&token)?;
-            } else {
-                println!("{}", view::tokens_table(&[token]));
-            }
+            show(output, &token, || {
+                format!("{}\n", view::tokens_table(std::slice::from_ref(&token)))
+            })?;
         }
         AdminCommand::Device(DeviceCommand::List(args)) => {
             let status = match args.status {
@@ -516,11 +515,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .into_iter()
                 .map(Into::into)
                 .collect();
-            if json {
-                print_json(&devices)?;
-            } else {
-                println!("{}", view::devices_table(&devices));
-            }
+            show(output, &devices, || {
+                format!("{}\n", view::devices_table(&devices))
+            })?;
         }
         AdminCommand::Device(DeviceCommand::Show { id }) => {
             let request = admin.request(v1::GetDeviceRequest { id });
@@ -532,11 +529,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .map_err(|s| admin.error(s))?
                     .into_inner(),
             );
-            if json {
-                print_json(&device)?;
-            } else {
-                print!("{}", view::device_details(&device));
-            }
+            show(output, &device, || view::device_details(&device))?;
         }
         AdminCommand::Device(DeviceCommand::Label { id, changes }) => {
             let (set, remove) = parse_label_changes(&changes)?;
@@ -553,11 +546,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .map_err(|s| admin.error(s))?
                     .into_inner(),
             );
-            if json {
-                print_json(&device)?;
-            } else {
-                print!("{}", view::device_details(&device));
-            }
+            show(output, &device, || view::device_details(&device))?;
         }
     }
     Ok(())
