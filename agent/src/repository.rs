@@ -251,7 +251,7 @@ impl RepositoryClient {
             .div_ceil(u64::from(target.info.chunk_size.max(1)));
         let path = format!("chunks/{}", target.info.chunks_sha256);
         let bytes = self
-            .fetch(&path, count * 32)
+            .fetch(&path, count.saturating_mul(32))
             .await?
             .ok_or_else(|| RepoError::Fetch {
                 url: self.url(&path),

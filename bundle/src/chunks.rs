@@ -51,7 +51,7 @@ impl ChunkList {
             return Err(Error::ChunkList("chunk size is 0".into()));
         }
         let expected = chunk_count(length, chunk_size);
-        if bytes.len() as u64 != expected * 32 {
+        if expected.checked_mul(32) != Some(bytes.len() as u64) {
             return Err(Error::ChunkList(format!(
                 "{} bytes for {expected} chunks of {chunk_size} bytes",
                 bytes.len()
@@ -218,6 +218,18 @@ mod tests {
         assert!(
             ChunkList::decode(&encoded[..64], CHUNK_SIZE, d.length, &d.chunks.digest()).is_err()
         );
+    }
+
+    #[test]
+    fn an_absurd_length_is_refused_not_a_panic() {
+        assert!(matches!(
+            ChunkList::decode(b"", 1, u64::MAX, &[0; 32]),
+            Err(Error::ChunkList(_))
+        ));
+        assert!(matches!(
+            ChunkList::decode(b"", 0, 5, &[0; 32]),
+            Err(Error::ChunkList(_))
+        ));
     }
 
     #[test]

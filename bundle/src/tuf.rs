@@ -19,15 +19,20 @@ pub const TARGETS: &str = "targets";
 pub const SNAPSHOT: &str = "snapshot";
 pub const TIMESTAMP: &str = "timestamp";
 
-/// Canonical JSON (OLPC), as TUF signs it.
-pub fn canonical_json<T: Serialize>(value: &T) -> Vec<u8> {
+/// Canonical JSON (OLPC), as TUF signs it. Fails on what canonical JSON
+/// cannot express (floating-point numbers).
+pub fn try_canonical_json<T: Serialize>(value: &T) -> Result<Vec<u8>, serde_json::Error> {
     let mut out = Vec::new();
     let mut serializer =
         serde_json::Serializer::with_formatter(&mut out, olpc_cjson::CanonicalFormatter::new());
-    value
-        .serialize(&mut serializer)
-        .expect("metadata serializes: no maps with non-string keys, no floats");
-    out
+    value.serialize(&mut serializer)?;
+    Ok(out)
+}
+
+/// Canonical JSON of metadata this crate builds (strings, integers,
+/// booleans, lists and maps only, so it cannot fail).
+pub fn canonical_json<T: Serialize>(value: &T) -> Vec<u8> {
+    try_canonical_json(value).expect("metadata built here holds no floats")
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -239,7 +244,11 @@ impl Envelope {
             role: ROOT.into(),
             message: format!("no {role} role"),
         })?;
-        let payload = canonical_json(&self.signed);
+        // Received metadata may hold anything, floats included.
+        let payload = try_canonical_json(&self.signed).map_err(|e| Error::Malformed {
+            role: role.into(),
+            message: format!("not canonical JSON: {e}"),
+        })?;
         let mut valid = BTreeSet::new();
         for signature in &self.signatures {
             if !role_keys.keyids.contains(&signature.keyid) || valid.contains(&signature.keyid) {
@@ -287,6 +296,33 @@ pub fn check_expiry(role: &str, expires: &str, now: DateTime<Utc>) -> Result<()>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_float_in_received_metadata_is_refused_not_a_panic() {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let id = Key::ed25519(&key.verifying_key()).id();
+        let root = Root {
+            type_: ROOT.into(),
+            spec_version: SPEC_VERSION.into(),
+            consistent_snapshot: true,
+            version: 1,
+            expires: "2099-01-01T00:00:00Z".into(),
+            keys: BTreeMap::from([(id.clone(), Key::ed25519(&key.verifying_key()))]),
+            roles: BTreeMap::from([(
+                ROOT.to_string(),
+                RoleKeys {
+                    keyids: vec![id],
+                    threshold: 1,
+                },
+            )]),
+        };
+        let mut envelope = parse_envelope(ROOT, &sign(&root, &[&key]), 1 << 20).unwrap();
+        envelope.signed["x-extra"] = serde_json::json!(1.5);
+        assert!(matches!(
+            envelope.verify(ROOT, &root),
+            Err(Error::Malformed { .. })
+        ));
+    }
 
     #[test]
     fn canonical_json_sorts_keys_and_drops_spaces() {
