@@ -84,12 +84,24 @@ fn check_length_and_hashes(what: &str, bytes: &[u8], meta: &tuf::MetaFile) -> Re
     Ok(())
 }
 
+/// A root must be rotatable: version N+1 must exist.
+fn check_root_version(root: &Root) -> Result<()> {
+    if root.version == 0 || root.version == u64::MAX {
+        return Err(Error::Malformed {
+            role: ROOT.into(),
+            message: format!("version {} cannot be followed by a rotation", root.version),
+        });
+    }
+    Ok(())
+}
+
 impl TrustedMetadata {
     /// Starts from the root shipped with the agent. It must be signed by a
     /// threshold of its own root keys; its expiry is checked after updates.
     pub fn from_pinned_root(bytes: &[u8], limits: Limits) -> Result<TrustedMetadata> {
         let envelope = parse_envelope(ROOT, bytes, limits.max_root_size)?;
         let root: Root = envelope.decode(ROOT)?;
+        check_root_version(&root)?;
         envelope.verify(ROOT, &root)?;
         Ok(TrustedMetadata {
             limits,
@@ -131,6 +143,7 @@ impl TrustedMetadata {
         }
         let envelope = parse_envelope(ROOT, bytes, self.limits.max_root_size)?;
         let new: Root = envelope.decode(ROOT)?;
+        check_root_version(&new)?;
         envelope.verify(ROOT, &self.root)?;
         if new.version != self.root.version + 1 {
             return Err(Error::RootVersionSkip {

@@ -340,11 +340,14 @@ impl Repository {
         let previous: Targets =
             tuf::parse_envelope(TARGETS, previous.as_bytes(), u64::MAX)?.decode(TARGETS)?;
         let new = Self::verify_targets(root, targets_bytes, now)?;
-        if new.version != previous.version + 1 {
+        let expected = previous
+            .version
+            .checked_add(1)
+            .ok_or_else(|| RepoError::Refused("the targets version cannot grow any more".into()))?;
+        if new.version != expected {
             return Err(RepoError::Refused(format!(
-                "targets version {} must be {} (one more than the current)",
-                new.version,
-                previous.version + 1
+                "targets version {} must be {expected} (one more than the current)",
+                new.version
             )));
         }
         for (name, file) in &previous.targets {
