@@ -11,6 +11,8 @@ use crate::error::{Error, Result};
 
 /// The piece size of every bundle.
 pub const CHUNK_SIZE: u32 = 1 << 20;
+/// The largest piece size a client accepts from metadata (it sizes buffers).
+pub const MAX_CHUNK_SIZE: u32 = 16 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChunkList {

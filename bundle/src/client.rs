@@ -355,6 +355,12 @@ impl TrustedMetadata {
             .get(name)
             .ok_or_else(|| Error::UnknownTarget(name.into()))?;
         let info = target.bundle_info(name)?;
+        if info.chunk_size == 0 || info.chunk_size > crate::chunks::MAX_CHUNK_SIZE {
+            return Err(Error::Malformed {
+                role: TARGETS.into(),
+                message: format!("target {name} has chunk_size {}", info.chunk_size),
+            });
+        }
         if !info
             .hardware
             .iter()

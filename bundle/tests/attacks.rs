@@ -339,6 +339,15 @@ fn endless_data_attack_is_refused() {
         limited.bundle("pos-app/1.0.0", "pos-x1"),
         Err(Error::TooLarge { .. })
     ));
+    // Signed metadata asking for 4 GiB pieces (each piece is one buffer).
+    let mut repo = sample();
+    let entry = repo.entries.get_mut("pos-app/1.0.0").unwrap();
+    entry.custom.as_mut().unwrap()["chunk_size"] = serde_json::json!(u32::MAX);
+    repo.publish();
+    let mut client = repo.client();
+    refresh(&mut client, &repo, now()).unwrap();
+    let err = client.bundle("pos-app/1.0.0", "pos-x1").unwrap_err();
+    assert!(matches!(err, Error::Malformed { .. }), "{err}");
 }
 
 #[test]
