@@ -6,7 +6,7 @@ use posfleet_agent::repository::{RepositoryClient, Timeouts};
 use posfleet_bundle::client::Limits;
 use posfleet_e2e::{ControlPlane, PostgresDb};
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn write_bundle_source(dir: &Path, version: &str, size: usize) {
@@ -27,6 +27,27 @@ fn write_bundle_source(dir: &Path, version: &str, size: usize) {
         })
         .collect();
     std::fs::write(dir.join("bin/pos-app"), data).unwrap();
+}
+
+/// Writes a bundle source of `size` bytes at `version` and builds it into
+/// `dir/name` with `posfleet bundle build`.
+fn build_bundle(cp: &ControlPlane, dir: &Path, version: &str, size: usize, name: &str) -> PathBuf {
+    write_bundle_source(&dir.join("src"), version, size);
+    let file = dir.join(name);
+    let src = dir.join("src");
+    ok(cp.cli(&[
+        "bundle",
+        "build",
+        src.to_str().unwrap(),
+        "-o",
+        file.to_str().unwrap(),
+    ]));
+    file
+}
+
+/// `posfleet bundle publish FILE --keys KEYS`.
+fn publish(cp: &ControlPlane, file: &Path, keys: &str) -> std::process::Output {
+    cp.cli(&["bundle", "publish", file.to_str().unwrap(), "--keys", keys])
 }
 
 fn ok(output: std::process::Output) -> String {
@@ -100,22 +121,8 @@ fn round_trip(database_url: Option<&str>) {
     let pinned = d.join("pinned-root.json");
     std::fs::copy(keys.join("root.json"), &pinned).unwrap();
 
-    write_bundle_source(&d.join("src"), "1.0.0", 2_600_000);
-    let file = d.join("pos-app-1.0.0.bundle");
-    ok(cp.cli(&[
-        "bundle",
-        "build",
-        d.join("src").to_str().unwrap(),
-        "-o",
-        file.to_str().unwrap(),
-    ]));
-    ok(cp.cli(&[
-        "bundle",
-        "publish",
-        file.to_str().unwrap(),
-        "--keys",
-        keys_arg,
-    ]));
+    let file = build_bundle(&cp, d, "1.0.0", 2_600_000, "pos-app-1.0.0.bundle");
+    ok(publish(&cp, &file, keys_arg));
     let listed = cp.cli_json(&["bundle", "list"]);
     assert_eq!(listed[0]["target"], "pos-app/1.0.0");
     let bytes = std::fs::read(&file).unwrap();
@@ -124,13 +131,7 @@ fn round_trip(database_url: Option<&str>) {
 
     // Publishing it again is refused, and so is a bundle signed with a key
     // that is not a targets key.
-    let again = cp.cli(&[
-        "bundle",
-        "publish",
-        file.to_str().unwrap(),
-        "--keys",
-        keys_arg,
-    ]);
+    let again = publish(&cp, &file, keys_arg);
     assert!(String::from_utf8_lossy(&again.stderr).contains("already published"));
     let rogue = d.join("rogue-keys");
     std::fs::create_dir_all(&rogue).unwrap();
@@ -139,22 +140,8 @@ fn round_trip(database_url: Option<&str>) {
         format!("{}\n", "42".repeat(32)),
     )
     .unwrap();
-    write_bundle_source(&d.join("src"), "6.6.6", 1000);
-    let evil = d.join("evil.bundle");
-    ok(cp.cli(&[
-        "bundle",
-        "build",
-        d.join("src").to_str().unwrap(),
-        "-o",
-        evil.to_str().unwrap(),
-    ]));
-    let refused = cp.cli(&[
-        "bundle",
-        "publish",
-        evil.to_str().unwrap(),
-        "--keys",
-        rogue.to_str().unwrap(),
-    ]);
+    let evil = build_bundle(&cp, d, "6.6.6", 1000, "evil.bundle");
+    let refused = publish(&cp, &evil, rogue.to_str().unwrap());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(
         stderr.contains("invalid argument") && stderr.contains("signatures"),
@@ -181,22 +168,8 @@ fn round_trip(database_url: Option<&str>) {
     // Ops rotate the targets key and publish 1.1.0; a client pinned to the
     // first root follows the rotation.
     ok(cp.cli(&["keys", "rotate", keys_arg, "--role", "targets"]));
-    write_bundle_source(&d.join("src"), "1.1.0", 5000);
-    let second = d.join("pos-app-1.1.0.bundle");
-    ok(cp.cli(&[
-        "bundle",
-        "build",
-        d.join("src").to_str().unwrap(),
-        "-o",
-        second.to_str().unwrap(),
-    ]));
-    ok(cp.cli(&[
-        "bundle",
-        "publish",
-        second.to_str().unwrap(),
-        "--keys",
-        keys_arg,
-    ]));
+    let second = build_bundle(&cp, d, "1.1.0", 5000, "pos-app-1.1.0.bundle");
+    ok(publish(&cp, &second, keys_arg));
     block_on(client.refresh()).unwrap();
     assert_eq!(client.trusted().root().version, 2);
     let target = client.target("pos-app/1.1.0", "pos-x1").unwrap();
@@ -236,22 +209,8 @@ fn the_reference_tuf_client_downloads_a_published_bundle() {
     ok(cp.cli(&["keys", "init", keys.to_str().unwrap()]));
     let pinned = d.join("pinned-root.json");
     std::fs::copy(keys.join("root.json"), &pinned).unwrap();
-    write_bundle_source(&d.join("src"), "1.0.0", 2_200_000);
-    let file = d.join("b.bundle");
-    ok(cp.cli(&[
-        "bundle",
-        "build",
-        d.join("src").to_str().unwrap(),
-        "-o",
-        file.to_str().unwrap(),
-    ]));
-    ok(cp.cli(&[
-        "bundle",
-        "publish",
-        file.to_str().unwrap(),
-        "--keys",
-        keys.to_str().unwrap(),
-    ]));
+    let file = build_bundle(&cp, d, "1.0.0", 2_200_000, "b.bundle");
+    ok(publish(&cp, &file, keys.to_str().unwrap()));
     // A root rotation too, so the client walks the root chain.
     ok(cp.cli(&["keys", "rotate", keys.to_str().unwrap(), "--role", "root"]));
 
