@@ -194,6 +194,11 @@ impl ControlPlane {
         }
     }
 
+    /// A control plane on SQLite in `data_dir`, on any free ports.
+    pub fn start_sqlite(data_dir: &Path) -> ControlPlane {
+        ControlPlane::start(data_dir, None, "127.0.0.1:0", "127.0.0.1:0", &[])
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.grpc_address)
     }

@@ -92,13 +92,7 @@ fn bad_configuration_exits_64_naming_the_key_before_binding() {
 #[test]
 fn refused_calls_are_one_line_and_fail() {
     let dir = tempfile::tempdir().unwrap();
-    let cp = ControlPlane::start(
-        &dir.path().join("cp"),
-        None,
-        "127.0.0.1:0",
-        "127.0.0.1:0",
-        &[],
-    );
+    let cp = ControlPlane::start_sqlite(&dir.path().join("cp"));
     let cli = |args: &[&str]| {
         Command::new(binary("posfleet"))
             .args(["--server", &cp.url()])
@@ -163,13 +157,7 @@ fn refused_calls_are_one_line_and_fail() {
 #[test]
 fn tables_for_people_and_json_for_scripts() {
     let dir = tempfile::tempdir().unwrap();
-    let cp = ControlPlane::start(
-        &dir.path().join("cp"),
-        None,
-        "127.0.0.1:0",
-        "127.0.0.1:0",
-        &[],
-    );
+    let cp = ControlPlane::start_sqlite(&dir.path().join("cp"));
     let output = cp.cli(&[
         "store",
         "create",

@@ -135,13 +135,7 @@ fn tills_come_back_after_the_control_plane_is_killed_on_postgres() {
 #[test]
 fn an_agent_with_a_spent_token_stops_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
-    let cp = ControlPlane::start(
-        &dir.path().join("cp"),
-        None,
-        "127.0.0.1:0",
-        "127.0.0.1:0",
-        &[],
-    );
+    let cp = ControlPlane::start_sqlite(&dir.path().join("cp"));
     cp.cli_json(&["store", "create", "s1", "--name", "S", "--time-zone", "UTC"]);
     let token = cp.cli_json(&["enroll-token", "create", "--store", "s1"]);
     let secret = token["secret"].as_str().unwrap();
@@ -169,13 +163,7 @@ fn an_agent_with_a_spent_token_stops_with_a_clear_error() {
 fn an_agent_started_before_the_control_plane_enrolls_when_it_appears() {
     let dir = tempfile::tempdir().unwrap();
     // Reserve an address, then start the agent pointing at it with nothing there.
-    let cp = ControlPlane::start(
-        &dir.path().join("cp"),
-        None,
-        "127.0.0.1:0",
-        "127.0.0.1:0",
-        &[],
-    );
+    let cp = ControlPlane::start_sqlite(&dir.path().join("cp"));
     cp.cli_json(&["store", "create", "s1", "--name", "S", "--time-zone", "UTC"]);
     let secret = cp.cli_json(&["enroll-token", "create", "--store", "s1"])["secret"]
         .as_str()
@@ -193,13 +181,7 @@ fn an_agent_started_before_the_control_plane_enrolls_when_it_appears() {
 #[test]
 fn sigterm_stops_the_control_plane_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cp = ControlPlane::start(
-        &dir.path().join("cp"),
-        None,
-        "127.0.0.1:0",
-        "127.0.0.1:0",
-        &[],
-    );
+    let mut cp = ControlPlane::start_sqlite(&dir.path().join("cp"));
     let status = cp.process.terminate();
     assert!(status.success(), "{status:?}");
     cp.process.wait_for_log("Stopped.", Duration::from_secs(5));
@@ -211,13 +193,7 @@ fn sigterm_stops_the_control_plane_cleanly() {
         .mode();
     assert_eq!(mode & 0o777, 0o600);
     let token = std::fs::read_to_string(cp.admin_token_file()).unwrap();
-    let cp2 = ControlPlane::start(
-        &dir.path().join("cp"),
-        None,
-        "127.0.0.1:0",
-        "127.0.0.1:0",
-        &[],
-    );
+    let cp2 = ControlPlane::start_sqlite(&dir.path().join("cp"));
     assert_eq!(
         std::fs::read_to_string(cp2.admin_token_file()).unwrap(),
         token

@@ -204,7 +204,7 @@ fn the_reference_tuf_client_downloads_a_published_bundle() {
     let python = std::env::var("POSFLEET_TEST_PYTHON").expect("POSFLEET_TEST_PYTHON");
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let cp = ControlPlane::start(&d.join("cp"), None, "127.0.0.1:0", "127.0.0.1:0", &[]);
+    let cp = ControlPlane::start_sqlite(&d.join("cp"));
     let keys = d.join("keys");
     ok(cp.cli(&["keys", "init", keys.to_str().unwrap()]));
     let pinned = d.join("pinned-root.json");
