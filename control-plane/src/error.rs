@@ -26,6 +26,8 @@ pub enum Error {
     Grpc(#[from] tonic::transport::Error),
     #[error("HTTP server failed: {0}")]
     Http(std::io::Error),
+    #[error("cannot read or store a bundle blob: {0}")]
+    Blob(std::io::Error),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
 }

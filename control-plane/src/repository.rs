@@ -417,8 +417,9 @@ impl Repository {
             std::fs::File::open(&temp).and_then(chunks::digest_reader)
         })
         .await
-        .map_err(|e| RepoError::Internal(crate::error::Error::Corrupt(e.to_string())))?
-        .map_err(|e| RepoError::Internal(crate::error::Error::Http(e)))?;
+        .map_err(std::io::Error::other)
+        .and_then(|digest| digest)
+        .map_err(|e| RepoError::Internal(crate::error::Error::Blob(e)))?;
         let sha256 = hex::encode(digest.sha256);
         if digest.length != file.length || Some(sha256.as_str()) != file.sha256() {
             return Err(RepoError::Refused(format!(
@@ -434,7 +435,7 @@ impl Repository {
                 "the chunk list of {name} does not match chunks_sha256"
             )));
         }
-        let io = |e: std::io::Error| RepoError::Internal(crate::error::Error::Http(e));
+        let io = |e: std::io::Error| RepoError::Internal(crate::error::Error::Blob(e));
         let list_temp = self.blobs.temp_path();
         std::fs::write(&list_temp, digest.chunks.encode()).map_err(io)?;
         self.blobs.commit(&list_temp, &chunks_sha256).map_err(io)?;
