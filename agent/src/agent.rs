@@ -6,7 +6,6 @@ use ed25519_dalek::{Signer, SigningKey};
 use posfleet_proto::v1::agent_service_client::AgentServiceClient;
 use posfleet_proto::v1::{EnrollRequest, HeartbeatRequest};
 use std::future::Future;
-use std::path::Path;
 use std::time::{Duration, Instant};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request};
@@ -106,10 +105,6 @@ impl Agent {
             peripherals,
             started: Instant::now(),
         })
-    }
-
-    pub fn data_dir(&self) -> &Path {
-        &self.config.data_dir
     }
 
     /// The verified bundle repository, when `root_json_path` is configured.

@@ -55,7 +55,6 @@ pub struct VerifiedTarget {
 pub struct TrustedMetadata {
     limits: Limits,
     root: Root,
-    root_bytes: Vec<u8>,
     root_updates: u64,
     timestamp: Option<(Timestamp, Vec<u8>)>,
     snapshot: Option<(Snapshot, Vec<u8>)>,
@@ -106,7 +105,6 @@ impl TrustedMetadata {
         Ok(TrustedMetadata {
             limits,
             root,
-            root_bytes: bytes.to_vec(),
             root_updates: 0,
             timestamp: None,
             snapshot: None,
@@ -120,11 +118,6 @@ impl TrustedMetadata {
 
     pub fn root(&self) -> &Root {
         &self.root
-    }
-
-    /// The trusted root file as received (to save on disk).
-    pub fn root_bytes(&self) -> &[u8] {
-        &self.root_bytes
     }
 
     /// The version of root to ask for next.
@@ -166,7 +159,6 @@ impl TrustedMetadata {
             self.snapshot = None;
         }
         self.root = new;
-        self.root_bytes = bytes.to_vec();
         self.root_updates += 1;
         Ok(())
     }

@@ -362,10 +362,6 @@ impl Storage {
         Ok(Storage { pool, backend })
     }
 
-    pub fn backend(&self) -> Backend {
-        self.backend
-    }
-
     /// Closes every connection (waits for queries in flight).
     pub async fn close(&self) {
         self.pool.close().await;
