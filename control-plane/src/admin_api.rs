@@ -340,6 +340,24 @@ impl AdminService for AdminApi {
         Ok(Response::new(self.device(device)))
     }
 
+    async fn assign_bundle(
+        &self,
+        request: Request<v1::AssignBundleRequest>,
+    ) -> Result<Response<v1::AssignBundleResponse>, Status> {
+        self.authorize(&request).await?;
+        Err(Status::unimplemented("AssignBundle is not implemented yet"))
+    }
+
+    async fn set_maintenance_window(
+        &self,
+        request: Request<v1::SetMaintenanceWindowRequest>,
+    ) -> Result<Response<v1::Store>, Status> {
+        self.authorize(&request).await?;
+        Err(Status::unimplemented(
+            "SetMaintenanceWindow is not implemented yet",
+        ))
+    }
+
     async fn get_repository(
         &self,
         request: Request<v1::GetRepositoryRequest>,

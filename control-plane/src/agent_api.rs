@@ -304,7 +304,18 @@ impl AgentService for AgentApi {
         Ok(Response::new(HeartbeatResponse {
             next_heartbeat_interval_seconds: interval,
             server_time_unix_ms: now,
+            desired_bundles: Vec::new(),
+            maintenance_window: None,
         }))
+    }
+
+    async fn report_progress(
+        &self,
+        _request: Request<v1::ReportProgressRequest>,
+    ) -> Result<Response<v1::ReportProgressResponse>, Status> {
+        Err(Status::unimplemented(
+            "ReportProgress is not implemented yet",
+        ))
     }
 }
 

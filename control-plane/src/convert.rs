@@ -11,6 +11,7 @@ pub fn store(s: StoreRecord) -> v1::Store {
         time_zone: s.time_zone,
         created_at_unix_ms: s.created_at_ms,
         device_count: s.device_count.max(0) as u64,
+        maintenance_window: None,
     }
 }
 
@@ -100,5 +101,6 @@ pub fn device(d: DeviceRecord, now_ms: i64, offline_after_missed_heartbeats: i64
         health: Some(health_to_proto(d.health)),
         heartbeat_interval_seconds: d.heartbeat_interval_seconds.clamp(0, u32::MAX as i64) as u32,
         agent_uptime_seconds: unsigned(d.agent_uptime_seconds),
+        bundles: Vec::new(),
     }
 }
