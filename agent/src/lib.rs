@@ -7,10 +7,12 @@ mod agent;
 pub mod backoff;
 pub mod config;
 pub mod error;
+pub mod fetch;
 mod files;
 pub mod health;
 pub mod identity;
 pub mod repository;
 pub mod state;
+pub mod window;
 
 pub use agent::{AGENT_VERSION, Agent};

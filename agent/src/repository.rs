@@ -5,10 +5,11 @@
 //! trusted on disk so rollback protection survives restarts.
 
 use chrono::Utc;
-use posfleet_bundle::chunks::ChunkList;
 use posfleet_bundle::client::{Limits, TrustedMetadata, VerifiedTarget};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::fetch::{Fetcher, Origin};
 
 use crate::files;
 
@@ -60,11 +61,9 @@ impl Default for Timeouts {
 }
 
 pub struct RepositoryClient {
-    http: reqwest::Client,
-    base_url: String,
+    origin: Origin,
     trusted: TrustedMetadata,
     state_dir: PathBuf,
-    timeouts: Timeouts,
 }
 
 const ROLES: [&str; 3] = ["timestamp", "snapshot", "targets"];
@@ -107,20 +106,10 @@ impl RepositoryClient {
         {
             let _ = trusted.update_targets(&bytes, now);
         }
-        let http = reqwest::Client::builder()
-            .connect_timeout(timeouts.metadata)
-            .read_timeout(timeouts.stall)
-            .build()
-            .map_err(|e| RepoError::Fetch {
-                url: base_url.into(),
-                message: e.to_string(),
-            })?;
         Ok(RepositoryClient {
-            http,
-            base_url: base_url.trim_end_matches('/').to_string(),
+            origin: Origin::new(base_url, timeouts)?,
             trusted,
             state_dir,
-            timeouts,
         })
     }
 
@@ -129,53 +118,16 @@ impl RepositoryClient {
     }
 
     fn url(&self, path: &str) -> String {
-        format!("{}/{path}", self.base_url)
+        self.origin.url(path)
     }
 
-    /// GETs `path` whole, refusing more than `limit` bytes or more than the
-    /// metadata timeout. `Ok(None)` on 404.
     async fn fetch(&self, path: &str, limit: u64) -> Result<Option<Vec<u8>>, RepoError> {
-        let url = self.url(path);
-        let seconds = self.timeouts.metadata.as_secs();
-        let fetch = async {
-            let fail = |e: reqwest::Error| RepoError::Fetch {
-                url: url.clone(),
-                message: e.to_string(),
-            };
-            let mut response = self.http.get(&url).send().await.map_err(fail)?;
-            if response.status() == reqwest::StatusCode::NOT_FOUND {
-                return Ok(None);
-            }
-            if !response.status().is_success() {
-                return Err(RepoError::Fetch {
-                    url: url.clone(),
-                    message: format!("HTTP {}", response.status()),
-                });
-            }
-            if response.content_length().is_some_and(|n| n > limit) {
-                return Err(RepoError::TooLarge {
-                    url: url.clone(),
-                    limit,
-                });
-            }
-            let mut body = Vec::new();
-            while let Some(chunk) = response.chunk().await.map_err(fail)? {
-                if (body.len() + chunk.len()) as u64 > limit {
-                    return Err(RepoError::TooLarge {
-                        url: url.clone(),
-                        limit,
-                    });
-                }
-                body.extend_from_slice(&chunk);
-            }
-            Ok(Some(body))
-        };
-        tokio::time::timeout(self.timeouts.metadata, fetch)
-            .await
-            .unwrap_or(Err(RepoError::Timeout {
-                url: url.clone(),
-                seconds,
-            }))
+        self.origin.get_whole(path, limit).await
+    }
+
+    /// The origin (this repository's HTTP server) as a bundle fetcher.
+    pub fn origin(&self) -> Origin {
+        self.origin.clone()
     }
 
     fn save(&self, name: &str, bytes: &[u8]) -> Result<(), RepoError> {
@@ -239,148 +191,10 @@ impl RepositoryClient {
         Ok(self.trusted.bundle(name, hardware_model)?)
     }
 
-    /// The target's chunk list, fetched from anywhere and checked against
-    /// its signed digest.
-    pub async fn chunk_list(&self, target: &VerifiedTarget) -> Result<ChunkList, RepoError> {
-        let digest: [u8; 32] = hex::decode(&target.info.chunks_sha256)
-            .ok()
-            .and_then(|b| b.try_into().ok())
-            .ok_or(posfleet_bundle::Error::ChunkListMismatch)?;
-        let count = target
-            .length
-            .div_ceil(u64::from(target.info.chunk_size.max(1)));
-        let path = format!("chunks/{}", target.info.chunks_sha256);
-        let bytes = self
-            .fetch(&path, count.saturating_mul(32))
-            .await?
-            .ok_or_else(|| RepoError::Fetch {
-                url: self.url(&path),
-                message: "not found".into(),
-            })?;
-        Ok(ChunkList::decode(
-            &bytes,
-            target.info.chunk_size,
-            target.length,
-            &digest,
-        )?)
-    }
-
-    /// Downloads a bundle into `dest`, checking every piece before it is
-    /// written, resuming from the verified pieces already in `dest`.
+    /// Downloads a bundle from the origin into `dest` (see [`Origin`]).
     pub async fn download(&self, target: &VerifiedTarget, dest: &Path) -> Result<(), RepoError> {
-        use std::io::Write;
-        let list = self.chunk_list(target).await?;
-        let size = u64::from(list.chunk_size);
-        // Keep the whole verified pieces already on disk.
-        let mut have = 0u64;
-        if let Ok(existing) = std::fs::read(dest) {
-            for (index, piece) in existing.chunks(size as usize).enumerate() {
-                if list.verify_chunk(index, piece).is_err() {
-                    break;
-                }
-                have += piece.len() as u64;
-            }
-        }
-        let write = |source| crate::error::Error::Write {
-            path: dest.to_path_buf(),
-            source,
-        };
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(false)
-            .open(dest)
-            .map_err(write)?;
-        file.set_len(have).map_err(write)?;
-        if have == target.length {
-            return Ok(());
-        }
-        let url = self.url(&format!(
-            "targets/{}",
-            consistent_target_path(&target.name, &target.sha256)
-        ));
-        let fail = |e: reqwest::Error| {
-            if e.is_timeout() {
-                RepoError::Timeout {
-                    url: url.clone(),
-                    seconds: self.timeouts.stall.as_secs(),
-                }
-            } else {
-                RepoError::Fetch {
-                    url: url.clone(),
-                    message: e.to_string(),
-                }
-            }
-        };
-        let mut request = self.http.get(&url);
-        if have > 0 {
-            request = request.header(reqwest::header::RANGE, format!("bytes={have}-"));
-        }
-        let mut response = request.send().await.map_err(fail)?;
-        match response.status() {
-            reqwest::StatusCode::PARTIAL_CONTENT if have > 0 => {}
-            reqwest::StatusCode::OK => {
-                // Whole file (a server that ignores Range): start over.
-                have = 0;
-                file.set_len(0).map_err(write)?;
-            }
-            status => {
-                return Err(RepoError::Fetch {
-                    url: url.clone(),
-                    message: format!("HTTP {status}"),
-                });
-            }
-        }
-        let started = Instant::now();
-        let mut received = 0u64;
-        let mut index = (have / size) as usize;
-        let mut piece = Vec::with_capacity(size as usize);
-        use std::io::Seek;
-        file.seek(std::io::SeekFrom::Start(have)).map_err(write)?;
-        while let Some(chunk) = response.chunk().await.map_err(fail)? {
-            received += chunk.len() as u64;
-            if have + received > target.length {
-                return Err(RepoError::TooLarge {
-                    url: url.clone(),
-                    limit: target.length,
-                });
-            }
-            let elapsed = started.elapsed();
-            if elapsed > self.timeouts.stall {
-                let rate = (received as f64 / elapsed.as_secs_f64()) as u64;
-                if rate < self.timeouts.min_bytes_per_second {
-                    return Err(RepoError::TooSlow {
-                        url: url.clone(),
-                        rate,
-                        minimum: self.timeouts.min_bytes_per_second,
-                    });
-                }
-            }
-            let mut rest = &chunk[..];
-            while !rest.is_empty() {
-                let want = list.chunk_len(index)? as usize - piece.len();
-                let take = want.min(rest.len());
-                piece.extend_from_slice(&rest[..take]);
-                rest = &rest[take..];
-                if piece.len() as u64 == list.chunk_len(index)? {
-                    // Verified before it is written.
-                    list.verify_chunk(index, &piece)?;
-                    file.write_all(&piece).map_err(write)?;
-                    piece.clear();
-                    index += 1;
-                }
-            }
-        }
-        file.sync_all().map_err(write)?;
-        if have + received != target.length {
-            return Err(posfleet_bundle::Error::LengthMismatch {
-                what: target.name.clone(),
-                expected: target.length,
-                actual: have + received,
-            }
-            .into());
-        }
-        Ok(())
+        let list = self.origin.chunk_list(target).await?;
+        self.origin.fetch(target, &list, dest, &|_| {}).await
     }
 }
 

@@ -1,0 +1,267 @@
+//! Where bundle bytes come from. The install lifecycle asks a [`Fetcher`]
+//! for a target and never cares whether the pieces came from the origin or
+//! from a peer: every piece is checked against the signed chunk list before
+//! it is written, so a source is never trusted.
+
+use posfleet_bundle::chunks::ChunkList;
+use posfleet_bundle::client::VerifiedTarget;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::Path;
+use std::time::Instant;
+
+use crate::repository::{RepoError, Timeouts, consistent_target_path};
+
+/// Called with the number of verified bytes on disk as a download goes.
+pub type Progress<'a> = &'a (dyn Fn(u64) + Send + Sync);
+
+#[async_trait::async_trait]
+pub trait Fetcher: Send + Sync {
+    /// The target's chunk list, checked against its signed digest.
+    async fn chunk_list(&self, target: &VerifiedTarget) -> Result<ChunkList, RepoError>;
+
+    /// Brings `dest` to the whole target: keeps the verified pieces already
+    /// there, fetches the rest, verifies every piece before writing it.
+    async fn fetch(
+        &self,
+        target: &VerifiedTarget,
+        list: &ChunkList,
+        dest: &Path,
+        progress: Progress<'_>,
+    ) -> Result<(), RepoError>;
+}
+
+/// Length of the run of whole, verified pieces at the start of `file`.
+/// Reads one piece at a time: memory stays at one chunk whatever the size.
+pub fn verified_prefix(file: &mut std::fs::File, list: &ChunkList) -> std::io::Result<u64> {
+    file.seek(SeekFrom::Start(0))?;
+    let mut have = 0u64;
+    let mut piece = Vec::with_capacity(list.chunk_size as usize);
+    for index in 0..list.count() {
+        let Ok(want) = list.chunk_len(index) else {
+            break;
+        };
+        piece.clear();
+        let read = Read::by_ref(file).take(want).read_to_end(&mut piece)?;
+        if read as u64 != want || list.verify_chunk(index, &piece).is_err() {
+            break;
+        }
+        have += want;
+    }
+    Ok(have)
+}
+
+/// The control plane's `/repo/` over HTTP, with Range resumption.
+#[derive(Clone)]
+pub struct Origin {
+    http: reqwest::Client,
+    base_url: String,
+    timeouts: Timeouts,
+}
+
+impl Origin {
+    pub fn new(base_url: &str, timeouts: Timeouts) -> Result<Origin, RepoError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(timeouts.metadata)
+            .read_timeout(timeouts.stall)
+            .build()
+            .map_err(|e| RepoError::Fetch {
+                url: base_url.into(),
+                message: e.to_string(),
+            })?;
+        Ok(Origin {
+            http,
+            base_url: base_url.trim_end_matches('/').to_string(),
+            timeouts,
+        })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}/{path}", self.base_url)
+    }
+
+    /// GETs `path` whole, refusing more than `limit` bytes or more than the
+    /// metadata timeout. `Ok(None)` on 404.
+    pub async fn get_whole(&self, path: &str, limit: u64) -> Result<Option<Vec<u8>>, RepoError> {
+        let url = self.url(path);
+        let seconds = self.timeouts.metadata.as_secs();
+        let fetch = async {
+            let fail = |e: reqwest::Error| RepoError::Fetch {
+                url: url.clone(),
+                message: e.to_string(),
+            };
+            let mut response = self.http.get(&url).send().await.map_err(fail)?;
+            if response.status() == reqwest::StatusCode::NOT_FOUND {
+                return Ok(None);
+            }
+            if !response.status().is_success() {
+                return Err(RepoError::Fetch {
+                    url: url.clone(),
+                    message: format!("HTTP {}", response.status()),
+                });
+            }
+            if response.content_length().is_some_and(|n| n > limit) {
+                return Err(RepoError::TooLarge {
+                    url: url.clone(),
+                    limit,
+                });
+            }
+            let mut body = Vec::new();
+            while let Some(chunk) = response.chunk().await.map_err(fail)? {
+                if (body.len() + chunk.len()) as u64 > limit {
+                    return Err(RepoError::TooLarge {
+                        url: url.clone(),
+                        limit,
+                    });
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(Some(body))
+        };
+        tokio::time::timeout(self.timeouts.metadata, fetch)
+            .await
+            .unwrap_or(Err(RepoError::Timeout {
+                url: url.clone(),
+                seconds,
+            }))
+    }
+}
+
+#[async_trait::async_trait]
+impl Fetcher for Origin {
+    async fn chunk_list(&self, target: &VerifiedTarget) -> Result<ChunkList, RepoError> {
+        let digest: [u8; 32] = hex::decode(&target.info.chunks_sha256)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or(posfleet_bundle::Error::ChunkListMismatch)?;
+        let count = target
+            .length
+            .div_ceil(u64::from(target.info.chunk_size.max(1)));
+        let path = format!("chunks/{}", target.info.chunks_sha256);
+        let bytes = self
+            .get_whole(&path, count.saturating_mul(32))
+            .await?
+            .ok_or_else(|| RepoError::Fetch {
+                url: self.url(&path),
+                message: "not found".into(),
+            })?;
+        Ok(ChunkList::decode(
+            &bytes,
+            target.info.chunk_size,
+            target.length,
+            &digest,
+        )?)
+    }
+
+    async fn fetch(
+        &self,
+        target: &VerifiedTarget,
+        list: &ChunkList,
+        dest: &Path,
+        progress: Progress<'_>,
+    ) -> Result<(), RepoError> {
+        let write = |source| crate::error::Error::Write {
+            path: dest.to_path_buf(),
+            source,
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .read(true)
+            .write(true)
+            .truncate(false)
+            .open(dest)
+            .map_err(write)?;
+        let mut have = verified_prefix(&mut file, list).map_err(write)?;
+        file.set_len(have).map_err(write)?;
+        progress(have);
+        if have == target.length {
+            return Ok(());
+        }
+        let url = self.url(&format!(
+            "targets/{}",
+            consistent_target_path(&target.name, &target.sha256)
+        ));
+        let fail = |e: reqwest::Error| {
+            if e.is_timeout() {
+                RepoError::Timeout {
+                    url: url.clone(),
+                    seconds: self.timeouts.stall.as_secs(),
+                }
+            } else {
+                RepoError::Fetch {
+                    url: url.clone(),
+                    message: e.to_string(),
+                }
+            }
+        };
+        let mut request = self.http.get(&url);
+        if have > 0 {
+            request = request.header(reqwest::header::RANGE, format!("bytes={have}-"));
+        }
+        let mut response = request.send().await.map_err(fail)?;
+        match response.status() {
+            reqwest::StatusCode::PARTIAL_CONTENT if have > 0 => {}
+            reqwest::StatusCode::OK => {
+                // Whole file (a server that ignores Range): start over.
+                have = 0;
+                file.set_len(0).map_err(write)?;
+            }
+            status => {
+                return Err(RepoError::Fetch {
+                    url: url.clone(),
+                    message: format!("HTTP {status}"),
+                });
+            }
+        }
+        let size = u64::from(list.chunk_size);
+        let started = Instant::now();
+        let mut received = 0u64;
+        let mut index = (have / size) as usize;
+        let mut piece = Vec::with_capacity(size as usize);
+        file.seek(SeekFrom::Start(have)).map_err(write)?;
+        while let Some(chunk) = response.chunk().await.map_err(fail)? {
+            received += chunk.len() as u64;
+            if have + received > target.length {
+                return Err(RepoError::TooLarge {
+                    url: url.clone(),
+                    limit: target.length,
+                });
+            }
+            let elapsed = started.elapsed();
+            if elapsed > self.timeouts.stall {
+                let rate = (received as f64 / elapsed.as_secs_f64()) as u64;
+                if rate < self.timeouts.min_bytes_per_second {
+                    return Err(RepoError::TooSlow {
+                        url: url.clone(),
+                        rate,
+                        minimum: self.timeouts.min_bytes_per_second,
+                    });
+                }
+            }
+            let mut rest = &chunk[..];
+            while !rest.is_empty() {
+                let want = list.chunk_len(index)? as usize - piece.len();
+                let take = want.min(rest.len());
+                piece.extend_from_slice(&rest[..take]);
+                rest = &rest[take..];
+                if piece.len() as u64 == list.chunk_len(index)? {
+                    // Verified before it is written.
+                    list.verify_chunk(index, &piece)?;
+                    file.write_all(&piece).map_err(write)?;
+                    piece.clear();
+                    index += 1;
+                    progress(have + received - rest.len() as u64);
+                }
+            }
+        }
+        file.sync_all().map_err(write)?;
+        if have + received != target.length {
+            return Err(posfleet_bundle::Error::LengthMismatch {
+                what: target.name.clone(),
+                expected: target.length,
+                actual: have + received,
+            }
+            .into());
+        }
+        Ok(())
+    }
+}
