@@ -24,6 +24,26 @@ pub enum Error {
     MissingManifest,
     #[error("the archive is malformed: {0}")]
     Archive(String),
+    #[error("cannot unpack into {path}: {message}")]
+    UnpackDestination { path: PathBuf, message: String },
+    #[error("archive entry `{path}` is an absolute path")]
+    AbsolutePath { path: String },
+    #[error("archive entry `{path}` has a `..` component")]
+    PathTraversal { path: String },
+    #[error("archive entry `{path}` has a name that is not UTF-8")]
+    NonUtf8Name { path: String },
+    #[error("archive entry `{path}` is a symbolic link to `{target}`")]
+    Symlink { path: String, target: String },
+    #[error("archive entry `{path}` is a hard link to `{target}`")]
+    HardLink { path: String, target: String },
+    #[error("archive entry `{path}` is {what}, which a bundle cannot carry")]
+    SpecialEntry { path: String, what: &'static str },
+    #[error("archive entry `{path}` appears more than once")]
+    DuplicateEntry { path: String },
+    #[error("the archive unpacks to more than {limit} bytes")]
+    UnpackedTooLarge { limit: u64 },
+    #[error("the archive has more than {limit} entries")]
+    TooManyEntries { limit: u64 },
 
     // ----- chunks -----
     #[error("chunk {index} does not match its signed hash")]
@@ -94,3 +114,17 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// True when a write failed because the filesystem is full or over quota.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(
+            self,
+            Error::Write { source, .. }
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+                )
+        )
+    }
+}
