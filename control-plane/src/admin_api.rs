@@ -1,4 +1,5 @@
-//! `AdminService`: stores, enrollment tokens and devices, for ops.
+//! `AdminService`: stores, enrollment tokens, devices, their desired bundles
+//! and the bundle repository, for ops.
 
 use posfleet_proto::v1::{self, admin_service_server::AdminService};
 use std::collections::BTreeMap;
@@ -7,10 +8,12 @@ use tonic::{Request, Response, Status};
 use crate::metrics::Metrics;
 use crate::repository::{Repository, Upload};
 use crate::storage::{
-    BundleRecord, DeviceFilter, EnrollmentTokenRecord, StatusFilter, Storage, StoreRecord,
+    AssignTarget, BundleRecord, DesiredBundleRecord, DeviceFilter, EnrollmentTokenRecord,
+    StatusFilter, Storage, StoreRecord, WindowRecord,
 };
-use crate::validate::{invalid, label_key, slug, text, time_zone};
+use crate::validate::{self, invalid, label_key, slug, text, time_zone};
 use crate::{convert, now_ms, secret};
+use posfleet_proto::v1::assign_bundle_request::Target;
 use posfleet_proto::v1::publish_bundle_request::Part;
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
@@ -140,6 +143,7 @@ impl AdminService for AdminApi {
             time_zone: req.time_zone,
             created_at_ms: now_ms(),
             device_count: 0,
+            maintenance_window: None,
         };
         if !self.storage.create_store(&store).await.map_err(db)? {
             return Err(Status::already_exists(format!(
@@ -306,7 +310,17 @@ impl AdminService for AdminApi {
             .await
             .map_err(db)?
             .ok_or_else(|| Status::not_found(format!("unknown device {id}")))?;
-        Ok(Response::new(self.device(device)))
+        let desired = self
+            .storage
+            .desired_state(&device.id, &device.store_id)
+            .await
+            .map_err(db)?
+            .map(|d| d.bundles)
+            .unwrap_or_default();
+        let reported = self.storage.bundle_statuses(&device.id).await.map_err(db)?;
+        let mut view = self.device(device);
+        view.bundles = convert::device_bundles(desired, reported);
+        Ok(Response::new(view))
     }
 
     async fn set_device_labels(
@@ -345,7 +359,84 @@ impl AdminService for AdminApi {
         request: Request<v1::AssignBundleRequest>,
     ) -> Result<Response<v1::AssignBundleResponse>, Status> {
         self.authorize(&request).await?;
-        Err(Status::unimplemented("AssignBundle is not implemented yet"))
+        let req = request.into_inner();
+        let target = match req.target {
+            Some(Target::DeviceId(id)) => {
+                text("device_id", &id, true, 64)?;
+                AssignTarget::Device(id)
+            }
+            Some(Target::StoreId(id)) => {
+                slug("store_id", &id, 64)?;
+                AssignTarget::Store(id)
+            }
+            None => return Err(invalid("target", "set device_id or store_id")),
+        };
+        validate::bundle_name("name", &req.name)?;
+        validate::version("version", &req.version, true)?;
+        let bundle = self
+            .storage
+            .get_bundle(&req.name, &req.version)
+            .await
+            .map_err(db)?
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "bundle {} {} is not published",
+                    req.name, req.version
+                ))
+            })?;
+        match &target {
+            AssignTarget::Device(id) => {
+                let device = self
+                    .storage
+                    .get_device(id)
+                    .await
+                    .map_err(db)?
+                    .ok_or_else(|| Status::not_found(format!("unknown device {id}")))?;
+                let model = &device.hardware_model;
+                if !bundle.hardware.iter().any(|h| h == "*" || h == model) {
+                    return Err(Status::failed_precondition(format!(
+                        "bundle {} {} is for hardware {}, not {model} (device {id})",
+                        bundle.name,
+                        bundle.version,
+                        bundle.hardware.join(", ")
+                    )));
+                }
+            }
+            AssignTarget::Store(id) => {
+                if !self.storage.store_exists(id).await.map_err(db)? {
+                    return Err(Status::not_found(format!("unknown store {id}")));
+                }
+            }
+        }
+        let desired = DesiredBundleRecord {
+            name: bundle.name,
+            version: bundle.version,
+            kind: bundle.kind,
+            download_ahead: req.download_ahead.unwrap_or(true),
+            emergency: req.emergency,
+        };
+        let assigned = self
+            .storage
+            .assign_bundle(&target, &desired, now_ms())
+            .await
+            .map_err(db)?;
+        let (device_id, store_id) = match &target {
+            AssignTarget::Device(id) => (id.as_str(), ""),
+            AssignTarget::Store(id) => ("", id.as_str()),
+        };
+        tracing::info!(
+            device_id,
+            store_id,
+            bundle = %desired.name,
+            version = %desired.version,
+            download_ahead = desired.download_ahead,
+            emergency = desired.emergency,
+            devices_assigned = assigned,
+            "Bundle assigned."
+        );
+        Ok(Response::new(v1::AssignBundleResponse {
+            devices_assigned: assigned.max(0) as u64,
+        }))
     }
 
     async fn set_maintenance_window(
@@ -353,9 +444,35 @@ impl AdminService for AdminApi {
         request: Request<v1::SetMaintenanceWindowRequest>,
     ) -> Result<Response<v1::Store>, Status> {
         self.authorize(&request).await?;
-        Err(Status::unimplemented(
-            "SetMaintenanceWindow is not implemented yet",
-        ))
+        let req = request.into_inner();
+        slug("store_id", &req.store_id, 64)?;
+        let window = match req.maintenance_window {
+            Some(w) => {
+                validate::maintenance_window(w.start_minute, w.duration_minutes)?;
+                Some(WindowRecord {
+                    start_minute: w.start_minute.into(),
+                    duration_minutes: w.duration_minutes.into(),
+                })
+            }
+            None => None,
+        };
+        let store = self
+            .storage
+            .set_maintenance_window(&req.store_id, window)
+            .await
+            .map_err(db)?
+            .ok_or_else(|| Status::not_found(format!("unknown store {}", req.store_id)))?;
+        match window {
+            Some(w) => tracing::info!(
+                store_id = %store.id,
+                start_minute = w.start_minute,
+                duration_minutes = w.duration_minutes,
+                time_zone = %store.time_zone,
+                "Maintenance window set."
+            ),
+            None => tracing::info!(store_id = %store.id, "Maintenance window cleared."),
+        }
+        Ok(Response::new(convert::store(store)))
     }
 
     async fn get_repository(

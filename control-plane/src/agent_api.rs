@@ -1,4 +1,4 @@
-//! `AgentService`: enrollment and heartbeats.
+//! `AgentService`: enrollment, heartbeats and bundle progress reports.
 
 use ed25519_dalek::{Signature, VerifyingKey};
 use posfleet_proto::v1::{
@@ -10,13 +10,17 @@ use tonic::{Request, Response, Status};
 
 use crate::heartbeat::{HeartbeatQueue, interval_for_load};
 use crate::metrics::Metrics;
-use crate::storage::{DeviceAuth, EnrollError, HeartbeatRecord, NewDevice, Storage};
-use crate::validate::{invalid, text};
+use crate::storage::{
+    BundleStatusRecord, DeviceAuth, EnrollError, HeartbeatRecord, NewDevice, Storage,
+};
+use crate::validate::{self, invalid, text};
 use crate::{convert, now_ms, secret};
 
 /// Limits on what one heartbeat may report.
 const MAX_INSTALLED_BUNDLES: usize = 256;
 const MAX_PERIPHERALS: usize = 32;
+/// Most bundle statuses in one progress report.
+const MAX_REPORTED_BUNDLES: usize = 64;
 
 /// Devices whose credential hash is kept in memory, so a heartbeat normally
 /// does not read the database.
@@ -60,8 +64,12 @@ impl AgentApi {
         )
     }
 
-    /// Finds the device named by the `authorization: Device …` credential.
-    async fn authenticate<T>(&self, request: &Request<T>) -> Result<String, Status> {
+    /// Finds the device named by the `authorization: Device …` credential:
+    /// its id and store.
+    async fn authenticate<T>(
+        &self,
+        request: &Request<T>,
+    ) -> Result<(String, Arc<DeviceAuth>), Status> {
         let credential = request
             .metadata()
             .get(posfleet_proto::AUTHORIZATION)
@@ -78,13 +86,15 @@ impl AgentApi {
         let presented = secret::hash(device_secret);
         // Both sides are SHA-256 digests of a 256-bit secret: comparing them
         // reveals nothing useful about the secret.
-        if self.cached_auth(&device_id).await?.credential_sha256 == presented {
-            return Ok(device_id);
+        let auth = self.cached_auth(&device_id).await?;
+        if auth.credential_sha256 == presented {
+            return Ok((device_id, auth));
         }
         // The cache may predate a credential re-issued elsewhere: read again.
         self.auth_cache.invalidate(&device_id).await;
-        if self.cached_auth(&device_id).await?.credential_sha256 == presented {
-            return Ok(device_id);
+        let auth = self.cached_auth(&device_id).await?;
+        if auth.credential_sha256 == presented {
+            return Ok((device_id, auth));
         }
         Err(Status::unauthenticated(format!(
             "device credential is not valid for device {device_id}"
@@ -167,6 +177,74 @@ fn validate_heartbeat(req: &HeartbeatRequest) -> Result<(), Status> {
         }
     }
     Ok(())
+}
+
+/// Checks a progress report and turns it into the rows to store: at most one
+/// per bundle name (the newest), with errors cut to 1 KiB. A status dated
+/// after `now_ms` (a fast agent clock) is recorded as received at `now_ms`,
+/// so it cannot hide the device's later reports.
+fn validate_report(
+    req: v1::ReportProgressRequest,
+    now_ms: i64,
+) -> Result<Vec<BundleStatusRecord>, Status> {
+    if req.bundles.len() > MAX_REPORTED_BUNDLES {
+        return Err(invalid(
+            "bundles",
+            format!(
+                "{} statuses in one report; at most {MAX_REPORTED_BUNDLES}",
+                req.bundles.len()
+            ),
+        ));
+    }
+    let mut by_name: std::collections::BTreeMap<String, BundleStatusRecord> =
+        std::collections::BTreeMap::new();
+    for (i, status) in req.bundles.into_iter().enumerate() {
+        let field = |name: &str| format!("bundles[{i}].{name}");
+        validate::bundle_name(&field("name"), &status.name)?;
+        validate::version(&field("active_version"), &status.active_version, false)?;
+        validate::version(&field("target_version"), &status.target_version, false)?;
+        let kind = v1::BundleKind::try_from(status.kind)
+            .map_err(|_| invalid(&field("kind"), format!("unknown kind {}", status.kind)))?;
+        let phase = match v1::BundlePhase::try_from(status.phase) {
+            Ok(v1::BundlePhase::Unspecified) => {
+                return Err(invalid(
+                    &field("phase"),
+                    "is required (BUNDLE_PHASE_UNSPECIFIED is not a phase)",
+                ));
+            }
+            Ok(phase) => phase,
+            Err(_) => {
+                return Err(invalid(
+                    &field("phase"),
+                    format!("unknown phase {}", status.phase),
+                ));
+            }
+        };
+        if status.updated_at_unix_ms <= 0 {
+            return Err(invalid(
+                &field("updated_at_unix_ms"),
+                "is required (when the agent changed this status, UTC ms)",
+            ));
+        }
+        let record = BundleStatusRecord {
+            kind: convert::kind_name(kind).to_string(),
+            active_version: status.active_version,
+            target_version: status.target_version,
+            phase: convert::phase_name(phase).to_string(),
+            bytes_done: convert::signed(status.bytes_done),
+            bytes_total: convert::signed(status.bytes_total),
+            error: validate::reported_error(&status.error),
+            updated_at_ms: status.updated_at_unix_ms.min(now_ms),
+            name: status.name,
+        };
+        match by_name.get(&record.name) {
+            Some(kept) if kept.updated_at_ms > record.updated_at_ms => {}
+            _ => {
+                by_name.insert(record.name.clone(), record);
+            }
+        }
+    }
+    Ok(by_name.into_values().collect())
 }
 
 #[tonic::async_trait]
@@ -268,8 +346,8 @@ impl AgentService for AgentApi {
         &self,
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
-        let device_id = match self.authenticate(&request).await {
-            Ok(id) => id,
+        let (device_id, auth) = match self.authenticate(&request).await {
+            Ok(found) => found,
             Err(status) => {
                 self.metrics
                     .heartbeats
@@ -286,6 +364,32 @@ impl AgentService for AgentApi {
                 .inc();
             return Err(status);
         }
+        // The answer must be whole: an agent told "no window" would install
+        // at any time, so a failed read fails the heartbeat (it is retried).
+        let desired = match self.storage.desired_state(&device_id, &auth.store_id).await {
+            Ok(Some(desired)) => desired,
+            Ok(None) => {
+                self.metrics
+                    .heartbeats
+                    .with_label_values(&["unavailable"])
+                    .inc();
+                return Err(crate::error::Error::Corrupt(format!(
+                    "device {device_id} belongs to store {}, which does not exist",
+                    auth.store_id
+                ))
+                .into());
+            }
+            Err(error) => {
+                tracing::error!(%error, device_id = %device_id, "Cannot read the desired state.");
+                self.metrics
+                    .heartbeats
+                    .with_label_values(&["unavailable"])
+                    .inc();
+                return Err(Status::unavailable(
+                    "cannot read the desired state; retry later",
+                ));
+            }
+        };
         let interval = self.current_interval();
         let now = now_ms();
         let record = HeartbeatRecord {
@@ -304,18 +408,46 @@ impl AgentService for AgentApi {
         Ok(Response::new(HeartbeatResponse {
             next_heartbeat_interval_seconds: interval,
             server_time_unix_ms: now,
-            desired_bundles: Vec::new(),
-            maintenance_window: None,
+            maintenance_window: convert::window(&desired.time_zone, desired.maintenance_window),
+            desired_bundles: desired
+                .bundles
+                .into_iter()
+                .map(convert::desired_bundle)
+                .collect(),
         }))
     }
 
     async fn report_progress(
         &self,
-        _request: Request<v1::ReportProgressRequest>,
+        request: Request<v1::ReportProgressRequest>,
     ) -> Result<Response<v1::ReportProgressResponse>, Status> {
-        Err(Status::unimplemented(
-            "ReportProgress is not implemented yet",
-        ))
+        let (device_id, _) = self.authenticate(&request).await?;
+        let statuses = validate_report(request.into_inner(), now_ms())?;
+        if let Err(error) = self
+            .storage
+            .record_bundle_statuses(&device_id, &statuses)
+            .await
+        {
+            tracing::error!(%error, device_id = %device_id, "Cannot store a progress report.");
+            return Err(Status::unavailable(
+                "cannot store the progress report; retry later",
+            ));
+        }
+        for record in &statuses {
+            // One of BUNDLE_PHASES: validate_report refused any other phase.
+            self.metrics
+                .bundle_reports
+                .with_label_values(&[record.phase.as_str()])
+                .inc();
+            tracing::debug!(
+                device_id = %device_id,
+                bundle = %record.name,
+                phase = %record.phase,
+                target_version = %record.target_version,
+                "Bundle status reported."
+            );
+        }
+        Ok(Response::new(v1::ReportProgressResponse {}))
     }
 }
 

@@ -2,17 +2,128 @@
 
 use posfleet_proto::v1;
 
-use crate::storage::{self, DeviceRecord, EnrollmentTokenRecord, HealthRecord, StoreRecord};
+use std::collections::BTreeMap;
+
+use crate::storage::{
+    self, BundleStatusRecord, DesiredBundleRecord, DeviceRecord, EnrollmentTokenRecord,
+    HealthRecord, StoreRecord, WindowRecord,
+};
 
 pub fn store(s: StoreRecord) -> v1::Store {
     v1::Store {
+        maintenance_window: window(&s.time_zone, s.maintenance_window),
         id: s.id,
         name: s.name,
         time_zone: s.time_zone,
         created_at_unix_ms: s.created_at_ms,
         device_count: s.device_count.max(0) as u64,
-        maintenance_window: None,
     }
+}
+
+/// A stored window, in the store's time zone.
+pub fn window(time_zone: &str, w: Option<WindowRecord>) -> Option<v1::MaintenanceWindow> {
+    w.map(|w| v1::MaintenanceWindow {
+        time_zone: time_zone.to_string(),
+        start_minute: w.start_minute.clamp(0, u32::MAX as i64) as u32,
+        duration_minutes: w.duration_minutes.clamp(0, u32::MAX as i64) as u32,
+    })
+}
+
+/// How a bundle kind is stored (`bundles.kind` uses the same words).
+pub fn kind_name(kind: v1::BundleKind) -> &'static str {
+    match kind {
+        v1::BundleKind::Unspecified => "",
+        v1::BundleKind::Software => "software",
+        v1::BundleKind::Catalog => "catalog",
+    }
+}
+
+pub fn kind_from_name(name: &str) -> v1::BundleKind {
+    match name {
+        "software" => v1::BundleKind::Software,
+        "catalog" => v1::BundleKind::Catalog,
+        _ => v1::BundleKind::Unspecified,
+    }
+}
+
+/// How a bundle phase is stored, and its `phase` metric label.
+pub fn phase_name(phase: v1::BundlePhase) -> &'static str {
+    match phase {
+        v1::BundlePhase::Unspecified => "",
+        v1::BundlePhase::Downloading => "downloading",
+        v1::BundlePhase::Downloaded => "downloaded",
+        v1::BundlePhase::Installing => "installing",
+        v1::BundlePhase::Installed => "installed",
+        v1::BundlePhase::Failed => "failed",
+        v1::BundlePhase::RolledBack => "rolled_back",
+        v1::BundlePhase::Pending => "pending",
+    }
+}
+
+pub fn phase_from_name(name: &str) -> v1::BundlePhase {
+    match name {
+        "downloading" => v1::BundlePhase::Downloading,
+        "downloaded" => v1::BundlePhase::Downloaded,
+        "installing" => v1::BundlePhase::Installing,
+        "installed" => v1::BundlePhase::Installed,
+        "failed" => v1::BundlePhase::Failed,
+        "rolled_back" => v1::BundlePhase::RolledBack,
+        "pending" => v1::BundlePhase::Pending,
+        _ => v1::BundlePhase::Unspecified,
+    }
+}
+
+pub fn desired_bundle(b: DesiredBundleRecord) -> v1::DesiredBundle {
+    v1::DesiredBundle {
+        kind: kind_from_name(&b.kind) as i32,
+        name: b.name,
+        version: b.version,
+        download_ahead: b.download_ahead,
+        emergency: b.emergency,
+    }
+}
+
+pub fn bundle_status(s: BundleStatusRecord) -> v1::BundleStatus {
+    v1::BundleStatus {
+        kind: kind_from_name(&s.kind) as i32,
+        phase: phase_from_name(&s.phase) as i32,
+        name: s.name,
+        active_version: s.active_version,
+        target_version: s.target_version,
+        bytes_done: unsigned(s.bytes_done),
+        bytes_total: unsigned(s.bytes_total),
+        error: s.error,
+        updated_at_unix_ms: s.updated_at_ms,
+    }
+}
+
+/// Desired and reported state side by side, one entry per bundle name that
+/// has either, sorted by name.
+pub fn device_bundles(
+    desired: Vec<DesiredBundleRecord>,
+    reported: Vec<BundleStatusRecord>,
+) -> Vec<v1::DeviceBundle> {
+    fn entry(
+        by_name: &mut BTreeMap<String, v1::DeviceBundle>,
+        name: String,
+    ) -> &mut v1::DeviceBundle {
+        by_name
+            .entry(name.clone())
+            .or_insert_with(|| v1::DeviceBundle {
+                name,
+                ..Default::default()
+            })
+    }
+    let mut by_name = BTreeMap::new();
+    for d in desired {
+        let name = d.name.clone();
+        entry(&mut by_name, name).desired = Some(desired_bundle(d));
+    }
+    for r in reported {
+        let name = r.name.clone();
+        entry(&mut by_name, name).status = Some(bundle_status(r));
+    }
+    by_name.into_values().collect()
 }
 
 pub fn enrollment_token(t: EnrollmentTokenRecord) -> v1::EnrollmentToken {
@@ -101,6 +212,7 @@ pub fn device(d: DeviceRecord, now_ms: i64, offline_after_missed_heartbeats: i64
         health: Some(health_to_proto(d.health)),
         heartbeat_interval_seconds: d.heartbeat_interval_seconds.clamp(0, u32::MAX as i64) as u32,
         agent_uptime_seconds: unsigned(d.agent_uptime_seconds),
+        // GetDevice fills these.
         bundles: Vec::new(),
     }
 }

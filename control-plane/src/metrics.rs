@@ -17,11 +17,28 @@ pub const ENROLLMENT_RESULTS: [&str; 8] = [
     "error",
 ];
 
+/// Every value of the `result` label of `posfleet_heartbeats_total`.
+pub const HEARTBEAT_RESULTS: [&str; 4] = ["ok", "unauthenticated", "invalid", "unavailable"];
+
+/// Every value of the `phase` label of `posfleet_bundle_reports_total`: the
+/// `BundlePhase` values an agent may report.
+pub const BUNDLE_PHASES: [&str; 7] = [
+    "pending",
+    "downloading",
+    "downloaded",
+    "installing",
+    "installed",
+    "failed",
+    "rolled_back",
+];
+
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
-    /// Heartbeats by result: `ok`, `unauthenticated`, `invalid`.
+    /// Heartbeats by result (`HEARTBEAT_RESULTS`).
     pub heartbeats: IntCounterVec,
+    /// Bundle statuses accepted from agents, by phase (`BUNDLE_PHASES`).
+    pub bundle_reports: IntCounterVec,
     /// Enrollments by result (`ENROLLMENT_RESULTS`).
     pub enrollments: IntCounterVec,
     /// Admin calls refused for a missing or unknown API token.
@@ -43,6 +60,14 @@ impl Metrics {
                 "Heartbeats received, by result.",
             ),
             &["result"],
+        )
+        .expect("static metric definition is valid");
+        let bundle_reports = IntCounterVec::new(
+            Opts::new(
+                "posfleet_bundle_reports_total",
+                "Bundle statuses reported by agents, by phase.",
+            ),
+            &["phase"],
         )
         .expect("static metric definition is valid");
         let enrollments = IntCounterVec::new(
@@ -88,6 +113,7 @@ impl Metrics {
             IntGauge::new("posfleet_stores", "Stores.").expect("static metric definition is valid");
         for collector in [
             Box::new(heartbeats.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(bundle_reports.clone()),
             Box::new(enrollments.clone()),
             Box::new(admin_auth_failures.clone()),
             Box::new(heartbeat_queue_depth.clone()),
@@ -101,8 +127,11 @@ impl Metrics {
                 .expect("each metric is registered once");
         }
         // Every label value exists from the start, so rates work from zero.
-        for result in ["ok", "unauthenticated", "invalid"] {
+        for result in HEARTBEAT_RESULTS {
             heartbeats.with_label_values(&[result]);
+        }
+        for phase in BUNDLE_PHASES {
+            bundle_reports.with_label_values(&[phase]);
         }
         for result in ENROLLMENT_RESULTS {
             enrollments.with_label_values(&[result]);
@@ -113,6 +142,7 @@ impl Metrics {
         Metrics {
             registry,
             heartbeats,
+            bundle_reports,
             enrollments,
             admin_auth_failures,
             heartbeat_queue_depth,

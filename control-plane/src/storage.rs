@@ -70,6 +70,80 @@ pub struct StoreRecord {
     pub time_zone: String,
     pub created_at_ms: i64,
     pub device_count: i64,
+    /// `None`: installs may happen at any time.
+    pub maintenance_window: Option<WindowRecord>,
+}
+
+/// A daily maintenance window in the store's local time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowRecord {
+    /// Minutes after local midnight (0..1439).
+    pub start_minute: i64,
+    /// 1..1440.
+    pub duration_minutes: i64,
+}
+
+/// The version of a bundle a device (or every device of a store) should have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredBundleRecord {
+    pub name: String,
+    pub version: String,
+    /// The published bundle's kind: `software` or `catalog`.
+    pub kind: String,
+    pub download_ahead: bool,
+    pub emergency: bool,
+}
+
+/// Whose desired state an assignment sets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AssignTarget {
+    Device(String),
+    Store(String),
+}
+
+/// What a heartbeat answers: the device's desired bundles (its own rows
+/// merged over its store's) and its store's window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredState {
+    pub time_zone: String,
+    pub maintenance_window: Option<WindowRecord>,
+    /// One per bundle name, sorted by name.
+    pub bundles: Vec<DesiredBundleRecord>,
+}
+
+/// A bundle's state as the device last reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleStatusRecord {
+    pub name: String,
+    /// `software`, `catalog`, or empty when the agent did not say.
+    pub kind: String,
+    pub active_version: String,
+    pub target_version: String,
+    /// `pending`, `downloading`, `downloaded`, `installing`, `installed`,
+    /// `failed`, `rolled_back`.
+    pub phase: String,
+    pub bytes_done: i64,
+    pub bytes_total: i64,
+    pub error: String,
+    /// The agent's time of the change.
+    pub updated_at_ms: i64,
+}
+
+/// Keeps, per bundle name, the device's own row over its store's. `rows`
+/// are `(own, bundle)`; the result is sorted by name.
+pub fn merge_desired(
+    rows: impl IntoIterator<Item = (bool, DesiredBundleRecord)>,
+) -> Vec<DesiredBundleRecord> {
+    let mut by_name: BTreeMap<String, (bool, DesiredBundleRecord)> = BTreeMap::new();
+    for (own, bundle) in rows {
+        match by_name.get(&bundle.name) {
+            Some((true, _)) if !own => {}
+            _ => {
+                by_name.insert(bundle.name.clone(), (own, bundle));
+            }
+        }
+    }
+    by_name.into_values().map(|(_, b)| b).collect()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -302,6 +376,63 @@ fn device_from_row(row: &AnyRow) -> Result<DeviceRecord, Error> {
     })
 }
 
+const STORE_COLUMNS: &str = "s.id, s.name, s.time_zone, s.created_at_ms, \
+    s.maintenance_start_minute, s.maintenance_duration_minutes, \
+    (SELECT COUNT(*) FROM devices d WHERE d.store_id = s.id) AS device_count";
+
+fn window_from_row(row: &AnyRow) -> Result<Option<WindowRecord>, sqlx::Error> {
+    let start: Option<i64> = row.try_get("maintenance_start_minute")?;
+    let duration: Option<i64> = row.try_get("maintenance_duration_minutes")?;
+    Ok(start
+        .zip(duration)
+        .map(|(start_minute, duration_minutes)| WindowRecord {
+            start_minute,
+            duration_minutes,
+        }))
+}
+
+fn store_from_row(row: &AnyRow) -> Result<StoreRecord, sqlx::Error> {
+    Ok(StoreRecord {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        time_zone: row.try_get("time_zone")?,
+        created_at_ms: row.try_get("created_at_ms")?,
+        device_count: row.try_get("device_count")?,
+        maintenance_window: window_from_row(row)?,
+    })
+}
+
+fn bundle_from_row(row: &AnyRow) -> Result<BundleRecord, Error> {
+    let hardware: String = row.try_get("hardware_json")?;
+    Ok(BundleRecord {
+        target: row.try_get("target")?,
+        name: row.try_get("name")?,
+        version: row.try_get("version")?,
+        kind: row.try_get("kind")?,
+        hardware: serde_json::from_str(&hardware)
+            .map_err(|e| Error::Corrupt(format!("bundle hardware: {e}")))?,
+        length: row.try_get("length")?,
+        sha256: row.try_get("sha256")?,
+        chunks_sha256: row.try_get("chunks_sha256")?,
+        targets_version: row.try_get("targets_version")?,
+        published_at_ms: row.try_get("published_at_ms")?,
+    })
+}
+
+fn status_from_row(row: &AnyRow) -> Result<BundleStatusRecord, sqlx::Error> {
+    Ok(BundleStatusRecord {
+        name: row.try_get("name")?,
+        kind: row.try_get("kind")?,
+        active_version: row.try_get("active_version")?,
+        target_version: row.try_get("target_version")?,
+        phase: row.try_get("phase")?,
+        bytes_done: row.try_get("bytes_done")?,
+        bytes_total: row.try_get("bytes_total")?,
+        error: row.try_get("error")?,
+        updated_at_ms: row.try_get("updated_at_ms")?,
+    })
+}
+
 fn token_from_row(row: &AnyRow) -> Result<EnrollmentTokenRecord, sqlx::Error> {
     Ok(EnrollmentTokenRecord {
         id: row.try_get("id")?,
@@ -422,14 +553,18 @@ impl Storage {
 
     /// Creates a store; `Ok(false)` if the id is taken.
     pub async fn create_store(&self, store: &StoreRecord) -> Result<bool, sqlx::Error> {
+        let window = store.maintenance_window;
         let result = sqlx::query(
-            "INSERT INTO stores (id, name, time_zone, created_at_ms) VALUES ($1, $2, $3, $4) \
+            "INSERT INTO stores (id, name, time_zone, created_at_ms, maintenance_start_minute, \
+             maintenance_duration_minutes) VALUES ($1, $2, $3, $4, $5, $6) \
              ON CONFLICT (id) DO NOTHING",
         )
         .bind(&store.id)
         .bind(&store.name)
         .bind(&store.time_zone)
         .bind(store.created_at_ms)
+        .bind(window.map(|w| w.start_minute))
+        .bind(window.map(|w| w.duration_minutes))
         .execute(&self.pool)
         .await?;
         Ok(result.rows_affected() == 1)
@@ -440,26 +575,48 @@ impl Storage {
         after_id: &str,
         limit: i64,
     ) -> Result<Vec<StoreRecord>, sqlx::Error> {
-        let rows = sqlx::query(
-            "SELECT s.id, s.name, s.time_zone, s.created_at_ms, \
-             (SELECT COUNT(*) FROM devices d WHERE d.store_id = s.id) AS device_count \
-             FROM stores s WHERE s.id > $1 ORDER BY s.id LIMIT $2",
-        )
+        let rows = sqlx::query(&format!(
+            "SELECT {STORE_COLUMNS} FROM stores s WHERE s.id > $1 ORDER BY s.id LIMIT $2"
+        ))
         .bind(after_id)
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(StoreRecord {
-                    id: row.try_get("id")?,
-                    name: row.try_get("name")?,
-                    time_zone: row.try_get("time_zone")?,
-                    created_at_ms: row.try_get("created_at_ms")?,
-                    device_count: row.try_get("device_count")?,
-                })
-            })
-            .collect()
+        rows.iter().map(store_from_row).collect()
+    }
+
+    pub async fn get_store(&self, id: &str) -> Result<Option<StoreRecord>, sqlx::Error> {
+        sqlx::query(&format!(
+            "SELECT {STORE_COLUMNS} FROM stores s WHERE s.id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(store_from_row)
+        .transpose()
+    }
+
+    /// Sets (or with `None` clears) a store's maintenance window; `None` if
+    /// no such store.
+    pub async fn set_maintenance_window(
+        &self,
+        id: &str,
+        window: Option<WindowRecord>,
+    ) -> Result<Option<StoreRecord>, sqlx::Error> {
+        let updated = sqlx::query(
+            "UPDATE stores SET maintenance_start_minute = $2, maintenance_duration_minutes = $3 \
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(window.map(|w| w.start_minute))
+        .bind(window.map(|w| w.duration_minutes))
+        .execute(&self.pool)
+        .await?;
+        if updated.rows_affected() == 0 {
+            return Ok(None);
+        }
+        self.get_store(id).await
     }
 
     pub async fn store_exists(&self, id: &str) -> Result<bool, sqlx::Error> {
@@ -958,22 +1115,184 @@ impl Storage {
             .fetch_all(&self.pool)
             .await?
             .iter()
-            .map(|row| {
-                let hardware: String = row.try_get("hardware_json")?;
-                Ok(BundleRecord {
-                    target: row.try_get("target")?,
+            .map(bundle_from_row)
+            .collect()
+    }
+
+    /// The published bundle `name` `version`, if any.
+    pub async fn get_bundle(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<Option<BundleRecord>, Error> {
+        sqlx::query("SELECT * FROM bundles WHERE target = $1")
+            .bind(format!("{name}/{version}"))
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(bundle_from_row)
+            .transpose()
+    }
+
+    // ----- desired and reported bundle state -----
+
+    /// Sets the desired version of a bundle for a device or a store, and
+    /// returns how many devices it now applies to: 1 for a device; for a
+    /// store, its devices that have no row of their own for this bundle.
+    /// The caller checks that the target exists.
+    pub async fn assign_bundle(
+        &self,
+        target: &AssignTarget,
+        bundle: &DesiredBundleRecord,
+        now_ms: i64,
+    ) -> Result<i64, sqlx::Error> {
+        let (table, column, id) = match target {
+            AssignTarget::Device(id) => ("device_desired_bundles", "device_id", id),
+            AssignTarget::Store(id) => ("store_desired_bundles", "store_id", id),
+        };
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(&format!(
+            "INSERT INTO {table} ({column}, name, version, kind, download_ahead, emergency, \
+             assigned_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             ON CONFLICT ({column}, name) DO UPDATE SET version = excluded.version, \
+             kind = excluded.kind, download_ahead = excluded.download_ahead, \
+             emergency = excluded.emergency, assigned_at_ms = excluded.assigned_at_ms"
+        ))
+        .bind(id)
+        .bind(&bundle.name)
+        .bind(&bundle.version)
+        .bind(&bundle.kind)
+        .bind(i64::from(bundle.download_ahead))
+        .bind(i64::from(bundle.emergency))
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await?;
+        let assigned = match target {
+            AssignTarget::Device(_) => 1,
+            AssignTarget::Store(store_id) => sqlx::query(
+                "SELECT COUNT(*) AS n FROM devices d WHERE d.store_id = $1 AND NOT EXISTS \
+                 (SELECT 1 FROM device_desired_bundles o WHERE o.device_id = d.id AND o.name = $2)",
+            )
+            .bind(store_id)
+            .bind(&bundle.name)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get("n")?,
+        };
+        tx.commit().await?;
+        Ok(assigned)
+    }
+
+    /// A device's desired bundles and its store's window, in one indexed
+    /// query (this runs on every heartbeat). `None` if the store is unknown.
+    pub async fn desired_state(
+        &self,
+        device_id: &str,
+        store_id: &str,
+    ) -> Result<Option<DesiredState>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT s.time_zone, s.maintenance_start_minute, s.maintenance_duration_minutes, \
+             b.source, b.name, b.version, b.kind, b.download_ahead, b.emergency \
+             FROM stores s LEFT JOIN ( \
+             SELECT 'device' AS source, name, version, kind, download_ahead, emergency \
+             FROM device_desired_bundles WHERE device_id = $1 \
+             UNION ALL \
+             SELECT 'store' AS source, name, version, kind, download_ahead, emergency \
+             FROM store_desired_bundles WHERE store_id = $2 \
+             ) b ON 1 = 1 WHERE s.id = $2",
+        )
+        .bind(device_id)
+        .bind(store_id)
+        .fetch_all(&self.pool)
+        .await?;
+        let Some(first) = rows.first() else {
+            return Ok(None);
+        };
+        let time_zone = first.try_get("time_zone")?;
+        let maintenance_window = window_from_row(first)?;
+        let mut bundles = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let Some(source) = row.try_get::<Option<String>, _>("source")? else {
+                continue; // the store has no bundle rows and neither has the device
+            };
+            bundles.push((
+                source == "device",
+                DesiredBundleRecord {
                     name: row.try_get("name")?,
                     version: row.try_get("version")?,
                     kind: row.try_get("kind")?,
-                    hardware: serde_json::from_str(&hardware)
-                        .map_err(|e| Error::Corrupt(format!("bundle hardware: {e}")))?,
-                    length: row.try_get("length")?,
-                    sha256: row.try_get("sha256")?,
-                    chunks_sha256: row.try_get("chunks_sha256")?,
-                    targets_version: row.try_get("targets_version")?,
-                    published_at_ms: row.try_get("published_at_ms")?,
-                })
+                    download_ahead: row.try_get::<i64, _>("download_ahead")? != 0,
+                    emergency: row.try_get::<i64, _>("emergency")? != 0,
+                },
+            ));
+        }
+        Ok(Some(DesiredState {
+            time_zone,
+            maintenance_window,
+            bundles: merge_desired(bundles),
+        }))
+    }
+
+    /// Stores reported bundle states. Per bundle, a report older than the
+    /// stored one (by the agent's `updated_at_ms`) changes nothing. The caller
+    /// keeps at most one report per bundle name.
+    pub async fn record_bundle_statuses(
+        &self,
+        device_id: &str,
+        statuses: &[BundleStatusRecord],
+    ) -> Result<(), sqlx::Error> {
+        if statuses.is_empty() {
+            return Ok(());
+        }
+        let mut placeholders = Placeholders::new(self.backend);
+        let mut params = Vec::with_capacity(statuses.len() * 10);
+        let rows: Vec<String> = statuses
+            .iter()
+            .map(|st| {
+                params.extend([
+                    Param::Text(device_id.to_string()),
+                    Param::Text(st.name.clone()),
+                    Param::Text(st.kind.clone()),
+                    Param::Text(st.active_version.clone()),
+                    Param::Text(st.target_version.clone()),
+                    Param::Text(st.phase.clone()),
+                    Param::Int(st.bytes_done),
+                    Param::Int(st.bytes_total),
+                    Param::Text(st.error.clone()),
+                    Param::Int(st.updated_at_ms),
+                ]);
+                let row: Vec<String> = (0..10).map(|_| placeholders.next()).collect();
+                format!("({})", row.join(", "))
             })
+            .collect();
+        let sql = format!(
+            "INSERT INTO device_bundle_status (device_id, name, kind, active_version, \
+             target_version, phase, bytes_done, bytes_total, error, updated_at_ms) VALUES {} \
+             ON CONFLICT (device_id, name) DO UPDATE SET kind = excluded.kind, \
+             active_version = excluded.active_version, target_version = excluded.target_version, \
+             phase = excluded.phase, bytes_done = excluded.bytes_done, \
+             bytes_total = excluded.bytes_total, error = excluded.error, \
+             updated_at_ms = excluded.updated_at_ms \
+             WHERE device_bundle_status.updated_at_ms <= excluded.updated_at_ms",
+            rows.join(", ")
+        );
+        bind_all(sqlx::query(&sql).persistent(false), params)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// What a device last reported, per bundle, sorted by name.
+    pub async fn bundle_statuses(
+        &self,
+        device_id: &str,
+    ) -> Result<Vec<BundleStatusRecord>, sqlx::Error> {
+        sqlx::query("SELECT * FROM device_bundle_status WHERE device_id = $1 ORDER BY name")
+            .bind(device_id)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(status_from_row)
             .collect()
     }
 
@@ -988,6 +1307,37 @@ impl Storage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_devices_own_assignment_beats_its_stores() {
+        let b = |name: &str, version: &str| DesiredBundleRecord {
+            name: name.into(),
+            version: version.into(),
+            kind: "software".into(),
+            download_ahead: true,
+            emergency: false,
+        };
+        let versions = |rows: Vec<(bool, DesiredBundleRecord)>| -> Vec<(String, String)> {
+            merge_desired(rows)
+                .into_iter()
+                .map(|b| (b.name, b.version))
+                .collect()
+        };
+        let pair = |n: &str, v: &str| (n.to_string(), v.to_string());
+        // Whatever the order rows come in.
+        for rows in [
+            vec![(false, b("app", "1.0.0")), (true, b("app", "2.0.0"))],
+            vec![(true, b("app", "2.0.0")), (false, b("app", "1.0.0"))],
+        ] {
+            assert_eq!(versions(rows), vec![pair("app", "2.0.0")]);
+        }
+        assert_eq!(
+            versions(vec![(false, b("zz", "1.0.0")), (true, b("aa", "3.0.0"))]),
+            vec![pair("aa", "3.0.0"), pair("zz", "1.0.0")],
+            "sorted by name"
+        );
+        assert!(versions(vec![]).is_empty());
+    }
 
     #[test]
     fn online_rule_counts_missed_intervals() {

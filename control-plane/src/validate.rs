@@ -69,6 +69,69 @@ pub fn time_zone(field: &str, value: &str) -> Result<(), Status> {
     })
 }
 
+/// A bundle name as published bundles use: 1 to 64 lowercase letters,
+/// digits or '-'.
+pub fn bundle_name(field: &str, value: &str) -> Result<(), Status> {
+    slug(field, value, 64)
+}
+
+/// A semver version such as `1.1.0`; empty only when `required` is false.
+pub fn version(field: &str, value: &str, required: bool) -> Result<(), Status> {
+    if value.is_empty() && !required {
+        return Ok(());
+    }
+    if value.len() > 64 || semver::Version::parse(value).is_err() {
+        let what = if required {
+            "a semver version such as 1.1.0"
+        } else {
+            "a semver version such as 1.1.0, or empty"
+        };
+        return Err(invalid(field, format!("`{value}` must be {what}")));
+    }
+    Ok(())
+}
+
+/// A daily window: it starts at a minute of the local day and lasts at
+/// least a minute and at most a day.
+pub fn maintenance_window(start_minute: u32, duration_minutes: u32) -> Result<(), Status> {
+    if start_minute > 1439 {
+        return Err(invalid(
+            "maintenance_window.start_minute",
+            format!("{start_minute} must be 0 to 1439 (minutes after local midnight)"),
+        ));
+    }
+    if !(1..=1440).contains(&duration_minutes) {
+        return Err(invalid(
+            "maintenance_window.duration_minutes",
+            format!("{duration_minutes} must be 1 to 1440"),
+        ));
+    }
+    Ok(())
+}
+
+/// Longest error string kept from an agent's report.
+pub const MAX_REPORTED_ERROR_BYTES: usize = 1024;
+
+/// An agent's error message made safe to store and show: at most 1 KiB (cut
+/// on a character boundary), control characters other than newline and tab
+/// replaced by spaces (PostgreSQL text cannot hold NUL).
+pub fn reported_error(value: &str) -> String {
+    let mut end = value.len().min(MAX_REPORTED_ERROR_BYTES);
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    value[..end]
+        .chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                ' '
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,5 +155,36 @@ mod tests {
         assert!(label_key("k", "a=b").is_err());
         assert!(text("name", "  ", true, 10).is_err());
         assert!(text("name", "a\u{7}", false, 10).is_err());
+        assert!(bundle_name("name", "pos-app").is_ok());
+        assert!(bundle_name("name", "pos_app").is_err());
+        assert!(version("v", "1.1.0", true).is_ok());
+        assert!(version("v", "1.1.0-rc.1", true).is_ok());
+        assert!(version("v", "", false).is_ok());
+        assert!(version("v", "", true).is_err());
+        assert!(version("v", "1.1", false).is_err());
+        for (start, duration, ok) in [
+            (0, 1, true),
+            (1439, 1440, true),
+            (1440, 60, false),
+            (0, 0, false),
+            (0, 1441, false),
+        ] {
+            assert_eq!(
+                maintenance_window(start, duration).is_ok(),
+                ok,
+                "{start}+{duration}"
+            );
+        }
+    }
+
+    #[test]
+    fn reported_errors_are_cut_to_1_kib_on_a_character_boundary() {
+        assert_eq!(reported_error("disk full\n\u{0}x"), "disk full\n x");
+        let long = "é".repeat(1000); // 2000 bytes
+        let cut = reported_error(&long);
+        assert_eq!(cut.len(), MAX_REPORTED_ERROR_BYTES);
+        assert!(cut.chars().all(|c| c == 'é'));
+        let odd = format!("a{long}");
+        assert_eq!(reported_error(&odd).len(), MAX_REPORTED_ERROR_BYTES - 1);
     }
 }

@@ -3,83 +3,14 @@
 
 mod common;
 
-use common::{Backend, TestDb, TestServer, enroll_request, heartbeat, new_key};
+use common::{
+    Backend, TestDb, TestServer, assert_status, enroll_request, eventually, heartbeat, new_key,
+    setup,
+};
 use posfleet_proto::v1;
 use std::collections::HashMap;
 use std::time::Duration;
 use tonic::Code;
-
-struct Setup {
-    server: TestServer,
-    db: TestDb,
-    _dir: tempfile::TempDir,
-}
-
-async fn setup(
-    backend: Backend,
-    tweak: impl FnOnce(&mut posfleet_control_plane::config::Config),
-) -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let db = TestDb::new(backend, dir.path()).await;
-    let mut config = common::config(dir.path(), &db);
-    tweak(&mut config);
-    Setup {
-        server: TestServer::start(config).await,
-        db,
-        _dir: dir,
-    }
-}
-
-impl Setup {
-    async fn finish(self) {
-        self.server.stop().await;
-        self.db.cleanup().await;
-    }
-
-    /// A store and a fresh device enrolled in it: (device id, credential).
-    async fn enrolled_device(&self, store: &str) -> (String, String) {
-        let mut admin = self.server.admin().await;
-        let token = admin.token(store, 1, 0).await.unwrap().secret;
-        let response = self
-            .server
-            .agent()
-            .await
-            .enroll(enroll_request(&new_key(), &token, "SN-1"))
-            .await
-            .unwrap()
-            .into_inner();
-        (response.device_id, response.device_credential)
-    }
-}
-
-fn assert_status<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Code, fragment: &str) {
-    let status = result.expect_err("the call should be refused");
-    assert_eq!(status.code(), code, "{status:?}");
-    assert!(
-        status.message().contains(fragment),
-        "message `{}` should mention `{fragment}`",
-        status.message()
-    );
-}
-
-/// Polls until `check` holds on the device (heartbeats are written in batches).
-async fn eventually(
-    admin: &mut common::Admin,
-    id: &str,
-    check: impl Fn(&v1::Device) -> bool,
-) -> v1::Device {
-    for _ in 0..100 {
-        let device = admin.device(id).await.unwrap();
-        if check(&device) {
-            return device;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!(
-        "device {id} never reached the expected state: {:?}",
-        admin.device(id).await
-    );
-}
 
 async fn admin_calls_need_a_valid_token(backend: Backend) {
     let s = setup(backend, |_| {}).await;

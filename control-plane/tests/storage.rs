@@ -20,6 +20,7 @@ async fn open(backend: Backend) -> (Storage, TestDb, tempfile::TempDir) {
             time_zone: "UTC".into(),
             created_at_ms: 0,
             device_count: 0,
+            maintenance_window: None,
         })
         .await
         .unwrap();

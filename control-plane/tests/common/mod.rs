@@ -4,6 +4,9 @@
 #![allow(dead_code)]
 
 use ed25519_dalek::{Signer, SigningKey};
+use posfleet_bundle::manifest::{Kind, Manifest};
+use posfleet_bundle::repo::{self, RootKeys};
+use posfleet_bundle::tuf::{self, TARGETS, Targets};
 use posfleet_control_plane::ControlPlane;
 use posfleet_control_plane::config::Config;
 use posfleet_proto::v1;
@@ -11,9 +14,10 @@ use posfleet_proto::v1::admin_service_client::AdminServiceClient;
 use posfleet_proto::v1::agent_service_client::AgentServiceClient;
 use sqlx::Executor;
 use std::net::SocketAddr;
+use std::time::Duration;
 use tokio::sync::watch;
 use tonic::transport::Channel;
-use tonic::{Request, Status};
+use tonic::{Code, Request, Status};
 
 #[derive(Debug, Clone, Copy)]
 pub enum Backend {
@@ -163,6 +167,86 @@ pub fn config(dir: &std::path::Path, db: &TestDb) -> Config {
     }
 }
 
+/// A control plane on a fresh database, and what to clean up after it.
+pub struct Setup {
+    pub server: TestServer,
+    pub db: TestDb,
+    _dir: tempfile::TempDir,
+}
+
+pub async fn setup(backend: Backend, tweak: impl FnOnce(&mut Config)) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new(backend, dir.path()).await;
+    let mut config = config(dir.path(), &db);
+    tweak(&mut config);
+    Setup {
+        server: TestServer::start(config).await,
+        db,
+        _dir: dir,
+    }
+}
+
+impl Setup {
+    pub async fn finish(self) {
+        self.server.stop().await;
+        self.db.cleanup().await;
+    }
+
+    /// A fresh `pos-x1` device enrolled in `store`: (device id, credential).
+    pub async fn enrolled_device(&self, store: &str) -> (String, String) {
+        self.enrolled_model(store, "pos-x1").await
+    }
+
+    /// A fresh device of `hardware_model` enrolled in `store`.
+    pub async fn enrolled_model(&self, store: &str, hardware_model: &str) -> (String, String) {
+        let mut admin = self.server.admin().await;
+        let token = admin.token(store, 1, 0).await.unwrap().secret;
+        let response = self
+            .server
+            .agent()
+            .await
+            .enroll(enroll_request_for(
+                &new_key(),
+                &token,
+                "SN-1",
+                hardware_model,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        (response.device_id, response.device_credential)
+    }
+}
+
+pub fn assert_status<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, fragment: &str) {
+    let status = result.expect_err("the call should be refused");
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(
+        status.message().contains(fragment),
+        "message `{}` should mention `{fragment}`",
+        status.message()
+    );
+}
+
+/// Polls until `check` holds on the device (heartbeats are written in batches).
+pub async fn eventually(
+    admin: &mut Admin,
+    id: &str,
+    check: impl Fn(&v1::Device) -> bool,
+) -> v1::Device {
+    for _ in 0..100 {
+        let device = admin.device(id).await.unwrap();
+        if check(&device) {
+            return device;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "device {id} never reached the expected state: {:?}",
+        admin.device(id).await
+    );
+}
+
 /// An AdminService client that sends `token` (or none).
 pub struct Admin {
     pub client: AdminServiceClient<Channel>,
@@ -220,17 +304,120 @@ impl Admin {
         let req = self.req(v1::GetDeviceRequest { id: id.into() });
         self.client.get_device(req).await.map(|r| r.into_inner())
     }
+
+    /// Initializes the bundle repository with one offline key that holds
+    /// the root and targets roles, and returns that key.
+    pub async fn init_repository(&mut self) -> SigningKey {
+        let online = self
+            .client
+            .get_repository(self.req(v1::GetRepositoryRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        let vk = |hex_key: &str| {
+            ed25519_dalek::VerifyingKey::from_bytes(
+                &hex::decode(hex_key).unwrap().try_into().unwrap(),
+            )
+            .unwrap()
+        };
+        let offline = new_key();
+        let keys = RootKeys {
+            root: vec![offline.verifying_key()],
+            root_threshold: 1,
+            targets: vec![offline.verifying_key()],
+            targets_threshold: 1,
+            snapshot: vk(&online.snapshot_public_key),
+            timestamp: vk(&online.timestamp_public_key),
+        };
+        let expires = chrono::Utc::now() + chrono::Duration::days(30);
+        let req = self.req(v1::InitRepositoryRequest {
+            root_json: tuf::sign(&repo::root(&keys, 1, expires), &[&offline]),
+            targets_json: tuf::sign(&repo::targets(1, expires, Default::default()), &[&offline]),
+        });
+        self.client.init_repository(req).await.unwrap();
+        offline
+    }
+
+    /// Signs and publishes bundle `name` `version` (a few KiB of arbitrary
+    /// bytes: the control plane checks hashes, not contents).
+    pub async fn publish(
+        &mut self,
+        targets_key: &SigningKey,
+        name: &str,
+        version: &str,
+        kind: Kind,
+        hardware: &[&str],
+    ) -> v1::Bundle {
+        let manifest = Manifest {
+            name: name.into(),
+            version: version.parse().unwrap(),
+            kind,
+            hardware: hardware.iter().map(|h| h.to_string()).collect(),
+            pre_activate: None,
+            health_check: None,
+        };
+        let bytes: Vec<u8> = format!("{name} {version} ").repeat(300).into_bytes();
+        let digest = posfleet_bundle::chunks::digest_reader(bytes.as_slice()).unwrap();
+        let current = self
+            .client
+            .get_repository(self.req(v1::GetRepositoryRequest {}))
+            .await
+            .unwrap()
+            .into_inner()
+            .targets_json;
+        let current: Targets = tuf::parse_envelope(TARGETS, &current, u64::MAX)
+            .unwrap()
+            .decode(TARGETS)
+            .unwrap();
+        let mut entries = current.targets;
+        entries.insert(
+            manifest.target_name(),
+            repo::target_file(&manifest, &digest),
+        );
+        let targets = repo::targets(
+            current.version + 1,
+            chrono::Utc::now() + chrono::Duration::days(30),
+            entries,
+        );
+        use v1::publish_bundle_request::Part;
+        let messages = vec![
+            v1::PublishBundleRequest {
+                part: Some(Part::Header(v1::PublishBundleHeader {
+                    targets_json: tuf::sign(&targets, &[targets_key]),
+                    target: manifest.target_name(),
+                })),
+            },
+            v1::PublishBundleRequest {
+                part: Some(Part::Data(bytes)),
+            },
+        ];
+        self.client
+            .publish_bundle(self.req(tokio_stream::iter(messages)))
+            .await
+            .unwrap()
+            .into_inner()
+    }
 }
 
-/// A device key and the enroll request it signs.
+/// A device key and the enroll request it signs, for a `pos-x1` till.
 pub fn enroll_request(key: &SigningKey, token: &str, serial: &str) -> v1::EnrollRequest {
+    enroll_request_for(key, token, serial, "pos-x1")
+}
+
+pub fn enroll_request_for(
+    key: &SigningKey,
+    token: &str,
+    serial: &str,
+    hardware_model: &str,
+) -> v1::EnrollRequest {
     let public_key = key.verifying_key().to_bytes().to_vec();
-    let payload = posfleet_proto::enroll_signing_payload(token, &public_key, "pos-x1", serial);
+    let payload =
+        posfleet_proto::enroll_signing_payload(token, &public_key, hardware_model, serial);
     v1::EnrollRequest {
         enrollment_token: token.into(),
         signature: key.sign(&payload).to_bytes().to_vec(),
         public_key,
-        hardware_model: "pos-x1".into(),
+        hardware_model: hardware_model.into(),
         serial_number: serial.into(),
         agent_version: "0.9.0".into(),
     }
@@ -240,13 +427,18 @@ pub fn new_key() -> SigningKey {
     SigningKey::generate(&mut rand::rngs::OsRng)
 }
 
-pub fn heartbeat(credential: &str, request: v1::HeartbeatRequest) -> Request<v1::HeartbeatRequest> {
-    let mut req = Request::new(request);
+/// A request carrying `authorization: Device <credential>`.
+pub fn device_request<T>(credential: &str, message: T) -> Request<T> {
+    let mut req = Request::new(message);
     req.metadata_mut().insert(
         "authorization",
         format!("Device {credential}").parse().unwrap(),
     );
     req
+}
+
+pub fn heartbeat(credential: &str, request: v1::HeartbeatRequest) -> Request<v1::HeartbeatRequest> {
+    device_request(credential, request)
 }
 
 /// Runs `$name(backend)` on SQLite, and on PostgreSQL when asked (`--ignored`).
