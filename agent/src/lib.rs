@@ -10,6 +10,7 @@ pub mod error;
 pub mod fetch;
 mod files;
 pub mod health;
+pub mod hooks;
 pub mod identity;
 pub mod repository;
 pub mod state;
