@@ -31,4 +31,6 @@ pub enum Error {
     ServerUrl(String),
     #[error("cannot use the bundle repository: {0}")]
     Repository(String),
+    #[error("cannot install bundle {name}: {detail}")]
+    Install { name: String, detail: String },
 }

@@ -12,6 +12,7 @@ mod files;
 pub mod health;
 pub mod hooks;
 pub mod identity;
+pub mod install;
 pub mod repository;
 pub mod state;
 pub mod window;
