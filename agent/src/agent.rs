@@ -4,9 +4,11 @@
 
 use ed25519_dalek::{Signer, SigningKey};
 use posfleet_proto::v1::agent_service_client::AgentServiceClient;
-use posfleet_proto::v1::{EnrollRequest, HeartbeatRequest};
+use posfleet_proto::v1::{EnrollRequest, HeartbeatRequest, ReportProgressRequest};
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request};
 
@@ -14,6 +16,8 @@ use crate::backoff::{Backoff, jittered};
 use crate::config::{AgentConfig, PeripheralsDriver};
 use crate::error::Error;
 use crate::health::{self, FakePeripherals, NoPeripherals, Peripherals};
+use crate::install::Slots;
+use crate::lifecycle::{self, Clock, DesiredState, Lifecycle, Report};
 use crate::repository::{RepositoryClient, Timeouts};
 use crate::state::{Enrollment, StateDir};
 
@@ -30,6 +34,7 @@ pub struct Agent {
     repository: Option<RepositoryClient>,
     key: SigningKey,
     state: StateDir,
+    slots: Slots,
     peripherals: Box<dyn Peripherals>,
     client: AgentServiceClient<Channel>,
     started: Instant,
@@ -99,17 +104,13 @@ impl Agent {
         Ok(Agent {
             repository,
             state: StateDir::new(&config.data_dir),
+            slots: Slots::open(&config.data_dir)?,
             client: AgentServiceClient::new(channel),
             config,
             key,
             peripherals,
             started: Instant::now(),
         })
-    }
-
-    /// The verified bundle repository, when `root_json_path` is configured.
-    pub fn repository(&self) -> Option<&RepositoryClient> {
-        self.repository.as_ref()
     }
 
     /// Runs until `shutdown` completes. Returns an error only when the agent
@@ -121,41 +122,71 @@ impl Agent {
             _ = &mut shutdown => return Ok(()),
         };
         tracing::info!(device_id = %enrollment.device_id, store_id = %enrollment.store_id, "Agent running.");
+        let data_dir = self.config.data_dir.clone();
+        let (desired_tx, desired_rx) = watch::channel(lifecycle::load_desired(&data_dir));
+        let (report_tx, report_rx) = watch::channel(Report::new());
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let stopped = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        let lifecycle = match self.repository.take() {
+            Some(repository) => {
+                let lifecycle = Lifecycle {
+                    data_dir: data_dir.clone(),
+                    hardware_model: self.config.hardware_model.clone(),
+                    fetcher: Arc::new(repository.origin()),
+                    repository,
+                    clock: if self.config.clock_file.as_os_str().is_empty() {
+                        Clock::System
+                    } else {
+                        Clock::File(self.config.clock_file.clone())
+                    },
+                    check_interval: Duration::from_secs(self.config.install_check_interval_seconds),
+                    refresh_interval: Duration::from_secs(self.config.repository_refresh_seconds),
+                    min_free_disk_bytes: self.config.min_free_disk_bytes,
+                };
+                Some(tokio::spawn(lifecycle.run(
+                    desired_rx,
+                    report_tx,
+                    stopped(stop_rx.clone()),
+                )))
+            }
+            None => {
+                tracing::warn!(
+                    "No root_json_path configured: bundles assigned to this device are not installed."
+                );
+                None
+            }
+        };
+        let reporter = tokio::spawn(report_progress(
+            self.client.clone(),
+            authorization(&enrollment).map_err(|_| Error::Corrupt {
+                path: data_dir.join(crate::state::ENROLLMENT_FILE),
+                detail: "the device credential is not ASCII".into(),
+            })?,
+            report_rx,
+            Duration::from_secs(self.config.max_backoff_seconds),
+        ));
         let mut backoff = Backoff::new(
             BACKOFF_BASE,
             Duration::from_secs(self.config.max_backoff_seconds),
         );
         let mut online = true;
-        let refresh_every = Duration::from_secs(self.config.repository_refresh_seconds);
-        let mut next_refresh = Instant::now();
         loop {
-            if let Some(repository) = &mut self.repository
-                && Instant::now() >= next_refresh
-            {
-                match repository.refresh().await {
-                    Ok(()) => {
-                        let targets = repository
-                            .trusted()
-                            .targets()
-                            .map(|t| t.targets.len())
-                            .unwrap_or(0);
-                        tracing::info!(targets, "Repository metadata verified.");
-                        next_refresh = Instant::now() + refresh_every;
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, "Cannot refresh the bundle repository; keeping what was trusted.");
-                        next_refresh = Instant::now() + refresh_every.min(Duration::from_secs(60));
-                    }
-                }
-            }
-
             let wait = match self.heartbeat(&enrollment).await {
-                Ok(interval) => {
+                Ok((interval, desired)) => {
                     if !online {
                         tracing::info!("Control plane reachable again.");
                         online = true;
                     }
                     backoff.reset();
+                    if *desired_tx.borrow() != desired {
+                        tracing::info!(bundles = desired.bundles.len(), "New desired state.");
+                        if let Err(error) = lifecycle::save_desired(&data_dir, &desired) {
+                            tracing::error!(%error, "Cannot save the desired state.");
+                        }
+                        desired_tx.send_replace(desired);
+                    }
                     jittered(interval)
                 }
                 Err(status) => {
@@ -169,14 +200,37 @@ impl Agent {
                     delay
                 }
             };
+            let lifecycle_ended = async {
+                match &lifecycle {
+                    Some(task) if task.is_finished() => {}
+                    _ => std::future::pending::<()>().await,
+                }
+            };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = &mut shutdown => {
-                    tracing::info!("Agent stopped.");
-                    return Ok(());
-                }
+                _ = lifecycle_ended => {}
+                _ = &mut shutdown => break,
+            }
+            if let Some(task) = &lifecycle
+                && task.is_finished()
+            {
+                break;
             }
         }
+        let _ = stop_tx.send(true);
+        reporter.abort();
+        if let Some(task) = lifecycle {
+            match task.await {
+                Ok(Err(error)) => {
+                    tracing::error!(%error, "Bundle lifecycle stopped.");
+                    return Err(error);
+                }
+                Err(error) => tracing::error!(%error, "Bundle lifecycle task failed."),
+                Ok(Ok(())) => {}
+            }
+        }
+        tracing::info!("Agent stopped.");
+        Ok(())
     }
 
     /// The saved enrollment, or a new one. Retries while the control plane
@@ -237,35 +291,87 @@ impl Agent {
         }
     }
 
-    /// Sends one heartbeat; returns the interval before the next one.
-    async fn heartbeat(&mut self, enrollment: &Enrollment) -> Result<Duration, tonic::Status> {
-        let installed_bundles = self.state.installed_bundles().unwrap_or_else(|error| {
-            tracing::error!(%error, "Cannot read installed bundles; reporting none.");
-            Default::default()
-        });
+    /// Sends one heartbeat; returns the interval before the next one and
+    /// the desired state.
+    async fn heartbeat(
+        &mut self,
+        enrollment: &Enrollment,
+    ) -> Result<(Duration, DesiredState), tonic::Status> {
+        let installed_bundles: std::collections::HashMap<String, String> = self
+            .slots
+            .active_versions()
+            .map(|m| {
+                m.into_iter()
+                    .map(|(name, version)| (name, version.to_string()))
+                    .collect()
+            })
+            .unwrap_or_else(|error| {
+                tracing::error!(%error, "Cannot read installed bundles; reporting none.");
+                Default::default()
+            });
         let mut request = Request::new(HeartbeatRequest {
             agent_version: AGENT_VERSION.into(),
-            installed_bundles: installed_bundles.into_iter().collect(),
+            installed_bundles,
             health: Some(health::collect(
                 &self.config.data_dir,
                 self.peripherals.as_ref(),
             )),
             agent_uptime_seconds: self.started.elapsed().as_secs(),
         });
-        let value = format!("Device {}", enrollment.device_credential)
-            .parse()
-            .map_err(|_| tonic::Status::internal("the saved device credential is not ASCII"))?;
         request
             .metadata_mut()
-            .insert(posfleet_proto::AUTHORIZATION, value);
+            .insert(posfleet_proto::AUTHORIZATION, authorization(enrollment)?);
         let response = self.client.heartbeat(request).await?.into_inner();
         // The server configures at most 1 h and quadruples it under load.
-        Ok(Duration::from_secs(
+        let interval = Duration::from_secs(
             response
                 .next_heartbeat_interval_seconds
                 .clamp(1, MAX_HEARTBEAT_INTERVAL_SECONDS)
                 .into(),
-        ))
+        );
+        Ok((interval, DesiredState::from_response(&response)))
+    }
+}
+
+/// The `authorization` metadata value of the device's calls.
+fn authorization(
+    enrollment: &Enrollment,
+) -> Result<tonic::metadata::AsciiMetadataValue, tonic::Status> {
+    format!("Device {}", enrollment.device_credential)
+        .parse()
+        .map_err(|_| tonic::Status::internal("the saved device credential is not ASCII"))
+}
+
+/// Sends the bundle statuses whenever they change, at most once a second,
+/// retrying with backoff while the control plane is unreachable. Only the
+/// latest statuses matter, so a retry sends whatever is newest.
+async fn report_progress(
+    mut client: AgentServiceClient<Channel>,
+    authorization: tonic::metadata::AsciiMetadataValue,
+    mut statuses: watch::Receiver<Report>,
+    max_backoff: Duration,
+) {
+    let mut backoff = Backoff::new(BACKOFF_BASE, max_backoff);
+    while statuses.changed().await.is_ok() {
+        loop {
+            let bundles = statuses.borrow_and_update().values().cloned().collect();
+            let mut request = Request::new(ReportProgressRequest { bundles });
+            request
+                .metadata_mut()
+                .insert(posfleet_proto::AUTHORIZATION, authorization.clone());
+            match client.report_progress(request).await {
+                Ok(_) => {
+                    backoff.reset();
+                    break;
+                }
+                Err(status) => {
+                    let delay = backoff.next_delay();
+                    tracing::debug!(code = ?status.code(), error = %status.message(), "Cannot report bundle progress yet.");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

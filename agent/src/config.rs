@@ -20,6 +20,9 @@ const ENV_KEYS: &[&str] = &[
     "log_format",
     "log_level",
     "insecure_dev",
+    "install_check_interval_seconds",
+    "min_free_disk_bytes",
+    "clock_file",
     "root_json_path",
     "repository_url",
     "repository_refresh_seconds",
@@ -76,6 +79,16 @@ pub struct AgentConfig {
     pub repository_url: String,
     /// How often the repository metadata is refreshed.
     pub repository_refresh_seconds: u64,
+    /// How often pending bundle work is looked at again: a closed
+    /// maintenance window, a failed download to retry.
+    pub install_check_interval_seconds: u64,
+    /// Disk space kept free: a download or install that would leave less
+    /// is refused before it starts.
+    pub min_free_disk_bytes: u64,
+    /// For tests only: read the current time (RFC 3339) from this file
+    /// instead of the system clock, for maintenance windows. Empty: the
+    /// system clock.
+    pub clock_file: PathBuf,
     /// Talk plaintext gRPC to a control plane beyond loopback. Until TLS is
     /// configured the device credential crosses the network in clear, so
     /// this is for development networks only.
@@ -100,6 +113,9 @@ impl Default for AgentConfig {
             root_json_path: PathBuf::new(),
             repository_url: String::new(),
             repository_refresh_seconds: 300,
+            install_check_interval_seconds: 30,
+            min_free_disk_bytes: 64 * 1024 * 1024,
+            clock_file: PathBuf::new(),
         }
     }
 }
@@ -167,6 +183,16 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub repository_url: Option<String>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub install_check_interval_seconds: Option<u64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_free_disk_bytes: Option<u64>,
+    /// Tests only: read the time from this file (RFC 3339).
+    #[arg(long, hide = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clock_file: Option<PathBuf>,
     /// Talk plaintext gRPC to a non-loopback control plane (development only).
     #[arg(long)]
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -250,6 +276,12 @@ impl AgentConfig {
                     "must be 10 to 86400",
                 ));
             }
+        }
+        if !(1..=3600).contains(&self.install_check_interval_seconds) {
+            return Err(config_error(
+                "install_check_interval_seconds",
+                "must be 1 to 3600",
+            ));
         }
         if self.hardware_model.trim().is_empty() || self.hardware_model.len() > 64 {
             return Err(config_error("hardware_model", "must be 1 to 64 bytes"));

@@ -13,6 +13,7 @@ pub mod health;
 pub mod hooks;
 pub mod identity;
 pub mod install;
+pub mod lifecycle;
 pub mod repository;
 pub mod state;
 pub mod window;

@@ -1,15 +1,13 @@
-//! What the agent keeps across restarts: its enrollment (device id and
-//! credential) and the bundles it has installed.
+//! The agent's enrollment (device id and credential), kept across restarts.
+//! Installed bundles are the slots' `current` links (see `install`).
 
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::error::Error;
 use crate::files;
 
 pub const ENROLLMENT_FILE: &str = "enrollment.json";
-pub const INSTALLED_FILE: &str = "installed.json";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Enrollment {
@@ -54,11 +52,6 @@ impl StateDir {
     pub fn save_enrollment(&self, enrollment: &Enrollment) -> Result<(), Error> {
         save_json(&self.dir.join(ENROLLMENT_FILE), enrollment)
     }
-
-    /// Installed bundles, name → version (empty until something is installed).
-    pub fn installed_bundles(&self) -> Result<BTreeMap<String, String>, Error> {
-        Ok(load_json(&self.dir.join(INSTALLED_FILE))?.unwrap_or_default())
-    }
 }
 
 #[cfg(test)]
@@ -79,7 +72,5 @@ mod tests {
         assert_eq!(state.enrollment().unwrap(), Some(enrollment));
         std::fs::write(dir.path().join(ENROLLMENT_FILE), b"{").unwrap();
         assert!(matches!(state.enrollment(), Err(Error::Corrupt { .. })));
-        std::fs::write(dir.path().join(INSTALLED_FILE), br#"{"pos-app":"1.0.0"}"#).unwrap();
-        assert_eq!(state.installed_bundles().unwrap()["pos-app"], "1.0.0");
     }
 }

@@ -1,0 +1,949 @@
+//! The update lifecycle of each desired bundle: fetch, verify, wait for the
+//! maintenance window, install, report. One task owns it; the heartbeat
+//! loop hands it the desired state through a `watch` channel and it
+//! publishes per-bundle status through another. What it decides next is a
+//! pure function ([`decide`]) of the desired bundle, the active version,
+//! the last status and the clock.
+
+use chrono::{DateTime, Utc};
+use posfleet_bundle::client::VerifiedTarget;
+use posfleet_bundle::manifest::Kind;
+use posfleet_proto::v1;
+use semver::Version;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+use crate::error::Error;
+use crate::fetch::Fetcher;
+use crate::files;
+use crate::install::{Outcome, RecoveryAction, Slots};
+use crate::repository::RepositoryClient;
+use crate::window::Window;
+
+pub const DESIRED_FILE: &str = "desired.json";
+pub const STATUS_FILE: &str = "bundles.json";
+const DOWNLOADS_DIR: &str = "downloads";
+/// Installs of one version cut short before confirmation after which it
+/// is given up (it may be what kills the terminal).
+const MAX_INTERRUPTED_INSTALLS: u32 = 3;
+
+/// One bundle the control plane wants on this device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Desired {
+    pub name: String,
+    pub version: Version,
+    pub kind: Kind,
+    pub download_ahead: bool,
+    pub emergency: bool,
+}
+
+/// The desired state last received, kept on disk so the agent goes on
+/// working towards it while the control plane is unreachable.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredState {
+    pub bundles: Vec<Desired>,
+    pub window: Option<Window>,
+}
+
+impl DesiredState {
+    /// Reads a heartbeat response. Entries the agent cannot use (bad
+    /// version, unknown kind) are skipped with a warning, not fatal.
+    pub fn from_response(response: &v1::HeartbeatResponse) -> DesiredState {
+        let mut bundles: Vec<Desired> = response
+            .desired_bundles
+            .iter()
+            .filter_map(|d| {
+                let version = Version::parse(&d.version).ok();
+                let kind = match v1::BundleKind::try_from(d.kind) {
+                    Ok(v1::BundleKind::Software) => Some(Kind::Software),
+                    Ok(v1::BundleKind::Catalog) => Some(Kind::Catalog),
+                    _ => None,
+                };
+                let valid_name = !d.name.is_empty()
+                    && d.name.len() <= 64
+                    && d
+                        .name
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+                match (version, kind, valid_name) {
+                    (Some(version), Some(kind), true) => Some(Desired {
+                        name: d.name.clone(),
+                        version,
+                        kind,
+                        download_ahead: d.download_ahead,
+                        emergency: d.emergency,
+                    }),
+                    _ => {
+                        tracing::warn!(bundle = %d.name, version = %d.version, "Ignoring a desired bundle the agent cannot read.");
+                        None
+                    }
+                }
+            })
+            .collect();
+        bundles.sort_by(|a, b| a.name.cmp(&b.name));
+        bundles.dedup_by(|a, b| a.name == b.name);
+        let window = response.maintenance_window.as_ref().map(|w| Window {
+            time_zone: w.time_zone.clone(),
+            start_minute: w.start_minute,
+            duration_minutes: w.duration_minutes,
+        });
+        DesiredState { bundles, window }
+    }
+
+    /// Whether installs may happen at `now`.
+    pub fn window_open(&self, now: DateTime<Utc>) -> bool {
+        self.window.as_ref().is_none_or(|w| w.is_open(now))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Pending,
+    Downloading,
+    Downloaded,
+    Installing,
+    Installed,
+    Failed,
+    RolledBack,
+}
+
+/// What the agent reports about one bundle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub name: String,
+    pub kind: Kind,
+    pub active_version: Option<Version>,
+    pub target_version: Option<Version>,
+    pub phase: Phase,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub error: String,
+    /// Unix milliseconds.
+    pub updated_at_ms: i64,
+    /// The target version failed in a way retrying cannot fix (unhealthy,
+    /// refused archive): the agent waits for a different desired version.
+    #[serde(default)]
+    pub given_up: bool,
+    /// Installs of the target version cut short by the agent stopping
+    /// before the health check confirmed it.
+    #[serde(default)]
+    pub interrupted: u32,
+}
+
+impl Status {
+    pub fn to_proto(&self) -> v1::BundleStatus {
+        let phase = match self.phase {
+            Phase::Pending => v1::BundlePhase::Pending,
+            Phase::Downloading => v1::BundlePhase::Downloading,
+            Phase::Downloaded => v1::BundlePhase::Downloaded,
+            Phase::Installing => v1::BundlePhase::Installing,
+            Phase::Installed => v1::BundlePhase::Installed,
+            Phase::Failed => v1::BundlePhase::Failed,
+            Phase::RolledBack => v1::BundlePhase::RolledBack,
+        };
+        v1::BundleStatus {
+            name: self.name.clone(),
+            kind: match self.kind {
+                Kind::Software => v1::BundleKind::Software,
+                Kind::Catalog => v1::BundleKind::Catalog,
+            } as i32,
+            active_version: version_string(&self.active_version),
+            target_version: version_string(&self.target_version),
+            phase: phase as i32,
+            bytes_done: self.bytes_done,
+            bytes_total: self.bytes_total,
+            error: self.error.clone(),
+            updated_at_unix_ms: self.updated_at_ms,
+        }
+    }
+}
+
+fn version_string(v: &Option<Version>) -> String {
+    v.as_ref().map(Version::to_string).unwrap_or_default()
+}
+
+/// What to do next for one desired bundle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// The desired version is active.
+    Done,
+    /// This version already failed for good; wait for another one.
+    GivenUp,
+    /// Lower than the active version: refused.
+    RefuseDowngrade {
+        active: Version,
+    },
+    Download,
+    /// Not staged, and downloading may only happen inside the window.
+    WaitToDownload,
+    Install,
+    /// Staged; waiting for the window.
+    WaitToInstall,
+}
+
+/// The next step for `desired`, from what is on disk and the clock.
+pub fn decide(
+    desired: &Desired,
+    active: Option<&Version>,
+    last: Option<&Status>,
+    staged: bool,
+    window_open: bool,
+) -> Step {
+    if active == Some(&desired.version) {
+        return Step::Done;
+    }
+    if let Some(last) = last
+        && last.given_up
+        && last.target_version.as_ref() == Some(&desired.version)
+    {
+        return Step::GivenUp;
+    }
+    if let Some(active) = active
+        && *active > desired.version
+    {
+        return Step::RefuseDowngrade {
+            active: active.clone(),
+        };
+    }
+    let may_install = window_open || desired.emergency;
+    match (staged, may_install) {
+        (true, true) => Step::Install,
+        (true, false) => Step::WaitToInstall,
+        (false, _) if may_install || desired.download_ahead => Step::Download,
+        (false, _) => Step::WaitToDownload,
+    }
+}
+
+/// Where the time comes from.
+#[derive(Debug, Clone)]
+pub enum Clock {
+    System,
+    /// Tests: an RFC 3339 time in a file, re-read at every use.
+    File(PathBuf),
+}
+
+impl Clock {
+    pub fn now(&self) -> DateTime<Utc> {
+        match self {
+            Clock::System => Utc::now(),
+            Clock::File(path) => std::fs::read_to_string(path)
+                .ok()
+                .and_then(|s| DateTime::parse_from_rfc3339(s.trim()).ok())
+                .map(|t| t.with_timezone(&Utc))
+                .unwrap_or_else(|| {
+                    tracing::warn!(path = %path.display(), "Cannot read the clock file; using the system clock.");
+                    Utc::now()
+                }),
+        }
+    }
+}
+
+/// Everything the lifecycle task needs.
+pub struct Lifecycle {
+    pub data_dir: PathBuf,
+    pub hardware_model: String,
+    pub repository: RepositoryClient,
+    pub fetcher: Arc<dyn Fetcher>,
+    pub clock: Clock,
+    pub check_interval: Duration,
+    pub refresh_interval: Duration,
+    pub min_free_disk_bytes: u64,
+}
+
+/// A failure and whether trying the same version again may help.
+struct Failure {
+    message: String,
+    permanent: bool,
+}
+
+impl Failure {
+    fn retry(message: impl ToString) -> Failure {
+        Failure {
+            message: message.to_string(),
+            permanent: false,
+        }
+    }
+    fn permanent(message: impl ToString) -> Failure {
+        Failure {
+            message: message.to_string(),
+            permanent: true,
+        }
+    }
+}
+
+/// Free bytes of the filesystem holding `path`.
+fn free_bytes(path: &Path) -> Option<u64> {
+    nix::sys::statvfs::statvfs(path)
+        .ok()
+        .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
+}
+
+fn load<T: serde::de::DeserializeOwned + Default>(path: &Path) -> T {
+    match files::read_optional(path) {
+        Ok(Some(bytes)) => serde_json::from_slice(&bytes).unwrap_or_else(|error| {
+            tracing::warn!(path = %path.display(), %error, "Ignoring an unreadable state file.");
+            T::default()
+        }),
+        Ok(None) => T::default(),
+        Err(error) => {
+            tracing::warn!(%error, "Ignoring an unreadable state file.");
+            T::default()
+        }
+    }
+}
+
+/// The desired state saved by the last run (empty if none).
+pub fn load_desired(data_dir: &Path) -> DesiredState {
+    load(&data_dir.join(DESIRED_FILE))
+}
+
+pub fn save_desired(data_dir: &Path, desired: &DesiredState) -> Result<(), Error> {
+    let bytes = serde_json::to_vec_pretty(desired).expect("plain data serializes");
+    files::write_private(&data_dir.join(DESIRED_FILE), &bytes)
+}
+
+/// Statuses as reported to the control plane, by bundle name.
+pub type Report = BTreeMap<String, v1::BundleStatus>;
+
+struct Run {
+    lifecycle: Lifecycle,
+    slots: Slots,
+    statuses: BTreeMap<String, Status>,
+    report: watch::Sender<Report>,
+    next_refresh: Instant,
+}
+
+impl Lifecycle {
+    /// Recovers the slots from whatever a crash left, then works towards
+    /// the desired state until `shutdown`. Never returns an error for a
+    /// failed bundle: that is reported; only an unusable data dir stops it.
+    pub async fn run(
+        self,
+        mut desired: watch::Receiver<DesiredState>,
+        report: watch::Sender<Report>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), Error> {
+        tokio::pin!(shutdown);
+        let slots = Slots::open(&self.data_dir)?;
+        let mut statuses: BTreeMap<String, Status> = load(&self.data_dir.join(STATUS_FILE));
+        for recovery in slots.recover()? {
+            tracing::warn!(bundle = %recovery.name, reason = %recovery.reason, "Recovered an interrupted install.");
+            let RecoveryAction::RolledBack { version } = &recovery.action else {
+                continue;
+            };
+            if let Some(status) = statuses.get_mut(&recovery.name)
+                && status.target_version.as_ref() == Some(version)
+            {
+                // The agent (or the terminal) died before the new version
+                // was confirmed healthy. That may be the new version's
+                // doing: after a few such deaths it is given up.
+                status.interrupted += 1;
+                status.phase = Phase::RolledBack;
+                status.given_up = status.interrupted >= MAX_INTERRUPTED_INSTALLS;
+                status.error = if status.given_up {
+                    format!(
+                        "{} ({} interrupted installs; not retried)",
+                        recovery.reason, status.interrupted
+                    )
+                } else {
+                    format!("{} (retrying)", recovery.reason)
+                };
+                status.updated_at_ms = Utc::now().timestamp_millis();
+            }
+        }
+        for (name, status) in statuses.iter_mut() {
+            status.active_version = slots.active(name)?;
+        }
+        let downloads = self.data_dir.join(DOWNLOADS_DIR);
+        std::fs::create_dir_all(&downloads).map_err(|source| Error::DataDir {
+            path: downloads.clone(),
+            source,
+        })?;
+        let mut run = Run {
+            lifecycle: self,
+            slots,
+            statuses,
+            report,
+            next_refresh: Instant::now(),
+        };
+        run.publish(true);
+        loop {
+            let state = desired.borrow_and_update().clone();
+            let pause = tokio::select! {
+                pause = run.pass(&state) => pause,
+                _ = &mut shutdown => return Ok(()),
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                changed = desired.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                }
+                _ = &mut shutdown => return Ok(()),
+            }
+        }
+    }
+}
+
+impl Run {
+    fn publish(&mut self, persist: bool) {
+        let report: Report = self
+            .statuses
+            .iter()
+            .map(|(name, s)| (name.clone(), s.to_proto()))
+            .collect();
+        self.report.send_replace(report);
+        if persist {
+            let bytes = serde_json::to_vec_pretty(&self.statuses).expect("plain data serializes");
+            if let Err(error) =
+                files::write_private(&self.lifecycle.data_dir.join(STATUS_FILE), &bytes)
+            {
+                tracing::error!(%error, "Cannot save bundle statuses.");
+            }
+        }
+    }
+
+    fn set(&mut self, desired: &Desired, phase: Phase, error: String) {
+        // Reports carry real time (the control plane orders them by it),
+        // whatever clock windows are judged by.
+        let now = Utc::now().timestamp_millis();
+        let active = self.slots.active(&desired.name).ok().flatten();
+        let status = self
+            .statuses
+            .entry(desired.name.clone())
+            .or_insert_with(|| Status {
+                name: desired.name.clone(),
+                kind: desired.kind,
+                active_version: None,
+                target_version: None,
+                phase,
+                bytes_done: 0,
+                bytes_total: 0,
+                error: String::new(),
+                updated_at_ms: now,
+                given_up: false,
+                interrupted: 0,
+            });
+        let changed = status.phase != phase
+            || status.error != error
+            || status.target_version.as_ref() != Some(&desired.version)
+            || status.active_version != active;
+        if status.target_version.as_ref() != Some(&desired.version) {
+            status.bytes_done = 0;
+            status.bytes_total = 0;
+            status.given_up = false;
+            status.interrupted = 0;
+        }
+        status.kind = desired.kind;
+        status.active_version = active;
+        status.target_version = Some(desired.version.clone());
+        status.phase = phase;
+        status.error = error;
+        if changed {
+            status.updated_at_ms = now;
+            self.publish(true);
+        }
+    }
+
+    fn give_up(&mut self, name: &str) {
+        if let Some(status) = self.statuses.get_mut(name) {
+            status.given_up = true;
+        }
+        self.publish(true);
+    }
+
+    /// One look at every desired bundle; returns how long to wait before
+    /// the next look (unless the desired state changes first).
+    async fn pass(&mut self, state: &DesiredState) -> Duration {
+        if Instant::now() >= self.next_refresh {
+            self.refresh().await;
+        }
+        let mut pause = self.lifecycle.check_interval;
+        for desired in &state.bundles {
+            self.advance(state, desired).await;
+        }
+        let now = self.lifecycle.clock.now();
+        if let Some(window) = &state.window
+            && let Some(opens) = window.next_open(now)
+            && let Ok(until) = (opens - now).to_std()
+            && until > Duration::ZERO
+        {
+            pause = pause.min(until);
+        }
+        pause
+    }
+
+    /// Takes one bundle as far as it may go now: download, then install
+    /// if the window allows.
+    async fn advance(&mut self, state: &DesiredState, desired: &Desired) {
+        loop {
+            let now = self.lifecycle.clock.now();
+            let active = match self.slots.active(&desired.name) {
+                Ok(active) => active,
+                Err(error) => {
+                    self.set(desired, Phase::Failed, error.to_string());
+                    return;
+                }
+            };
+            let window_open = state.window_open(now);
+            // What can be decided without the signed target (offline).
+            match decide(
+                desired,
+                active.as_ref(),
+                self.statuses.get(&desired.name),
+                false,
+                window_open,
+            ) {
+                Step::Done => {
+                    let phase = self.statuses.get(&desired.name).map(|s| s.phase);
+                    if phase != Some(Phase::Installed) {
+                        self.set(desired, Phase::Installed, String::new());
+                    }
+                    return;
+                }
+                Step::GivenUp => return,
+                Step::RefuseDowngrade { active } => {
+                    return self.fail(
+                        desired,
+                        Failure::permanent(format!(
+                            "refusing to downgrade {} from {active} to {}",
+                            desired.name, desired.version
+                        )),
+                    );
+                }
+                _ => {}
+            }
+            let target = match self.target(desired).await {
+                Ok(target) => target,
+                Err(failure) => return self.fail(desired, failure),
+            };
+            let staged = self.staged_path(&target);
+            let step = decide(
+                desired,
+                active.as_ref(),
+                self.statuses.get(&desired.name),
+                staged.is_file(),
+                window_open,
+            );
+            tracing::debug!(bundle = %desired.name, version = %desired.version, ?step, "Bundle step.");
+            let result = match step {
+                // Handled above, before the target was needed.
+                Step::Done | Step::GivenUp | Step::RefuseDowngrade { .. } => return,
+                Step::WaitToDownload => {
+                    let message = waiting_message(state, now, "download");
+                    return self.set(desired, Phase::Pending, message);
+                }
+                Step::WaitToInstall => {
+                    let message = waiting_message(state, now, "install");
+                    return self.set(desired, Phase::Downloaded, message);
+                }
+                Step::Download => self.download(desired, &target, &staged).await,
+                Step::Install => {
+                    let result = self.install(desired, &target, &staged).await;
+                    if result.is_ok() {
+                        return;
+                    }
+                    result
+                }
+            };
+            if let Err(failure) = result {
+                return self.fail(desired, failure);
+            }
+        }
+    }
+
+    fn fail(&mut self, desired: &Desired, failure: Failure) {
+        tracing::warn!(bundle = %desired.name, version = %desired.version, error = %failure.message, "Bundle update failed.");
+        self.set(desired, Phase::Failed, failure.message);
+        if failure.permanent {
+            self.give_up(&desired.name);
+        }
+    }
+
+    async fn refresh(&mut self) {
+        match self.lifecycle.repository.refresh().await {
+            Ok(()) => {
+                self.next_refresh = Instant::now() + self.lifecycle.refresh_interval;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "Cannot refresh the bundle repository; keeping what was trusted.");
+                self.next_refresh = Instant::now()
+                    + self
+                        .lifecycle
+                        .refresh_interval
+                        .min(self.lifecycle.check_interval);
+            }
+        }
+    }
+
+    /// The signed target for `desired`; refreshes the metadata once if the
+    /// target is not known yet (just published).
+    async fn target(&mut self, desired: &Desired) -> Result<VerifiedTarget, Failure> {
+        let name = format!("{}/{}", desired.name, desired.version);
+        let model = self.lifecycle.hardware_model.clone();
+        let mut found = self.lifecycle.repository.target(&name, &model);
+        if found.is_err() {
+            self.refresh().await;
+            found = self.lifecycle.repository.target(&name, &model);
+        }
+        let target = found.map_err(Failure::retry)?;
+        if target.info.kind != desired.kind {
+            return Err(Failure::permanent(format!(
+                "{name} is signed as a {:?} bundle, not {:?}",
+                target.info.kind, desired.kind
+            )));
+        }
+        if Version::parse(&target.info.version).ok().as_ref() != Some(&desired.version) {
+            return Err(Failure::permanent(format!(
+                "{name} is signed with version {}",
+                target.info.version
+            )));
+        }
+        Ok(target)
+    }
+
+    fn staged_path(&self, target: &VerifiedTarget) -> PathBuf {
+        self.lifecycle
+            .data_dir
+            .join(DOWNLOADS_DIR)
+            .join(format!("{}.bundle", target.sha256))
+    }
+
+    /// Refuses to start when `need` bytes would leave less than the
+    /// configured reserve free.
+    fn check_space(&self, desired: &Desired, need: u64) -> Result<(), Failure> {
+        let free = free_bytes(&self.lifecycle.data_dir).unwrap_or(u64::MAX);
+        let want = need.saturating_add(self.lifecycle.min_free_disk_bytes);
+        if free < want {
+            return Err(Failure::retry(format!(
+                "not enough disk space for {} {}: needs {} MiB, {} MiB free",
+                desired.name,
+                desired.version,
+                want.div_ceil(1 << 20),
+                free >> 20
+            )));
+        }
+        Ok(())
+    }
+
+    /// Fetches the target into `<sha256>.part`, resuming, then checks the
+    /// whole file against its signed hash and renames it to `staged`.
+    async fn download(
+        &mut self,
+        desired: &Desired,
+        target: &VerifiedTarget,
+        staged: &Path,
+    ) -> Result<(), Failure> {
+        let part = staged.with_extension("part");
+        let have = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
+        // Room for the rest of the download and for unpacking it.
+        self.check_space(desired, target.length.saturating_sub(have) + target.length)?;
+        self.set(desired, Phase::Downloading, String::new());
+        if let Some(status) = self.statuses.get_mut(&desired.name) {
+            status.bytes_total = target.length;
+            status.bytes_done = have.min(target.length);
+        }
+        self.publish(false);
+        let fetcher = self.lifecycle.fetcher.clone();
+        let list = fetcher.chunk_list(target).await.map_err(Failure::retry)?;
+        let done = Arc::new(AtomicU64::new(0));
+        let progress = {
+            let done = done.clone();
+            move |n: u64| done.store(n, Ordering::Relaxed)
+        };
+        let fetch = fetcher.fetch(target, &list, &part, &progress);
+        tokio::pin!(fetch);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let result = loop {
+            tokio::select! {
+                result = &mut fetch => break result,
+                _ = tick.tick() => {
+                    if let Some(status) = self.statuses.get_mut(&desired.name) {
+                        status.bytes_done = done.load(Ordering::Relaxed);
+                    }
+                    self.publish(false);
+                }
+            }
+        };
+        if let Some(status) = self.statuses.get_mut(&desired.name) {
+            status.bytes_done = done.load(Ordering::Relaxed);
+        }
+        result.map_err(|e| Failure::retry(format!("download of {} failed: {e}", target.name)))?;
+        verify_whole(target, &part).await?;
+        std::fs::rename(&part, staged)
+            .map_err(|e| Failure::retry(format!("cannot stage {}: {e}", staged.display())))?;
+        tracing::info!(bundle = %desired.name, version = %desired.version, bytes = target.length, "Bundle downloaded and verified.");
+        self.set(desired, Phase::Downloaded, String::new());
+        Ok(())
+    }
+
+    /// Installs the staged target, after checking it again: bytes on disk
+    /// are not trusted either.
+    async fn install(
+        &mut self,
+        desired: &Desired,
+        target: &VerifiedTarget,
+        staged: &Path,
+    ) -> Result<(), Failure> {
+        if let Err(failure) = verify_whole(target, staged).await {
+            let _ = std::fs::remove_file(staged);
+            return Err(failure);
+        }
+        self.check_space(desired, target.length)?;
+        self.set(desired, Phase::Installing, String::new());
+        tracing::info!(bundle = %desired.name, version = %desired.version, "Installing.");
+        let outcome = self
+            .slots
+            .install(&desired.name, &desired.version, desired.kind, staged)
+            .await
+            .map_err(Failure::retry)?;
+        match outcome {
+            Outcome::Installed => {
+                let _ = std::fs::remove_file(staged);
+                tracing::info!(bundle = %desired.name, version = %desired.version, "Bundle installed.");
+                self.set(desired, Phase::Installed, String::new());
+                Ok(())
+            }
+            Outcome::Failed { reason } => Err(Failure::permanent(reason)),
+            Outcome::RolledBack { reason } => {
+                let _ = std::fs::remove_file(staged);
+                tracing::warn!(bundle = %desired.name, version = %desired.version, %reason, "Bundle rolled back.");
+                self.set(desired, Phase::RolledBack, reason);
+                self.give_up(&desired.name);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Streams `path` through SHA-256 and compares with the signed target.
+async fn verify_whole(target: &VerifiedTarget, path: &Path) -> Result<(), Failure> {
+    let path = path.to_path_buf();
+    let expected = (target.length, target.sha256.clone());
+    let name = target.name.clone();
+    tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(&path)
+            .map_err(|e| Failure::retry(format!("cannot read {}: {e}", path.display())))?;
+        let digest = posfleet_bundle::chunks::digest_reader(std::io::BufReader::new(file))
+            .map_err(|e| Failure::retry(format!("cannot read {}: {e}", path.display())))?;
+        if (digest.length, hex::encode(digest.sha256)) != expected {
+            let _ = std::fs::remove_file(&path);
+            return Err(Failure::retry(format!(
+                "{name} on disk does not match its signed length and SHA-256; discarded"
+            )));
+        }
+        Ok(())
+    })
+    .await
+    .unwrap_or_else(|e| Err(Failure::retry(format!("verification stopped: {e}"))))
+}
+
+fn waiting_message(state: &DesiredState, now: DateTime<Utc>, what: &str) -> String {
+    match state
+        .window
+        .as_ref()
+        .and_then(|w| w.next_open(now).map(|t| (w, t)))
+    {
+        Some((w, opens)) => format!(
+            "waiting for the maintenance window to {what} (opens {} {}, in {})",
+            crate::window::clock(w.start_minute),
+            w.time_zone,
+            humanize(opens - now)
+        ),
+        None => format!("waiting for the maintenance window to {what}"),
+    }
+}
+
+fn humanize(d: chrono::TimeDelta) -> String {
+    let minutes = d.num_minutes().max(0);
+    if minutes >= 60 {
+        format!("{}h{:02}m", minutes / 60, minutes % 60)
+    } else {
+        format!("{minutes}m")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(s: &str) -> Version {
+        Version::parse(s).unwrap()
+    }
+
+    fn want(version: &str, download_ahead: bool, emergency: bool) -> Desired {
+        Desired {
+            name: "pos-app".into(),
+            version: v(version),
+            kind: Kind::Software,
+            download_ahead,
+            emergency,
+        }
+    }
+
+    fn given_up(version: &str) -> Status {
+        Status {
+            name: "pos-app".into(),
+            kind: Kind::Software,
+            active_version: Some(v("1.0.0")),
+            target_version: Some(v(version)),
+            phase: Phase::RolledBack,
+            bytes_done: 0,
+            bytes_total: 0,
+            error: "health check failed".into(),
+            updated_at_ms: 0,
+            given_up: true,
+            interrupted: 0,
+        }
+    }
+
+    #[test]
+    fn decisions() {
+        use Step::*;
+        let rolled_back = given_up("1.1.0");
+        // (desired, active, last status, staged, window open) -> step
+        type Case<'a> = (Desired, Option<&'a str>, Option<&'a Status>, bool, bool, Step);
+        let cases: Vec<Case> = vec![
+            (
+                want("1.1.0", true, false),
+                Some("1.1.0"),
+                None,
+                false,
+                false,
+                Done,
+            ),
+            (
+                want("1.1.0", true, false),
+                Some("1.0.0"),
+                None,
+                false,
+                false,
+                Download,
+            ),
+            (
+                want("1.1.0", false, false),
+                Some("1.0.0"),
+                None,
+                false,
+                false,
+                WaitToDownload,
+            ),
+            (
+                want("1.1.0", false, false),
+                Some("1.0.0"),
+                None,
+                false,
+                true,
+                Download,
+            ),
+            (
+                want("1.1.0", true, false),
+                Some("1.0.0"),
+                None,
+                true,
+                false,
+                WaitToInstall,
+            ),
+            (
+                want("1.1.0", true, false),
+                Some("1.0.0"),
+                None,
+                true,
+                true,
+                Install,
+            ),
+            (
+                want("1.1.0", false, true),
+                Some("1.0.0"),
+                None,
+                false,
+                false,
+                Download,
+            ),
+            (
+                want("1.1.0", false, true),
+                Some("1.0.0"),
+                None,
+                true,
+                false,
+                Install,
+            ),
+            (want("1.1.0", true, false), None, None, true, true, Install),
+            (
+                want("1.1.0", true, false),
+                Some("1.0.0"),
+                Some(&rolled_back),
+                true,
+                true,
+                GivenUp,
+            ),
+            // A different version after a given-up one is tried.
+            (
+                want("1.1.1", true, false),
+                Some("1.0.0"),
+                Some(&rolled_back),
+                false,
+                true,
+                Download,
+            ),
+            (
+                want("1.0.0", true, true),
+                Some("1.1.0"),
+                None,
+                true,
+                true,
+                RefuseDowngrade { active: v("1.1.0") },
+            ),
+        ];
+        for (desired, active, last, staged, open, expected) in cases {
+            let active = active.map(v);
+            assert_eq!(
+                decide(&desired, active.as_ref(), last, staged, open),
+                expected,
+                "{desired:?} active {active:?} staged {staged} open {open}"
+            );
+        }
+    }
+
+    #[test]
+    fn desired_state_skips_what_it_cannot_read() {
+        let bundle = |name: &str, version: &str, kind: v1::BundleKind| v1::DesiredBundle {
+            name: name.into(),
+            version: version.into(),
+            kind: kind as i32,
+            download_ahead: true,
+            emergency: false,
+        };
+        let response = v1::HeartbeatResponse {
+            desired_bundles: vec![
+                bundle("pos-app", "1.1.0", v1::BundleKind::Software),
+                bundle("catalog-paris", "not-semver", v1::BundleKind::Catalog),
+                bundle("../etc", "1.0.0", v1::BundleKind::Software),
+                bundle("other", "1.0.0", v1::BundleKind::Unspecified),
+            ],
+            maintenance_window: Some(v1::MaintenanceWindow {
+                time_zone: "Europe/Paris".into(),
+                start_minute: 120,
+                duration_minutes: 60,
+            }),
+            ..Default::default()
+        };
+        let state = DesiredState::from_response(&response);
+        assert_eq!(state.bundles.len(), 1);
+        assert_eq!(state.bundles[0].name, "pos-app");
+        let window = state.window.as_ref().unwrap();
+        assert_eq!((window.start_minute, window.duration_minutes), (120, 60));
+        let inside = DateTime::parse_from_rfc3339("2026-06-01T00:30:00Z").unwrap();
+        assert!(state.window_open(inside.with_timezone(&Utc)));
+        let outside = DateTime::parse_from_rfc3339("2026-06-01T12:00:00Z").unwrap();
+        assert!(!state.window_open(outside.with_timezone(&Utc)));
+        assert!(DesiredState::default().window_open(Utc::now()));
+    }
+}
