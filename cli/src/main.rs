@@ -18,7 +18,7 @@ use tonic::Request;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::view::{DeviceView, StoreView, TokenView};
+use crate::view::{AssignmentView, DeviceView, StoreView, TokenView};
 
 #[derive(Debug, Parser)]
 #[command(name = "posfleet", version, about = "Drive a posfleet control plane.")]
@@ -94,6 +94,20 @@ enum StoreCommand {
     },
     /// List stores.
     List,
+    /// Set when a store's tills may install, in the store's time zone, or
+    /// clear it (any time).
+    Window {
+        id: String,
+        /// Local start time, `HH:MM`, e.g. `02:00`.
+        #[arg(long, value_parser = parse_hh_mm, required_unless_present = "clear", requires = "duration")]
+        start: Option<u32>,
+        /// Length in whole minutes, 1m to 24h, e.g. `3h`, `90m`.
+        #[arg(long, value_parser = parse_window_duration, requires = "start")]
+        duration: Option<u32>,
+        /// Remove the window: installs may happen at any time.
+        #[arg(long, conflicts_with_all = ["start", "duration"])]
+        clear: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -147,6 +161,83 @@ enum DeviceCommand {
         #[arg(required = true)]
         changes: Vec<String>,
     },
+    /// Set the version of a published bundle a device should have:
+    /// `assign ID NAME@VERSION`, or for every device of a store, present and
+    /// future, `assign --store STORE NAME@VERSION`. A device's own assignment
+    /// beats its store's.
+    Assign {
+        /// `ID NAME@VERSION`, or `NAME@VERSION` with --store.
+        #[arg(value_name = "ID NAME@VERSION", num_args = 1..=2, required = true)]
+        args: Vec<String>,
+        /// Assign to every device of this store instead of one device.
+        #[arg(long)]
+        store: Option<String>,
+        /// Download only inside the maintenance window (by default the
+        /// bundle is downloaded at once and installed inside the window).
+        #[arg(long)]
+        no_download_ahead: bool,
+        /// Install at once, ignoring the maintenance window.
+        #[arg(long)]
+        emergency: bool,
+    },
+}
+
+/// `HH:MM` (local time of day) → minutes after midnight.
+fn parse_hh_mm(s: &str) -> Result<u32, String> {
+    let error = || format!("`{s}` is not a time of day such as 02:00 (HH:MM, 00:00 to 23:59)");
+    let (h, m) = s.split_once(':').ok_or_else(error)?;
+    let digits = |p: &str| (1..=2).contains(&p.len()) && p.chars().all(|c| c.is_ascii_digit());
+    if !digits(h) || m.len() != 2 || !digits(m) {
+        return Err(error());
+    }
+    let (h, m): (u32, u32) = (
+        h.parse().map_err(|_| error())?,
+        m.parse().map_err(|_| error())?,
+    );
+    if h > 23 || m > 59 {
+        return Err(error());
+    }
+    Ok(h * 60 + m)
+}
+
+/// A humantime duration → whole minutes, 1 to 1440.
+fn parse_window_duration(s: &str) -> Result<u32, String> {
+    let duration = humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e}"))?;
+    if duration.as_secs() % 60 != 0 || duration.subsec_nanos() != 0 {
+        return Err(format!("`{s}` is not a whole number of minutes"));
+    }
+    match duration.as_secs() / 60 {
+        minutes @ 1..=1440 => Ok(minutes as u32),
+        _ => Err(format!("`{s}` must be 1m to 24h")),
+    }
+}
+
+/// `pos-app@1.1.0` → ("pos-app", "1.1.0").
+fn parse_bundle_ref(s: &str) -> anyhow::Result<(String, String)> {
+    match s.split_once('@') {
+        Some((name, version)) if !name.is_empty() && !version.is_empty() => {
+            Ok((name.to_string(), version.to_string()))
+        }
+        _ => bail!("`{s}` is not NAME@VERSION, e.g. pos-app@1.1.0"),
+    }
+}
+
+/// The assignment's target and bundle from `assign`'s arguments: exactly
+/// one of a device id and `--store`.
+fn assign_target(
+    args: &[String],
+    store: Option<String>,
+) -> anyhow::Result<(v1::assign_bundle_request::Target, String, String)> {
+    use v1::assign_bundle_request::Target;
+    let (target, bundle) = match (store, args) {
+        (Some(store), [bundle]) => (Target::StoreId(store), bundle),
+        (Some(_), [_, _]) => bail!("give a device id or --store, not both"),
+        (None, [id, bundle]) => (Target::DeviceId(id.clone()), bundle),
+        (None, [_]) => bail!("give a device id (assign ID NAME@VERSION) or --store STORE"),
+        _ => bail!("expected ID NAME@VERSION, or --store STORE NAME@VERSION"),
+    };
+    let (name, version) = parse_bundle_ref(bundle)?;
+    Ok((target, name, version))
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -255,6 +346,49 @@ impl Admin {
             }
             page_token = page.next_page_token;
         }
+    }
+
+    /// One device, with its desired and reported bundles.
+    pub async fn get_device(&mut self, id: &str) -> anyhow::Result<v1::Device> {
+        let request = self.request(v1::GetDeviceRequest { id: id.into() });
+        self.client
+            .get_device(request)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| self.error(s))
+    }
+
+    /// Sets (or with `None` clears) a store's maintenance window.
+    pub async fn set_maintenance_window(
+        &mut self,
+        store: &str,
+        window: Option<(u32, u32)>,
+    ) -> anyhow::Result<v1::Store> {
+        let request = self.request(v1::SetMaintenanceWindowRequest {
+            store_id: store.into(),
+            maintenance_window: window.map(|(start_minute, duration_minutes)| {
+                v1::MaintenanceWindow {
+                    time_zone: String::new(),
+                    start_minute,
+                    duration_minutes,
+                }
+            }),
+        });
+        self.client
+            .set_maintenance_window(request)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| self.error(s))
+    }
+
+    /// Assigns a published bundle; returns how many devices it now applies to.
+    pub async fn assign_bundle(&mut self, request: v1::AssignBundleRequest) -> anyhow::Result<u64> {
+        let request = self.request(request);
+        self.client
+            .assign_bundle(request)
+            .await
+            .map(|r| r.into_inner().devices_assigned)
+            .map_err(|s| self.error(s))
     }
 
     pub async fn create_token(
@@ -449,6 +583,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 format!("{}\n", view::stores_table(&stores))
             })?;
         }
+        AdminCommand::Store(StoreCommand::Window {
+            id,
+            start,
+            duration,
+            clear: _,
+        }) => {
+            // clap lets --start come only with --duration, and neither with --clear.
+            let window = start.zip(duration);
+            let store = StoreView::from(admin.set_maintenance_window(&id, window).await?);
+            show(output, &store, || {
+                format!("{}\n", view::stores_table(std::slice::from_ref(&store)))
+            })?;
+        }
         AdminCommand::EnrollToken(TokenCommand::Create {
             store,
             expires_in,
@@ -520,16 +667,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             })?;
         }
         AdminCommand::Device(DeviceCommand::Show { id }) => {
-            let request = admin.request(v1::GetDeviceRequest { id });
-            let device = DeviceView::from(
-                admin
-                    .client
-                    .get_device(request)
-                    .await
-                    .map_err(|s| admin.error(s))?
-                    .into_inner(),
-            );
+            let device = DeviceView::with_bundles(admin.get_device(&id).await?);
             show(output, &device, || view::device_details(&device))?;
+        }
+        AdminCommand::Device(DeviceCommand::Assign {
+            args,
+            store,
+            no_download_ahead,
+            emergency,
+        }) => {
+            let (target, name, version) = assign_target(&args, store)?;
+            let request = v1::AssignBundleRequest {
+                target: Some(target.clone()),
+                name,
+                version,
+                download_ahead: Some(!no_download_ahead),
+                emergency,
+            };
+            let devices_assigned = admin.assign_bundle(request.clone()).await?;
+            let assignment = AssignmentView::new(request, devices_assigned);
+            show(output, &assignment, || {
+                view::assignment_summary(&assignment)
+            })?;
         }
         AdminCommand::Device(DeviceCommand::Label { id, changes }) => {
             let (set, remove) = parse_label_changes(&changes)?;
@@ -583,6 +742,73 @@ mod tests {
         assert_eq!(set.get("ring").map(String::as_str), Some("canary"));
         assert_eq!(remove, vec!["old".to_string()]);
         assert!(parse_label_changes(&["oops".into()]).is_err());
+    }
+
+    #[test]
+    fn times_of_day_and_window_lengths() {
+        for (input, expected) in [
+            ("02:00", Some(120)),
+            ("0:05", Some(5)),
+            ("23:59", Some(1439)),
+            ("24:00", None),
+            ("12:60", None),
+            ("2", None),
+            ("02:5", None),
+            ("-1:00", None),
+        ] {
+            assert_eq!(parse_hh_mm(input).ok(), expected, "{input}");
+        }
+        for (input, expected) in [
+            ("3h", Some(180)),
+            ("90m", Some(90)),
+            ("1m", Some(1)),
+            ("24h", Some(1440)),
+            ("1h 30m", Some(90)),
+            ("25h", None),
+            ("0m", None),
+            ("90s", None),
+            ("soon", None),
+        ] {
+            assert_eq!(parse_window_duration(input).ok(), expected, "{input}");
+        }
+    }
+
+    #[test]
+    fn assign_takes_a_device_or_a_store() {
+        use v1::assign_bundle_request::Target;
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let (target, name, version) =
+            assign_target(&args(&["dev-1", "pos-app@1.1.0"]), None).unwrap();
+        assert_eq!(target, Target::DeviceId("dev-1".into()));
+        assert_eq!((name.as_str(), version.as_str()), ("pos-app", "1.1.0"));
+        let (target, _, _) = assign_target(&args(&["pos-app@1.1.0"]), Some("s1".into())).unwrap();
+        assert_eq!(target, Target::StoreId("s1".into()));
+        for (a, store) in [
+            (&["dev-1", "pos-app@1.1.0"][..], Some("s1")),
+            (&["pos-app@1.1.0"][..], None),
+            (&["dev-1", "pos-app"][..], None),
+            (&["dev-1", "@1.1.0"][..], None),
+        ] {
+            let error = assign_target(&args(a), store.map(str::to_string)).unwrap_err();
+            assert!(!error.to_string().contains('\n'), "one line: {error}");
+        }
+    }
+
+    #[test]
+    fn the_command_line_parses() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let parse = |line: &str| Cli::try_parse_from(line.split_whitespace());
+        assert!(parse("posfleet store window s1 --start 02:00 --duration 3h").is_ok());
+        assert!(parse("posfleet store window s1 --clear").is_ok());
+        assert!(parse("posfleet store window s1").is_err());
+        assert!(parse("posfleet store window s1 --start 02:00").is_err());
+        assert!(parse("posfleet store window s1 --clear --start 02:00 --duration 1h").is_err());
+        assert!(parse("posfleet device assign dev-1 pos-app@1.1.0 --emergency").is_ok());
+        assert!(
+            parse("posfleet device assign --store s1 pos-app@1.1.0 --no-download-ahead").is_ok()
+        );
+        assert!(parse("posfleet device assign").is_err());
     }
 
     #[test]

@@ -29,6 +29,16 @@ pub struct StoreView {
     pub time_zone: String,
     pub devices: u64,
     pub created_at: String,
+    /// `null`: installs may happen at any time.
+    pub maintenance_window: Option<WindowView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct WindowView {
+    /// Local time of day, `HH:MM`.
+    pub start: String,
+    pub duration_minutes: u32,
+    pub time_zone: String,
 }
 
 impl From<v1::Store> for StoreView {
@@ -39,22 +49,124 @@ impl From<v1::Store> for StoreView {
             time_zone: s.time_zone,
             devices: s.device_count,
             created_at: time(s.created_at_unix_ms),
+            maintenance_window: s.maintenance_window.map(|w| WindowView {
+                start: format!("{:02}:{:02}", w.start_minute / 60, w.start_minute % 60),
+                duration_minutes: w.duration_minutes,
+                time_zone: w.time_zone,
+            }),
         }
     }
 }
 
+/// `90` → `1h30m`, `180` → `3h`, `45` → `45m`.
+pub fn minutes(m: u32) -> String {
+    match (m / 60, m % 60) {
+        (0, m) => format!("{m}m"),
+        (h, 0) => format!("{h}h"),
+        (h, m) => format!("{h}h{m}m"),
+    }
+}
+
+/// `02:00+3h Europe/Paris`, or `any time`.
+pub fn window(w: Option<&WindowView>) -> String {
+    match w {
+        Some(w) => format!(
+            "{}+{} {}",
+            w.start,
+            minutes(w.duration_minutes),
+            w.time_zone
+        ),
+        None => "any time".into(),
+    }
+}
+
 pub fn stores_table(stores: &[StoreView]) -> Table {
-    let mut t = table(&["STORE", "NAME", "TIME ZONE", "DEVICES", "CREATED"]);
+    let mut t = table(&[
+        "STORE",
+        "NAME",
+        "TIME ZONE",
+        "DEVICES",
+        "MAINTENANCE WINDOW",
+        "CREATED",
+    ]);
     for s in stores {
         t.add_row(vec![
             s.id.clone(),
             s.name.clone(),
             s.time_zone.clone(),
             s.devices.to_string(),
+            window(s.maintenance_window.as_ref()),
             s.created_at.clone(),
         ]);
     }
     t
+}
+
+/// What `device assign` did.
+#[derive(Debug, Serialize)]
+pub struct AssignmentView {
+    pub name: String,
+    pub version: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store_id: Option<String>,
+    pub download_ahead: bool,
+    pub emergency: bool,
+    pub devices_assigned: u64,
+}
+
+impl AssignmentView {
+    pub fn new(request: v1::AssignBundleRequest, devices_assigned: u64) -> AssignmentView {
+        use v1::assign_bundle_request::Target;
+        let (device_id, store_id) = match request.target {
+            Some(Target::DeviceId(id)) => (Some(id), None),
+            Some(Target::StoreId(id)) => (None, Some(id)),
+            None => (None, None),
+        };
+        AssignmentView {
+            name: request.name,
+            version: request.version,
+            device_id,
+            store_id,
+            download_ahead: request.download_ahead.unwrap_or(true),
+            emergency: request.emergency,
+            devices_assigned,
+        }
+    }
+}
+
+pub fn assignment_summary(a: &AssignmentView) -> String {
+    let target = match (&a.device_id, &a.store_id) {
+        (Some(id), _) => format!("device {id}"),
+        (_, Some(id)) => format!("store {id}"),
+        _ => "nothing".into(),
+    };
+    let devices = match a.devices_assigned {
+        1 => "1 device".to_string(),
+        n => format!("{n} devices"),
+    };
+    let flags = desired_flags(a.download_ahead, a.emergency);
+    format!(
+        "Assigned {}@{}{flags} to {target}: {devices} now assigned.\n",
+        a.name, a.version
+    )
+}
+
+/// ` (emergency, no download-ahead)`, or empty for the defaults.
+fn desired_flags(download_ahead: bool, emergency: bool) -> String {
+    let mut flags = Vec::new();
+    if emergency {
+        flags.push("emergency");
+    }
+    if !download_ahead {
+        flags.push("no download-ahead");
+    }
+    if flags.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", flags.join(", "))
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -128,6 +240,139 @@ pub struct DeviceView {
     pub memory_available_bytes: u64,
     pub memory_total_bytes: u64,
     pub peripherals: Vec<PeripheralView>,
+    /// Desired and reported state per bundle (`device show` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bundles: Option<Vec<DeviceBundleView>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DeviceBundleView {
+    pub name: String,
+    /// `null` when nothing is assigned.
+    pub desired: Option<DesiredView>,
+    /// `null` until the device reports.
+    pub status: Option<BundleStatusView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DesiredView {
+    pub version: String,
+    pub kind: String,
+    pub download_ahead: bool,
+    pub emergency: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BundleStatusView {
+    pub active_version: String,
+    pub target_version: String,
+    pub phase: String,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub error: String,
+    pub updated_at: String,
+}
+
+impl From<v1::DeviceBundle> for DeviceBundleView {
+    fn from(b: v1::DeviceBundle) -> Self {
+        DeviceBundleView {
+            name: b.name,
+            desired: b.desired.map(|d| DesiredView {
+                kind: v1::BundleKind::try_from(d.kind)
+                    .map(|k| enum_name(k.as_str_name(), "BUNDLE_KIND_"))
+                    .unwrap_or_else(|_| d.kind.to_string()),
+                version: d.version,
+                download_ahead: d.download_ahead,
+                emergency: d.emergency,
+            }),
+            status: b.status.map(|s| BundleStatusView {
+                phase: v1::BundlePhase::try_from(s.phase)
+                    .map(|p| enum_name(p.as_str_name(), "BUNDLE_PHASE_"))
+                    .unwrap_or_else(|_| s.phase.to_string()),
+                active_version: s.active_version,
+                target_version: s.target_version,
+                bytes_done: s.bytes_done,
+                bytes_total: s.bytes_total,
+                error: s.error,
+                updated_at: time(s.updated_at_unix_ms),
+            }),
+        }
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1}", bytes as f64 / (1u64 << 20) as f64)
+}
+
+/// `37% 12.0/32.0 MiB` while downloading, `-` otherwise.
+pub fn progress(s: &BundleStatusView) -> String {
+    if s.phase != "downloading" {
+        return "-".into();
+    }
+    if s.bytes_total == 0 {
+        return format!("{} MiB", mib(s.bytes_done));
+    }
+    let percent = (s.bytes_done.min(s.bytes_total) as f64 * 100.0 / s.bytes_total as f64).floor();
+    format!(
+        "{percent:.0}% {}/{} MiB",
+        mib(s.bytes_done),
+        mib(s.bytes_total)
+    )
+}
+
+/// An agent's error on one line, cut to `max` characters.
+fn one_line(text: &str, max: usize) -> String {
+    let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if line.chars().count() <= max {
+        return line;
+    }
+    let cut: String = line.chars().take(max.saturating_sub(1)).collect();
+    format!("{cut}…")
+}
+
+pub fn bundles_table(bundles: &[DeviceBundleView]) -> Table {
+    let mut t = table(&[
+        "BUNDLE", "DESIRED", "ACTIVE", "PHASE", "PROGRESS", "ERROR", "UPDATED",
+    ]);
+    for b in bundles {
+        let desired = match &b.desired {
+            Some(d) => format!(
+                "{}{}",
+                d.version,
+                desired_flags(d.download_ahead, d.emergency)
+            ),
+            None => "-".into(),
+        };
+        let dash = |s: &str| {
+            if s.is_empty() {
+                "-".to_string()
+            } else {
+                s.to_string()
+            }
+        };
+        let row = match &b.status {
+            Some(s) => vec![
+                b.name.clone(),
+                desired,
+                dash(&s.active_version),
+                s.phase.clone(),
+                progress(s),
+                dash(&one_line(&s.error, 60)),
+                s.updated_at.clone(),
+            ],
+            None => vec![
+                b.name.clone(),
+                desired,
+                "-".into(),
+                "not reported".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+            ],
+        };
+        t.add_row(row);
+    }
+    t
 }
 
 fn enum_name(name: &str, prefix: &str) -> String {
@@ -174,7 +419,18 @@ impl From<v1::Device> for DeviceView {
                     detail: p.detail,
                 })
                 .collect(),
+            bundles: None,
         }
+    }
+}
+
+impl DeviceView {
+    /// A device as `GetDevice` returns it, with its bundles.
+    pub fn with_bundles(mut d: v1::Device) -> DeviceView {
+        let bundles = std::mem::take(&mut d.bundles);
+        let mut view = DeviceView::from(d);
+        view.bundles = Some(bundles.into_iter().map(Into::into).collect());
+        view
     }
 }
 
@@ -292,5 +548,130 @@ pub fn device_details(d: &DeviceView) -> String {
             format!("{} {}: {}{detail}", p.kind, p.name, p.state),
         );
     }
+    match &d.bundles {
+        Some(bundles) if !bundles.is_empty() => {
+            out.push_str(&format!("Bundles\n{}\n", bundles_table(bundles)));
+        }
+        Some(_) => out.push_str(&format!("{:<18}-\n", "Bundles")),
+        None => {}
+    }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(phase: &str, done: u64, total: u64) -> BundleStatusView {
+        BundleStatusView {
+            active_version: "1.0.0".into(),
+            target_version: "1.1.0".into(),
+            phase: phase.into(),
+            bytes_done: done,
+            bytes_total: total,
+            error: String::new(),
+            updated_at: String::new(),
+        }
+    }
+
+    #[test]
+    fn progress_reads_as_percent_and_mib() {
+        const MIB: u64 = 1 << 20;
+        for (s, expected) in [
+            (
+                status("downloading", 12 * MIB, 32 * MIB),
+                "37% 12.0/32.0 MiB",
+            ),
+            (status("downloading", 0, 32 * MIB), "0% 0.0/32.0 MiB"),
+            (
+                status("downloading", 32 * MIB, 32 * MIB),
+                "100% 32.0/32.0 MiB",
+            ),
+            (status("downloading", 3 * MIB / 2, 0), "1.5 MiB"),
+            (status("installed", 32 * MIB, 32 * MIB), "-"),
+        ] {
+            assert_eq!(progress(&s), expected);
+        }
+    }
+
+    #[test]
+    fn windows_and_flags_read_naturally() {
+        let w = |start: &str, duration_minutes| WindowView {
+            start: start.into(),
+            duration_minutes,
+            time_zone: "Europe/Paris".into(),
+        };
+        assert_eq!(window(Some(&w("02:00", 180))), "02:00+3h Europe/Paris");
+        assert_eq!(window(Some(&w("23:30", 90))), "23:30+1h30m Europe/Paris");
+        assert_eq!(window(Some(&w("00:00", 45))), "00:00+45m Europe/Paris");
+        assert_eq!(window(None), "any time");
+        assert_eq!(desired_flags(true, false), "");
+        assert_eq!(
+            desired_flags(false, true),
+            " (emergency, no download-ahead)"
+        );
+        assert_eq!(one_line("a\n  b", 60), "a b");
+        assert_eq!(one_line("abcdef", 4), "abc…");
+    }
+
+    #[test]
+    fn device_show_lists_bundles_in_both_outputs() {
+        let device = v1::Device {
+            id: "dev-1".into(),
+            bundles: vec![
+                v1::DeviceBundle {
+                    name: "catalog".into(),
+                    desired: Some(v1::DesiredBundle {
+                        name: "catalog".into(),
+                        version: "2026.1.0".into(),
+                        kind: v1::BundleKind::Catalog as i32,
+                        download_ahead: true,
+                        emergency: false,
+                    }),
+                    status: None,
+                },
+                v1::DeviceBundle {
+                    name: "pos-app".into(),
+                    desired: Some(v1::DesiredBundle {
+                        name: "pos-app".into(),
+                        version: "1.1.0".into(),
+                        kind: v1::BundleKind::Software as i32,
+                        download_ahead: false,
+                        emergency: true,
+                    }),
+                    status: Some(v1::BundleStatus {
+                        name: "pos-app".into(),
+                        kind: v1::BundleKind::Software as i32,
+                        active_version: "1.0.0".into(),
+                        target_version: "1.1.0".into(),
+                        phase: v1::BundlePhase::RolledBack as i32,
+                        bytes_done: 0,
+                        bytes_total: 0,
+                        error: "health check failed:\nexit 3".into(),
+                        updated_at_unix_ms: 1_700_000_000_000,
+                    }),
+                },
+            ],
+            ..Default::default()
+        };
+        let view = DeviceView::with_bundles(device);
+        let text = device_details(&view);
+        for expected in [
+            "2026.1.0",
+            "not reported",
+            "1.1.0 (emergency, no download-ahead)",
+            "rolled_back",
+            "health check failed: exit 3",
+            "2023-11-14T22:13:20Z",
+        ] {
+            assert!(text.contains(expected), "{expected} in\n{text}");
+        }
+        let json = serde_json::to_value(&view).unwrap();
+        assert_eq!(json["bundles"][1]["status"]["phase"], "rolled_back");
+        assert_eq!(json["bundles"][1]["desired"]["kind"], "software");
+        assert_eq!(json["bundles"][0]["status"], serde_json::Value::Null);
+        // Device lists do not carry bundles at all.
+        let listed = serde_json::to_value(DeviceView::from(v1::Device::default())).unwrap();
+        assert!(listed.get("bundles").is_none());
+    }
 }
