@@ -2,6 +2,8 @@
 //! `posfleet-control-plane`, `posfleet-agent` and `posfleet` binaries and
 //! read what they print, as an operator would.
 
+pub mod kill9;
+
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use std::io::{BufRead, BufReader};
@@ -313,4 +315,103 @@ fn psql(url: &str, sql: &str) {
         .status()
         .expect("run psql");
     assert!(status.success(), "psql {sql} failed");
+}
+
+/// Asserts a command succeeded and returns its stdout.
+pub fn check_ok(output: Output) -> String {
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("UTF-8 output")
+}
+
+/// The example POS program shipped in `examples/pos-app`.
+pub fn pos_app_example() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/pos-app")
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create dir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("dir entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("file type").is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy file");
+        }
+    }
+}
+
+/// A copy of `examples/pos-app` in `dest` at `version`; `healthy = false`
+/// makes its health check fail. `payload` extra bytes (deterministic per
+/// version, incompressible) make the bundle span several pieces, with
+/// their SHA-256 in `payload.sha256` so a slot can be checked whole.
+pub fn pos_app_source(dest: &Path, version: &str, healthy: bool, payload: usize) -> PathBuf {
+    copy_tree(&pos_app_example(), dest);
+    let manifest = dest.join("posfleet-bundle.toml");
+    let text = std::fs::read_to_string(&manifest).expect("read manifest");
+    let text = text.replace("version = \"1.0.0\"", &format!("version = \"{version}\""));
+    std::fs::write(&manifest, text).expect("write manifest");
+    if !healthy {
+        std::fs::write(dest.join("pos-app.conf"), "healthy=no\n").expect("write conf");
+    }
+    if payload > 0 {
+        use sha2::Digest;
+        let mut state = version.bytes().fold(0x9e37_79b9_7f4a_7c15u64, |s, b| {
+            s.rotate_left(5) ^ u64::from(b)
+        });
+        let data: Vec<u8> = (0..payload)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        std::fs::write(dest.join("payload.sha256"), hex::encode(sha2::Sha256::digest(&data))).expect("write sum");
+        std::fs::write(dest.join("payload.bin"), data).expect("write payload");
+    }
+    dest.to_path_buf()
+}
+
+impl ControlPlane {
+    /// `posfleet keys init KEYS`: one key per role, the repository live.
+    pub fn init_repository(&self, keys: &Path) {
+        check_ok(self.cli(&["keys", "init", keys.to_str().expect("utf-8 path")]));
+    }
+
+    /// Builds `src` with `posfleet bundle build` and publishes it signed
+    /// with `keys`; returns the bundle file.
+    pub fn publish(&self, src: &Path, keys: &Path) -> PathBuf {
+        let file = src.with_extension("bundle");
+        check_ok(self.cli(&[
+            "bundle",
+            "build",
+            src.to_str().expect("utf-8 path"),
+            "-o",
+            file.to_str().expect("utf-8 path"),
+        ]));
+        check_ok(self.cli(&[
+            "bundle",
+            "publish",
+            file.to_str().expect("utf-8 path"),
+            "--keys",
+            keys.to_str().expect("utf-8 path"),
+        ]));
+        file
+    }
+
+    /// Arguments that point an agent at this control plane's repository.
+    pub fn repository_args(&self, keys: &Path) -> Vec<String> {
+        vec![
+            "--root-json-path".into(),
+            keys.join("root.json").to_str().expect("utf-8 path").into(),
+            "--repository-url".into(),
+            format!("http://{}/repo/", self.http_address),
+        ]
+    }
 }

@@ -1,0 +1,270 @@
+//! The agent's update lifecycle with real processes: a control plane, a
+//! store of tills running `posfleet-agent`, the example POS program
+//! published as signed bundles, and the `posfleet` CLI driving it.
+
+use posfleet_e2e::{ControlPlane, Process, check_ok, eventually, pos_app_source, start_agent};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A control plane with a store of `tills` agents and a live repository.
+struct Store {
+    dir: tempfile::TempDir,
+    cp: ControlPlane,
+    keys: PathBuf,
+    tills: Vec<(PathBuf, Process)>,
+}
+
+impl Store {
+    fn start(tills: usize, agent_args: &[&str]) -> Store {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = ControlPlane::start(
+            &dir.path().join("cp"),
+            None,
+            "127.0.0.1:0",
+            "127.0.0.1:0",
+            &["--heartbeat-interval-seconds", "1"],
+        );
+        let keys = dir.path().join("keys");
+        cp.init_repository(&keys);
+        cp.cli_json(&[
+            "store",
+            "create",
+            "lyon-02",
+            "--name",
+            "Lyon",
+            "--time-zone",
+            "UTC",
+        ]);
+        let token = cp.cli_json(&[
+            "enroll-token",
+            "create",
+            "--store",
+            "lyon-02",
+            "--uses",
+            &tills.to_string(),
+        ]);
+        let secret = token["secret"].as_str().unwrap().to_string();
+        let mut args = cp.repository_args(&keys);
+        args.extend(
+            ["--install-check-interval-seconds", "1"]
+                .iter()
+                .chain(agent_args)
+                .map(|s| s.to_string()),
+        );
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let tills = (0..tills)
+            .map(|i| {
+                let data = dir.path().join(format!("till-{i}"));
+                let agent = start_agent(&cp.url(), &data, &secret, &args);
+                (data, agent)
+            })
+            .collect();
+        Store {
+            dir,
+            cp,
+            keys,
+            tills,
+        }
+    }
+
+    fn publish(&self, version: &str, healthy: bool) {
+        let src = self.dir.path().join(format!("pos-app-{version}"));
+        pos_app_source(&src, version, healthy, 0);
+        self.cp.publish(&src, &self.keys);
+    }
+
+    fn assign(&self, release: &str) {
+        check_ok(self.cp.cli(&["device", "assign", "--store", "lyon-02", release]));
+    }
+
+    /// Each device's reported status of pos-app, from `posfleet device show`.
+    fn pos_app_statuses(&self) -> Vec<Value> {
+        let devices = self.cp.cli_json(&["device", "list", "--store", "lyon-02"]);
+        devices
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                let shown = self.cp.cli_json(&["device", "show", d["id"].as_str().unwrap()]);
+                shown["bundles"]
+                    .as_array()
+                    .and_then(|b| b.iter().find(|b| b["name"] == "pos-app"))
+                    .map(|b| b["status"].clone())
+                    .unwrap_or(Value::Null)
+            })
+            .collect()
+    }
+
+    /// Waits until every till reports `phase` for `version` of pos-app.
+    fn wait_for_all(&self, phase: &str, version: &str) -> Vec<Value> {
+        eventually(
+            &format!("every till reporting pos-app {version} {phase}"),
+            TIMEOUT,
+            || {
+                let statuses = self.pos_app_statuses();
+                (statuses.len() == self.tills.len()
+                    && statuses
+                        .iter()
+                        .all(|s| s["phase"] == phase && s["target_version"] == version))
+                .then_some(statuses)
+            },
+        )
+    }
+}
+
+/// The version the till's `current` slot runs, asked of the program itself.
+fn running_version(data: &Path) -> String {
+    let output = std::process::Command::new(data.join("slots/pos-app/current/bin/pos-app"))
+        .arg("version")
+        .output()
+        .unwrap();
+    String::from_utf8(check_ok(output).into_bytes())
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn a_store_moves_to_a_new_version_and_a_bad_release_rolls_back_on_every_till() {
+    let store = Store::start(3, &[]);
+    store.publish("1.0.0", true);
+    store.publish("1.1.0", true);
+    store.publish("1.2.0", false);
+
+    store.assign("pos-app@1.0.0");
+    store.wait_for_all("installed", "1.0.0");
+    store.assign("pos-app@1.1.0");
+    let statuses = store.wait_for_all("installed", "1.1.0");
+    for status in &statuses {
+        assert_eq!(status["active_version"], "1.1.0", "{status}");
+    }
+    for (data, _) in &store.tills {
+        assert_eq!(running_version(data), "1.1.0");
+        // The previous version stays for an instant rollback.
+        assert!(data.join("slots/pos-app/1.0.0/bin/pos-app").is_file());
+    }
+    // The control plane's fleet view shows the versions the tills run.
+    let devices = store.cp.cli_json(&["device", "list", "--store", "lyon-02"]);
+    for device in devices.as_array().unwrap() {
+        assert_eq!(device["installed_bundles"]["pos-app"], "1.1.0", "{device}");
+    }
+
+    // 1.2.0's health check fails: every till switches back to 1.1.0 and
+    // says why.
+    store.assign("pos-app@1.2.0");
+    let statuses = store.wait_for_all("rolled_back", "1.2.0");
+    for status in &statuses {
+        assert_eq!(status["active_version"], "1.1.0", "{status}");
+        let error = status["error"].as_str().unwrap();
+        assert!(error.contains("cash drawer does not answer"), "{error}");
+    }
+    for (data, _) in &store.tills {
+        assert_eq!(running_version(data), "1.1.0");
+        assert!(!data.join("slots/pos-app/1.2.0").exists());
+    }
+    // And the tills do not try the bad release again.
+    std::thread::sleep(Duration::from_secs(3));
+    for status in store.pos_app_statuses() {
+        assert_eq!(status["phase"], "rolled_back", "{status}");
+    }
+}
+
+#[test]
+fn an_install_outside_the_window_waits_for_the_clock_to_enter_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = dir.path().join("clock");
+    // 10:00 UTC; the store's window is 02:00–03:00 UTC.
+    std::fs::write(&clock, "2026-06-01T10:00:00Z").unwrap();
+    let store = Store::start(1, &["--clock-file", clock.to_str().unwrap()]);
+    check_ok(store.cp.cli(&[
+        "store",
+        "window",
+        "lyon-02",
+        "--start",
+        "02:00",
+        "--duration",
+        "1h",
+    ]));
+    store.publish("1.0.0", true);
+    store.assign("pos-app@1.0.0");
+    // Downloaded ahead, not installed.
+    let statuses = store.wait_for_all("downloaded", "1.0.0");
+    assert_eq!(statuses[0]["active_version"], "", "{}", statuses[0]);
+    assert!(
+        statuses[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("waiting for the maintenance window"),
+        "{}",
+        statuses[0]
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let data = &store.tills[0].0;
+    assert!(!data.join("slots/pos-app/current").exists());
+    assert_eq!(store.pos_app_statuses()[0]["phase"], "downloaded");
+
+    // The clock enters the window (next day, 02:05 UTC).
+    std::fs::write(&clock, "2026-06-02T02:05:00Z").unwrap();
+    store.wait_for_all("installed", "1.0.0");
+    assert_eq!(running_version(data), "1.0.0");
+
+    // An emergency release ignores the window: out of it again, 1.0.1
+    // marked emergency installs at once.
+    std::fs::write(&clock, "2026-06-02T12:00:00Z").unwrap();
+    store.publish("1.0.1", true);
+    check_ok(store.cp.cli(&[
+        "device",
+        "assign",
+        "--store",
+        "lyon-02",
+        "pos-app@1.0.1",
+        "--emergency",
+    ]));
+    store.wait_for_all("installed", "1.0.1");
+    assert_eq!(running_version(data), "1.0.1");
+}
+
+#[test]
+fn a_till_offline_keeps_selling_and_resumes_when_the_network_returns() {
+    let store = Store::start(1, &[]);
+    store.publish("1.0.0", true);
+    store.assign("pos-app@1.0.0");
+    store.wait_for_all("installed", "1.0.0");
+    store.publish("1.1.0", true);
+    store.assign("pos-app@1.1.0");
+    store.wait_for_all("installed", "1.1.0");
+    let data = store.tills[0].0.clone();
+    let Store {
+        dir,
+        mut cp,
+        keys,
+        tills,
+    } = store;
+    // The control plane goes away; the till keeps its version and its
+    // desired state on disk.
+    cp.process.kill9();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(running_version(&data), "1.1.0");
+    let desired = std::fs::read_to_string(data.join("desired.json")).unwrap();
+    assert!(desired.contains("1.1.0"), "{desired}");
+    let cp = ControlPlane::start(
+        &dir.path().join("cp"),
+        None,
+        &cp.grpc_address,
+        &cp.http_address,
+        &["--heartbeat-interval-seconds", "1"],
+    );
+    let store = Store {
+        dir,
+        cp,
+        keys,
+        tills,
+    };
+    store.publish("1.2.0", true);
+    store.assign("pos-app@1.2.0");
+    store.wait_for_all("installed", "1.2.0");
+    assert_eq!(running_version(&data), "1.2.0");
+}
