@@ -46,9 +46,12 @@ const TRASH_PREFIX: &str = ".trash-";
 pub enum Outcome {
     /// The version is active and was confirmed healthy.
     Installed,
-    /// Nothing was switched: the archive was refused, the disk is full, or
-    /// `pre_activate` failed.
+    /// Nothing was switched: the archive was refused or `pre_activate`
+    /// failed. Trying the same version again will not help.
     Failed { reason: String },
+    /// Nothing was switched: the disk filled up. Worth retrying once
+    /// space is freed.
+    NoSpace { reason: String },
     /// The version was activated, found unhealthy and switched back.
     RolledBack { reason: String },
 }
@@ -719,10 +722,15 @@ impl Slots {
             tracing::warn!(bundle = %name, version = %version, %reason, "Install failed.");
             Ok(Outcome::Failed { reason })
         };
-        // Local errors are failures of the bundle when the disk is full.
+        let no_space = |reason: String| -> Result<Outcome, Error> {
+            tracing::warn!(bundle = %name, version = %version, %reason, "Install stopped: the disk is full.");
+            Ok(Outcome::NoSpace { reason })
+        };
+        // Local errors are an outcome, not an agent failure, when the disk
+        // is full.
         let stop = |error: Error| {
             if is_disk_full(&error) {
-                failed(format!("the disk is full: {error}"))
+                no_space(format!("the disk is full: {error}"))
             } else {
                 Err(error)
             }
@@ -732,9 +740,13 @@ impl Slots {
         let staging = dir.join(format!("{STAGING_PREFIX}{version}"));
         let manifest = match self.unpack(name, version, archive, &staging).await {
             Ok(manifest) => manifest,
-            Err(reason) => {
+            Err((reason, disk_full)) => {
                 remove_any(&staging)?;
-                return failed(reason);
+                return if disk_full {
+                    no_space(reason)
+                } else {
+                    failed(reason)
+                };
             }
         };
         if let Err(reason) = check_manifest(&manifest, name, version, kind) {
@@ -828,16 +840,16 @@ impl Slots {
         version: &Version,
         archive: &Path,
         staging: &Path,
-    ) -> Result<Manifest, String> {
+    ) -> Result<Manifest, (String, bool)> {
         let made = remove_any(staging).and_then(|()| {
             std::fs::create_dir(staging).map_err(write_error(staging))?;
             Ok(())
         });
         if let Err(error) = made {
             return Err(if is_disk_full(&error) {
-                format!("the disk is full: {error}")
+                (format!("the disk is full: {error}"), true)
             } else {
-                error.to_string()
+                (error.to_string(), false)
             });
         }
         let (archive, staging, limits) =
@@ -853,11 +865,12 @@ impl Slots {
         .await;
         match unpacked {
             Ok(Ok(manifest)) => Ok(manifest),
-            Ok(Err(error)) if error.is_disk_full() => Err(format!(
-                "the disk is full: cannot unpack {name} {version} ({error})"
+            Ok(Err(error)) if error.is_disk_full() => Err((
+                format!("the disk is full: cannot unpack {name} {version} ({error})"),
+                true,
             )),
-            Ok(Err(error)) => Err(format!("cannot unpack {name} {version}: {error}")),
-            Err(error) => Err(format!("unpacking {name} {version} stopped: {error}")),
+            Ok(Err(error)) => Err((format!("cannot unpack {name} {version}: {error}"), false)),
+            Err(error) => Err((format!("unpacking {name} {version} stopped: {error}"), false)),
         }
     }
 

@@ -712,6 +712,7 @@ impl Run {
                 Ok(())
             }
             Outcome::Failed { reason } => Err(Failure::permanent(reason)),
+            Outcome::NoSpace { reason } => Err(Failure::retry(reason)),
             Outcome::RolledBack { reason } => {
                 let _ = std::fs::remove_file(staged);
                 tracing::warn!(bundle = %desired.name, version = %desired.version, %reason, "Bundle rolled back.");

@@ -589,7 +589,7 @@ async fn a_full_disk_fails_the_install_and_keeps_the_current_version() {
     let (_, good) = f.install(&slots, &Bundle::new("1.0.0")).await;
     let big = Bundle::new("1.1.0").file("data/big.bin", vec![0; 4 << 20]);
     let (outcome, _) = f.install(&slots, &big).await;
-    let Outcome::Failed { reason } = outcome else {
+    let Outcome::NoSpace { reason } = outcome else {
         panic!("{outcome:?}");
     };
     assert!(reason.contains("disk is full"), "{reason}");

@@ -268,3 +268,20 @@ fn a_till_offline_keeps_selling_and_resumes_when_the_network_returns() {
     store.wait_for_all("installed", "1.2.0");
     assert_eq!(running_version(&data), "1.2.0");
 }
+
+#[test]
+fn a_till_without_disk_space_says_so_and_keeps_selling() {
+    // A reserve larger than any disk: every download is refused up front.
+    let store = Store::start(1, &["--min-free-disk-bytes", "1000000000000000"]);
+    store.publish("1.0.0", true);
+    store.assign("pos-app@1.0.0");
+    let statuses = store.wait_for_all("failed", "1.0.0");
+    let error = statuses[0]["error"].as_str().unwrap();
+    assert!(error.contains("not enough disk space"), "{error}");
+    assert!(!store.tills[0].0.join("slots/pos-app/current").exists());
+    // Nothing was downloaded either.
+    let downloads: Vec<_> = std::fs::read_dir(store.tills[0].0.join("downloads"))
+        .unwrap()
+        .collect();
+    assert!(downloads.is_empty(), "{downloads:?}");
+}
