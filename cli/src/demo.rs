@@ -1,7 +1,9 @@
 //! `posfleet demo`: a control plane on SQLite in a temporary directory, two
 //! stores with three tills each (real agents speaking gRPC over loopback),
-//! shown coming online. Everything it does goes through the same APIs an
-//! ops engineer and a till use.
+//! shown coming online, taking the example POS program from 1.0.0 to 1.1.0
+//! with their store's catalog, and rolling back a 1.2.0 whose health
+//! check fails. Everything it does goes through the same APIs an ops
+//! engineer and a till use.
 
 use anyhow::{Context, bail};
 use clap::Args;
@@ -51,6 +53,14 @@ struct Summary {
     devices_total: usize,
     stores: usize,
     seconds_to_online: f64,
+    /// Tills running pos-app 1.1.0 after it was assigned.
+    devices_on_1_1_0: usize,
+    seconds_to_1_1_0: f64,
+    /// Tills that rolled 1.2.0 back by themselves, and why.
+    devices_rolled_back_1_2_0: usize,
+    rollback_reasons: Vec<String>,
+    /// Tills holding their own store's catalog and no other.
+    devices_with_own_catalog: usize,
     grpc_address: String,
     http_address: String,
 }
@@ -106,13 +116,24 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
     };
     let day = Duration::from_secs(86_400);
     repo_cmd::init(&mut admin, &keys, one_each, 30 * day, 7 * day).await?;
-    let bundle = build_sample_bundle(dir.path())?;
-    let published = repo_cmd::publish(&mut admin, &bundle, &keys, 7 * day).await?;
+    let mut published = Vec::new();
+    for (version, healthy) in [("1.0.0", true), ("1.1.0", true), ("1.2.0", false)] {
+        let bundle = build_pos_app(dir.path(), version, healthy)?;
+        published.push(repo_cmd::publish(&mut admin, &bundle, &keys, 7 * day).await?);
+    }
+    for &(store_id, name, _) in &STORES[..args.stores as usize] {
+        let bundle = build_catalog(dir.path(), store_id, name)?;
+        published.push(repo_cmd::publish(&mut admin, &bundle, &keys, 7 * day).await?);
+    }
     say(&format!(
-        "Bundle repository initialized (keys in {}); built, signed and published {} ({} bytes).",
+        "Bundle repository initialized (keys in {}); built, signed and published {}. \
+         pos-app 1.2.0's health check is told to fail.",
         keys.display(),
-        published.target,
-        published.length
+        published
+            .iter()
+            .map(|b| b.target.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
     ));
     let mut agents = Vec::new();
     for &(store_id, name, time_zone) in &STORES[..args.stores as usize] {
@@ -138,6 +159,7 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
                 peripherals: PeripheralsDriver::Fake,
                 root_json_path: keys.join("root.json"),
                 repository_url: format!("http://{http_address}/repo/"),
+                install_check_interval_seconds: 1,
                 ..AgentConfig::default()
             };
             let agent = Agent::open(config)?;
@@ -171,6 +193,105 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
         .list_devices(v1::ListDevicesRequest::default())
         .await?
         .len();
+    let device_ids: Vec<String> = devices.iter().map(|d| d.id.clone()).collect();
+    if !json {
+        let views: Vec<DeviceView> = devices.iter().cloned().map(Into::into).collect();
+        println!("{}", view::devices_table(&views));
+        println!("{expected} of {expected} tills online after {seconds_to_online:.1}s.");
+    }
+    let stores = &STORES[..args.stores as usize];
+
+    // The first release and each store's own catalog.
+    say("\nposfleet device assign --store S pos-app@1.0.0, and each store's catalog:");
+    for &(store_id, _, _) in stores {
+        assign(&mut admin, store_id, "pos-app", "1.0.0").await?;
+        assign(
+            &mut admin,
+            store_id,
+            &catalog_name(store_id),
+            CATALOG_VERSION,
+        )
+        .await?;
+    }
+    let wait = Duration::from_secs(args.timeout_seconds);
+    let phase = |p: v1::BundlePhase| p as i32;
+    converge(
+        &mut admin,
+        &device_ids,
+        "pos-app",
+        "1.0.0",
+        phase(v1::BundlePhase::Installed),
+        wait,
+        &say,
+    )
+    .await?;
+
+    // The upgrade.
+    say("\nposfleet device assign --store S pos-app@1.1.0:");
+    let upgrade = Instant::now();
+    for &(store_id, _, _) in stores {
+        assign(&mut admin, store_id, "pos-app", "1.1.0").await?;
+    }
+    let on_1_1_0 = converge(
+        &mut admin,
+        &device_ids,
+        "pos-app",
+        "1.1.0",
+        phase(v1::BundlePhase::Installed),
+        wait,
+        &say,
+    )
+    .await?;
+    let seconds_to_1_1_0 = upgrade.elapsed().as_secs_f64();
+
+    // A bad release: its health check fails on every till, which switch
+    // back to 1.1.0 by themselves.
+    say("\nposfleet device assign --store S pos-app@1.2.0 (a bad release):");
+    for &(store_id, _, _) in stores {
+        assign(&mut admin, store_id, "pos-app", "1.2.0").await?;
+    }
+    let rolled_back = converge(
+        &mut admin,
+        &device_ids,
+        "pos-app",
+        "1.2.0",
+        phase(v1::BundlePhase::RolledBack),
+        wait,
+        &say,
+    )
+    .await?;
+    let mut rollback_reasons: Vec<String> = rolled_back
+        .iter()
+        .filter(|s| s.active_version == "1.1.0")
+        .map(|s| s.error.clone())
+        .collect();
+    let devices_rolled_back_1_2_0 = rollback_reasons.len();
+    rollback_reasons.sort();
+    rollback_reasons.dedup();
+
+    // Each till holds its own store's catalog, and no other.
+    let mut devices_with_own_catalog = 0;
+    for device in &devices {
+        let shown = admin.get_device(&device.id).await?;
+        let catalogs: Vec<&str> = shown
+            .bundles
+            .iter()
+            .filter(|b| b.name.starts_with("catalog-"))
+            .filter(|b| {
+                b.status
+                    .as_ref()
+                    .is_some_and(|s| s.active_version == CATALOG_VERSION)
+            })
+            .map(|b| b.name.as_str())
+            .collect();
+        if catalogs == [catalog_name(&device.store_id).as_str()] {
+            devices_with_own_catalog += 1;
+        }
+    }
+
+    let devices = admin
+        .list_devices(v1::ListDevicesRequest::default())
+        .await?;
     let views: Vec<DeviceView> = devices.into_iter().map(Into::into).collect();
     let bundles = admin.list_bundles(String::new()).await?;
     if json {
@@ -180,13 +301,26 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
             devices_total,
             stores: args.stores as usize,
             seconds_to_online,
+            devices_on_1_1_0: on_1_1_0.len(),
+            seconds_to_1_1_0,
+            devices_rolled_back_1_2_0,
+            rollback_reasons,
+            devices_with_own_catalog,
             grpc_address,
             http_address,
         };
         println!("{}", serde_json::to_string(&summary)?);
     } else {
+        println!(
+            "\n{} of {expected} tills moved to pos-app 1.1.0 in {seconds_to_1_1_0:.1}s; \
+             {devices_rolled_back_1_2_0} rolled 1.2.0 back by themselves: {}",
+            on_1_1_0.len(),
+            rollback_reasons.join("; ")
+        );
+        println!(
+            "{devices_with_own_catalog} of {expected} tills hold their own store's catalog and no other."
+        );
         println!("{}", view::devices_table(&views));
-        println!("{expected} of {expected} tills online after {seconds_to_online:.1}s.");
         println!("Published bundles (posfleet bundle list):");
         repo_cmd::print_bundles(&bundles, Output::Table)?;
     }
@@ -215,20 +349,163 @@ fn has_reported(device: &v1::Device) -> bool {
         .is_some_and(|h| h.memory_total_bytes > 0)
 }
 
-/// The sample POS program of the demo, packed as bundle pos-app 1.0.0.
-fn build_sample_bundle(dir: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+const CATALOG_VERSION: &str = "2026.11.1";
+
+fn catalog_name(store_id: &str) -> String {
+    format!("catalog-{store_id}")
+}
+
+/// `posfleet device assign --store STORE NAME@VERSION`.
+async fn assign(
+    admin: &mut Admin,
+    store_id: &str,
+    name: &str,
+    version: &str,
+) -> anyhow::Result<()> {
+    admin
+        .assign_bundle(v1::AssignBundleRequest {
+            target: Some(v1::assign_bundle_request::Target::StoreId(store_id.into())),
+            name: name.into(),
+            version: version.into(),
+            ..Default::default()
+        })
+        .await?;
+    Ok(())
+}
+
+/// Polls the tills until each reports `phase` for `name` `version`,
+/// printing progress as the count changes; returns their statuses.
+async fn converge(
+    admin: &mut Admin,
+    device_ids: &[String],
+    name: &str,
+    version: &str,
+    phase: i32,
+    timeout: Duration,
+    say: &impl Fn(&str),
+) -> anyhow::Result<Vec<v1::BundleStatus>> {
+    let started = Instant::now();
+    let mut last_count = usize::MAX;
+    loop {
+        let mut done = Vec::new();
+        for id in device_ids {
+            let device = admin.get_device(id).await?;
+            if let Some(status) = device
+                .bundles
+                .into_iter()
+                .find(|b| b.name == name)
+                .and_then(|b| b.status)
+                .filter(|s| s.target_version == version && s.phase == phase)
+            {
+                done.push(status);
+            }
+        }
+        if done.len() != last_count {
+            last_count = done.len();
+            let phase_name = v1::BundlePhase::try_from(phase)
+                .map(|p| {
+                    p.as_str_name()
+                        .trim_start_matches("BUNDLE_PHASE_")
+                        .to_ascii_lowercase()
+                })
+                .unwrap_or_default();
+            say(&format!(
+                "  {:>5.1}s  {}/{} tills {phase_name} {name} {version}",
+                started.elapsed().as_secs_f64(),
+                done.len(),
+                device_ids.len()
+            ));
+        }
+        if done.len() == device_ids.len() {
+            return Ok(done);
+        }
+        if started.elapsed() > timeout {
+            bail!(
+                "only {} of {} tills reached {name} {version} after {}s",
+                done.len(),
+                device_ids.len(),
+                timeout.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// The files of `examples/pos-app`, built into the CLI so the demo runs
+/// from any folder.
+const POS_APP: &[(&str, &str, u32)] = &[
+    (
+        "posfleet-bundle.toml",
+        include_str!("../../examples/pos-app/posfleet-bundle.toml"),
+        0o644,
+    ),
+    (
+        "pos-app.conf",
+        include_str!("../../examples/pos-app/pos-app.conf"),
+        0o644,
+    ),
+    (
+        "bin/pos-app",
+        include_str!("../../examples/pos-app/bin/pos-app"),
+        0o755,
+    ),
+];
+
+/// The example POS program at `version`, packed as a bundle; `healthy =
+/// false` tells its health check to fail.
+fn build_pos_app(
+    dir: &std::path::Path,
+    version: &str,
+    healthy: bool,
+) -> anyhow::Result<std::path::PathBuf> {
     use std::os::unix::fs::PermissionsExt;
-    let src = dir.join("pos-app-src");
-    std::fs::create_dir_all(src.join("bin"))?;
+    let src = dir.join(format!("pos-app-{version}"));
+    for (path, text, mode) in POS_APP {
+        let file = src.join(path);
+        std::fs::create_dir_all(file.parent().unwrap_or(&src))?;
+        let text = match *path {
+            "posfleet-bundle.toml" => {
+                text.replace("version = \"1.0.0\"", &format!("version = \"{version}\""))
+            }
+            "pos-app.conf" if !healthy => "healthy=no\n".into(),
+            _ => text.to_string(),
+        };
+        std::fs::write(&file, text)?;
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(*mode))?;
+    }
+    let bundle = dir.join(format!("pos-app-{version}.bundle"));
+    posfleet_bundle::archive::build(&src, &bundle)?;
+    Ok(bundle)
+}
+
+/// A store's product and price catalog, as a catalog bundle.
+fn build_catalog(
+    dir: &std::path::Path,
+    store_id: &str,
+    store_name: &str,
+) -> anyhow::Result<std::path::PathBuf> {
+    let name = catalog_name(store_id);
+    let src = dir.join(&name);
+    std::fs::create_dir_all(&src)?;
     std::fs::write(
         src.join("posfleet-bundle.toml"),
-        "name = \"pos-app\"\nversion = \"1.0.0\"\nkind = \"software\"\nhardware = [\"demo-pos-v1\"]\n\n\
-         [health_check]\ncommand = [\"bin/pos-app\", \"--health\"]\ntimeout_seconds = 10\n",
+        format!(
+            "name = \"{name}\"\nversion = \"{CATALOG_VERSION}\"\nkind = \"catalog\"\nhardware = [\"*\"]\n"
+        ),
     )?;
-    let program = src.join("bin/pos-app");
-    std::fs::write(&program, "#!/bin/sh\necho \"pos-app 1.0.0: ok\"\n")?;
-    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755))?;
-    let bundle = dir.join("pos-app-1.0.0.bundle");
+    // Prices differ per store: a till must hold its own store's.
+    let markup = 100 + 10 * store_id.len() as u32;
+    let items = [
+        ("1001", "Espresso", 250),
+        ("1002", "Croissant", 180),
+        ("1003", "Orange juice", 390),
+    ];
+    let mut csv = format!("# {store_name}\nsku,name,cents\n");
+    for (sku, item, cents) in items {
+        csv.push_str(&format!("{sku},{item},{}\n", cents * markup / 100));
+    }
+    std::fs::write(src.join("prices.csv"), csv)?;
+    let bundle = dir.join(format!("{name}.bundle"));
     posfleet_bundle::archive::build(&src, &bundle)?;
     Ok(bundle)
 }

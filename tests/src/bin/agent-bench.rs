@@ -1,0 +1,205 @@
+//! agent-bench: the agent's footprint on a till. A control plane and one
+//! enrolled agent (release builds) heartbeating at the default interval:
+//! resident memory and CPU time are read from /proc while it idles, then
+//! its peak resident memory (VmHWM) while it downloads, verifies, unpacks
+//! and installs a large bundle. Figures go to a JSON file.
+//!
+//!     cargo run --release -p posfleet-e2e --bin agent-bench
+
+use anyhow::{Context, ensure};
+use clap::Parser;
+use posfleet_e2e::{ControlPlane, check_ok, eventually, pos_app_source, start_agent};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+
+#[derive(Debug, Parser)]
+#[command(about = "Measure the agent's idle and installing footprint.")]
+struct Args {
+    /// How long to watch the idle agent.
+    #[arg(long, default_value_t = 600)]
+    idle_seconds: u64,
+    /// Size of the bundle installed afterwards.
+    #[arg(long, default_value_t = 500)]
+    bundle_mib: u64,
+    #[arg(long, default_value = "benchmarks/agent-bench.json")]
+    output: PathBuf,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    heartbeat_interval_seconds: u64,
+    idle_seconds: u64,
+    idle_rss_median_mib: f64,
+    idle_rss_max_mib: f64,
+    /// CPU time over the idle period, as a percentage of one core.
+    idle_cpu_percent_of_one_core: f64,
+    bundle_mib: u64,
+    bundle_file_mib: f64,
+    install_seconds: f64,
+    /// VmHWM of the agent process after the install.
+    peak_rss_mib: f64,
+    targets: Targets,
+}
+
+#[derive(Debug, Serialize)]
+struct Targets {
+    idle_rss_mib_below: f64,
+    idle_cpu_percent_below: f64,
+    peak_rss_mib_below: f64,
+    met: bool,
+}
+
+/// A field of /proc/PID/status, in KiB.
+fn status_kib(pid: i32, field: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))
+}
+
+/// utime + stime of PID, in seconds.
+fn cpu_seconds(pid: i32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which may hold spaces, in parentheses.
+    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
+    Ok(ticks as f64 / hz)
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or_default()
+}
+
+fn device_status(cp: &ControlPlane, device: &str) -> (String, String, String) {
+    let shown = cp.cli_json(&["device", "show", device]);
+    let status = shown["bundles"]
+        .as_array()
+        .and_then(|b| b.iter().find(|b| b["name"] == "pos-app"))
+        .map(|b| b["status"].clone())
+        .unwrap_or_default();
+    let field = |k: &str| status[k].as_str().unwrap_or("").to_string();
+    (field("target_version"), field("phase"), field("error"))
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let work = tempfile::Builder::new()
+        .prefix("posfleet-agent-bench-")
+        .tempdir()?;
+    let dir = work.path();
+    let cp = ControlPlane::start(&dir.join("cp"), None, "127.0.0.1:0", "127.0.0.1:0", &[]);
+    let keys = dir.join("keys");
+    cp.init_repository(&keys);
+    cp.cli_json(&[
+        "store",
+        "create",
+        "bench-01",
+        "--name",
+        "Bench",
+        "--time-zone",
+        "UTC",
+    ]);
+    let token = cp.cli_json(&["enroll-token", "create", "--store", "bench-01"]);
+    let secret = token["secret"].as_str().context("secret")?.to_string();
+
+    // The big release is built and published first, so that building it
+    // does not compete with the idle measurement.
+    eprintln!(
+        "Building and publishing a {} MiB bundle...",
+        args.bundle_mib
+    );
+    let src = dir.join("pos-app-2.0.0");
+    pos_app_source(&src, "2.0.0", true, (args.bundle_mib * MIB) as usize);
+    let bundle = cp.publish(&src, &keys);
+    let bundle_file_mib = std::fs::metadata(&bundle)?.len() as f64 / MIB as f64;
+    std::fs::remove_dir_all(&src)?;
+
+    let data = dir.join("till");
+    let repo_args = cp.repository_args(&keys);
+    let repo_args: Vec<&str> = repo_args.iter().map(String::as_str).collect();
+    let agent = start_agent(&cp.url(), &data, &secret, &repo_args);
+    let pid = agent.pid().as_raw();
+    let device = eventually("the till enrolls", Duration::from_secs(30), || {
+        std::fs::read_to_string(data.join("enrollment.json"))
+            .ok()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+            .and_then(|v| v["device_id"].as_str().map(str::to_string))
+    });
+    // Let start-up settle (first heartbeat, repository refresh).
+    std::thread::sleep(Duration::from_secs(5));
+
+    eprintln!("Watching the idle agent for {} s...", args.idle_seconds);
+    let cpu_before = cpu_seconds(pid)?;
+    let started = Instant::now();
+    let mut rss = Vec::new();
+    while started.elapsed() < Duration::from_secs(args.idle_seconds) {
+        rss.push(status_kib(pid, "VmRSS:")? as f64 / 1024.0);
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let idle_cpu = cpu_seconds(pid)? - cpu_before;
+    let idle_elapsed = started.elapsed().as_secs_f64();
+    let idle_rss_max_mib = rss.iter().copied().fold(0.0, f64::max);
+    let idle_rss_median_mib = median(&mut rss);
+
+    eprintln!("Installing the {} MiB bundle...", args.bundle_mib);
+    let install_started = Instant::now();
+    check_ok(cp.cli(&["device", "assign", &device, "pos-app@2.0.0"]));
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    loop {
+        let (version, phase, error) = device_status(&cp, &device);
+        if version == "2.0.0" && phase == "installed" {
+            break;
+        }
+        ensure!(
+            !matches!(phase.as_str(), "failed" | "rolled_back"),
+            "the install failed: {error}"
+        );
+        ensure!(
+            Instant::now() < deadline,
+            "the install did not end in 30 min"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let install_seconds = install_started.elapsed().as_secs_f64();
+    let peak_rss_mib = status_kib(pid, "VmHWM:")? as f64 / 1024.0;
+    ensure!(
+        Path::new(&data.join("slots/pos-app/current/payload.bin")).is_file(),
+        "the bundle is not in place"
+    );
+
+    let idle_cpu_percent_of_one_core = 100.0 * idle_cpu / idle_elapsed;
+    let targets = Targets {
+        idle_rss_mib_below: 20.0,
+        idle_cpu_percent_below: 0.1,
+        peak_rss_mib_below: 64.0,
+        met: idle_rss_max_mib < 20.0 && idle_cpu_percent_of_one_core < 0.1 && peak_rss_mib < 64.0,
+    };
+    let report = Report {
+        heartbeat_interval_seconds: 30,
+        idle_seconds: args.idle_seconds,
+        idle_rss_median_mib,
+        idle_rss_max_mib,
+        idle_cpu_percent_of_one_core,
+        bundle_mib: args.bundle_mib,
+        bundle_file_mib,
+        install_seconds,
+        peak_rss_mib,
+        targets,
+    };
+    let json = serde_json::to_string_pretty(&report)?;
+    if let Some(parent) = args.output.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&args.output, format!("{json}\n"))?;
+    println!("{json}");
+    drop(agent);
+    Ok(())
+}
