@@ -5,6 +5,7 @@ use posfleet_proto::v1::{self, admin_service_server::AdminService};
 use std::collections::BTreeMap;
 use tonic::{Request, Response, Status};
 
+use crate::desired::DesiredCache;
 use crate::metrics::Metrics;
 use crate::repository::{Repository, Upload};
 use crate::storage::{
@@ -30,6 +31,7 @@ pub struct AdminApi {
     metrics: Metrics,
     offline_after_missed_heartbeats: i64,
     repository: Arc<Repository>,
+    desired: DesiredCache,
 }
 
 /// Largest bundle accepted for publishing.
@@ -66,12 +68,14 @@ impl AdminApi {
         metrics: Metrics,
         offline_after_missed_heartbeats: u32,
         repository: Arc<Repository>,
+        desired: DesiredCache,
     ) -> AdminApi {
         AdminApi {
             storage,
             metrics,
             offline_after_missed_heartbeats: offline_after_missed_heartbeats.into(),
             repository,
+            desired,
         }
     }
 
@@ -310,12 +314,13 @@ impl AdminService for AdminApi {
             .await
             .map_err(db)?
             .ok_or_else(|| Status::not_found(format!("unknown device {id}")))?;
+        // Read afresh, not from the heartbeats' cache.
         let desired = self
             .storage
-            .desired_state(&device.id, &device.store_id)
+            .store_desired_state(&device.store_id)
             .await
             .map_err(db)?
-            .map(|d| d.bundles)
+            .map(|state| state.for_device(&device.id))
             .unwrap_or_default();
         let reported = self.storage.bundle_statuses(&device.id).await.map_err(db)?;
         let mut view = self.device(device);
@@ -384,7 +389,8 @@ impl AdminService for AdminApi {
                     req.name, req.version
                 ))
             })?;
-        match &target {
+        // The store whose heartbeats answer with this assignment.
+        let store_id = match &target {
             AssignTarget::Device(id) => {
                 let device = self
                     .storage
@@ -401,14 +407,16 @@ impl AdminService for AdminApi {
                         bundle.hardware.join(", ")
                     )));
                 }
+                device.store_id
             }
             AssignTarget::Store(id) => {
                 if !self.storage.store_exists(id).await.map_err(db)? {
                     return Err(Status::not_found(format!("unknown store {id}")));
                 }
+                id.clone()
             }
-        }
-        let desired = DesiredBundleRecord {
+        };
+        let assignment = DesiredBundleRecord {
             name: bundle.name,
             version: bundle.version,
             kind: bundle.kind,
@@ -417,20 +425,21 @@ impl AdminService for AdminApi {
         };
         let assigned = self
             .storage
-            .assign_bundle(&target, &desired, now_ms())
+            .assign_bundle(&target, &assignment, now_ms())
             .await
             .map_err(db)?;
-        let (device_id, store_id) = match &target {
-            AssignTarget::Device(id) => (id.as_str(), ""),
-            AssignTarget::Store(id) => ("", id.as_str()),
+        self.desired.invalidate(&store_id).await;
+        let device_id = match &target {
+            AssignTarget::Device(id) => id.as_str(),
+            AssignTarget::Store(_) => "",
         };
         tracing::info!(
             device_id,
-            store_id,
-            bundle = %desired.name,
-            version = %desired.version,
-            download_ahead = desired.download_ahead,
-            emergency = desired.emergency,
+            store_id = %store_id,
+            bundle = %assignment.name,
+            version = %assignment.version,
+            download_ahead = assignment.download_ahead,
+            emergency = assignment.emergency,
             devices_assigned = assigned,
             "Bundle assigned."
         );
@@ -462,6 +471,7 @@ impl AdminService for AdminApi {
             .await
             .map_err(db)?
             .ok_or_else(|| Status::not_found(format!("unknown store {}", req.store_id)))?;
+        self.desired.invalidate(&store.id).await;
         match window {
             Some(w) => tracing::info!(
                 store_id = %store.id,

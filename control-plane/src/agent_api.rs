@@ -8,6 +8,7 @@ use posfleet_proto::v1::{
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
+use crate::desired::{DesiredCache, DesiredError};
 use crate::heartbeat::{HeartbeatQueue, interval_for_load};
 use crate::metrics::Metrics;
 use crate::storage::{
@@ -34,6 +35,7 @@ pub struct AgentApi {
     metrics: Metrics,
     queue: HeartbeatQueue,
     auth_cache: moka::future::Cache<String, Arc<DeviceAuth>>,
+    desired: DesiredCache,
     heartbeat_interval_seconds: u32,
 }
 
@@ -42,12 +44,14 @@ impl AgentApi {
         storage: Storage,
         metrics: Metrics,
         queue: HeartbeatQueue,
+        desired: DesiredCache,
         heartbeat_interval_seconds: u32,
     ) -> AgentApi {
         AgentApi {
             storage,
             metrics,
             queue,
+            desired,
             auth_cache: moka::future::Cache::builder()
                 .max_capacity(AUTH_CACHE_CAPACITY)
                 .time_to_live(AUTH_CACHE_TTL)
@@ -366,32 +370,28 @@ impl AgentService for AgentApi {
         }
         // The answer must be whole: an agent told "no window" would install
         // at any time, so a failed read fails the heartbeat (it is retried).
-        let desired = match self.storage.desired_state(&device_id, &auth.store_id).await {
-            Ok(Some(desired)) => desired,
-            Ok(None) => {
-                self.metrics
-                    .heartbeats
-                    .with_label_values(&["unavailable"])
-                    .inc();
-                return Err(crate::error::Error::Corrupt(format!(
-                    "device {device_id} belongs to store {}, which does not exist",
-                    auth.store_id
-                ))
-                .into());
-            }
+        let desired = match self.desired.get(&auth.store_id).await {
+            Ok(desired) => desired,
             Err(error) => {
-                tracing::error!(%error, device_id = %device_id, "Cannot read the desired state.");
                 self.metrics
                     .heartbeats
                     .with_label_values(&["unavailable"])
                     .inc();
-                return Err(Status::unavailable(
-                    "cannot read the desired state; retry later",
-                ));
+                return Err(match error.as_ref() {
+                    DesiredError::UnknownStore(_) => crate::error::Error::Corrupt(format!(
+                        "device {device_id} belongs to an unknown store: {error}"
+                    ))
+                    .into(),
+                    DesiredError::Storage(e) => {
+                        tracing::error!(error = %e, device_id = %device_id, "Cannot read the desired state.");
+                        Status::unavailable("cannot read the desired state; retry later")
+                    }
+                });
             }
         };
         let interval = self.current_interval();
         let now = now_ms();
+        let bundles = desired.for_device(&device_id);
         let record = HeartbeatRecord {
             device_id,
             seen_at_ms: now,
@@ -409,11 +409,7 @@ impl AgentService for AgentApi {
             next_heartbeat_interval_seconds: interval,
             server_time_unix_ms: now,
             maintenance_window: convert::window(&desired.time_zone, desired.maintenance_window),
-            desired_bundles: desired
-                .bundles
-                .into_iter()
-                .map(convert::desired_bundle)
-                .collect(),
+            desired_bundles: bundles.into_iter().map(convert::desired_bundle).collect(),
         }))
     }
 

@@ -20,6 +20,7 @@ mod agent_api;
 pub mod blobs;
 pub mod config;
 mod convert;
+pub mod desired;
 pub mod error;
 pub mod heartbeat;
 mod http;
@@ -182,10 +183,12 @@ impl ControlPlane {
             stop_rx.clone(),
         );
         let max_message = config.max_message_size_bytes;
+        let desired = desired::DesiredCache::new(storage.clone());
         let agent = AgentServiceServer::new(agent_api::AgentApi::new(
             storage.clone(),
             metrics.clone(),
             queue,
+            desired.clone(),
             config.heartbeat_interval_seconds,
         ))
         .max_decoding_message_size(max_message);
@@ -194,6 +197,7 @@ impl ControlPlane {
             metrics.clone(),
             config.offline_after_missed_heartbeats,
             repository.clone(),
+            desired,
         ))
         // Publishing streams bundles in 1 MiB messages and carries whole
         // targets metadata files.

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::migrate::Migrator;
 use sqlx::{AnyPool, Executor, Row};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use crate::error::Error;
@@ -101,14 +101,31 @@ pub enum AssignTarget {
     Store(String),
 }
 
-/// What a heartbeat answers: the device's desired bundles (its own rows
-/// merged over its store's) and its store's window.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DesiredState {
+/// The desired state of a store and of each of its devices: its window, its
+/// bundle rows and its devices' own rows. Every heartbeat from the store is
+/// answered from it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreDesiredState {
     pub time_zone: String,
     pub maintenance_window: Option<WindowRecord>,
-    /// One per bundle name, sorted by name.
-    pub bundles: Vec<DesiredBundleRecord>,
+    /// The store's rows, sorted by name.
+    pub store_bundles: Vec<DesiredBundleRecord>,
+    /// Devices' own rows, by device id.
+    pub device_bundles: HashMap<String, Vec<DesiredBundleRecord>>,
+}
+
+impl StoreDesiredState {
+    /// One device's desired bundles: its own rows over the store's, one per
+    /// bundle name, sorted by name.
+    pub fn for_device(&self, device_id: &str) -> Vec<DesiredBundleRecord> {
+        let own = self.device_bundles.get(device_id).into_iter().flatten();
+        merge_desired(
+            self.store_bundles
+                .iter()
+                .map(|b| (false, b.clone()))
+                .chain(own.map(|b| (true, b.clone()))),
+        )
+    }
 }
 
 /// A bundle's state as the device last reported it.
@@ -1183,54 +1200,58 @@ impl Storage {
         Ok(assigned)
     }
 
-    /// A device's desired bundles and its store's window, in one indexed
-    /// query (this runs on every heartbeat). `None` if the store is unknown.
-    pub async fn desired_state(
+    /// A store's window and bundle rows and its devices' own rows, in one
+    /// indexed query. `None` if the store is unknown.
+    pub async fn store_desired_state(
         &self,
-        device_id: &str,
         store_id: &str,
-    ) -> Result<Option<DesiredState>, sqlx::Error> {
+    ) -> Result<Option<StoreDesiredState>, sqlx::Error> {
         let rows = sqlx::query(
             "SELECT s.time_zone, s.maintenance_start_minute, s.maintenance_duration_minutes, \
-             b.source, b.name, b.version, b.kind, b.download_ahead, b.emergency \
+             b.device_id, b.name, b.version, b.kind, b.download_ahead, b.emergency \
              FROM stores s LEFT JOIN ( \
-             SELECT 'device' AS source, name, version, kind, download_ahead, emergency \
-             FROM device_desired_bundles WHERE device_id = $1 \
+             SELECT '' AS device_id, name, version, kind, download_ahead, emergency \
+             FROM store_desired_bundles WHERE store_id = $1 \
              UNION ALL \
-             SELECT 'store' AS source, name, version, kind, download_ahead, emergency \
-             FROM store_desired_bundles WHERE store_id = $2 \
-             ) b ON 1 = 1 WHERE s.id = $2",
+             SELECT o.device_id, o.name, o.version, o.kind, o.download_ahead, o.emergency \
+             FROM device_desired_bundles o JOIN devices d ON d.id = o.device_id \
+             WHERE d.store_id = $1 \
+             ) b ON 1 = 1 WHERE s.id = $1 ORDER BY b.name",
         )
-        .bind(device_id)
         .bind(store_id)
         .fetch_all(&self.pool)
         .await?;
         let Some(first) = rows.first() else {
             return Ok(None);
         };
-        let time_zone = first.try_get("time_zone")?;
-        let maintenance_window = window_from_row(first)?;
-        let mut bundles = Vec::with_capacity(rows.len());
+        let mut state = StoreDesiredState {
+            time_zone: first.try_get("time_zone")?,
+            maintenance_window: window_from_row(first)?,
+            ..Default::default()
+        };
         for row in &rows {
-            let Some(source) = row.try_get::<Option<String>, _>("source")? else {
-                continue; // the store has no bundle rows and neither has the device
+            let Some(name) = row.try_get::<Option<String>, _>("name")? else {
+                continue; // no bundle rows at all: the one row is the store's
             };
-            bundles.push((
-                source == "device",
-                DesiredBundleRecord {
-                    name: row.try_get("name")?,
-                    version: row.try_get("version")?,
-                    kind: row.try_get("kind")?,
-                    download_ahead: row.try_get::<i64, _>("download_ahead")? != 0,
-                    emergency: row.try_get::<i64, _>("emergency")? != 0,
-                },
-            ));
+            let device_id: String = row.try_get("device_id")?;
+            let bundle = DesiredBundleRecord {
+                name,
+                version: row.try_get("version")?,
+                kind: row.try_get("kind")?,
+                download_ahead: row.try_get::<i64, _>("download_ahead")? != 0,
+                emergency: row.try_get::<i64, _>("emergency")? != 0,
+            };
+            if device_id.is_empty() {
+                state.store_bundles.push(bundle);
+            } else {
+                state
+                    .device_bundles
+                    .entry(device_id)
+                    .or_default()
+                    .push(bundle);
+            }
         }
-        Ok(Some(DesiredState {
-            time_zone,
-            maintenance_window,
-            bundles: merge_desired(bundles),
-        }))
+        Ok(Some(state))
     }
 
     /// Stores reported bundle states. Per bundle, a report older than the

@@ -4,11 +4,15 @@
 
 mod common;
 
-use common::{Admin, Backend, Setup, assert_status, device_request, eventually, heartbeat, setup};
+use common::{
+    Admin, Backend, Setup, TestServer, assert_status, device_request, eventually, heartbeat, setup,
+};
 use ed25519_dalek::SigningKey;
 use posfleet_bundle::manifest::Kind;
+use posfleet_control_plane::desired::DESIRED_CACHE_TTL;
 use posfleet_proto::v1;
 use posfleet_proto::v1::assign_bundle_request::Target;
+use std::time::Duration;
 use tonic::Code;
 
 const MIB: u64 = 1 << 20;
@@ -667,6 +671,35 @@ async fn reports_need_the_device_credential(backend: Backend) {
     s.finish().await;
 }
 
+async fn another_replica_answers_with_a_change_within_the_cache_ttl(backend: Backend) {
+    // Two control planes on one database, as behind a load balancer.
+    let (a, mut admin, _key) = fleet_with_bundles(backend).await;
+    let b = TestServer::start(a.server.config.clone()).await;
+    let (_, credential) = a.enrolled_device("s1").await;
+    let beat_b = || async {
+        b.agent()
+            .await
+            .heartbeat(heartbeat(&credential, Default::default()))
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    assert!(beat_b().await.desired_bundles.is_empty());
+    assigned(&mut admin, to_store("s1", "pos-app@1.1.0"))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    while beat_b().await.desired_bundles.is_empty() {
+        assert!(
+            started.elapsed() < DESIRED_CACHE_TTL + Duration::from_secs(2),
+            "replica b still answers with the old desired state"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    b.stop().await;
+    a.finish().await;
+}
+
 on_both_backends!(
     bundles_are_assigned_to_devices_and_stores,
     assignments_need_a_published_bundle_a_known_target_and_the_right_hardware,
@@ -675,4 +708,5 @@ on_both_backends!(
     an_older_report_does_not_replace_a_newer_one,
     malformed_reports_are_refused_and_change_nothing,
     reports_need_the_device_credential,
+    another_replica_answers_with_a_change_within_the_cache_ttl,
 );

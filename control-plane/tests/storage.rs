@@ -5,7 +5,8 @@ mod common;
 
 use common::{Backend, TestDb};
 use posfleet_control_plane::storage::{
-    EnrollError, EnrollmentTokenRecord, HeartbeatRecord, NewDevice, Storage, StoreRecord,
+    AssignTarget, BundleStatusRecord, DesiredBundleRecord, EnrollError, EnrollmentTokenRecord,
+    HeartbeatRecord, NewDevice, Storage, StoreDesiredState, StoreRecord, WindowRecord,
 };
 use std::collections::BTreeMap;
 
@@ -151,8 +152,148 @@ async fn a_heartbeat_for_an_unknown_device_changes_nothing(backend: Backend) {
     db.cleanup().await;
 }
 
+async fn bundle_reports_keep_the_newest_and_ties_go_to_the_later(backend: Backend) {
+    let (storage, db, _dir) = open(backend).await;
+    let secret = token(&storage, 1).await;
+    storage.enroll_device(&secret, &device(1), 1).await.unwrap();
+    let id = "dev-000001";
+    let at = |phase: &str, updated_at_ms: i64| BundleStatusRecord {
+        name: "pos-app".into(),
+        kind: "software".into(),
+        active_version: "1.0.0".into(),
+        target_version: "1.1.0".into(),
+        phase: phase.into(),
+        bytes_done: 0,
+        bytes_total: 0,
+        error: String::new(),
+        updated_at_ms,
+    };
+    let phase = || async {
+        let statuses = storage.bundle_statuses(id).await.unwrap();
+        assert_eq!(statuses.len(), 1);
+        statuses[0].phase.clone()
+    };
+    storage
+        .record_bundle_statuses(id, &[at("downloading", 100)])
+        .await
+        .unwrap();
+    storage
+        .record_bundle_statuses(id, &[at("pending", 99)])
+        .await
+        .unwrap();
+    assert_eq!(phase().await, "downloading");
+    storage
+        .record_bundle_statuses(id, &[at("downloaded", 100)])
+        .await
+        .unwrap();
+    assert_eq!(phase().await, "downloaded", "same time: the later report");
+    storage.close().await;
+    db.cleanup().await;
+}
+
+async fn the_desired_state_merges_device_and_store_rows(backend: Backend) {
+    let (storage, db, _dir) = open(backend).await;
+    let secret = token(&storage, 3).await;
+    for i in [1, 2, 3] {
+        storage.enroll_device(&secret, &device(i), 1).await.unwrap();
+    }
+    assert_eq!(storage.store_desired_state("nowhere").await.unwrap(), None);
+    let empty = storage.store_desired_state("s1").await.unwrap().unwrap();
+    assert_eq!(
+        empty,
+        StoreDesiredState {
+            time_zone: "UTC".into(),
+            ..Default::default()
+        }
+    );
+
+    let bundle = |name: &str, version: &str| DesiredBundleRecord {
+        name: name.into(),
+        version: version.into(),
+        kind: "software".into(),
+        download_ahead: false,
+        emergency: true,
+    };
+    let store = AssignTarget::Store("s1".into());
+    let own = |id: &str| AssignTarget::Device(id.into());
+    let assign = |target: AssignTarget, name: &'static str, version: &'static str| {
+        let storage = storage.clone();
+        async move {
+            storage
+                .assign_bundle(&target, &bundle(name, version), 1)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(assign(store.clone(), "app", "1.0.0").await, 3);
+    assert_eq!(assign(own("dev-000001"), "app", "2.0.0").await, 1);
+    assert_eq!(assign(own("dev-000003"), "app", "3.0.0").await, 1);
+    assert_eq!(assign(own("dev-000003"), "app", "3.1.0").await, 1);
+    assert_eq!(assign(store.clone(), "app", "1.1.0").await, 1);
+    assert_eq!(assign(store, "cat", "1.0.0").await, 3);
+    let window = WindowRecord {
+        start_minute: 1380,
+        duration_minutes: 240,
+    };
+    let updated = storage
+        .set_maintenance_window("s1", Some(window))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (updated.maintenance_window, updated.device_count),
+        (Some(window), 3)
+    );
+    assert!(
+        storage
+            .set_maintenance_window("nowhere", None)
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    let state = storage.store_desired_state("s1").await.unwrap().unwrap();
+    assert_eq!(state.maintenance_window, Some(window));
+    let versions = |id: &str| -> Vec<String> {
+        let bundles = state.for_device(id);
+        assert!(bundles.iter().all(|b| b.emergency && !b.download_ahead));
+        bundles
+            .into_iter()
+            .map(|b| format!("{}@{}", b.name, b.version))
+            .collect()
+    };
+    assert_eq!(versions("dev-000001"), vec!["app@2.0.0", "cat@1.0.0"]);
+    assert_eq!(versions("dev-000002"), vec!["app@1.1.0", "cat@1.0.0"]);
+    assert_eq!(versions("dev-000003"), vec!["app@3.1.0", "cat@1.0.0"]);
+    assert_eq!(state.device_bundles.len(), 2);
+    // Another store sees none of it.
+    storage
+        .create_store(&StoreRecord {
+            id: "s2".into(),
+            name: "S2".into(),
+            time_zone: "Europe/Paris".into(),
+            created_at_ms: 0,
+            device_count: 0,
+            maintenance_window: None,
+        })
+        .await
+        .unwrap();
+    let other = storage.store_desired_state("s2").await.unwrap().unwrap();
+    assert_eq!(
+        other,
+        StoreDesiredState {
+            time_zone: "Europe/Paris".into(),
+            ..Default::default()
+        }
+    );
+    storage.close().await;
+    db.cleanup().await;
+}
+
 on_both_backends!(
     concurrent_enrollments_spend_exactly_the_tokens_uses,
     heartbeat_batches_span_several_statements,
     a_heartbeat_for_an_unknown_device_changes_nothing,
+    bundle_reports_keep_the_newest_and_ties_go_to_the_later,
+    the_desired_state_merges_device_and_store_rows,
 );
