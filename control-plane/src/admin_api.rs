@@ -389,6 +389,14 @@ impl AdminService for AdminApi {
                     req.name, req.version
                 ))
             })?;
+        // A store's catalog holds its own prices and products: it is
+        // assigned to the store, so that no till holds another store's.
+        if bundle.kind == "catalog" && matches!(target, AssignTarget::Device(_)) {
+            return Err(Status::failed_precondition(format!(
+                "{} is a catalog bundle; catalogs are assigned per store (--store)",
+                bundle.name
+            )));
+        }
         // The store whose heartbeats answer with this assignment.
         let store_id = match &target {
             AssignTarget::Device(id) => {

@@ -246,13 +246,13 @@ async fn assignments_need_a_published_bundle_a_known_target_and_the_right_hardwa
         Code::InvalidArgument,
         "target",
     );
-    // A bundle for any hardware, and one naming pos-x2, fit the pos-x2 till.
-    assert_eq!(
-        assigned(&mut admin, to_device(&x2, "catalog@2026.1.0"))
-            .await
-            .unwrap(),
-        1
+    // A catalog goes to a whole store, never to one till.
+    assert_status(
+        assigned(&mut admin, to_device(&x2, "catalog@2026.1.0")).await,
+        Code::FailedPrecondition,
+        "catalogs are assigned per store",
     );
+    // A bundle naming pos-x2 fits the pos-x2 till.
     admin
         .publish(
             &key,
@@ -274,7 +274,7 @@ async fn assignments_need_a_published_bundle_a_known_target_and_the_right_hardwa
         .into_iter()
         .map(|b| format!("{}@{}", b.name, b.version))
         .collect();
-    assert_eq!(versions, vec!["catalog@2026.1.0", "pos-app@1.2.0"]);
+    assert_eq!(versions, vec!["pos-app@1.2.0"]);
     // Refused calls changed nothing.
     assert!(admin.device(&x1).await.unwrap().bundles.is_empty());
     s.finish().await;
