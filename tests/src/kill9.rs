@@ -37,6 +37,8 @@ pub struct Report {
     /// Restarts that converged to the desired version.
     pub converged: usize,
     pub median_seconds_to_converge: f64,
+    /// From the agent's start to the new version active, undisturbed.
+    pub calibrated_install_seconds: f64,
     pub failures: Vec<String>,
 }
 
@@ -60,8 +62,8 @@ fn check_slot(slot: &Path) -> Result<String, String> {
     if hex::encode(sha2::Sha256::digest(&payload)) != expected.trim() {
         return Err(format!("{name}: payload does not match its digest"));
     }
-    let program = std::fs::metadata(slot.join("bin/pos-app"))
-        .map_err(|e| format!("{name}: program: {e}"))?;
+    let program =
+        std::fs::metadata(slot.join("bin/pos-app")).map_err(|e| format!("{name}: program: {e}"))?;
     if program.len() == 0 {
         return Err(format!("{name}: empty program"));
     }
@@ -85,32 +87,41 @@ pub fn active_version(data: &Path) -> Result<Option<String>, String> {
         .map(Some)
 }
 
-/// What the agent was doing when killed, judged from its data dir.
-fn killed_while(data: &Path) -> String {
-    let journal = std::fs::read_to_string(data.join("slots/pos-app/journal.json")).ok();
-    if let Some(journal) = journal {
-        let value: serde_json::Value = serde_json::from_str(&journal).unwrap_or_default();
-        let state = value
-            .get("state")
-            .and_then(|s| s.as_str())
-            .or_else(|| value.as_object().and_then(|o| o.keys().next().map(String::as_str)))
-            .unwrap_or("journal")
-            .to_string();
-        return format!("install:{state}");
+/// What the agent was doing when killed, judged from what it left in its
+/// data dir on the way to `new`.
+fn killed_while(data: &Path, new: &str) -> &'static str {
+    let slots = data.join("slots/pos-app");
+    let journal = std::fs::read_to_string(slots.join("journal.json"))
+        .ok()
+        .and_then(|j| serde_json::from_str::<serde_json::Value>(&j).ok())
+        .unwrap_or_default();
+    match journal["state"].as_str() {
+        Some("activating") => return "switching or health check",
+        Some("rolling_back") => return "rolling back",
+        _ => {}
     }
-    let downloads = std::fs::read_dir(data.join("downloads"))
+    if active_version(data) == Ok(Some(new.to_string())) {
+        return "after the install";
+    }
+    if slots.join(format!(".staging-{new}")).exists() {
+        return "unpacking";
+    }
+    if slots.join(new).exists() {
+        return "pre-activate hook";
+    }
+    let downloads: Vec<String> = std::fs::read_dir(data.join("downloads"))
         .map(|d| {
             d.flatten()
                 .map(|e| e.file_name().to_string_lossy().to_string())
-                .collect::<Vec<_>>()
+                .collect()
         })
         .unwrap_or_default();
     if downloads.iter().any(|n| n.ends_with(".part")) {
-        "downloading".into()
+        "downloading"
     } else if downloads.iter().any(|n| n.ends_with(".bundle")) {
-        "downloaded".into()
+        "verifying the download"
     } else {
-        "idle".into()
+        "before the download"
     }
 }
 
@@ -129,7 +140,15 @@ pub fn run(options: &Options, work: &Path) -> Report {
     );
     let keys = work.join("keys");
     cp.init_repository(&keys);
-    cp.cli_json(&["store", "create", "kill-01", "--name", "Kill", "--time-zone", "UTC"]);
+    cp.cli_json(&[
+        "store",
+        "create",
+        "kill-01",
+        "--name",
+        "Kill",
+        "--time-zone",
+        "UTC",
+    ]);
     let token = cp.cli_json(&["enroll-token", "create", "--store", "kill-01"]);
     let secret = token["secret"].as_str().expect("secret").to_string();
     let data = work.join("till");
@@ -170,7 +189,9 @@ pub fn run(options: &Options, work: &Path) -> Report {
         )
     };
 
-    // Calibration: install 1.0.0 undisturbed, and time it.
+    // 1.0.0 installed undisturbed, then 1.0.1 the way trials go (assigned
+    // while the agent is stopped, then the agent started), timed from the
+    // start to the new version being active on disk: kills fall in that span.
     publish(0);
     let mut agent = start();
     let device = eventually("the till enrolls", Duration::from_secs(30), || {
@@ -179,11 +200,21 @@ pub fn run(options: &Options, work: &Path) -> Report {
             .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
             .and_then(|v| v["device_id"].as_str().map(str::to_string))
     });
-    let started = Instant::now();
     assign(0);
     eventually("1.0.0 installed", Duration::from_secs(60), || {
         (device_phase(&device) == (version(0), "installed".into())).then_some(())
     });
+    agent.terminate();
+    let calibration = options.trials + 1;
+    publish(calibration);
+    assign(calibration);
+    let started = Instant::now();
+    let mut agent = start();
+    eventually(
+        "the calibration release active",
+        Duration::from_secs(60),
+        || (active_version(&data) == Ok(Some(version(calibration)))).then_some(()),
+    );
     let install_time = started.elapsed();
     agent.terminate();
 
@@ -194,16 +225,18 @@ pub fn run(options: &Options, work: &Path) -> Report {
         ..Report::default()
     };
     let mut converge_times = Vec::new();
-    for trial in 1..=options.trials {
+    report.calibrated_install_seconds = install_time.as_secs_f64();
+    // Trials go on from the calibration release, upwards.
+    for trial in calibration + 1..=calibration + options.trials {
         publish(trial);
         assign(trial);
         let mut agent: Process = start();
-        // Anywhere from start-up to a little after a calm install would end.
-        let delay = rng.gen_range(0.0..install_time.as_secs_f64() * 1.3);
+        // Anywhere from start-up to the end of a calm install.
+        let delay = rng.gen_range(0.0..install_time.as_secs_f64());
         std::thread::sleep(Duration::from_secs_f64(delay));
         agent.kill9();
-        let phase = killed_while(&data);
-        *report.killed_while.entry(phase.clone()).or_default() += 1;
+        let phase = killed_while(&data, &version(trial));
+        *report.killed_while.entry(phase.to_string()).or_default() += 1;
         match active_version(&data) {
             Ok(Some(v)) if v == version(trial) => report.active_after_kill_new += 1,
             Ok(Some(v)) if v == version(trial - 1) => report.active_after_kill_old += 1,

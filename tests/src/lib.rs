@@ -372,7 +372,11 @@ pub fn pos_app_source(dest: &Path, version: &str, healthy: bool, payload: usize)
                 state as u8
             })
             .collect();
-        std::fs::write(dest.join("payload.sha256"), hex::encode(sha2::Sha256::digest(&data))).expect("write sum");
+        std::fs::write(
+            dest.join("payload.sha256"),
+            hex::encode(sha2::Sha256::digest(&data)),
+        )
+        .expect("write sum");
         std::fs::write(dest.join("payload.bin"), data).expect("write payload");
     }
     dest.to_path_buf()

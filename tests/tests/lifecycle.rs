@@ -77,7 +77,10 @@ impl Store {
     }
 
     fn assign(&self, release: &str) {
-        check_ok(self.cp.cli(&["device", "assign", "--store", "lyon-02", release]));
+        check_ok(
+            self.cp
+                .cli(&["device", "assign", "--store", "lyon-02", release]),
+        );
     }
 
     /// Each device's reported status of pos-app, from `posfleet device show`.
@@ -88,7 +91,9 @@ impl Store {
             .unwrap()
             .iter()
             .map(|d| {
-                let shown = self.cp.cli_json(&["device", "show", d["id"].as_str().unwrap()]);
+                let shown = self
+                    .cp
+                    .cli_json(&["device", "show", d["id"].as_str().unwrap()]);
                 shown["bundles"]
                     .as_array()
                     .and_then(|b| b.iter().find(|b| b["name"] == "pos-app"))
@@ -284,4 +289,86 @@ fn a_till_without_disk_space_says_so_and_keeps_selling() {
         .unwrap()
         .collect();
     assert!(downloads.is_empty(), "{downloads:?}");
+}
+
+/// A catalog bundle source for `store`: its own prices.
+fn catalog_source(dir: &Path, store: &str, cents: u32) -> PathBuf {
+    let src = dir.join(format!("catalog-{store}"));
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(
+        src.join("posfleet-bundle.toml"),
+        format!(
+            "name = \"catalog-{store}\"\nversion = \"2026.11.1\"\nkind = \"catalog\"\nhardware = [\"*\"]\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        src.join("prices.csv"),
+        format!("sku,name,cents\n1001,Espresso,{cents}\n"),
+    )
+    .unwrap();
+    src
+}
+
+#[test]
+fn each_till_gets_its_own_store_catalog_and_no_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(
+        &dir.path().join("cp"),
+        None,
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &["--heartbeat-interval-seconds", "1"],
+    );
+    let keys = dir.path().join("keys");
+    cp.init_repository(&keys);
+    let mut args = cp.repository_args(&keys);
+    args.extend(["--install-check-interval-seconds".into(), "1".into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut tills = Vec::new();
+    for (store, cents) in [("lyon-02", 250), ("nice-01", 310)] {
+        cp.cli_json(&[
+            "store",
+            "create",
+            store,
+            "--name",
+            store,
+            "--time-zone",
+            "Europe/Paris",
+        ]);
+        let token = cp.cli_json(&["enroll-token", "create", "--store", store]);
+        let data = dir.path().join(format!("till-{store}"));
+        let agent = start_agent(&cp.url(), &data, token["secret"].as_str().unwrap(), &args);
+        cp.publish(&catalog_source(dir.path(), store, cents), &keys);
+        check_ok(cp.cli(&[
+            "device",
+            "assign",
+            "--store",
+            store,
+            &format!("catalog-{store}@2026.11.1"),
+        ]));
+        tills.push((store, cents, data, agent));
+    }
+    for (store, cents, data, _) in &tills {
+        let prices = data.join(format!("slots/catalog-{store}/current/prices.csv"));
+        let text = eventually(&format!("{store}'s catalog on its till"), TIMEOUT, || {
+            std::fs::read_to_string(&prices).ok()
+        });
+        assert!(text.contains(&format!("Espresso,{cents}")), "{text}");
+        let catalogs: Vec<String> = std::fs::read_dir(data.join("slots"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .filter(|n| n.starts_with("catalog-"))
+            .collect();
+        assert_eq!(catalogs, [format!("catalog-{store}")]);
+    }
+    // A catalog goes to a store, not to one till of another store.
+    let device = cp.cli_json(&["device", "list", "--store", "lyon-02"])[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let refused = cp.cli(&["device", "assign", &device, "catalog-nice-01@2026.11.1"]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("per store"), "{stderr}");
 }
