@@ -870,7 +870,10 @@ impl Slots {
                 true,
             )),
             Ok(Err(error)) => Err((format!("cannot unpack {name} {version}: {error}"), false)),
-            Err(error) => Err((format!("unpacking {name} {version} stopped: {error}"), false)),
+            Err(error) => Err((
+                format!("unpacking {name} {version} stopped: {error}"),
+                false,
+            )),
         }
     }
 

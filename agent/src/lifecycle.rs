@@ -810,7 +810,14 @@ mod tests {
         use Step::*;
         let rolled_back = given_up("1.1.0");
         // (desired, active, last status, staged, window open) -> step
-        type Case<'a> = (Desired, Option<&'a str>, Option<&'a Status>, bool, bool, Step);
+        type Case<'a> = (
+            Desired,
+            Option<&'a str>,
+            Option<&'a Status>,
+            bool,
+            bool,
+            Step,
+        );
         let cases: Vec<Case> = vec![
             (
                 want("1.1.0", true, false),
