@@ -22,7 +22,7 @@ use crate::error::Error;
 use crate::fetch::Fetcher;
 use crate::files;
 use crate::install::{Outcome, RecoveryAction, Slots};
-use crate::repository::RepositoryClient;
+use crate::repository::{RepoError, RepositoryClient};
 use crate::window::Window;
 
 pub const DESIRED_FILE: &str = "desired.json";
@@ -536,14 +536,8 @@ impl Run {
             let result = match step {
                 // Handled above, before the target was needed.
                 Step::Done | Step::GivenUp | Step::RefuseDowngrade { .. } => return,
-                Step::WaitToDownload => {
-                    let message = waiting_message(state, now, "download");
-                    return self.set(desired, Phase::Pending, message);
-                }
-                Step::WaitToInstall => {
-                    let message = waiting_message(state, now, "install");
-                    return self.set(desired, Phase::Downloaded, message);
-                }
+                Step::WaitToDownload => return self.wait(desired, Phase::Pending, state, now),
+                Step::WaitToInstall => return self.wait(desired, Phase::Downloaded, state, now),
                 Step::Download => self.download(desired, &target, &staged).await,
                 Step::Install => {
                     let result = self.install(desired, &target, &staged).await;
@@ -557,6 +551,24 @@ impl Run {
                 return self.fail(desired, failure);
             }
         }
+    }
+
+    /// Waiting for the window is a phase, not an error: `pending` (may not
+    /// download yet) or `downloaded` (may not install yet).
+    fn wait(&mut self, desired: &Desired, phase: Phase, state: &DesiredState, now: DateTime<Utc>) {
+        let current = self.statuses.get(&desired.name);
+        let already = current.is_some_and(|s| {
+            s.phase == phase && s.target_version.as_ref() == Some(&desired.version)
+        });
+        if !already {
+            let what = if phase == Phase::Pending {
+                "download"
+            } else {
+                "install"
+            };
+            tracing::info!(bundle = %desired.name, version = %desired.version, "{}", waiting_message(state, now, what));
+        }
+        self.set(desired, phase, String::new());
     }
 
     fn fail(&mut self, desired: &Desired, failure: Failure) {
@@ -593,7 +605,13 @@ impl Run {
             self.refresh().await;
             found = self.lifecycle.repository.target(&name, &model);
         }
-        let target = found.map_err(Failure::retry)?;
+        let target = found.map_err(|error| match error {
+            // Signed for other hardware: no retry will change that.
+            RepoError::Refused(posfleet_bundle::Error::WrongHardware { .. }) => {
+                Failure::permanent(error)
+            }
+            error => Failure::retry(error),
+        })?;
         if target.info.kind != desired.kind {
             return Err(Failure::permanent(format!(
                 "{name} is signed as a {:?} bundle, not {:?}",
@@ -753,12 +771,12 @@ fn waiting_message(state: &DesiredState, now: DateTime<Utc>, what: &str) -> Stri
         .and_then(|w| w.next_open(now).map(|t| (w, t)))
     {
         Some((w, opens)) => format!(
-            "waiting for the maintenance window to {what} (opens {} {}, in {})",
+            "Waiting for the maintenance window to {what} (opens {} {}, in {}).",
             crate::window::clock(w.start_minute),
             w.time_zone,
             humanize(opens - now)
         ),
-        None => format!("waiting for the maintenance window to {what}"),
+        None => format!("Waiting for the maintenance window to {what}."),
     }
 }
 

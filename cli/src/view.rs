@@ -304,10 +304,14 @@ fn mib(bytes: u64) -> String {
     format!("{:.1}", bytes as f64 / (1u64 << 20) as f64)
 }
 
-/// `37% 12.0/32.0 MiB` while downloading, `-` otherwise.
+/// `37% 12.0/32.0 MiB` while downloading, what a till waits for before
+/// and after, `-` otherwise.
 pub fn progress(s: &BundleStatusView) -> String {
-    if s.phase != "downloading" {
-        return "-".into();
+    match s.phase.as_str() {
+        "downloading" => {}
+        // Not allowed to download (or install) before the store's window.
+        "pending" | "downloaded" => return "waiting for the window".into(),
+        _ => return "-".into(),
     }
     if s.bytes_total == 0 {
         return format!("{} MiB", mib(s.bytes_done));

@@ -83,6 +83,16 @@ impl Store {
         );
     }
 
+    fn device_ids(&self) -> Vec<String> {
+        self.cp
+            .cli_json(&["device", "list", "--store", "lyon-02"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["id"].as_str().unwrap().to_string())
+            .collect()
+    }
+
     /// Each device's reported status of pos-app, from `posfleet device show`.
     fn pos_app_statuses(&self) -> Vec<Value> {
         let devices = self.cp.cli_json(&["device", "list", "--store", "lyon-02"]);
@@ -198,13 +208,13 @@ fn an_install_outside_the_window_waits_for_the_clock_to_enter_it() {
     // Downloaded ahead, not installed.
     let statuses = store.wait_for_all("downloaded", "1.0.0");
     assert_eq!(statuses[0]["active_version"], "", "{}", statuses[0]);
+    assert_eq!(statuses[0]["error"], "", "{}", statuses[0]);
+    let shown = store
+        .cp
+        .cli(&["device", "show", store.device_ids()[0].as_str()]);
     assert!(
-        statuses[0]["error"]
-            .as_str()
-            .unwrap()
-            .contains("waiting for the maintenance window"),
-        "{}",
-        statuses[0]
+        check_ok(shown).contains("waiting for the window"),
+        "device show explains the wait"
     );
     std::thread::sleep(Duration::from_secs(3));
     let data = &store.tills[0].0;
