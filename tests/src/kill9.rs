@@ -10,7 +10,9 @@ use sha2::Digest;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::{ControlPlane, Process, check_ok, eventually, pos_app_source, start_agent};
+use crate::{
+    ControlPlane, Process, check_ok, enrolled_device_id, eventually, pos_app_source, start_agent,
+};
 
 pub struct Options {
     pub trials: usize,
@@ -177,16 +179,9 @@ pub fn run(options: &Options, work: &Path) -> Report {
         ]));
     };
     let device_phase = |device: &str| -> (String, String) {
-        let shown = cp.cli_json(&["device", "show", device]);
-        let bundle = shown["bundles"]
-            .as_array()
-            .and_then(|b| b.iter().find(|b| b["name"] == "pos-app"))
-            .map(|b| b["status"].clone())
-            .unwrap_or_default();
-        (
-            bundle["target_version"].as_str().unwrap_or("").to_string(),
-            bundle["phase"].as_str().unwrap_or("").to_string(),
-        )
+        let status = cp.bundle_status(device, "pos-app");
+        let field = |k: &str| status[k].as_str().unwrap_or("").to_string();
+        (field("target_version"), field("phase"))
     };
 
     // 1.0.0 installed undisturbed, then one release the way trials go
@@ -196,10 +191,7 @@ pub fn run(options: &Options, work: &Path) -> Report {
     publish(0);
     let mut agent = start();
     let device = eventually("the till enrolls", Duration::from_secs(30), || {
-        std::fs::read_to_string(data.join("enrollment.json"))
-            .ok()
-            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-            .and_then(|v| v["device_id"].as_str().map(str::to_string))
+        enrolled_device_id(&data)
     });
     assign(0);
     eventually("1.0.0 installed", Duration::from_secs(60), || {

@@ -328,6 +328,27 @@ pub fn check_ok(output: Output) -> String {
     String::from_utf8(output.stdout).expect("UTF-8 output")
 }
 
+/// `len` incompressible bytes, the same for the same `seed` (xorshift64).
+pub fn pseudo_random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.max(1);
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+/// The device id an agent saved in `data` when it enrolled, once it has.
+pub fn enrolled_device_id(data: &Path) -> Option<String> {
+    std::fs::read_to_string(data.join("enrollment.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        .and_then(|v| v["device_id"].as_str().map(str::to_string))
+}
+
 /// The example POS program shipped in `examples/pos-app`.
 pub fn pos_app_example() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/pos-app")
@@ -361,17 +382,10 @@ pub fn pos_app_source(dest: &Path, version: &str, healthy: bool, payload: usize)
     }
     if payload > 0 {
         use sha2::Digest;
-        let mut state = version.bytes().fold(0x9e37_79b9_7f4a_7c15u64, |s, b| {
+        let seed = version.bytes().fold(0x9e37_79b9_7f4a_7c15u64, |s, b| {
             s.rotate_left(5) ^ u64::from(b)
         });
-        let data: Vec<u8> = (0..payload)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state as u8
-            })
-            .collect();
+        let data = pseudo_random_bytes(seed, payload);
         std::fs::write(
             dest.join("payload.sha256"),
             hex::encode(sha2::Sha256::digest(&data)),
@@ -407,6 +421,17 @@ impl ControlPlane {
             keys.to_str().expect("utf-8 path"),
         ]));
         file
+    }
+
+    /// What `device` last reported of bundle `name` (`posfleet device show`):
+    /// `target_version`, `active_version`, `phase`, `error`…; null if nothing.
+    pub fn bundle_status(&self, device: &str, name: &str) -> serde_json::Value {
+        let shown = self.cli_json(&["device", "show", device]);
+        shown["bundles"]
+            .as_array()
+            .and_then(|b| b.iter().find(|b| b["name"] == name))
+            .map(|b| b["status"].clone())
+            .unwrap_or_default()
     }
 
     /// Arguments that point an agent at this control plane's repository.

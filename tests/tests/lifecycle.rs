@@ -9,6 +9,17 @@ use std::time::Duration;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
+/// A control plane on SQLite in `dir/cp` whose tills heartbeat every second.
+fn control_plane(dir: &Path, grpc: &str, http: &str) -> ControlPlane {
+    ControlPlane::start(
+        &dir.join("cp"),
+        None,
+        grpc,
+        http,
+        &["--heartbeat-interval-seconds", "1"],
+    )
+}
+
 /// A control plane with a store of `tills` agents and a live repository.
 struct Store {
     dir: tempfile::TempDir,
@@ -20,13 +31,7 @@ struct Store {
 impl Store {
     fn start(tills: usize, agent_args: &[&str]) -> Store {
         let dir = tempfile::tempdir().unwrap();
-        let cp = ControlPlane::start(
-            &dir.path().join("cp"),
-            None,
-            "127.0.0.1:0",
-            "127.0.0.1:0",
-            &["--heartbeat-interval-seconds", "1"],
-        );
+        let cp = control_plane(dir.path(), "127.0.0.1:0", "127.0.0.1:0");
         let keys = dir.path().join("keys");
         cp.init_repository(&keys);
         cp.cli_json(&[
@@ -95,21 +100,9 @@ impl Store {
 
     /// Each device's reported status of pos-app, from `posfleet device show`.
     fn pos_app_statuses(&self) -> Vec<Value> {
-        let devices = self.cp.cli_json(&["device", "list", "--store", "lyon-02"]);
-        devices
-            .as_array()
-            .unwrap()
+        self.device_ids()
             .iter()
-            .map(|d| {
-                let shown = self
-                    .cp
-                    .cli_json(&["device", "show", d["id"].as_str().unwrap()]);
-                shown["bundles"]
-                    .as_array()
-                    .and_then(|b| b.iter().find(|b| b["name"] == "pos-app"))
-                    .map(|b| b["status"].clone())
-                    .unwrap_or(Value::Null)
-            })
+            .map(|id| self.cp.bundle_status(id, "pos-app"))
             .collect()
     }
 
@@ -265,13 +258,7 @@ fn a_till_offline_keeps_selling_and_resumes_when_the_network_returns() {
     assert_eq!(running_version(&data), "1.1.0");
     let desired = std::fs::read_to_string(data.join("desired.json")).unwrap();
     assert!(desired.contains("1.1.0"), "{desired}");
-    let cp = ControlPlane::start(
-        &dir.path().join("cp"),
-        None,
-        &cp.grpc_address,
-        &cp.http_address,
-        &["--heartbeat-interval-seconds", "1"],
-    );
+    let cp = control_plane(dir.path(), &cp.grpc_address, &cp.http_address);
     let store = Store {
         dir,
         cp,
@@ -323,13 +310,7 @@ fn catalog_source(dir: &Path, store: &str, cents: u32) -> PathBuf {
 #[test]
 fn each_till_gets_its_own_store_catalog_and_no_other() {
     let dir = tempfile::tempdir().unwrap();
-    let cp = ControlPlane::start(
-        &dir.path().join("cp"),
-        None,
-        "127.0.0.1:0",
-        "127.0.0.1:0",
-        &["--heartbeat-interval-seconds", "1"],
-    );
+    let cp = control_plane(dir.path(), "127.0.0.1:0", "127.0.0.1:0");
     let keys = dir.path().join("keys");
     cp.init_repository(&keys);
     let mut args = cp.repository_args(&keys);

@@ -4,7 +4,7 @@
 
 use posfleet_agent::repository::{RepositoryClient, Timeouts};
 use posfleet_bundle::client::Limits;
-use posfleet_e2e::{ControlPlane, PostgresDb};
+use posfleet_e2e::{ControlPlane, PostgresDb, pseudo_random_bytes};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,15 +17,7 @@ fn write_bundle_source(dir: &Path, version: &str, size: usize) {
     )
     .unwrap();
     // Incompressible, so the bundle spans several 1 MiB pieces.
-    let mut state = 0x9e3779b97f4a7c15u64 ^ size as u64;
-    let data: Vec<u8> = (0..size)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect();
+    let data = pseudo_random_bytes(0x9e3779b97f4a7c15u64 ^ size as u64, size);
     std::fs::write(dir.join("bin/pos-app"), data).unwrap();
 }
 

@@ -8,7 +8,9 @@
 
 use anyhow::{Context, ensure};
 use clap::Parser;
-use posfleet_e2e::{ControlPlane, check_ok, eventually, pos_app_source, start_agent};
+use posfleet_e2e::{
+    ControlPlane, check_ok, enrolled_device_id, eventually, pos_app_source, start_agent,
+};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -79,12 +81,7 @@ fn median(values: &mut [f64]) -> f64 {
 }
 
 fn device_status(cp: &ControlPlane, device: &str) -> (String, String, String) {
-    let shown = cp.cli_json(&["device", "show", device]);
-    let status = shown["bundles"]
-        .as_array()
-        .and_then(|b| b.iter().find(|b| b["name"] == "pos-app"))
-        .map(|b| b["status"].clone())
-        .unwrap_or_default();
+    let status = cp.bundle_status(device, "pos-app");
     let field = |k: &str| status[k].as_str().unwrap_or("").to_string();
     (field("target_version"), field("phase"), field("error"))
 }
@@ -128,10 +125,7 @@ fn main() -> anyhow::Result<()> {
     let agent = start_agent(&cp.url(), &data, &secret, &repo_args);
     let pid = agent.pid().as_raw();
     let device = eventually("the till enrolls", Duration::from_secs(30), || {
-        std::fs::read_to_string(data.join("enrollment.json"))
-            .ok()
-            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-            .and_then(|v| v["device_id"].as_str().map(str::to_string))
+        enrolled_device_id(&data)
     });
     // Let start-up settle (first heartbeat, repository refresh).
     std::thread::sleep(Duration::from_secs(5));
