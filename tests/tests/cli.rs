@@ -196,7 +196,7 @@ fn tables_for_people_and_json_for_scripts() {
 }
 
 #[test]
-fn the_demo_brings_six_tills_online() {
+fn the_demo_upgrades_six_tills_and_rolls_a_bad_release_back() {
     let output = Command::new(binary("posfleet"))
         .args(["demo", "--output", "json"])
         .output()
@@ -210,6 +210,17 @@ fn the_demo_brings_six_tills_online() {
     assert_eq!(summary["stores"], 2);
     assert_eq!(
         summary["bundles_published"],
-        serde_json::json!(["pos-app/1.0.0"])
+        serde_json::json!([
+            "catalog-nyc-01/2026.11.1",
+            "catalog-paris-01/2026.11.1",
+            "pos-app/1.0.0",
+            "pos-app/1.1.0",
+            "pos-app/1.2.0"
+        ])
     );
+    assert_eq!(summary["devices_on_1_1_0"], 6);
+    assert_eq!(summary["devices_rolled_back_1_2_0"], 6);
+    assert_eq!(summary["devices_with_own_catalog"], 6);
+    let reasons = summary["rollback_reasons"].to_string();
+    assert!(reasons.contains("cash drawer does not answer"), "{reasons}");
 }
