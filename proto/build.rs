@@ -4,7 +4,11 @@
 use prost::Message;
 use std::path::PathBuf;
 
-const PROTOS: &[&str] = &["posfleet/v1/agent.proto", "posfleet/v1/admin.proto"];
+const PROTOS: &[&str] = &[
+    "posfleet/v1/agent.proto",
+    "posfleet/v1/rollout.proto",
+    "posfleet/v1/admin.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");

@@ -595,4 +595,132 @@ impl AdminService for AdminApi {
             bundles: bundles.into_iter().map(bundle_view).collect(),
         }))
     }
+
+    async fn create_rollout(
+        &self,
+        request: Request<v1::CreateRolloutRequest>,
+    ) -> Result<Response<v1::Rollout>, Status> {
+        self.authorize(&request).await?;
+        Err(Status::unimplemented("create_rollout is not available yet"))
+    }
+
+    async fn start_rollout(
+        &self,
+        request: Request<v1::RolloutRequest>,
+    ) -> Result<Response<v1::Rollout>, Status> {
+        self.authorize(&request).await?;
+        Err(Status::unimplemented("start_rollout is not available yet"))
+    }
+
+    async fn pause_rollout(
+        &self,
+        request: Request<v1::RolloutRequest>,
+    ) -> Result<Response<v1::Rollout>, Status> {
+        self.authorize(&request).await?;
+        Err(Status::unimplemented("pause_rollout is not available yet"))
+    }
+
+    async fn resume_rollout(
+        &self,
+        request: Request<v1::RolloutRequest>,
+    ) -> Result<Response<v1::Rollout>, Status> {
+        self.authorize(&request).await?;
+        Err(Status::unimplemented("resume_rollout is not available yet"))
+    }
+
+    async fn abort_rollout(
+        &self,
+        request: Request<v1::RolloutRequest>,
+    ) -> Result<Response<v1::Rollout>, Status> {
+        self.authorize(&request).await?;
+        Err(Status::unimplemented("abort_rollout is not available yet"))
+    }
+
+    async fn rollback_rollout(
+        &self,
+        request: Request<v1::RolloutRequest>,
+    ) -> Result<Response<v1::Rollout>, Status> {
+        self.authorize(&request).await?;
+        Err(Status::unimplemented(
+            "rollback_rollout is not available yet",
+        ))
+    }
+
+    async fn list_rollouts(
+        &self,
+        request: Request<v1::ListRolloutsRequest>,
+    ) -> Result<Response<v1::ListRolloutsResponse>, Status> {
+        self.authorize(&request).await?;
+        Err(Status::unimplemented("list_rollouts is not available yet"))
+    }
+
+    async fn get_rollout(
+        &self,
+        request: Request<v1::RolloutRequest>,
+    ) -> Result<Response<v1::RolloutDetail>, Status> {
+        self.authorize(&request).await?;
+        Err(Status::unimplemented("get_rollout is not available yet"))
+    }
+
+    async fn list_events(
+        &self,
+        request: Request<v1::ListEventsRequest>,
+    ) -> Result<Response<v1::ListEventsResponse>, Status> {
+        self.authorize(&request).await?;
+        Err(Status::unimplemented("list_events is not available yet"))
+    }
+
+    async fn set_store_labels(
+        &self,
+        request: Request<v1::SetStoreLabelsRequest>,
+    ) -> Result<Response<v1::Store>, Status> {
+        self.authorize(&request).await?;
+        Err(Status::unimplemented(
+            "set_store_labels is not available yet",
+        ))
+    }
+
+    async fn list_audit_entries(
+        &self,
+        request: Request<v1::ListAuditEntriesRequest>,
+    ) -> Result<Response<v1::ListAuditEntriesResponse>, Status> {
+        self.authorize(&request).await?;
+        Err(Status::unimplemented(
+            "list_audit_entries is not available yet",
+        ))
+    }
+
+    async fn add_webhook(
+        &self,
+        request: Request<v1::AddWebhookRequest>,
+    ) -> Result<Response<v1::AddWebhookResponse>, Status> {
+        self.authorize(&request).await?;
+        Err(Status::unimplemented("add_webhook is not available yet"))
+    }
+
+    async fn list_webhooks(
+        &self,
+        request: Request<v1::ListWebhooksRequest>,
+    ) -> Result<Response<v1::ListWebhooksResponse>, Status> {
+        self.authorize(&request).await?;
+        Err(Status::unimplemented("list_webhooks is not available yet"))
+    }
+
+    async fn remove_webhook(
+        &self,
+        request: Request<v1::RemoveWebhookRequest>,
+    ) -> Result<Response<v1::Webhook>, Status> {
+        self.authorize(&request).await?;
+        Err(Status::unimplemented("remove_webhook is not available yet"))
+    }
+
+    async fn list_webhook_deliveries(
+        &self,
+        request: Request<v1::ListWebhookDeliveriesRequest>,
+    ) -> Result<Response<v1::ListWebhookDeliveriesResponse>, Status> {
+        self.authorize(&request).await?;
+        Err(Status::unimplemented(
+            "list_webhook_deliveries is not available yet",
+        ))
+    }
 }

@@ -17,6 +17,8 @@ pub fn store(s: StoreRecord) -> v1::Store {
         time_zone: s.time_zone,
         created_at_unix_ms: s.created_at_ms,
         device_count: s.device_count.max(0) as u64,
+        // Store labels come with rollouts.
+        labels: Default::default(),
     }
 }
 
