@@ -3,6 +3,7 @@
 
 mod demo;
 mod repo_cmd;
+mod rollout_cmd;
 mod view;
 
 use anyhow::{Context, anyhow, bail};
@@ -78,6 +79,9 @@ enum AdminCommand {
     /// Enrolled devices.
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// Staged rollouts of a release: waves, bake times, failure thresholds.
+    #[command(subcommand)]
+    Rollout(rollout_cmd::RolloutCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -562,6 +566,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let mut admin = Admin::connect(&server, &admin_token(token, token_file)?).await?;
     match command {
+        AdminCommand::Rollout(command) => rollout_cmd::run(&mut admin, command, output).await?,
         AdminCommand::Store(StoreCommand::Create {
             id,
             name,
