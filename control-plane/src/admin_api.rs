@@ -25,6 +25,7 @@ const DEFAULT_TOKEN_LIFETIME_SECONDS: u64 = 24 * 3600;
 const MAX_TOKEN_LIFETIME_SECONDS: u64 = 365 * 24 * 3600;
 const MAX_TOKEN_USES: u32 = 1_000_000;
 const MAX_LABELS_PER_CALL: usize = 64;
+const DEFAULT_EVENTS_PER_PAGE: u32 = 100;
 
 pub struct AdminApi {
     storage: Storage,
@@ -430,6 +431,7 @@ impl AdminService for AdminApi {
             kind: bundle.kind,
             download_ahead: req.download_ahead.unwrap_or(true),
             emergency: req.emergency,
+            rollback: false,
         };
         let assigned = self
             .storage
@@ -667,7 +669,23 @@ impl AdminService for AdminApi {
         request: Request<v1::ListEventsRequest>,
     ) -> Result<Response<v1::ListEventsResponse>, Status> {
         self.authorize(&request).await?;
-        Err(Status::unimplemented("list_events is not available yet"))
+        let req = request.into_inner();
+        if !req.rollout_id.is_empty() {
+            text("rollout_id", &req.rollout_id, true, 64)?;
+        }
+        let limit = match req.limit {
+            0 => DEFAULT_EVENTS_PER_PAGE,
+            n => n.min(crate::storage::MAX_EVENTS_PER_PAGE),
+        };
+        let rollout = (!req.rollout_id.is_empty()).then_some(req.rollout_id.as_str());
+        let events = self
+            .storage
+            .events_after(req.after_seq, rollout, limit)
+            .await
+            .map_err(db)?;
+        Ok(Response::new(v1::ListEventsResponse {
+            events: events.into_iter().map(convert::event).collect(),
+        }))
     }
 
     async fn set_store_labels(

@@ -218,3 +218,14 @@ pub fn device(d: DeviceRecord, now_ms: i64, offline_after_missed_heartbeats: i64
         bundles: Vec::new(),
     }
 }
+
+pub fn event(e: storage::EventRecord) -> v1::Event {
+    v1::Event {
+        seq: e.seq,
+        at_unix_ms: e.at_ms,
+        kind: e.kind,
+        rollout_id: e.rollout_id,
+        device_id: e.device_id,
+        data_json: e.data_json,
+    }
+}

@@ -213,6 +213,7 @@ async fn the_desired_state_merges_device_and_store_rows(backend: Backend) {
         kind: "software".into(),
         download_ahead: false,
         emergency: true,
+        rollback: false,
     };
     let store = AssignTarget::Store("s1".into());
     let own = |id: &str| AssignTarget::Device(id.into());

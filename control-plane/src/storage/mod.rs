@@ -14,6 +14,9 @@ use std::time::Duration;
 
 use crate::error::Error;
 
+mod events;
+pub use events::{EventRecord, MAX_EVENTS_PER_PAGE, NewEvent};
+
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
 /// Heartbeats written per statement (12 parameters each; both databases
@@ -92,6 +95,8 @@ pub struct DesiredBundleRecord {
     pub kind: String,
     pub download_ahead: bool,
     pub emergency: bool,
+    /// A sanctioned step back to a lower version (a rollout's rollback).
+    pub rollback: bool,
 }
 
 /// Whose desired state an assignment sets.
@@ -1170,10 +1175,11 @@ impl Storage {
         let mut tx = self.pool.begin().await?;
         sqlx::query(&format!(
             "INSERT INTO {table} ({column}, name, version, kind, download_ahead, emergency, \
-             assigned_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             rollback, assigned_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
              ON CONFLICT ({column}, name) DO UPDATE SET version = excluded.version, \
              kind = excluded.kind, download_ahead = excluded.download_ahead, \
-             emergency = excluded.emergency, assigned_at_ms = excluded.assigned_at_ms"
+             emergency = excluded.emergency, rollback = excluded.rollback, \
+             assigned_at_ms = excluded.assigned_at_ms"
         ))
         .bind(id)
         .bind(&bundle.name)
@@ -1181,6 +1187,7 @@ impl Storage {
         .bind(&bundle.kind)
         .bind(i64::from(bundle.download_ahead))
         .bind(i64::from(bundle.emergency))
+        .bind(i64::from(bundle.rollback))
         .bind(now_ms)
         .execute(&mut *tx)
         .await?;
@@ -1208,13 +1215,13 @@ impl Storage {
     ) -> Result<Option<StoreDesiredState>, sqlx::Error> {
         let rows = sqlx::query(
             "SELECT s.time_zone, s.maintenance_start_minute, s.maintenance_duration_minutes, \
-             b.device_id, b.name, b.version, b.kind, b.download_ahead, b.emergency \
+             b.device_id, b.name, b.version, b.kind, b.download_ahead, b.emergency, b.rollback \
              FROM stores s LEFT JOIN ( \
-             SELECT '' AS device_id, name, version, kind, download_ahead, emergency \
+             SELECT '' AS device_id, name, version, kind, download_ahead, emergency, rollback \
              FROM store_desired_bundles WHERE store_id = $1 \
              UNION ALL \
-             SELECT o.device_id, o.name, o.version, o.kind, o.download_ahead, o.emergency \
-             FROM device_desired_bundles o JOIN devices d ON d.id = o.device_id \
+             SELECT o.device_id, o.name, o.version, o.kind, o.download_ahead, o.emergency, \
+             o.rollback FROM device_desired_bundles o JOIN devices d ON d.id = o.device_id \
              WHERE d.store_id = $1 \
              ) b ON 1 = 1 WHERE s.id = $1 ORDER BY b.name",
         )
@@ -1240,6 +1247,7 @@ impl Storage {
                 kind: row.try_get("kind")?,
                 download_ahead: row.try_get::<i64, _>("download_ahead")? != 0,
                 emergency: row.try_get::<i64, _>("emergency")? != 0,
+                rollback: row.try_get::<i64, _>("rollback")? != 0,
             };
             if device_id.is_empty() {
                 state.store_bundles.push(bundle);
@@ -1337,6 +1345,7 @@ mod tests {
             kind: "software".into(),
             download_ahead: true,
             emergency: false,
+            rollback: false,
         };
         let versions = |rows: Vec<(bool, DesiredBundleRecord)>| -> Vec<(String, String)> {
             merge_desired(rows)
