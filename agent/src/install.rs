@@ -582,6 +582,11 @@ impl Slots {
         Ok(active)
     }
 
+    /// Whether this till keeps a slot of `name` `version` (active or not).
+    pub fn has_slot(&self, name: &str, version: &Version) -> bool {
+        valid_name(name) && self.root.join(name).join(version.to_string()).is_dir()
+    }
+
     /// The active version of `name`, if any. A broken `current` link is an
     /// error until [`Slots::recover`] repairs it.
     pub fn active(&self, name: &str) -> Result<Option<Version>, Error> {

@@ -40,6 +40,9 @@ pub struct Desired {
     pub kind: Kind,
     pub download_ahead: bool,
     pub emergency: bool,
+    /// A sanctioned step back to a version this till kept.
+    #[serde(default)]
+    pub rollback: bool,
 }
 
 /// The desired state last received, kept on disk so the agent goes on
@@ -77,6 +80,7 @@ impl DesiredState {
                         kind,
                         download_ahead: d.download_ahead,
                         emergency: d.emergency,
+                        rollback: d.rollback,
                     }),
                     _ => {
                         tracing::warn!(bundle = %d.name, version = %d.version, "Ignoring a desired bundle the agent cannot read.");
@@ -188,10 +192,12 @@ pub enum Step {
 }
 
 /// The next step for `desired`, from what is on disk and the clock.
+/// `kept`: this till has a slot of the desired version (it ran it before).
 pub fn decide(
     desired: &Desired,
     active: Option<&Version>,
     last: Option<&Status>,
+    kept: bool,
     staged: bool,
     window_open: bool,
 ) -> Step {
@@ -204,8 +210,11 @@ pub fn decide(
     {
         return Step::GivenUp;
     }
+    // Never to a lower version, except a sanctioned rollback to one this
+    // till ran before.
     if let Some(active) = active
         && *active > desired.version
+        && !(desired.rollback && kept)
     {
         return Step::RefuseDowngrade {
             active: active.clone(),
@@ -494,10 +503,12 @@ impl Run {
             };
             let window_open = state.window_open(now);
             // What can be decided without the signed target (offline).
+            let kept = self.slots.has_slot(&desired.name, &desired.version);
             match decide(
                 desired,
                 active.as_ref(),
                 self.statuses.get(&desired.name),
+                kept,
                 false,
                 window_open,
             ) {
@@ -513,7 +524,7 @@ impl Run {
                     return self.fail(
                         desired,
                         Failure::permanent(format!(
-                            "refusing to downgrade {} from {active} to {}",
+                            "refusing to downgrade {} from {active} to {} (only a rollback to a version this till kept may go lower)",
                             desired.name, desired.version
                         )),
                     );
@@ -529,6 +540,7 @@ impl Run {
                 desired,
                 active.as_ref(),
                 self.statuses.get(&desired.name),
+                kept,
                 staged.is_file(),
                 window_open,
             );
@@ -804,6 +816,7 @@ mod tests {
             kind: Kind::Software,
             download_ahead,
             emergency,
+            rollback: false,
         }
     }
 
@@ -931,11 +944,34 @@ mod tests {
         for (desired, active, last, staged, open, expected) in cases {
             let active = active.map(v);
             assert_eq!(
-                decide(&desired, active.as_ref(), last, staged, open),
+                decide(&desired, active.as_ref(), last, false, staged, open),
                 expected,
                 "{desired:?} active {active:?} staged {staged} open {open}"
             );
         }
+    }
+
+    #[test]
+    fn only_a_rollback_to_a_kept_version_goes_lower() {
+        let active = v("1.1.0");
+        let mut back = want("1.0.0", true, false);
+        // Not a rollback, or a version this till never ran: refused.
+        for (rollback, kept) in [(false, true), (true, false), (false, false)] {
+            back.rollback = rollback;
+            assert_eq!(
+                decide(&back, Some(&active), None, kept, true, true),
+                Step::RefuseDowngrade {
+                    active: active.clone()
+                },
+                "rollback {rollback} kept {kept}"
+            );
+        }
+        back.rollback = true;
+        assert_eq!(decide(&back, Some(&active), None, true, true, true), Step::Install);
+        assert_eq!(
+            decide(&back, Some(&active), None, true, false, false),
+            Step::Download
+        );
     }
 
     #[test]
@@ -946,6 +982,7 @@ mod tests {
             kind: kind as i32,
             download_ahead: true,
             emergency: false,
+            rollback: false,
         };
         let response = v1::HeartbeatResponse {
             desired_bundles: vec![

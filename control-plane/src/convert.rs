@@ -82,6 +82,7 @@ pub fn desired_bundle(b: DesiredBundleRecord) -> v1::DesiredBundle {
         version: b.version,
         download_ahead: b.download_ahead,
         emergency: b.emergency,
+        rollback: b.rollback,
     }
 }
 
