@@ -5,14 +5,15 @@ use posfleet_proto::v1::{self, admin_service_server::AdminService};
 use std::collections::BTreeMap;
 use tonic::{Request, Response, Status};
 
+use crate::audit::{self, AuditTarget};
 use crate::desired::DesiredCache;
-use crate::metrics::Metrics;
 use crate::repository::{Repository, Upload};
 use crate::storage::{
-    AssignTarget, BundleRecord, DesiredBundleRecord, DeviceFilter, EnrollmentTokenRecord,
-    StatusFilter, Storage, StoreRecord, WindowRecord,
+    AdminTokenRecord, AssignTarget, BundleRecord, DesiredBundleRecord, DeviceFilter,
+    EnrollmentTokenRecord, StatusFilter, Storage, StoreRecord, WebhookRecord, WindowRecord,
 };
 use crate::validate::{self, invalid, label_key, slug, text, time_zone};
+use crate::webhooks;
 use crate::{convert, now_ms, secret};
 use posfleet_proto::v1::assign_bundle_request::Target;
 use posfleet_proto::v1::publish_bundle_request::Part;
@@ -29,7 +30,6 @@ const DEFAULT_EVENTS_PER_PAGE: u32 = 100;
 
 pub struct AdminApi {
     storage: Storage,
-    metrics: Metrics,
     offline_after_missed_heartbeats: i64,
     repository: Arc<Repository>,
     desired: DesiredCache,
@@ -66,14 +66,12 @@ fn bundle_view(b: BundleRecord) -> v1::Bundle {
 impl AdminApi {
     pub fn new(
         storage: Storage,
-        metrics: Metrics,
         offline_after_missed_heartbeats: u32,
         repository: Arc<Repository>,
         desired: DesiredCache,
     ) -> AdminApi {
         AdminApi {
             storage,
-            metrics,
             offline_after_missed_heartbeats: offline_after_missed_heartbeats.into(),
             repository,
             desired,
@@ -91,26 +89,23 @@ impl AdminApi {
         })
     }
 
-    /// Checks `authorization: Bearer <admin API token>`.
-    async fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        let token = request
-            .metadata()
-            .get(posfleet_proto::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        let Some(token) = token else {
-            self.metrics.admin_auth_failures.inc();
-            return Err(Status::unauthenticated(
-                "missing admin API token: pass --token or set POSFLEET_TOKEN",
-            ));
-        };
-        match self.storage.find_admin_token(&secret::hash(token)).await {
-            Ok(Some(_)) => Ok(()),
-            Ok(None) => {
-                self.metrics.admin_auth_failures.inc();
-                Err(Status::unauthenticated("admin API token is not valid"))
+    /// The caller's admin token (checked by the audit layer in front of this
+    /// service, `authorization: Bearer <admin API token>`). A mutating call
+    /// is written to the audit log, with what `T` says it is about, before
+    /// this returns: a call that cannot be recorded is refused.
+    async fn authorize<T: AuditTarget>(
+        &self,
+        request: &Request<T>,
+    ) -> Result<AdminTokenRecord, Status> {
+        match request.extensions().get::<audit::Caller>() {
+            Some(caller) => caller.authorize(|| request.get_ref().audit_target()).await,
+            None => {
+                // lib.rs always serves this behind the audit layer.
+                tracing::error!("An admin call arrived without the audit layer.");
+                Err(Status::internal(
+                    "internal error; see the control plane log",
+                ))
             }
-            Err(e) => Err(crate::error::Error::from(e).into()),
         }
     }
 
@@ -125,6 +120,15 @@ fn page_size(requested: u32) -> i64 {
         n => n.min(MAX_PAGE_SIZE),
     }
     .into()
+}
+
+/// Entries of the audit log and deliveries per call: 0 asks for 100, and
+/// at most 1000.
+fn list_limit(requested: u32) -> u32 {
+    match requested {
+        0 => 100,
+        n => n.min(1000),
+    }
 }
 
 fn db(e: impl Into<crate::error::Error>) -> Status {
@@ -532,6 +536,7 @@ impl AdminService for AdminApi {
         request: Request<tonic::Streaming<v1::PublishBundleRequest>>,
     ) -> Result<Response<v1::Bundle>, Status> {
         self.authorize(&request).await?;
+        let caller = request.extensions().get::<audit::Caller>().cloned();
         let mut stream = request.into_inner();
         let header = match stream.message().await? {
             Some(v1::PublishBundleRequest {
@@ -539,6 +544,9 @@ impl AdminService for AdminApi {
             }) => header,
             _ => return Err(invalid("header", "the first message must be the header")),
         };
+        if let Some(caller) = caller {
+            caller.set_target(audit::publish_target(&header));
+        }
         let mut temp = None;
         if !header.target.is_empty() {
             let path = TempFile(self.repository.blobs().temp_path());
@@ -703,9 +711,15 @@ impl AdminService for AdminApi {
         request: Request<v1::ListAuditEntriesRequest>,
     ) -> Result<Response<v1::ListAuditEntriesResponse>, Status> {
         self.authorize(&request).await?;
-        Err(Status::unimplemented(
-            "list_audit_entries is not available yet",
-        ))
+        let req = request.into_inner();
+        let entries = self
+            .storage
+            .list_audit_entries(req.after_seq, list_limit(req.limit))
+            .await
+            .map_err(db)?;
+        Ok(Response::new(v1::ListAuditEntriesResponse {
+            entries: entries.into_iter().map(audit::entry_view).collect(),
+        }))
     }
 
     async fn add_webhook(
@@ -713,7 +727,45 @@ impl AdminService for AdminApi {
         request: Request<v1::AddWebhookRequest>,
     ) -> Result<Response<v1::AddWebhookResponse>, Status> {
         self.authorize(&request).await?;
-        Err(Status::unimplemented("add_webhook is not available yet"))
+        let caller = request.extensions().get::<audit::Caller>().cloned();
+        let req = request.into_inner();
+        let url = webhooks::validate_url(&req.url)?;
+        let events = webhooks::validate_events(&req.events)?;
+        if self.storage.list_webhooks().await.map_err(db)?.len() >= webhooks::MAX_WEBHOOKS {
+            return Err(Status::resource_exhausted(format!(
+                "at most {} webhooks; remove one first",
+                webhooks::MAX_WEBHOOKS
+            )));
+        }
+        // Kept as is: deliveries are signed with it (HMAC needs the key).
+        let secret = secret::generate(webhooks::SECRET_PREFIX);
+        let webhook = WebhookRecord {
+            id: secret::short_id("wh-", 6),
+            url,
+            events,
+            secret: secret.clone(),
+            // Events from now on (not the fleet's history).
+            after_event_seq: self.storage.last_event_seq().await.map_err(db)?,
+            created_at_ms: now_ms(),
+        };
+        self.storage.insert_webhook(&webhook).await.map_err(db)?;
+        if let Some(caller) = caller {
+            caller.set_target(serde_json::json!({
+                "webhook_id": webhook.id,
+                "url": webhook.url,
+                "events": webhook.events,
+            }));
+        }
+        tracing::info!(
+            webhook_id = %webhook.id,
+            url = %webhook.url,
+            events = %webhook.events.join(","),
+            "Webhook added."
+        );
+        Ok(Response::new(v1::AddWebhookResponse {
+            webhook: Some(webhooks::webhook_view(webhook)),
+            secret,
+        }))
     }
 
     async fn list_webhooks(
@@ -721,7 +773,10 @@ impl AdminService for AdminApi {
         request: Request<v1::ListWebhooksRequest>,
     ) -> Result<Response<v1::ListWebhooksResponse>, Status> {
         self.authorize(&request).await?;
-        Err(Status::unimplemented("list_webhooks is not available yet"))
+        let webhooks = self.storage.list_webhooks().await.map_err(db)?;
+        Ok(Response::new(v1::ListWebhooksResponse {
+            webhooks: webhooks.into_iter().map(webhooks::webhook_view).collect(),
+        }))
     }
 
     async fn remove_webhook(
@@ -729,7 +784,16 @@ impl AdminService for AdminApi {
         request: Request<v1::RemoveWebhookRequest>,
     ) -> Result<Response<v1::Webhook>, Status> {
         self.authorize(&request).await?;
-        Err(Status::unimplemented("remove_webhook is not available yet"))
+        let id = request.into_inner().id;
+        text("id", &id, true, 64)?;
+        let webhook = self
+            .storage
+            .remove_webhook(&id)
+            .await
+            .map_err(db)?
+            .ok_or_else(|| Status::not_found(format!("unknown webhook {id}")))?;
+        tracing::info!(webhook_id = %webhook.id, url = %webhook.url, "Webhook removed.");
+        Ok(Response::new(webhooks::webhook_view(webhook)))
     }
 
     async fn list_webhook_deliveries(
@@ -737,8 +801,25 @@ impl AdminService for AdminApi {
         request: Request<v1::ListWebhookDeliveriesRequest>,
     ) -> Result<Response<v1::ListWebhookDeliveriesResponse>, Status> {
         self.authorize(&request).await?;
-        Err(Status::unimplemented(
-            "list_webhook_deliveries is not available yet",
-        ))
+        let req = request.into_inner();
+        let webhook = (!req.webhook_id.is_empty()).then_some(req.webhook_id.as_str());
+        if let Some(id) = webhook {
+            text("webhook_id", id, true, 64)?;
+            let known = self.storage.list_webhooks().await.map_err(db)?;
+            if !known.iter().any(|w| w.id == id) {
+                return Err(Status::not_found(format!("unknown webhook {id}")));
+            }
+        }
+        let deliveries = self
+            .storage
+            .list_deliveries(webhook, list_limit(req.limit))
+            .await
+            .map_err(db)?;
+        Ok(Response::new(v1::ListWebhookDeliveriesResponse {
+            deliveries: deliveries
+                .into_iter()
+                .map(webhooks::delivery_view)
+                .collect(),
+        }))
     }
 }

@@ -22,6 +22,10 @@ const ENV_KEYS: &[&str] = &[
     "log_format",
     "log_level",
     "insecure_dev",
+    "webhook_timeout_seconds",
+    "webhook_max_attempts",
+    "webhook_retry_initial_milliseconds",
+    "webhook_retry_max_seconds",
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,6 +58,15 @@ pub struct Config {
     /// carries API tokens and device credentials in clear, so this is for
     /// development networks only.
     pub insecure_dev: bool,
+    /// Limit of one webhook request, connection included.
+    pub webhook_timeout_seconds: u64,
+    /// Attempts of a webhook delivery before it is given up.
+    pub webhook_max_attempts: u32,
+    /// Wait before a failed delivery's first retry; doubled after each
+    /// failure, with jitter.
+    pub webhook_retry_initial_milliseconds: u64,
+    /// Longest wait between two attempts.
+    pub webhook_retry_max_seconds: u64,
 }
 
 impl Default for Config {
@@ -70,6 +83,10 @@ impl Default for Config {
             log_format: LogFormat::Text,
             log_level: "info".into(),
             insecure_dev: false,
+            webhook_timeout_seconds: 10,
+            webhook_max_attempts: 10,
+            webhook_retry_initial_milliseconds: 1000,
+            webhook_retry_max_seconds: 600,
         }
     }
 }
@@ -138,6 +155,18 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub insecure_dev: bool,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_timeout_seconds: Option<u64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_max_attempts: Option<u32>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_retry_initial_milliseconds: Option<u64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_retry_max_seconds: Option<u64>,
 }
 
 impl Config {
@@ -226,6 +255,35 @@ impl Config {
                 "must start with sqlite:// or postgres:// (or be empty for SQLite in data_dir)",
             ));
         }
+        for (key, value, range) in [
+            (
+                "webhook_timeout_seconds",
+                self.webhook_timeout_seconds,
+                1..=300,
+            ),
+            (
+                "webhook_max_attempts",
+                self.webhook_max_attempts.into(),
+                1..=100,
+            ),
+            (
+                "webhook_retry_initial_milliseconds",
+                self.webhook_retry_initial_milliseconds,
+                10..=3_600_000,
+            ),
+            (
+                "webhook_retry_max_seconds",
+                self.webhook_retry_max_seconds,
+                1..=86_400,
+            ),
+        ] {
+            if !range.contains(&value) {
+                return Err(ConfigError::new(
+                    key,
+                    format!("must be {} to {}, got {value}", range.start(), range.end()),
+                ));
+            }
+        }
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::new("data_dir", "must not be empty"));
         }
@@ -310,6 +368,11 @@ mod tests {
         check_err(&["--database-url", "mysql://x"], "database_url");
         check_err(&["--log-format", "xml"], "log_format");
         check_err(&["--config", "/nonexistent/posfleet.toml"], "config");
+        check_err(&["--webhook-max-attempts", "0"], "webhook_max_attempts");
+        check_err(
+            &["--webhook-retry-initial-milliseconds", "1"],
+            "webhook_retry_initial_milliseconds",
+        );
     }
 
     #[test]

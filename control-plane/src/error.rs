@@ -30,6 +30,8 @@ pub enum Error {
     Blob(std::io::Error),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    #[error("cannot build the webhook HTTP client: {0}")]
+    WebhookClient(String),
 }
 
 /// Storage errors become INTERNAL without leaking SQL to callers; the detail

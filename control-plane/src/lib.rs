@@ -17,6 +17,7 @@
 
 mod admin_api;
 mod agent_api;
+pub mod audit;
 pub mod blobs;
 pub mod config;
 mod convert;
@@ -29,6 +30,7 @@ pub mod repository;
 mod secret;
 pub mod storage;
 mod validate;
+pub mod webhooks;
 
 use posfleet_proto::v1::admin_service_server::AdminServiceServer;
 use posfleet_proto::v1::agent_service_server::AgentServiceServer;
@@ -182,6 +184,13 @@ impl ControlPlane {
             HEARTBEAT_QUEUE_CAPACITY,
             stop_rx.clone(),
         );
+        // Delivers events to webhooks, on its own: never in the engine's way.
+        let dispatcher = webhooks::spawn_dispatcher(
+            storage.clone(),
+            metrics.clone(),
+            webhooks::WebhookSettings::from_config(&config),
+            stop_rx.clone(),
+        )?;
         let max_message = config.max_message_size_bytes;
         let desired = desired::DesiredCache::new(storage.clone());
         let agent = AgentServiceServer::new(agent_api::AgentApi::new(
@@ -194,7 +203,6 @@ impl ControlPlane {
         .max_decoding_message_size(max_message);
         let admin = AdminServiceServer::new(admin_api::AdminApi::new(
             storage.clone(),
-            metrics.clone(),
             config.offline_after_missed_heartbeats,
             repository.clone(),
             desired,
@@ -202,6 +210,11 @@ impl ControlPlane {
         // Publishing streams bundles in 1 MiB messages and carries whole
         // targets metadata files.
         .max_decoding_message_size(max_message.max(ADMIN_MAX_MESSAGE_BYTES));
+        // Authenticates every admin call and records the mutating ones.
+        let admin = tower::Layer::layer(
+            &audit::AuditLayer::new(storage.clone(), metrics.clone()),
+            admin,
+        );
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter.set_serving::<agent_api::Server>().await;
         health_reporter
@@ -285,6 +298,9 @@ impl ControlPlane {
         // acknowledged before that is written.
         if let Err(error) = writer.await {
             tracing::error!(%error, "The heartbeat writer failed.");
+        }
+        if let Err(error) = dispatcher.await {
+            tracing::error!(%error, "The webhook dispatcher failed.");
         }
         storage.close().await;
         tracing::info!("Stopped.");

@@ -20,6 +20,13 @@ pub const ENROLLMENT_RESULTS: [&str; 8] = [
 /// Every value of the `result` label of `posfleet_heartbeats_total`.
 pub const HEARTBEAT_RESULTS: [&str; 4] = ["ok", "unauthenticated", "invalid", "unavailable"];
 
+/// Every value of the `result` label of `posfleet_webhook_delivery_attempts_total`.
+pub const WEBHOOK_ATTEMPT_RESULTS: [&str; 4] = ["ok", "http_error", "timeout", "network_error"];
+
+/// Every value of the `result` label of `posfleet_webhook_deliveries_total`:
+/// how deliveries ended.
+pub const WEBHOOK_DELIVERY_RESULTS: [&str; 2] = ["delivered", "failed"];
+
 /// Every value of the `phase` label of `posfleet_bundle_reports_total`: the
 /// `BundlePhase` values an agent may report.
 pub const BUNDLE_PHASES: [&str; 7] = [
@@ -49,6 +56,17 @@ pub struct Metrics {
     /// Devices by `status` (`online`, `offline`), refreshed at each scrape.
     pub devices: IntGaugeVec,
     pub stores: IntGauge,
+    /// Audit entries that could not be written or completed.
+    pub audit_write_failures: prometheus::IntCounter,
+    /// Unauthenticated calls over the audit rate limit, counted instead of
+    /// written.
+    pub audit_suppressed: prometheus::IntCounter,
+    /// Webhook delivery attempts by result (`WEBHOOK_ATTEMPT_RESULTS`).
+    pub webhook_attempts: IntCounterVec,
+    /// Finished webhook deliveries by result (`WEBHOOK_DELIVERY_RESULTS`).
+    pub webhook_deliveries: IntCounterVec,
+    /// Dispatcher passes that failed (database errors).
+    pub webhook_dispatch_errors: prometheus::IntCounter,
 }
 
 impl Metrics {
@@ -111,6 +129,37 @@ impl Metrics {
         .expect("static metric definition is valid");
         let stores =
             IntGauge::new("posfleet_stores", "Stores.").expect("static metric definition is valid");
+        let audit_write_failures = prometheus::IntCounter::new(
+            "posfleet_audit_write_failures_total",
+            "Audit entries that could not be written or completed.",
+        )
+        .expect("static metric definition is valid");
+        let audit_suppressed = prometheus::IntCounter::new(
+            "posfleet_audit_suppressed_total",
+            "Unauthenticated admin calls not written to the audit log (over its rate limit).",
+        )
+        .expect("static metric definition is valid");
+        let webhook_attempts = IntCounterVec::new(
+            Opts::new(
+                "posfleet_webhook_delivery_attempts_total",
+                "Webhook delivery attempts, by result.",
+            ),
+            &["result"],
+        )
+        .expect("static metric definition is valid");
+        let webhook_deliveries = IntCounterVec::new(
+            Opts::new(
+                "posfleet_webhook_deliveries_total",
+                "Webhook deliveries finished, by result (delivered, or failed after the last retry).",
+            ),
+            &["result"],
+        )
+        .expect("static metric definition is valid");
+        let webhook_dispatch_errors = prometheus::IntCounter::new(
+            "posfleet_webhook_dispatch_errors_total",
+            "Webhook dispatcher passes that failed on the database.",
+        )
+        .expect("static metric definition is valid");
         for collector in [
             Box::new(heartbeats.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(bundle_reports.clone()),
@@ -121,6 +170,11 @@ impl Metrics {
             Box::new(heartbeat_flush_rows.clone()),
             Box::new(devices.clone()),
             Box::new(stores.clone()),
+            Box::new(audit_write_failures.clone()),
+            Box::new(audit_suppressed.clone()),
+            Box::new(webhook_attempts.clone()),
+            Box::new(webhook_deliveries.clone()),
+            Box::new(webhook_dispatch_errors.clone()),
         ] {
             registry
                 .register(collector)
@@ -139,6 +193,12 @@ impl Metrics {
         for status in ["online", "offline"] {
             devices.with_label_values(&[status]);
         }
+        for result in WEBHOOK_ATTEMPT_RESULTS {
+            webhook_attempts.with_label_values(&[result]);
+        }
+        for result in WEBHOOK_DELIVERY_RESULTS {
+            webhook_deliveries.with_label_values(&[result]);
+        }
         Metrics {
             registry,
             heartbeats,
@@ -150,6 +210,11 @@ impl Metrics {
             heartbeat_flush_rows,
             devices,
             stores,
+            audit_write_failures,
+            audit_suppressed,
+            webhook_attempts,
+            webhook_deliveries,
+            webhook_dispatch_errors,
         }
     }
 

@@ -16,6 +16,12 @@ use crate::error::Error;
 
 mod events;
 pub use events::{EventRecord, MAX_EVENTS_PER_PAGE, NewEvent};
+mod audit;
+pub use audit::{
+    AUDIT_PENDING, AdminTokenRecord, AuditRecord, NewAuditEntry, UNAUTHENTICATED_ACTOR,
+};
+mod webhooks;
+pub use webhooks::{AttemptRecord, DeliveryRecord, DeliveryState, NewDelivery, WebhookRecord};
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 

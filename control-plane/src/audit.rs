@@ -1,0 +1,729 @@
+//! The audit log: who called which mutating `AdminService` method, on what,
+//! when, from where, and how it ended.
+//!
+//! [`AuditLayer`] wraps the AdminService server. For every call it
+//! authenticates the bearer token once (to the token's name) and hands the
+//! outcome to the handler in a [`Caller`] request extension. Mutating calls
+//! (every method but `Get*` and `List*`) are recorded:
+//!
+//! 1. when the handler authorizes the call (`AdminApi::authorize`, which
+//!    every handler runs first), a row is written *ahead*, with the method's
+//!    target (its ids, from [`AuditTarget`]) and result `PENDING`. If that
+//!    write fails the call is refused (UNAVAILABLE) before it changes
+//!    anything: no mutation goes unrecorded;
+//! 2. when the handler answers, the row gets the result: the `grpc-status`
+//!    header of a trailers-only answer (how tonic sends a handler's error),
+//!    or `OK` when the handler returned a message. (A message that then fails
+//!    to encode is not seen: that status travels in trailers, after the
+//!    layer has let the answer go.) A call cut short (client gone, server
+//!    timeout) ends `CANCELLED`; a row left `PENDING` is a call whose end the
+//!    server never saw (it crashed).
+//!
+//! Calls that never reach a handler's authorization (refused tokens, bodies
+//! that do not decode) get one row when they end. Those of unauthenticated
+//! callers are rate-limited ([`UNAUTHENTICATED_BURST`], then one per
+//! [`UNAUTHENTICATED_REFILL`]; the next row written says how many were
+//! skipped) and only the newest [`UNAUTHENTICATED_KEPT`] are kept, so a flood
+//! cannot fill the disk. Audit rows of authenticated callers are never
+//! dropped or pruned.
+//!
+//! A failure to write or complete a row is logged and counted in
+//! `posfleet_audit_write_failures_total`.
+//!
+//! A handler that learns more about its target (the id it created, a
+//! streamed header) adds it with [`Caller::set_target`].
+
+use posfleet_proto::v1;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tonic::Status;
+use tonic::codegen::http;
+use tonic::server::NamedService;
+use tonic::transport::server::TcpConnectInfo;
+
+use crate::metrics::Metrics;
+use crate::storage::{
+    AUDIT_PENDING, AdminTokenRecord, NewAuditEntry, Storage, UNAUTHENTICATED_ACTOR,
+};
+use crate::{now_ms, secret};
+
+/// Unauthenticated calls written at once before the rate limit applies.
+pub const UNAUTHENTICATED_BURST: u32 = 60;
+/// Then one more may be written per this much time (per replica).
+pub const UNAUTHENTICATED_REFILL: Duration = Duration::from_secs(1);
+/// Rows of unauthenticated calls kept; older ones are pruned.
+pub const UNAUTHENTICATED_KEPT: u32 = 10_000;
+/// Pruning runs after this many rows of unauthenticated calls.
+const PRUNE_EVERY: u64 = 100;
+/// Method names longer than this (only a hostile client sends them) are cut.
+const MAX_METHOD_CHARS: usize = 64;
+
+/// Whether a method changes anything: everything but `Get*` and `List*`
+/// (an unknown method counts as mutating, so it is recorded).
+pub fn is_mutating(method: &str) -> bool {
+    !(method.starts_with("Get") || method.starts_with("List"))
+}
+
+/// Checks `authorization: Bearer <admin API token>` and returns the token.
+/// Counts refusals in `posfleet_admin_auth_failures_total`.
+pub async fn authenticate(
+    storage: &Storage,
+    metrics: &Metrics,
+    headers: &http::HeaderMap,
+) -> Result<AdminTokenRecord, Status> {
+    let token = headers
+        .get(posfleet_proto::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let Some(token) = token else {
+        metrics.admin_auth_failures.inc();
+        return Err(Status::unauthenticated(
+            "missing admin API token: pass --token or set POSFLEET_TOKEN",
+        ));
+    };
+    match storage.admin_token_by_hash(&secret::hash(token)).await {
+        Ok(Some(record)) => Ok(record),
+        Ok(None) => {
+            metrics.admin_auth_failures.inc();
+            Err(Status::unauthenticated("admin API token is not valid"))
+        }
+        Err(e) => Err(crate::error::Error::from(e).into()),
+    }
+}
+
+/// What an audit entry says a call was about: the main ids and arguments of
+/// its request, as JSON (`Null` for reads, which are not recorded). Every
+/// request type an AdminService handler authorizes implements it.
+pub trait AuditTarget {
+    fn audit_target(&self) -> Value;
+}
+
+/// The caller of one AdminService call, put in the request's extensions by
+/// [`AuditLayer`].
+#[derive(Clone)]
+pub struct Caller {
+    auth: Result<AdminTokenRecord, Status>,
+    /// Set for mutating methods.
+    record: Option<Arc<CallRecord>>,
+}
+
+impl Caller {
+    /// The caller's admin token, once the call is in the audit log (written
+    /// ahead, with `target`). Refuses the call if either fails.
+    pub async fn authorize(
+        &self,
+        target: impl FnOnce() -> Value,
+    ) -> Result<AdminTokenRecord, Status> {
+        let Some(record) = &self.record else {
+            return self.auth.clone();
+        };
+        record.set_target(target());
+        let identity = self.auth.clone()?;
+        record.write_ahead().await?;
+        Ok(identity)
+    }
+
+    /// Replaces the call's target in its audit entry (written when the call
+    /// ends).
+    pub fn set_target(&self, target: Value) {
+        if let Some(record) = &self.record {
+            record.set_target(target);
+        }
+    }
+}
+
+/// The audit log's writer side, shared by every call.
+#[derive(Clone)]
+struct AuditLog {
+    storage: Storage,
+    metrics: Metrics,
+    limiter: Arc<Mutex<Limiter>>,
+}
+
+/// A token bucket for rows of unauthenticated calls.
+struct Limiter {
+    tokens: f64,
+    last: Instant,
+    /// Rows skipped since the last one written.
+    suppressed: u64,
+    /// Rows written, to prune every `PRUNE_EVERY`.
+    written: u64,
+}
+
+impl Limiter {
+    fn new() -> Limiter {
+        Limiter {
+            tokens: f64::from(UNAUTHENTICATED_BURST),
+            last: Instant::now(),
+            suppressed: 0,
+            written: 0,
+        }
+    }
+
+    /// `Some(skipped since the last row)` if a row may be written now.
+    fn admit(&mut self, now: Instant) -> Option<u64> {
+        let refill =
+            now.duration_since(self.last).as_secs_f64() / UNAUTHENTICATED_REFILL.as_secs_f64();
+        self.tokens = (self.tokens + refill).min(f64::from(UNAUTHENTICATED_BURST));
+        self.last = now;
+        if self.tokens < 1.0 {
+            self.suppressed += 1;
+            return None;
+        }
+        self.tokens -= 1.0;
+        self.written += 1;
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+impl AuditLog {
+    fn write_failed(&self, error: &crate::error::Error, what: &str, method: &str) {
+        self.metrics.audit_write_failures.inc();
+        tracing::error!(%error, method, "Cannot {what} an audit entry.");
+    }
+
+    async fn insert(&self, entry: NewAuditEntry) -> Option<u64> {
+        match self.storage.insert_audit_entry(&entry).await {
+            Ok(seq) => Some(seq),
+            Err(error) => {
+                self.write_failed(&error, "write", &entry.method);
+                None
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct CallState {
+    target: Option<Value>,
+    /// The row written ahead.
+    seq: Option<u64>,
+    /// The target changed after the row was written ahead.
+    target_changed: bool,
+    finished: bool,
+}
+
+/// One mutating call being recorded.
+struct CallRecord {
+    log: AuditLog,
+    at_ms: i64,
+    method: String,
+    peer_address: String,
+    actor: String,
+    state: Mutex<CallState>,
+}
+
+impl CallRecord {
+    fn state(&self) -> std::sync::MutexGuard<'_, CallState> {
+        // The lock is never held across an await nor while anything can
+        // panic, so it cannot be poisoned; recover the data anyway.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_target(&self, target: Value) {
+        let mut state = self.state();
+        state.target_changed = state.seq.is_some();
+        state.target = Some(target);
+    }
+
+    fn target_json(target: Option<&Value>) -> String {
+        match target {
+            None | Some(Value::Null) => "{}".to_string(),
+            Some(value) => value.to_string(),
+        }
+    }
+
+    async fn write_ahead(&self) -> Result<(), Status> {
+        let target = Self::target_json(self.state().target.as_ref());
+        let entry = NewAuditEntry {
+            at_ms: self.at_ms,
+            actor: self.actor.clone(),
+            method: self.method.clone(),
+            target_json: target,
+            peer_address: self.peer_address.clone(),
+            result: AUDIT_PENDING.to_string(),
+        };
+        match self.log.insert(entry).await {
+            Some(seq) => {
+                let mut state = self.state();
+                state.seq = Some(seq);
+                state.target_changed = false;
+                Ok(())
+            }
+            None => Err(Status::unavailable(
+                "cannot write the audit log, so nothing was changed; see the control plane log",
+            )),
+        }
+    }
+
+    /// Records the result, once.
+    async fn finish(&self, result: &str) {
+        let (seq, target) = {
+            let mut state = self.state();
+            if std::mem::replace(&mut state.finished, true) {
+                return;
+            }
+            let target = (state.seq.is_none() || state.target_changed)
+                .then(|| Self::target_json(state.target.as_ref()));
+            (state.seq, target)
+        };
+        let log = &self.log;
+        match seq {
+            Some(seq) => {
+                match log
+                    .storage
+                    .finish_audit_entry(seq, result, target.as_deref(), now_ms())
+                    .await
+                {
+                    Ok(true) => {}
+                    Ok(false) => log.write_failed(
+                        &crate::error::Error::Corrupt(format!("audit entry {seq} is missing")),
+                        "complete",
+                        &self.method,
+                    ),
+                    Err(error) => log.write_failed(&error, "complete", &self.method),
+                }
+            }
+            None => {
+                let mut target_json = target.unwrap_or_else(|| "{}".to_string());
+                let unauthenticated = self.actor == UNAUTHENTICATED_ACTOR;
+                let mut prune = false;
+                if unauthenticated {
+                    let admitted = {
+                        let mut limiter = log.limiter.lock().unwrap_or_else(|e| e.into_inner());
+                        let admitted = limiter.admit(Instant::now());
+                        prune = admitted.is_some() && limiter.written.is_multiple_of(PRUNE_EVERY);
+                        admitted
+                    };
+                    match admitted {
+                        None => {
+                            log.metrics.audit_suppressed.inc();
+                            return;
+                        }
+                        Some(0) => {}
+                        Some(skipped) => {
+                            let mut value: Value =
+                                serde_json::from_str(&target_json).unwrap_or_else(|_| json!({}));
+                            if let Some(object) = value.as_object_mut() {
+                                object.insert("suppressed_before".into(), json!(skipped));
+                            }
+                            target_json = value.to_string();
+                        }
+                    }
+                }
+                let entry = NewAuditEntry {
+                    at_ms: self.at_ms,
+                    actor: self.actor.clone(),
+                    method: self.method.clone(),
+                    target_json,
+                    peer_address: self.peer_address.clone(),
+                    result: result.to_string(),
+                };
+                log.insert(entry).await;
+                if prune
+                    && let Err(error) = log
+                        .storage
+                        .prune_unauthenticated_audit_entries(UNAUTHENTICATED_KEPT)
+                        .await
+                {
+                    tracing::warn!(%error, "Cannot prune unauthenticated audit entries.");
+                }
+            }
+        }
+    }
+}
+
+/// Records a call that ends without an answer (dropped by a timeout or a
+/// client gone) as `CANCELLED`.
+struct CancelGuard(Option<Arc<CallRecord>>);
+
+impl CancelGuard {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        if let Some(record) = self.0.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move { record.finish("CANCELLED").await });
+        }
+    }
+}
+
+/// An entry as the API shows it.
+pub fn entry_view(e: crate::storage::AuditRecord) -> v1::AuditEntry {
+    v1::AuditEntry {
+        seq: e.seq,
+        at_unix_ms: e.at_ms,
+        actor: e.actor,
+        method: e.method,
+        target_json: e.target_json,
+        peer_address: e.peer_address,
+        result: e.result,
+    }
+}
+
+/// The canonical name of a gRPC status code, as the audit log records it.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// The result of an answer: tonic sends a handler's error as a
+/// trailers-only response, whose `grpc-status` is a header; an answer
+/// without one carries the handler's message.
+fn result_of(headers: &http::HeaderMap) -> &'static str {
+    match headers.get("grpc-status") {
+        None => "OK",
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|v| v.parse::<i32>().ok())
+            .map(|n| code_name(tonic::Code::from_i32(n)))
+            .unwrap_or("UNKNOWN"),
+    }
+}
+
+/// `/posfleet.v1.AdminService/CreateStore` → `CreateStore`.
+fn method_of(path: &str) -> String {
+    let method = path.rsplit('/').next().unwrap_or_default();
+    method.chars().take(MAX_METHOD_CHARS).collect()
+}
+
+/// Wraps the AdminService server; see the module documentation.
+#[derive(Clone)]
+pub struct AuditLayer {
+    log: AuditLog,
+}
+
+impl AuditLayer {
+    pub fn new(storage: Storage, metrics: Metrics) -> AuditLayer {
+        AuditLayer {
+            log: AuditLog {
+                storage,
+                metrics,
+                limiter: Arc::new(Mutex::new(Limiter::new())),
+            },
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for AuditLayer {
+    type Service = AuditService<S>;
+
+    fn layer(&self, inner: S) -> AuditService<S> {
+        AuditService {
+            inner,
+            log: self.log.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AuditService<S> {
+    inner: S,
+    log: AuditLog,
+}
+
+impl<S: NamedService> NamedService for AuditService<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for AuditService<S>
+where
+    S: tower::Service<
+            http::Request<ReqBody>,
+            Response = http::Response<ResBody>,
+            Error = Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Send + 'static,
+{
+    type Response = http::Response<ResBody>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
+        // The clone that was polled ready serves this call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let log = self.log.clone();
+        Box::pin(async move {
+            let at_ms = now_ms();
+            let method = method_of(request.uri().path());
+            let auth = authenticate(&log.storage, &log.metrics, request.headers()).await;
+            let record = is_mutating(&method).then(|| {
+                let peer_address = request
+                    .extensions()
+                    .get::<TcpConnectInfo>()
+                    .and_then(TcpConnectInfo::remote_addr)
+                    .map(|a| a.to_string())
+                    .unwrap_or_default();
+                Arc::new(CallRecord {
+                    log: log.clone(),
+                    at_ms,
+                    method,
+                    peer_address,
+                    actor: match &auth {
+                        Ok(token) => token.name.clone(),
+                        Err(_) => UNAUTHENTICATED_ACTOR.to_string(),
+                    },
+                    state: Mutex::new(CallState::default()),
+                })
+            });
+            request.extensions_mut().insert(Caller {
+                auth,
+                record: record.clone(),
+            });
+            let guard = CancelGuard(record.clone());
+            let response = inner.call(request).await?;
+            if let Some(record) = record {
+                record.finish(result_of(response.headers())).await;
+            }
+            guard.disarm();
+            Ok(response)
+        })
+    }
+}
+
+// ----- what each request is about -----
+
+/// Reads carry no audit target.
+macro_rules! untargeted {
+    ($($t:ty),* $(,)?) => {
+        $(impl AuditTarget for $t {
+            fn audit_target(&self) -> Value {
+                Value::Null
+            }
+        })*
+    };
+}
+
+untargeted!(
+    v1::ListStoresRequest,
+    v1::ListEnrollmentTokensRequest,
+    v1::ListDevicesRequest,
+    v1::GetDeviceRequest,
+    v1::GetRepositoryRequest,
+    v1::ListBundlesRequest,
+    v1::ListRolloutsRequest,
+    v1::ListEventsRequest,
+    v1::ListAuditEntriesRequest,
+    v1::ListWebhooksRequest,
+    v1::ListWebhookDeliveriesRequest,
+    // The header comes in the stream: the handler sets the target.
+    tonic::Streaming<v1::PublishBundleRequest>,
+);
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+impl AuditTarget for v1::CreateStoreRequest {
+    fn audit_target(&self) -> Value {
+        json!({"store_id": self.id, "name": self.name, "time_zone": self.time_zone})
+    }
+}
+
+impl AuditTarget for v1::CreateEnrollmentTokenRequest {
+    fn audit_target(&self) -> Value {
+        json!({
+            "store_id": self.store_id,
+            "uses": self.uses,
+            "expires_in_seconds": self.expires_in_seconds,
+        })
+    }
+}
+
+impl AuditTarget for v1::RevokeEnrollmentTokenRequest {
+    fn audit_target(&self) -> Value {
+        json!({"token_id": self.id})
+    }
+}
+
+impl AuditTarget for v1::SetDeviceLabelsRequest {
+    fn audit_target(&self) -> Value {
+        json!({"device_id": self.device_id, "set": self.set, "remove": self.remove})
+    }
+}
+
+impl AuditTarget for v1::AssignBundleRequest {
+    fn audit_target(&self) -> Value {
+        use v1::assign_bundle_request::Target;
+        let mut target = json!({
+            "bundle": self.name,
+            "version": self.version,
+            "download_ahead": self.download_ahead.unwrap_or(true),
+            "emergency": self.emergency,
+        });
+        let (key, id) = match &self.target {
+            Some(Target::DeviceId(id)) => ("device_id", id),
+            Some(Target::StoreId(id)) => ("store_id", id),
+            None => return target,
+        };
+        if let Some(object) = target.as_object_mut() {
+            object.insert(key.into(), json!(id));
+        }
+        target
+    }
+}
+
+impl AuditTarget for v1::SetMaintenanceWindowRequest {
+    fn audit_target(&self) -> Value {
+        json!({
+            "store_id": self.store_id,
+            "maintenance_window": self.maintenance_window.as_ref().map(|w| json!({
+                "start_minute": w.start_minute,
+                "duration_minutes": w.duration_minutes,
+            })),
+        })
+    }
+}
+
+impl AuditTarget for v1::InitRepositoryRequest {
+    fn audit_target(&self) -> Value {
+        json!({
+            "root_sha256": sha256_hex(&self.root_json),
+            "targets_sha256": sha256_hex(&self.targets_json),
+        })
+    }
+}
+
+impl AuditTarget for v1::UpdateRootRequest {
+    fn audit_target(&self) -> Value {
+        json!({"root_sha256": sha256_hex(&self.root_json)})
+    }
+}
+
+impl AuditTarget for v1::CreateRolloutRequest {
+    fn audit_target(&self) -> Value {
+        json!({"bundle": self.bundle_name, "version": self.bundle_version})
+    }
+}
+
+impl AuditTarget for v1::RolloutRequest {
+    fn audit_target(&self) -> Value {
+        json!({"rollout_id": self.id, "reason": self.reason})
+    }
+}
+
+impl AuditTarget for v1::SetStoreLabelsRequest {
+    fn audit_target(&self) -> Value {
+        json!({"store_id": self.store_id, "set": self.set, "remove": self.remove})
+    }
+}
+
+impl AuditTarget for v1::AddWebhookRequest {
+    fn audit_target(&self) -> Value {
+        json!({"url": self.url, "events": self.events})
+    }
+}
+
+impl AuditTarget for v1::RemoveWebhookRequest {
+    fn audit_target(&self) -> Value {
+        json!({"webhook_id": self.id})
+    }
+}
+
+/// The target of a publish, once its header is read.
+pub fn publish_target(header: &v1::PublishBundleHeader) -> Value {
+    json!({
+        "target": header.target,
+        "targets_sha256": sha256_hex(&header.targets_json),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_are_not_mutations() {
+        for (method, mutating) in [
+            ("CreateStore", true),
+            ("AssignBundle", true),
+            ("PublishBundle", true),
+            ("AddWebhook", true),
+            ("ListStores", false),
+            ("GetDevice", false),
+            ("ListAuditEntries", false),
+            ("Bogus", true),
+        ] {
+            assert_eq!(is_mutating(method), mutating, "{method}");
+        }
+        assert_eq!(
+            method_of("/posfleet.v1.AdminService/CreateStore"),
+            "CreateStore"
+        );
+        assert_eq!(method_of(&format!("/x/{}", "A".repeat(500))).len(), 64);
+    }
+
+    #[test]
+    fn results_come_from_the_status_header() {
+        let mut headers = http::HeaderMap::new();
+        assert_eq!(result_of(&headers), "OK");
+        headers.insert("grpc-status", "5".parse().unwrap());
+        assert_eq!(result_of(&headers), "NOT_FOUND");
+        headers.insert("grpc-status", "16".parse().unwrap());
+        assert_eq!(result_of(&headers), "UNAUTHENTICATED");
+        headers.insert("grpc-status", "x".parse().unwrap());
+        assert_eq!(result_of(&headers), "UNKNOWN");
+    }
+
+    #[test]
+    fn unauthenticated_rows_are_rate_limited_and_count_what_they_skip() {
+        let mut limiter = Limiter::new();
+        let start = limiter.last;
+        for _ in 0..UNAUTHENTICATED_BURST {
+            assert_eq!(limiter.admit(start), Some(0));
+        }
+        assert_eq!(limiter.admit(start), None);
+        assert_eq!(limiter.admit(start), None);
+        // One more token a refill later, and it reports the two skipped.
+        let later = start + UNAUTHENTICATED_REFILL;
+        assert_eq!(limiter.admit(later), Some(2));
+        assert_eq!(limiter.admit(later), None);
+        // Idle for long: back to a full burst, not more.
+        let much_later = later + UNAUTHENTICATED_REFILL * 10_000;
+        for _ in 0..UNAUTHENTICATED_BURST {
+            assert!(limiter.admit(much_later).is_some());
+        }
+        assert_eq!(limiter.admit(much_later), None);
+    }
+}

@@ -1,0 +1,173 @@
+//! The audit log (`audit_log`) and the admin tokens' names it records.
+//!
+//! `seq` is the previous largest plus one, taken by the insert itself. On
+//! PostgreSQL two inserts racing for the same number collide on the primary
+//! key; the loser waits for the winner to commit and retries. So a number is
+//! only ever taken once the one before it is committed: readers paging with
+//! `seq > cursor` miss nothing.
+
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use super::{Storage, is_unique_violation};
+use crate::error::Error;
+
+/// How often an insert that lost the race for a seq is retried.
+const INSERT_ATTEMPTS: usize = 20;
+
+/// Result of a call that has not finished (or whose end was never seen).
+pub const AUDIT_PENDING: &str = "PENDING";
+
+/// Actor of calls without a valid admin token.
+pub const UNAUTHENTICATED_ACTOR: &str = "unauthenticated";
+
+/// An admin API token, as callers are identified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminTokenRecord {
+    pub id: String,
+    pub name: String,
+}
+
+/// An audit entry to write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewAuditEntry {
+    pub at_ms: i64,
+    pub actor: String,
+    pub method: String,
+    pub target_json: String,
+    pub peer_address: String,
+    /// `PENDING` (written ahead of the call), `OK` or a gRPC code name.
+    pub result: String,
+}
+
+/// A stored audit entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecord {
+    pub seq: u64,
+    pub at_ms: i64,
+    pub actor: String,
+    pub method: String,
+    pub target_json: String,
+    pub peer_address: String,
+    pub result: String,
+    pub finished_at_ms: Option<i64>,
+}
+
+fn audit_from_row(row: &AnyRow) -> Result<AuditRecord, sqlx::Error> {
+    Ok(AuditRecord {
+        seq: row.try_get::<i64, _>("seq")?.max(0) as u64,
+        at_ms: row.try_get("at_ms")?,
+        actor: row.try_get("actor")?,
+        method: row.try_get("method")?,
+        target_json: row.try_get("target_json")?,
+        peer_address: row.try_get("peer_address")?,
+        result: row.try_get("result")?,
+        finished_at_ms: row.try_get("finished_at_ms")?,
+    })
+}
+
+impl Storage {
+    /// The live admin token with this hash, if any.
+    pub async fn admin_token_by_hash(
+        &self,
+        secret_sha256: &str,
+    ) -> Result<Option<AdminTokenRecord>, sqlx::Error> {
+        sqlx::query(
+            "SELECT id, name FROM admin_tokens WHERE secret_sha256 = $1 AND revoked_at_ms IS NULL",
+        )
+        .bind(secret_sha256)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(|row| {
+            Ok(AdminTokenRecord {
+                id: row.try_get("id")?,
+                name: row.try_get("name")?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Appends an entry and returns its seq.
+    pub async fn insert_audit_entry(&self, entry: &NewAuditEntry) -> Result<u64, Error> {
+        let finished = (entry.result != AUDIT_PENDING).then_some(entry.at_ms);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let inserted = sqlx::query(
+                "INSERT INTO audit_log (seq, at_ms, actor, method, target_json, peer_address, \
+                 result, finished_at_ms) \
+                 SELECT COALESCE(MAX(seq), 0) + 1, $1, $2, $3, $4, $5, $6, $7 FROM audit_log \
+                 RETURNING seq",
+            )
+            .bind(entry.at_ms)
+            .bind(&entry.actor)
+            .bind(&entry.method)
+            .bind(&entry.target_json)
+            .bind(&entry.peer_address)
+            .bind(&entry.result)
+            .bind(finished)
+            .fetch_one(&self.pool)
+            .await;
+            match inserted {
+                Ok(row) => return Ok(row.try_get::<i64, _>("seq")?.max(0) as u64),
+                Err(error) if is_unique_violation(&error) && attempt < INSERT_ATTEMPTS => {}
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+
+    /// Records how a call written ahead ended; `target_json` replaces the
+    /// target when the handler learned more (e.g. the id it created).
+    /// `false` if there is no such entry.
+    pub async fn finish_audit_entry(
+        &self,
+        seq: u64,
+        result: &str,
+        target_json: Option<&str>,
+        finished_at_ms: i64,
+    ) -> Result<bool, Error> {
+        let done = sqlx::query(
+            "UPDATE audit_log SET result = $1, target_json = COALESCE($2, target_json), \
+             finished_at_ms = $3 WHERE seq = $4",
+        )
+        .bind(result)
+        .bind(target_json)
+        .bind(finished_at_ms)
+        .bind(i64::try_from(seq).unwrap_or(i64::MAX))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Entries with `seq > after_seq`, oldest first, at most `limit`.
+    pub async fn list_audit_entries(
+        &self,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditRecord>, Error> {
+        let rows = sqlx::query("SELECT * FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2")
+            .bind(i64::try_from(after_seq).unwrap_or(i64::MAX))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(audit_from_row)
+            .collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Deletes the entries of unauthenticated calls but the newest `keep`;
+    /// returns how many went.
+    pub async fn prune_unauthenticated_audit_entries(&self, keep: u32) -> Result<u64, Error> {
+        let done = sqlx::query(
+            "DELETE FROM audit_log WHERE actor = $1 AND seq < ( \
+             SELECT seq FROM audit_log WHERE actor = $2 ORDER BY seq DESC LIMIT 1 OFFSET $3)",
+        )
+        .bind(UNAUTHENTICATED_ACTOR)
+        .bind(UNAUTHENTICATED_ACTOR)
+        .bind(i64::from(keep.saturating_sub(1)))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+}
