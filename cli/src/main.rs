@@ -1,10 +1,12 @@
 //! `posfleet`, the ops CLI. It talks to the control plane's `AdminService`
 //! only. Errors are one line on stderr and a non-zero exit code.
 
+mod audit_cmd;
 mod demo;
 mod repo_cmd;
 mod rollout_cmd;
 mod view;
+mod webhook_cmd;
 
 use anyhow::{Context, anyhow, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -82,6 +84,12 @@ enum AdminCommand {
     /// Staged rollouts of a release: waves, bake times, failure thresholds.
     #[command(subcommand)]
     Rollout(rollout_cmd::RolloutCommand),
+    /// The audit log: every mutating admin call.
+    #[command(subcommand)]
+    Audit(audit_cmd::AuditCommand),
+    /// Receivers of events (signed JSON over HTTP) and their deliveries.
+    #[command(subcommand)]
+    Webhook(webhook_cmd::WebhookCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -567,6 +575,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut admin = Admin::connect(&server, &admin_token(token, token_file)?).await?;
     match command {
         AdminCommand::Rollout(command) => rollout_cmd::run(&mut admin, command, output).await?,
+        AdminCommand::Audit(command) => audit_cmd::run(&mut admin, command, output).await?,
+        AdminCommand::Webhook(command) => webhook_cmd::run(&mut admin, command, output).await?,
         AdminCommand::Store(StoreCommand::Create {
             id,
             name,
