@@ -562,21 +562,6 @@ impl Storage {
         .map(|_| ())
     }
 
-    /// The id of the live admin token with this hash, if any.
-    pub async fn find_admin_token(
-        &self,
-        secret_sha256: &str,
-    ) -> Result<Option<String>, sqlx::Error> {
-        sqlx::query(
-            "SELECT id FROM admin_tokens WHERE secret_sha256 = $1 AND revoked_at_ms IS NULL",
-        )
-        .bind(secret_sha256)
-        .fetch_optional(&self.pool)
-        .await?
-        .map(|row| row.try_get("id"))
-        .transpose()
-    }
-
     // ----- stores -----
 
     /// Creates a store; `Ok(false)` if the id is taken.
