@@ -33,6 +33,7 @@ pub struct AdminApi {
     offline_after_missed_heartbeats: i64,
     repository: Arc<Repository>,
     desired: DesiredCache,
+    rollouts: crate::rollout::Rollouts,
 }
 
 /// Largest bundle accepted for publishing.
@@ -69,12 +70,14 @@ impl AdminApi {
         offline_after_missed_heartbeats: u32,
         repository: Arc<Repository>,
         desired: DesiredCache,
+        rollouts: crate::rollout::Rollouts,
     ) -> AdminApi {
         AdminApi {
             storage,
             offline_after_missed_heartbeats: offline_after_missed_heartbeats.into(),
             repository,
             desired,
+            rollouts,
         }
     }
 
@@ -153,6 +156,7 @@ impl AdminService for AdminApi {
             created_at_ms: now_ms(),
             device_count: 0,
             maintenance_window: None,
+            labels: BTreeMap::new(),
         };
         if !self.storage.create_store(&store).await.map_err(db)? {
             return Err(Status::already_exists(format!(
@@ -610,50 +614,72 @@ impl AdminService for AdminApi {
         &self,
         request: Request<v1::CreateRolloutRequest>,
     ) -> Result<Response<v1::Rollout>, Status> {
-        self.authorize(&request).await?;
-        Err(Status::unimplemented("create_rollout is not available yet"))
+        let caller = self.authorize(&request).await?;
+        let rollout = self
+            .rollouts
+            .create(request.into_inner(), &caller.name)
+            .await?;
+        Ok(Response::new(rollout))
     }
 
     async fn start_rollout(
         &self,
         request: Request<v1::RolloutRequest>,
     ) -> Result<Response<v1::Rollout>, Status> {
-        self.authorize(&request).await?;
-        Err(Status::unimplemented("start_rollout is not available yet"))
+        let caller = self.authorize(&request).await?;
+        let rollout = self
+            .rollouts
+            .start(request.into_inner(), &caller.name)
+            .await?;
+        Ok(Response::new(rollout))
     }
 
     async fn pause_rollout(
         &self,
         request: Request<v1::RolloutRequest>,
     ) -> Result<Response<v1::Rollout>, Status> {
-        self.authorize(&request).await?;
-        Err(Status::unimplemented("pause_rollout is not available yet"))
+        let caller = self.authorize(&request).await?;
+        let rollout = self
+            .rollouts
+            .pause(request.into_inner(), &caller.name)
+            .await?;
+        Ok(Response::new(rollout))
     }
 
     async fn resume_rollout(
         &self,
         request: Request<v1::RolloutRequest>,
     ) -> Result<Response<v1::Rollout>, Status> {
-        self.authorize(&request).await?;
-        Err(Status::unimplemented("resume_rollout is not available yet"))
+        let caller = self.authorize(&request).await?;
+        let rollout = self
+            .rollouts
+            .resume(request.into_inner(), &caller.name)
+            .await?;
+        Ok(Response::new(rollout))
     }
 
     async fn abort_rollout(
         &self,
         request: Request<v1::RolloutRequest>,
     ) -> Result<Response<v1::Rollout>, Status> {
-        self.authorize(&request).await?;
-        Err(Status::unimplemented("abort_rollout is not available yet"))
+        let caller = self.authorize(&request).await?;
+        let rollout = self
+            .rollouts
+            .abort(request.into_inner(), &caller.name)
+            .await?;
+        Ok(Response::new(rollout))
     }
 
     async fn rollback_rollout(
         &self,
         request: Request<v1::RolloutRequest>,
     ) -> Result<Response<v1::Rollout>, Status> {
-        self.authorize(&request).await?;
-        Err(Status::unimplemented(
-            "rollback_rollout is not available yet",
-        ))
+        let caller = self.authorize(&request).await?;
+        let rollout = self
+            .rollouts
+            .rollback(request.into_inner(), &caller.name)
+            .await?;
+        Ok(Response::new(rollout))
     }
 
     async fn list_rollouts(
@@ -661,7 +687,8 @@ impl AdminService for AdminApi {
         request: Request<v1::ListRolloutsRequest>,
     ) -> Result<Response<v1::ListRolloutsResponse>, Status> {
         self.authorize(&request).await?;
-        Err(Status::unimplemented("list_rollouts is not available yet"))
+        let list = self.rollouts.list(request.into_inner()).await?;
+        Ok(Response::new(list))
     }
 
     async fn get_rollout(
@@ -669,7 +696,8 @@ impl AdminService for AdminApi {
         request: Request<v1::RolloutRequest>,
     ) -> Result<Response<v1::RolloutDetail>, Status> {
         self.authorize(&request).await?;
-        Err(Status::unimplemented("get_rollout is not available yet"))
+        let detail = self.rollouts.get(request.into_inner()).await?;
+        Ok(Response::new(detail))
     }
 
     async fn list_events(
@@ -700,10 +728,33 @@ impl AdminService for AdminApi {
         &self,
         request: Request<v1::SetStoreLabelsRequest>,
     ) -> Result<Response<v1::Store>, Status> {
-        self.authorize(&request).await?;
-        Err(Status::unimplemented(
-            "set_store_labels is not available yet",
-        ))
+        let caller = self.authorize(&request).await?;
+        let req = request.into_inner();
+        slug("store_id", &req.store_id, 64)?;
+        if req.set.len() + req.remove.len() > MAX_LABELS_PER_CALL {
+            return Err(invalid(
+                "set",
+                format!("at most {MAX_LABELS_PER_CALL} labels per call"),
+            ));
+        }
+        for (key, value) in &req.set {
+            label_key("set", key)?;
+            text("set", value, false, 128)?;
+        }
+        for key in &req.remove {
+            label_key("remove", key)?;
+        }
+        let set: BTreeMap<String, String> = req.set.into_iter().collect();
+        let event =
+            crate::rollout::ops::labels_event(&req.store_id, &set, &req.remove, &caller.name);
+        let store = self
+            .storage
+            .set_store_labels(&req.store_id, &set, &req.remove, &event, now_ms())
+            .await
+            .map_err(db)?
+            .ok_or_else(|| Status::not_found(format!("unknown store {}", req.store_id)))?;
+        tracing::info!(store_id = %store.id, set = set.len(), removed = req.remove.len(), "Store labels changed.");
+        Ok(Response::new(convert::store(store)))
     }
 
     async fn list_audit_entries(

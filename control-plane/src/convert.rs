@@ -17,8 +17,7 @@ pub fn store(s: StoreRecord) -> v1::Store {
         time_zone: s.time_zone,
         created_at_unix_ms: s.created_at_ms,
         device_count: s.device_count.max(0) as u64,
-        // Store labels come with rollouts.
-        labels: Default::default(),
+        labels: s.labels.into_iter().collect(),
     }
 }
 

@@ -30,6 +30,8 @@ pub enum Error {
     Blob(std::io::Error),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    #[error("a concurrent change got there first: {0}")]
+    Conflict(String),
     #[error("cannot build the webhook HTTP client: {0}")]
     WebhookClient(String),
 }

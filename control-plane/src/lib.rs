@@ -27,6 +27,7 @@ pub mod heartbeat;
 mod http;
 pub mod metrics;
 pub mod repository;
+pub mod rollout;
 mod secret;
 pub mod storage;
 mod validate;
@@ -193,6 +194,13 @@ impl ControlPlane {
         )?;
         let max_message = config.max_message_size_bytes;
         let desired = desired::DesiredCache::new(storage.clone());
+        // Drives rollouts (on PostgreSQL, on one replica at a time).
+        let (engine, engine_task) = rollout::engine::spawn(
+            storage.clone(),
+            desired.clone(),
+            metrics.clone(),
+            stop_rx.clone(),
+        );
         let agent = AgentServiceServer::new(agent_api::AgentApi::new(
             storage.clone(),
             metrics.clone(),
@@ -205,7 +213,8 @@ impl ControlPlane {
             storage.clone(),
             config.offline_after_missed_heartbeats,
             repository.clone(),
-            desired,
+            desired.clone(),
+            rollout::Rollouts::new(storage.clone(), desired, engine),
         ))
         // Publishing streams bundles in 1 MiB messages and carries whole
         // targets metadata files.
@@ -298,6 +307,9 @@ impl ControlPlane {
         // acknowledged before that is written.
         if let Err(error) = writer.await {
             tracing::error!(%error, "The heartbeat writer failed.");
+        }
+        if let Err(error) = engine_task.await {
+            tracing::error!(%error, "The rollout engine failed.");
         }
         if let Err(error) = dispatcher.await {
             tracing::error!(%error, "The webhook dispatcher failed.");

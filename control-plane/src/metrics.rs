@@ -67,6 +67,8 @@ pub struct Metrics {
     pub webhook_deliveries: IntCounterVec,
     /// Dispatcher passes that failed (database errors).
     pub webhook_dispatch_errors: prometheus::IntCounter,
+    /// The rollout engine's metrics.
+    pub rollout: crate::rollout::RolloutMetrics,
 }
 
 impl Metrics {
@@ -180,6 +182,7 @@ impl Metrics {
                 .register(collector)
                 .expect("each metric is registered once");
         }
+        let rollout = crate::rollout::RolloutMetrics::register(&registry);
         // Every label value exists from the start, so rates work from zero.
         for result in HEARTBEAT_RESULTS {
             heartbeats.with_label_values(&[result]);
@@ -215,6 +218,7 @@ impl Metrics {
             webhook_attempts,
             webhook_deliveries,
             webhook_dispatch_errors,
+            rollout,
         }
     }
 

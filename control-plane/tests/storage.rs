@@ -22,6 +22,7 @@ async fn open(backend: Backend) -> (Storage, TestDb, tempfile::TempDir) {
             created_at_ms: 0,
             device_count: 0,
             maintenance_window: None,
+            labels: Default::default(),
         })
         .await
         .unwrap();
@@ -276,6 +277,7 @@ async fn the_desired_state_merges_device_and_store_rows(backend: Backend) {
             created_at_ms: 0,
             device_count: 0,
             maintenance_window: None,
+            labels: Default::default(),
         })
         .await
         .unwrap();

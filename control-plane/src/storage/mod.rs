@@ -17,6 +17,7 @@ use crate::error::Error;
 mod events;
 pub use events::{EventRecord, MAX_EVENTS_PER_PAGE, NewEvent};
 mod audit;
+pub mod rollouts;
 pub use audit::{
     AUDIT_PENDING, AdminTokenRecord, AuditRecord, NewAuditEntry, UNAUTHENTICATED_ACTOR,
 };
@@ -81,6 +82,7 @@ pub struct StoreRecord {
     pub device_count: i64,
     /// `None`: installs may happen at any time.
     pub maintenance_window: Option<WindowRecord>,
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A daily maintenance window in the store's local time.
@@ -427,6 +429,7 @@ fn store_from_row(row: &AnyRow) -> Result<StoreRecord, sqlx::Error> {
         created_at_ms: row.try_get("created_at_ms")?,
         device_count: row.try_get("device_count")?,
         maintenance_window: window_from_row(row)?,
+        labels: BTreeMap::new(),
     })
 }
 
@@ -583,11 +586,7 @@ impl Storage {
         Ok(result.rows_affected() == 1)
     }
 
-    pub async fn list_stores(
-        &self,
-        after_id: &str,
-        limit: i64,
-    ) -> Result<Vec<StoreRecord>, sqlx::Error> {
+    pub async fn list_stores(&self, after_id: &str, limit: i64) -> Result<Vec<StoreRecord>, Error> {
         let rows = sqlx::query(&format!(
             "SELECT {STORE_COLUMNS} FROM stores s WHERE s.id > $1 ORDER BY s.id LIMIT $2"
         ))
@@ -595,19 +594,25 @@ impl Storage {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(store_from_row).collect()
+        let mut stores = rows
+            .iter()
+            .map(store_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        self.attach_store_labels(&mut stores).await?;
+        Ok(stores)
     }
 
-    pub async fn get_store(&self, id: &str) -> Result<Option<StoreRecord>, sqlx::Error> {
-        sqlx::query(&format!(
+    pub async fn get_store(&self, id: &str) -> Result<Option<StoreRecord>, Error> {
+        let row = sqlx::query(&format!(
             "SELECT {STORE_COLUMNS} FROM stores s WHERE s.id = $1"
         ))
         .bind(id)
         .fetch_optional(&self.pool)
-        .await?
-        .as_ref()
-        .map(store_from_row)
-        .transpose()
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let mut stores = vec![store_from_row(&row)?];
+        self.attach_store_labels(&mut stores).await?;
+        Ok(stores.pop())
     }
 
     /// Sets (or with `None` clears) a store's maintenance window; `None` if
@@ -616,7 +621,7 @@ impl Storage {
         &self,
         id: &str,
         window: Option<WindowRecord>,
-    ) -> Result<Option<StoreRecord>, sqlx::Error> {
+    ) -> Result<Option<StoreRecord>, Error> {
         let updated = sqlx::query(
             "UPDATE stores SET maintenance_start_minute = $2, maintenance_duration_minutes = $3 \
              WHERE id = $1",

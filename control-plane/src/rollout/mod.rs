@@ -1,0 +1,72 @@
+//! Staged rollouts: a release rolled out to a selection of devices in
+//! waves, paused by its own failures, store-safe and crash-safe.
+//!
+//! - `model`: states, selector and strategy;
+//! - `decide`: the engine's decisions as pure functions, unit-tested;
+//! - `engine`: the one task that applies them (`EngineHandle` wakes it);
+//! - `ops`: the operations behind `AdminService`.
+
+pub mod decide;
+pub mod engine;
+pub mod model;
+pub mod ops;
+
+pub use engine::EngineHandle;
+pub use ops::Rollouts;
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+/// Every value of the `state` label of
+/// `posfleet_rollout_device_results_total`: how a device's part ended.
+pub const DEVICE_RESULTS: [&str; 4] = ["succeeded", "failed", "rolled_back", "timed_out"];
+
+/// The rollout engine's metrics.
+#[derive(Clone)]
+pub struct RolloutMetrics {
+    /// Devices whose desired state a rollout set to its release.
+    pub dispatched: IntCounter,
+    /// Devices done within a rollout, by `state` (`DEVICE_RESULTS`).
+    pub device_results: IntCounterVec,
+    /// 1 on the replica that runs the engine, 0 on the others.
+    pub engine_leader: IntGauge,
+}
+
+impl RolloutMetrics {
+    pub fn register(registry: &Registry) -> RolloutMetrics {
+        let dispatched = IntCounter::new(
+            "posfleet_rollout_dispatched_total",
+            "Devices whose desired state a rollout set to its release.",
+        )
+        .expect("static metric definition is valid");
+        let device_results = IntCounterVec::new(
+            Opts::new(
+                "posfleet_rollout_device_results_total",
+                "Devices done within a rollout, by how they ended.",
+            ),
+            &["state"],
+        )
+        .expect("static metric definition is valid");
+        let engine_leader = IntGauge::new(
+            "posfleet_rollout_engine_leader",
+            "Whether this replica runs the rollout engine (1) or stands by (0).",
+        )
+        .expect("static metric definition is valid");
+        for collector in [
+            Box::new(dispatched.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(device_results.clone()),
+            Box::new(engine_leader.clone()),
+        ] {
+            registry
+                .register(collector)
+                .expect("each metric is registered once");
+        }
+        for state in DEVICE_RESULTS {
+            device_results.with_label_values(&[state]);
+        }
+        RolloutMetrics {
+            dispatched,
+            device_results,
+            engine_leader,
+        }
+    }
+}

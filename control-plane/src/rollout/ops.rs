@@ -1,0 +1,864 @@
+//! The rollout operations behind `AdminService`: create, start, pause,
+//! resume, abort, rollback, and the views. Each validates, writes one
+//! `RolloutWrite` with its events, and wakes the engine.
+
+use posfleet_proto::v1;
+use serde_json::json;
+use std::collections::{BTreeMap, BTreeSet};
+use tonic::Status;
+
+use super::decide::{self, Candidate};
+use super::engine::{EngineHandle, eligible};
+use super::model::{Counts, DeviceState, RolloutState, Selector, Strategy, WaveSize};
+use crate::desired::DesiredCache;
+use crate::error::Error;
+use crate::storage::rollouts::{NewRolloutDevice, RolloutRecord, SelectedDevice};
+use crate::storage::{BundleRecord, DesiredBundleRecord, NewEvent, Storage};
+use crate::validate::{self, invalid, label_key, slug, text};
+
+/// Waves per rollout.
+pub const MAX_WAVES: usize = 100;
+/// Longest bake and device timeout.
+pub const MAX_DURATION_SECONDS: u64 = 90 * 24 * 3600;
+/// Failures listed by `GetRollout`.
+pub const MAX_FAILURES_SHOWN: i64 = 1000;
+/// Devices named in an overlap error.
+const OVERLAP_EXAMPLES: usize = 3;
+
+fn db(e: impl Into<Error>) -> Status {
+    e.into().into()
+}
+
+/// The rollout operations, shared by the admin API's handlers.
+#[derive(Clone)]
+pub struct Rollouts {
+    storage: Storage,
+    desired: DesiredCache,
+    engine: EngineHandle,
+}
+
+impl Rollouts {
+    pub fn new(storage: Storage, desired: DesiredCache, engine: EngineHandle) -> Rollouts {
+        Rollouts {
+            storage,
+            desired,
+            engine,
+        }
+    }
+
+    pub async fn create(
+        &self,
+        req: v1::CreateRolloutRequest,
+        actor: &str,
+    ) -> Result<v1::Rollout, Status> {
+        validate::bundle_name("bundle_name", &req.bundle_name)?;
+        validate::version("bundle_version", &req.bundle_version, true)?;
+        let bundle = self
+            .published(&req.bundle_name, &req.bundle_version)
+            .await?;
+        let selector = Selector::from_proto(req.selector.unwrap_or_default());
+        self.validate_selector(&selector, &bundle).await?;
+        let strategy_proto = req
+            .strategy
+            .ok_or_else(|| invalid("strategy", "is required (at least its waves)"))?;
+        validate_waves_present(&strategy_proto)?;
+        let strategy = Strategy::from_proto(strategy_proto);
+        self.validate_strategy(&strategy).await?;
+        self.refuse_overlap(&bundle, &selector, None).await?;
+        let now = crate::now_ms();
+        let record = RolloutRecord {
+            id: crate::secret::short_id("ro-", 4),
+            bundle_name: bundle.name.clone(),
+            bundle_version: bundle.version.clone(),
+            bundle_kind: bundle.kind.clone(),
+            selector_json: to_json(&selector)?,
+            strategy_json: to_json(&strategy)?,
+            state: RolloutState::Draft,
+            current_wave: 0,
+            wave_count: strategy.waves.len() as i64,
+            reason: String::new(),
+            revision: 0,
+            created_by: actor.to_string(),
+            created_at_ms: now,
+            started_at_ms: None,
+            finished_at_ms: None,
+            updated_at_ms: now,
+        };
+        let event = NewEvent::new(
+            "rollout.created",
+            &record.id,
+            "",
+            json!({
+                "bundle": record.bundle_name,
+                "version": record.bundle_version,
+                "state": "draft",
+                "by": actor,
+                "waves": record.wave_count,
+            }),
+        );
+        self.storage
+            .insert_rollout(&record, &event)
+            .await
+            .map_err(db)?;
+        tracing::info!(
+            rollout_id = %record.id,
+            bundle = %record.bundle_name,
+            version = %record.bundle_version,
+            waves = record.wave_count,
+            created_by = actor,
+            "Rollout created."
+        );
+        self.view(record).await
+    }
+
+    pub async fn start(&self, req: v1::RolloutRequest, actor: &str) -> Result<v1::Rollout, Status> {
+        let rollout = self.rollout(&req).await?;
+        if rollout.state != RolloutState::Draft {
+            return Err(wrong_state(&rollout, "start", "only a draft starts"));
+        }
+        let bundle = self
+            .published(&rollout.bundle_name, &rollout.bundle_version)
+            .await?;
+        let selector: Selector = from_json(&rollout.id, &rollout.selector_json)?;
+        let strategy: Strategy = from_json(&rollout.id, &rollout.strategy_json)?;
+        let selected = self
+            .refuse_overlap(&bundle, &selector, Some(&rollout.id))
+            .await?;
+        if selected.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "rollout {} selects no device that can take {} {} (check the selector, the \
+                 bundle's hardware and the installed version)",
+                rollout.id, bundle.name, bundle.version
+            )));
+        }
+        let candidates: Vec<Candidate> = selected
+            .iter()
+            .map(|d| Candidate {
+                device_id: d.device_id.clone(),
+                store_id: d.store_id.clone(),
+            })
+            .collect();
+        let plan = decide::plan_waves(&strategy, &candidates);
+        let members: Vec<NewRolloutDevice> = candidates
+            .into_iter()
+            .zip(&plan.waves)
+            .filter_map(|(c, wave)| {
+                wave.map(|w| NewRolloutDevice {
+                    device_id: c.device_id,
+                    store_id: c.store_id,
+                    wave: w as i64,
+                })
+            })
+            .collect();
+        let first_wave = members.iter().filter(|m| m.wave == 0).count();
+        let now = crate::now_ms();
+        let mut write = self.write(&rollout, now).await?;
+        write.start(&plan.upper_seeds).await.map_err(db)?;
+        write.insert_devices(&members).await.map_err(db)?;
+        write.start_wave(0).await.map_err(db)?;
+        let base = json!({ "bundle": rollout.bundle_name, "version": rollout.bundle_version });
+        write
+            .commit(&[
+                NewEvent::new(
+                    "rollout.started",
+                    &rollout.id,
+                    "",
+                    merge(
+                        &base,
+                        json!({ "state": "running", "by": actor, "devices": members.len() }),
+                    ),
+                ),
+                NewEvent::new(
+                    "rollout.wave_started",
+                    &rollout.id,
+                    "",
+                    merge(&base, json!({ "wave": 0, "devices": first_wave })),
+                ),
+            ])
+            .await
+            .map_err(db)?;
+        tracing::info!(rollout_id = %rollout.id, devices = members.len(), by = actor, "Rollout started.");
+        self.engine.wake();
+        self.reload(&rollout.id).await
+    }
+
+    pub async fn pause(&self, req: v1::RolloutRequest, actor: &str) -> Result<v1::Rollout, Status> {
+        self.set_state(
+            req,
+            actor,
+            "pause",
+            &[RolloutState::Running],
+            RolloutState::Paused,
+        )
+        .await
+    }
+
+    pub async fn resume(
+        &self,
+        req: v1::RolloutRequest,
+        actor: &str,
+    ) -> Result<v1::Rollout, Status> {
+        self.set_state(
+            req,
+            actor,
+            "resume",
+            &[RolloutState::Paused],
+            RolloutState::Running,
+        )
+        .await
+    }
+
+    pub async fn abort(&self, req: v1::RolloutRequest, actor: &str) -> Result<v1::Rollout, Status> {
+        self.set_state(
+            req,
+            actor,
+            "abort",
+            &[
+                RolloutState::Draft,
+                RolloutState::Running,
+                RolloutState::Paused,
+            ],
+            RolloutState::Aborted,
+        )
+        .await
+    }
+
+    /// Pause, resume and abort: a state change and its event. A resume
+    /// accepts the failures counted so far: only new ones pause again.
+    async fn set_state(
+        &self,
+        req: v1::RolloutRequest,
+        actor: &str,
+        verb: &str,
+        from: &[RolloutState],
+        to: RolloutState,
+    ) -> Result<v1::Rollout, Status> {
+        text("reason", &req.reason, false, 512)?;
+        let rollout = self.rollout(&req).await?;
+        if !from.contains(&rollout.state) {
+            let allowed: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
+            return Err(wrong_state(
+                &rollout,
+                verb,
+                &format!("only a {} rollout can", allowed.join(" or ")),
+            ));
+        }
+        let reason = who_and_why(verb, actor, &req.reason);
+        let now = crate::now_ms();
+        let acknowledged: Vec<(i64, u64)> = if to == RolloutState::Running {
+            self.storage
+                .wave_counts(&rollout.id)
+                .await
+                .map_err(db)?
+                .into_iter()
+                .map(|(wave, c)| (wave, c.failures()))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut write = self.write(&rollout, now).await?;
+        write
+            .set_state(
+                to,
+                if to == RolloutState::Running {
+                    ""
+                } else {
+                    &reason
+                },
+                to.is_final(),
+            )
+            .await
+            .map_err(db)?;
+        write
+            .acknowledge_failures(&acknowledged)
+            .await
+            .map_err(db)?;
+        let kind = match to {
+            RolloutState::Paused => "rollout.paused",
+            RolloutState::Running => "rollout.resumed",
+            _ => "rollout.aborted",
+        };
+        write
+            .commit(&[NewEvent::new(
+                kind,
+                &rollout.id,
+                "",
+                json!({
+                    "bundle": rollout.bundle_name,
+                    "version": rollout.bundle_version,
+                    "state": to.as_str(),
+                    "previous_state": rollout.state.as_str(),
+                    "reason": reason,
+                    "by": actor,
+                    "wave": rollout.current_wave,
+                }),
+            )])
+            .await
+            .map_err(db)?;
+        tracing::info!(rollout_id = %rollout.id, state = to.as_str(), by = actor, %reason, "Rollout state changed.");
+        self.engine.wake();
+        self.reload(&rollout.id).await
+    }
+
+    /// Puts every device the rollout dispatched back on the version it had
+    /// (a desired row flagged as a rollback), or drops its own desired row
+    /// when it had none, and marks it rolled back.
+    pub async fn rollback(
+        &self,
+        req: v1::RolloutRequest,
+        actor: &str,
+    ) -> Result<v1::Rollout, Status> {
+        text("reason", &req.reason, false, 512)?;
+        let rollout = self.rollout(&req).await?;
+        if matches!(
+            rollout.state,
+            RolloutState::Draft | RolloutState::RolledBack
+        ) {
+            return Err(wrong_state(
+                &rollout,
+                "roll back",
+                "a draft has nothing to roll back (abort it) and a rolled-back rollout is done",
+            ));
+        }
+        let strategy: Strategy = from_json(&rollout.id, &rollout.strategy_json)?;
+        let reason = who_and_why("rolled back", actor, &req.reason);
+        let now = crate::now_ms();
+        let mut write = self.write(&rollout, now).await?;
+        let touched = write.dispatched_devices().await.map_err(db)?;
+        let release = DesiredBundleRecord {
+            name: rollout.bundle_name.clone(),
+            version: rollout.bundle_version.clone(),
+            kind: rollout.bundle_kind.clone(),
+            download_ahead: strategy.download_ahead,
+            emergency: strategy.emergency,
+            rollback: true,
+        };
+        let restore: Vec<(String, String)> = touched
+            .iter()
+            .map(|d| {
+                (
+                    d.device_id.clone(),
+                    d.previous_version.clone().unwrap_or_default(),
+                )
+            })
+            .filter(|(_, previous)| *previous != rollout.bundle_version)
+            .collect();
+        write
+            .restore_desired(&release, &restore)
+            .await
+            .map_err(db)?;
+        let changes: Vec<crate::storage::rollouts::DeviceChange> = touched
+            .iter()
+            .filter(|d| d.state != DeviceState::RolledBack)
+            .map(|d| crate::storage::rollouts::DeviceChange {
+                device_id: d.device_id.clone(),
+                from: d.state,
+                to: DeviceState::RolledBack,
+                reason: reason.clone(),
+            })
+            .collect();
+        write.change_devices(&changes).await.map_err(db)?;
+        write
+            .set_state(RolloutState::RolledBack, &reason, true)
+            .await
+            .map_err(db)?;
+        let mut events: Vec<NewEvent> = touched
+            .iter()
+            .filter(|d| d.state != DeviceState::RolledBack)
+            .map(|d| {
+                NewEvent::new(
+                    "rollout.device_rolled_back",
+                    &rollout.id,
+                    &d.device_id,
+                    json!({
+                        "store_id": d.store_id,
+                        "wave": d.wave,
+                        "state": "rolled_back",
+                        "previous_state": d.state.as_str(),
+                        "reason": reason,
+                        "version": d.previous_version.clone().unwrap_or_default(),
+                    }),
+                )
+            })
+            .collect();
+        events.push(NewEvent::new(
+            "rollout.rolled_back",
+            &rollout.id,
+            "",
+            json!({
+                "bundle": rollout.bundle_name,
+                "version": rollout.bundle_version,
+                "state": "rolled_back",
+                "previous_state": rollout.state.as_str(),
+                "reason": reason,
+                "by": actor,
+                "devices": touched.len(),
+            }),
+        ));
+        write.commit(&events).await.map_err(db)?;
+        let stores: BTreeSet<&str> = touched.iter().map(|d| d.store_id.as_str()).collect();
+        for store in stores {
+            self.desired.invalidate(store).await;
+        }
+        tracing::info!(rollout_id = %rollout.id, devices = touched.len(), by = actor, "Rollout rolled back.");
+        self.engine.wake();
+        self.reload(&rollout.id).await
+    }
+
+    pub async fn list(
+        &self,
+        req: v1::ListRolloutsRequest,
+    ) -> Result<v1::ListRolloutsResponse, Status> {
+        let state = match v1::RolloutState::try_from(req.state) {
+            Ok(v1::RolloutState::Unspecified) => None,
+            Ok(state) => RolloutState::from_proto(state),
+            Err(_) => return Err(invalid("state", format!("unknown state {}", req.state))),
+        };
+        let records = self.storage.list_rollouts(state).await.map_err(db)?;
+        let ids: Vec<String> = records.iter().map(|r| r.id.clone()).collect();
+        let counts = self.storage.rollout_counts(&ids).await.map_err(db)?;
+        Ok(v1::ListRolloutsResponse {
+            rollouts: records
+                .into_iter()
+                .map(|r| {
+                    let c = counts.get(&r.id).copied().unwrap_or_default();
+                    rollout_view(r, c)
+                })
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    pub async fn get(&self, req: v1::RolloutRequest) -> Result<v1::RolloutDetail, Status> {
+        let rollout = self.rollout(&req).await?;
+        let wave_counts = self.storage.wave_counts(&rollout.id).await.map_err(db)?;
+        let waves = self.storage.rollout_waves(&rollout.id).await.map_err(db)?;
+        let store_counts = self.storage.store_counts(&rollout.id).await.map_err(db)?;
+        let failures = self
+            .storage
+            .rollout_failures(&rollout.id, MAX_FAILURES_SHOWN)
+            .await
+            .map_err(db)?;
+        let total = sum(wave_counts.values());
+        let waves = if waves.is_empty() {
+            // A draft: its waves, empty.
+            (0..rollout.wave_count.max(0) as u32)
+                .map(|index| v1::WaveStatus {
+                    index,
+                    counts: Some(Counts::default().to_proto()),
+                    ..Default::default()
+                })
+                .collect()
+        } else {
+            waves
+                .iter()
+                .map(|w| {
+                    let c = wave_counts.get(&w.wave).copied().unwrap_or_default();
+                    v1::WaveStatus {
+                        index: w.wave.max(0) as u32,
+                        devices: c.total(),
+                        counts: Some(c.to_proto()),
+                        started_at_unix_ms: w.started_at_ms.unwrap_or(0),
+                        finished_at_unix_ms: w.finished_at_ms.unwrap_or(0),
+                        bake_until_unix_ms: w.bake_until_ms.unwrap_or(0),
+                    }
+                })
+                .collect()
+        };
+        Ok(v1::RolloutDetail {
+            rollout: Some(rollout_view(rollout, total)?),
+            waves,
+            stores: store_counts
+                .into_iter()
+                .map(|(store_id, c)| v1::StoreRolloutStatus {
+                    store_id,
+                    counts: Some(c.to_proto()),
+                })
+                .collect(),
+            failures: failures
+                .into_iter()
+                .map(|f| v1::RolloutFailure {
+                    device_id: f.device_id,
+                    store_id: f.store_id,
+                    wave: f.wave.max(0) as u32,
+                    state: f.state.to_proto() as i32,
+                    reason: f.reason,
+                    at_unix_ms: f.updated_at_ms,
+                })
+                .collect(),
+        })
+    }
+
+    // ----- helpers -----
+
+    async fn rollout(&self, req: &v1::RolloutRequest) -> Result<RolloutRecord, Status> {
+        text("id", &req.id, true, 64)?;
+        self.storage
+            .get_rollout(&req.id)
+            .await
+            .map_err(db)?
+            .ok_or_else(|| Status::not_found(format!("unknown rollout {}", req.id)))
+    }
+
+    async fn reload(&self, id: &str) -> Result<v1::Rollout, Status> {
+        let rollout = self
+            .storage
+            .get_rollout(id)
+            .await
+            .map_err(db)?
+            .ok_or_else(|| Status::not_found(format!("unknown rollout {id}")))?;
+        self.view(rollout).await
+    }
+
+    async fn view(&self, rollout: RolloutRecord) -> Result<v1::Rollout, Status> {
+        let counts = self
+            .storage
+            .rollout_counts(std::slice::from_ref(&rollout.id))
+            .await
+            .map_err(db)?
+            .remove(&rollout.id)
+            .unwrap_or_default();
+        rollout_view(rollout, counts)
+    }
+
+    /// A transaction on the rollout as read; `ABORTED` (retry) if it
+    /// changed in between.
+    async fn write(
+        &self,
+        rollout: &RolloutRecord,
+        now: i64,
+    ) -> Result<crate::storage::rollouts::RolloutWrite, Status> {
+        self.storage
+            .write_rollout(&rollout.id, rollout.revision, now)
+            .await
+            .map_err(db)?
+            .ok_or_else(|| {
+                Status::aborted(format!(
+                    "rollout {} changed while this call ran; try again",
+                    rollout.id
+                ))
+            })
+    }
+
+    async fn published(&self, name: &str, version: &str) -> Result<BundleRecord, Status> {
+        let bundle = self
+            .storage
+            .get_bundle(name, version)
+            .await
+            .map_err(db)?
+            .ok_or_else(|| {
+                Status::not_found(format!("bundle {name} {version} is not published"))
+            })?;
+        if bundle.kind == "catalog" {
+            return Err(Status::failed_precondition(format!(
+                "{name} is a catalog bundle; catalogs are assigned per store, not rolled out"
+            )));
+        }
+        Ok(bundle)
+    }
+
+    async fn validate_selector(&self, s: &Selector, bundle: &BundleRecord) -> Result<(), Status> {
+        if s.store_ids.len() > 10_000 {
+            return Err(invalid("selector.store_ids", "at most 10000 stores"));
+        }
+        for id in &s.store_ids {
+            slug("selector.store_ids", id, 64)?;
+        }
+        self.stores_exist("selector.store_ids", &s.store_ids)
+            .await?;
+        for (field, labels) in [
+            ("selector.store_labels", &s.store_labels),
+            ("selector.device_labels", &s.device_labels),
+        ] {
+            if labels.len() > 64 {
+                return Err(invalid(field, "at most 64 labels"));
+            }
+            for (key, value) in labels {
+                label_key(field, key)?;
+                text(field, value, false, 128)?;
+            }
+        }
+        text("selector.hardware_model", &s.hardware_model, false, 64)?;
+        if !s.hardware_model.is_empty()
+            && !bundle
+                .hardware
+                .iter()
+                .any(|h| h == "*" || *h == s.hardware_model)
+        {
+            return Err(Status::failed_precondition(format!(
+                "bundle {} {} is for hardware {}, not {}",
+                bundle.name,
+                bundle.version,
+                bundle.hardware.join(", "),
+                s.hardware_model
+            )));
+        }
+        validate::version("selector.installed_version", &s.installed_version, false)?;
+        Ok(())
+    }
+
+    async fn stores_exist(&self, field: &str, ids: &[String]) -> Result<(), Status> {
+        for id in ids {
+            if !self.storage.store_exists(id).await.map_err(db)? {
+                return Err(Status::not_found(format!("{field}: unknown store {id}")));
+            }
+        }
+        Ok(())
+    }
+
+    async fn validate_strategy(&self, s: &Strategy) -> Result<(), Status> {
+        if s.waves.len() > MAX_WAVES {
+            return Err(invalid(
+                "strategy.waves",
+                format!("at most {MAX_WAVES} waves"),
+            ));
+        }
+        let mut last_count = 0u32;
+        let mut last_percent = 0f64;
+        let mut canary = BTreeSet::new();
+        for (i, wave) in s.waves.iter().enumerate() {
+            let field = format!("strategy.waves[{i}]");
+            match wave {
+                WaveSize::Count(n) => {
+                    if *n == 0 {
+                        return Err(invalid(&field, "a wave of 0 devices reaches nobody"));
+                    }
+                    if *n <= last_count {
+                        return Err(invalid(
+                            &field,
+                            format!(
+                                "wave sizes are cumulative: {n} must be more than {last_count}"
+                            ),
+                        ));
+                    }
+                    last_count = *n;
+                }
+                WaveSize::Percent(p) => {
+                    if !(p.is_finite() && *p > 0.0 && *p <= 100.0) {
+                        return Err(invalid(
+                            &field,
+                            "a percentage is more than 0 and at most 100",
+                        ));
+                    }
+                    if *p <= last_percent {
+                        return Err(invalid(
+                            &field,
+                            format!(
+                                "wave sizes are cumulative: {p}% must be more than {last_percent}%"
+                            ),
+                        ));
+                    }
+                    last_percent = *p;
+                }
+                WaveSize::Stores(ids) => {
+                    if ids.is_empty() {
+                        return Err(invalid(&field, "a canary wave names at least one store"));
+                    }
+                    for id in ids {
+                        slug(&field, id, 64)?;
+                        if !canary.insert(id.clone()) {
+                            return Err(invalid(&field, format!("store {id} is in two waves")));
+                        }
+                    }
+                    self.stores_exist(&field, ids).await?;
+                }
+            }
+        }
+        let p = s.max_failures_percent;
+        if !(p.is_finite() && (0.0..=100.0).contains(&p)) {
+            return Err(invalid("strategy.max_failures_percent", "must be 0 to 100"));
+        }
+        for (field, value) in [
+            ("strategy.bake_seconds", s.bake_seconds),
+            ("strategy.device_timeout_seconds", s.device_timeout_seconds),
+        ] {
+            if value > MAX_DURATION_SECONDS {
+                return Err(invalid(field, "must be at most 90 days"));
+            }
+        }
+        if s.max_unavailable_per_store > 10_000 {
+            return Err(invalid(
+                "strategy.max_unavailable_per_store",
+                "must be at most 10000",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The devices the selector covers now that can take the release; and
+    /// FAILED_PRECONDITION if a running or paused rollout of the same bundle
+    /// covers any of them.
+    async fn refuse_overlap(
+        &self,
+        bundle: &BundleRecord,
+        selector: &Selector,
+        this: Option<&str>,
+    ) -> Result<Vec<SelectedDevice>, Status> {
+        let selected = eligible(
+            self.storage
+                .select_devices(selector, &bundle.name, None)
+                .await
+                .map_err(db)?,
+            selector,
+            &bundle.hardware,
+        );
+        let ours: BTreeSet<&str> = selected.iter().map(|d| d.device_id.as_str()).collect();
+        for other in self
+            .storage
+            .active_rollouts_of(&bundle.name)
+            .await
+            .map_err(db)?
+        {
+            if Some(other.id.as_str()) == this {
+                continue;
+            }
+            let mut theirs: BTreeSet<String> = self
+                .storage
+                .rollout_device_ids(&other.id)
+                .await
+                .map_err(db)?
+                .into_iter()
+                .collect();
+            let their_selector: Selector = from_json(&other.id, &other.selector_json)?;
+            let their_bundle = self
+                .storage
+                .get_bundle(&other.bundle_name, &other.bundle_version)
+                .await
+                .map_err(db)?;
+            if let Some(their_bundle) = their_bundle {
+                let now = self
+                    .storage
+                    .select_devices(&their_selector, &other.bundle_name, None)
+                    .await
+                    .map_err(db)?;
+                theirs.extend(
+                    eligible(now, &their_selector, &their_bundle.hardware)
+                        .into_iter()
+                        .map(|d| d.device_id),
+                );
+            }
+            let shared: Vec<&str> = ours
+                .iter()
+                .copied()
+                .filter(|id| theirs.contains(*id))
+                .collect();
+            if !shared.is_empty() {
+                let examples: Vec<&str> = shared.iter().copied().take(OVERLAP_EXAMPLES).collect();
+                return Err(Status::failed_precondition(format!(
+                    "rollout {} ({} {}, {}) already covers {} of these devices ({}{}); \
+                     finish, abort or roll it back first, or narrow the selector",
+                    other.id,
+                    other.bundle_name,
+                    other.bundle_version,
+                    other.state.as_str(),
+                    shared.len(),
+                    examples.join(", "),
+                    if shared.len() > examples.len() {
+                        ", …"
+                    } else {
+                        ""
+                    },
+                )));
+            }
+        }
+        Ok(selected)
+    }
+}
+
+fn validate_waves_present(s: &v1::RolloutStrategy) -> Result<(), Status> {
+    if s.waves.is_empty() {
+        return Err(invalid("strategy.waves", "at least one wave (e.g. 100%)"));
+    }
+    if let Some(i) = s.waves.iter().position(|w| w.size.is_none()) {
+        return Err(invalid(
+            &format!("strategy.waves[{i}]"),
+            "set a count, a percent or stores",
+        ));
+    }
+    Ok(())
+}
+
+fn wrong_state(rollout: &RolloutRecord, verb: &str, rule: &str) -> Status {
+    Status::failed_precondition(format!(
+        "cannot {verb} rollout {}: it is {} ({rule})",
+        rollout.id,
+        rollout.state.as_str()
+    ))
+}
+
+/// "paused by alice", "paused by alice: store 12 reports scanner errors".
+fn who_and_why(verb: &str, actor: &str, reason: &str) -> String {
+    let past = match verb {
+        "pause" => "paused",
+        "resume" => "resumed",
+        "abort" => "aborted",
+        other => other,
+    };
+    if reason.trim().is_empty() {
+        format!("{past} by {actor}")
+    } else {
+        format!("{past} by {actor}: {}", reason.trim())
+    }
+}
+
+fn merge(base: &serde_json::Value, extra: serde_json::Value) -> serde_json::Value {
+    let mut out = base.clone();
+    if let (Some(out), Some(extra)) = (out.as_object_mut(), extra.as_object()) {
+        out.extend(extra.clone());
+    }
+    out
+}
+
+fn sum<'a>(counts: impl Iterator<Item = &'a Counts>) -> Counts {
+    let mut total = Counts::default();
+    for c in counts {
+        for s in DeviceState::ALL {
+            total.add(s, c.get(s));
+        }
+    }
+    total
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<String, Status> {
+    serde_json::to_string(value).map_err(|e| db(Error::Corrupt(e.to_string())))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(id: &str, json: &str) -> Result<T, Status> {
+    serde_json::from_str(json).map_err(|e| db(Error::Corrupt(format!("rollout {id}: {e}"))))
+}
+
+/// A stored rollout as the API shows it.
+pub fn rollout_view(r: RolloutRecord, counts: Counts) -> Result<v1::Rollout, Status> {
+    let selector: Selector = from_json(&r.id, &r.selector_json)?;
+    let strategy: Strategy = from_json(&r.id, &r.strategy_json)?;
+    Ok(v1::Rollout {
+        id: r.id,
+        bundle_name: r.bundle_name,
+        bundle_version: r.bundle_version,
+        selector: Some(selector.to_proto()),
+        strategy: Some(strategy.to_proto()),
+        state: r.state.to_proto() as i32,
+        current_wave: r.current_wave.max(0) as u32,
+        wave_count: r.wave_count.max(0) as u32,
+        reason: r.reason,
+        counts: Some(counts.to_proto()),
+        created_at_unix_ms: r.created_at_ms,
+        started_at_unix_ms: r.started_at_ms.unwrap_or(0),
+        finished_at_unix_ms: r.finished_at_ms.unwrap_or(0),
+        created_by: r.created_by,
+    })
+}
+
+/// Store labels, for `SetStoreLabels`.
+pub fn labels_event(
+    store_id: &str,
+    set: &BTreeMap<String, String>,
+    remove: &[String],
+    actor: &str,
+) -> NewEvent {
+    NewEvent::new(
+        "store.labels_changed",
+        "",
+        "",
+        json!({ "store_id": store_id, "set": set, "removed": remove, "by": actor }),
+    )
+}
