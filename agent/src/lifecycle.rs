@@ -967,7 +967,10 @@ mod tests {
             );
         }
         back.rollback = true;
-        assert_eq!(decide(&back, Some(&active), None, true, true, true), Step::Install);
+        assert_eq!(
+            decide(&back, Some(&active), None, true, true, true),
+            Step::Install
+        );
         assert_eq!(
             decide(&back, Some(&active), None, true, false, false),
             Step::Download

@@ -34,6 +34,13 @@ pub enum RolloutCommand {
     Show {
         id: String,
     },
+    /// Everything that happened in the rollout, in order.
+    Events {
+        id: String,
+        /// Only events after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+    },
     /// Live progress until the rollout completes, stops or pauses.
     Watch {
         id: String,
@@ -286,6 +293,15 @@ impl From<v1::Rollout> for RolloutView {
 }
 
 #[derive(Debug, Serialize)]
+pub struct EventView {
+    pub seq: u64,
+    pub at: String,
+    pub kind: String,
+    pub device_id: String,
+    pub data: serde_json::Value,
+}
+
+#[derive(Debug, Serialize)]
 pub struct WaveView {
     pub index: u32,
     pub devices: u64,
@@ -498,6 +514,37 @@ impl Admin {
         response.map(|r| r.into_inner()).map_err(|s| self.error(s))
     }
 
+    /// Every event of rollout `id` after `after`, following pages.
+    pub async fn rollout_events(&mut self, id: &str, after: u64) -> anyhow::Result<Vec<EventView>> {
+        let mut events = Vec::new();
+        let mut cursor = after;
+        loop {
+            let request = self.request(v1::ListEventsRequest {
+                rollout_id: id.into(),
+                after_seq: cursor,
+                limit: 1000,
+            });
+            let page = self
+                .client
+                .list_events(request)
+                .await
+                .map_err(|s| self.error(s))?
+                .into_inner()
+                .events;
+            let Some(last) = page.last() else {
+                return Ok(events);
+            };
+            cursor = last.seq;
+            events.extend(page.into_iter().map(|e| EventView {
+                seq: e.seq,
+                at: view::time(e.at_unix_ms),
+                kind: e.kind,
+                device_id: e.device_id,
+                data: serde_json::from_str(&e.data_json).unwrap_or(serde_json::Value::Null),
+            }));
+        }
+    }
+
     pub async fn get_rollout(&mut self, id: &str) -> anyhow::Result<v1::RolloutDetail> {
         let request = self.request(v1::RolloutRequest {
             id: id.into(),
@@ -561,6 +608,22 @@ pub async fn run(admin: &mut Admin, command: RolloutCommand, output: Output) -> 
             return show(output, &detail, || detail_text(&detail));
         }
         RolloutCommand::Watch { id, every } => return watch(admin, &id, every, output).await,
+        RolloutCommand::Events { id, after } => {
+            let events = admin.rollout_events(&id, after).await?;
+            return show(output, &events, || {
+                let mut t = table(&["SEQ", "AT", "EVENT", "DEVICE", "DATA"]);
+                for e in &events {
+                    t.add_row(vec![
+                        e.seq.to_string(),
+                        e.at.clone(),
+                        e.kind.clone(),
+                        e.device_id.clone(),
+                        e.data.to_string(),
+                    ]);
+                }
+                format!("{t}\n")
+            });
+        }
         RolloutCommand::Start(args) => ("start", args),
         RolloutCommand::Pause(args) => ("pause", args),
         RolloutCommand::Resume(args) => ("resume", args),

@@ -631,6 +631,7 @@ mod tests {
                         kind: v1::BundleKind::Catalog as i32,
                         download_ahead: true,
                         emergency: false,
+                        rollback: false,
                     }),
                     status: None,
                 },
@@ -642,6 +643,7 @@ mod tests {
                         kind: v1::BundleKind::Software as i32,
                         download_ahead: false,
                         emergency: true,
+                        rollback: false,
                     }),
                     status: Some(v1::BundleStatus {
                         name: "pos-app".into(),
