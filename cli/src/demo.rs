@@ -56,8 +56,15 @@ struct Summary {
     /// Tills running pos-app 1.1.0 after it was assigned.
     devices_on_1_1_0: usize,
     seconds_to_1_1_0: f64,
-    /// Tills that rolled 1.2.0 back by themselves, and why.
+    /// The 1.1.0 rollout's end state (completed).
+    rollout_1_1_0: String,
+    /// The 1.2.0 rollout's state (paused by itself) and why.
+    rollout_1_2_0: String,
+    rollout_1_2_0_reason: String,
+    /// Canary tills it reached that rolled 1.2.0 back by themselves, and why.
     devices_rolled_back_1_2_0: usize,
+    /// Tills outside the canary store never told about 1.2.0.
+    devices_never_offered_1_2_0: usize,
     rollback_reasons: Vec<String>,
     /// Tills holding their own store's catalog and no other.
     devices_with_own_catalog: usize,
@@ -226,12 +233,12 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
     )
     .await?;
 
-    // The upgrade.
-    say("\nposfleet device assign --store S pos-app@1.1.0:");
+    // The upgrade, as a staged rollout: one till, then half, then all,
+    // one till per store at a time, a short bake between waves.
+    say("\nposfleet rollout create --release pos-app@1.1.0 --waves 1,50%,100% --bake 2s --start:");
     let upgrade = Instant::now();
-    for &(store_id, _, _) in stores {
-        assign(&mut admin, store_id, "pos-app", "1.1.0").await?;
-    }
+    let good = start_rollout(&mut admin, "pos-app", "1.1.0", &[], "1,50%,100%", 2).await?;
+    let good = follow_rollout(&mut admin, &good.id, wait, &say).await?;
     let on_1_1_0 = converge(
         &mut admin,
         &device_ids,
@@ -244,15 +251,26 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
     .await?;
     let seconds_to_1_1_0 = upgrade.elapsed().as_secs_f64();
 
-    // A bad release: its health check fails on every till, which switch
-    // back to 1.1.0 by themselves.
-    say("\nposfleet device assign --store S pos-app@1.2.0 (a bad release):");
-    for &(store_id, _, _) in stores {
-        assign(&mut admin, store_id, "pos-app", "1.2.0").await?;
-    }
+    // A bad release: its health check fails on the canary store's tills,
+    // which switch back to 1.1.0 by themselves, and the rollout pauses
+    // itself before any other store is told.
+    let canary = stores[0].0;
+    say(&format!(
+        "\nposfleet rollout create --release pos-app@1.2.0 --canary-stores {canary} --waves 100% --start (a bad release):"
+    ));
+    let bad = start_rollout(&mut admin, "pos-app", "1.2.0", &[canary], "100%", 0).await?;
+    let bad = follow_rollout(&mut admin, &bad.id, wait, &say).await?;
+    // The tills it reached (one at a time per store) and that failed.
+    let canary_ids: Vec<String> = admin
+        .get_rollout(&bad.id)
+        .await?
+        .failures
+        .into_iter()
+        .map(|f| f.device_id)
+        .collect();
     let rolled_back = converge(
         &mut admin,
-        &device_ids,
+        &canary_ids,
         "pos-app",
         "1.2.0",
         phase(v1::BundlePhase::RolledBack),
@@ -260,6 +278,16 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
         &say,
     )
     .await?;
+    let mut devices_never_offered_1_2_0 = 0;
+    for device in devices.iter().filter(|d| d.store_id != canary) {
+        let shown = admin.get_device(&device.id).await?;
+        let offered = shown.bundles.iter().any(|b| {
+            b.name == "pos-app" && b.desired.as_ref().is_some_and(|d| d.version == "1.2.0")
+        });
+        if !offered {
+            devices_never_offered_1_2_0 += 1;
+        }
+    }
     let mut rollback_reasons: Vec<String> = rolled_back
         .iter()
         .filter(|s| s.active_version == "1.1.0")
@@ -303,7 +331,11 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
             seconds_to_online,
             devices_on_1_1_0: on_1_1_0.len(),
             seconds_to_1_1_0,
+            rollout_1_1_0: rollout_state(good.state),
+            rollout_1_2_0: rollout_state(bad.state),
+            rollout_1_2_0_reason: bad.reason.clone(),
             devices_rolled_back_1_2_0,
+            devices_never_offered_1_2_0,
             rollback_reasons,
             devices_with_own_catalog,
             grpc_address,
@@ -312,9 +344,17 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
         println!(
-            "\n{} of {expected} tills moved to pos-app 1.1.0 in {seconds_to_1_1_0:.1}s; \
-             {devices_rolled_back_1_2_0} rolled 1.2.0 back by themselves: {}",
+            "\nRollout {} of pos-app 1.1.0 {}: {} of {expected} tills moved in {seconds_to_1_1_0:.1}s.",
+            good.id,
+            rollout_state(good.state),
             on_1_1_0.len(),
+        );
+        println!(
+            "Rollout {} of pos-app 1.2.0 {} by itself ({}); {devices_rolled_back_1_2_0} canary tills \
+             rolled it back by themselves ({}); {devices_never_offered_1_2_0} tills of other stores never got it.",
+            bad.id,
+            rollout_state(bad.state),
+            bad.reason,
             rollback_reasons.join("; ")
         );
         println!(
@@ -371,6 +411,102 @@ async fn assign(
         })
         .await?;
     Ok(())
+}
+
+fn rollout_state(state: i32) -> String {
+    v1::RolloutState::try_from(state)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("ROLLOUT_STATE_")
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_default()
+}
+
+/// `posfleet rollout create --release NAME@VERSION --waves W [--canary-stores S] --start`.
+async fn start_rollout(
+    admin: &mut Admin,
+    name: &str,
+    version: &str,
+    canary: &[&str],
+    waves: &str,
+    bake_seconds: u64,
+) -> anyhow::Result<v1::Rollout> {
+    let mut all_waves = Vec::new();
+    if !canary.is_empty() {
+        all_waves.push(v1::WaveSpec {
+            size: Some(v1::wave_spec::Size::Stores(v1::StoreList {
+                store_ids: canary.iter().map(|s| s.to_string()).collect(),
+            })),
+        });
+    }
+    all_waves.extend(crate::rollout_cmd::parse_waves(waves)?);
+    let rollout = admin
+        .create_rollout(v1::CreateRolloutRequest {
+            bundle_name: name.into(),
+            bundle_version: version.into(),
+            selector: Some(v1::RolloutSelector::default()),
+            strategy: Some(v1::RolloutStrategy {
+                waves: all_waves,
+                wave_unit: v1::WaveUnit::Devices as i32,
+                bake_seconds,
+                max_failures_percent: 20.0,
+                min_failures: 1,
+                device_timeout_seconds: 600,
+                max_unavailable_per_store: 1,
+                download_ahead: Some(true),
+                emergency: false,
+            }),
+        })
+        .await?;
+    admin.rollout_operation("start", &rollout.id, "").await
+}
+
+/// Polls a rollout until it completes, stops or pauses, printing each
+/// change of wave and counts (what `posfleet rollout watch` shows).
+async fn follow_rollout(
+    admin: &mut Admin,
+    id: &str,
+    timeout: Duration,
+    say: &impl Fn(&str),
+) -> anyhow::Result<v1::Rollout> {
+    let started = Instant::now();
+    let mut last = String::new();
+    loop {
+        let rollout = admin.get_rollout(id).await?.rollout.unwrap_or_default();
+        let counts = rollout.counts.unwrap_or_default();
+        let state = rollout_state(rollout.state);
+        let line = format!(
+            "{state}, wave {}/{}: {} succeeded, {} in flight, {} failed{}",
+            (rollout.current_wave + 1).min(rollout.wave_count),
+            rollout.wave_count,
+            counts.succeeded,
+            counts.notified + counts.downloading + counts.installing,
+            counts.failed + counts.rolled_back + counts.timed_out,
+            if rollout.reason.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", rollout.reason)
+            }
+        );
+        if line != last {
+            say(&format!(
+                "  {:>5.1}s  rollout {id} {line}",
+                started.elapsed().as_secs_f64()
+            ));
+            last = line;
+        }
+        if matches!(
+            state.as_str(),
+            "completed" | "paused" | "aborted" | "rolled_back"
+        ) {
+            return Ok(rollout);
+        }
+        if started.elapsed() > timeout {
+            bail!("rollout {id} still {state} after {}s", timeout.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }
 
 /// Polls the tills until each reports `phase` for `name` `version`,

@@ -471,18 +471,29 @@ pub fn devices_table(devices: &[DeviceView]) -> Table {
         "STATUS",
         "MODEL",
         "AGENT",
+        "BUNDLES",
         "LAST SEEN",
         "DISK FREE",
         "PERIPHERALS",
         "LABELS",
     ]);
     for d in devices {
+        let bundles: Vec<String> = d
+            .installed_bundles
+            .iter()
+            .map(|(name, version)| format!("{name} {version}"))
+            .collect();
         t.add_row(vec![
             d.id.clone(),
             d.store_id.clone(),
             d.status.clone(),
             d.hardware_model.clone(),
             d.agent_version.clone(),
+            if bundles.is_empty() {
+                "-".into()
+            } else {
+                bundles.join(", ")
+            },
             d.last_seen.clone(),
             gib(d.disk_free_bytes),
             peripherals_summary(d),

@@ -196,7 +196,7 @@ fn tables_for_people_and_json_for_scripts() {
 }
 
 #[test]
-fn the_demo_upgrades_six_tills_and_rolls_a_bad_release_back() {
+fn the_demo_rolls_out_in_waves_and_a_bad_release_pauses_itself() {
     let output = Command::new(binary("posfleet"))
         .args(["demo", "--output", "json"])
         .output()
@@ -219,7 +219,12 @@ fn the_demo_upgrades_six_tills_and_rolls_a_bad_release_back() {
         ])
     );
     assert_eq!(summary["devices_on_1_1_0"], 6);
-    assert_eq!(summary["devices_rolled_back_1_2_0"], 6);
+    assert_eq!(summary["rollout_1_1_0"], "completed");
+    // The bad release pauses itself in its canary store: the till it
+    // reached rolled back, the other store never got it.
+    assert_eq!(summary["rollout_1_2_0"], "paused");
+    assert!(summary["devices_rolled_back_1_2_0"].as_u64() >= Some(1));
+    assert_eq!(summary["devices_never_offered_1_2_0"], 3);
     assert_eq!(summary["devices_with_own_catalog"], 6);
     let reasons = summary["rollback_reasons"].to_string();
     assert!(reasons.contains("cash drawer does not answer"), "{reasons}");
