@@ -32,6 +32,8 @@ pub enum Error {
     Corrupt(String),
     #[error("a concurrent change got there first: {0}")]
     Conflict(String),
+    #[error("the rollout engine's lock is lost: {0}")]
+    EngineLockLost(String),
     #[error("cannot build the webhook HTTP client: {0}")]
     WebhookClient(String),
 }

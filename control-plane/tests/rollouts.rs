@@ -259,8 +259,18 @@ async fn fleet(
             });
         }
     }
-    // One step: every till has told the control plane what it runs.
+    // One step: every till tells the control plane what it runs (written
+    // by the heartbeat writer a moment later).
     sim.step().await;
+    if let Some(version) = installed {
+        let ids: Vec<String> = sim.tills.iter().map(|t| t.id.clone()).collect();
+        for id in ids {
+            common::eventually(&mut admin, &id, |d| {
+                d.installed_bundles.get(APP).map(String::as_str) == Some(version)
+            })
+            .await;
+        }
+    }
     (s, admin, sim, key)
 }
 
@@ -474,10 +484,20 @@ async fn a_good_release_completes_wave_by_wave(backend: Backend) {
             store.store_id
         );
     }
-    // Cumulative: s1 (4), then up to 50% of 12 (2 more), then the rest.
-    let sizes: Vec<u64> = detail.waves.iter().map(|w| w.devices).collect();
-    assert_eq!(sizes.iter().sum::<u64>(), 13);
-    assert_eq!(&sizes[..2], &[4, 2]);
+    // Cumulative: s1 (4), then up to 50% of 12 (2 more), then the rest;
+    // the late till joins the wave its seed falls in (never the first,
+    // which had gone by).
+    let mut sizes: Vec<u64> = detail.waves.iter().map(|w| w.devices).collect();
+    let all_events = events(&mut admin, &rollout.id).await;
+    let joined = all_events
+        .iter()
+        .find(|e| e.kind == "rollout.device_joined")
+        .unwrap();
+    assert_eq!(joined.device_id, late_id);
+    let late_wave = data(joined)["wave"].as_u64().unwrap() as usize;
+    assert!(late_wave >= 1);
+    sizes[late_wave] -= 1;
+    assert_eq!(sizes, vec![4, 2, 6]);
     for pair in detail.waves.windows(2) {
         assert!(
             pair[1].started_at_unix_ms >= pair[0].finished_at_unix_ms + 2_000,
@@ -1124,7 +1144,91 @@ async fn a_restarted_control_plane_resumes_the_rollout(backend: Backend) {
     drop(dir);
 }
 
+/// Every change to a rollout is checked against the revision it was
+/// computed from: a second change from the same read writes nothing, and a
+/// change dropped before its commit leaves no trace, events included.
+async fn a_change_from_a_stale_read_writes_nothing(backend: Backend) {
+    use posfleet_control_plane::rollout::model::RolloutState;
+    use posfleet_control_plane::storage::rollouts::RolloutRecord;
+    use posfleet_control_plane::storage::{NewEvent, Storage};
+    let f = Fleet::new(backend).await;
+    let storage = Storage::connect(&f.db.url, 2).await.unwrap();
+    let record = RolloutRecord {
+        id: "ro-test".into(),
+        bundle_name: APP.into(),
+        bundle_version: "1.1.0".into(),
+        bundle_kind: "software".into(),
+        selector_json: "{}".into(),
+        strategy_json: "{}".into(),
+        state: RolloutState::Draft,
+        current_wave: 0,
+        wave_count: 1,
+        reason: String::new(),
+        revision: 0,
+        created_by: "test".into(),
+        created_at_ms: 1,
+        started_at_ms: None,
+        finished_at_ms: None,
+        updated_at_ms: 1,
+    };
+    let event = |kind: &str| NewEvent::new(kind, "ro-test", "", serde_json::json!({}));
+    storage
+        .insert_rollout(&record, &event("created"))
+        .await
+        .unwrap();
+    let mut write = storage
+        .write_rollout("ro-test", 0, 2)
+        .await
+        .unwrap()
+        .unwrap();
+    write
+        .set_state(RolloutState::Aborted, "first", true)
+        .await
+        .unwrap();
+    write.commit(&[event("first")]).await.unwrap();
+    // Computed from revision 0 too: refused.
+    assert!(
+        storage
+            .write_rollout("ro-test", 0, 3)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // Dropped before its commit: nothing of it stays.
+    let mut write = storage
+        .write_rollout("ro-test", 1, 4)
+        .await
+        .unwrap()
+        .unwrap();
+    write
+        .set_state(RolloutState::Paused, "dropped", false)
+        .await
+        .unwrap();
+    drop(write);
+    let stored = storage.get_rollout("ro-test").await.unwrap().unwrap();
+    assert_eq!(
+        (
+            stored.state,
+            stored.reason.as_str(),
+            stored.revision,
+            stored.finished_at_ms
+        ),
+        (RolloutState::Aborted, "first", 1, Some(2))
+    );
+    let kinds: Vec<String> = storage
+        .events_after(0, Some("ro-test"), 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(kinds, vec!["created", "first"]);
+    storage.close().await;
+    f.finish().await;
+}
+
 on_both_backends!(
+    a_change_from_a_stale_read_writes_nothing,
     a_good_release_completes_wave_by_wave,
     a_broken_release_pauses_in_its_first_wave,
     abort_stops_dispatching,

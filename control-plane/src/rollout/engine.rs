@@ -37,6 +37,9 @@ use crate::storage::{DesiredBundleRecord, NewEvent, Storage};
 pub const TICK: Duration = Duration::from_secs(1);
 /// How often a replica without the engine's lock tries to take it.
 pub const LOCK_RETRY: Duration = Duration::from_secs(3);
+/// How long the lock's connection may take to answer before the engine
+/// stops.
+pub const LOCK_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often running rollouts look for devices that joined their selection
 /// (also whenever a wave starts).
 pub const JOIN_INTERVAL: Duration = Duration::from_secs(10);
@@ -151,8 +154,16 @@ impl Engine {
                 Some(()) = wake.recv() => {}
                 _ = stop.wait_for(|s| *s) => return Ended::Stopped,
             }
-            if let Err(error) = lock.check().await {
-                return Ended::LostLock(error);
+            // A connection that hangs is as good as lost: PostgreSQL may
+            // have released the lock already.
+            match tokio::time::timeout(LOCK_CHECK_TIMEOUT, lock.check()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => return Ended::LostLock(error),
+                Err(_) => {
+                    return Ended::LostLock(Error::EngineLockLost(
+                        "its connection did not answer in 5 s".into(),
+                    ));
+                }
             }
             if let Err(error) = self.tick(crate::now_ms()).await {
                 tracing::warn!(%error, "Rollout engine tick failed; the next one retries.");

@@ -5,7 +5,7 @@
 use posfleet_proto::v1;
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
-use tonic::Status;
+use tonic::{Code, Status};
 
 use super::decide::{self, Candidate};
 use super::engine::{EngineHandle, eligible};
@@ -22,6 +22,9 @@ pub const MAX_WAVES: usize = 100;
 pub const MAX_DURATION_SECONDS: u64 = 90 * 24 * 3600;
 /// Failures listed by `GetRollout`.
 pub const MAX_FAILURES_SHOWN: i64 = 1000;
+/// Times an operation is tried when the engine changed the rollout between
+/// its read and its write.
+const CONFLICT_ATTEMPTS: u32 = 5;
 /// Devices named in an overlap error.
 const OVERLAP_EXAMPLES: usize = 3;
 
@@ -112,6 +115,20 @@ impl Rollouts {
     }
 
     pub async fn start(&self, req: v1::RolloutRequest, actor: &str) -> Result<v1::Rollout, Status> {
+        let mut attempt = 1;
+        loop {
+            match self.start_once(req.clone(), actor).await {
+                Err(s) if s.code() == Code::Aborted && attempt < CONFLICT_ATTEMPTS => attempt += 1,
+                done => return done,
+            }
+        }
+    }
+
+    async fn start_once(
+        &self,
+        req: v1::RolloutRequest,
+        actor: &str,
+    ) -> Result<v1::Rollout, Status> {
         let rollout = self.rollout(&req).await?;
         if rollout.state != RolloutState::Draft {
             return Err(wrong_state(&rollout, "start", "only a draft starts"));
@@ -233,6 +250,26 @@ impl Rollouts {
         from: &[RolloutState],
         to: RolloutState,
     ) -> Result<v1::Rollout, Status> {
+        let mut attempt = 1;
+        loop {
+            match self
+                .set_state_once(req.clone(), actor, verb, from, to)
+                .await
+            {
+                Err(s) if s.code() == Code::Aborted && attempt < CONFLICT_ATTEMPTS => attempt += 1,
+                done => return done,
+            }
+        }
+    }
+
+    async fn set_state_once(
+        &self,
+        req: v1::RolloutRequest,
+        actor: &str,
+        verb: &str,
+        from: &[RolloutState],
+        to: RolloutState,
+    ) -> Result<v1::Rollout, Status> {
         text("reason", &req.reason, false, 512)?;
         let rollout = self.rollout(&req).await?;
         if !from.contains(&rollout.state) {
@@ -304,6 +341,20 @@ impl Rollouts {
     /// (a desired row flagged as a rollback), or drops its own desired row
     /// when it had none, and marks it rolled back.
     pub async fn rollback(
+        &self,
+        req: v1::RolloutRequest,
+        actor: &str,
+    ) -> Result<v1::Rollout, Status> {
+        let mut attempt = 1;
+        loop {
+            match self.rollback_once(req.clone(), actor).await {
+                Err(s) if s.code() == Code::Aborted && attempt < CONFLICT_ATTEMPTS => attempt += 1,
+                done => return done,
+            }
+        }
+    }
+
+    async fn rollback_once(
         &self,
         req: v1::RolloutRequest,
         actor: &str,
