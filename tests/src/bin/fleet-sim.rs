@@ -8,10 +8,32 @@
 //! max-throughput phase (closed loop). Figures go to a JSON file.
 //!
 //!     cargo run --release -p posfleet-e2e --bin fleet-sim -- --devices 100000
+//!
+//! With `--rollout`, a rollout phase follows (and `--skip-heartbeat-phases`
+//! leaves out the fixed-rate and max-throughput phases, keeping enrollment
+//! and the cold pass): the repository is initialised (`posfleet keys init`),
+//! pos-app 1.1.0 built and published (`posfleet bundle build|publish`), and
+//! a rollout created over the whole fleet, one wave of 100%,
+//! `--max-unavailable-per-store` tills of a store at once. The fleet
+//! heartbeats open loop at `--rate` for `--rollout-seconds`; the rollout
+//! starts `ROLLOUT_DELAY` into that phase, so the control plane's CPU is
+//! seen before and during dispatch. A simulated till that is told to have
+//! pos-app 1.1.0 reports it installed from its next heartbeat on (an
+//! instant install), so the rollout can complete: the engine never has
+//! every till of a store in flight at once, so the last till of each store
+//! is dispatched only once another has succeeded.
+//!
+//! Dispatch is timed from the StartRollout call, by polling GetRollout
+//! (dispatched = every device past `pending`), and engine-side from the
+//! control plane's own log (`Rollout started.` to each `Devices
+//! dispatched.`). Figures go to `benchmarks/fleet-sim-rollout-<database>.json`.
+//!
+//!     cargo run --release -p posfleet-e2e --bin fleet-sim -- --devices 100000 \
+//!         --devices-per-store 200 --rollout --skip-heartbeat-phases
 
 use clap::{Parser, ValueEnum};
 use ed25519_dalek::{Signer, SigningKey};
-use posfleet_e2e::{ControlPlane, PostgresDb};
+use posfleet_e2e::{ControlPlane, PostgresDb, pos_app_source};
 use posfleet_proto::v1;
 use posfleet_proto::v1::admin_service_client::AdminServiceClient;
 use posfleet_proto::v1::agent_service_client::AgentServiceClient;
@@ -19,7 +41,7 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -61,27 +83,59 @@ struct Args {
     /// Requests in flight in the closed-loop phases.
     #[arg(long, default_value_t = 256)]
     concurrency: usize,
-    /// Default: benchmarks/fleet-sim-<database>.json
+    /// Default: benchmarks/fleet-sim-<database>.json, or
+    /// benchmarks/fleet-sim-rollout-<database>.json with `--rollout`.
     #[arg(long)]
     output: Option<PathBuf>,
+    /// Add the rollout phase (see the header).
+    #[arg(long)]
+    rollout: bool,
+    /// Leave out the fixed-rate and max-throughput phases.
+    #[arg(long)]
+    skip_heartbeat_phases: bool,
+    /// Length of the rollout phase (heartbeats at `--rate` throughout).
+    #[arg(long, default_value_t = 90)]
+    rollout_seconds: u64,
+    /// The rollout's `max_unavailable_per_store`.
+    #[arg(long, default_value_t = 1000)]
+    max_unavailable_per_store: u32,
 }
+
+/// The version the rollout ships; the fleet starts on 1.0.0.
+const RELEASE: &str = "1.1.0";
+/// Heartbeats before StartRollout, for a baseline in the same phase.
+const ROLLOUT_DELAY: Duration = Duration::from_secs(5);
 
 struct Device {
     authorization: MetadataValue<Ascii>,
+    /// Told to have pos-app RELEASE: reports it installed from now on.
+    upgraded: AtomicBool,
 }
 
 struct Sim {
     channels: Vec<Channel>,
     devices: Vec<Device>,
+    /// Heartbeat responses that named pos-app RELEASE.
+    told_release: AtomicUsize,
 }
 
 impl Sim {
     async fn heartbeat(&self, i: usize) -> Result<(), Code> {
+        self.heartbeat_desired(i).await.map(|_| ())
+    }
+
+    /// One heartbeat; returns the desired version of pos-app, if any.
+    async fn heartbeat_desired(&self, i: usize) -> Result<Option<String>, Code> {
         let device = &self.devices[i % self.devices.len()];
+        let pos_app = if device.upgraded.load(Ordering::Relaxed) {
+            RELEASE
+        } else {
+            "1.0.0"
+        };
         let mut request = Request::new(v1::HeartbeatRequest {
             agent_version: "0.1.0".into(),
             installed_bundles: [
-                ("pos-app".to_string(), "1.0.0".to_string()),
+                ("pos-app".to_string(), pos_app.to_string()),
                 ("catalog-store".to_string(), "2026.11.21".to_string()),
             ]
             .into(),
@@ -104,11 +158,21 @@ impl Sim {
             .metadata_mut()
             .insert(posfleet_proto::AUTHORIZATION, device.authorization.clone());
         let mut client = AgentServiceClient::new(self.channels[i % self.channels.len()].clone());
-        client
+        let response = client
             .heartbeat(request)
             .await
-            .map(|_| ())
-            .map_err(|s| s.code())
+            .map_err(|s| s.code())?
+            .into_inner();
+        let desired = response
+            .desired_bundles
+            .into_iter()
+            .find(|b| b.name == "pos-app")
+            .map(|b| b.version);
+        if desired.as_deref() == Some(RELEASE) {
+            self.told_release.fetch_add(1, Ordering::Relaxed);
+            device.upgraded.store(true, Ordering::Relaxed);
+        }
+        Ok(desired)
     }
 }
 
@@ -269,6 +333,20 @@ async fn open_loop(
     seconds: u64,
     offset: usize,
 ) -> Vec<(Result<(), Code>, Duration)> {
+    open_loop_timed(sim, rate, seconds, offset)
+        .await
+        .into_iter()
+        .map(|(result, latency, _)| (result, latency))
+        .collect()
+}
+
+/// As `open_loop`, with each request's due time.
+async fn open_loop_timed(
+    sim: Arc<Sim>,
+    rate: u32,
+    seconds: u64,
+    offset: usize,
+) -> Vec<(Result<(), Code>, Duration, Instant)> {
     let total = rate as usize * seconds as usize;
     let in_flight = Arc::new(Semaphore::new(4096));
     let start = tokio::time::Instant::now();
@@ -285,7 +363,7 @@ async fn open_loop(
         tasks.spawn(async move {
             let result = sim.heartbeat(offset + k).await;
             drop(permit);
-            (result, due.elapsed())
+            (result, due.elapsed(), due.into_std())
         });
     }
     let mut all = Vec::with_capacity(total);
@@ -355,6 +433,8 @@ struct Report {
     control_plane_peak_rss_bytes: u64,
     heartbeat_writer: WriterFigures,
     devices_online_after: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rollout: Option<RolloutFigures>,
     command: String,
 }
 
@@ -480,12 +560,14 @@ async fn main() -> anyhow::Result<()> {
         .map(|c| {
             Ok(Device {
                 authorization: format!("Device {c}").parse()?,
+                upgraded: AtomicBool::new(false),
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let sim = Arc::new(Sim {
         channels: channels.clone(),
         devices,
+        told_release: AtomicUsize::new(0),
     });
 
     let mut phases = Vec::new();
@@ -504,26 +586,35 @@ async fn main() -> anyhow::Result<()> {
     ));
     print_phase(phases.last().expect("pushed"));
 
-    let meter = Meter::start(pid);
-    let results = open_loop(sim.clone(), args.rate, args.phase_seconds, 0).await;
-    phases.push(meter.finish(
-        &format!("fixed rate {} heartbeats/s", args.rate),
-        "open loop",
-        Some(args.rate),
-        results,
-    ));
-    print_phase(phases.last().expect("pushed"));
+    if !args.skip_heartbeat_phases {
+        let meter = Meter::start(pid);
+        let results = open_loop(sim.clone(), args.rate, args.phase_seconds, 0).await;
+        phases.push(meter.finish(
+            &format!("fixed rate {} heartbeats/s", args.rate),
+            "open loop",
+            Some(args.rate),
+            results,
+        ));
+        print_phase(phases.last().expect("pushed"));
 
-    let meter = Meter::start(pid);
-    let s = sim.clone();
-    let deadline = Instant::now() + Duration::from_secs(args.phase_seconds);
-    let results = closed_loop(usize::MAX, args.concurrency, Some(deadline), move |i| {
-        let s = s.clone();
-        async move { s.heartbeat(i).await }
-    })
-    .await;
-    phases.push(meter.finish("max throughput", "closed loop", None, results));
-    print_phase(phases.last().expect("pushed"));
+        let meter = Meter::start(pid);
+        let s = sim.clone();
+        let deadline = Instant::now() + Duration::from_secs(args.phase_seconds);
+        let results = closed_loop(usize::MAX, args.concurrency, Some(deadline), move |i| {
+            let s = s.clone();
+            async move { s.heartbeat(i).await }
+        })
+        .await;
+        phases.push(meter.finish("max throughput", "closed loop", None, results));
+        print_phase(phases.last().expect("pushed"));
+    }
+
+    let rollout = if args.rollout {
+        let figures = rollout_phase(&args, &cp, dir.path(), &sim, &bearer, &mut phases).await?;
+        Some(figures)
+    } else {
+        None
+    };
     let control_plane_peak_rss_bytes = peak_rss_bytes(pid);
     let heartbeat_writer = writer_figures(&cp.http_address).await?;
     eprintln!("  heartbeat writer: {heartbeat_writer:?}");
@@ -579,11 +670,13 @@ async fn main() -> anyhow::Result<()> {
         control_plane_peak_rss_bytes,
         heartbeat_writer,
         devices_online_after: online,
+        rollout,
         command: std::env::args().collect::<Vec<_>>().join(" "),
     };
     let output = args.output.unwrap_or_else(|| {
         PathBuf::from(format!(
-            "benchmarks/fleet-sim-{}.json",
+            "benchmarks/fleet-sim-{}{}.json",
+            if args.rollout { "rollout-" } else { "" },
             match args.database {
                 Database::Sqlite => "sqlite",
                 Database::Postgres => "postgres",
@@ -600,5 +693,367 @@ async fn main() -> anyhow::Result<()> {
         "only {online} of {} devices online after the run",
         args.devices
     );
+    if let Some(r) = &report.rollout {
+        anyhow::ensure!(
+            r.sample_told_release == r.sample_checked,
+            "only {} of {} sampled devices were told to have pos-app {RELEASE}",
+            r.sample_told_release,
+            r.sample_checked
+        );
+    }
     Ok(())
+}
+
+/// Latency of a set of heartbeats.
+#[derive(Debug, Serialize)]
+struct Latency {
+    heartbeats: usize,
+    errors: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+}
+
+fn latency(samples: &[&(Result<(), Code>, Duration, Instant)]) -> Latency {
+    let mut ms: Vec<f64> = samples
+        .iter()
+        .map(|(_, l, _)| l.as_secs_f64() * 1000.0)
+        .collect();
+    ms.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        if ms.is_empty() {
+            0.0
+        } else {
+            ms[((ms.len() as f64 * p) as usize).min(ms.len() - 1)]
+        }
+    };
+    Latency {
+        heartbeats: samples.len(),
+        errors: samples.iter().filter(|(r, _, _)| r.is_err()).count(),
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        max_ms: ms.last().copied().unwrap_or(0.0),
+    }
+}
+
+/// One GetRollout poll during the rollout phase.
+#[derive(Debug, Serialize)]
+struct Poll {
+    /// Since the StartRollout call was sent.
+    seconds: f64,
+    dispatched: u64,
+    succeeded: u64,
+    /// Control-plane CPU since the previous poll.
+    control_plane_cpu_cores: f64,
+}
+
+/// One `Devices dispatched.` line of the control plane's log.
+#[derive(Debug, Serialize)]
+struct Batch {
+    /// Since `Rollout started.` (the end of the StartRollout call).
+    seconds: f64,
+    devices: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct RolloutFigures {
+    release: String,
+    devices_in_rollout: u64,
+    max_unavailable_per_store: u32,
+    /// Tills that may be in flight at once: per store, the lesser of
+    /// max_unavailable_per_store and the store's tills less one.
+    dispatchable_at_once: u64,
+    create_rollout_seconds: f64,
+    /// The StartRollout call (it writes the rollout's devices).
+    start_rollout_call_seconds: f64,
+    /// From sending StartRollout, as seen by polling GetRollout (every
+    /// 200 ms): the first device dispatched, `dispatchable_at_once`
+    /// dispatched, every device dispatched, the rollout completed.
+    first_dispatched_seconds: Option<f64>,
+    dispatchable_dispatched_seconds: Option<f64>,
+    all_dispatched_seconds: Option<f64>,
+    completed_seconds: Option<f64>,
+    /// From the control plane's log: `Rollout started.` to the end of the
+    /// first `Devices dispatched.` batch, and to the last.
+    engine_first_batch_seconds: Option<f64>,
+    engine_last_batch_seconds: Option<f64>,
+    engine_batches: Vec<Batch>,
+    control_plane_cpu_cores_before: f64,
+    /// From sending StartRollout until `dispatchable_at_once` were
+    /// dispatched, and until every device was.
+    control_plane_cpu_cores_first_pass: Option<f64>,
+    control_plane_cpu_cores_until_all_dispatched: Option<f64>,
+    heartbeats_before: Latency,
+    heartbeats_during_first_pass: Option<Latency>,
+    heartbeats_until_all_dispatched: Option<Latency>,
+    heartbeats_after: Latency,
+    /// Heartbeat responses naming pos-app at the release, during the phase.
+    heartbeats_told_release: usize,
+    devices_told_release: usize,
+    /// Devices spread over the fleet, one more heartbeat each after the
+    /// phase: how many were told to have the release.
+    sample_checked: usize,
+    sample_told_release: usize,
+    final_state: String,
+    final_counts: BTreeMap<String, u64>,
+    timeline: Vec<Poll>,
+}
+
+async fn rollout_phase(
+    args: &Args,
+    cp: &ControlPlane,
+    dir: &std::path::Path,
+    sim: &Arc<Sim>,
+    bearer: &MetadataValue<Ascii>,
+    phases: &mut Vec<Phase>,
+) -> anyhow::Result<RolloutFigures> {
+    fn with_bearer_of<T>(bearer: &MetadataValue<Ascii>, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        request
+            .metadata_mut()
+            .insert(posfleet_proto::AUTHORIZATION, bearer.clone());
+        request
+    }
+    let with_bearer = |message| with_bearer_of(bearer, message);
+    let rollout_request = |id: &str| {
+        with_bearer_of(
+            bearer,
+            v1::RolloutRequest {
+                id: id.to_string(),
+                reason: String::new(),
+            },
+        )
+    };
+    let keys = dir.join("keys");
+    cp.init_repository(&keys);
+    let source = pos_app_source(&dir.join(format!("pos-app-{RELEASE}")), RELEASE, true, 0);
+    cp.publish(&source, &keys);
+    eprintln!("  published pos-app {RELEASE}");
+    let mut admin = AdminServiceClient::new(sim.channels[0].clone());
+    let started = Instant::now();
+    let created = admin
+        .create_rollout(with_bearer(v1::CreateRolloutRequest {
+            bundle_name: "pos-app".into(),
+            bundle_version: RELEASE.into(),
+            selector: Some(v1::RolloutSelector::default()),
+            strategy: Some(v1::RolloutStrategy {
+                waves: vec![v1::WaveSpec {
+                    size: Some(v1::wave_spec::Size::Percent(100.0)),
+                }],
+                wave_unit: v1::WaveUnit::Devices as i32,
+                max_failures_percent: 10.0,
+                max_unavailable_per_store: args.max_unavailable_per_store,
+                ..Default::default()
+            }),
+        }))
+        .await?
+        .into_inner();
+    let create_rollout_seconds = started.elapsed().as_secs_f64();
+    let id = created.id.clone();
+    eprintln!("  rollout {id} created in {create_rollout_seconds:.2}s");
+
+    let per_store = args.devices_per_store as u64;
+    let full_stores = args.devices as u64 / per_store;
+    let rest = args.devices as u64 % per_store;
+    let cap = |n: u64| match n {
+        0 => 0,
+        1 => 1,
+        n => (args.max_unavailable_per_store.max(1) as u64).min(n - 1),
+    };
+    let dispatchable_at_once = full_stores * cap(per_store) + cap(rest);
+
+    let phase = Meter::start(cp.process.child.id());
+    let pid = cp.process.child.id();
+    let heartbeats = tokio::spawn(open_loop_timed(
+        sim.clone(),
+        args.rate,
+        args.rollout_seconds,
+        0,
+    ));
+    let phase_start = Instant::now();
+    tokio::time::sleep(ROLLOUT_DELAY).await;
+    let cpu_before = cpu_seconds(pid);
+    let control_plane_cpu_cores_before =
+        (cpu_before - phase.cp_cpu) / phase_start.elapsed().as_secs_f64();
+
+    let t0 = Instant::now();
+    admin.start_rollout(rollout_request(&id)).await?;
+    let start_rollout_call_seconds = t0.elapsed().as_secs_f64();
+    eprintln!("  StartRollout returned after {start_rollout_call_seconds:.2}s");
+
+    let mut first = None;
+    let mut dispatchable = None;
+    let mut all = None;
+    let mut completed = None;
+    let mut timeline = Vec::new();
+    let mut devices_in_rollout;
+    let mut final_state;
+    let mut final_counts;
+    let mut last = (t0, cpu_before);
+    let phase_end = phase_start + Duration::from_secs(args.rollout_seconds);
+    loop {
+        let detail = admin.get_rollout(rollout_request(&id)).await?.into_inner();
+        let now = Instant::now();
+        let cpu = cpu_seconds(pid);
+        let rollout = detail.rollout.unwrap_or_default();
+        let c = rollout.counts.unwrap_or_default();
+        let total = c.pending
+            + c.notified
+            + c.downloading
+            + c.installing
+            + c.succeeded
+            + c.failed
+            + c.rolled_back
+            + c.timed_out;
+        devices_in_rollout = total;
+        let dispatched = total - c.pending;
+        let at = (now - t0).as_secs_f64();
+        timeline.push(Poll {
+            seconds: at,
+            dispatched,
+            succeeded: c.succeeded,
+            control_plane_cpu_cores: (cpu - last.1) / (now - last.0).as_secs_f64().max(1e-3),
+        });
+        last = (now, cpu);
+        let mark = |slot: &mut Option<(f64, f64, Instant)>, label: &str| {
+            if slot.is_none() {
+                eprintln!(
+                    "  {label} after {at:.2}s ({dispatched} dispatched, {} succeeded)",
+                    c.succeeded
+                );
+                *slot = Some((at, cpu, now));
+            }
+        };
+        if dispatched > 0 {
+            mark(&mut first, "first device dispatched");
+        }
+        if dispatched >= dispatchable_at_once.min(total) && total > 0 {
+            mark(&mut dispatchable, "all dispatchable at once dispatched");
+        }
+        if total > 0 && dispatched == total {
+            mark(&mut all, "every device dispatched");
+        }
+        final_state = format!("{:?}", rollout.state());
+        final_counts = [
+            ("pending", c.pending),
+            ("notified", c.notified),
+            ("downloading", c.downloading),
+            ("installing", c.installing),
+            ("succeeded", c.succeeded),
+            ("failed", c.failed),
+            ("rolled_back", c.rolled_back),
+            ("timed_out", c.timed_out),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        if rollout.state() == v1::RolloutState::Completed {
+            mark(&mut completed, "rollout completed");
+        }
+        if completed.is_some() || now >= phase_end {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let results = heartbeats.await?;
+    let told_during_phase = sim.told_release.load(Ordering::Relaxed);
+    let devices_told_release = sim
+        .devices
+        .iter()
+        .filter(|d| d.upgraded.load(Ordering::Relaxed))
+        .count();
+    let window = |from: Instant, to: Option<Instant>| {
+        let picked: Vec<_> = results
+            .iter()
+            .filter(|(_, _, due)| *due >= from && to.is_none_or(|to| *due < to))
+            .collect();
+        latency(&picked)
+    };
+    let heartbeats_before = window(phase_start, Some(t0));
+    let heartbeats_during_first_pass = dispatchable.map(|(_, _, at)| window(t0, Some(at)));
+    let heartbeats_until_all_dispatched = all.map(|(_, _, at)| window(t0, Some(at)));
+    let heartbeats_after = window(all.map_or(t0, |(_, _, at)| at), None);
+    let cores = |mark: Option<(f64, f64, Instant)>| {
+        mark.map(|(at, cpu, _)| (cpu - cpu_before) / at.max(1e-3))
+    };
+    phases.push(phase.finish(
+        &format!("{} heartbeats/s during the rollout", args.rate),
+        "open loop",
+        Some(args.rate),
+        results.into_iter().map(|(r, l, _)| (r, l)).collect(),
+    ));
+    print_phase(phases.last().expect("pushed"));
+
+    // The engine's own account, from its log.
+    let mut rollout_started = None;
+    let mut engine_batches = Vec::new();
+    for line in cp.process.lines() {
+        let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        let at = value["timestamp"]
+            .as_str()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+        let (Some(at), Some(message)) = (at, value["message"].as_str()) else {
+            continue;
+        };
+        match message {
+            "Rollout started." if value["rollout_id"] == id.as_str() => {
+                rollout_started = Some(at);
+            }
+            "Devices dispatched." if value["rollout_id"] == id.as_str() => {
+                if let Some(start) = rollout_started {
+                    engine_batches.push(Batch {
+                        seconds: (at - start).as_seconds_f64(),
+                        devices: value["devices"].as_u64().unwrap_or(0),
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+    eprintln!("  engine batches (s after Rollout started., devices): {engine_batches:?}");
+
+    // A sample spread over the fleet: one more heartbeat each.
+    let sample_checked = 100.min(sim.devices.len());
+    let mut sample_told_release = 0;
+    for k in 0..sample_checked {
+        let i = k * sim.devices.len() / sample_checked + k % args.devices_per_store.max(1);
+        if sim.heartbeat_desired(i).await.ok().flatten().as_deref() == Some(RELEASE) {
+            sample_told_release += 1;
+        }
+    }
+    eprintln!(
+        "  sample: {sample_told_release} of {sample_checked} devices told to have pos-app {RELEASE}; {devices_told_release} devices told during the phase"
+    );
+
+    Ok(RolloutFigures {
+        release: RELEASE.into(),
+        devices_in_rollout,
+        max_unavailable_per_store: args.max_unavailable_per_store,
+        dispatchable_at_once,
+        create_rollout_seconds,
+        start_rollout_call_seconds,
+        first_dispatched_seconds: first.map(|m| m.0),
+        dispatchable_dispatched_seconds: dispatchable.map(|m| m.0),
+        all_dispatched_seconds: all.map(|m| m.0),
+        completed_seconds: completed.map(|m| m.0),
+        engine_first_batch_seconds: engine_batches.first().map(|b| b.seconds),
+        engine_last_batch_seconds: engine_batches.last().map(|b| b.seconds),
+        engine_batches,
+        control_plane_cpu_cores_before,
+        control_plane_cpu_cores_first_pass: cores(dispatchable),
+        control_plane_cpu_cores_until_all_dispatched: cores(all),
+        heartbeats_before,
+        heartbeats_during_first_pass,
+        heartbeats_until_all_dispatched,
+        heartbeats_after,
+        heartbeats_told_release: told_during_phase,
+        devices_told_release,
+        sample_checked,
+        sample_told_release,
+        final_state,
+        final_counts,
+        timeline,
+    })
 }
