@@ -1036,6 +1036,35 @@ impl RolloutWrite {
                 .execute(self.conn())
                 .await?;
 
+            if self.backend() == Backend::Sqlite {
+                // SQLite plans the VALUES join below as a scan of every
+                // pending device of the rollout per chunk (quadratic at
+                // 100,000 devices); one prepared update by primary key per
+                // device is linear.
+                let mut changed = 0;
+                for d in chunk {
+                    changed += sqlx::query(
+                        "UPDATE rollout_devices SET state = 'notified', reason = '', \
+                         notified_at_ms = ?, updated_at_ms = ?, previous_version = ? \
+                         WHERE rollout_id = ? AND device_id = ? AND state = 'pending'",
+                    )
+                    .bind(now)
+                    .bind(now)
+                    .bind(d.previous_version.clone())
+                    .bind(id.clone())
+                    .bind(d.device_id.clone())
+                    .execute(self.conn())
+                    .await?
+                    .rows_affected();
+                }
+                if changed != chunk.len() as u64 {
+                    return Err(Error::Conflict(format!(
+                        "rollout {id}: {changed} of {} devices were still pending",
+                        chunk.len()
+                    )));
+                }
+                continue;
+            }
             let mut placeholders = Placeholders::new(self.backend());
             // Each `?` of SQLite is a parameter of its own: `now` twice.
             let mut params = vec![Param::Int(now), Param::Int(now)];
