@@ -344,19 +344,7 @@ impl AdminService for AdminApi {
         self.authorize(&request).await?;
         let req = request.into_inner();
         text("device_id", &req.device_id, true, 64)?;
-        if req.set.len() + req.remove.len() > MAX_LABELS_PER_CALL {
-            return Err(invalid(
-                "set",
-                format!("at most {MAX_LABELS_PER_CALL} labels per call"),
-            ));
-        }
-        for (key, value) in &req.set {
-            label_key("set", key)?;
-            text("set", value, false, 128)?;
-        }
-        for key in &req.remove {
-            label_key("remove", key)?;
-        }
+        label_changes(&req.set, &req.remove)?;
         let set: BTreeMap<String, String> = req.set.into_iter().collect();
         let device = self
             .storage
@@ -731,19 +719,7 @@ impl AdminService for AdminApi {
         let caller = self.authorize(&request).await?;
         let req = request.into_inner();
         slug("store_id", &req.store_id, 64)?;
-        if req.set.len() + req.remove.len() > MAX_LABELS_PER_CALL {
-            return Err(invalid(
-                "set",
-                format!("at most {MAX_LABELS_PER_CALL} labels per call"),
-            ));
-        }
-        for (key, value) in &req.set {
-            label_key("set", key)?;
-            text("set", value, false, 128)?;
-        }
-        for key in &req.remove {
-            label_key("remove", key)?;
-        }
+        label_changes(&req.set, &req.remove)?;
         let set: BTreeMap<String, String> = req.set.into_iter().collect();
         let event =
             crate::rollout::ops::labels_event(&req.store_id, &set, &req.remove, &caller.name);
@@ -873,4 +849,26 @@ impl AdminService for AdminApi {
                 .collect(),
         }))
     }
+}
+
+/// Checks a call's label changes (device or store labels): how many, and
+/// each key and value.
+fn label_changes(
+    set: &std::collections::HashMap<String, String>,
+    remove: &[String],
+) -> Result<(), Status> {
+    if set.len() + remove.len() > MAX_LABELS_PER_CALL {
+        return Err(invalid(
+            "set",
+            format!("at most {MAX_LABELS_PER_CALL} labels per call"),
+        ));
+    }
+    for (key, value) in set {
+        label_key("set", key)?;
+        text("set", value, false, 128)?;
+    }
+    for key in remove {
+        label_key("remove", key)?;
+    }
+    Ok(())
 }
