@@ -154,11 +154,17 @@ fn a_store_moves_to_a_new_version_and_a_bad_release_rolls_back_on_every_till() {
         // The previous version stays for an instant rollback.
         assert!(data.join("slots/pos-app/1.0.0/bin/pos-app").is_file());
     }
-    // The control plane's fleet view shows the versions the tills run.
-    let devices = store.cp.cli_json(&["device", "list", "--store", "lyon-02"]);
-    for device in devices.as_array().unwrap() {
-        assert_eq!(device["installed_bundles"]["pos-app"], "1.1.0", "{device}");
-    }
+    // The control plane's fleet view shows the versions the tills run (from
+    // their next heartbeat; the progress report may come first).
+    eventually("the fleet view showing 1.1.0", TIMEOUT, || {
+        let devices = store.cp.cli_json(&["device", "list", "--store", "lyon-02"]);
+        devices
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["installed_bundles"]["pos-app"] == "1.1.0")
+            .then_some(())
+    });
 
     // 1.2.0's health check fails: every till switches back to 1.1.0 and
     // says why.
