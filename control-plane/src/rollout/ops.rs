@@ -25,6 +25,21 @@ pub const MAX_FAILURES_SHOWN: i64 = 1000;
 /// Times an operation is tried when the engine changed the rollout between
 /// its read and its write.
 const CONFLICT_ATTEMPTS: u32 = 5;
+
+/// Runs `operation` again while it fails with ABORTED (the engine changed
+/// the rollout between its read and its write), up to CONFLICT_ATTEMPTS.
+async fn retry_conflicts<F>(operation: impl Fn() -> F) -> Result<v1::Rollout, Status>
+where
+    F: std::future::Future<Output = Result<v1::Rollout, Status>>,
+{
+    let mut attempt = 1;
+    loop {
+        match operation().await {
+            Err(s) if s.code() == Code::Aborted && attempt < CONFLICT_ATTEMPTS => attempt += 1,
+            done => return done,
+        }
+    }
+}
 /// Devices named in an overlap error.
 const OVERLAP_EXAMPLES: usize = 3;
 
@@ -115,13 +130,7 @@ impl Rollouts {
     }
 
     pub async fn start(&self, req: v1::RolloutRequest, actor: &str) -> Result<v1::Rollout, Status> {
-        let mut attempt = 1;
-        loop {
-            match self.start_once(req.clone(), actor).await {
-                Err(s) if s.code() == Code::Aborted && attempt < CONFLICT_ATTEMPTS => attempt += 1,
-                done => return done,
-            }
-        }
+        retry_conflicts(|| self.start_once(req.clone(), actor)).await
     }
 
     async fn start_once(
@@ -250,16 +259,7 @@ impl Rollouts {
         from: &[RolloutState],
         to: RolloutState,
     ) -> Result<v1::Rollout, Status> {
-        let mut attempt = 1;
-        loop {
-            match self
-                .set_state_once(req.clone(), actor, verb, from, to)
-                .await
-            {
-                Err(s) if s.code() == Code::Aborted && attempt < CONFLICT_ATTEMPTS => attempt += 1,
-                done => return done,
-            }
-        }
+        retry_conflicts(|| self.set_state_once(req.clone(), actor, verb, from, to)).await
     }
 
     async fn set_state_once(
@@ -345,13 +345,7 @@ impl Rollouts {
         req: v1::RolloutRequest,
         actor: &str,
     ) -> Result<v1::Rollout, Status> {
-        let mut attempt = 1;
-        loop {
-            match self.rollback_once(req.clone(), actor).await {
-                Err(s) if s.code() == Code::Aborted && attempt < CONFLICT_ATTEMPTS => attempt += 1,
-                done => return done,
-            }
-        }
+        retry_conflicts(|| self.rollback_once(req.clone(), actor)).await
     }
 
     async fn rollback_once(
