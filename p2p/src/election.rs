@@ -1,0 +1,461 @@
+//! Who in the store downloads a bundle from the origin: a pure state machine
+//! over what this till sees of its peers, evaluated on every tick of the
+//! swarm task. No I/O, no clock of its own: the caller passes `now`.
+//!
+//! The rule: among the connected members that announce they need the bundle,
+//! plus this till, the one with the highest rendezvous score
+//! `SHA-256(PeerId bytes || bundle digest)` fetches from the origin the
+//! pieces no one in the store has. Everyone else pulls from it and from each
+//! other. Every till computes the same order from the same announcements, so
+//! without anyone coordinating, exactly one goes to the origin.
+//!
+//! - Decisions wait `settle` after the fetch starts, so the announcements of
+//!   tills that started at the same instant are in.
+//! - A till already fetching from the origin and making progress is left
+//!   alone, whatever its rank; if two fetch at once, the lower-ranked stops.
+//! - A chosen till that does not start, or stops making progress, for
+//!   `stall` is skipped and the next in order takes over, from the pieces the
+//!   store has by then. A till whose own origin download stalls stops it and
+//!   steps back.
+//! - With no connected member for `fallback`, a till fetches alone.
+//! - If the store has every piece but this till got none of them for
+//!   `fallback + 2 × stall`, it fetches what it lacks from the origin too:
+//!   a store never stalls for good.
+
+use libp2p::PeerId;
+use sha2::{Digest as _, Sha256};
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use crate::protocol::Digest;
+
+/// The rendezvous score of `peer` for `bundle`; higher goes first.
+pub(crate) fn score(peer: &PeerId, bundle: &Digest) -> [u8; 32] {
+    Sha256::new()
+        .chain_update(peer.to_bytes())
+        .chain_update(bundle)
+        .finalize()
+        .into()
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timing {
+    pub settle: Duration,
+    pub fallback: Duration,
+    pub stall: Duration,
+}
+
+/// A connected member that announced it needs the bundle.
+#[derive(Debug, Clone)]
+pub(crate) struct Candidate {
+    pub peer: PeerId,
+    /// It announces that it is fetching from the origin.
+    pub origin: bool,
+    /// When its piece count last grew, or it started fetching from the origin.
+    pub last_progress: Instant,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inputs<'a> {
+    pub now: Instant,
+    /// This till and its connected members hold every piece between them.
+    pub store_complete: bool,
+    /// Connected, usable members (whether or not they need the bundle).
+    pub connected: usize,
+    pub candidates: &'a [Candidate],
+    /// False while a failed origin download waits before its retry.
+    pub origin_allowed: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// The pieces no one in the store has.
+    Store,
+    /// Every piece this till lacks: no peer connected.
+    Alone,
+    /// Every piece this till lacks: the store has them but this till cannot get them.
+    Rescue,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Decision {
+    Wait,
+    Start(Mode),
+    Stop(StopReason),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StopReason {
+    /// Every missing piece is now in the store.
+    StoreComplete,
+    /// No piece from the origin for `stall`.
+    Stalled,
+    /// A higher-ranked till is fetching from the origin too.
+    HigherRankedFetcher,
+}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StopReason::StoreComplete => "the store has every piece",
+            StopReason::Stalled => "no progress from the origin",
+            StopReason::HigherRankedFetcher => "a higher-ranked peer fetches from the origin",
+        })
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Election {
+    local: PeerId,
+    bundle: Digest,
+    timing: Timing,
+    started: Instant,
+    alone_since: Option<Instant>,
+    /// When this till last got a piece from anywhere.
+    last_progress: Instant,
+    /// Candidates skipped for not making progress (this till included).
+    given_up: HashSet<PeerId>,
+    /// The remote candidate this till waits for, and since when.
+    waiting_for: Option<(PeerId, Instant)>,
+    /// What the running origin download is for, and its last progress.
+    running: Option<(Mode, Instant)>,
+}
+
+impl Election {
+    pub fn new(local: PeerId, bundle: Digest, timing: Timing, now: Instant) -> Election {
+        Election {
+            local,
+            bundle,
+            timing,
+            started: now,
+            alone_since: None,
+            last_progress: now,
+            given_up: HashSet::new(),
+            waiting_for: None,
+            running: None,
+        }
+    }
+
+    /// This till stored a piece (from anywhere).
+    pub fn progressed(&mut self, now: Instant) {
+        self.last_progress = now;
+    }
+
+    /// A piece arrived from this till's own origin download.
+    pub fn origin_progressed(&mut self, now: Instant) {
+        self.last_progress = now;
+        if let Some((_, last)) = &mut self.running {
+            *last = now;
+        }
+    }
+
+    /// This till's origin download ended (done, failed or had nothing to fetch).
+    pub fn origin_stopped(&mut self) {
+        self.running = None;
+    }
+
+    pub fn decide(&mut self, i: &Inputs) -> Decision {
+        let now = i.now;
+        let stall = self.timing.stall;
+        if i.connected == 0 {
+            self.alone_since.get_or_insert(now);
+        } else {
+            self.alone_since = None;
+        }
+        let mine = score(&self.local, &self.bundle);
+        let progressing = |c: &Candidate| c.origin && since(now, c.last_progress) <= stall;
+        let higher_fetcher = i
+            .candidates
+            .iter()
+            .any(|c| progressing(c) && score(&c.peer, &self.bundle) > mine);
+
+        if let Some((mode, last)) = self.running {
+            let stop = if since(now, last) > stall {
+                self.given_up.insert(self.local);
+                Some(StopReason::Stalled)
+            } else if mode == Mode::Store && i.store_complete {
+                Some(StopReason::StoreComplete)
+            } else if mode == Mode::Alone && i.store_complete {
+                // A peer that has it all turned up: pull from it instead.
+                Some(StopReason::StoreComplete)
+            } else if higher_fetcher {
+                Some(StopReason::HigherRankedFetcher)
+            } else {
+                None
+            };
+            return match stop {
+                Some(reason) => {
+                    self.running = None;
+                    Decision::Stop(reason)
+                }
+                None => Decision::Wait,
+            };
+        }
+        if !i.origin_allowed {
+            return Decision::Wait;
+        }
+
+        if i.store_complete {
+            let patience = self.timing.fallback + 2 * stall;
+            return if since(now, self.last_progress) > patience {
+                self.start(Mode::Rescue, now)
+            } else {
+                Decision::Wait
+            };
+        }
+        if i.connected == 0 {
+            let alone_since = self.alone_since.unwrap_or(now);
+            return if since(now, alone_since) >= self.timing.fallback {
+                self.start(Mode::Alone, now)
+            } else {
+                Decision::Wait
+            };
+        }
+        if since(now, self.started) < self.timing.settle {
+            return Decision::Wait;
+        }
+        if i.candidates.iter().any(progressing) {
+            self.waiting_for = None;
+            return Decision::Wait;
+        }
+
+        let mut order: Vec<([u8; 32], PeerId)> = i
+            .candidates
+            .iter()
+            .map(|c| c.peer)
+            .chain(std::iter::once(self.local))
+            .filter(|p| !self.given_up.contains(p))
+            .map(|p| (score(&p, &self.bundle), p))
+            .collect();
+        if order.is_empty() {
+            // Every candidate failed once: start the round again.
+            self.given_up.clear();
+            return Decision::Wait;
+        }
+        order.sort_by_key(|(score, _)| std::cmp::Reverse(*score));
+        let top = order[0].1;
+        if top == self.local {
+            self.waiting_for = None;
+            return self.start(Mode::Store, now);
+        }
+        let waiting_since = match self.waiting_for {
+            Some((peer, at)) if peer == top => at,
+            _ => {
+                self.waiting_for = Some((top, now));
+                now
+            }
+        };
+        // An origin fetcher is judged by its pieces, anyone else by how
+        // long it has been first without starting.
+        let last_sign = i
+            .candidates
+            .iter()
+            .find(|c| c.peer == top && c.origin)
+            .map_or(waiting_since, |c| c.last_progress);
+        if since(now, last_sign) > stall {
+            self.given_up.insert(top);
+            self.waiting_for = None;
+        }
+        Decision::Wait
+    }
+
+    fn start(&mut self, mode: Mode, now: Instant) -> Decision {
+        self.running = Some((mode, now));
+        Decision::Start(mode)
+    }
+}
+
+fn since(now: Instant, then: Instant) -> Duration {
+    now.saturating_duration_since(then)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BUNDLE: Digest = [7; 32];
+
+    fn timing() -> Timing {
+        Timing {
+            settle: Duration::from_secs(1),
+            fallback: Duration::from_secs(10),
+            stall: Duration::from_secs(5),
+        }
+    }
+
+    /// `n` peers, highest rendezvous score first.
+    fn ranked(n: usize) -> Vec<PeerId> {
+        let mut peers: Vec<PeerId> = (0..n).map(|_| PeerId::random()).collect();
+        peers.sort_by_key(|p| std::cmp::Reverse(score(p, &BUNDLE)));
+        peers
+    }
+
+    fn wanting(peers: &[PeerId], at: Instant) -> Vec<Candidate> {
+        peers
+            .iter()
+            .map(|&peer| Candidate {
+                peer,
+                origin: false,
+                last_progress: at,
+            })
+            .collect()
+    }
+
+    struct Check {
+        election: Election,
+        t0: Instant,
+    }
+
+    impl Check {
+        fn new(local: PeerId) -> Check {
+            let t0 = Instant::now();
+            Check {
+                election: Election::new(local, BUNDLE, timing(), t0),
+                t0,
+            }
+        }
+
+        /// Decides at `ms` after the start.
+        fn at(&mut self, ms: u64, store_complete: bool, candidates: &[Candidate]) -> Decision {
+            self.election.decide(&Inputs {
+                now: self.t0 + Duration::from_millis(ms),
+                store_complete,
+                connected: candidates.len(),
+                candidates,
+                origin_allowed: true,
+            })
+        }
+    }
+
+    #[test]
+    fn the_highest_ranked_till_fetches_once_the_announcements_settle() {
+        let peers = ranked(4);
+        // The top-ranked till, seeing the other three.
+        let mut top = Check::new(peers[0]);
+        let others = wanting(&peers[1..], top.t0);
+        assert_eq!(top.at(500, false, &others), Decision::Wait, "settling");
+        assert_eq!(top.at(1000, false, &others), Decision::Start(Mode::Store));
+        assert_eq!(top.at(1100, false, &others), Decision::Wait, "keeps going");
+        top.election
+            .origin_progressed(top.t0 + Duration::from_millis(1100));
+        // Everyone else waits for it.
+        for &me in &peers[1..] {
+            let mut check = Check::new(me);
+            let seen: Vec<PeerId> = peers.iter().copied().filter(|&p| p != me).collect();
+            let cands = wanting(&seen, check.t0);
+            assert_eq!(check.at(1000, false, &cands), Decision::Wait);
+            assert_eq!(check.at(3000, false, &cands), Decision::Wait);
+        }
+    }
+
+    #[test]
+    fn the_next_in_order_takes_over_when_the_chosen_one_never_starts() {
+        let peers = ranked(3);
+        let mut second = Check::new(peers[1]);
+        let cands = wanting(&[peers[0], peers[2]], second.t0);
+        assert_eq!(second.at(1000, false, &cands), Decision::Wait);
+        assert_eq!(
+            second.at(6000, false, &cands),
+            Decision::Wait,
+            "stall is 5 s"
+        );
+        assert_eq!(
+            second.at(6001, false, &cands),
+            Decision::Wait,
+            "gives up on it"
+        );
+        assert_eq!(second.at(6002, false, &cands), Decision::Start(Mode::Store));
+    }
+
+    #[test]
+    fn a_stalled_origin_fetcher_is_replaced_and_a_working_one_is_left_alone() {
+        let peers = ranked(2);
+        let mut second = Check::new(peers[1]);
+        let t0 = second.t0;
+        let t = |ms| t0 + Duration::from_millis(ms);
+        let mut fetcher = wanting(&[peers[0]], t(0));
+        fetcher[0].origin = true;
+        fetcher[0].last_progress = t(2000);
+        assert_eq!(second.at(4000, false, &fetcher), Decision::Wait);
+        fetcher[0].last_progress = t(6000);
+        assert_eq!(
+            second.at(10_000, false, &fetcher),
+            Decision::Wait,
+            "progressing"
+        );
+        // No piece for more than 5 s: skipped, and this till takes over.
+        assert_eq!(second.at(11_001, false, &fetcher), Decision::Wait);
+        assert_eq!(
+            second.at(11_002, false, &fetcher),
+            Decision::Start(Mode::Store)
+        );
+        second.election.origin_progressed(t(11_500));
+        // The old one recovers and ranks higher: this till stops at once.
+        fetcher[0].last_progress = t(11_600);
+        assert_eq!(
+            second.at(11_700, false, &fetcher),
+            Decision::Stop(StopReason::HigherRankedFetcher)
+        );
+        assert_eq!(second.at(11_800, false, &fetcher), Decision::Wait);
+    }
+
+    #[test]
+    fn a_lower_ranked_fetcher_does_not_stop_a_higher_one() {
+        let peers = ranked(2);
+        let mut top = Check::new(peers[0]);
+        let mut lower = wanting(&[peers[1]], top.t0);
+        assert_eq!(top.at(1000, false, &lower), Decision::Start(Mode::Store));
+        lower[0].origin = true;
+        lower[0].last_progress = top.t0 + Duration::from_millis(1200);
+        top.election
+            .origin_progressed(top.t0 + Duration::from_millis(1200));
+        assert_eq!(top.at(1300, false, &lower), Decision::Wait);
+    }
+
+    #[test]
+    fn a_till_whose_origin_download_stalls_steps_back() {
+        let peers = ranked(2);
+        let mut top = Check::new(peers[0]);
+        let cands = wanting(&[peers[1]], top.t0);
+        assert_eq!(top.at(1000, false, &cands), Decision::Start(Mode::Store));
+        assert_eq!(
+            top.at(6001, false, &cands),
+            Decision::Stop(StopReason::Stalled)
+        );
+        // It now waits for the next one instead of starting again.
+        assert_eq!(top.at(6100, false, &cands), Decision::Wait);
+    }
+
+    #[test]
+    fn a_till_alone_waits_for_the_fallback_delay() {
+        let mut alone = Check::new(PeerId::random());
+        assert_eq!(alone.at(0, false, &[]), Decision::Wait);
+        assert_eq!(alone.at(9_999, false, &[]), Decision::Wait);
+        assert_eq!(alone.at(10_000, false, &[]), Decision::Start(Mode::Alone));
+        // Then a peer with every piece shows up: pull from it instead.
+        let peer = wanting(&[PeerId::random()], alone.t0);
+        alone
+            .election
+            .origin_progressed(alone.t0 + Duration::from_millis(10_500));
+        assert_eq!(
+            alone.at(10_600, true, &peer),
+            Decision::Stop(StopReason::StoreComplete)
+        );
+    }
+
+    #[test]
+    fn the_store_having_everything_means_no_origin_unless_nothing_arrives() {
+        let peer = vec![Candidate {
+            peer: PeerId::random(),
+            origin: false,
+            last_progress: Instant::now(),
+        }];
+        let mut check = Check::new(PeerId::random());
+        assert_eq!(check.at(5000, true, &peer), Decision::Wait);
+        check
+            .election
+            .progressed(check.t0 + Duration::from_millis(5000));
+        assert_eq!(check.at(25_000, true, &peer), Decision::Wait);
+        assert_eq!(check.at(25_001, true, &peer), Decision::Start(Mode::Rescue));
+    }
+}

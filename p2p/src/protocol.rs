@@ -1,0 +1,432 @@
+//! The wire protocol: one request-response protocol with a small binary
+//! codec. Every frame is `kind: u8, length: u32 (big endian), payload`, and
+//! the length is checked against the limit for that kind before anything is
+//! allocated.
+
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use libp2p::StreamProtocol;
+use std::io;
+
+use crate::bitmap::Bitmap;
+
+pub(crate) const PROTOCOL: StreamProtocol = StreamProtocol::new("/posfleet/pieces/1");
+
+pub type Digest = [u8; 32];
+
+/// The most bundles one status message describes.
+pub(crate) const MAX_STATUS_BUNDLES: usize = 256;
+/// The most pieces a bundle may have to be exchanged (1 TiB of 1 MiB pieces).
+pub(crate) const MAX_PIECES: usize = 1 << 20;
+
+/// Message size limits. A frame over its limit fails the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest piece served or accepted (the payload of a piece response).
+    pub max_piece_bytes: u32,
+    /// Largest status message (requests and responses).
+    pub max_status_bytes: u32,
+    /// Largest chunk list served or accepted.
+    pub max_chunk_list_bytes: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_piece_bytes: posfleet_bundle::chunks::CHUNK_SIZE,
+            max_status_bytes: 64 << 10,
+            // 32 bytes a piece: 32,768 pieces, 32 GiB in 1 MiB pieces.
+            max_chunk_list_bytes: 1 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Request {
+    /// "Here is what I have and fetch"; the answer is the peer's own status.
+    Status(Status),
+    Piece {
+        bundle: Digest,
+        index: u32,
+    },
+    /// A chunk list, named by its digest (as signed in the metadata).
+    ChunkList {
+        digest: Digest,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Response {
+    Status(Status),
+    Piece(Vec<u8>),
+    ChunkList(Vec<u8>),
+    NotFound,
+    /// The asker is not on this peer's membership list, or is banned.
+    Refused,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct Status {
+    pub bundles: Vec<BundleStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct BundleStatus {
+    /// SHA-256 of the whole bundle file.
+    pub digest: Digest,
+    /// Digest of its chunk list.
+    pub chunks_digest: Digest,
+    /// The peer wants the bundle (it is not whole there yet).
+    pub fetching: bool,
+    /// The peer is downloading pieces from the origin right now.
+    pub origin: bool,
+    pub have: Bitmap,
+}
+
+const STATUS: u8 = 1;
+const PIECE: u8 = 2;
+const CHUNK_LIST: u8 = 3;
+const NOT_FOUND: u8 = 4;
+const REFUSED: u8 = 5;
+
+const FLAG_FETCHING: u8 = 1;
+const FLAG_ORIGIN: u8 = 2;
+/// Every piece is there; no bitmap follows.
+const FLAG_WHOLE: u8 = 4;
+
+impl Status {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(2 + self.bundles.len() * 80);
+        out.extend_from_slice(&(self.bundles.len() as u16).to_be_bytes());
+        for b in &self.bundles {
+            out.extend_from_slice(&b.digest);
+            out.extend_from_slice(&b.chunks_digest);
+            let whole = b.have.is_full();
+            let mut flags = 0;
+            for (set, flag) in [
+                (b.fetching, FLAG_FETCHING),
+                (b.origin, FLAG_ORIGIN),
+                (whole, FLAG_WHOLE),
+            ] {
+                if set {
+                    flags |= flag;
+                }
+            }
+            out.push(flags);
+            out.extend_from_slice(&(b.have.len() as u32).to_be_bytes());
+            if !whole {
+                out.extend_from_slice(b.have.as_bytes());
+            }
+        }
+        out
+    }
+
+    pub fn decode(mut bytes: &[u8]) -> io::Result<Status> {
+        let count = u16::from_be_bytes(take(&mut bytes)?) as usize;
+        if count > MAX_STATUS_BUNDLES {
+            return Err(invalid("too many bundles in a status"));
+        }
+        let mut bundles = Vec::with_capacity(count);
+        for _ in 0..count {
+            let digest: Digest = take(&mut bytes)?;
+            let chunks_digest: Digest = take(&mut bytes)?;
+            let [flags] = take::<1>(&mut bytes)?;
+            let pieces = u32::from_be_bytes(take(&mut bytes)?) as usize;
+            if pieces > MAX_PIECES {
+                return Err(invalid("too many pieces in a status"));
+            }
+            let have = if flags & FLAG_WHOLE != 0 {
+                Bitmap::full(pieces)
+            } else {
+                let n = pieces.div_ceil(8);
+                if bytes.len() < n {
+                    return Err(invalid("truncated status"));
+                }
+                let (bits, rest) = bytes.split_at(n);
+                bytes = rest;
+                Bitmap::decode(pieces, bits).ok_or_else(|| invalid("bad bitmap"))?
+            };
+            bundles.push(BundleStatus {
+                digest,
+                chunks_digest,
+                fetching: flags & FLAG_FETCHING != 0,
+                origin: flags & FLAG_ORIGIN != 0,
+                have,
+            });
+        }
+        if !bytes.is_empty() {
+            return Err(invalid("trailing bytes after a status"));
+        }
+        Ok(Status { bundles })
+    }
+}
+
+fn take<const N: usize>(bytes: &mut &[u8]) -> io::Result<[u8; N]> {
+    if bytes.len() < N {
+        return Err(invalid("truncated message"));
+    }
+    let (head, rest) = bytes.split_at(N);
+    *bytes = rest;
+    Ok(head.try_into().expect("split_at returned N bytes"))
+}
+
+fn invalid(message: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, message)
+}
+
+async fn read_frame<T: AsyncRead + Unpin + Send>(
+    io: &mut T,
+    limit: impl Fn(u8) -> Option<u32>,
+) -> io::Result<(u8, Vec<u8>)> {
+    let mut header = [0u8; 5];
+    io.read_exact(&mut header).await?;
+    let kind = header[0];
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+    let max = limit(kind).ok_or_else(|| invalid("unknown message kind"))?;
+    if len > max {
+        return Err(invalid("message over its size limit"));
+    }
+    let mut payload = vec![0u8; len as usize];
+    io.read_exact(&mut payload).await?;
+    Ok((kind, payload))
+}
+
+async fn write_frame<T: AsyncWrite + Unpin + Send>(
+    io: &mut T,
+    kind: u8,
+    payload: &[u8],
+) -> io::Result<()> {
+    let len = u32::try_from(payload.len()).map_err(|_| invalid("message too large"))?;
+    let mut header = [0u8; 5];
+    header[0] = kind;
+    header[1..].copy_from_slice(&len.to_be_bytes());
+    io.write_all(&header).await?;
+    io.write_all(payload).await?;
+    io.flush().await
+}
+
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Codec {
+    pub limits: Limits,
+}
+
+impl Codec {
+    fn request_limit(&self, kind: u8) -> Option<u32> {
+        match kind {
+            STATUS => Some(self.limits.max_status_bytes),
+            PIECE => Some(36),
+            CHUNK_LIST => Some(32),
+            _ => None,
+        }
+    }
+
+    fn response_limit(&self, kind: u8) -> Option<u32> {
+        match kind {
+            STATUS => Some(self.limits.max_status_bytes),
+            PIECE => Some(self.limits.max_piece_bytes),
+            CHUNK_LIST => Some(self.limits.max_chunk_list_bytes),
+            NOT_FOUND | REFUSED => Some(0),
+            _ => None,
+        }
+    }
+
+    fn check_out(&self, len: usize, limit: u32) -> io::Result<()> {
+        if len > limit as usize {
+            return Err(invalid("refusing to send a message over its size limit"));
+        }
+        Ok(())
+    }
+}
+
+impl libp2p::request_response::Codec for Codec {
+    type Protocol = StreamProtocol;
+    type Request = Request;
+    type Response = Response;
+
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Request>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        let (kind, payload) = read_frame(io, |k| self.request_limit(k)).await?;
+        match kind {
+            STATUS => Ok(Request::Status(Status::decode(&payload)?)),
+            PIECE => {
+                let mut p = &payload[..];
+                let bundle = take(&mut p)?;
+                let index = u32::from_be_bytes(take(&mut p)?);
+                Ok(Request::Piece { bundle, index })
+            }
+            CHUNK_LIST => Ok(Request::ChunkList {
+                digest: take(&mut &payload[..])?,
+            }),
+            _ => Err(invalid("unknown request kind")),
+        }
+    }
+
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Response>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        let (kind, payload) = read_frame(io, |k| self.response_limit(k)).await?;
+        match kind {
+            STATUS => Ok(Response::Status(Status::decode(&payload)?)),
+            PIECE => Ok(Response::Piece(payload)),
+            CHUNK_LIST => Ok(Response::ChunkList(payload)),
+            NOT_FOUND => Ok(Response::NotFound),
+            REFUSED => Ok(Response::Refused),
+            _ => Err(invalid("unknown response kind")),
+        }
+    }
+
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        request: Request,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        match request {
+            Request::Status(status) => {
+                let payload = status.encode();
+                self.check_out(payload.len(), self.limits.max_status_bytes)?;
+                write_frame(io, STATUS, &payload).await
+            }
+            Request::Piece { bundle, index } => {
+                let mut payload = [0u8; 36];
+                payload[..32].copy_from_slice(&bundle);
+                payload[32..].copy_from_slice(&index.to_be_bytes());
+                write_frame(io, PIECE, &payload).await
+            }
+            Request::ChunkList { digest } => write_frame(io, CHUNK_LIST, &digest).await,
+        }
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        response: Response,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        match response {
+            Response::Status(status) => {
+                let payload = status.encode();
+                self.check_out(payload.len(), self.limits.max_status_bytes)?;
+                write_frame(io, STATUS, &payload).await
+            }
+            Response::Piece(data) => {
+                self.check_out(data.len(), self.limits.max_piece_bytes)?;
+                write_frame(io, PIECE, &data).await
+            }
+            Response::ChunkList(list) => {
+                self.check_out(list.len(), self.limits.max_chunk_list_bytes)?;
+                write_frame(io, CHUNK_LIST, &list).await
+            }
+            Response::NotFound => write_frame(io, NOT_FOUND, &[]).await,
+            Response::Refused => write_frame(io, REFUSED, &[]).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::executor::block_on;
+    use libp2p::request_response::Codec as _;
+
+    fn sample_status() -> Status {
+        let mut have = Bitmap::empty(20);
+        have.set(3);
+        have.set(19);
+        Status {
+            bundles: vec![
+                BundleStatus {
+                    digest: [1; 32],
+                    chunks_digest: [2; 32],
+                    fetching: true,
+                    origin: true,
+                    have,
+                },
+                BundleStatus {
+                    digest: [3; 32],
+                    chunks_digest: [4; 32],
+                    fetching: false,
+                    origin: false,
+                    have: Bitmap::full(500),
+                },
+            ],
+        }
+    }
+
+    fn round_trip_request(request: Request) -> io::Result<Request> {
+        let mut codec = Codec::default();
+        let mut wire = Vec::new();
+        block_on(codec.write_request(&PROTOCOL, &mut wire, request))?;
+        block_on(codec.read_request(&PROTOCOL, &mut &wire[..]))
+    }
+
+    fn round_trip_response(response: Response) -> io::Result<Response> {
+        let mut codec = Codec::default();
+        let mut wire = Vec::new();
+        block_on(codec.write_response(&PROTOCOL, &mut wire, response))?;
+        block_on(codec.read_response(&PROTOCOL, &mut &wire[..]))
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for request in [
+            Request::Status(sample_status()),
+            Request::Status(Status::default()),
+            Request::Piece {
+                bundle: [9; 32],
+                index: 77,
+            },
+            Request::ChunkList { digest: [5; 32] },
+        ] {
+            assert_eq!(round_trip_request(request.clone()).unwrap(), request);
+        }
+        for response in [
+            Response::Status(sample_status()),
+            Response::Piece(vec![7; 1 << 20]),
+            Response::ChunkList(vec![1; 64]),
+            Response::NotFound,
+            Response::Refused,
+        ] {
+            assert_eq!(round_trip_response(response.clone()).unwrap(), response);
+        }
+        // A whole bundle costs no bitmap on the wire.
+        let whole = Status {
+            bundles: vec![sample_status().bundles[1].clone()],
+        };
+        assert_eq!(whole.encode().len(), 2 + 32 + 32 + 1 + 4);
+    }
+
+    #[test]
+    fn oversized_and_malformed_frames_are_refused_before_allocation() {
+        let mut codec = Codec::default();
+        // A piece one byte over the limit is refused on both sides.
+        let big = Response::Piece(vec![0; (1 << 20) + 1]);
+        assert!(block_on(codec.write_response(&PROTOCOL, &mut Vec::new(), big)).is_err());
+        let mut wire = vec![PIECE];
+        wire.extend_from_slice(&((1u32 << 20) + 1).to_be_bytes());
+        assert!(block_on(codec.read_response(&PROTOCOL, &mut &wire[..])).is_err());
+        // A request claiming 4 GiB is refused from its header alone.
+        let wire = [STATUS, 0xff, 0xff, 0xff, 0xff];
+        assert!(block_on(codec.read_request(&PROTOCOL, &mut &wire[..])).is_err());
+        // A piece request has exactly one size.
+        let mut wire = vec![PIECE, 0, 0, 0, 37];
+        wire.extend_from_slice(&[0; 37]);
+        assert!(block_on(codec.read_request(&PROTOCOL, &mut &wire[..])).is_err());
+        // Unknown kinds, truncation and trailing bytes.
+        assert!(block_on(codec.read_request(&PROTOCOL, &mut &[9u8, 0, 0, 0, 0][..])).is_err());
+        assert!(block_on(codec.read_response(&PROTOCOL, &mut &[STATUS, 0, 0][..])).is_err());
+        let mut payload = sample_status().encode();
+        payload.push(0);
+        assert!(Status::decode(&payload).is_err());
+        let payload = sample_status().encode();
+        assert!(Status::decode(&payload[..payload.len() - 1]).is_err());
+    }
+}
