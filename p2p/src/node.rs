@@ -6,7 +6,8 @@
 
 use futures::StreamExt;
 use libp2p::request_response::{
-    self, Event as RrEvent, Message, OutboundFailure, OutboundRequestId, ResponseChannel,
+    self, Event as RrEvent, InboundRequestId, Message, OutboundFailure, OutboundRequestId,
+    ResponseChannel,
 };
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
@@ -111,6 +112,7 @@ enum Internal {
     },
     Served {
         peer: PeerId,
+        request: InboundRequestId,
         channel: ResponseChannel<Response>,
         local: u64,
         index: usize,
@@ -179,6 +181,7 @@ enum Outbound {
 
 struct ServeJob {
     peer: PeerId,
+    request: InboundRequestId,
     channel: ResponseChannel<Response>,
     local: u64,
     file: Arc<PieceFile>,
@@ -208,7 +211,10 @@ pub(crate) struct Node {
     bundles: HashMap<Digest, Local>,
     outbound: HashMap<OutboundRequestId, Outbound>,
     serve_queue: VecDeque<ServeJob>,
+    /// Pieces being read (or held by the upload cap) for serving.
     serving: usize,
+    /// Piece responses handed to libp2p and not yet flushed.
+    sending: HashSet<InboundRequestId>,
     buckets: HashMap<PeerId, TokenBucket>,
     chunk_queries: HashMap<u64, ChunkQuery>,
     next_id: u64,
@@ -277,6 +283,7 @@ impl Node {
             outbound: HashMap::new(),
             serve_queue: VecDeque::new(),
             serving: 0,
+            sending: HashSet::new(),
             buckets: HashMap::new(),
             chunk_queries: HashMap::new(),
             next_id: 1,
@@ -682,10 +689,12 @@ impl Node {
                 peer,
                 message:
                     Message::Request {
-                        request, channel, ..
+                        request_id,
+                        request,
+                        channel,
                     },
                 ..
-            } => self.inbound(peer, request, channel),
+            } => self.inbound(peer, request_id, request, channel),
             RrEvent::Message {
                 peer,
                 message:
@@ -701,10 +710,22 @@ impl Node {
                 error,
                 ..
             } => self.outbound_failed(peer, request_id, error),
-            RrEvent::InboundFailure { peer, error, .. } => {
+            RrEvent::InboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
                 debug!(peer_id = %peer, %error, "An inbound request failed.");
+                if self.sending.remove(&request_id) {
+                    self.pump_serves();
+                }
             }
-            RrEvent::ResponseSent { .. } => {}
+            RrEvent::ResponseSent { request_id, .. } => {
+                if self.sending.remove(&request_id) {
+                    self.pump_serves();
+                }
+            }
         }
     }
 
@@ -716,7 +737,13 @@ impl Node {
             .is_ok()
     }
 
-    fn inbound(&mut self, peer: PeerId, request: Request, channel: ResponseChannel<Response>) {
+    fn inbound(
+        &mut self,
+        peer: PeerId,
+        request_id: InboundRequestId,
+        request: Request,
+        channel: ResponseChannel<Response>,
+    ) {
         // Connections are gated on membership; requests are checked again,
         // as the list may have changed since the connection was made.
         if !self.allowed(&peer) {
@@ -741,6 +768,7 @@ impl Node {
                     Some((local, file)) => {
                         self.serve_queue.push_back(ServeJob {
                             peer,
+                            request: request_id,
                             channel,
                             local,
                             file,
@@ -810,7 +838,7 @@ impl Node {
                                 remote.have.clear(index);
                             }
                         }
-                        self.unrequest(local, index);
+                        self.unrequest(local, index, peer);
                     }
                 }
             }
@@ -834,7 +862,7 @@ impl Node {
                 if let Some(p) = self.peers.get_mut(&peer) {
                     p.in_flight = p.in_flight.saturating_sub(1);
                 }
-                self.unrequest(local, index);
+                self.unrequest(local, index, peer);
             }
             Outbound::ChunkList { query } => {
                 self.chunk_list_answer(query, peer, Response::NotFound)
@@ -853,8 +881,12 @@ impl Node {
         self.bundles.values_mut().find(|l| l.id == local)
     }
 
-    fn unrequest(&mut self, local: u64, index: usize) {
-        if let Some(fetch) = self.local_mut(local).and_then(|l| l.fetch.as_mut()) {
+    /// The request for `index` to `peer` is over (a later request of the
+    /// same piece to another peer stays).
+    fn unrequest(&mut self, local: u64, index: usize, peer: PeerId) {
+        if let Some(fetch) = self.local_mut(local).and_then(|l| l.fetch.as_mut())
+            && fetch.requested.get(&index) == Some(&peer)
+        {
             fetch.requested.remove(&index);
         }
     }
@@ -950,7 +982,7 @@ impl Node {
             return;
         };
         if l.fetch.is_none() || l.have.get(index) {
-            self.unrequest(local, index);
+            self.unrequest(local, index, peer);
             return;
         }
         let file = l.file.clone();
@@ -970,7 +1002,9 @@ impl Node {
     }
 
     fn pump_serves(&mut self) {
-        while self.serving < self.config.max_concurrent_transfers.max(1) {
+        // A slot is held from the read until libp2p has flushed the
+        // response: at most this many pieces sit in memory for serving.
+        while self.serving + self.sending.len() < self.config.max_concurrent_transfers.max(1) {
             let Some(job) = self.serve_queue.pop_front() else {
                 break;
             };
@@ -1001,6 +1035,7 @@ impl Node {
                 }
                 let ServeJob {
                     peer,
+                    request,
                     channel,
                     local,
                     file,
@@ -1011,6 +1046,7 @@ impl Node {
                     .unwrap_or(Err(Error::Stopped));
                 let _ = tx.send(Internal::Served {
                     peer,
+                    request,
                     channel,
                     local,
                     index,
@@ -1025,6 +1061,7 @@ impl Node {
         match event {
             Internal::Served {
                 peer,
+                request,
                 channel,
                 local,
                 index,
@@ -1040,6 +1077,7 @@ impl Node {
                         let bytes = data.len() as u64;
                         if self.allowed(&peer) && self.respond(channel, Response::Piece(data)) {
                             self.stats.served_bytes += bytes;
+                            self.sending.insert(request);
                         }
                     }
                     Err(error) => {
@@ -1069,7 +1107,9 @@ impl Node {
                 let Some(fetch) = l.fetch.as_mut() else {
                     return;
                 };
-                fetch.requested.remove(&index);
+                if fetch.requested.get(&index) == Some(&peer) {
+                    fetch.requested.remove(&index);
+                }
                 match result {
                     Ok(()) => {
                         if l.have.set(index) {
@@ -1480,7 +1520,14 @@ impl Node {
     /// Requests missing pieces from peers, rarest first, within the
     /// in-flight limits.
     fn schedule(&mut self) {
-        let in_flight: usize = self.peers.values().map(|p| p.in_flight).sum();
+        // Pieces stay counted from the request until they are written, so
+        // at most this many are in memory on the receiving side.
+        let in_flight: usize = self
+            .bundles
+            .values()
+            .filter_map(|l| l.fetch.as_ref())
+            .map(|f| f.requested.len())
+            .sum();
         let mut budget = self
             .config
             .max_concurrent_transfers
