@@ -582,6 +582,33 @@ impl Slots {
         Ok(active)
     }
 
+    /// The version of `name` confirmed healthy: the active one, except
+    /// while a new version is being checked or rolled back, when it is the
+    /// one before. This is what the till reports, so that a version whose
+    /// health check is still running is never taken for installed.
+    pub fn confirmed(&self, name: &str) -> Result<Option<Version>, Error> {
+        if !valid_name(name) {
+            return Ok(None);
+        }
+        match load_journal(&self.root.join(name))? {
+            Journal::Activating { previous, .. } | Journal::RollingBack { previous, .. } => {
+                Ok(previous)
+            }
+            Journal::Stable { .. } => self.active(name),
+        }
+    }
+
+    /// The confirmed version of every bundle (see [`Slots::confirmed`]).
+    pub fn confirmed_versions(&self) -> Result<BTreeMap<String, Version>, Error> {
+        let mut confirmed = BTreeMap::new();
+        for name in self.names()? {
+            if let Some(version) = self.confirmed(&name)? {
+                confirmed.insert(name, version);
+            }
+        }
+        Ok(confirmed)
+    }
+
     /// Whether this till keeps a slot of `name` `version` (active or not).
     pub fn has_slot(&self, name: &str, version: &Version) -> bool {
         valid_name(name) && self.root.join(name).join(version.to_string()).is_dir()

@@ -208,6 +208,10 @@ impl Fixture {
             Some(Version::parse(version).unwrap())
         );
         assert_eq!(
+            self.slots().confirmed(NAME).unwrap(),
+            Some(Version::parse(version).unwrap())
+        );
+        assert_eq!(
             tree(&self.dir().join(version)),
             tree(&built.src),
             "slot {version} differs from its source"
@@ -782,6 +786,11 @@ async fn an_install_dropped_during_its_health_check_is_rolled_back_at_restart() 
         .unwrap();
     assert!(wait_gone(pid), "the health check outlived the install");
     assert_eq!(f.current().as_deref(), Some("1.1.0"));
+    // Active but not confirmed: the till still reports 1.0.0.
+    assert_eq!(
+        f.slots().confirmed(NAME).unwrap(),
+        Some(Version::parse("1.0.0").unwrap())
+    );
 
     let restarted = f.slots();
     let recoveries = restarted.recover().unwrap();

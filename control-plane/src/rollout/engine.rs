@@ -43,6 +43,9 @@ pub const LOCK_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often running rollouts look for devices that joined their selection
 /// (also whenever a wave starts).
 pub const JOIN_INTERVAL: Duration = Duration::from_secs(10);
+/// Devices dispatched per transaction. On SQLite a transaction holds the
+/// one write lock: heartbeats wait for at most one batch.
+pub const DISPATCH_BATCH: usize = 20_000;
 
 /// Wakes the engine (cheap to clone). A wake-up on a replica that does
 /// not run the engine does nothing; the engine's own tick sees the change
@@ -190,10 +193,11 @@ impl Engine {
         if !matches!(rollout.state, RolloutState::Running | RolloutState::Paused) {
             return Ok(());
         }
-        let join_due = self
-            .last_join
-            .get(&rollout.id)
-            .is_none_or(|at| at.elapsed() >= JOIN_INTERVAL);
+        let join_due = match self.last_join.get(&rollout.id) {
+            Some(at) => at.elapsed() >= JOIN_INTERVAL,
+            // Starting selected every device: newcomers can wait a while.
+            None => now_ms - rollout.started_at_ms.unwrap_or(0) >= JOIN_INTERVAL.as_millis() as i64,
+        };
         if join_due {
             self.join_devices(&rollout.id, now_ms).await?;
         }
@@ -551,13 +555,16 @@ impl Engine {
     }
 
     /// Dispatches the current wave's pending devices, as many per store as
-    /// its slots allow, in seed order.
+    /// its slots allow, in seed order, `DISPATCH_BATCH` devices per
+    /// transaction so heartbeats are written in between (SQLite has one
+    /// writer).
     async fn dispatch(
         &mut self,
         rollout: &RolloutRecord,
         strategy: &Strategy,
         now_ms: i64,
     ) -> Result<(), Error> {
+        let started = Instant::now();
         let mut pending = self
             .storage
             .pending_devices(&rollout.id, &rollout.bundle_name, rollout.current_wave)
@@ -586,6 +593,7 @@ impl Engine {
         if picked.is_empty() {
             return Ok(());
         }
+        let read_ms = started.elapsed().as_millis() as u64;
         let chosen: Vec<_> = picked.into_iter().map(|i| &pending[i]).collect();
         let desired = DesiredBundleRecord {
             name: rollout.bundle_name.clone(),
@@ -595,52 +603,66 @@ impl Engine {
             emergency: strategy.emergency,
             rollback: false,
         };
-        let dispatches: Vec<Dispatch> = chosen
-            .iter()
-            .map(|d| Dispatch {
-                device_id: d.device_id.clone(),
-                previous_version: d.previous_version.clone(),
-            })
-            .collect();
-        let events: Vec<NewEvent> = chosen
-            .iter()
-            .map(|d| {
-                NewEvent::new(
-                    "rollout.device_notified",
-                    &rollout.id,
-                    &d.device_id,
-                    json!({
-                        "store_id": d.store_id,
-                        "wave": rollout.current_wave,
-                        "state": "notified",
-                        "previous_state": "pending",
-                        "previous_version": d.previous_version,
-                    }),
-                )
-            })
-            .collect();
-        let Some(mut write) = self
-            .storage
-            .write_rollout(&rollout.id, rollout.revision, now_ms)
-            .await?
-        else {
+        let mut dispatched = 0;
+        let mut touched = BTreeSet::new();
+        // Each batch is checked against the revision the one before left.
+        for (revision, batch) in (rollout.revision..).zip(chosen.chunks(DISPATCH_BATCH)) {
+            let dispatches: Vec<Dispatch> = batch
+                .iter()
+                .map(|d| Dispatch {
+                    device_id: d.device_id.clone(),
+                    previous_version: d.previous_version.clone(),
+                })
+                .collect();
+            let events: Vec<NewEvent> = batch
+                .iter()
+                .map(|d| {
+                    NewEvent::new(
+                        "rollout.device_notified",
+                        &rollout.id,
+                        &d.device_id,
+                        json!({
+                            "store_id": d.store_id,
+                            "wave": rollout.current_wave,
+                            "state": "notified",
+                            "previous_state": "pending",
+                            "previous_version": d.previous_version,
+                        }),
+                    )
+                })
+                .collect();
+            // A pause or abort in between stops the dispatch there.
+            let Some(mut write) = self
+                .storage
+                .write_rollout(&rollout.id, revision, now_ms)
+                .await?
+            else {
+                break;
+            };
+            write.dispatch(&dispatches, &desired).await?;
+            write.commit(&events).await?;
+            dispatched += dispatches.len();
+            self.metrics
+                .rollout
+                .dispatched
+                .inc_by(dispatches.len() as u64);
+            let stores: BTreeSet<&str> = batch.iter().map(|d| d.store_id.as_str()).collect();
+            for store in stores {
+                if touched.insert(store) {
+                    self.desired.invalidate(store).await;
+                }
+            }
+        }
+        if dispatched == 0 {
             return Ok(());
-        };
-        write.dispatch(&dispatches, &desired).await?;
-        write.commit(&events).await?;
-        self.metrics
-            .rollout
-            .dispatched
-            .inc_by(dispatches.len() as u64);
-        let touched: BTreeSet<&str> = chosen.iter().map(|d| d.store_id.as_str()).collect();
-        for store in &touched {
-            self.desired.invalidate(store).await;
         }
         tracing::info!(
             rollout_id = %rollout.id,
             wave = rollout.current_wave,
-            devices = dispatches.len(),
+            devices = dispatched,
             stores = touched.len(),
+            read_ms,
+            total_ms = started.elapsed().as_millis() as u64,
             "Devices dispatched."
         );
         Ok(())

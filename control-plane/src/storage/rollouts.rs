@@ -1036,68 +1036,52 @@ impl RolloutWrite {
                 .execute(self.conn())
                 .await?;
 
-            if self.backend() == Backend::Sqlite {
-                // SQLite plans the VALUES join below as a scan of every
-                // pending device of the rollout per chunk (quadratic at
-                // 100,000 devices); one prepared update by primary key per
-                // device is linear.
-                let mut changed = 0;
-                for d in chunk {
-                    changed += sqlx::query(
-                        "UPDATE rollout_devices SET state = 'notified', reason = '', \
-                         notified_at_ms = ?, updated_at_ms = ?, previous_version = ? \
-                         WHERE rollout_id = ? AND device_id = ? AND state = 'pending'",
-                    )
-                    .bind(now)
-                    .bind(now)
-                    .bind(d.previous_version.clone())
-                    .bind(id.clone())
-                    .bind(d.device_id.clone())
+            // One update per previous version (a handful), each naming its
+            // devices by primary key: SQLite and PostgreSQL both look every
+            // one up in the index. (A join with a VALUES list made SQLite
+            // walk the rollout's pending rows per statement.)
+            let mut by_previous: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+            for d in chunk {
+                by_previous
+                    .entry(d.previous_version.as_str())
+                    .or_default()
+                    .push(d.device_id.as_str());
+            }
+            let mut changed = 0;
+            for (previous, ids) in by_previous {
+                let mut placeholders = Placeholders::new(self.backend());
+                let mut params = vec![
+                    Param::Int(now),
+                    Param::Int(now),
+                    Param::Text(previous.to_string()),
+                    Param::Text(id.clone()),
+                ];
+                let fixed: Vec<String> = (0..4).map(|_| placeholders.next()).collect();
+                let listed: Vec<String> = ids
+                    .iter()
+                    .map(|device| {
+                        params.push(Param::Text(device.to_string()));
+                        placeholders.next()
+                    })
+                    .collect();
+                let sql = format!(
+                    "UPDATE rollout_devices SET state = 'notified', reason = '', \
+                     notified_at_ms = {}, updated_at_ms = {}, previous_version = {} \
+                     WHERE rollout_id = {} AND state = 'pending' AND device_id IN ({})",
+                    fixed[0],
+                    fixed[1],
+                    fixed[2],
+                    fixed[3],
+                    listed.join(", ")
+                );
+                changed += bind_all(sqlx::query(&sql).persistent(false), params)
                     .execute(self.conn())
                     .await?
                     .rows_affected();
-                }
-                if changed != chunk.len() as u64 {
-                    return Err(Error::Conflict(format!(
-                        "rollout {id}: {changed} of {} devices were still pending",
-                        chunk.len()
-                    )));
-                }
-                continue;
             }
-            let mut placeholders = Placeholders::new(self.backend());
-            // Each `?` of SQLite is a parameter of its own: `now` twice.
-            let mut params = vec![Param::Int(now), Param::Int(now)];
-            let notified_p = placeholders.next();
-            let updated_p = placeholders.next();
-            let rows: Vec<String> = chunk
-                .iter()
-                .map(|d| {
-                    params.extend([
-                        Param::Text(d.device_id.clone()),
-                        Param::Text(d.previous_version.clone()),
-                    ]);
-                    let p: Vec<String> = (0..2).map(|_| placeholders.next()).collect();
-                    format!("({})", p.join(", "))
-                })
-                .collect();
-            params.push(Param::Text(id.clone()));
-            let id_p = placeholders.next();
-            let sql = format!(
-                "UPDATE rollout_devices SET state = 'notified', reason = '', \
-                 notified_at_ms = {notified_p}, updated_at_ms = {updated_p}, \
-                 previous_version = v.column2 \
-                 FROM (VALUES {}) AS v WHERE rollout_devices.rollout_id = {id_p} \
-                 AND rollout_devices.device_id = v.column1 AND rollout_devices.state = 'pending'",
-                rows.join(", ")
-            );
-            let done = bind_all(sqlx::query(&sql).persistent(false), params)
-                .execute(self.conn())
-                .await?;
-            if done.rows_affected() != chunk.len() as u64 {
+            if changed != chunk.len() as u64 {
                 return Err(Error::Conflict(format!(
-                    "rollout {id}: {} of {} devices were still pending",
-                    done.rows_affected(),
+                    "rollout {id}: {changed} of {} devices were still pending",
                     chunk.len()
                 )));
             }
