@@ -20,17 +20,26 @@ use crate::install::Slots;
 use crate::lifecycle::{self, Clock, DesiredState, Lifecycle, Report};
 use crate::repository::{RepositoryClient, Timeouts};
 use crate::state::{Enrollment, StateDir};
+use crate::store::{StoreFetcher, StorePeers};
 
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Longest heartbeat interval the agent accepts from the server.
 const MAX_HEARTBEAT_INTERVAL_SECONDS: u32 = 4 * 3600;
 
+/// The control plane keeps at most this many P2P addresses per till.
+const MAX_REPORTED_P2P_ADDRS: usize = 16;
+
 /// First retry delay after a failed call.
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
 
 pub struct Agent {
     config: AgentConfig,
+    /// Bundle sharing with the store's other tills, once started.
+    p2p: Option<posfleet_p2p::P2p>,
+    /// Where `p2p` listens, as reported to the control plane.
+    p2p_addrs: Vec<String>,
+    store_peers: StorePeers,
     repository: Option<RepositoryClient>,
     key: SigningKey,
     state: StateDir,
@@ -102,6 +111,9 @@ impl Agent {
             )
         };
         Ok(Agent {
+            p2p: None,
+            p2p_addrs: Vec::new(),
+            store_peers: StorePeers::load(&config.data_dir),
             repository,
             state: StateDir::new(&config.data_dir),
             slots: Slots::open(&config.data_dir)?,
@@ -129,12 +141,19 @@ impl Agent {
         let stopped = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };
+        if self.config.p2p_enabled && self.repository.is_some() {
+            self.start_p2p().await;
+        }
         let lifecycle = match self.repository.take() {
             Some(repository) => {
+                let fetcher: Arc<dyn crate::fetch::Fetcher> = match &self.p2p {
+                    Some(p2p) => Arc::new(StoreFetcher::new(repository.origin(), p2p.clone())),
+                    None => Arc::new(repository.origin()),
+                };
                 let lifecycle = Lifecycle {
                     data_dir: data_dir.clone(),
                     hardware_model: self.config.hardware_model.clone(),
-                    fetcher: Arc::new(repository.origin()),
+                    fetcher,
                     repository,
                     clock: if self.config.clock_file.as_os_str().is_empty() {
                         Clock::System
@@ -219,6 +238,9 @@ impl Agent {
         }
         let _ = stop_tx.send(true);
         reporter.abort();
+        if let Some(p2p) = &self.p2p {
+            p2p.shutdown().await;
+        }
         if let Some(task) = lifecycle {
             match task.await {
                 Ok(Err(error)) => {
@@ -231,6 +253,52 @@ impl Agent {
         }
         tracing::info!("Agent stopped.");
         Ok(())
+    }
+
+    /// Starts sharing bundles with the store's tills. A till that cannot
+    /// (its port is taken, say) downloads from the origin alone.
+    async fn start_p2p(&mut self) {
+        let config = match self.config.p2p_config() {
+            Ok(config) => config,
+            Err(error) => {
+                tracing::error!(%error, "P2P not started.");
+                return;
+            }
+        };
+        match posfleet_p2p::spawn(self.key.to_bytes(), config).await {
+            Ok((p2p, _task)) => {
+                self.p2p_addrs = p2p
+                    .listen_addrs()
+                    .await
+                    .iter()
+                    .map(ToString::to_string)
+                    .take(MAX_REPORTED_P2P_ADDRS)
+                    .collect();
+                p2p.set_members(self.store_peers.members(p2p.peer_id()))
+                    .await;
+                tracing::info!(peer_id = %p2p.peer_id(), addrs = ?self.p2p_addrs, members = self.store_peers.peers.len(), "Sharing bundles with the store.");
+                self.p2p = Some(p2p);
+            }
+            Err(error) => {
+                tracing::error!(%error, "P2P not started; bundles come from the control plane alone.");
+            }
+        }
+    }
+
+    /// Takes a new membership list: kept on disk for offline starts, and
+    /// handed to P2P, which drops peers no longer on it.
+    async fn set_store_peers(&mut self, peers: StorePeers) {
+        if let Err(error) = peers.save(&self.config.data_dir) {
+            tracing::error!(%error, "Cannot save the store peer list.");
+        }
+        if let Some(p2p) = &self.p2p {
+            p2p.set_members(peers.members(p2p.peer_id())).await;
+        }
+        tracing::info!(
+            members = peers.peers.len(),
+            "Store membership list updated."
+        );
+        self.store_peers = peers;
     }
 
     /// The saved enrollment, or a new one. Retries while the control plane
@@ -299,7 +367,7 @@ impl Agent {
     ) -> Result<(Duration, DesiredState), tonic::Status> {
         let installed_bundles: std::collections::HashMap<String, String> = self
             .slots
-            .active_versions()
+            .confirmed_versions()
             .map(|m| {
                 m.into_iter()
                     .map(|(name, version)| (name, version.to_string()))
@@ -317,11 +385,16 @@ impl Agent {
                 self.peripherals.as_ref(),
             )),
             agent_uptime_seconds: self.started.elapsed().as_secs(),
+            p2p_listen_addrs: self.p2p_addrs.clone(),
+            store_peers_digest: hex::decode(&self.store_peers.digest).unwrap_or_default(),
         });
         request
             .metadata_mut()
             .insert(posfleet_proto::AUTHORIZATION, authorization(enrollment)?);
-        let response = self.client.heartbeat(request).await?.into_inner();
+        let mut response = self.client.heartbeat(request).await?.into_inner();
+        if let Some(peers) = response.store_peers.take() {
+            self.set_store_peers(StorePeers::from_proto(peers)).await;
+        }
         // The server configures at most 1 h and quadruples it under load.
         let interval = Duration::from_secs(
             response

@@ -26,6 +26,14 @@ const ENV_KEYS: &[&str] = &[
     "root_json_path",
     "repository_url",
     "repository_refresh_seconds",
+    "p2p_enabled",
+    "p2p_listen_addrs",
+    "p2p_mdns",
+    "p2p_upload_limit_bytes_per_second",
+    "p2p_max_concurrent_transfers",
+    "p2p_max_connections",
+    "p2p_origin_fallback_delay_seconds",
+    "p2p_stall_timeout_seconds",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,6 +101,26 @@ pub struct AgentConfig {
     /// configured the device credential crosses the network in clear, so
     /// this is for development networks only.
     pub insecure_dev: bool,
+    /// Share bundles with the store's other tills, so each bundle crosses
+    /// the store's WAN link once.
+    pub p2p_enabled: bool,
+    /// Where to accept the store's tills (libp2p multiaddrs, TCP and QUIC).
+    pub p2p_listen_addrs: Vec<String>,
+    /// Also find the store's tills by mDNS (a flat LAN); the control plane's
+    /// list works everywhere.
+    pub p2p_mdns: bool,
+    /// Upload cap towards each peer; 0: unlimited.
+    pub p2p_upload_limit_bytes_per_second: u64,
+    /// Pieces in flight at once, in each direction.
+    pub p2p_max_concurrent_transfers: usize,
+    /// Open P2P connections at most.
+    pub p2p_max_connections: u32,
+    /// With no store peer reachable for this long, download from the
+    /// control plane alone.
+    pub p2p_origin_fallback_delay_seconds: u64,
+    /// The till downloading for the store made no progress for this long:
+    /// the next one takes over.
+    pub p2p_stall_timeout_seconds: u64,
 }
 
 impl Default for AgentConfig {
@@ -116,6 +144,17 @@ impl Default for AgentConfig {
             install_check_interval_seconds: 30,
             min_free_disk_bytes: 64 * 1024 * 1024,
             clock_file: PathBuf::new(),
+            p2p_enabled: true,
+            p2p_listen_addrs: vec![
+                "/ip4/0.0.0.0/tcp/7410".into(),
+                "/ip4/0.0.0.0/udp/7410/quic-v1".into(),
+            ],
+            p2p_mdns: true,
+            p2p_upload_limit_bytes_per_second: 0,
+            p2p_max_concurrent_transfers: 16,
+            p2p_max_connections: 64,
+            p2p_origin_fallback_delay_seconds: 10,
+            p2p_stall_timeout_seconds: 10,
         }
     }
 }
@@ -197,6 +236,33 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub insecure_dev: bool,
+    /// `true` or `false`.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p2p_enabled: Option<bool>,
+    /// Comma-separated multiaddrs.
+    #[arg(long, value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p2p_listen_addrs: Option<Vec<String>>,
+    /// `true` or `false`.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p2p_mdns: Option<bool>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p2p_upload_limit_bytes_per_second: Option<u64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p2p_max_concurrent_transfers: Option<usize>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p2p_max_connections: Option<u32>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p2p_origin_fallback_delay_seconds: Option<u64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p2p_stall_timeout_seconds: Option<u64>,
 }
 
 impl AgentConfig {
@@ -297,7 +363,65 @@ impl AgentConfig {
         }
         tracing_subscriber::EnvFilter::try_new(&self.log_level)
             .map_err(|e| config_error("log_level", e.to_string()))?;
+        if self.p2p_enabled {
+            self.p2p_config()?;
+        }
         Ok(())
+    }
+
+    /// The P2P settings as `posfleet-p2p` takes them.
+    pub fn p2p_config(&self) -> Result<posfleet_p2p::Config, ConfigError> {
+        if self.p2p_listen_addrs.is_empty() || self.p2p_listen_addrs.len() > 8 {
+            return Err(config_error(
+                "p2p_listen_addrs",
+                "must list 1 to 8 addresses",
+            ));
+        }
+        let listen_addrs = self
+            .p2p_listen_addrs
+            .iter()
+            .map(|a| {
+                a.parse::<posfleet_p2p::Multiaddr>().map_err(|e| {
+                    config_error(
+                        "p2p_listen_addrs",
+                        format!("`{a}` is not a multiaddr like /ip4/0.0.0.0/tcp/7410: {e}"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if !(1..=256).contains(&self.p2p_max_concurrent_transfers) {
+            return Err(config_error(
+                "p2p_max_concurrent_transfers",
+                "must be 1 to 256",
+            ));
+        }
+        if !(2..=1024).contains(&self.p2p_max_connections) {
+            return Err(config_error("p2p_max_connections", "must be 2 to 1024"));
+        }
+        if !(1..=3600).contains(&self.p2p_origin_fallback_delay_seconds) {
+            return Err(config_error(
+                "p2p_origin_fallback_delay_seconds",
+                "must be 1 to 3600",
+            ));
+        }
+        if !(1..=3600).contains(&self.p2p_stall_timeout_seconds) {
+            return Err(config_error(
+                "p2p_stall_timeout_seconds",
+                "must be 1 to 3600",
+            ));
+        }
+        Ok(posfleet_p2p::Config {
+            listen_addrs,
+            mdns: self.p2p_mdns,
+            upload_limit_bytes_per_second_per_peer: self.p2p_upload_limit_bytes_per_second,
+            max_concurrent_transfers: self.p2p_max_concurrent_transfers,
+            max_connections: self.p2p_max_connections,
+            origin_fallback_delay: std::time::Duration::from_secs(
+                self.p2p_origin_fallback_delay_seconds,
+            ),
+            stall_timeout: std::time::Duration::from_secs(self.p2p_stall_timeout_seconds),
+            ..posfleet_p2p::Config::default()
+        })
     }
 }
 

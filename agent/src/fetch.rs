@@ -14,6 +14,13 @@ use crate::repository::{RepoError, Timeouts, consistent_target_path};
 /// Called with the number of verified bytes on disk as a download goes.
 pub type Progress<'a> = &'a (dyn Fn(u64) + Send + Sync);
 
+/// Verified bytes one fetch received, by source.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Received {
+    pub from_origin: u64,
+    pub from_peers: u64,
+}
+
 #[async_trait::async_trait]
 pub trait Fetcher: Send + Sync {
     /// The target's chunk list, checked against its signed digest.
@@ -27,7 +34,7 @@ pub trait Fetcher: Send + Sync {
         list: &ChunkList,
         dest: &Path,
         progress: Progress<'_>,
-    ) -> Result<(), RepoError>;
+    ) -> Result<Received, RepoError>;
 }
 
 /// Length of the run of whole, verified pieces at the start of `file`.
@@ -158,7 +165,7 @@ impl Fetcher for Origin {
         list: &ChunkList,
         dest: &Path,
         progress: Progress<'_>,
-    ) -> Result<(), RepoError> {
+    ) -> Result<Received, RepoError> {
         let write = |source| crate::error::Error::Write {
             path: dest.to_path_buf(),
             source,
@@ -170,12 +177,47 @@ impl Fetcher for Origin {
             .truncate(false)
             .open(dest)
             .map_err(write)?;
-        let mut have = verified_prefix(&mut file, list).map_err(write)?;
+        let have = verified_prefix(&mut file, list).map_err(write)?;
         file.set_len(have).map_err(write)?;
         progress(have);
         if have == target.length {
-            return Ok(());
+            return Ok(Received::default());
         }
+        file.seek(SeekFrom::Start(have)).map_err(write)?;
+        let first = (have / u64::from(list.chunk_size)) as usize;
+        let mut written = have;
+        let mut on_piece = |_index: usize, piece: Vec<u8>| -> Result<(), RepoError> {
+            file.write_all(&piece).map_err(write)?;
+            written += piece.len() as u64;
+            progress(written);
+            Ok(())
+        };
+        self.stream_pieces(target, list, first, list.count() - 1, &mut on_piece)
+            .await?;
+        file.sync_all().map_err(write)?;
+        Ok(Received {
+            from_origin: written - have,
+            from_peers: 0,
+        })
+    }
+}
+
+impl Origin {
+    /// Streams pieces `first..=last` of the target with one ranged GET,
+    /// handing each to `on_piece` once it is whole and verified against the
+    /// signed chunk list. Stalls, slow links and oversized answers end it
+    /// with an error; the pieces handed over before that are good.
+    pub async fn stream_pieces(
+        &self,
+        target: &VerifiedTarget,
+        list: &ChunkList,
+        first: usize,
+        last: usize,
+        on_piece: &mut (dyn FnMut(usize, Vec<u8>) -> Result<(), RepoError> + Send),
+    ) -> Result<(), RepoError> {
+        let size = u64::from(list.chunk_size);
+        let start = first as u64 * size;
+        let end = last as u64 * size + list.chunk_len(last)?;
         let url = self.url(&format!(
             "targets/{}",
             consistent_target_path(&target.name, &target.sha256)
@@ -193,37 +235,38 @@ impl Fetcher for Origin {
                 }
             }
         };
+        let whole = start == 0 && end == target.length;
         let mut request = self.http.get(&url);
-        if have > 0 {
-            request = request.header(reqwest::header::RANGE, format!("bytes={have}-"));
+        if !whole {
+            let range = if end == target.length {
+                format!("bytes={start}-")
+            } else {
+                format!("bytes={start}-{}", end - 1)
+            };
+            request = request.header(reqwest::header::RANGE, range);
         }
         let mut response = request.send().await.map_err(fail)?;
         match response.status() {
-            reqwest::StatusCode::PARTIAL_CONTENT if have > 0 => {}
-            reqwest::StatusCode::OK => {
-                // Whole file (a server that ignores Range): start over.
-                have = 0;
-                file.set_len(0).map_err(write)?;
-            }
+            reqwest::StatusCode::PARTIAL_CONTENT if !whole => {}
+            reqwest::StatusCode::OK if whole => {}
             status => {
                 return Err(RepoError::Fetch {
                     url: url.clone(),
-                    message: format!("HTTP {status}"),
+                    message: format!("HTTP {status} for bytes {start}-{}", end - 1),
                 });
             }
         }
-        let size = u64::from(list.chunk_size);
+        let wanted = end - start;
         let started = Instant::now();
         let mut received = 0u64;
-        let mut index = (have / size) as usize;
+        let mut index = first;
         let mut piece = Vec::with_capacity(size as usize);
-        file.seek(SeekFrom::Start(have)).map_err(write)?;
         while let Some(chunk) = response.chunk().await.map_err(fail)? {
             received += chunk.len() as u64;
-            if have + received > target.length {
+            if received > wanted {
                 return Err(RepoError::TooLarge {
                     url: url.clone(),
-                    limit: target.length,
+                    limit: wanted,
                 });
             }
             let elapsed = started.elapsed();
@@ -244,21 +287,20 @@ impl Fetcher for Origin {
                 piece.extend_from_slice(&rest[..take]);
                 rest = &rest[take..];
                 if piece.len() as u64 == list.chunk_len(index)? {
-                    // Verified before it is written.
+                    // Verified before anyone gets it.
                     list.verify_chunk(index, &piece)?;
-                    file.write_all(&piece).map_err(write)?;
-                    piece.clear();
+                    let whole_piece =
+                        std::mem::replace(&mut piece, Vec::with_capacity(size as usize));
+                    on_piece(index, whole_piece)?;
                     index += 1;
-                    progress(have + received - rest.len() as u64);
                 }
             }
         }
-        file.sync_all().map_err(write)?;
-        if have + received != target.length {
+        if received != wanted {
             return Err(posfleet_bundle::Error::LengthMismatch {
                 what: target.name.clone(),
-                expected: target.length,
-                actual: have + received,
+                expected: wanted,
+                actual: received,
             }
             .into());
         }

@@ -16,6 +16,7 @@ pub mod install;
 pub mod lifecycle;
 pub mod repository;
 pub mod state;
+pub mod store;
 pub mod window;
 
 pub use agent::{AGENT_VERSION, Agent};

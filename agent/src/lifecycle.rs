@@ -138,6 +138,12 @@ pub struct Status {
     /// before the health check confirmed it.
     #[serde(default)]
     pub interrupted: u32,
+    /// Verified bytes of the target version received from the control
+    /// plane and from the store's other tills.
+    #[serde(default)]
+    pub bytes_from_origin: u64,
+    #[serde(default)]
+    pub bytes_from_peers: u64,
 }
 
 impl Status {
@@ -164,6 +170,8 @@ impl Status {
             bytes_total: self.bytes_total,
             error: self.error.clone(),
             updated_at_unix_ms: self.updated_at_ms,
+            bytes_from_origin: self.bytes_from_origin,
+            bytes_from_peers: self.bytes_from_peers,
         }
     }
 }
@@ -367,7 +375,7 @@ impl Lifecycle {
             }
         }
         for (name, status) in statuses.iter_mut() {
-            status.active_version = slots.active(name)?;
+            status.active_version = slots.confirmed(name)?;
         }
         let downloads = self.data_dir.join(DOWNLOADS_DIR);
         std::fs::create_dir_all(&downloads).map_err(|source| Error::DataDir {
@@ -423,7 +431,7 @@ impl Run {
         // Reports carry real time (the control plane orders them by it),
         // whatever clock windows are judged by.
         let now = Utc::now().timestamp_millis();
-        let active = self.slots.active(&desired.name).ok().flatten();
+        let active = self.slots.confirmed(&desired.name).ok().flatten();
         let status = self
             .statuses
             .entry(desired.name.clone())
@@ -439,6 +447,8 @@ impl Run {
                 updated_at_ms: now,
                 given_up: false,
                 interrupted: 0,
+                bytes_from_origin: 0,
+                bytes_from_peers: 0,
             });
         let changed = status.phase != phase
             || status.error != error
@@ -449,6 +459,8 @@ impl Run {
             status.bytes_total = 0;
             status.given_up = false;
             status.interrupted = 0;
+            status.bytes_from_origin = 0;
+            status.bytes_from_peers = 0;
         }
         status.kind = desired.kind;
         status.active_version = active;
@@ -705,11 +717,23 @@ impl Run {
         if let Some(status) = self.statuses.get_mut(&desired.name) {
             status.bytes_done = done.load(Ordering::Relaxed);
         }
-        result.map_err(|e| Failure::retry(format!("download of {} failed: {e}", target.name)))?;
+        let received = result
+            .map_err(|e| Failure::retry(format!("download of {} failed: {e}", target.name)))?;
+        if let Some(status) = self.statuses.get_mut(&desired.name) {
+            status.bytes_from_origin += received.from_origin;
+            status.bytes_from_peers += received.from_peers;
+        }
         verify_whole(target, &part).await?;
         std::fs::rename(&part, staged)
             .map_err(|e| Failure::retry(format!("cannot stage {}: {e}", staged.display())))?;
-        tracing::info!(bundle = %desired.name, version = %desired.version, bytes = target.length, "Bundle downloaded and verified.");
+        tracing::info!(
+            bundle = %desired.name,
+            version = %desired.version,
+            bytes = target.length,
+            from_origin = received.from_origin,
+            from_peers = received.from_peers,
+            "Bundle downloaded and verified."
+        );
         self.set(desired, Phase::Downloaded, String::new());
         Ok(())
     }
@@ -833,6 +857,8 @@ mod tests {
             updated_at_ms: 0,
             given_up: true,
             interrupted: 0,
+            bytes_from_origin: 0,
+            bytes_from_peers: 0,
         }
     }
 

@@ -194,7 +194,8 @@ impl RepositoryClient {
     /// Downloads a bundle from the origin into `dest` (see [`Origin`]).
     pub async fn download(&self, target: &VerifiedTarget, dest: &Path) -> Result<(), RepoError> {
         let list = self.origin.chunk_list(target).await?;
-        self.origin.fetch(target, &list, dest, &|_| {}).await
+        self.origin.fetch(target, &list, dest, &|_| {}).await?;
+        Ok(())
     }
 }
 

@@ -167,6 +167,13 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
                 root_json_path: keys.join("root.json"),
                 repository_url: format!("http://{http_address}/repo/"),
                 install_check_interval_seconds: 1,
+                // Every till of the demo shares one machine: loopback, a
+                // free port each, found through the control plane's list.
+                p2p_listen_addrs: vec![
+                    "/ip4/127.0.0.1/tcp/0".into(),
+                    "/ip4/127.0.0.1/udp/0/quic-v1".into(),
+                ],
+                p2p_mdns: false,
                 ..AgentConfig::default()
             };
             let agent = Agent::open(config)?;

@@ -21,7 +21,7 @@ use tonic::Request;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::view::{AssignmentView, DeviceView, StoreView, TokenView};
+use crate::view::{AssignmentView, DeviceView, StoreDetailView, StoreView, TokenView};
 
 #[derive(Debug, Parser)]
 #[command(name = "posfleet", version, about = "Drive a posfleet control plane.")]
@@ -106,6 +106,9 @@ enum StoreCommand {
     },
     /// List stores.
     List,
+    /// Show a store, with where its tills' bundle bytes came from: the
+    /// origin (this control plane) or the store's other tills.
+    Show { id: String },
     /// Set when a store's tills may install, in the store's time zone, or
     /// clear it (any time).
     Window {
@@ -167,6 +170,14 @@ enum DeviceCommand {
     List(DeviceListArgs),
     /// Show one device.
     Show { id: String },
+    /// Revoke a device for good (a stolen or retired till): the control
+    /// plane refuses it and its store's tills stop talking to it.
+    Revoke {
+        id: String,
+        /// Why, for the record.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
     /// Set labels (`key=value`) and remove them (`key-`).
     Label {
         id: String,
@@ -598,6 +609,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 format!("{}\n", view::stores_table(&stores))
             })?;
         }
+        AdminCommand::Store(StoreCommand::Show { id }) => {
+            let request = admin.request(v1::GetStoreRequest { id });
+            let store = StoreDetailView::from(
+                admin
+                    .client
+                    .get_store(request)
+                    .await
+                    .map_err(|s| admin.error(s))?
+                    .into_inner(),
+            );
+            show(output, &store, || view::store_details(&store))?;
+        }
         AdminCommand::Store(StoreCommand::Window {
             id,
             start,
@@ -704,6 +727,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             show(output, &assignment, || {
                 view::assignment_summary(&assignment)
             })?;
+        }
+        AdminCommand::Device(DeviceCommand::Revoke { id, reason }) => {
+            let request = admin.request(v1::RevokeDeviceRequest {
+                device_id: id,
+                reason,
+            });
+            let device = DeviceView::from(
+                admin
+                    .client
+                    .revoke_device(request)
+                    .await
+                    .map_err(|s| admin.error(s))?
+                    .into_inner(),
+            );
+            show(output, &device, || view::device_details(&device))?;
         }
         AdminCommand::Device(DeviceCommand::Label { id, changes }) => {
             let (set, remove) = parse_label_changes(&changes)?;

@@ -102,6 +102,79 @@ pub fn stores_table(stores: &[StoreView]) -> Table {
     t
 }
 
+/// A store with where its tills' bundle bytes came from (`store show`).
+#[derive(Debug, Serialize)]
+pub struct StoreDetailView {
+    #[serde(flatten)]
+    pub store: StoreView,
+    pub transfers: Vec<TransferView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TransferView {
+    pub bundle: String,
+    pub version: String,
+    pub size_bytes: u64,
+    pub tills: u64,
+    pub bytes_from_origin: u64,
+    pub bytes_from_peers: u64,
+    /// Origin bytes over the bundle's size: 1.0 is "once per store".
+    pub origin_ratio: Option<f64>,
+}
+
+impl From<v1::StoreDetail> for StoreDetailView {
+    fn from(d: v1::StoreDetail) -> Self {
+        StoreDetailView {
+            store: d.store.unwrap_or_default().into(),
+            transfers: d
+                .transfers
+                .into_iter()
+                .map(|t| TransferView {
+                    origin_ratio: (t.size_bytes > 0)
+                        .then(|| t.bytes_from_origin as f64 / t.size_bytes as f64),
+                    bundle: t.bundle,
+                    version: t.version,
+                    size_bytes: t.size_bytes,
+                    tills: t.tills,
+                    bytes_from_origin: t.bytes_from_origin,
+                    bytes_from_peers: t.bytes_from_peers,
+                })
+                .collect(),
+        }
+    }
+}
+
+pub fn store_details(d: &StoreDetailView) -> String {
+    let mut out = format!("{}\n", stores_table(std::slice::from_ref(&d.store)));
+    if d.transfers.is_empty() {
+        out.push_str("No bundle transfers reported yet.\n");
+        return out;
+    }
+    let mut t = table(&[
+        "BUNDLE",
+        "VERSION",
+        "SIZE",
+        "TILLS",
+        "FROM ORIGIN",
+        "FROM PEERS",
+        "ORIGIN / SIZE",
+    ]);
+    for x in &d.transfers {
+        t.add_row(vec![
+            x.bundle.clone(),
+            x.version.clone(),
+            format!("{} MiB", mib(x.size_bytes)),
+            x.tills.to_string(),
+            format!("{} MiB", mib(x.bytes_from_origin)),
+            format!("{} MiB", mib(x.bytes_from_peers)),
+            x.origin_ratio
+                .map_or_else(|| "-".to_string(), |r| format!("{r:.2}")),
+        ]);
+    }
+    out.push_str(&format!("{t}\n"));
+    out
+}
+
 /// What `device assign` did.
 #[derive(Debug, Serialize)]
 pub struct AssignmentView {
@@ -243,6 +316,9 @@ pub struct DeviceView {
     /// Desired and reported state per bundle (`device show` only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bundles: Option<Vec<DeviceBundleView>>,
+    /// Empty when not revoked.
+    pub revoked_at: String,
+    pub revoked_reason: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -424,6 +500,8 @@ impl From<v1::Device> for DeviceView {
                 })
                 .collect(),
             bundles: None,
+            revoked_at: time(d.revoked_at_unix_ms),
+            revoked_reason: d.revoked_reason,
         }
     }
 }
@@ -509,6 +587,16 @@ pub fn device_details(d: &DeviceView) -> String {
     line("Device", d.id.clone());
     line("Store", d.store_id.clone());
     line("Status", d.status.clone());
+    if !d.revoked_at.is_empty() {
+        line(
+            "Revoked",
+            if d.revoked_reason.is_empty() {
+                d.revoked_at.clone()
+            } else {
+                format!("{} ({})", d.revoked_at, d.revoked_reason)
+            },
+        );
+    }
     line("Hardware model", d.hardware_model.clone());
     line("Serial number", d.serial_number.clone());
     line("Agent version", d.agent_version.clone());
@@ -666,6 +754,7 @@ mod tests {
                         bytes_total: 0,
                         error: "health check failed:\nexit 3".into(),
                         updated_at_unix_ms: 1_700_000_000_000,
+                        ..Default::default()
                     }),
                 },
             ],

@@ -190,6 +190,26 @@ impl AdminService for AdminApi {
         }))
     }
 
+    async fn get_store(
+        &self,
+        request: Request<v1::GetStoreRequest>,
+    ) -> Result<Response<v1::StoreDetail>, Status> {
+        self.authorize(&request).await?;
+        let id = request.into_inner().id;
+        slug("id", &id, 64)?;
+        let store = self
+            .storage
+            .get_store(&id)
+            .await
+            .map_err(db)?
+            .ok_or_else(|| Status::not_found(format!("unknown store {id}")))?;
+        let transfers = self.storage.store_transfers(&id).await.map_err(db)?;
+        Ok(Response::new(v1::StoreDetail {
+            store: Some(convert::store(store)),
+            transfers: transfers.into_iter().map(convert::transfer).collect(),
+        }))
+    }
+
     async fn create_enrollment_token(
         &self,
         request: Request<v1::CreateEnrollmentTokenRequest>,
@@ -353,6 +373,33 @@ impl AdminService for AdminApi {
             .map_err(db)?
             .ok_or_else(|| Status::not_found(format!("unknown device {}", req.device_id)))?;
         tracing::info!(device_id = %device.id, set = set.len(), removed = req.remove.len(), "Device labels changed.");
+        Ok(Response::new(self.device(device)))
+    }
+
+    async fn revoke_device(
+        &self,
+        request: Request<v1::RevokeDeviceRequest>,
+    ) -> Result<Response<v1::Device>, Status> {
+        self.authorize(&request).await?;
+        let req = request.into_inner();
+        text("device_id", &req.device_id, true, 64)?;
+        text("reason", &req.reason, false, 256)?;
+        let store = self
+            .storage
+            .revoke_device(&req.device_id, &req.reason, now_ms())
+            .await
+            .map_err(db)?
+            .ok_or_else(|| Status::not_found(format!("unknown device {}", req.device_id)))?;
+        // Its store's tills drop it with their next heartbeat from here; on
+        // other replicas within the cache's lifetime.
+        self.desired.invalidate(&store).await;
+        let device = self
+            .storage
+            .get_device(&req.device_id)
+            .await
+            .map_err(db)?
+            .ok_or_else(|| Status::not_found(format!("unknown device {}", req.device_id)))?;
+        tracing::warn!(device_id = %device.id, store_id = %store, reason = %req.reason, "Device revoked.");
         Ok(Response::new(self.device(device)))
     }
 

@@ -12,7 +12,7 @@ use crate::desired::{DesiredCache, DesiredError};
 use crate::heartbeat::{HeartbeatQueue, interval_for_load};
 use crate::metrics::Metrics;
 use crate::storage::{
-    BundleStatusRecord, DeviceAuth, EnrollError, HeartbeatRecord, NewDevice, Storage,
+    BundleStatusRecord, DeviceAuth, EnrollError, HeartbeatRecord, NewDevice, RevokedRecord, Storage,
 };
 use crate::validate::{self, invalid, text};
 use crate::{convert, now_ms, secret};
@@ -22,6 +22,9 @@ const MAX_INSTALLED_BUNDLES: usize = 256;
 const MAX_PERIPHERALS: usize = 32;
 /// Most bundle statuses in one progress report.
 const MAX_REPORTED_BUNDLES: usize = 64;
+/// Most P2P listen addresses one till may report, and their longest.
+const MAX_P2P_ADDRS: usize = 16;
+const MAX_P2P_ADDR_LEN: usize = 256;
 
 /// Devices whose credential hash is kept in memory, so a heartbeat normally
 /// does not read the database.
@@ -168,6 +171,24 @@ fn validate_heartbeat(req: &HeartbeatRequest) -> Result<(), Status> {
         text("installed_bundles", name, true, 128)?;
         text("installed_bundles", version, true, 64)?;
     }
+    if req.p2p_listen_addrs.len() > MAX_P2P_ADDRS {
+        return Err(invalid(
+            "p2p_listen_addrs",
+            format!("more than {MAX_P2P_ADDRS} entries"),
+        ));
+    }
+    for addr in &req.p2p_listen_addrs {
+        text("p2p_listen_addrs", addr, true, MAX_P2P_ADDR_LEN)?;
+        if !addr.starts_with('/') || addr.chars().any(char::is_whitespace) {
+            return Err(invalid(
+                "p2p_listen_addrs",
+                format!("`{addr}` is not a multiaddr (like /ip4/10.0.0.5/tcp/4001)"),
+            ));
+        }
+    }
+    if req.store_peers_digest.len() > 64 {
+        return Err(invalid("store_peers_digest", "longer than 64 bytes"));
+    }
     if let Some(health) = &req.health {
         if health.peripherals.len() > MAX_PERIPHERALS {
             return Err(invalid(
@@ -239,6 +260,8 @@ fn validate_report(
             bytes_total: convert::signed(status.bytes_total),
             error: validate::reported_error(&status.error),
             updated_at_ms: status.updated_at_unix_ms.min(now_ms),
+            bytes_from_origin: convert::signed(status.bytes_from_origin),
+            bytes_from_peers: convert::signed(status.bytes_from_peers),
             name: status.name,
         };
         match by_name.get(&record.name) {
@@ -249,6 +272,40 @@ fn validate_report(
         }
     }
     Ok(by_name.into_values().collect())
+}
+
+/// Bytes from the origin and from peers that `reported` adds to what was
+/// stored (`before`): the whole count for a new target version, the growth
+/// for the same one, nothing for a report older than the stored one.
+fn added_bytes(before: &[BundleStatusRecord], reported: &[BundleStatusRecord]) -> (u64, u64) {
+    let mut origin = 0u64;
+    let mut peers = 0u64;
+    for new in reported {
+        let old = before.iter().find(|b| b.name == new.name);
+        let (from_origin, from_peers) = match old {
+            Some(old) if old.updated_at_ms > new.updated_at_ms => (0, 0),
+            Some(old) if old.target_version == new.target_version => (
+                new.bytes_from_origin - old.bytes_from_origin,
+                new.bytes_from_peers - old.bytes_from_peers,
+            ),
+            _ => (new.bytes_from_origin, new.bytes_from_peers),
+        };
+        origin += from_origin.max(0) as u64;
+        peers += from_peers.max(0) as u64;
+    }
+    (origin, peers)
+}
+
+fn revoked_status(device_id: &str, revoked: &RevokedRecord) -> Status {
+    let reason = if revoked.reason.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", revoked.reason)
+    };
+    Status::permission_denied(format!(
+        "device {device_id} was revoked at {}{reason}",
+        crate::format_ms(revoked.at_ms)
+    ))
 }
 
 #[tonic::async_trait]
@@ -389,6 +446,35 @@ impl AgentService for AgentApi {
                 });
             }
         };
+        if let Some(revoked) = desired.revoked.get(&device_id) {
+            self.metrics
+                .heartbeats
+                .with_label_values(&["revoked"])
+                .inc();
+            return Err(revoked_status(&device_id, revoked));
+        }
+        // A till that listens somewhere new: its store's tills learn it
+        // with their next heartbeats.
+        let known = desired
+            .peers
+            .iter()
+            .find(|p| p.device_id == device_id)
+            .map(|p| p.addrs.as_slice());
+        if known.is_some_and(|addrs| addrs != req.p2p_listen_addrs.as_slice()) {
+            if let Err(error) = self
+                .storage
+                .set_p2p_addrs(&device_id, &req.p2p_listen_addrs)
+                .await
+            {
+                tracing::error!(%error, device_id = %device_id, "Cannot store P2P addresses.");
+                return Err(Status::unavailable(
+                    "cannot store the P2P addresses; retry later",
+                ));
+            }
+            self.desired.invalidate(&auth.store_id).await;
+        }
+        let store_peers = (req.store_peers_digest != desired.peers_digest)
+            .then(|| convert::store_peers(&desired.peers, &desired.peers_digest));
         let interval = self.current_interval();
         let now = now_ms();
         let bundles = desired.for_device(&device_id);
@@ -410,6 +496,7 @@ impl AgentService for AgentApi {
             server_time_unix_ms: now,
             maintenance_window: convert::window(&desired.time_zone, desired.maintenance_window),
             desired_bundles: bundles.into_iter().map(convert::desired_bundle).collect(),
+            store_peers,
         }))
     }
 
@@ -417,8 +504,19 @@ impl AgentService for AgentApi {
         &self,
         request: Request<v1::ReportProgressRequest>,
     ) -> Result<Response<v1::ReportProgressResponse>, Status> {
-        let (device_id, _) = self.authenticate(&request).await?;
+        let (device_id, auth) = self.authenticate(&request).await?;
+        if let Ok(desired) = self.desired.get(&auth.store_id).await
+            && let Some(revoked) = desired.revoked.get(&device_id)
+        {
+            return Err(revoked_status(&device_id, revoked));
+        }
         let statuses = validate_report(request.into_inner(), now_ms())?;
+        // Counted by what each report adds to the last one stored.
+        let before = self
+            .storage
+            .bundle_statuses(&device_id)
+            .await
+            .unwrap_or_default();
         if let Err(error) = self
             .storage
             .record_bundle_statuses(&device_id, &statuses)
@@ -429,6 +527,15 @@ impl AgentService for AgentApi {
                 "cannot store the progress report; retry later",
             ));
         }
+        let (origin, peers) = added_bytes(&before, &statuses);
+        self.metrics
+            .bundle_bytes
+            .with_label_values(&["origin"])
+            .inc_by(origin);
+        self.metrics
+            .bundle_bytes
+            .with_label_values(&["peer"])
+            .inc_by(peers);
         for record in &statuses {
             // One of BUNDLE_PHASES: validate_report refused any other phase.
             self.metrics

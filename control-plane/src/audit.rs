@@ -537,6 +537,7 @@ macro_rules! untargeted {
 
 untargeted!(
     v1::ListStoresRequest,
+    v1::GetStoreRequest,
     v1::ListEnrollmentTokensRequest,
     v1::ListDevicesRequest,
     v1::GetDeviceRequest,
@@ -580,6 +581,12 @@ impl AuditTarget for v1::RevokeEnrollmentTokenRequest {
 impl AuditTarget for v1::SetDeviceLabelsRequest {
     fn audit_target(&self) -> Value {
         json!({"device_id": self.device_id, "set": self.set, "remove": self.remove})
+    }
+}
+
+impl AuditTarget for v1::RevokeDeviceRequest {
+    fn audit_target(&self) -> Value {
+        json!({"device_id": self.device_id, "reason": self.reason})
     }
 }
 

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use crate::storage::{
     self, BundleStatusRecord, DesiredBundleRecord, DeviceRecord, EnrollmentTokenRecord,
-    HealthRecord, StoreRecord, WindowRecord,
+    HealthRecord, StorePeerRecord, StoreRecord, WindowRecord,
 };
 
 pub fn store(s: StoreRecord) -> v1::Store {
@@ -96,6 +96,8 @@ pub fn bundle_status(s: BundleStatusRecord) -> v1::BundleStatus {
         bytes_total: unsigned(s.bytes_total),
         error: s.error,
         updated_at_unix_ms: s.updated_at_ms,
+        bytes_from_origin: unsigned(s.bytes_from_origin),
+        bytes_from_peers: unsigned(s.bytes_from_peers),
     }
 }
 
@@ -216,6 +218,8 @@ pub fn device(d: DeviceRecord, now_ms: i64, offline_after_missed_heartbeats: i64
         agent_uptime_seconds: unsigned(d.agent_uptime_seconds),
         // GetDevice fills these.
         bundles: Vec::new(),
+        revoked_at_unix_ms: d.revoked.as_ref().map_or(0, |r| r.at_ms),
+        revoked_reason: d.revoked.map(|r| r.reason).unwrap_or_default(),
     }
 }
 
@@ -227,5 +231,32 @@ pub fn event(e: storage::EventRecord) -> v1::Event {
         rollout_id: e.rollout_id,
         device_id: e.device_id,
         data_json: e.data_json,
+    }
+}
+
+/// A store's membership list as the heartbeat carries it.
+pub fn store_peers(peers: &[StorePeerRecord], digest: &[u8]) -> v1::StorePeers {
+    v1::StorePeers {
+        digest: digest.to_vec(),
+        peers: peers
+            .iter()
+            .map(|p| v1::StorePeer {
+                device_id: p.device_id.clone(),
+                // Stored from a key checked at enrollment.
+                public_key: hex::decode(&p.public_key_hex).unwrap_or_default(),
+                addrs: p.addrs.clone(),
+            })
+            .collect(),
+    }
+}
+
+pub fn transfer(t: storage::TransferRecord) -> v1::StoreTransfer {
+    v1::StoreTransfer {
+        bundle: t.bundle,
+        version: t.version,
+        size_bytes: unsigned(t.size_bytes),
+        tills: unsigned(t.tills),
+        bytes_from_origin: unsigned(t.bytes_from_origin),
+        bytes_from_peers: unsigned(t.bytes_from_peers),
     }
 }

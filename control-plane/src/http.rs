@@ -110,9 +110,11 @@ enum RepoPath<'a> {
     Latest(&'static str),
     /// `<version>.<role>.json`.
     Versioned(&'static str, i64),
-    /// A blob by SHA-256: `targets/<name>/<sha256>.<version>` (TUF's
-    /// consistent-snapshot target path) or `chunks/<sha256>`.
-    Blob(&'a str),
+    /// A bundle by SHA-256: `targets/<name>/<sha256>.<version>` (TUF's
+    /// consistent-snapshot target path).
+    Target(&'a str),
+    /// A chunk list by SHA-256: `chunks/<sha256>`.
+    Chunks(&'a str),
 }
 
 fn parse_repo_path(path: &str) -> Option<RepoPath<'_>> {
@@ -122,12 +124,12 @@ fn parse_repo_path(path: &str) -> Option<RepoPath<'_>> {
         _ => {}
     }
     if let Some(rest) = path.strip_prefix("chunks/") {
-        return Some(RepoPath::Blob(rest)).filter(|_| rest.len() == 64);
+        return Some(RepoPath::Chunks(rest)).filter(|_| rest.len() == 64);
     }
     if let Some(rest) = path.strip_prefix("targets/") {
         let file = rest.rsplit('/').next()?;
         let (hash, _) = file.split_once('.')?;
-        return Some(RepoPath::Blob(hash)).filter(|_| hash.len() == 64);
+        return Some(RepoPath::Target(hash)).filter(|_| hash.len() == 64);
     }
     let (version, role) = path.strip_suffix(".json")?.split_once('.')?;
     let role = [ROOT, SNAPSHOT, TARGETS].into_iter().find(|r| *r == role)?;
@@ -172,18 +174,41 @@ async fn repo_file(
                 Err(e) => failed(e),
             }
         }
-        Some(RepoPath::Blob(hash)) => match state.repository.blobs().local_path(hash) {
-            Some(file) => match tower_http::services::ServeFile::new(file)
-                .oneshot(request)
-                .await
-            {
-                Ok(response) => response.map(axum::body::Body::new),
-                Err(never) => match never {},
-            },
-            None => not_found(),
-        },
+        Some(RepoPath::Target(hash)) => serve_blob(&state, hash, request, true).await,
+        Some(RepoPath::Chunks(hash)) => serve_blob(&state, hash, request, false).await,
         None => not_found(),
     }
+}
+
+/// A blob from the store, with `Range` support; a bundle's bytes are
+/// counted as they are handed to the connection (what the stores' WAN links
+/// carry).
+async fn serve_blob(state: &HttpState, hash: &str, request: Request, counted: bool) -> Response {
+    let Some(file) = state.repository.blobs().local_path(hash) else {
+        return (StatusCode::NOT_FOUND, "not found\n").into_response();
+    };
+    let response = match tower_http::services::ServeFile::new(file)
+        .oneshot(request)
+        .await
+    {
+        Ok(response) => response.map(axum::body::Body::new),
+        Err(never) => match never {},
+    };
+    if !counted {
+        return response;
+    }
+    let sent = state.metrics.target_bytes_sent.clone();
+    response.map(|body| {
+        axum::body::Body::from_stream(tokio_stream::StreamExt::map(
+            body.into_data_stream(),
+            move |chunk| {
+                if let Ok(bytes) = &chunk {
+                    sent.inc_by(bytes.len() as u64);
+                }
+                chunk
+            },
+        ))
+    })
 }
 
 #[cfg(test)]
@@ -212,9 +237,9 @@ mod tests {
             ("x.root.json".to_string(), None),
             (
                 format!("targets/pos-app/{hash}.1.1.0"),
-                Some(RepoPath::Blob(&hash)),
+                Some(RepoPath::Target(&hash)),
             ),
-            (format!("chunks/{hash}"), Some(RepoPath::Blob(&hash))),
+            (format!("chunks/{hash}"), Some(RepoPath::Chunks(&hash))),
             ("targets/pos-app/1.1.0".to_string(), None),
             ("chunks/abc".to_string(), None),
             ("../../etc/passwd".to_string(), None),

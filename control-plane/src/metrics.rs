@@ -18,7 +18,8 @@ pub const ENROLLMENT_RESULTS: [&str; 8] = [
 ];
 
 /// Every value of the `result` label of `posfleet_heartbeats_total`.
-pub const HEARTBEAT_RESULTS: [&str; 4] = ["ok", "unauthenticated", "invalid", "unavailable"];
+pub const HEARTBEAT_RESULTS: [&str; 5] =
+    ["ok", "unauthenticated", "revoked", "invalid", "unavailable"];
 
 /// Every value of the `result` label of `posfleet_webhook_delivery_attempts_total`.
 pub const WEBHOOK_ATTEMPT_RESULTS: [&str; 4] = ["ok", "http_error", "timeout", "network_error"];
@@ -26,6 +27,9 @@ pub const WEBHOOK_ATTEMPT_RESULTS: [&str; 4] = ["ok", "http_error", "timeout", "
 /// Every value of the `result` label of `posfleet_webhook_deliveries_total`:
 /// how deliveries ended.
 pub const WEBHOOK_DELIVERY_RESULTS: [&str; 2] = ["delivered", "failed"];
+
+/// Every value of the `source` label of `posfleet_bundle_bytes_total`.
+pub const BYTE_SOURCES: [&str; 2] = ["origin", "peer"];
 
 /// Every value of the `phase` label of `posfleet_bundle_reports_total`: the
 /// `BundlePhase` values an agent may report.
@@ -46,6 +50,12 @@ pub struct Metrics {
     pub heartbeats: IntCounterVec,
     /// Bundle statuses accepted from agents, by phase (`BUNDLE_PHASES`).
     pub bundle_reports: IntCounterVec,
+    /// Verified bundle bytes tills received, by `source` (`BYTE_SOURCES`),
+    /// from their progress reports.
+    pub bundle_bytes: IntCounterVec,
+    /// Bundle bytes the repository sent (`/repo/targets/…`), counted as
+    /// they are handed to the connection.
+    pub target_bytes_sent: prometheus::IntCounter,
     /// Enrollments by result (`ENROLLMENT_RESULTS`).
     pub enrollments: IntCounterVec,
     /// Admin calls refused for a missing or unknown API token.
@@ -88,6 +98,20 @@ impl Metrics {
                 "Bundle statuses reported by agents, by phase.",
             ),
             &["phase"],
+        )
+        .expect("static metric definition is valid");
+        let bundle_bytes = IntCounterVec::new(
+            Opts::new(
+                "posfleet_bundle_bytes_total",
+                "Verified bundle bytes received by tills, from the origin (this control plane) \
+                 or from the store's other tills, as they reported them.",
+            ),
+            &["source"],
+        )
+        .expect("static metric definition is valid");
+        let target_bytes_sent = prometheus::IntCounter::new(
+            "posfleet_repository_target_bytes_sent_total",
+            "Bundle bytes sent by the repository to tills: the load on the stores' WAN links.",
         )
         .expect("static metric definition is valid");
         let enrollments = IntCounterVec::new(
@@ -165,6 +189,8 @@ impl Metrics {
         for collector in [
             Box::new(heartbeats.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(bundle_reports.clone()),
+            Box::new(bundle_bytes.clone()),
+            Box::new(target_bytes_sent.clone()),
             Box::new(enrollments.clone()),
             Box::new(admin_auth_failures.clone()),
             Box::new(heartbeat_queue_depth.clone()),
@@ -190,6 +216,9 @@ impl Metrics {
         for phase in BUNDLE_PHASES {
             bundle_reports.with_label_values(&[phase]);
         }
+        for source in BYTE_SOURCES {
+            bundle_bytes.with_label_values(&[source]);
+        }
         for result in ENROLLMENT_RESULTS {
             enrollments.with_label_values(&[result]);
         }
@@ -206,6 +235,8 @@ impl Metrics {
             registry,
             heartbeats,
             bundle_reports,
+            bundle_bytes,
+            target_bytes_sent,
             enrollments,
             admin_auth_failures,
             heartbeat_queue_depth,

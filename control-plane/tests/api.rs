@@ -333,6 +333,8 @@ async fn heartbeats_fill_the_fleet_view(backend: Backend) {
         agent_version: "1.2.3".into(),
         installed_bundles: [("pos-app".to_string(), "1.0.0".to_string())].into(),
         agent_uptime_seconds: 42,
+        p2p_listen_addrs: Vec::new(),
+        store_peers_digest: Vec::new(),
         health: Some(v1::Health {
             uptime_seconds: 3600,
             disk_free_bytes: 5 << 30,

@@ -376,6 +376,8 @@ fn status(name: &str, phase: v1::BundlePhase, updated_at_unix_ms: i64) -> v1::Bu
         bytes_total: 0,
         error: String::new(),
         updated_at_unix_ms,
+        bytes_from_origin: 0,
+        bytes_from_peers: 0,
     }
 }
 

@@ -168,6 +168,8 @@ async fn bundle_reports_keep_the_newest_and_ties_go_to_the_later(backend: Backen
         bytes_total: 0,
         error: String::new(),
         updated_at_ms,
+        bytes_from_origin: 0,
+        bytes_from_peers: 0,
     };
     let phase = || async {
         let statuses = storage.bundle_statuses(id).await.unwrap();
@@ -201,7 +203,11 @@ async fn the_desired_state_merges_device_and_store_rows(backend: Backend) {
     assert_eq!(storage.store_desired_state("nowhere").await.unwrap(), None);
     let empty = storage.store_desired_state("s1").await.unwrap().unwrap();
     assert_eq!(
-        empty,
+        StoreDesiredState {
+            peers: Vec::new(),
+            peers_digest: Vec::new(),
+            ..empty
+        },
         StoreDesiredState {
             time_zone: "UTC".into(),
             ..Default::default()
@@ -282,13 +288,60 @@ async fn the_desired_state_merges_device_and_store_rows(backend: Backend) {
         .await
         .unwrap();
     let other = storage.store_desired_state("s2").await.unwrap().unwrap();
+    assert!(other.peers.is_empty());
     assert_eq!(
-        other,
+        StoreDesiredState {
+            peers_digest: Vec::new(),
+            ..other
+        },
         StoreDesiredState {
             time_zone: "Europe/Paris".into(),
             ..Default::default()
         }
     );
+    storage.close().await;
+    db.cleanup().await;
+}
+
+/// The membership list: every enrolled device of the store, until it is
+/// revoked; its digest changes with any change a till must learn.
+async fn the_membership_list_follows_enrollments_addresses_and_revocations(backend: Backend) {
+    let (storage, db, _dir) = open(backend).await;
+    let secret = token(&storage, 3).await;
+    for i in [1, 2, 3] {
+        storage.enroll_device(&secret, &device(i), 1).await.unwrap();
+    }
+    let state = || async { storage.store_desired_state("s1").await.unwrap().unwrap() };
+    let first = state().await;
+    let ids: Vec<&str> = first.peers.iter().map(|p| p.device_id.as_str()).collect();
+    assert_eq!(ids, ["dev-000001", "dev-000002", "dev-000003"]);
+    assert_eq!(first.peers[0].public_key_hex, format!("{:064x}", 1));
+    assert!(first.peers.iter().all(|p| p.addrs.is_empty()));
+    assert_eq!(first.peers_digest.len(), 32);
+
+    let addrs = vec!["/ip4/10.1.0.2/tcp/7410".to_string()];
+    storage.set_p2p_addrs("dev-000002", &addrs).await.unwrap();
+    let moved = state().await;
+    assert_eq!(moved.peers[1].addrs, addrs);
+    assert_ne!(moved.peers_digest, first.peers_digest);
+
+    let store = storage
+        .revoke_device("dev-000003", "stolen", 42)
+        .await
+        .unwrap();
+    assert_eq!(store.as_deref(), Some("s1"));
+    let revoked = state().await;
+    assert_eq!(revoked.peers.len(), 2);
+    assert_ne!(revoked.peers_digest, moved.peers_digest);
+    let record = &revoked.revoked["dev-000003"];
+    assert_eq!((record.at_ms, record.reason.as_str()), (42, "stolen"));
+    // A second revocation keeps the first; an unknown device is None.
+    storage
+        .revoke_device("dev-000003", "again", 43)
+        .await
+        .unwrap();
+    assert_eq!(state().await.revoked["dev-000003"].at_ms, 42);
+    assert_eq!(storage.revoke_device("nope", "", 1).await.unwrap(), None);
     storage.close().await;
     db.cleanup().await;
 }
@@ -299,4 +352,5 @@ on_both_backends!(
     a_heartbeat_for_an_unknown_device_changes_nothing,
     bundle_reports_keep_the_newest_and_ties_go_to_the_later,
     the_desired_state_merges_device_and_store_rows,
+    the_membership_list_follows_enrollments_addresses_and_revocations,
 );

@@ -245,6 +245,14 @@ pub fn start_agent(server_url: &str, data_dir: &Path, token: &str, extra: &[&str
         .args(["--enrollment-token", token])
         .args(["--log-format", "json", "--max-backoff-seconds", "2"])
         .args(extra);
+    // Tills of a test share one machine: loopback, a free port each, peers
+    // from the control plane's list, unless the test says otherwise.
+    if !extra.contains(&"--p2p-listen-addrs") {
+        command.args(["--p2p-listen-addrs", "/ip4/127.0.0.1/tcp/0"]);
+    }
+    if !extra.contains(&"--p2p-mdns") {
+        command.args(["--p2p-mdns", "false"]);
+    }
     Process::spawn(command)
 }
 

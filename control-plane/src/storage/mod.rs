@@ -115,8 +115,8 @@ pub enum AssignTarget {
 }
 
 /// The desired state of a store and of each of its devices: its window, its
-/// bundle rows and its devices' own rows. Every heartbeat from the store is
-/// answered from it.
+/// bundle rows and its devices' own rows, and its membership list. Every
+/// heartbeat from the store is answered from it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StoreDesiredState {
     pub time_zone: String,
@@ -125,6 +125,60 @@ pub struct StoreDesiredState {
     pub store_bundles: Vec<DesiredBundleRecord>,
     /// Devices' own rows, by device id.
     pub device_bundles: HashMap<String, Vec<DesiredBundleRecord>>,
+    /// The store's membership list: its enrolled devices that are not
+    /// revoked, sorted by id.
+    pub peers: Vec<StorePeerRecord>,
+    /// SHA-256 over `peers`: a till holding this list is up to date.
+    pub peers_digest: Vec<u8>,
+    /// The store's revoked devices, refused when they call.
+    pub revoked: HashMap<String, RevokedRecord>,
+}
+
+/// Where one bundle version's bytes came from, summed over a store's tills.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferRecord {
+    pub bundle: String,
+    pub version: String,
+    pub tills: i64,
+    pub bytes_from_origin: i64,
+    pub bytes_from_peers: i64,
+    /// 0 when the version is not published.
+    pub size_bytes: i64,
+}
+
+/// One till of a store, as the others see it for P2P.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StorePeerRecord {
+    pub device_id: String,
+    pub public_key_hex: String,
+    /// The multiaddrs it last reported.
+    pub addrs: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokedRecord {
+    pub at_ms: i64,
+    pub reason: String,
+}
+
+/// The digest of a membership list: each field length-prefixed, so no two
+/// lists share one.
+pub fn peers_digest(peers: &[StorePeerRecord]) -> Vec<u8> {
+    use sha2::Digest;
+    let mut hash = sha2::Sha256::new();
+    let mut field = |bytes: &[u8]| {
+        hash.update((bytes.len() as u64).to_be_bytes());
+        hash.update(bytes);
+    };
+    for peer in peers {
+        field(peer.device_id.as_bytes());
+        field(peer.public_key_hex.as_bytes());
+        field(&(peer.addrs.len() as u64).to_be_bytes());
+        for addr in &peer.addrs {
+            field(addr.as_bytes());
+        }
+    }
+    hash.finalize().to_vec()
 }
 
 impl StoreDesiredState {
@@ -157,6 +211,10 @@ pub struct BundleStatusRecord {
     pub error: String,
     /// The agent's time of the change.
     pub updated_at_ms: i64,
+    /// Verified bytes of target_version from the control plane and from
+    /// the store's other tills.
+    pub bytes_from_origin: i64,
+    pub bytes_from_peers: i64,
 }
 
 /// Keeps, per bundle name, the device's own row over its store's. `rows`
@@ -233,6 +291,7 @@ pub struct DeviceRecord {
     pub installed_bundles: BTreeMap<String, String>,
     pub agent_uptime_seconds: i64,
     pub health: HealthRecord,
+    pub revoked: Option<RevokedRecord>,
 }
 
 /// What the control plane needs to check a device credential.
@@ -375,7 +434,8 @@ fn bind_all<'q>(
 const DEVICE_COLUMNS: &str = "d.id, d.store_id, d.hardware_model, d.serial_number, \
     d.enrolled_at_ms, d.last_seen_ms, d.heartbeat_interval_seconds, d.agent_version, \
     d.installed_bundles_json, d.agent_uptime_seconds, d.uptime_seconds, d.disk_free_bytes, \
-    d.disk_total_bytes, d.memory_total_bytes, d.memory_available_bytes, d.peripherals_json";
+    d.disk_total_bytes, d.memory_total_bytes, d.memory_available_bytes, d.peripherals_json, \
+    d.revoked_at_ms, d.revoked_reason";
 
 fn device_from_row(row: &AnyRow) -> Result<DeviceRecord, Error> {
     let installed: String = row.try_get("installed_bundles_json")?;
@@ -402,6 +462,13 @@ fn device_from_row(row: &AnyRow) -> Result<DeviceRecord, Error> {
         heartbeat_interval_seconds: row.try_get("heartbeat_interval_seconds")?,
         agent_version: row.try_get("agent_version")?,
         agent_uptime_seconds: row.try_get("agent_uptime_seconds")?,
+        revoked: match row.try_get::<Option<i64>, _>("revoked_at_ms")? {
+            Some(at_ms) => Some(RevokedRecord {
+                at_ms,
+                reason: row.try_get("revoked_reason")?,
+            }),
+            None => None,
+        },
         id,
     })
 }
@@ -461,6 +528,8 @@ fn status_from_row(row: &AnyRow) -> Result<BundleStatusRecord, sqlx::Error> {
         bytes_total: row.try_get("bytes_total")?,
         error: row.try_get("error")?,
         updated_at_ms: row.try_get("updated_at_ms")?,
+        bytes_from_origin: row.try_get("bytes_from_origin")?,
+        bytes_from_peers: row.try_get("bytes_from_peers")?,
     })
 }
 
@@ -510,6 +579,10 @@ impl Storage {
                             "PRAGMA synchronous = NORMAL",
                             "PRAGMA foreign_keys = ON",
                             "PRAGMA busy_timeout = 5000",
+                            // 64 MiB of pages per connection (the default is
+                            // 2 MiB): a large fleet's device rows stay in
+                            // memory instead of being read for every write.
+                            "PRAGMA cache_size = -65536",
                         ] {
                             conn.execute(pragma).await?;
                         }
@@ -807,6 +880,7 @@ impl Storage {
             installed_bundles: BTreeMap::new(),
             agent_uptime_seconds: 0,
             health: HealthRecord::default(),
+            revoked: None,
         })
     }
 
@@ -1255,7 +1329,99 @@ impl Storage {
                     .push(bundle);
             }
         }
+        let devices = sqlx::query(
+            "SELECT id, public_key, p2p_addrs_json, revoked_at_ms, revoked_reason \
+             FROM devices WHERE store_id = $1 ORDER BY id",
+        )
+        .bind(store_id)
+        .fetch_all(&self.pool)
+        .await?;
+        for row in &devices {
+            let device_id: String = row.try_get("id")?;
+            if let Some(at_ms) = row.try_get::<Option<i64>, _>("revoked_at_ms")? {
+                let reason = row.try_get("revoked_reason")?;
+                state
+                    .revoked
+                    .insert(device_id, RevokedRecord { at_ms, reason });
+                continue;
+            }
+            let addrs: String = row.try_get("p2p_addrs_json")?;
+            state.peers.push(StorePeerRecord {
+                device_id,
+                public_key_hex: row.try_get("public_key")?,
+                // Written by this code from validated strings; a damaged
+                // value only costs that till its peers' dials.
+                addrs: serde_json::from_str(&addrs).unwrap_or_default(),
+            });
+        }
+        state.peers_digest = peers_digest(&state.peers);
         Ok(Some(state))
+    }
+
+    /// Per bundle version the store's tills last reported on: the tills,
+    /// and the bytes they got from the origin and from each other.
+    pub async fn store_transfers(&self, store_id: &str) -> Result<Vec<TransferRecord>, Error> {
+        let rows = sqlx::query(
+            "SELECT st.name, st.target_version, COUNT(*) AS tills, \
+             SUM(st.bytes_from_origin) AS origin, SUM(st.bytes_from_peers) AS peers, \
+             MAX(b.length) AS size \
+             FROM device_bundle_status st JOIN devices d ON d.id = st.device_id \
+             LEFT JOIN bundles b ON b.name = st.name AND b.version = st.target_version \
+             WHERE d.store_id = $1 AND st.target_version <> '' \
+             GROUP BY st.name, st.target_version ORDER BY st.name, st.target_version",
+        )
+        .bind(store_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(TransferRecord {
+                    bundle: row.try_get("name")?,
+                    version: row.try_get("target_version")?,
+                    tills: row.try_get("tills")?,
+                    bytes_from_origin: row.try_get::<Option<i64>, _>("origin")?.unwrap_or(0),
+                    bytes_from_peers: row.try_get::<Option<i64>, _>("peers")?.unwrap_or(0),
+                    size_bytes: row.try_get::<Option<i64>, _>("size")?.unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+
+    /// Records where a till listens for its store's other tills.
+    pub async fn set_p2p_addrs(&self, device_id: &str, addrs: &[String]) -> Result<(), Error> {
+        let json = serde_json::to_string(addrs).expect("strings serialize");
+        sqlx::query("UPDATE devices SET p2p_addrs_json = $1 WHERE id = $2")
+            .bind(json)
+            .bind(device_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Revokes a device: it is refused from then on and leaves its store's
+    /// membership list. Returns its store, or `None` for an unknown
+    /// device. Revoking a revoked device keeps the first revocation.
+    pub async fn revoke_device(
+        &self,
+        device_id: &str,
+        reason: &str,
+        at_ms: i64,
+    ) -> Result<Option<String>, Error> {
+        sqlx::query(
+            "UPDATE devices SET revoked_at_ms = $1, revoked_reason = $2 \
+             WHERE id = $3 AND revoked_at_ms IS NULL",
+        )
+        .bind(at_ms)
+        .bind(reason)
+        .bind(device_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(sqlx::query("SELECT store_id FROM devices WHERE id = $1")
+            .bind(device_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|row| row.try_get("store_id"))
+            .transpose()?)
     }
 
     /// Stores reported bundle states. Per bundle, a report older than the
@@ -1270,7 +1436,7 @@ impl Storage {
             return Ok(());
         }
         let mut placeholders = Placeholders::new(self.backend);
-        let mut params = Vec::with_capacity(statuses.len() * 10);
+        let mut params = Vec::with_capacity(statuses.len() * 12);
         let rows: Vec<String> = statuses
             .iter()
             .map(|st| {
@@ -1285,19 +1451,24 @@ impl Storage {
                     Param::Int(st.bytes_total),
                     Param::Text(st.error.clone()),
                     Param::Int(st.updated_at_ms),
+                    Param::Int(st.bytes_from_origin),
+                    Param::Int(st.bytes_from_peers),
                 ]);
-                let row: Vec<String> = (0..10).map(|_| placeholders.next()).collect();
+                let row: Vec<String> = (0..12).map(|_| placeholders.next()).collect();
                 format!("({})", row.join(", "))
             })
             .collect();
         let sql = format!(
             "INSERT INTO device_bundle_status (device_id, name, kind, active_version, \
-             target_version, phase, bytes_done, bytes_total, error, updated_at_ms) VALUES {} \
+             target_version, phase, bytes_done, bytes_total, error, updated_at_ms, \
+             bytes_from_origin, bytes_from_peers) VALUES {} \
              ON CONFLICT (device_id, name) DO UPDATE SET kind = excluded.kind, \
              active_version = excluded.active_version, target_version = excluded.target_version, \
              phase = excluded.phase, bytes_done = excluded.bytes_done, \
              bytes_total = excluded.bytes_total, error = excluded.error, \
-             updated_at_ms = excluded.updated_at_ms \
+             updated_at_ms = excluded.updated_at_ms, \
+             bytes_from_origin = excluded.bytes_from_origin, \
+             bytes_from_peers = excluded.bytes_from_peers \
              WHERE device_bundle_status.updated_at_ms <= excluded.updated_at_ms",
             rows.join(", ")
         );

@@ -140,6 +140,8 @@ impl Sim {
             ]
             .into(),
             agent_uptime_seconds: 3600,
+            p2p_listen_addrs: Vec::new(),
+            store_peers_digest: Vec::new(),
             health: Some(v1::Health {
                 uptime_seconds: 86_400,
                 disk_free_bytes: 20 << 30,
@@ -753,6 +755,10 @@ struct Batch {
     /// Since `Rollout started.` (the end of the StartRollout call).
     seconds: f64,
     devices: u64,
+    /// The engine's own timing of the dispatch: reading the pending
+    /// devices and choosing, then everything including the writes.
+    read_ms: u64,
+    total_ms: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -1006,6 +1012,8 @@ async fn rollout_phase(
                     engine_batches.push(Batch {
                         seconds: (at - start).as_seconds_f64(),
                         devices: value["devices"].as_u64().unwrap_or(0),
+                        read_ms: value["read_ms"].as_u64().unwrap_or(0),
+                        total_ms: value["total_ms"].as_u64().unwrap_or(0),
                     });
                 }
             }
