@@ -220,6 +220,8 @@ pub(crate) struct Node {
     next_id: u64,
     stats: Stats,
     status_dirty: bool,
+    /// Something changed that may let more pieces be requested.
+    schedule_dirty: bool,
     last_announce: Instant,
     last_refresh: Instant,
     last_redial: Instant,
@@ -289,6 +291,7 @@ impl Node {
             next_id: 1,
             stats: Stats::default(),
             status_dirty: false,
+            schedule_dirty: false,
             last_announce: now,
             last_refresh: now,
             last_redial: now,
@@ -314,8 +317,14 @@ impl Node {
                     }
                 },
                 event = self.swarm.select_next_some() => self.swarm_event(event),
-                Some(event) = self.internal_rx.recv() => self.internal(event),
-                _ = tick.tick() => self.tick(),
+                Some(event) = self.internal_rx.recv() => {
+                    self.schedule_dirty = true;
+                    self.internal(event);
+                }
+                _ = tick.tick() => {
+                    self.schedule_dirty = true;
+                    self.tick();
+                }
             }
             self.announce(false);
             self.schedule();
@@ -703,13 +712,19 @@ impl Node {
                         response,
                     },
                 ..
-            } => self.response(peer, request_id, response),
+            } => {
+                self.schedule_dirty = true;
+                self.response(peer, request_id, response);
+            }
             RrEvent::OutboundFailure {
                 peer,
                 request_id,
                 error,
                 ..
-            } => self.outbound_failed(peer, request_id, error),
+            } => {
+                self.schedule_dirty = true;
+                self.outbound_failed(peer, request_id, error);
+            }
             RrEvent::InboundFailure {
                 peer,
                 request_id,
@@ -919,6 +934,7 @@ impl Node {
         }
         p.bundles = bundles;
         p.refused = false;
+        self.schedule_dirty = true;
     }
 
     fn chunk_list_answer(&mut self, query: u64, peer: PeerId, response: Response) {
@@ -1520,6 +1536,9 @@ impl Node {
     /// Requests missing pieces from peers, rarest first, within the
     /// in-flight limits.
     fn schedule(&mut self) {
+        if !std::mem::take(&mut self.schedule_dirty) {
+            return;
+        }
         // Pieces stay counted from the request until they are written, so
         // at most this many are in memory on the receiving side.
         let in_flight: usize = self
@@ -1551,43 +1570,47 @@ impl Node {
             if fetch.finishing {
                 continue;
             }
-            let (digest, chunks_digest) = (l.digest, l.chunks_digest);
-            let peers_ref = &*peers;
-            let holders_of = move |index: usize| {
-                peers_ref.iter().filter(move |(_, p)| {
-                    Self::usable(p)
-                        && p.bundles
-                            .get(&digest)
-                            .is_some_and(|r| r.chunks_digest == chunks_digest && r.have.get(index))
+            // Who has what of this bundle, and how busy each source is.
+            let mut sources: Vec<(PeerId, &Bitmap, usize)> = peers
+                .iter()
+                .filter(|(_, p)| Self::usable(p))
+                .filter_map(|(id, p)| {
+                    let r = p.bundles.get(&l.digest)?;
+                    (r.chunks_digest == l.chunks_digest && r.have.len() == l.have.len())
+                        .then_some((*id, &r.have, p.in_flight))
                 })
-            };
+                .collect();
+            if sources.is_empty() {
+                continue;
+            }
+            // Rarest first; ties in an order of this till's own.
             let mut wanted: Vec<(usize, u64, usize)> = l
                 .have
                 .missing()
                 .filter(|i| !fetch.requested.contains_key(i))
                 .filter_map(|i| {
-                    let n = holders_of(i).count();
+                    let n = sources.iter().filter(|(_, have, _)| have.get(i)).count();
                     (n > 0).then(|| (n, mix(salt, i as u64), i))
                 })
                 .collect();
             wanted.sort_unstable();
             let mut picks: Vec<(usize, PeerId)> = Vec::new();
-            let mut extra: HashMap<PeerId, usize> = HashMap::new();
             for (_, _, index) in wanted {
                 if budget == 0 {
                     break;
                 }
-                let best = holders_of(index)
-                    .map(|(id, p)| (id, p.in_flight + extra.get(id).copied().unwrap_or(0)))
-                    .filter(|(_, load)| *load < PER_PEER_IN_FLIGHT)
-                    .min_by_key(|(id, load)| (*load, mix(salt_of(id), index as u64)))
-                    .map(|(id, _)| *id);
-                if let Some(peer) = best {
-                    *extra.entry(peer).or_default() += 1;
-                    picks.push((index, peer));
+                // The least busy holder.
+                let best = sources
+                    .iter_mut()
+                    .filter(|(_, have, load)| have.get(index) && *load < PER_PEER_IN_FLIGHT)
+                    .min_by_key(|(id, _, load)| (*load, mix(salt_of(id), index as u64)));
+                if let Some((peer, _, load)) = best {
+                    *load += 1;
+                    picks.push((index, *peer));
                     budget -= 1;
                 }
             }
+            drop(sources);
             for (index, peer) in picks {
                 let id = swarm.behaviour_mut().pieces.send_request(
                     &peer,

@@ -1,14 +1,26 @@
-//! One piece stream over loopback, per transport. A measurement, not a
-//! pass/fail test:
-//! `cargo test -p posfleet-p2p --release --test throughput -- --ignored --nocapture`
+//! Measurements, not pass/fail tests. Run them in release:
+//! `cargo test -p posfleet-p2p --release --test throughput -- --ignored --nocapture --test-threads 1`
 
 mod common;
 
 use common::*;
+use futures::future::join_all;
 use std::sync::Arc;
 use std::time::Instant;
 
-async fn measure(transport: &str, size: usize) -> f64 {
+/// Resident memory of this process now, in MiB.
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// MiB/s of one fetch from one seeder, and how much the process's resident
+/// memory grew meanwhile (both tills together, the bundle itself excluded).
+async fn measure(transport: &str, size: usize) -> (f64, f64) {
     let (data, bundle) = bundle(size, 42);
     let tills = vec![till(test_config()).await, till(test_config()).await];
     let (seeder, fetcher) = (&tills[0], &tills[1]);
@@ -27,6 +39,21 @@ async fn measure(transport: &str, size: usize) -> f64 {
     wait_connected(&tills).await;
 
     let origin = FakeOrigin::new(data.clone(), &bundle, 0);
+    let before = rss_mib();
+    let peak = Arc::new(std::sync::Mutex::new(before));
+    let sampler = {
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            loop {
+                let now = rss_mib();
+                {
+                    let mut p = peak.lock().unwrap();
+                    *p = p.max(now);
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        })
+    };
     let start = Instant::now();
     let stats = fetcher
         .p2p
@@ -34,12 +61,14 @@ async fn measure(transport: &str, size: usize) -> f64 {
         .await
         .unwrap();
     let seconds = start.elapsed().as_secs_f64();
+    sampler.abort();
+    let grew = *peak.lock().unwrap() - before;
     assert_eq!(stats.origin_bytes, 0);
     assert_eq!(std::fs::read(fetcher.dest()).unwrap(), data[..]);
     for t in &tills {
         t.p2p.shutdown().await;
     }
-    size as f64 / MIB as f64 / seconds
+    (size as f64 / MIB as f64 / seconds, grew)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -47,7 +76,50 @@ async fn measure(transport: &str, size: usize) -> f64 {
 async fn one_piece_stream_on_loopback() {
     let _serial = serial().await;
     for transport in ["tcp", "quic-v1"] {
-        let rate = measure(transport, 128 * MIB).await;
-        println!("{transport}: {rate:.0} MiB/s");
+        let (rate, grew) = measure(transport, 256 * MIB).await;
+        println!(
+            "{transport}: {rate:.0} MiB/s; resident memory grew by {grew:.0} MiB (seeder and fetcher together)"
+        );
+    }
+}
+
+/// A store of `n` tills behind a WAN of `wan` bytes/s, all starting at once:
+/// origin bytes / size, and the time until the last till is done divided
+/// by size / WAN rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; run it in release"]
+async fn a_store_behind_a_thin_wan() {
+    let _serial = serial().await;
+    let (n, size, wan) = (20, 40 * MIB, 8 * MIB as u64);
+    let (data, bundle) = bundle(size, 43);
+    let mut tills = Vec::new();
+    for _ in 0..n {
+        tills.push(till(test_config()).await);
+    }
+    full_mesh(&tills).await;
+    let origin = FakeOrigin::new(data.clone(), &bundle, wan);
+    let start = Instant::now();
+    let fetches = tills.iter().map(|t| {
+        let origin = Arc::new(origin.for_another_till());
+        let dest = t.dest();
+        let bundle = bundle.clone();
+        async move { t.p2p.fetch(bundle, &dest, origin, |_| {}).await }
+    });
+    for r in join_all(fetches).await {
+        r.unwrap();
+    }
+    let last = start.elapsed().as_secs_f64();
+    let physical = size as f64 / wan as f64;
+    println!(
+        "{n} tills, {} MiB, WAN {} MiB/s: origin bytes / size = {:.3}, last till done / (size / WAN) = {:.2} ({last:.1} s of {physical:.1} s; includes the {:?} settle delay)",
+        size / MIB,
+        wan / MIB as u64,
+        origin.served() as f64 / size as f64,
+        last / physical,
+        test_config().settle_delay,
+    );
+    for t in &tills {
+        assert_eq!(std::fs::read(t.dest()).unwrap(), data[..]);
+        t.p2p.shutdown().await;
     }
 }
