@@ -345,6 +345,10 @@ pub struct BundleStatusView {
     pub phase: String,
     pub bytes_done: u64,
     pub bytes_total: u64,
+    /// Verified bytes of target_version from the control plane and from
+    /// the store's other tills.
+    pub bytes_from_origin: u64,
+    pub bytes_from_peers: u64,
     pub error: String,
     pub updated_at: String,
 }
@@ -369,6 +373,8 @@ impl From<v1::DeviceBundle> for DeviceBundleView {
                 target_version: s.target_version,
                 bytes_done: s.bytes_done,
                 bytes_total: s.bytes_total,
+                bytes_from_origin: s.bytes_from_origin,
+                bytes_from_peers: s.bytes_from_peers,
                 error: s.error,
                 updated_at: time(s.updated_at_unix_ms),
             }),
@@ -672,6 +678,8 @@ mod tests {
             phase: phase.into(),
             bytes_done: done,
             bytes_total: total,
+            bytes_from_origin: 0,
+            bytes_from_peers: 0,
             error: String::new(),
             updated_at: String::new(),
         }

@@ -442,6 +442,26 @@ impl ControlPlane {
             .unwrap_or_default()
     }
 
+    /// The value of one sample of the control plane's `/metrics`, named as
+    /// Prometheus prints it (`name` or `name{label="value"}`); 0 if absent.
+    pub fn metric(&self, sample: &str) -> f64 {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(&self.http_address).expect("connect");
+        write!(
+            stream,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .expect("send");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("read");
+        response
+            .lines()
+            .filter_map(|line| line.rsplit_once(' '))
+            .find(|(name, _)| *name == sample)
+            .and_then(|(_, value)| value.parse().ok())
+            .unwrap_or(0.0)
+    }
+
     /// Arguments that point an agent at this control plane's repository.
     pub fn repository_args(&self, keys: &Path) -> Vec<String> {
         vec![
