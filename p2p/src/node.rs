@@ -35,15 +35,17 @@ use crate::{Bundle, FetchStats, Member, OriginSource, Stats};
 const PER_PEER_IN_FLIGHT: usize = 4;
 /// How often decisions and announcements are looked at.
 const TICK: Duration = Duration::from_millis(20);
-/// Status is sent to every peer at least this often, changed or not.
+/// Status is sent to every peer at least this often, changed or not, while
+/// any till around fetches something; when all is quiet, less often.
 const STATUS_REFRESH: Duration = Duration::from_secs(2);
+const STATUS_REFRESH_IDLE: Duration = Duration::from_secs(10);
 /// Members not connected are dialed again this often.
 const REDIAL: Duration = Duration::from_secs(2);
 /// An origin download that failed this many times in a row fails the fetch.
 const MAX_ORIGIN_FAILURES: u32 = 3;
 const ORIGIN_RETRY: Duration = Duration::from_secs(1);
-/// Connections to members carry a status refresh every 2 s; this only
-/// closes connections that went silent.
+/// Connections to members carry a status refresh at least every 10 s; this
+/// only closes connections that went silent.
 pub(crate) const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(NetworkBehaviour)]
@@ -1359,7 +1361,17 @@ impl Node {
         if now.saturating_duration_since(self.last_redial) >= REDIAL {
             self.redial();
         }
-        if now.saturating_duration_since(self.last_refresh) >= STATUS_REFRESH {
+        let busy = self.bundles.values().any(|l| l.fetch.is_some())
+            || self
+                .peers
+                .values()
+                .any(|p| p.bundles.values().any(|r| r.fetching));
+        let refresh = if busy {
+            STATUS_REFRESH
+        } else {
+            STATUS_REFRESH_IDLE
+        };
+        if now.saturating_duration_since(self.last_refresh) >= refresh {
             self.last_refresh = now;
             self.status_dirty = true;
             self.announce(true);

@@ -127,6 +127,46 @@ async fn the_store_completes_when_the_origin_fetcher_dies_halfway() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_origin_fetcher_is_replaced_by_the_next_in_order() {
+    let _serial = serial().await;
+    let size = 8 * MIB;
+    let (data, bundle) = bundle(size, 9);
+    let mut tills = Vec::new();
+    for _ in 0..3 {
+        tills.push(till(test_config()).await);
+    }
+    full_mesh(&tills).await;
+    // The till chosen first gets an origin that never answers.
+    let origin = FakeOrigin::new(data.clone(), &bundle, 0);
+    origin.hang_first_call.store(true, Ordering::SeqCst);
+    let origins: Vec<FakeOrigin> = tills.iter().map(|_| origin.for_another_till()).collect();
+
+    let start = Instant::now();
+    fetch_all(&tills, &bundle, &origins).await;
+    let elapsed = start.elapsed();
+
+    let stall = test_config().stall_timeout;
+    assert!(
+        elapsed >= stall,
+        "done in {elapsed:?}, before the stall timeout"
+    );
+    assert!(
+        elapsed < stall + Duration::from_secs(10),
+        "took {elapsed:?}"
+    );
+    assert_eq!(
+        origin.calls.load(Ordering::SeqCst),
+        2,
+        "one stalled call, one takeover"
+    );
+    assert_eq!(origin.served(), size as u64);
+    for t in &tills {
+        assert_same_file(t, &data);
+        t.p2p.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_till_serving_corrupt_pieces_is_banned_and_the_others_still_get_good_bytes() {
     let _serial = serial().await;
     let size = 8 * MIB;

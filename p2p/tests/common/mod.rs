@@ -6,7 +6,7 @@
 use posfleet_bundle::chunks::{CHUNK_SIZE, ChunkList, digest_reader};
 use posfleet_p2p::{Bundle, Config, Error, Member, Multiaddr, OriginSource, P2p, PeerId};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -75,6 +75,8 @@ pub struct FakeOrigin {
     pub first_call: Arc<Mutex<Option<Instant>>>,
     /// Bytes served to this till only.
     pub mine: Arc<AtomicU64>,
+    /// The first call (from whichever till) never sends anything.
+    pub hang_first_call: Arc<AtomicBool>,
 }
 
 impl FakeOrigin {
@@ -87,6 +89,7 @@ impl FakeOrigin {
             calls: Arc::new(AtomicUsize::new(0)),
             first_call: Arc::new(Mutex::new(None)),
             mine: Arc::new(AtomicU64::new(0)),
+            hang_first_call: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -116,6 +119,9 @@ impl OriginSource for FakeOrigin {
         piece: &mut (dyn FnMut(usize, Vec<u8>) -> Result<(), Error> + Send),
     ) -> Result<(), Error> {
         self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.hang_first_call.swap(false, Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
         self.first_call
             .lock()
             .unwrap()
