@@ -13,6 +13,7 @@ use posfleet_control_plane::ControlPlane;
 use posfleet_control_plane::config::Config;
 use posfleet_proto::v1;
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -47,6 +48,14 @@ pub struct DemoArgs {
 }
 
 #[derive(Serialize)]
+struct TransferSummary {
+    size_bytes: u64,
+    tills: u64,
+    bytes_from_origin: u64,
+    bytes_from_peers: u64,
+}
+
+#[derive(Serialize)]
 struct Summary {
     bundles_published: Vec<String>,
     devices_online: usize,
@@ -68,6 +77,9 @@ struct Summary {
     rollback_reasons: Vec<String>,
     /// Tills holding their own store's catalog and no other.
     devices_with_own_catalog: usize,
+    /// Per store, where its tills got pos-app 1.1.0: the origin once, the
+    /// rest from each other.
+    transfers_1_1_0: BTreeMap<String, TransferSummary>,
     grpc_address: String,
     http_address: String,
 }
@@ -257,6 +269,42 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
     )
     .await?;
     let seconds_to_1_1_0 = upgrade.elapsed().as_secs_f64();
+    // Each store's tills shared the release: the origin sent it about once
+    // per store.
+    let mut transfers_1_1_0 = BTreeMap::new();
+    for &(store_id, _, _) in stores {
+        let request = admin.request(v1::GetStoreRequest {
+            id: store_id.into(),
+        });
+        let detail = admin
+            .client
+            .get_store(request)
+            .await
+            .map_err(|s| admin.error(s))?
+            .into_inner();
+        if let Some(t) = detail
+            .transfers
+            .into_iter()
+            .find(|t| t.bundle == "pos-app" && t.version == "1.1.0")
+        {
+            say(&format!(
+                "Store {store_id}: pos-app 1.1.0 is {:.1} MiB; its {} tills got {:.1} MiB from the origin and {:.1} MiB from each other.",
+                mib(t.size_bytes),
+                t.tills,
+                mib(t.bytes_from_origin),
+                mib(t.bytes_from_peers)
+            ));
+            transfers_1_1_0.insert(
+                store_id.to_string(),
+                TransferSummary {
+                    size_bytes: t.size_bytes,
+                    tills: t.tills,
+                    bytes_from_origin: t.bytes_from_origin,
+                    bytes_from_peers: t.bytes_from_peers,
+                },
+            );
+        }
+    }
 
     // A bad release: its health check fails on the canary store's tills,
     // which switch back to 1.1.0 by themselves, and the rollout pauses
@@ -345,6 +393,7 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
             devices_never_offered_1_2_0,
             rollback_reasons,
             devices_with_own_catalog,
+            transfers_1_1_0,
             grpc_address,
             http_address,
         };
@@ -616,9 +665,33 @@ fn build_pos_app(
         std::fs::write(&file, text)?;
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(*mode))?;
     }
+    // Product images: enough bytes (8 pieces) for the store's tills to
+    // share, different in every version.
+    let seed = version.bytes().fold(0x2545_f491_4f6c_dd1du64, |s, b| {
+        s.rotate_left(7) ^ u64::from(b)
+    });
+    std::fs::create_dir_all(src.join("assets"))?;
+    std::fs::write(src.join("assets/images.bin"), noise(seed, 8 << 20))?;
     let bundle = dir.join(format!("pos-app-{version}.bundle"));
     posfleet_bundle::archive::build(&src, &bundle)?;
     Ok(bundle)
+}
+
+/// `len` incompressible bytes from `seed` (xorshift64*).
+fn noise(mut seed: u64, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        seed ^= seed >> 12;
+        seed ^= seed << 25;
+        seed ^= seed >> 27;
+        out.extend_from_slice(&seed.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
 }
 
 /// A store's product and price catalog, as a catalog bundle.

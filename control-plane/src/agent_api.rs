@@ -556,3 +556,62 @@ impl AgentService for AgentApi {
 
 // Keep the generated type referenced so the health reporter can name it.
 pub type Server = v1::agent_service_server::AgentServiceServer<AgentApi>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(target: &str, at: i64, origin: i64, peers: i64) -> BundleStatusRecord {
+        BundleStatusRecord {
+            name: "pos-app".into(),
+            kind: "software".into(),
+            active_version: "1.0.0".into(),
+            target_version: target.into(),
+            phase: "downloading".into(),
+            bytes_done: 0,
+            bytes_total: 0,
+            error: String::new(),
+            updated_at_ms: at,
+            bytes_from_origin: origin,
+            bytes_from_peers: peers,
+        }
+    }
+
+    #[test]
+    fn reported_bytes_count_once() {
+        for (before, reported, expected) in [
+            // First report of a version: all of it.
+            (vec![], status("1.1.0", 10, 5, 7), (5, 7)),
+            // The same version again: what it adds.
+            (
+                vec![status("1.1.0", 10, 5, 7)],
+                status("1.1.0", 11, 8, 7),
+                (3, 0),
+            ),
+            // A new version: all of it.
+            (
+                vec![status("1.1.0", 10, 5, 7)],
+                status("1.2.0", 11, 2, 1),
+                (2, 1),
+            ),
+            // A report older than the stored one: nothing.
+            (
+                vec![status("1.1.0", 10, 5, 7)],
+                status("1.1.0", 9, 9, 9),
+                (0, 0),
+            ),
+            // Counts never go backwards.
+            (
+                vec![status("1.1.0", 10, 5, 7)],
+                status("1.1.0", 12, 4, 7),
+                (0, 0),
+            ),
+        ] {
+            assert_eq!(
+                added_bytes(&before, std::slice::from_ref(&reported)),
+                expected,
+                "{before:?} then {reported:?}"
+            );
+        }
+    }
+}
