@@ -214,11 +214,6 @@ impl Election {
         if since(now, self.started) < self.timing.settle {
             return Decision::Wait;
         }
-        if i.candidates.iter().any(progressing) {
-            self.waiting_for = None;
-            return Decision::Wait;
-        }
-
         let mut order: Vec<([u8; 32], PeerId)> = i
             .candidates
             .iter()
@@ -234,10 +229,9 @@ impl Election {
         }
         order.sort_by_key(|(score, _)| std::cmp::Reverse(*score));
         let top = order[0].1;
-        if top == self.local {
-            self.waiting_for = None;
-            return self.start(Mode::Store, now);
-        }
+        // How long the first in order has been first, counted even while
+        // it works: if it stops (stalled, it steps back by itself) the next
+        // one takes over one stall timeout after it started, not two.
         let waiting_since = match self.waiting_for {
             Some((peer, at)) if peer == top => at,
             _ => {
@@ -245,6 +239,13 @@ impl Election {
                 now
             }
         };
+        if i.candidates.iter().any(progressing) {
+            return Decision::Wait;
+        }
+        if top == self.local {
+            self.waiting_for = None;
+            return self.start(Mode::Store, now);
+        }
         // An origin fetcher is judged by its pieces, anyone else by how
         // long it has been first without starting.
         let last_sign = i
@@ -397,6 +398,26 @@ mod tests {
             Decision::Stop(StopReason::HigherRankedFetcher)
         );
         assert_eq!(second.at(11_800, false, &fetcher), Decision::Wait);
+    }
+
+    #[test]
+    fn a_fetcher_that_steps_back_by_itself_is_replaced_one_stall_after_it_started() {
+        let peers = ranked(2);
+        let mut second = Check::new(peers[1]);
+        let t0 = second.t0;
+        let mut top = wanting(&[peers[0]], t0);
+        top[0].origin = true;
+        top[0].last_progress = t0 + Duration::from_millis(1000);
+        assert_eq!(second.at(1000, false, &top), Decision::Wait);
+        // Its origin never sent a piece; it stops and says so.
+        top[0].origin = false;
+        assert_eq!(second.at(5500, false, &top), Decision::Wait);
+        assert_eq!(
+            second.at(6001, false, &top),
+            Decision::Wait,
+            "gives up on it"
+        );
+        assert_eq!(second.at(6002, false, &top), Decision::Start(Mode::Store));
     }
 
     #[test]
