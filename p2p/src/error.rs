@@ -83,9 +83,6 @@ pub enum Error {
     #[error("bundle {digest} is already being fetched")]
     AlreadyFetching { digest: String },
 
-    #[error("bundle {digest} is already shared whole; fetch it into a new path only after unshare")]
-    AlreadyShared { digest: String },
-
     #[error("the p2p task has stopped")]
     Stopped,
 }

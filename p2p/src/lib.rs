@@ -364,7 +364,9 @@ impl P2p {
     /// per store) the origin; keeps the verified pieces already there.
     /// `progress` gets the verified bytes on disk as they grow. Once done,
     /// the bundle stays shared from the open file until [`P2p::unshare`], so
-    /// the agent may rename it. Dropping the future cancels the fetch.
+    /// the agent may rename it. If this till already shares the bundle
+    /// whole, `dest` is filled from that copy. Dropping the future cancels
+    /// the fetch.
     pub async fn fetch(
         &self,
         bundle: Bundle,

@@ -494,16 +494,34 @@ impl Node {
     fn start_fetch(&mut self, command: FetchCommand) {
         let digest = command.bundle.digest;
         if let Some(existing) = self.bundles.get(&digest) {
-            let error = if existing.fetch.is_some() {
-                Error::AlreadyFetching {
+            if existing.fetch.is_some() {
+                let _ = command.reply.send(Err(Error::AlreadyFetching {
                     digest: hex::encode(digest),
-                }
-            } else {
-                Error::AlreadyShared {
-                    digest: hex::encode(digest),
-                }
-            };
-            let _ = command.reply.send(Err(error));
+                }));
+                return;
+            }
+            // A whole copy is here already: fill the destination from it,
+            // piece by piece, verified like any other source.
+            info!(bundle = %short(&digest), from = %existing.file.path().display(), to = %command.file.path().display(), "Copying a bundle already here.");
+            let from = existing.file.clone();
+            let FetchCommand {
+                file: to,
+                have,
+                progress,
+                reply,
+                ..
+            } = command;
+            self.tasks.spawn_blocking(move || {
+                let copy = || -> Result<FetchStats> {
+                    for index in have.missing() {
+                        to.write_verified(index, &from.read_verified(index)?)?;
+                    }
+                    to.finish()?;
+                    progress.send_replace(to.chunks().length);
+                    Ok(FetchStats::default())
+                };
+                let _ = reply.send(copy());
+            });
             return;
         }
         let now = Instant::now();

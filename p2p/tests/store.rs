@@ -501,6 +501,38 @@ async fn the_chunk_list_comes_from_a_peer_and_a_wrong_one_is_rejected() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_already_here_is_copied_without_the_network() {
+    let _serial = serial().await;
+    let (data, bundle) = bundle(3 * MIB + 5, 10);
+    let t = till(Config {
+        origin_fallback_delay: Duration::ZERO,
+        ..test_config()
+    })
+    .await;
+    let installed = t.dir.path().join("installed");
+    std::fs::write(&installed, &data[..]).unwrap();
+    t.p2p.share(bundle.clone(), &installed).await.unwrap();
+    let origin = FakeOrigin::new(data.clone(), &bundle, 0);
+    let stats = t
+        .p2p
+        .fetch(bundle.clone(), &t.dest(), Arc::new(origin.clone()), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(stats, FetchStats::default());
+    assert_eq!(origin.served(), 0);
+    assert_same_file(&t, &data);
+    // Fetching into the shared file itself finds it whole.
+    let stats = t
+        .p2p
+        .fetch(bundle, &installed, Arc::new(origin.clone()), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(stats, FetchStats::default());
+    assert_eq!(std::fs::read(&installed).unwrap(), data[..]);
+    t.p2p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploads_to_a_peer_are_capped() {
     let _serial = serial().await;
     let size = 6 * MIB;
