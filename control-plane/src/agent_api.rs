@@ -427,7 +427,7 @@ impl AgentService for AgentApi {
         }
         // The answer must be whole: an agent told "no window" would install
         // at any time, so a failed read fails the heartbeat (it is retried).
-        let desired = match self.desired.get(&auth.store_id).await {
+        let mut desired = match self.desired.get(&auth.store_id).await {
             Ok(desired) => desired,
             Err(error) => {
                 self.metrics
@@ -472,6 +472,10 @@ impl AgentService for AgentApi {
                 ));
             }
             self.desired.invalidate(&auth.store_id).await;
+            // Answer with the list that has them.
+            if let Ok(fresh) = self.desired.get(&auth.store_id).await {
+                desired = fresh;
+            }
         }
         let store_peers = (req.store_peers_digest != desired.peers_digest)
             .then(|| convert::store_peers(&desired.peers, &desired.peers_digest));

@@ -4,8 +4,8 @@
 mod common;
 
 use common::{
-    Backend, TestDb, TestServer, assert_status, enroll_request, eventually, heartbeat, new_key,
-    setup,
+    Backend, TestDb, TestServer, assert_status, device_request, enroll_request, eventually,
+    heartbeat, new_key, setup,
 };
 use posfleet_proto::v1;
 use std::collections::HashMap;
@@ -764,7 +764,141 @@ async fn health_and_readiness_endpoints_answer(backend: Backend) {
     s.finish().await;
 }
 
+/// The heartbeat carries a till's P2P addresses up and its store's
+/// membership list down, only when it changed; revoked devices leave the
+/// list and are refused; bad addresses are refused whole.
+async fn heartbeats_carry_the_store_membership_list(backend: Backend) {
+    let s = setup(backend, |_| {}).await;
+    let mut admin = s.server.admin().await;
+    admin.store("s1").await;
+    admin.store("s2").await;
+    let (a, a_cred) = s.enrolled_device("s1").await;
+    let (b, b_cred) = s.enrolled_device("s1").await;
+    let (_, other_cred) = s.enrolled_device("s2").await;
+    let mut agent = s.server.agent().await;
+    let beat = |addrs: &[&str], digest: Vec<u8>| v1::HeartbeatRequest {
+        p2p_listen_addrs: addrs.iter().map(|a| a.to_string()).collect(),
+        store_peers_digest: digest,
+        ..Default::default()
+    };
+    let first = agent
+        .heartbeat(heartbeat(
+            &a_cred,
+            beat(&["/ip4/10.0.0.1/tcp/7410"], vec![]),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .store_peers
+        .expect("a till without a list gets one");
+    let ids: Vec<&str> = first.peers.iter().map(|p| p.device_id.as_str()).collect();
+    let mut want = vec![a.as_str(), b.as_str()];
+    want.sort();
+    assert_eq!(ids, want, "only its own store's tills");
+    assert!(first.peers.iter().all(|p| p.public_key.len() == 32));
+    let own = first.peers.iter().find(|p| p.device_id == a).unwrap();
+    assert_eq!(own.addrs, ["/ip4/10.0.0.1/tcp/7410"]);
+    // Holding the current list: nothing is sent.
+    let again = agent
+        .heartbeat(heartbeat(
+            &a_cred,
+            beat(&["/ip4/10.0.0.1/tcp/7410"], first.digest.clone()),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.store_peers, None);
+    // B reports where it listens: A's next heartbeat brings the change.
+    agent
+        .heartbeat(heartbeat(
+            &b_cred,
+            beat(&["/ip4/10.0.0.2/tcp/7410"], vec![]),
+        ))
+        .await
+        .unwrap();
+    let changed = agent
+        .heartbeat(heartbeat(
+            &a_cred,
+            beat(&["/ip4/10.0.0.1/tcp/7410"], first.digest.clone()),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .store_peers
+        .expect("a changed list is sent");
+    let peer_b = changed.peers.iter().find(|p| p.device_id == b).unwrap();
+    assert_eq!(peer_b.addrs, ["/ip4/10.0.0.2/tcp/7410"]);
+    // Bad addresses are refused, naming the field.
+    for addrs in [vec!["not a multiaddr"], vec!["/ip4/10.0.0.1/tcp/1"; 17]] {
+        assert_status(
+            agent
+                .heartbeat(heartbeat(&a_cred, beat(&addrs, vec![])))
+                .await,
+            Code::InvalidArgument,
+            "p2p_listen_addrs",
+        );
+    }
+    // B is revoked: refused with the reason, and gone from A's list.
+    let revoked = admin
+        .client
+        .revoke_device(admin.req(v1::RevokeDeviceRequest {
+            device_id: b.clone(),
+            reason: "stolen".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(revoked.revoked_at_unix_ms > 0);
+    assert_eq!(revoked.revoked_reason, "stolen");
+    assert_status(
+        agent.heartbeat(heartbeat(&b_cred, beat(&[], vec![]))).await,
+        Code::PermissionDenied,
+        "stolen",
+    );
+    assert_status(
+        agent
+            .report_progress(device_request(
+                &b_cred,
+                v1::ReportProgressRequest::default(),
+            ))
+            .await,
+        Code::PermissionDenied,
+        "revoked",
+    );
+    let after = agent
+        .heartbeat(heartbeat(
+            &a_cred,
+            beat(&["/ip4/10.0.0.1/tcp/7410"], changed.digest.clone()),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .store_peers
+        .expect("the list changed");
+    let ids: Vec<&str> = after.peers.iter().map(|p| p.device_id.as_str()).collect();
+    assert_eq!(ids, [a.as_str()]);
+    // Another store's till still works and never saw s1's.
+    let theirs = agent
+        .heartbeat(heartbeat(&other_cred, beat(&[], vec![])))
+        .await
+        .unwrap()
+        .into_inner()
+        .store_peers
+        .unwrap();
+    assert!(theirs.peers.iter().all(|p| p.device_id != a));
+    let unknown = admin
+        .client
+        .revoke_device(admin.req(v1::RevokeDeviceRequest {
+            device_id: "dev-nope".into(),
+            reason: String::new(),
+        }))
+        .await;
+    assert_status(unknown, Code::NotFound, "unknown device");
+    s.finish().await;
+}
+
 on_both_backends!(
+    heartbeats_carry_the_store_membership_list,
     admin_calls_need_a_valid_token,
     stores_are_validated_and_listed,
     enrollment_tokens_are_spent_expire_and_are_revoked,
