@@ -72,6 +72,43 @@ async fn eight_tills_starting_together_take_the_bundle_from_the_origin_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_store_takes_the_bundle_from_the_origin_once() {
+    let _serial = serial().await;
+    let size = 6 * MIB;
+    let (data, bundle) = bundle(size, 11);
+    let mut stores: Vec<Vec<Till>> = Vec::new();
+    for _ in 0..2 {
+        let mut tills = Vec::new();
+        for _ in 0..3 {
+            tills.push(till(test_config()).await);
+        }
+        full_mesh(&tills).await;
+        stores.push(tills);
+    }
+    let origin = FakeOrigin::new(data.clone(), &bundle, 20 * MIB as u64);
+    let per_store: Vec<Vec<FakeOrigin>> = stores
+        .iter()
+        .map(|tills| tills.iter().map(|_| origin.for_another_till()).collect())
+        .collect();
+    let fetches = stores
+        .iter()
+        .zip(&per_store)
+        .map(|(tills, origins)| fetch_all(tills, &bundle, origins));
+    join_all(fetches).await;
+    for (tills, origins) in stores.iter().zip(&per_store) {
+        let store_bytes: u64 = origins.iter().map(|o| o.mine()).sum();
+        assert_eq!(store_bytes, size as u64, "each store once");
+        for t in tills {
+            assert_same_file(t, &data);
+            assert_eq!(t.p2p.connected_members().await.len(), 2);
+        }
+    }
+    for t in stores.iter().flatten() {
+        t.p2p.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_store_completes_when_the_origin_fetcher_dies_halfway() {
     let _serial = serial().await;
     let size = 40 * MIB;
