@@ -38,8 +38,9 @@
 //! the peer still fetches it, whether it is downloading from the origin right
 //! now, and a bitmap of the pieces it holds (omitted when whole). Tills push
 //! their status to every connected member when it changes (at most every
-//! `announce_interval`, at once when a piece arrives from the origin) and
-//! every 2 s regardless.
+//! `announce_interval`, at once when a piece arrives from the origin), and
+//! refresh it every 2 s while any till around fetches (every 10 s when all
+//! is quiet).
 //!
 //! # Pieces
 //!

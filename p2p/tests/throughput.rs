@@ -90,11 +90,23 @@ async fn one_piece_stream_on_loopback() {
 #[ignore = "a measurement; run it in release"]
 async fn a_store_behind_a_thin_wan() {
     let _serial = serial().await;
+    for announce in [50, 200] {
+        store_behind_a_thin_wan(std::time::Duration::from_millis(announce)).await;
+    }
+}
+
+async fn store_behind_a_thin_wan(announce_interval: std::time::Duration) {
     let (n, size, wan) = (20, 40 * MIB, 8 * MIB as u64);
     let (data, bundle) = bundle(size, 43);
     let mut tills = Vec::new();
     for _ in 0..n {
-        tills.push(till(test_config()).await);
+        tills.push(
+            till(posfleet_p2p::Config {
+                announce_interval,
+                ..test_config()
+            })
+            .await,
+        );
     }
     full_mesh(&tills).await;
     let origin = FakeOrigin::new(data.clone(), &bundle, wan);
@@ -111,7 +123,7 @@ async fn a_store_behind_a_thin_wan() {
     let last = start.elapsed().as_secs_f64();
     let physical = size as f64 / wan as f64;
     println!(
-        "{n} tills, {} MiB, WAN {} MiB/s: origin bytes / size = {:.3}, last till done / (size / WAN) = {:.2} ({last:.1} s of {physical:.1} s; includes the {:?} settle delay)",
+        "{n} tills, announce every {announce_interval:?}, {} MiB, WAN {} MiB/s: origin bytes / size = {:.3}, last till done / (size / WAN) = {:.2} ({last:.1} s of {physical:.1} s; includes the {:?} settle delay)",
         size / MIB,
         wan / MIB as u64,
         origin.served() as f64 / size as f64,
