@@ -477,7 +477,11 @@ impl AgentService for AgentApi {
                 desired = fresh;
             }
         }
-        let store_peers = (req.store_peers_digest != desired.peers_digest)
+        // Only tills that take part in P2P (they say where they listen) get
+        // the list, and only when theirs is out of date: a store's list is
+        // a few KiB per heartbeat otherwise.
+        let store_peers = (!req.p2p_listen_addrs.is_empty()
+            && req.store_peers_digest != desired.peers_digest)
             .then(|| convert::store_peers(&desired.peers, &desired.peers_digest));
         let interval = self.current_interval();
         let now = now_ms();

@@ -877,9 +877,19 @@ async fn heartbeats_carry_the_store_membership_list(backend: Backend) {
         .expect("the list changed");
     let ids: Vec<&str> = after.peers.iter().map(|p| p.device_id.as_str()).collect();
     assert_eq!(ids, [a.as_str()]);
-    // Another store's till still works and never saw s1's.
+    // A till with P2P off (no addresses) gets no list.
+    let off = agent
+        .heartbeat(heartbeat(&a_cred, beat(&[], vec![])))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(off.store_peers, None);
+    // Another store's till never sees s1's.
     let theirs = agent
-        .heartbeat(heartbeat(&other_cred, beat(&[], vec![])))
+        .heartbeat(heartbeat(
+            &other_cred,
+            beat(&["/ip4/10.0.1.1/tcp/7410"], vec![]),
+        ))
         .await
         .unwrap()
         .into_inner()
