@@ -256,6 +256,32 @@ pub fn start_agent(server_url: &str, data_dir: &Path, token: &str, extra: &[&str
     Process::spawn(command)
 }
 
+/// CPU time (user + system) process `pid` has used so far, in seconds;
+/// `None` once it is gone.
+pub fn cpu_seconds(pid: impl std::fmt::Display) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name (which may hold spaces);
+    // utime and stime are the 14th and 15th of the line.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    Some(ticks as f64 / hz)
+}
+
+/// A field of `/proc/PID/status` (`VmRSS:`, `VmHWM:`), in KiB; `None` once
+/// the process is gone.
+pub fn status_kib(pid: impl std::fmt::Display, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
 /// Polls `check` every 100 ms until it returns `Some`, or panics.
 pub fn eventually<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;

@@ -9,7 +9,8 @@
 use anyhow::{Context, ensure};
 use clap::Parser;
 use posfleet_e2e::{
-    ControlPlane, check_ok, enrolled_device_id, eventually, pos_app_source, start_agent,
+    ControlPlane, check_ok, cpu_seconds, enrolled_device_id, eventually, pos_app_source,
+    start_agent, status_kib,
 };
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -52,27 +53,6 @@ struct Targets {
     idle_cpu_percent_below: f64,
     peak_rss_mib_below: f64,
     met: bool,
-}
-
-/// A field of /proc/PID/status, in KiB.
-fn status_kib(pid: i32, field: &str) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .with_context(|| format!("no {field} in /proc/{pid}/status"))
-}
-
-/// utime + stime of PID, in seconds.
-fn cpu_seconds(pid: i32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name, which may hold spaces, in parentheses.
-    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
-    Ok(ticks as f64 / hz)
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -131,14 +111,14 @@ fn main() -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_secs(5));
 
     eprintln!("Watching the idle agent for {} s...", args.idle_seconds);
-    let cpu_before = cpu_seconds(pid)?;
+    let cpu_before = cpu_seconds(pid).context("the process is gone")?;
     let started = Instant::now();
     let mut rss = Vec::new();
     while started.elapsed() < Duration::from_secs(args.idle_seconds) {
-        rss.push(status_kib(pid, "VmRSS:")? as f64 / 1024.0);
+        rss.push(status_kib(pid, "VmRSS:").context("the process is gone")? as f64 / 1024.0);
         std::thread::sleep(Duration::from_secs(1));
     }
-    let idle_cpu = cpu_seconds(pid)? - cpu_before;
+    let idle_cpu = cpu_seconds(pid).context("the process is gone")? - cpu_before;
     let idle_elapsed = started.elapsed().as_secs_f64();
     let idle_rss_max_mib = rss.iter().copied().fold(0.0, f64::max);
     let idle_rss_median_mib = median(&mut rss);
@@ -163,7 +143,7 @@ fn main() -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(500));
     }
     let install_seconds = install_started.elapsed().as_secs_f64();
-    let peak_rss_mib = status_kib(pid, "VmHWM:")? as f64 / 1024.0;
+    let peak_rss_mib = status_kib(pid, "VmHWM:").context("the process is gone")? as f64 / 1024.0;
     ensure!(
         Path::new(&data.join("slots/pos-app/current/payload.bin")).is_file(),
         "the bundle is not in place"

@@ -33,7 +33,7 @@
 
 use clap::{Parser, ValueEnum};
 use ed25519_dalek::{Signer, SigningKey};
-use posfleet_e2e::{ControlPlane, PostgresDb, pos_app_source};
+use posfleet_e2e::{ControlPlane, PostgresDb, cpu_seconds, pos_app_source};
 use posfleet_proto::v1;
 use posfleet_proto::v1::admin_service_client::AdminServiceClient;
 use posfleet_proto::v1::agent_service_client::AgentServiceClient;
@@ -178,25 +178,6 @@ impl Sim {
     }
 }
 
-/// CPU seconds used so far by a process (user + system).
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are 14 and 15.
-    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = fields
-        .get(11)
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        + fields
-            .get(12)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0);
-    // /proc reports clock ticks of USER_HZ, which Linux fixes at 100 for
-    // user space whatever the kernel's internal rate.
-    ticks / 100.0
-}
-
 fn peak_rss_bytes(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -237,8 +218,8 @@ impl Meter {
         Meter {
             pid,
             started: Instant::now(),
-            cp_cpu: cpu_seconds(pid),
-            sim_cpu: cpu_seconds(std::process::id()),
+            cp_cpu: cpu_seconds(pid).unwrap_or(0.0),
+            sim_cpu: cpu_seconds(std::process::id()).unwrap_or(0.0),
         }
     }
 
@@ -282,8 +263,9 @@ impl Meter {
             latency_p90_ms: pct(0.90),
             latency_p99_ms: pct(0.99),
             latency_max_ms: latencies.last().copied().unwrap_or(0.0),
-            control_plane_cpu_cores: (cpu_seconds(self.pid) - self.cp_cpu) / seconds,
-            simulator_cpu_cores: (cpu_seconds(std::process::id()) - self.sim_cpu) / seconds,
+            control_plane_cpu_cores: (cpu_seconds(self.pid).unwrap_or(0.0) - self.cp_cpu) / seconds,
+            simulator_cpu_cores: (cpu_seconds(std::process::id()).unwrap_or(0.0) - self.sim_cpu)
+                / seconds,
         }
     }
 }
@@ -878,7 +860,7 @@ async fn rollout_phase(
     ));
     let phase_start = Instant::now();
     tokio::time::sleep(ROLLOUT_DELAY).await;
-    let cpu_before = cpu_seconds(pid);
+    let cpu_before = cpu_seconds(pid).unwrap_or(0.0);
     let control_plane_cpu_cores_before =
         (cpu_before - phase.cp_cpu) / phase_start.elapsed().as_secs_f64();
 
@@ -900,7 +882,7 @@ async fn rollout_phase(
     loop {
         let detail = admin.get_rollout(rollout_request(&id)).await?.into_inner();
         let now = Instant::now();
-        let cpu = cpu_seconds(pid);
+        let cpu = cpu_seconds(pid).unwrap_or(0.0);
         let rollout = detail.rollout.unwrap_or_default();
         let c = rollout.counts.unwrap_or_default();
         let total = c.pending

@@ -18,7 +18,7 @@ use anyhow::{Context, anyhow, bail, ensure};
 use clap::Parser;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use posfleet_e2e::{binary, pos_app_source};
+use posfleet_e2e::{binary, cpu_seconds, pos_app_source, status_kib};
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -441,27 +441,6 @@ impl Drop for Proc {
             let _ = self.child.wait();
         }
     }
-}
-
-/// A field of /proc/PID/status, in KiB.
-fn status_kib(pid: i32, field: &str) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .with_context(|| format!("no {field} in /proc/{pid}/status"))
-}
-
-/// utime + stime of PID, in seconds.
-fn cpu_seconds(pid: i32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The fields after the command name, which may hold spaces.
-    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
-    Ok(ticks as f64 / hz)
 }
 
 /// Polls `check` every 100 ms until it returns `Some`; fails on timeout
@@ -895,9 +874,12 @@ impl<'a> Run<'a> {
     fn cpu_seconds(&self) -> anyhow::Result<(f64, f64)> {
         let mut agents = 0.0;
         for agent in &self.agents {
-            agents += cpu_seconds(agent.process.pid())?;
+            agents += cpu_seconds(agent.process.pid()).context("the process is gone")?;
         }
-        Ok((agents, cpu_seconds(self.bench.origin.process.pid())?))
+        Ok((
+            agents,
+            cpu_seconds(self.bench.origin.process.pid()).context("the process is gone")?,
+        ))
     }
 
     fn execute(mut self, reduced_from: Option<(usize, String)>) -> anyhow::Result<RunReport> {
@@ -1076,7 +1058,8 @@ fn till_report(agent: &Agent, assigned: Instant) -> anyhow::Result<TillReport> {
         bytes_from_peers: line["from_peers"].as_u64().unwrap_or(0),
         origin_fetches,
         origin_pieces_asked,
-        peak_rss_mib: status_kib(process.pid(), "VmHWM:")? as f64 / 1024.0,
+        peak_rss_mib: status_kib(process.pid(), "VmHWM:").context("the process is gone")? as f64
+            / 1024.0,
     })
 }
 
