@@ -92,13 +92,20 @@ impl Origin {
         let url = self.url(path);
         let seconds = self.timeouts.metadata.as_secs();
         let fetch = async {
-            let fail = |e: reqwest::Error| RepoError::Fetch {
+            // No answer, or a gateway with none: the store's peers may help.
+            let fail = |e: reqwest::Error| RepoError::Unreachable {
                 url: url.clone(),
                 message: e.to_string(),
             };
             let mut response = self.http.get(&url).send().await.map_err(fail)?;
             if response.status() == reqwest::StatusCode::NOT_FOUND {
                 return Ok(None);
+            }
+            if matches!(response.status().as_u16(), 502..=504) {
+                return Err(RepoError::Unreachable {
+                    url: url.clone(),
+                    message: format!("HTTP {}", response.status()),
+                });
             }
             if !response.status().is_success() {
                 return Err(RepoError::Fetch {

@@ -35,8 +35,22 @@ pub enum RepoError {
         rate: u64,
         minimum: u64,
     },
+    /// No connection, no answer in time, or a gateway error.
+    #[error("{url}: unreachable: {message}")]
+    Unreachable { url: String, message: String },
     #[error(transparent)]
     Files(#[from] crate::error::Error),
+}
+
+impl RepoError {
+    /// The origin did not answer at all (as opposed to answering with
+    /// something refused).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            RepoError::Unreachable { .. } | RepoError::Timeout { .. }
+        )
+    }
 }
 
 /// Time limits for downloads.
