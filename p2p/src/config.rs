@@ -34,7 +34,8 @@ pub struct Config {
     pub request_timeout: Duration,
     pub limits: Limits,
     /// Test hook: flip a byte in every piece and chunk list this till
-    /// serves, to exercise its peers' defences.
+    /// serves, and a signature digit in every TUF metadata file (sent whole,
+    /// whatever the asker's limit), to exercise its peers' defences.
     #[doc(hidden)]
     pub corrupt_served_data: bool,
 }

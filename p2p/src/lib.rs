@@ -25,13 +25,26 @@
 //! payload`, and each kind has a size limit checked before allocation
 //! ([`Limits`]): a piece or chunk-list request is exactly 36 or 32 bytes, a
 //! status at most 64 KiB, a piece response at most one piece (1 MiB), a chunk
-//! list at most 1 MiB. Anything larger fails the stream.
+//! list at most 1 MiB, a TUF metadata file at most 32 MiB (and at most what
+//! the asker's request names). Anything larger fails the stream.
+//!
+//! # TUF metadata
+//!
+//! A till that cannot reach the origin asks its peers for TUF metadata
+//! ([`P2p::metadata_from_peer`]): the files they verified and saved
+//! ([`P2p::serve_metadata`]), by TUF name only (`timestamp.json`,
+//! `snapshot.json`, `targets.json`, `<N>.root.json`; any other name is
+//! refused). The asker's TUF client verifies them like the origin's. A peer
+//! answering over the asked size or with bytes that do not parse as the
+//! role is banned; one whose file parses but does not verify is not (it may
+//! just be older). See `metadata.rs`.
 //!
 //! | request | response |
 //! | --- | --- |
 //! | `Status` (what I have and fetch) | `Status` (what the peer has and fetches) |
 //! | `Piece { bundle, index }` | `Piece(bytes)` or `NotFound` |
 //! | `ChunkList { digest }` | `ChunkList(bytes)` or `NotFound` |
+//! | `Metadata { name, max_bytes }` | `Metadata(bytes)`, `NotFound` or `UnknownName` |
 //! | anything from a non-member | `Refused` |
 //!
 //! A status lists, per bundle: its digest, its chunk list's digest, whether
@@ -70,6 +83,7 @@ mod bitmap;
 mod config;
 mod election;
 mod error;
+mod metadata;
 mod node;
 mod piece_file;
 mod protocol;
@@ -78,6 +92,7 @@ mod rate;
 pub use config::Config;
 pub use error::{Error, Result};
 pub use libp2p::{Multiaddr, PeerId};
+pub use metadata::{MetadataError, role_of as metadata_role};
 pub use protocol::Limits;
 
 use libp2p::swarm::SwarmEvent;
@@ -127,6 +142,8 @@ pub struct Stats {
     pub origin_bytes: u64,
     /// Peers banned for serving bad data.
     pub banned_peers: u64,
+    /// TUF metadata files sent to peers.
+    pub metadata_served: u64,
 }
 
 /// The origin (the control plane's repository), as the agent reaches it.
@@ -421,6 +438,64 @@ impl P2p {
                         progress(now);
                     }
                 }
+            }
+        }
+    }
+
+    /// Serves the TUF metadata files saved in `dir` (after verification)
+    /// to the store's members that ask for them.
+    pub async fn serve_metadata(&self, dir: &Path) {
+        let dir = dir.to_path_buf();
+        self.ask(|reply| Command::ServeMetadata(dir, reply)).await;
+    }
+
+    /// TUF metadata file `name` (see [`metadata_role`]) from member `peer`,
+    /// at most `max_bytes`: `None` if the peer does not have it. The bytes
+    /// parse as the role the name stands for (a peer whose answer does not,
+    /// or is larger than asked, is banned) but are not verified: that is
+    /// the caller's TUF client's job.
+    pub async fn metadata_from_peer(
+        &self,
+        peer: PeerId,
+        name: &str,
+        max_bytes: u64,
+    ) -> std::result::Result<Option<Vec<u8>>, MetadataError> {
+        let max_bytes = u32::try_from(max_bytes).unwrap_or(u32::MAX);
+        let answer = self
+            .ask(|reply| Command::Metadata {
+                peer,
+                name: name.to_string(),
+                max_bytes,
+                reply,
+            })
+            .await
+            .ok_or(MetadataError::Stopped)??;
+        let Some(bytes) = answer else {
+            return Ok(None);
+        };
+        let checked = {
+            let name = name.to_string();
+            tokio::task::spawn_blocking(move || {
+                let result = metadata::check_parses(&name, &bytes);
+                (bytes, result)
+            })
+            .await
+            .map_err(|_| MetadataError::Stopped)?
+        };
+        match checked {
+            (bytes, Ok(())) => Ok(Some(bytes)),
+            (_, Err(message)) => {
+                self.ask(|reply| Command::Ban {
+                    peer,
+                    reason: "served metadata that does not parse",
+                    reply,
+                })
+                .await;
+                Err(MetadataError::BadAnswer {
+                    peer: peer.to_string(),
+                    name: name.to_string(),
+                    message,
+                })
             }
         }
     }

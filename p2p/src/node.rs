@@ -16,6 +16,7 @@ use libp2p::{Multiaddr, PeerId, Swarm, allow_block_list, connection_limits, mdns
 use posfleet_bundle::chunks::ChunkList;
 use sha2::{Digest as _, Sha256};
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -26,6 +27,7 @@ use crate::bitmap::Bitmap;
 use crate::config::Config;
 use crate::election::{Candidate, Decision, Election, Inputs, Mode, Timing};
 use crate::error::{Error, Result};
+use crate::metadata::{self, MetadataError};
 use crate::piece_file::PieceFile;
 use crate::protocol::{BundleStatus, Codec, Digest, MAX_STATUS_BUNDLES, Request, Response, Status};
 use crate::rate::TokenBucket;
@@ -81,7 +83,23 @@ pub(crate) enum Command {
     },
     Stats(oneshot::Sender<Stats>),
     Shutdown(oneshot::Sender<()>),
+    /// Serve the TUF metadata saved in this directory.
+    ServeMetadata(PathBuf, oneshot::Sender<()>),
+    Metadata {
+        peer: PeerId,
+        name: String,
+        max_bytes: u32,
+        reply: MetadataReply,
+    },
+    Ban {
+        peer: PeerId,
+        reason: &'static str,
+        reply: oneshot::Sender<()>,
+    },
 }
+
+pub(crate) type MetadataReply =
+    oneshot::Sender<std::result::Result<Option<Vec<u8>>, MetadataError>>;
 
 pub(crate) struct FetchCommand {
     pub bundle: Bundle,
@@ -123,6 +141,12 @@ enum Internal {
     Finished {
         local: u64,
         result: Result<()>,
+    },
+    MetadataRead {
+        peer: PeerId,
+        channel: ResponseChannel<Response>,
+        name: String,
+        result: std::io::Result<Option<Vec<u8>>>,
     },
 }
 
@@ -177,8 +201,18 @@ struct OriginTask {
 
 enum Outbound {
     Status,
-    Piece { local: u64, index: usize },
-    ChunkList { query: u64 },
+    Piece {
+        local: u64,
+        index: usize,
+    },
+    ChunkList {
+        query: u64,
+    },
+    Metadata {
+        name: String,
+        max_bytes: u32,
+        reply: MetadataReply,
+    },
 }
 
 struct ServeJob {
@@ -219,6 +253,8 @@ pub(crate) struct Node {
     sending: HashSet<InboundRequestId>,
     buckets: HashMap<PeerId, TokenBucket>,
     chunk_queries: HashMap<u64, ChunkQuery>,
+    /// Where the TUF metadata this till verified is saved, once known.
+    metadata_dir: Option<PathBuf>,
     next_id: u64,
     stats: Stats,
     status_dirty: bool,
@@ -290,6 +326,7 @@ impl Node {
             sending: HashSet::new(),
             buckets: HashMap::new(),
             chunk_queries: HashMap::new(),
+            metadata_dir: None,
             next_id: 1,
             stats: Stats::default(),
             status_dirty: false,
@@ -403,6 +440,25 @@ impl Node {
                 let _ = reply.send(self.stats.clone());
             }
             Command::Shutdown(reply) => return Some(reply),
+            Command::ServeMetadata(dir, reply) => {
+                info!(dir = %dir.display(), "Serving TUF metadata to the store.");
+                self.metadata_dir = Some(dir);
+                let _ = reply.send(());
+            }
+            Command::Metadata {
+                peer,
+                name,
+                max_bytes,
+                reply,
+            } => self.ask_metadata(peer, name, max_bytes, reply),
+            Command::Ban {
+                peer,
+                reason,
+                reply,
+            } => {
+                self.ban(peer, reason);
+                let _ = reply.send(());
+            }
         }
         None
     }
@@ -609,6 +665,107 @@ impl Node {
                 reply: Some(reply),
             },
         );
+    }
+
+    fn ask_metadata(&mut self, peer: PeerId, name: String, max_bytes: u32, reply: MetadataReply) {
+        // Other names go out, for the peer to refuse: only one too long to
+        // send is refused here.
+        if name.len() > metadata::MAX_NAME_BYTES as usize {
+            let _ = reply.send(Err(MetadataError::UnknownName { name }));
+            return;
+        }
+        if !self.allowed(&peer) {
+            let _ = reply.send(Err(MetadataError::NotAMember {
+                peer: peer.to_string(),
+            }));
+            return;
+        }
+        let max_bytes = max_bytes.min(self.config.limits.max_metadata_bytes);
+        let id = self.swarm.behaviour_mut().pieces.send_request(
+            &peer,
+            Request::Metadata {
+                name: name.clone(),
+                max_bytes,
+            },
+        );
+        self.outbound.insert(
+            id,
+            Outbound::Metadata {
+                name,
+                max_bytes,
+                reply,
+            },
+        );
+    }
+
+    /// Answers a metadata request from the files saved after verification;
+    /// the read runs on a helper task.
+    fn serve_metadata(
+        &mut self,
+        peer: PeerId,
+        name: String,
+        max_bytes: u32,
+        channel: ResponseChannel<Response>,
+    ) {
+        if metadata::role_of(&name).is_none() {
+            debug!(peer_id = %peer, name = %name.escape_debug(), "Refused a request for a name that is not TUF metadata.");
+            self.respond(channel, Response::UnknownName);
+            return;
+        }
+        let Some(dir) = self.metadata_dir.clone() else {
+            self.respond(channel, Response::NotFound);
+            return;
+        };
+        // The test hook sends the whole file whatever the asker's limit.
+        let limit = if self.config.corrupt_served_data {
+            self.config.limits.max_metadata_bytes
+        } else {
+            max_bytes.min(self.config.limits.max_metadata_bytes)
+        };
+        let tx = self.internal_tx.clone();
+        self.tasks.spawn_blocking(move || {
+            let result = metadata::read(&dir, &name, limit);
+            let _ = tx.send(Internal::MetadataRead {
+                peer,
+                channel,
+                name,
+                result,
+            });
+        });
+    }
+
+    fn metadata_answer(
+        &mut self,
+        peer: PeerId,
+        name: String,
+        max_bytes: u32,
+        reply: MetadataReply,
+        response: Response,
+    ) {
+        let who = peer.to_string();
+        let answer = match response {
+            Response::Metadata(bytes) if bytes.len() as u64 > u64::from(max_bytes) => {
+                self.ban(peer, "served metadata over the size asked for");
+                Err(MetadataError::BadAnswer {
+                    peer: who,
+                    name,
+                    message: format!("{} bytes, {max_bytes} asked for at most", bytes.len()),
+                })
+            }
+            Response::Metadata(bytes) => Ok(Some(bytes)),
+            Response::NotFound => Ok(None),
+            Response::UnknownName => Err(MetadataError::NameRefused { peer: who, name }),
+            Response::Refused => Err(MetadataError::Refused { peer: who }),
+            Response::Status(_) | Response::Piece(_) | Response::ChunkList(_) => {
+                self.ban(peer, "answered a metadata request with something else");
+                Err(MetadataError::BadAnswer {
+                    peer: who,
+                    name,
+                    message: "not a metadata answer".into(),
+                })
+            }
+        };
+        let _ = reply.send(answer);
     }
 
     async fn shutdown(&mut self) {
@@ -833,6 +990,9 @@ impl Node {
                 };
                 self.respond(channel, response);
             }
+            Request::Metadata { name, max_bytes } => {
+                self.serve_metadata(peer, name, max_bytes, channel)
+            }
         }
     }
 
@@ -878,6 +1038,11 @@ impl Node {
                 }
             }
             Outbound::ChunkList { query } => self.chunk_list_answer(query, peer, response),
+            Outbound::Metadata {
+                name,
+                max_bytes,
+                reply,
+            } => self.metadata_answer(peer, name, max_bytes, reply, response),
         }
     }
 
@@ -901,6 +1066,25 @@ impl Node {
             }
             Outbound::ChunkList { query } => {
                 self.chunk_list_answer(query, peer, Response::NotFound)
+            }
+            Outbound::Metadata { name, reply, .. } => {
+                // The codec fails a frame over its limit or of an unknown
+                // kind as invalid data: the peer sent it, so it is banned.
+                let answer = match &error {
+                    OutboundFailure::Io(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                        self.ban(peer, "sent an oversized or malformed metadata answer");
+                        MetadataError::BadAnswer {
+                            peer: peer.to_string(),
+                            name,
+                            message: e.to_string(),
+                        }
+                    }
+                    _ => MetadataError::Unreachable {
+                        peer: peer.to_string(),
+                        message: error.to_string(),
+                    },
+                };
+                let _ = reply.send(Err(answer));
             }
         }
     }
@@ -1230,6 +1414,35 @@ impl Node {
                             fetch.origin_retry_at = now + ORIGIN_RETRY * fetch.origin_failures;
                         }
                     }
+                }
+            }
+            Internal::MetadataRead {
+                peer,
+                channel,
+                name,
+                result,
+            } => {
+                let response = match result {
+                    Ok(Some(mut bytes)) => {
+                        if self.config.corrupt_served_data {
+                            metadata::tamper(&mut bytes);
+                        }
+                        Response::Metadata(bytes)
+                    }
+                    Ok(None) => Response::NotFound,
+                    Err(error) => {
+                        warn!(peer_id = %peer, name = %name, %error, "Cannot read saved metadata to serve.");
+                        Response::NotFound
+                    }
+                };
+                if !self.allowed(&peer) {
+                    self.respond(channel, Response::Refused);
+                } else if matches!(response, Response::Metadata(_)) {
+                    if self.respond(channel, response) {
+                        self.stats.metadata_served += 1;
+                    }
+                } else {
+                    self.respond(channel, response);
                 }
             }
             Internal::Finished { local, result } => {

@@ -8,6 +8,7 @@ use libp2p::StreamProtocol;
 use std::io;
 
 use crate::bitmap::Bitmap;
+use crate::metadata::MAX_NAME_BYTES;
 
 pub(crate) const PROTOCOL: StreamProtocol = StreamProtocol::new("/posfleet/pieces/1");
 
@@ -27,6 +28,9 @@ pub struct Limits {
     pub max_status_bytes: u32,
     /// Largest chunk list served or accepted.
     pub max_chunk_list_bytes: u32,
+    /// Largest TUF metadata file served or accepted (each request also
+    /// carries the asker's own, smaller limit for that file).
+    pub max_metadata_bytes: u32,
 }
 
 impl Default for Limits {
@@ -36,6 +40,11 @@ impl Default for Limits {
             max_status_bytes: 64 << 10,
             // 32 bytes a piece: 32,768 pieces, 32 GiB in 1 MiB pieces.
             max_chunk_list_bytes: 1 << 20,
+            // What the TUF client accepts for its largest role, targets.
+            max_metadata_bytes: u32::try_from(
+                posfleet_bundle::client::Limits::default().max_targets_size,
+            )
+            .unwrap_or(u32::MAX),
         }
     }
 }
@@ -52,6 +61,12 @@ pub(crate) enum Request {
     ChunkList {
         digest: Digest,
     },
+    /// A TUF metadata file the peer verified and saved, by name (see
+    /// `metadata.rs`), answered only if it is at most `max_bytes`.
+    Metadata {
+        name: String,
+        max_bytes: u32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,7 +74,10 @@ pub(crate) enum Response {
     Status(Status),
     Piece(Vec<u8>),
     ChunkList(Vec<u8>),
+    Metadata(Vec<u8>),
     NotFound,
+    /// The name asked for is not a TUF metadata file name.
+    UnknownName,
     /// The asker is not on this peer's membership list, or is banned.
     Refused,
 }
@@ -87,6 +105,8 @@ const PIECE: u8 = 2;
 const CHUNK_LIST: u8 = 3;
 const NOT_FOUND: u8 = 4;
 const REFUSED: u8 = 5;
+const METADATA: u8 = 6;
+const UNKNOWN_NAME: u8 = 7;
 
 const FLAG_FETCHING: u8 = 1;
 const FLAG_ORIGIN: u8 = 2;
@@ -215,6 +235,7 @@ impl Codec {
             STATUS => Some(self.limits.max_status_bytes),
             PIECE => Some(36),
             CHUNK_LIST => Some(32),
+            METADATA => Some(4 + MAX_NAME_BYTES),
             _ => None,
         }
     }
@@ -224,7 +245,8 @@ impl Codec {
             STATUS => Some(self.limits.max_status_bytes),
             PIECE => Some(self.limits.max_piece_bytes),
             CHUNK_LIST => Some(self.limits.max_chunk_list_bytes),
-            NOT_FOUND | REFUSED => Some(0),
+            METADATA => Some(self.limits.max_metadata_bytes),
+            NOT_FOUND | REFUSED | UNKNOWN_NAME => Some(0),
             _ => None,
         }
     }
@@ -258,6 +280,14 @@ impl libp2p::request_response::Codec for Codec {
             CHUNK_LIST => Ok(Request::ChunkList {
                 digest: take(&mut &payload[..])?,
             }),
+            METADATA => {
+                let mut p = &payload[..];
+                let max_bytes = u32::from_be_bytes(take(&mut p)?);
+                // A name that is not UTF-8 is no metadata name either: it is
+                // refused as such rather than failing the stream.
+                let name = String::from_utf8_lossy(p).into_owned();
+                Ok(Request::Metadata { name, max_bytes })
+            }
             _ => Err(invalid("unknown request kind")),
         }
     }
@@ -271,6 +301,8 @@ impl libp2p::request_response::Codec for Codec {
             STATUS => Ok(Response::Status(Status::decode(&payload)?)),
             PIECE => Ok(Response::Piece(payload)),
             CHUNK_LIST => Ok(Response::ChunkList(payload)),
+            METADATA => Ok(Response::Metadata(payload)),
+            UNKNOWN_NAME => Ok(Response::UnknownName),
             NOT_FOUND => Ok(Response::NotFound),
             REFUSED => Ok(Response::Refused),
             _ => Err(invalid("unknown response kind")),
@@ -299,6 +331,13 @@ impl libp2p::request_response::Codec for Codec {
                 write_frame(io, PIECE, &payload).await
             }
             Request::ChunkList { digest } => write_frame(io, CHUNK_LIST, &digest).await,
+            Request::Metadata { name, max_bytes } => {
+                self.check_out(name.len(), MAX_NAME_BYTES)?;
+                let mut payload = Vec::with_capacity(4 + name.len());
+                payload.extend_from_slice(&max_bytes.to_be_bytes());
+                payload.extend_from_slice(name.as_bytes());
+                write_frame(io, METADATA, &payload).await
+            }
         }
     }
 
@@ -325,8 +364,13 @@ impl libp2p::request_response::Codec for Codec {
                 self.check_out(list.len(), self.limits.max_chunk_list_bytes)?;
                 write_frame(io, CHUNK_LIST, &list).await
             }
+            Response::Metadata(bytes) => {
+                self.check_out(bytes.len(), self.limits.max_metadata_bytes)?;
+                write_frame(io, METADATA, &bytes).await
+            }
             Response::NotFound => write_frame(io, NOT_FOUND, &[]).await,
             Response::Refused => write_frame(io, REFUSED, &[]).await,
+            Response::UnknownName => write_frame(io, UNKNOWN_NAME, &[]).await,
         }
     }
 }
@@ -385,6 +429,10 @@ mod tests {
                 index: 77,
             },
             Request::ChunkList { digest: [5; 32] },
+            Request::Metadata {
+                name: "12.root.json".into(),
+                max_bytes: 512 << 10,
+            },
         ] {
             assert_eq!(round_trip_request(request.clone()).unwrap(), request);
         }
@@ -392,8 +440,10 @@ mod tests {
             Response::Status(sample_status()),
             Response::Piece(vec![7; 1 << 20]),
             Response::ChunkList(vec![1; 64]),
+            Response::Metadata(b"{\"signed\":{}}".to_vec()),
             Response::NotFound,
             Response::Refused,
+            Response::UnknownName,
         ] {
             assert_eq!(round_trip_response(response.clone()).unwrap(), response);
         }
@@ -428,5 +478,47 @@ mod tests {
         assert!(Status::decode(&payload).is_err());
         let payload = sample_status().encode();
         assert!(Status::decode(&payload[..payload.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn metadata_frames_have_their_own_limits() {
+        let small = Limits {
+            max_metadata_bytes: 1000,
+            ..Limits::default()
+        };
+        let mut codec = Codec { limits: small };
+        // A file over the limit is neither sent nor read, from its header.
+        let big = Response::Metadata(vec![b' '; 1001]);
+        assert!(block_on(codec.write_response(&PROTOCOL, &mut Vec::new(), big)).is_err());
+        let mut wire = vec![METADATA];
+        wire.extend_from_slice(&1001u32.to_be_bytes());
+        let err = block_on(codec.read_response(&PROTOCOL, &mut &wire[..])).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        let fits = Response::Metadata(vec![b' '; 1000]);
+        let mut wire = Vec::new();
+        block_on(codec.write_response(&PROTOCOL, &mut wire, fits.clone())).unwrap();
+        assert_eq!(
+            block_on(codec.read_response(&PROTOCOL, &mut &wire[..])).unwrap(),
+            fits
+        );
+        // Names are short.
+        let long = Request::Metadata {
+            name: "1".repeat(65),
+            max_bytes: 1,
+        };
+        assert!(block_on(codec.write_request(&PROTOCOL, &mut Vec::new(), long)).is_err());
+        let mut wire = vec![METADATA, 0, 0, 0, 69];
+        wire.extend_from_slice(&[b'1'; 69]);
+        assert!(block_on(codec.read_request(&PROTOCOL, &mut &wire[..])).is_err());
+        // A name that is not UTF-8 arrives, to be refused by name.
+        let mut wire = vec![METADATA, 0, 0, 0, 6, 0, 0, 0, 9, 0xff, 0xfe];
+        wire.truncate(11);
+        match block_on(codec.read_request(&PROTOCOL, &mut &wire[..])).unwrap() {
+            Request::Metadata { name, max_bytes } => {
+                assert_eq!(max_bytes, 9);
+                assert!(crate::metadata::role_of(&name).is_none());
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }
