@@ -144,6 +144,11 @@ impl Agent {
         if self.config.p2p_enabled && self.repository.is_some() {
             self.start_p2p().await;
         }
+        // Peers serve each other the metadata they verified, and the
+        // repository asks them when the origin is unreachable.
+        if let (Some(repository), Some(p2p)) = (self.repository.as_mut(), &self.p2p) {
+            repository.share_with_store(p2p.clone()).await;
+        }
         let lifecycle = match self.repository.take() {
             Some(repository) => {
                 let fetcher: Arc<dyn crate::fetch::Fetcher> = match &self.p2p {

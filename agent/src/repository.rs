@@ -3,9 +3,18 @@
 //! in size (endless data) and time (slow retrieval). Trust is decided by
 //! `posfleet-bundle` only; this module fetches bytes and keeps what was
 //! trusted on disk so rollback protection survives restarts.
+//!
+//! When the origin cannot be reached (no connection, no answer in time, a
+//! gateway error), the same workflow runs against the store's peers, which
+//! serve the metadata they verified and saved (`<data_dir>/tuf/`): every
+//! file is verified exactly as the origin's would be, so a peer can at most
+//! withhold metadata, never make the till trust something. An origin that
+//! answers with metadata that fails verification is not bypassed: its
+//! error stands (a peer can only have what the origin served before).
 
 use chrono::Utc;
 use posfleet_bundle::client::{Limits, TrustedMetadata, VerifiedTarget};
+use posfleet_p2p::{P2p, PeerId};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -35,16 +44,31 @@ pub enum RepoError {
         rate: u64,
         minimum: u64,
     },
-    /// No connection, no answer in time, or a gateway error.
+    /// No connection, no answer in time, or a gateway error: the store's
+    /// peers are asked instead.
     #[error("{url}: unreachable: {message}")]
     Unreachable { url: String, message: String },
+    #[error("store peer {peer}: {message}")]
+    Peer { peer: String, message: String },
+    /// Metadata from a store peer that the TUF client refused.
+    #[error("from store peer {peer}: {source}")]
+    FromPeer {
+        peer: String,
+        source: Box<RepoError>,
+    },
+    #[error(
+        "the origin is unreachable ({origin}), and no store peer has metadata that verifies: {peers}"
+    )]
+    NoPeerMetadata {
+        origin: Box<RepoError>,
+        peers: String,
+    },
     #[error(transparent)]
     Files(#[from] crate::error::Error),
 }
 
 impl RepoError {
-    /// The origin did not answer at all (as opposed to answering with
-    /// something refused).
+    /// The origin did not answer at all: worth asking the store's peers.
     pub fn is_unreachable(&self) -> bool {
         matches!(
             self,
@@ -78,9 +102,100 @@ pub struct RepositoryClient {
     origin: Origin,
     trusted: TrustedMetadata,
     state_dir: PathBuf,
+    /// The store's peers, asked when the origin is unreachable.
+    peers: Option<P2p>,
 }
 
-const ROLES: [&str; 3] = ["timestamp", "snapshot", "targets"];
+/// One metadata file the TUF workflow asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wanted {
+    Root(u64),
+    Timestamp,
+    Snapshot(u64),
+    Targets(u64),
+}
+
+impl Wanted {
+    /// Its path in the origin's repository (consistent snapshots).
+    fn origin_path(self) -> String {
+        match self {
+            Wanted::Root(version) => format!("{version}.root.json"),
+            Wanted::Timestamp => "timestamp.json".into(),
+            Wanted::Snapshot(version) => format!("{version}.snapshot.json"),
+            Wanted::Targets(version) => format!("{version}.targets.json"),
+        }
+    }
+
+    /// The name it is saved under once verified, which is also the name
+    /// store peers serve it by (the version they trust now).
+    fn saved_name(self) -> String {
+        match self {
+            Wanted::Root(version) => format!("{version}.root.json"),
+            Wanted::Timestamp => "timestamp.json".into(),
+            Wanted::Snapshot(_) => "snapshot.json".into(),
+            Wanted::Targets(_) => "targets.json".into(),
+        }
+    }
+}
+
+/// Where one run of the workflow gets its files.
+enum Source<'a> {
+    Origin(&'a Origin),
+    Peer {
+        p2p: &'a P2p,
+        peer: PeerId,
+        /// Its `timestamp.json`, asked for already.
+        timestamp: Vec<u8>,
+    },
+}
+
+impl Source<'_> {
+    async fn get(&self, wanted: Wanted, limit: u64) -> Result<Option<Vec<u8>>, RepoError> {
+        match self {
+            Source::Origin(origin) => origin.get_whole(&wanted.origin_path(), limit).await,
+            Source::Peer { timestamp, .. } if wanted == Wanted::Timestamp => {
+                Ok(Some(timestamp.clone()))
+            }
+            Source::Peer { p2p, peer, .. } => p2p
+                .metadata_from_peer(*peer, &wanted.saved_name(), limit)
+                .await
+                .map_err(|e| RepoError::Peer {
+                    peer: peer.to_string(),
+                    message: e.to_string(),
+                }),
+        }
+    }
+
+    /// `wanted`, which must exist, or a clear error.
+    async fn get_required(&self, wanted: Wanted, limit: u64) -> Result<Vec<u8>, RepoError> {
+        self.get(wanted, limit).await?.ok_or_else(|| match self {
+            Source::Origin(origin) => RepoError::Fetch {
+                url: origin.url(&wanted.origin_path()),
+                message: "not found".into(),
+            },
+            Source::Peer { peer, .. } => RepoError::Peer {
+                peer: peer.to_string(),
+                message: format!("has no {}", wanted.saved_name()),
+            },
+        })
+    }
+}
+
+/// Metadata verified by one run of the workflow, not yet committed.
+struct Update {
+    trusted: TrustedMetadata,
+    /// Files to save, by name, in the order they were verified.
+    files: Vec<(String, Vec<u8>)>,
+}
+
+/// The version a timestamp claims, before any check: only to decide which
+/// peer to try first.
+fn claimed_version(timestamp: &[u8]) -> u64 {
+    serde_json::from_slice::<serde_json::Value>(timestamp)
+        .ok()
+        .and_then(|v| v["signed"]["version"].as_u64())
+        .unwrap_or(0)
+}
 
 impl RepositoryClient {
     /// Starts from the newest root trusted before (kept in
@@ -124,19 +239,19 @@ impl RepositoryClient {
             origin: Origin::new(base_url, timeouts)?,
             trusted,
             state_dir,
+            peers: None,
         })
+    }
+
+    /// Serves the metadata this client verified to the store's peers, and
+    /// asks them for theirs when the origin is unreachable.
+    pub async fn share_with_store(&mut self, p2p: P2p) {
+        p2p.serve_metadata(&self.state_dir).await;
+        self.peers = Some(p2p);
     }
 
     pub fn trusted(&self) -> &TrustedMetadata {
         &self.trusted
-    }
-
-    fn url(&self, path: &str) -> String {
-        self.origin.url(path)
-    }
-
-    async fn fetch(&self, path: &str, limit: u64) -> Result<Option<Vec<u8>>, RepoError> {
-        self.origin.get_whole(path, limit).await
     }
 
     /// The origin (this repository's HTTP server) as a bundle fetcher.
@@ -144,60 +259,125 @@ impl RepositoryClient {
         self.origin.clone()
     }
 
-    fn save(&self, name: &str, bytes: &[u8]) -> Result<(), RepoError> {
-        Ok(files::write_private(&self.state_dir.join(name), bytes)?)
+    /// The TUF client workflow: newer roots one by one, then timestamp,
+    /// snapshot and targets, each verified before the next is fetched; from
+    /// the origin, or from the store's peers when it is unreachable. What
+    /// verified is saved (and trusted) only once the whole set did.
+    pub async fn refresh(&mut self) -> Result<(), RepoError> {
+        let update = match self.fetch_update(&Source::Origin(&self.origin)).await {
+            Ok(update) => update,
+            Err(error) if error.is_unreachable() => match self.peers.clone() {
+                Some(p2p) => self.update_from_peers(&p2p, error).await?,
+                None => return Err(error),
+            },
+            Err(error) => return Err(error),
+        };
+        for (name, bytes) in &update.files {
+            files::write_private(&self.state_dir.join(name), bytes)?;
+        }
+        self.trusted = update.trusted;
+        Ok(())
     }
 
-    /// The TUF client workflow: newer roots one by one, then timestamp,
-    /// snapshot and targets, each verified before the next is fetched.
-    pub async fn refresh(&mut self) -> Result<(), RepoError> {
-        let limits = *self.trusted.limits();
+    /// One run of the workflow against `source`, on a copy of what is
+    /// trusted now.
+    async fn fetch_update(&self, source: &Source<'_>) -> Result<Update, RepoError> {
+        let mut trusted = self.trusted.clone();
+        let mut files = Vec::new();
+        let limits = *trusted.limits();
         loop {
-            let version = self.trusted.next_root_version();
-            let Some(bytes) = self
-                .fetch(&format!("{version}.root.json"), limits.max_root_size)
-                .await?
-            else {
+            let wanted = Wanted::Root(trusted.next_root_version());
+            let Some(bytes) = source.get(wanted, limits.max_root_size).await? else {
                 break;
             };
-            self.trusted.update_root(&bytes)?;
-            self.save(&format!("{version}.root.json"), &bytes)?;
+            trusted.update_root(&bytes)?;
+            files.push((wanted.saved_name(), bytes));
         }
         let now = Utc::now();
-        self.trusted.finish_root_updates(now)?;
-        let timestamp = self
-            .fetch("timestamp.json", limits.max_timestamp_size)
-            .await?
-            .ok_or_else(|| RepoError::Fetch {
-                url: self.url("timestamp.json"),
-                message: "not found".into(),
-            })?;
-        if !self.trusted.update_timestamp(&timestamp, now)? && self.trusted.targets().is_ok() {
-            return Ok(()); // nothing new
+        trusted.finish_root_updates(now)?;
+        let timestamp = source
+            .get_required(Wanted::Timestamp, limits.max_timestamp_size)
+            .await?;
+        if !trusted.update_timestamp(&timestamp, now)? && trusted.targets().is_ok() {
+            return Ok(Update { trusted, files }); // nothing new
         }
-        self.save("timestamp.json", &timestamp)?;
-        for role in &ROLES[1..] {
-            let (version, size) = if *role == "snapshot" {
-                self.trusted.snapshot_to_fetch()?
-            } else {
-                self.trusted.targets_to_fetch()?
+        files.push((Wanted::Timestamp.saved_name(), timestamp));
+        let (version, size) = trusted.snapshot_to_fetch()?;
+        let wanted = Wanted::Snapshot(version);
+        let bytes = source.get_required(wanted, size).await?;
+        trusted.update_snapshot(&bytes, now)?;
+        files.push((wanted.saved_name(), bytes));
+        let (version, size) = trusted.targets_to_fetch()?;
+        let wanted = Wanted::Targets(version);
+        let bytes = source.get_required(wanted, size).await?;
+        trusted.update_targets(&bytes, now)?;
+        files.push((wanted.saved_name(), bytes));
+        Ok(Update { trusted, files })
+    }
+
+    /// The workflow against each connected store peer in turn, the one
+    /// whose timestamp claims the newest version first, until one's
+    /// metadata verifies. A peer whose metadata does not verify is not
+    /// banned: it may just be older than what this till trusts.
+    async fn update_from_peers(&self, p2p: &P2p, origin: RepoError) -> Result<Update, RepoError> {
+        let peers = p2p.connected_members().await;
+        let limit = self.trusted.limits().max_timestamp_size;
+        let mut asks = tokio::task::JoinSet::new();
+        for peer in peers {
+            let p2p = p2p.clone();
+            asks.spawn(async move {
+                let answer = p2p
+                    .metadata_from_peer(peer, &Wanted::Timestamp.saved_name(), limit)
+                    .await;
+                (peer, answer)
+            });
+        }
+        let mut failures = Vec::new();
+        let mut candidates = Vec::new();
+        while let Some(joined) = asks.join_next().await {
+            let Ok((peer, answer)) = joined else {
+                continue; // a panicked ask is a bug elsewhere; the others count
             };
-            let path = format!("{version}.{role}.json");
-            let bytes = self
-                .fetch(&path, size)
-                .await?
-                .ok_or_else(|| RepoError::Fetch {
-                    url: self.url(&path),
-                    message: "not found".into(),
-                })?;
-            if *role == "snapshot" {
-                self.trusted.update_snapshot(&bytes, now)?;
-            } else {
-                self.trusted.update_targets(&bytes, now)?;
+            match answer {
+                Ok(Some(timestamp)) => {
+                    candidates.push((claimed_version(&timestamp), peer, timestamp))
+                }
+                Ok(None) => failures.push(format!("{peer} has no timestamp.json")),
+                Err(error) => failures.push(error.to_string()),
             }
-            self.save(&format!("{role}.json"), &bytes)?;
         }
-        Ok(())
+        candidates.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        for (_, peer, timestamp) in candidates {
+            let source = Source::Peer {
+                p2p,
+                peer,
+                timestamp,
+            };
+            match self.fetch_update(&source).await {
+                Ok(update) => {
+                    tracing::info!(peer_id = %peer, "Repository metadata from a store peer, verified (the origin is unreachable).");
+                    return Ok(update);
+                }
+                Err(error) => {
+                    let error = match error {
+                        error @ RepoError::Peer { .. } => error,
+                        error => RepoError::FromPeer {
+                            peer: peer.to_string(),
+                            source: Box::new(error),
+                        },
+                    };
+                    tracing::warn!(peer_id = %peer, %error, "Repository metadata from a store peer rejected.");
+                    failures.push(error.to_string());
+                }
+            }
+        }
+        if failures.is_empty() {
+            failures.push("no store peer connected".into());
+        }
+        Err(RepoError::NoPeerMetadata {
+            origin: Box::new(origin),
+            peers: failures.join("; "),
+        })
     }
 
     /// A bundle the trusted metadata lists, for this hardware model.
