@@ -1003,6 +1003,10 @@ impl RolloutWrite {
     ) -> Result<(), Error> {
         let now = self.now_ms;
         let id = self.rollout_id.clone();
+        // In key order, neighbouring rows share index pages: SQLite upserts
+        // the desired state about three times faster than in seed order.
+        let mut devices: Vec<&Dispatch> = devices.iter().collect();
+        devices.sort_unstable_by(|a, b| a.device_id.cmp(&b.device_id));
         for chunk in devices.chunks(ROWS_PER_STATEMENT) {
             let mut placeholders = Placeholders::new(self.backend());
             let mut params = Vec::with_capacity(chunk.len() * 8);
@@ -1037,9 +1041,15 @@ impl RolloutWrite {
                 .await?;
 
             // One update per previous version (a handful), each naming its
-            // devices by primary key: SQLite and PostgreSQL both look every
-            // one up in the index. (A join with a VALUES list made SQLite
-            // walk the rollout's pending rows per statement.)
+            // devices by primary key. (A join with a VALUES list made SQLite
+            // walk the rollout's pending rows per statement.) SQLite, without
+            // statistics, would rather look up `(rollout_id, state)` in
+            // rollout_devices_state and scan every pending row for the
+            // listed ones; the unary `+` keeps it on the primary key.
+            let pending = match self.backend() {
+                Backend::Sqlite => "+state",
+                Backend::Postgres => "state",
+            };
             let mut by_previous: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
             for d in chunk {
                 by_previous
@@ -1067,7 +1077,7 @@ impl RolloutWrite {
                 let sql = format!(
                     "UPDATE rollout_devices SET state = 'notified', reason = '', \
                      notified_at_ms = {}, updated_at_ms = {}, previous_version = {} \
-                     WHERE rollout_id = {} AND state = 'pending' AND device_id IN ({})",
+                     WHERE rollout_id = {} AND {pending} = 'pending' AND device_id IN ({})",
                     fixed[0],
                     fixed[1],
                     fixed[2],
