@@ -24,8 +24,9 @@ pub struct Config {
     /// The till fetching from the origin got no piece for this long: the
     /// next one in rendezvous order takes over.
     pub stall_timeout: Duration,
-    /// How long a fetch gathers the peers' announcements before deciding
-    /// who goes to the origin.
+    /// A fetch decides who goes to the origin as soon as every connected
+    /// member has answered the announcement of the fetch, or after this
+    /// long if some have not (a member that slow is left out of the order).
     pub settle_delay: Duration,
     /// Least time between two status announcements (they are pushed on
     /// change, and refreshed every couple of seconds).
@@ -57,7 +58,7 @@ impl Default for Config {
             max_connections: 64,
             origin_fallback_delay: Duration::from_secs(10),
             stall_timeout: Duration::from_secs(10),
-            settle_delay: Duration::from_secs(1),
+            settle_delay: Duration::from_secs(2),
             announce_interval: Duration::from_millis(50),
             request_timeout: Duration::from_secs(60),
             limits: Limits::default(),

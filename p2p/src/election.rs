@@ -9,8 +9,18 @@
 //! other. Every till computes the same order from the same announcements, so
 //! without anyone coordinating, exactly one goes to the origin.
 //!
-//! - Decisions wait `settle` after the fetch starts, so the announcements of
-//!   tills that started at the same instant are in.
+//! - A till decides once every connected member has answered the
+//!   announcement of its fetch (so what it knows of them is no older than
+//!   its fetch), or `settle` after the fetch started, whichever comes first.
+//!   Why that is enough: a member answering the announcement learns that
+//!   this till fetches. If it had not started from the origin by then, it
+//!   counts this till from then on and the two agree on the order; if it
+//!   had, its answer says so and this till leaves it alone. Two tills thus
+//!   both start only when one decided on the `settle` bound without an
+//!   answer, and then the lower-ranked one stops as soon as it hears of the
+//!   other. When the tills of a store hear of a bundle at different times
+//!   (each with its own heartbeat), the first one finds no one fetching and
+//!   starts at once; the later ones find it at work and leave it alone.
 //! - A till already fetching from the origin and making progress is left
 //!   alone, whatever its rank; if two fetch at once, the lower-ranked stops.
 //! - A chosen till that does not start, or stops making progress, for
@@ -65,6 +75,9 @@ pub(crate) struct Inputs<'a> {
     pub candidates: &'a [Candidate],
     /// False while a failed origin download waits before its retry.
     pub origin_allowed: bool,
+    /// Every connected member answered an announcement this till sent
+    /// after its fetch began.
+    pub heard_all: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,7 +224,7 @@ impl Election {
                 Decision::Wait
             };
         }
-        if since(now, self.started) < self.timing.settle {
+        if !i.heard_all && since(now, self.started) < self.timing.settle {
             return Decision::Wait;
         }
         let mut order: Vec<([u8; 32], PeerId)> = i
@@ -324,7 +337,145 @@ mod tests {
                 connected: candidates.len(),
                 candidates,
                 origin_allowed: true,
+                heard_all: false,
             })
+        }
+    }
+
+    /// What one of two tills sees of the other: nothing yet, its fetch, or
+    /// its origin download (with the last sign of progress, in ms).
+    #[derive(Clone, Copy)]
+    enum Other {
+        Unknown,
+        Fetching,
+        Origin { progress_ms: u64 },
+    }
+
+    struct Row {
+        what: &'static str,
+        /// This till is the higher-ranked of the two.
+        higher: bool,
+        /// This till already fetches from the origin (started at 0 ms).
+        running: bool,
+        other: Other,
+        heard_all: bool,
+        at_ms: u64,
+        expect: Decision,
+    }
+
+    /// Two tills of one store starting the same fetch at nearly the same
+    /// time, each seen from one side.
+    #[test]
+    fn two_tills_starting_together_never_both_keep_fetching_from_the_origin() {
+        use Other::*;
+        let store = Decision::Start(Mode::Store);
+        let rows = [
+            Row {
+                what: "the other answered: not fetching; no need to wait for the settle delay",
+                higher: false,
+                running: false,
+                other: Unknown,
+                heard_all: true,
+                at_ms: 10,
+                expect: store,
+            },
+            Row {
+                what: "not every member answered yet",
+                higher: true,
+                running: false,
+                other: Unknown,
+                heard_all: false,
+                at_ms: 10,
+                expect: Decision::Wait,
+            },
+            Row {
+                what: "no answer by the settle delay: go on what is known",
+                higher: false,
+                running: false,
+                other: Unknown,
+                heard_all: false,
+                at_ms: 1000,
+                expect: store,
+            },
+            Row {
+                what: "both fetching, both heard: the higher-ranked goes",
+                higher: true,
+                running: false,
+                other: Fetching,
+                heard_all: true,
+                at_ms: 10,
+                expect: store,
+            },
+            Row {
+                what: "both fetching, both heard: the lower-ranked waits",
+                higher: false,
+                running: false,
+                other: Fetching,
+                heard_all: true,
+                at_ms: 10,
+                expect: Decision::Wait,
+            },
+            Row {
+                what: "the lower-ranked one started before hearing of this till: left alone",
+                higher: true,
+                running: false,
+                other: Origin { progress_ms: 5 },
+                heard_all: true,
+                at_ms: 10,
+                expect: Decision::Wait,
+            },
+            Row {
+                what: "a lower-ranked origin download does not stop this one",
+                higher: true,
+                running: true,
+                other: Origin { progress_ms: 5 },
+                heard_all: true,
+                at_ms: 10,
+                expect: Decision::Wait,
+            },
+            Row {
+                what: "this lower-ranked one hears of the higher-ranked download late: stops",
+                higher: false,
+                running: true,
+                other: Origin { progress_ms: 900 },
+                heard_all: false,
+                at_ms: 1000,
+                expect: Decision::Stop(StopReason::HigherRankedFetcher),
+            },
+        ];
+        let peers = ranked(2);
+        for row in rows {
+            let (me, other) = if row.higher {
+                (peers[0], peers[1])
+            } else {
+                (peers[1], peers[0])
+            };
+            let mut check = Check::new(me);
+            let t0 = check.t0;
+            if row.running {
+                check.election.start(Mode::Store, t0);
+                check
+                    .election
+                    .origin_progressed(t0 + Duration::from_millis(row.at_ms));
+            }
+            let candidates: Vec<Candidate> = match row.other {
+                Unknown => Vec::new(),
+                Fetching => wanting(&[other], t0),
+                Origin { progress_ms } => vec![Candidate {
+                    peer: other,
+                    origin: true,
+                    last_progress: t0 + Duration::from_millis(progress_ms),
+                }],
+            };
+            let got = check.election.decide(&Inputs {
+                now: t0 + Duration::from_millis(row.at_ms),
+                store_complete: false,
+                connected: 1,
+                candidates: &candidates,
+                origin_allowed: true,
+                heard_all: row.heard_all,
+            });
+            assert_eq!(got, row.expect, "{}", row.what);
         }
     }
 

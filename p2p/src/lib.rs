@@ -60,7 +60,8 @@
 //! One 1 MiB piece per request, never a whole bundle in a message. A fetch
 //! keeps up to `max_concurrent_transfers` requests in flight across its
 //! peers (4 per peer), rarest piece first. Every piece is checked against
-//! the signed chunk list before it is written and again before it is served.
+//! the signed chunk list before it is written, and before it is first served
+//! from a file this till did not write since it opened it.
 //! The destination is written at piece offsets; a sidecar `<dest>.pieces`
 //! records the verified pieces so a restarted fetch resumes (the pieces it
 //! lists are hashed again on open). Memory holds only pieces in flight.
@@ -70,7 +71,8 @@
 //! For the pieces no one in the store has, one till goes to the origin: the
 //! one with the highest rendezvous score `SHA-256(PeerId || bundle digest)`
 //! among itself and the connected members that announce they need the
-//! bundle. It decides after `settle_delay`, fetches only the missing pieces
+//! bundle. It decides once every connected member answered the announcement
+//! of its fetch (at most `settle_delay`), fetches only the missing pieces
 //! and announces each as it lands, so the others pull from it and from each
 //! other. If it makes no progress for `stall_timeout`, or leaves, the next
 //! in that order takes over from what the store has; if two fetch at once,
@@ -88,6 +90,7 @@ mod node;
 mod piece_file;
 mod protocol;
 mod rate;
+mod seeding;
 
 pub use config::Config;
 pub use error::{Error, Result};

@@ -5,6 +5,7 @@
 //! behind a lock.
 
 use futures::StreamExt;
+use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{
     self, Event as RrEvent, InboundRequestId, Message, OutboundFailure, OutboundRequestId,
     ResponseChannel,
@@ -16,6 +17,7 @@ use libp2p::{Multiaddr, PeerId, Swarm, allow_block_list, connection_limits, mdns
 use posfleet_bundle::chunks::ChunkList;
 use sha2::{Digest as _, Sha256};
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::num::NonZeroU8;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,6 +33,7 @@ use crate::metadata::{self, MetadataError};
 use crate::piece_file::PieceFile;
 use crate::protocol::{BundleStatus, Codec, Digest, MAX_STATUS_BUNDLES, Request, Response, Status};
 use crate::rate::TokenBucket;
+use crate::seeding;
 use crate::{Bundle, FetchStats, Member, OriginSource, Stats};
 
 /// Piece requests to one peer at once.
@@ -158,6 +161,11 @@ struct Peer {
     in_flight: usize,
     status_in_flight: bool,
     status_again: bool,
+    /// When the status request in flight was sent.
+    status_sent: Option<Instant>,
+    /// When the last status request it answered was sent: its answer is at
+    /// least that recent and it knew this till's status of then.
+    answered: Option<Instant>,
     /// It answered that this till is not on its list.
     refused: bool,
 }
@@ -178,6 +186,9 @@ struct Local {
     file: Arc<PieceFile>,
     have: Bitmap,
     fetch: Option<Fetch>,
+    /// Pieces from this till's origin download that no connected member
+    /// has announced yet, and when they arrived (see `seeding.rs`).
+    fresh: HashMap<usize, Instant>,
 }
 
 struct Fetch {
@@ -192,6 +203,7 @@ struct Fetch {
     origin_retry_at: Instant,
     stats: FetchStats,
     finishing: bool,
+    started: Instant,
 }
 
 struct OriginTask {
@@ -506,6 +518,9 @@ impl Node {
                 if let Some(found) = self.discovered.get(p) {
                     all.extend(found.iter().cloned());
                 }
+                // TCP first, one address at a time: on a LAN, noise over TCP
+                // costs much less CPU per byte than QUIC; QUIC is the fallback.
+                all.sort_by_key(|a| !a.iter().any(|p| matches!(p, Protocol::Tcp(_))));
                 (*p, all)
             })
             .filter(|(_, addrs)| !addrs.is_empty())
@@ -514,6 +529,7 @@ impl Node {
             let opts = DialOpts::peer_id(peer)
                 .addresses(addrs)
                 .condition(PeerCondition::DisconnectedAndNotDialing)
+                .override_dial_concurrency_factor(NonZeroU8::MIN)
                 .build();
             if let Err(error) = self.swarm.dial(opts) {
                 debug!(peer_id = %peer, %error, "Cannot dial a member.");
@@ -541,6 +557,7 @@ impl Node {
                 file,
                 have: Bitmap::full(count),
                 fetch: None,
+                fresh: HashMap::new(),
             },
         );
         self.status_dirty = true;
@@ -600,6 +617,7 @@ impl Node {
             chunks_digest: command.file.chunks().digest(),
             file: command.file,
             have: command.have,
+            fresh: HashMap::new(),
             fetch: Some(Fetch {
                 origin: command.origin,
                 reply: Some(command.reply),
@@ -611,6 +629,7 @@ impl Node {
                 origin_retry_at: now,
                 stats: FetchStats::default(),
                 finishing: false,
+                started: now,
             }),
         };
         self.bundles.insert(digest, local);
@@ -946,7 +965,7 @@ impl Node {
         match request {
             Request::Status(status) => {
                 self.update_peer(peer, status);
-                let mine = self.status();
+                let mine = self.status_for(&peer);
                 self.respond(channel, Response::Status(mine));
             }
             Request::Piece { bundle, index } => {
@@ -1012,6 +1031,9 @@ impl Node {
             Outbound::Status => {
                 if let Response::Status(status) = response {
                     self.update_peer(peer, status);
+                    if let Some(p) = self.peers.get_mut(&peer) {
+                        p.answered = p.status_sent;
+                    }
                 }
                 self.status_done(peer);
             }
@@ -1261,7 +1283,7 @@ impl Node {
                     file,
                     index,
                 } = job;
-                let result = tokio::task::spawn_blocking(move || file.read_verified(index))
+                let result = tokio::task::spawn_blocking(move || file.read_for_serving(index))
                     .await
                     .unwrap_or(Err(Error::Stopped));
                 let _ = tx.send(Internal::Served {
@@ -1370,6 +1392,7 @@ impl Node {
                     fetch.election.origin_progressed(now);
                 }
                 if l.have.set(index) {
+                    l.fresh.insert(index, now);
                     fetch.election.progressed(now);
                     fetch
                         .progress
@@ -1533,6 +1556,52 @@ impl Node {
         }
     }
 
+    /// This till's status as `peer` hears it: pieces fresh from the
+    /// origin only if it is one of their first holders. Only while the
+    /// origin download runs: a status that says it ended lists every piece,
+    /// so no peer takes a hidden piece for one the store lacks.
+    fn status_for(&self, peer: &PeerId) -> Status {
+        let mut status = self.status();
+        for b in &mut status.bundles {
+            let Some(l) = self.bundles.get(&b.digest).filter(|l| {
+                !l.fresh.is_empty() && l.fetch.as_ref().is_some_and(|f| f.origin_task.is_some())
+            }) else {
+                continue;
+            };
+            for &index in l.fresh.keys() {
+                let wanting: Vec<PeerId> = self
+                    .peers
+                    .iter()
+                    .filter(|(_, p)| Self::usable(p))
+                    .filter(|(_, p)| {
+                        p.bundles.get(&l.digest).is_some_and(|r| {
+                            r.fetching && r.have.len() == l.have.len() && !r.have.get(index)
+                        })
+                    })
+                    .map(|(id, _)| *id)
+                    .collect();
+                if !seeding::shown_to(peer, index, &wanting) {
+                    b.have.clear(index);
+                }
+            }
+        }
+        status
+    }
+
+    /// Forgets pieces as fresh once a member has them or their time is up.
+    fn age_fresh(&mut self, now: Instant) {
+        let Node { bundles, peers, .. } = self;
+        for l in bundles.values_mut() {
+            let digest = l.digest;
+            l.fresh.retain(|&index, arrived| {
+                now.saturating_duration_since(*arrived) < seeding::SHOW_ALL_AFTER
+                    && !peers.values().any(|p| {
+                        Self::usable(p) && p.bundles.get(&digest).is_some_and(|r| r.have.get(index))
+                    })
+            });
+        }
+    }
+
     fn send_status(&mut self, peer: PeerId) {
         let Some(p) = self.peers.get_mut(&peer) else {
             return;
@@ -1543,7 +1612,8 @@ impl Node {
         }
         p.status_in_flight = true;
         p.status_again = false;
-        let status = self.status();
+        p.status_sent = Some(Instant::now());
+        let status = self.status_for(&peer);
         let id = self
             .swarm
             .behaviour_mut()
@@ -1589,6 +1659,7 @@ impl Node {
     fn tick(&mut self) {
         let now = Instant::now();
         while self.tasks.try_join_next().is_some() {}
+        self.age_fresh(now);
         if now.saturating_duration_since(self.last_redial) >= REDIAL {
             self.redial();
         }
@@ -1659,11 +1730,13 @@ impl Node {
         let mut store = l.have.clone();
         let mut candidates = Vec::new();
         let mut connected = 0;
+        let mut heard_all = true;
         for (id, p) in &self.peers {
             if !Self::usable(p) {
                 continue;
             }
             connected += 1;
+            heard_all &= p.answered.is_some_and(|at| at >= fetch.started);
             let Some(remote) = p.bundles.get(&digest) else {
                 continue;
             };
@@ -1689,6 +1762,7 @@ impl Node {
             connected,
             candidates: &candidates,
             origin_allowed: now >= fetch.origin_retry_at,
+            heard_all,
         })
     }
 

@@ -18,6 +18,7 @@ use std::io::ErrorKind;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::bitmap::Bitmap;
 use crate::error::{Error, Result};
@@ -34,6 +35,10 @@ pub(crate) fn piece_matches(chunks: &ChunkList, index: usize, data: &[u8]) -> bo
         && ring::digest::digest(&ring::digest::SHA256, data).as_ref() == chunks.hashes[index]
 }
 
+/// Written bytes are flushed to disk every this many, so that the flush
+/// at the end of a fetch has little left to do.
+const FLUSH_EVERY: u64 = 16 << 20;
+
 const SIDECAR_MAGIC: &[u8; 8] = b"PFPIECE1";
 /// Magic, chunk list digest, piece count.
 const SIDECAR_HEADER: u64 = 8 + 32 + 4;
@@ -44,6 +49,18 @@ pub(crate) struct PieceFile {
     chunks: Arc<ChunkList>,
     /// Present while the bundle is incomplete.
     sidecar: Option<(PathBuf, File)>,
+    /// Pieces whose bytes on disk were checked since the file was opened:
+    /// written by [`PieceFile::write_verified`], or read and verified once.
+    /// Serving them again skips the hash (every receiver checks each piece
+    /// anyway); the first read of a piece after an open still catches a
+    /// disk that rotted while the till was off.
+    checked: Box<[AtomicBool]>,
+    /// Bytes written since the last flush.
+    unflushed: AtomicU64,
+}
+
+fn unchecked(count: usize) -> Box<[AtomicBool]> {
+    (0..count).map(|_| AtomicBool::new(false)).collect()
 }
 
 pub(crate) fn sidecar_path(dest: &Path) -> PathBuf {
@@ -79,6 +96,8 @@ impl PieceFile {
             file,
             chunks: chunks.clone(),
             sidecar: None,
+            checked: unchecked(chunks.count()),
+            unflushed: AtomicU64::new(0),
         };
         // Which pieces to check: those the sidecar lists or, with no usable
         // sidecar, every piece that lies within what was on disk (a file
@@ -141,8 +160,10 @@ impl PieceFile {
         Ok(PieceFile {
             path: path.to_path_buf(),
             file,
+            checked: unchecked(chunks.count()),
             chunks,
             sidecar: None,
+            unflushed: AtomicU64::new(0),
         })
     }
 
@@ -185,6 +206,28 @@ impl PieceFile {
                 index,
             });
         }
+        self.checked[index].store(true, Ordering::Relaxed);
+        Ok(data)
+    }
+
+    /// Reads one piece to send to a peer: checked against the chunk list
+    /// unless this till already checked its bytes on disk since the open.
+    pub fn read_for_serving(&self, index: usize) -> Result<Vec<u8>> {
+        if !self
+            .checked
+            .get(index)
+            .is_some_and(|c| c.load(Ordering::Relaxed))
+        {
+            return self.read_verified(index);
+        }
+        let mut data = vec![0u8; self.piece_len(index)?];
+        self.file
+            .read_exact_at(&mut data, self.offset(index))
+            .map_err(|source| Error::ReadPiece {
+                path: self.path.clone(),
+                index,
+                source,
+            })?;
         Ok(data)
     }
 
@@ -211,6 +254,18 @@ impl PieceFile {
                     path: side_path.clone(),
                     source,
                 })?;
+        }
+        self.checked[index].store(true, Ordering::Relaxed);
+        let unflushed = self
+            .unflushed
+            .fetch_add(data.len() as u64, Ordering::Relaxed)
+            + data.len() as u64;
+        if unflushed >= FLUSH_EVERY {
+            self.unflushed.store(0, Ordering::Relaxed);
+            self.file.sync_data().map_err(|source| Error::Sync {
+                path: self.path.clone(),
+                source,
+            })?;
         }
         Ok(())
     }
@@ -328,6 +383,32 @@ mod tests {
         assert!(have.is_full());
         let whole = PieceFile::open_whole(&dest, chunks.clone()).unwrap();
         assert_eq!(whole.read_verified(3).unwrap(), piece(&data, &chunks, 3));
+    }
+
+    #[test]
+    fn a_piece_served_from_a_reopened_file_is_checked_on_its_first_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("b.bundle");
+        let (data, chunks) = bundle(2 * (1 << 20) + 7, 5);
+        let (file, _) = PieceFile::open_for_fetch(&dest, chunks.clone()).unwrap();
+        for i in 0..chunks.count() {
+            file.write_verified(i, &piece(&data, &chunks, i)).unwrap();
+        }
+        file.finish().unwrap();
+        assert_eq!(file.read_for_serving(2).unwrap(), piece(&data, &chunks, 2));
+        drop(file);
+
+        // The disk rots while the till is off: the first read after the
+        // open finds it out instead of sending the bad bytes to a peer.
+        let f = OpenOptions::new().write(true).open(&dest).unwrap();
+        f.write_all_at(&[0xAA], (1 << 20) + 3).unwrap();
+        let whole = PieceFile::open_whole(&dest, chunks.clone()).unwrap();
+        assert!(matches!(
+            whole.read_for_serving(1),
+            Err(Error::HashMismatch { index: 1, .. })
+        ));
+        assert_eq!(whole.read_for_serving(0).unwrap(), piece(&data, &chunks, 0));
+        assert_eq!(whole.read_for_serving(0).unwrap(), piece(&data, &chunks, 0));
     }
 
     #[test]

@@ -34,7 +34,6 @@ async fn fetch_all(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "intermittent under load: once in a CI run two of the 8 in-process tills each fetched the whole bundle from the origin (2.0 x); run with --ignored while the election under delayed announcements is investigated"]
 async fn eight_tills_starting_together_take_the_bundle_from_the_origin_once() {
     let _serial = serial().await;
     let size = 20 * MIB;

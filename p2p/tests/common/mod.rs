@@ -156,7 +156,7 @@ pub fn test_config() -> Config {
         mdns: false,
         origin_fallback_delay: Duration::from_secs(3),
         stall_timeout: Duration::from_secs(2),
-        settle_delay: Duration::from_millis(500),
+        settle_delay: Duration::from_secs(2),
         ..Config::default()
     }
 }
