@@ -57,6 +57,22 @@ pub fn binary(name: &str) -> PathBuf {
     bin_dir().join(name)
 }
 
+/// The command line a benchmark was run with, for its figures file: the
+/// program by name (not where it was built) and its arguments.
+pub fn command_line() -> String {
+    let mut args = std::env::args();
+    let program = args.next().map(PathBuf::from);
+    let name = program
+        .as_deref()
+        .and_then(Path::file_name)
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    std::iter::once(name)
+        .chain(args)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// A process whose stderr lines are collected as they come.
 pub struct Process {
     pub child: Child,

@@ -655,7 +655,7 @@ async fn main() -> anyhow::Result<()> {
         heartbeat_writer,
         devices_online_after: online,
         rollout,
-        command: std::env::args().collect::<Vec<_>>().join(" "),
+        command: posfleet_e2e::command_line(),
     };
     let output = args.output.unwrap_or_else(|| {
         PathBuf::from(format!(

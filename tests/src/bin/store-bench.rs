@@ -1290,7 +1290,7 @@ fn bench(args: &Args) -> anyhow::Result<()> {
     let targets = runs.iter().find(|r| r.p2p).map(Targets::of);
     let report = Report {
         benchmark: "store-bench",
-        command: std::env::args().collect::<Vec<_>>().join(" "),
+        command: posfleet_e2e::command_line(),
         cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
         load_average_before,
         load_average_after: load_average(),

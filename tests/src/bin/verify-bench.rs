@@ -428,7 +428,7 @@ fn main() -> anyhow::Result<()> {
         target_ratio: TARGET_RATIO,
         target_met: ratio >= TARGET_RATIO,
         peak_rss_bytes,
-        command: std::env::args().collect::<Vec<_>>().join(" "),
+        command: posfleet_e2e::command_line(),
     };
     if let Some(parent) = args.output.parent() {
         std::fs::create_dir_all(parent)?;
