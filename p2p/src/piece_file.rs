@@ -191,15 +191,7 @@ impl PieceFile {
 
     /// Reads one piece and checks it against the chunk list.
     pub fn read_verified(&self, index: usize) -> Result<Vec<u8>> {
-        let len = self.piece_len(index)?;
-        let mut data = vec![0u8; len];
-        self.file
-            .read_exact_at(&mut data, self.offset(index))
-            .map_err(|source| Error::ReadPiece {
-                path: self.path.clone(),
-                index,
-                source,
-            })?;
+        let data = self.read_unchecked(index)?;
         if !piece_matches(&self.chunks, index, &data) {
             return Err(Error::HashMismatch {
                 path: self.path.clone(),
@@ -220,6 +212,11 @@ impl PieceFile {
         {
             return self.read_verified(index);
         }
+        self.read_unchecked(index)
+    }
+
+    /// The bytes of one piece as they are on disk.
+    fn read_unchecked(&self, index: usize) -> Result<Vec<u8>> {
         let mut data = vec![0u8; self.piece_len(index)?];
         self.file
             .read_exact_at(&mut data, self.offset(index))

@@ -339,35 +339,32 @@ async fn an_oversized_answer_is_refused_and_its_peer_banned() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unparsable_answers_ban_and_tampered_ones_are_left_to_the_tuf_client() {
     let _serial = serial().await;
-    // A till whose saved snapshot is garbage.
-    let (server, client, dir) = pair(test_config(), test_config()).await;
-    std::fs::write(dir.join("snapshot.json"), b"{\"signed\": not json").unwrap();
-    let asked = client
-        .p2p
-        .metadata_from_peer(server.peer_id(), "snapshot.json", LIMIT)
-        .await;
-    assert!(
-        matches!(asked, Err(MetadataError::BadAnswer { .. })),
-        "{asked:?}"
-    );
-    assert_eq!(client.p2p.stats().await.banned_peers, 1);
-    // A timestamp where a targets file is expected does not parse either.
-    for t in [&server, &client] {
-        t.p2p.shutdown().await;
-    }
-    let (server, client, dir) = pair(test_config(), test_config()).await;
-    std::fs::copy(dir.join("timestamp.json"), dir.join("targets.json")).unwrap();
-    let asked = client
-        .p2p
-        .metadata_from_peer(server.peer_id(), "targets.json", LIMIT)
-        .await;
-    assert!(
-        matches!(asked, Err(MetadataError::BadAnswer { .. })),
-        "{asked:?}"
-    );
-    assert_eq!(client.p2p.stats().await.banned_peers, 1);
-    for t in [&server, &client] {
-        t.p2p.shutdown().await;
+    // A till whose saved snapshot is garbage, and one with a timestamp
+    // where its targets file should be: neither parses as the role asked.
+    type Spoil = fn(&Path);
+    let garbage: [(&str, Spoil); 2] = [
+        ("snapshot.json", |dir| {
+            std::fs::write(dir.join("snapshot.json"), b"{\"signed\": not json").unwrap()
+        }),
+        ("targets.json", |dir| {
+            std::fs::copy(dir.join("timestamp.json"), dir.join("targets.json")).unwrap();
+        }),
+    ];
+    for (name, spoil) in garbage {
+        let (server, client, dir) = pair(test_config(), test_config()).await;
+        spoil(&dir);
+        let asked = client
+            .p2p
+            .metadata_from_peer(server.peer_id(), name, LIMIT)
+            .await;
+        assert!(
+            matches!(asked, Err(MetadataError::BadAnswer { .. })),
+            "{name}: {asked:?}"
+        );
+        assert_eq!(client.p2p.stats().await.banned_peers, 1, "{name}");
+        for t in [&server, &client] {
+            t.p2p.shutdown().await;
+        }
     }
 
     // Tampered but well formed: handed over (the TUF client rejects it; a
