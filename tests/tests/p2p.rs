@@ -8,7 +8,11 @@ use posfleet_e2e::{
     ControlPlane, Process, check_ok, enrolled_device_id, eventually, pos_app_source, start_agent,
 };
 use serde_json::Value;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const TIMEOUT: Duration = Duration::from_secs(180);
@@ -46,6 +50,19 @@ impl Fleet {
 
     /// Creates `store` and starts `count` tills in it with `extra` flags.
     fn store(&mut self, store: &str, count: usize, extra: &[&str]) {
+        self.store_via(store, count, extra, None);
+    }
+
+    /// `store`, with the tills reaching the bundle repository at
+    /// `repository_url` (a `Wan`) when given; returns the flags they run
+    /// with.
+    fn store_via(
+        &mut self,
+        store: &str,
+        count: usize,
+        extra: &[&str],
+        repository_url: Option<&str>,
+    ) -> Vec<String> {
         self.cp.cli_json(&[
             "store",
             "create",
@@ -63,10 +80,14 @@ impl Fleet {
             "--uses",
             &count.to_string(),
         ]);
-        let mut args = self.cp.repository_args(&self.keys);
-        args.extend(["--install-check-interval-seconds".into(), "1".into()]);
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut owned = self.cp.repository_args(&self.keys);
+        if let Some(url) = repository_url {
+            let at = owned.iter().position(|a| a == "--repository-url").unwrap();
+            owned[at + 1] = url.to_string();
+        }
+        owned.extend(["--install-check-interval-seconds".into(), "1".into()]);
+        owned.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = owned.iter().map(String::as_str).collect();
         for till in 0..count {
             let data = self.dir.path().join(format!("{store}-{till}"));
             let process = start_agent(
@@ -77,13 +98,18 @@ impl Fleet {
             );
             self.tills.push((store.to_string(), data, process));
         }
+        owned
     }
 
     /// Publishes pos-app `version` with the test payload; returns the
     /// bundle's size in bytes.
     fn publish(&self, version: &str) -> u64 {
+        self.publish_sized(version, PAYLOAD)
+    }
+
+    fn publish_sized(&self, version: &str, payload: usize) -> u64 {
         let src = self.dir.path().join(format!("pos-app-{version}"));
-        pos_app_source(&src, version, true, PAYLOAD);
+        pos_app_source(&src, version, true, payload);
         let file = self.cp.publish(&src, &self.keys);
         std::fs::metadata(file).unwrap().len()
     }
@@ -140,6 +166,81 @@ impl Fleet {
     fn store_show(&self, store: &str) -> Value {
         self.cp.cli_json(&["store", "show", store])
     }
+}
+
+/// A store's WAN link: a TCP proxy in front of the control plane's HTTP
+/// listener (the bundle repository) that paces what comes back to a rate
+/// shared by all its connections, as one link is, and counts the bytes it
+/// delivered to the store.
+struct Wan {
+    address: String,
+    delivered: Arc<AtomicU64>,
+}
+
+impl Wan {
+    fn start(upstream: &str, bytes_per_second: u64) -> Wan {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let delivered = Arc::new(AtomicU64::new(0));
+        // When the link is free to send again.
+        let free_at = Arc::new(Mutex::new(Instant::now()));
+        let upstream = upstream.to_string();
+        let counter = delivered.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                let (up_from, up_to) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut &up_from, &mut &up_to);
+                    let _ = up_to.shutdown(Shutdown::Write);
+                });
+                let (free_at, counter) = (free_at.clone(), counter.clone());
+                std::thread::spawn(move || {
+                    paced_copy(server, client, &free_at, bytes_per_second, &counter)
+                });
+            }
+        });
+        Wan { address, delivered }
+    }
+
+    fn repository_url(&self) -> String {
+        format!("http://{}/repo/", self.address)
+    }
+
+    fn delivered(&self) -> u64 {
+        self.delivered.load(Ordering::SeqCst)
+    }
+}
+
+fn paced_copy(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    free_at: &Mutex<Instant>,
+    bytes_per_second: u64,
+    delivered: &AtomicU64,
+) {
+    let mut buffer = vec![0u8; 16 << 10];
+    loop {
+        let n = match from.read(&mut buffer) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let due = {
+            let mut free_at = free_at.lock().unwrap();
+            let airtime = Duration::from_secs_f64(n as f64 / bytes_per_second as f64);
+            *free_at = (*free_at).max(Instant::now()) + airtime;
+            *free_at
+        };
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        if to.write_all(&buffer[..n]).is_err() {
+            break;
+        }
+        delivered.fetch_add(n as u64, Ordering::SeqCst);
+    }
+    let _ = to.shutdown(Shutdown::Both);
+    let _ = from.shutdown(Shutdown::Both);
 }
 
 /// The payload in a till's active slot is the one published.
@@ -235,6 +336,72 @@ fn three_stores_of_five_take_it_once_per_store() {
             row["bytes_from_origin"].as_u64().unwrap() <= size + (1 << 20),
             "{row}"
         );
+    }
+}
+
+#[test]
+fn the_store_completes_when_its_origin_fetcher_is_killed_halfway() {
+    let mut fleet = Fleet::start();
+    // Large and slow enough that the pieces lost with the fetcher (the one
+    // it was receiving, those it had not passed on yet) are a few percent:
+    // about 16 s for the bundle across the link.
+    let size = fleet.publish_sized("1.0.0", 64 << 20);
+    let wan = Wan::start(&fleet.cp.http_address, 4 << 20);
+    let args = fleet.store_via("caen-01", 5, &[], Some(&wan.repository_url()));
+    fleet.wait_for_membership("caen-01", 5);
+    let before = wan.delivered();
+    fleet.assign("caen-01", "1.0.0");
+    let fetcher = eventually("a till fetching from the origin", TIMEOUT, || {
+        fleet.tills.iter().position(|(_, _, process)| {
+            process
+                .lines()
+                .iter()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .any(|v| v["message"] == "Fetching from the origin.")
+        })
+    });
+    eventually("half the bundle across the WAN", TIMEOUT, || {
+        (wan.delivered() - before >= size / 2).then_some(())
+    });
+    fleet.tills[fetcher].2.kill9();
+    let killed = Instant::now();
+    let at_kill = wan.delivered() - before;
+    assert!(
+        at_kill < size * 3 / 4,
+        "killed after {at_kill} of {size} bytes"
+    );
+
+    // The other four finish without it.
+    for (i, (_, data, _)) in fleet.tills.iter().enumerate() {
+        if i == fetcher {
+            continue;
+        }
+        let id = enrolled_device_id(data).unwrap();
+        eventually("the others on pos-app 1.0.0", TIMEOUT, || {
+            (fleet.cp.bundle_status(&id, "pos-app")["active_version"] == "1.0.0").then_some(())
+        });
+    }
+    println!(
+        "{at_kill} of {size} bytes across the WAN when the fetcher was killed; the others done {:?} later",
+        killed.elapsed()
+    );
+    // The killed till, started again, resumes from what it has and its peers.
+    let restarted = Instant::now();
+    let data = fleet.tills[fetcher].1.clone();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    fleet.tills[fetcher].2 = start_agent(&fleet.cp.url(), &data, "", &args);
+    fleet.wait_until_active(&["caen-01"], 5, "1.0.0");
+    let crossed = wan.delivered() - before;
+    println!(
+        "restarted till done after {:?}; {crossed} bytes crossed",
+        restarted.elapsed()
+    );
+    assert!(
+        crossed as f64 <= 1.05 * size as f64,
+        "{crossed} bytes crossed the WAN link for a bundle of {size}"
+    );
+    for (_, data, _) in &fleet.tills {
+        assert_slot_whole(data);
     }
 }
 

@@ -12,23 +12,51 @@ const STORES: [&str; 3] = ["lyon-01", "nice-01", "lille-01"];
 const TILLS_PER_STORE: usize = 4;
 const TIMEOUT: Duration = Duration::from_secs(180);
 
+const LEADER: &str = "posfleet_rollout_engine_leader";
+
 struct Fleet {
     dir: tempfile::TempDir,
+    /// Serves the tills and the CLI.
     cp: ControlPlane,
+    /// A second replica on the same PostgreSQL database and data dir,
+    /// started first so that it runs the engine (see `start_replicated`).
+    engine: Option<ControlPlane>,
     keys: PathBuf,
     _tills: Vec<Process>,
 }
 
+fn start_control_plane(data_dir: &std::path::Path, database_url: Option<&str>) -> ControlPlane {
+    ControlPlane::start(
+        data_dir,
+        database_url,
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &["--heartbeat-interval-seconds", "1"],
+    )
+}
+
 impl Fleet {
     fn start(database_url: Option<&str>) -> Fleet {
+        Fleet::start_with(database_url, false)
+    }
+
+    /// Two replicas on one PostgreSQL database, like replicas on shared
+    /// storage: the first runs the rollout engine, the tills and the CLI
+    /// talk to the second, which stands by.
+    fn start_replicated(database_url: &str) -> Fleet {
+        Fleet::start_with(Some(database_url), true)
+    }
+
+    fn start_with(database_url: Option<&str>, engine_replica: bool) -> Fleet {
         let dir = tempfile::tempdir().unwrap();
-        let cp = ControlPlane::start(
-            &dir.path().join("cp"),
-            database_url,
-            "127.0.0.1:0",
-            "127.0.0.1:0",
-            &["--heartbeat-interval-seconds", "1"],
-        );
+        let engine = engine_replica.then(|| {
+            let engine = start_control_plane(&dir.path().join("cp"), database_url);
+            eventually("the first replica runs the engine", TIMEOUT, || {
+                (engine.metric(LEADER) == 1.0).then_some(())
+            });
+            engine
+        });
+        let cp = start_control_plane(&dir.path().join("cp"), database_url);
         let keys = dir.path().join("keys");
         cp.init_repository(&keys);
         let mut args = cp.repository_args(&keys);
@@ -66,6 +94,7 @@ impl Fleet {
         let fleet = Fleet {
             dir,
             cp,
+            engine,
             keys,
             _tills: tills,
         };
@@ -334,11 +363,17 @@ fn survives_a_control_plane_kill(database_url: Option<&str>) {
         &http,
         &["--heartbeat-interval-seconds", "1"],
     );
-    let shown = fleet.wait_for_state(&id, "completed");
+    completes_with_every_till_once(&fleet, &id);
+}
+
+/// The rollout `id` completes with all 12 tills on 1.1.0, each notified
+/// exactly once.
+fn completes_with_every_till_once(fleet: &Fleet, id: &str) {
+    let shown = fleet.wait_for_state(id, "completed");
     assert_eq!(shown["counts"]["succeeded"], 12, "{shown}");
     let notified = fleet
         .cp
-        .cli_json(&["rollout", "events", &id])
+        .cli_json(&["rollout", "events", id])
         .as_array()
         .unwrap()
         .iter()
@@ -358,4 +393,39 @@ fn a_rollout_survives_a_control_plane_kill_on_sqlite() {
 fn a_rollout_survives_a_control_plane_kill_on_postgres() {
     let db = posfleet_e2e::PostgresDb::create();
     survives_a_control_plane_kill(Some(&db.url));
+}
+
+/// Two replicas on one PostgreSQL database; the one running the engine is
+/// killed mid-rollout: the other, which serves the tills, takes the
+/// engine over and the rollout completes, every till notified once.
+#[test]
+#[ignore = "needs PostgreSQL: set POSFLEET_TEST_POSTGRES_URL and pass --ignored (.ci/run does)"]
+fn a_killed_engine_replica_hands_the_rollout_over_on_postgres() {
+    let db = posfleet_e2e::PostgresDb::create();
+    let mut fleet = Fleet::start_replicated(&db.url);
+    assert_eq!(fleet.cp.metric(LEADER), 0.0, "one engine at a time");
+    let id = fleet.rollout(&[
+        "--release",
+        "pos-app@1.1.0",
+        "--waves",
+        "25%,100%",
+        "--bake",
+        "10s",
+    ]);
+    // Killed while wave 1 bakes: the other replica must finish the bake
+    // and run wave 2.
+    let shown = eventually("wave 1 finished", TIMEOUT, || {
+        let shown = fleet.show(&id);
+        (ms(&shown["waves"][0]["finished_at"]) > 0).then_some(shown)
+    });
+    assert_eq!(shown["state"], "running", "{shown}");
+    assert_eq!(shown["counts"]["succeeded"], 3, "{shown}");
+    let mut engine = fleet.engine.take().expect("an engine replica");
+    assert_eq!(engine.metric(LEADER), 1.0);
+    assert_eq!(fleet.cp.metric(LEADER), 0.0, "one engine at a time");
+    engine.process.kill9();
+    eventually("the serving replica runs the engine", TIMEOUT, || {
+        (fleet.cp.metric(LEADER) == 1.0).then_some(())
+    });
+    completes_with_every_till_once(&fleet, &id);
 }
