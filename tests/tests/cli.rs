@@ -226,6 +226,25 @@ fn the_demo_rolls_out_in_waves_and_a_bad_release_pauses_itself() {
     assert!(summary["devices_rolled_back_1_2_0"].as_u64() >= Some(1));
     assert_eq!(summary["devices_never_offered_1_2_0"], 3);
     assert_eq!(summary["devices_with_own_catalog"], 6);
+    // Each store reports what its tills took from the origin and from
+    // each other, next to the bundle's size.
+    let transfers = summary["transfers_1_1_0"].as_object().unwrap();
+    assert_eq!(transfers.len(), 2, "{transfers:?}");
+    for (store, t) in transfers {
+        let field = |name: &str| t[name].as_u64().unwrap();
+        let size = field("size_bytes");
+        assert!(size > 0, "{store}: {t}");
+        assert_eq!(field("tills"), 3, "{store}: {t}");
+        assert!(
+            field("bytes_from_origin") + field("bytes_from_peers") >= 3 * size,
+            "{store}: {t}"
+        );
+        // Once per store, give or take a piece.
+        assert!(
+            field("bytes_from_origin") <= size + (1 << 20),
+            "{store}: {t}"
+        );
+    }
     let reasons = summary["rollback_reasons"].to_string();
     assert!(reasons.contains("cash drawer does not answer"), "{reasons}");
 }
