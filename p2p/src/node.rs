@@ -38,8 +38,12 @@ use crate::{Bundle, FetchStats, Member, OriginSource, Stats};
 
 /// Piece requests to one peer at once.
 const PER_PEER_IN_FLIGHT: usize = 4;
-/// How often decisions and announcements are looked at.
+/// How often decisions and announcements are looked at while this till
+/// fetches or seeds fresh pieces.
 const TICK: Duration = Duration::from_millis(20);
+/// The same when it does neither: redials and status refreshes only, so
+/// an idle till stays idle.
+const QUIET_TICK: Duration = Duration::from_secs(1);
 /// Status is sent to every peer at least this often, changed or not, while
 /// any till around fetches something; when all is quiet, less often.
 const STATUS_REFRESH: Duration = Duration::from_secs(2);
@@ -350,8 +354,8 @@ impl Node {
     }
 
     pub async fn run(mut self) {
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let tick = tokio::time::sleep(TICK);
+        tokio::pin!(tick);
         loop {
             tokio::select! {
                 command = self.commands.recv() => match command {
@@ -372,14 +376,29 @@ impl Node {
                     self.schedule_dirty = true;
                     self.internal(event);
                 }
-                _ = tick.tick() => {
+                _ = &mut tick => {
                     self.schedule_dirty = true;
                     self.tick();
+                    let period = self.tick_period();
+                    tick.as_mut().reset(tokio::time::Instant::now() + period);
                 }
             }
             self.announce(false);
             self.schedule();
+            // A fetch that starts during a quiet tick is not kept waiting.
+            let soon = tokio::time::Instant::now() + TICK;
+            if tick.deadline() > soon && self.tick_period() == TICK {
+                tick.as_mut().reset(soon);
+            }
         }
+    }
+
+    fn tick_period(&self) -> Duration {
+        let active = self
+            .bundles
+            .values()
+            .any(|l| l.fetch.is_some() || !l.fresh.is_empty());
+        if active { TICK } else { QUIET_TICK }
     }
 
     fn id(&mut self) -> u64 {
