@@ -9,8 +9,8 @@
 use anyhow::{Context, ensure};
 use clap::Parser;
 use posfleet_e2e::{
-    ControlPlane, check_ok, cpu_seconds, enrolled_device_id, eventually, pos_app_source,
-    start_agent, status_kib,
+    ControlPlane, check_ok, command_line, cpu_seconds, enrolled_device_id, eventually,
+    pos_app_source, start_agent, status_kib,
 };
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -33,6 +33,10 @@ struct Args {
 
 #[derive(Debug, Serialize)]
 struct Report {
+    command: String,
+    /// Besides the repository's: P2P as a till runs it by default, the
+    /// libp2p task and mDNS on.
+    agent_args: Vec<String>,
     heartbeat_interval_seconds: u64,
     idle_seconds: u64,
     idle_rss_median_mib: f64,
@@ -100,9 +104,12 @@ fn main() -> anyhow::Result<()> {
     std::fs::remove_dir_all(&src)?;
 
     let data = dir.join("till");
-    let repo_args = cp.repository_args(&keys);
-    let repo_args: Vec<&str> = repo_args.iter().map(String::as_str).collect();
-    let agent = start_agent(&cp.url(), &data, &secret, &repo_args);
+    // The test harness turns mDNS off unless told; a till has it on.
+    let agent_args = ["--p2p-mdns", "true"].map(String::from).to_vec();
+    let mut all_args = cp.repository_args(&keys);
+    all_args.extend(agent_args.iter().cloned());
+    let all_args: Vec<&str> = all_args.iter().map(String::as_str).collect();
+    let agent = start_agent(&cp.url(), &data, &secret, &all_args);
     let pid = agent.pid().as_raw();
     let device = eventually("the till enrolls", Duration::from_secs(30), || {
         enrolled_device_id(&data)
@@ -157,6 +164,8 @@ fn main() -> anyhow::Result<()> {
         met: idle_rss_max_mib < 20.0 && idle_cpu_percent_of_one_core < 0.1 && peak_rss_mib < 64.0,
     };
     let report = Report {
+        command: command_line(),
+        agent_args,
         heartbeat_interval_seconds: 30,
         idle_seconds: args.idle_seconds,
         idle_rss_median_mib,
