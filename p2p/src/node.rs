@@ -1159,6 +1159,14 @@ impl Node {
         let p = self.peers.entry(peer).or_default();
         let mut bundles = HashMap::with_capacity(status.bundles.len());
         for b in status.bundles {
+            // A bundle this till holds has a known size: an entry for it
+            // with another piece count or chunk list is not that bundle.
+            if let Some(local) = self.bundles.get(&b.digest)
+                && (b.have.len() != local.have.len() || b.chunks_digest != local.chunks_digest)
+            {
+                debug!(%peer, "Status entry that does not match the bundle's chunk list ignored.");
+                continue;
+            }
             let old = p.bundles.get(&b.digest);
             let progressed =
                 old.is_none_or(|o| b.have.count() > o.have.count() || (b.origin && !o.origin));
