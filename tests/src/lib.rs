@@ -514,3 +514,18 @@ impl ControlPlane {
         ]
     }
 }
+
+/// The commit a benchmark measures (`git describe --always --dirty` of the
+/// checkout it was built from), for its figures file; `None` outside a
+/// checkout.
+pub fn measured_commit() -> Option<String> {
+    let checkout = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?;
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(checkout)
+        .args(["describe", "--always", "--dirty"])
+        .output()
+        .ok()?;
+    let commit = String::from_utf8(out.stdout).ok()?.trim().to_string();
+    (out.status.success() && !commit.is_empty()).then_some(commit)
+}

@@ -15,6 +15,7 @@ fn every_kill_leaves_one_whole_version_and_the_agent_converges() {
         },
         work.path(),
     );
+    eprintln!("{report:#?}");
     assert_eq!(report.torn, 0, "{report:#?}");
     assert_eq!(report.converged, report.trials, "{report:#?}");
     assert!(report.failures.is_empty(), "{report:#?}");

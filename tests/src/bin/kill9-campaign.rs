@@ -1,8 +1,9 @@
-//! kill9-campaign: kills a till's agent with SIGKILL at random moments of
-//! its installs, release after release, and checks after every kill that
-//! one whole version is active and after every restart that the agent
-//! converges. Figures go to a JSON file; the exit status is non-zero if
-//! any trial failed.
+//! kill9-campaign: kills a till's agent with SIGKILL in every phase of its
+//! installs in turn (the phase chosen first, then a random moment inside
+//! it), release after release, and checks after every kill that one whole
+//! version is active and after every restart that the agent converges.
+//! Figures go to a JSON file; the exit status is non-zero if any trial
+//! failed.
 //!
 //!     cargo run --release -p posfleet-e2e --bin kill9-campaign -- --trials 100
 

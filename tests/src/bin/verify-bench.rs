@@ -299,6 +299,8 @@ struct Report {
     /// posfleet verification.
     peak_rss_bytes: u64,
     command: String,
+    /// The commit measured (`git describe`).
+    commit: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -429,6 +431,7 @@ fn main() -> anyhow::Result<()> {
         target_met: ratio >= TARGET_RATIO,
         peak_rss_bytes,
         command: posfleet_e2e::command_line(),
+        commit: posfleet_e2e::measured_commit(),
     };
     if let Some(parent) = args.output.parent() {
         std::fs::create_dir_all(parent)?;
