@@ -17,9 +17,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::{
-    ControlPlane, Process, check_ok, enrolled_device_id, eventually, pos_app_source, start_agent,
-};
+use crate::fleet::Fleet;
+use crate::{Process, enrolled_device_id, eventually, pos_app_source};
 
 pub struct Options {
     pub trials: usize,
@@ -43,6 +42,8 @@ pub const PHASES: [&str; 6] = [
 ];
 const BEFORE_DOWNLOAD: &str = "before the download";
 const AFTER_INSTALL: &str = "after the install";
+
+const STORE: &str = "kill-01";
 
 /// How often the data dir is looked at while aiming a kill.
 const POLL: Duration = Duration::from_millis(1);
@@ -162,43 +163,17 @@ fn version(i: usize) -> String {
     format!("1.0.{i}")
 }
 
-pub fn run(options: &Options, work: &Path) -> Report {
+pub fn run(options: &Options) -> Report {
     let mut rng = rand::rngs::StdRng::seed_from_u64(options.seed);
-    let cp = ControlPlane::start(
-        &work.join("cp"),
-        None,
-        "127.0.0.1:0",
-        "127.0.0.1:0",
-        &["--heartbeat-interval-seconds", "1"],
-    );
-    let keys = work.join("keys");
-    cp.init_repository(&keys);
-    cp.cli_json(&[
-        "store",
-        "create",
-        "kill-01",
-        "--name",
-        "Kill",
-        "--time-zone",
-        "UTC",
-    ]);
-    let token = cp.cli_json(&["enroll-token", "create", "--store", "kill-01"]);
-    let secret = token["secret"].as_str().expect("secret").to_string();
+    let fleet = Fleet::builder().start();
+    let (cp, work) = (&fleet.cp, fleet.dir.path());
+    fleet.create_store(STORE, "UTC");
+    let secret = fleet.enrollment_token(STORE, 1);
     let data = work.join("till");
-    let mut args = cp.repository_args(&keys);
     // P2P stays on, as on a real till; alone in its store, the till goes to
     // the origin after the shortest fallback delay rather than the default.
-    args.extend(
-        [
-            "--install-check-interval-seconds",
-            "1",
-            "--p2p-origin-fallback-delay-seconds",
-            "1",
-        ]
-        .map(String::from),
-    );
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let start = || start_agent(&cp.url(), &data, &secret, &args);
+    let args = fleet.agent_args(None, &["--p2p-origin-fallback-delay-seconds", "1"]);
+    let start = || fleet.spawn_agent(&data, &secret, &args);
     let publish = |i: usize| {
         let src = work.join(format!("src-{i}"));
         pos_app_source(&src, &version(i), true, options.payload_bytes);
@@ -207,18 +182,10 @@ pub fn run(options: &Options, work: &Path) -> Report {
             format!("healthy=yes\nhealth_seconds={}\n", options.health_seconds),
         )
         .expect("write conf");
-        cp.publish(&src, &keys);
+        cp.publish(&src, &fleet.keys);
         let _ = std::fs::remove_dir_all(&src);
     };
-    let assign = |i: usize| {
-        check_ok(cp.cli(&[
-            "device",
-            "assign",
-            "--store",
-            "kill-01",
-            &format!("pos-app@{}", version(i)),
-        ]));
-    };
+    let assign = |i: usize| fleet.assign(STORE, &format!("pos-app@{}", version(i)));
     let device_phase = |device: &str| -> (String, String) {
         let status = cp.bundle_status(device, "pos-app");
         let field = |k: &str| status[k].as_str().unwrap_or("").to_string();

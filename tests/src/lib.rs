@@ -2,6 +2,7 @@
 //! `posfleet-control-plane`, `posfleet-agent` and `posfleet` binaries and
 //! read what they print, as an operator would.
 
+pub mod fleet;
 pub mod kill9;
 
 use nix::sys::signal::{Signal, kill};

@@ -30,18 +30,12 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let work = tempfile::Builder::new()
-        .prefix("posfleet-kill9-")
-        .tempdir()?;
-    let report = kill9::run(
-        &Options {
-            trials: args.trials,
-            payload_bytes: args.payload_bytes,
-            health_seconds: args.health_seconds,
-            seed: args.seed,
-        },
-        work.path(),
-    );
+    let report = kill9::run(&Options {
+        trials: args.trials,
+        payload_bytes: args.payload_bytes,
+        health_seconds: args.health_seconds,
+        seed: args.seed,
+    });
     let json = serde_json::to_string_pretty(&report)?;
     if let Some(parent) = args.output.parent() {
         std::fs::create_dir_all(parent)?;
