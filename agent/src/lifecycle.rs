@@ -636,16 +636,17 @@ impl Run {
             }
             error => Failure::retry(error),
         })?;
-        if target.info.kind != desired.kind {
+        if target.kind() != desired.kind {
             return Err(Failure::permanent(format!(
                 "{name} is signed as a {:?} bundle, not {:?}",
-                target.info.kind, desired.kind
+                target.kind(),
+                desired.kind
             )));
         }
-        if Version::parse(&target.info.version).ok().as_ref() != Some(&desired.version) {
+        if Version::parse(target.version()).ok().as_ref() != Some(&desired.version) {
             return Err(Failure::permanent(format!(
                 "{name} is signed with version {}",
-                target.info.version
+                target.version()
             )));
         }
         Ok(target)
@@ -655,7 +656,7 @@ impl Run {
         self.lifecycle
             .data_dir
             .join(DOWNLOADS_DIR)
-            .join(format!("{}.bundle", target.sha256))
+            .join(format!("{}.bundle", target.sha256_hex()))
     }
 
     /// Refuses to start when `need` bytes would leave less than the
@@ -686,11 +687,12 @@ impl Run {
         let part = staged.with_extension("part");
         let have = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
         // Room for the rest of the download and for unpacking it.
-        self.check_space(desired, target.length.saturating_sub(have) + target.length)?;
+        let length = target.length();
+        self.check_space(desired, length.saturating_sub(have) + length)?;
         self.set(desired, Phase::Downloading, String::new());
         if let Some(status) = self.statuses.get_mut(&desired.name) {
-            status.bytes_total = target.length;
-            status.bytes_done = have.min(target.length);
+            status.bytes_total = length;
+            status.bytes_done = have.min(length);
         }
         self.publish(false);
         let fetcher = self.lifecycle.fetcher.clone();
@@ -718,7 +720,7 @@ impl Run {
             status.bytes_done = done.load(Ordering::Relaxed);
         }
         let received = result
-            .map_err(|e| Failure::retry(format!("download of {} failed: {e}", target.name)))?;
+            .map_err(|e| Failure::retry(format!("download of {} failed: {e}", target.name())))?;
         if let Some(status) = self.statuses.get_mut(&desired.name) {
             status.bytes_from_origin += received.from_origin;
             status.bytes_from_peers += received.from_peers;
@@ -734,7 +736,7 @@ impl Run {
         tracing::info!(
             bundle = %desired.name,
             version = %desired.version,
-            bytes = target.length,
+            bytes = length,
             from_origin = received.from_origin,
             from_peers = received.from_peers,
             "Bundle downloaded and verified."
@@ -755,7 +757,7 @@ impl Run {
             let _ = std::fs::remove_file(staged);
             return Err(failure);
         }
-        self.check_space(desired, target.length)?;
+        self.check_space(desired, target.length())?;
         self.set(desired, Phase::Installing, String::new());
         tracing::info!(bundle = %desired.name, version = %desired.version, "Installing.");
         let outcome = self
@@ -788,33 +790,32 @@ fn check_length(target: &VerifiedTarget, path: &Path) -> Result<(), Failure> {
     let length = std::fs::metadata(path)
         .map_err(|e| Failure::retry(format!("cannot read {}: {e}", path.display())))?
         .len();
-    if length != target.length {
+    if length != target.length() {
         let _ = std::fs::remove_file(path);
         return Err(Failure::retry(format!(
             "{} on disk is {length} bytes, signed as {}; discarded",
-            target.name, target.length
+            target.name(),
+            target.length()
         )));
     }
     Ok(())
 }
 
-/// Streams `path` through SHA-256 and compares with the signed target.
+/// Checks the whole file at `path` against the signed target
+/// (`posfleet-bundle` hashes it); a file that is not the bundle is removed.
 async fn verify_whole(target: &VerifiedTarget, path: &Path) -> Result<(), Failure> {
     let path = path.to_path_buf();
-    let expected = (target.length, target.sha256.clone());
-    let name = target.name.clone();
-    tokio::task::spawn_blocking(move || {
-        let file = std::fs::File::open(&path)
-            .map_err(|e| Failure::retry(format!("cannot read {}: {e}", path.display())))?;
-        let digest = posfleet_bundle::chunks::digest_reader(std::io::BufReader::new(file))
-            .map_err(|e| Failure::retry(format!("cannot read {}: {e}", path.display())))?;
-        if (digest.length, hex::encode(digest.sha256)) != expected {
+    let target = target.clone();
+    tokio::task::spawn_blocking(move || match target.verify_file(&path) {
+        Ok(()) => Ok(()),
+        Err(error) if error.is_bad_digest() => {
             let _ = std::fs::remove_file(&path);
-            return Err(Failure::retry(format!(
-                "{name} on disk does not match its signed length and SHA-256; discarded"
-            )));
+            Err(Failure::retry(format!(
+                "{} on disk does not match its signed length and SHA-256; discarded",
+                target.name()
+            )))
         }
-        Ok(())
+        Err(error) => Err(Failure::retry(error)),
     })
     .await
     .unwrap_or_else(|e| Err(Failure::retry(format!("verification stopped: {e}"))))

@@ -380,9 +380,11 @@ impl RepositoryClient {
         })
     }
 
-    /// A bundle the trusted metadata lists, for this hardware model.
+    /// A bundle the trusted metadata lists, for this hardware model, while
+    /// that metadata is current: expired metadata (the repository could
+    /// not be refreshed in time) starts nothing.
     pub fn target(&self, name: &str, hardware_model: &str) -> Result<VerifiedTarget, RepoError> {
-        Ok(self.trusted.bundle(name, hardware_model)?)
+        Ok(self.trusted.bundle(name, hardware_model, Utc::now())?)
     }
 
     /// Downloads a bundle from the origin into `dest` (see [`Origin`]).

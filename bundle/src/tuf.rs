@@ -6,10 +6,10 @@
 use chrono::{DateTime, SecondsFormat, Utc};
 use ed25519_dalek::{Signature as DalekSignature, Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::error::{Error, Result};
+use crate::hash::sha256;
 use crate::manifest::Kind;
 
 pub const SPEC_VERSION: &str = "1.0.31";
@@ -36,7 +36,7 @@ pub fn canonical_json<T: Serialize>(value: &T) -> Vec<u8> {
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
+    hex::encode(sha256(bytes))
 }
 
 /// `expires` values: whole seconds, UTC, `Z` (the form TUF clients expect).
@@ -238,7 +238,11 @@ impl Envelope {
     }
 
     /// Checks that a threshold of `role`'s keys in `root` signed this file.
-    /// A key counts once however many signatures carry its id.
+    /// Keys are counted, not key ids: a key listed under an id that is not
+    /// its own (`keyid` must be the SHA-256 of the key's canonical JSON)
+    /// does not count at all, and a key listed under several ids (two
+    /// spellings of one public key) counts once however many signatures
+    /// carry its ids.
     pub fn verify(&self, role: &str, root: &Root) -> Result<()> {
         let role_keys = root.roles.get(role).ok_or_else(|| Error::Malformed {
             role: ROOT.into(),
@@ -249,14 +253,22 @@ impl Envelope {
             role: role.into(),
             message: format!("not canonical JSON: {e}"),
         })?;
-        let mut valid = BTreeSet::new();
+        let mut valid: BTreeSet<[u8; 32]> = BTreeSet::new();
         for signature in &self.signatures {
-            if !role_keys.keyids.contains(&signature.keyid) || valid.contains(&signature.keyid) {
+            if !role_keys.keyids.contains(&signature.keyid) {
                 continue;
             }
-            let Some(key) = root.keys.get(&signature.keyid).and_then(Key::verifying_key) else {
+            let Some(key) = root
+                .keys
+                .get(&signature.keyid)
+                .filter(|key| key.id() == signature.keyid)
+                .and_then(Key::verifying_key)
+            else {
                 continue;
             };
+            if valid.contains(key.as_bytes()) {
+                continue;
+            }
             let Ok(sig) = hex::decode(&signature.sig)
                 .map_err(|_| ())
                 .and_then(|b| DalekSignature::from_slice(&b).map_err(|_| ()))
@@ -264,7 +276,7 @@ impl Envelope {
                 continue;
             };
             if key.verify_strict(&payload, &sig).is_ok() {
-                valid.insert(signature.keyid.clone());
+                valid.insert(key.to_bytes());
             }
         }
         if role_keys.threshold == 0 || (valid.len() as u64) < role_keys.threshold {
