@@ -273,10 +273,18 @@ pub struct Lifecycle {
     pub min_free_disk_bytes: u64,
 }
 
+/// What the report says when the trusted repository metadata has expired
+/// and no fresh metadata could be had: nothing new starts.
+pub const EXPIRED_TRUST: &str =
+    "trust metadata expired; not starting a download until the repository is reachable";
+
 /// A failure and whether trying the same version again may help.
 struct Failure {
     message: String,
     permanent: bool,
+    /// Not the release's fault: the bundle waits (`pending`), with the
+    /// message as the reason, instead of failing.
+    waiting: bool,
 }
 
 impl Failure {
@@ -284,12 +292,21 @@ impl Failure {
         Failure {
             message: message.to_string(),
             permanent: false,
+            waiting: false,
         }
     }
     fn permanent(message: impl ToString) -> Failure {
         Failure {
             message: message.to_string(),
             permanent: true,
+            waiting: false,
+        }
+    }
+    fn waiting(message: impl ToString) -> Failure {
+        Failure {
+            message: message.to_string(),
+            permanent: false,
+            waiting: true,
         }
     }
 }
@@ -596,6 +613,14 @@ impl Run {
     }
 
     fn fail(&mut self, desired: &Desired, failure: Failure) {
+        if failure.waiting {
+            let current = self.statuses.get(&desired.name);
+            if current.is_none_or(|s| s.error != failure.message || s.phase != Phase::Pending) {
+                tracing::warn!(bundle = %desired.name, version = %desired.version, reason = %failure.message, "Bundle update waiting.");
+            }
+            self.set(desired, Phase::Pending, failure.message);
+            return;
+        }
         tracing::warn!(bundle = %desired.name, version = %desired.version, error = %failure.message, "Bundle update failed.");
         self.set(desired, Phase::Failed, failure.message);
         if failure.permanent {
@@ -633,6 +658,11 @@ impl Run {
             // Signed for other hardware: no retry will change that.
             RepoError::Refused(posfleet_bundle::Error::WrongHardware { .. }) => {
                 Failure::permanent(error)
+            }
+            // The refresh above failed too: what is installed keeps
+            // running, and nothing starts on stale trust (freeze attack).
+            RepoError::Refused(ref expired @ posfleet_bundle::Error::ExpiredMetadata { .. }) => {
+                Failure::waiting(format!("{EXPIRED_TRUST} ({expired})"))
             }
             error => Failure::retry(error),
         })?;
