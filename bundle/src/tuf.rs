@@ -8,6 +8,7 @@ use ed25519_dalek::{Signature as DalekSignature, Signer, SigningKey, VerifyingKe
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::chunks::FileDigest;
 use crate::error::{Error, Result};
 use crate::hash::sha256;
 use crate::manifest::Kind;
@@ -161,6 +162,41 @@ impl TargetFile {
 
     pub fn sha256(&self) -> Option<&str> {
         self.hashes.get("sha256").map(String::as_str)
+    }
+
+    /// Reads the bundle file at `path` whole and checks it against this
+    /// signed entry `name`, as the control plane does with what ops
+    /// upload: its length, its SHA-256, and the digest of its chunk list
+    /// (`chunks_sha256`), from one read. Returns what was read, chunk list
+    /// included, for storing. A mismatch is [`Error::LengthMismatch`] or
+    /// [`Error::HashMismatch`]; an unreadable file is [`Error::Read`].
+    pub fn verify_file(&self, name: &str, path: &std::path::Path) -> Result<FileDigest> {
+        let info = self.bundle_info(name)?;
+        let read = |source| Error::Read {
+            path: path.to_path_buf(),
+            source,
+        };
+        let digest = std::fs::File::open(path)
+            .and_then(crate::chunks::digest_reader)
+            .map_err(read)?;
+        if digest.length != self.length {
+            return Err(Error::LengthMismatch {
+                what: format!("the bundle file of target {name}"),
+                expected: self.length,
+                actual: digest.length,
+            });
+        }
+        if self.sha256() != Some(hex::encode(digest.sha256).as_str()) {
+            return Err(Error::HashMismatch {
+                what: format!("the bundle file of target {name}"),
+            });
+        }
+        if info.chunks_sha256 != hex::encode(digest.chunks.digest()) {
+            return Err(Error::HashMismatch {
+                what: format!("the chunk list of target {name}"),
+            });
+        }
+        Ok(digest)
     }
 }
 

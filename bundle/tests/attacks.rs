@@ -611,3 +611,44 @@ fn a_restored_expired_timestamp_still_blocks_a_rollback() {
     refresh(&mut restarted, &repo, later).unwrap();
     restarted.bundle("pos-app/1.0.0", "pos-x1", later).unwrap();
 }
+
+/// What ops upload is checked against its signed entry before the control
+/// plane serves it: a tampered, cut or padded file, or an entry whose
+/// chunk list digest is not the file's, is refused.
+#[test]
+fn an_upload_that_is_not_the_signed_bundle_is_refused() {
+    let repo = sample();
+    let (data, _) = &repo.bundles["pos-app/1.0.0"];
+    let entry = &repo.entries["pos-app/1.0.0"];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("upload");
+    std::fs::write(&path, data).unwrap();
+    let digest = entry.verify_file("pos-app/1.0.0", &path).unwrap();
+    assert_eq!(
+        digest.chunks.encode(),
+        repo.bundles["pos-app/1.0.0"].1.encode()
+    );
+
+    let mut tampered = data.clone();
+    tampered[3] ^= 1;
+    let mut longer = data.clone();
+    longer.push(0);
+    for (bytes, what) in [
+        (tampered, "tampered"),
+        (data[..data.len() - 1].to_vec(), "cut"),
+        (longer, "padded"),
+    ] {
+        std::fs::write(&path, &bytes).unwrap();
+        let err = entry.verify_file("pos-app/1.0.0", &path).unwrap_err();
+        assert!(err.is_bad_digest(), "{what}: {err}");
+    }
+
+    let mut wrong_list = entry.clone();
+    wrong_list.custom.as_mut().unwrap()["chunks_sha256"] = serde_json::json!("00".repeat(32));
+    std::fs::write(&path, data).unwrap();
+    let err = wrong_list.verify_file("pos-app/1.0.0", &path).unwrap_err();
+    assert!(
+        matches!(err, Error::HashMismatch { ref what } if what.contains("chunk list")),
+        "{err}"
+    );
+}
