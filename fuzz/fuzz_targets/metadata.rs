@@ -278,7 +278,10 @@ fn chunk_list(data: &[u8]) {
     };
     let (chunk_size, length) = (u32::from_le_bytes(*chunk_size), u64::from_le_bytes(*length));
     // The digest as signed metadata gives it, computed by the crate.
-    let Ok(Ok(digest)) = hex::decode(tuf::sha256_hex(list)).map(<[u8; 32]>::try_from) else {
+    let Some(digest) = hex::decode(tuf::sha256_hex(list))
+        .ok()
+        .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+    else {
         return;
     };
     if let Ok(decoded) = ChunkList::decode(list, chunk_size, length, &digest) {
