@@ -400,9 +400,9 @@ impl P2p {
         progress: impl Fn(u64) + Send + Sync,
     ) -> Result<FetchStats> {
         let limit = self.config.limits.max_piece_bytes;
-        if bundle.chunks.chunk_size > limit {
+        if bundle.chunks.chunk_size() > limit {
             return Err(Error::PieceTooLarge {
-                chunk_size: bundle.chunks.chunk_size,
+                chunk_size: bundle.chunks.chunk_size(),
                 limit,
             });
         }
