@@ -3,6 +3,7 @@
 //! read what they print, as an operator would.
 
 pub mod kill9;
+pub mod link;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;

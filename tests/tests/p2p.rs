@@ -4,15 +4,12 @@
 //! repository counting the bundle bytes it sends
 //! (`posfleet_repository_target_bytes_sent_total`).
 
+use posfleet_e2e::link::PacedLink;
 use posfleet_e2e::{
     ControlPlane, Process, check_ok, enrolled_device_id, eventually, pos_app_source, start_agent,
 };
 use serde_json::Value;
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const TIMEOUT: Duration = Duration::from_secs(180);
@@ -168,79 +165,28 @@ impl Fleet {
     }
 }
 
-/// A store's WAN link: a TCP proxy in front of the control plane's HTTP
-/// listener (the bundle repository) that paces what comes back to a rate
-/// shared by all its connections, as one link is, and counts the bytes it
-/// delivered to the store.
+/// A store's WAN link: a paced TCP proxy in front of the control plane's
+/// HTTP listener (the bundle repository), its rate shared by all its
+/// connections, as one link is; it counts the bytes it delivered to the
+/// store.
 struct Wan {
-    address: String,
-    delivered: Arc<AtomicU64>,
+    link: PacedLink,
 }
 
 impl Wan {
     fn start(upstream: &str, bytes_per_second: u64) -> Wan {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let address = listener.local_addr().unwrap().to_string();
-        let delivered = Arc::new(AtomicU64::new(0));
-        // When the link is free to send again.
-        let free_at = Arc::new(Mutex::new(Instant::now()));
-        let upstream = upstream.to_string();
-        let counter = delivered.clone();
-        std::thread::spawn(move || {
-            for client in listener.incoming().flatten() {
-                let Ok(server) = TcpStream::connect(&upstream) else {
-                    continue;
-                };
-                let (up_from, up_to) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut &up_from, &mut &up_to);
-                    let _ = up_to.shutdown(Shutdown::Write);
-                });
-                let (free_at, counter) = (free_at.clone(), counter.clone());
-                std::thread::spawn(move || {
-                    paced_copy(server, client, &free_at, bytes_per_second, &counter)
-                });
-            }
-        });
-        Wan { address, delivered }
+        Wan {
+            link: PacedLink::start(upstream, bytes_per_second),
+        }
     }
 
     fn repository_url(&self) -> String {
-        format!("http://{}/repo/", self.address)
+        format!("http://{}/repo/", self.link.address())
     }
 
     fn delivered(&self) -> u64 {
-        self.delivered.load(Ordering::SeqCst)
+        self.link.delivered_to_clients()
     }
-}
-
-fn paced_copy(
-    mut from: TcpStream,
-    mut to: TcpStream,
-    free_at: &Mutex<Instant>,
-    bytes_per_second: u64,
-    delivered: &AtomicU64,
-) {
-    let mut buffer = vec![0u8; 16 << 10];
-    loop {
-        let n = match from.read(&mut buffer) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        let due = {
-            let mut free_at = free_at.lock().unwrap();
-            let airtime = Duration::from_secs_f64(n as f64 / bytes_per_second as f64);
-            *free_at = (*free_at).max(Instant::now()) + airtime;
-            *free_at
-        };
-        std::thread::sleep(due.saturating_duration_since(Instant::now()));
-        if to.write_all(&buffer[..n]).is_err() {
-            break;
-        }
-        delivered.fetch_add(n as u64, Ordering::SeqCst);
-    }
-    let _ = to.shutdown(Shutdown::Both);
-    let _ = from.shutdown(Shutdown::Both);
 }
 
 /// The payload in a till's active slot is the one published.
