@@ -6,6 +6,7 @@ mod audit_cmd;
 mod demo;
 mod repo_cmd;
 mod rollout_cmd;
+mod token_cmd;
 mod view;
 mod webhook_cmd;
 
@@ -92,6 +93,9 @@ enum AdminCommand {
     /// Receivers of events (signed JSON over HTTP) and their deliveries.
     #[command(subcommand)]
     Webhook(webhook_cmd::WebhookCommand),
+    /// Admin API tokens: who may call the control plane.
+    #[command(subcommand)]
+    Token(token_cmd::AdminTokenCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -289,6 +293,14 @@ fn parse_label_changes(
     Ok((set, remove))
 }
 
+/// Longest wait for the answer to a unary call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// An upload fails when the server takes none of it for this long.
+const UPLOAD_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest wait for the server's answer once the whole upload is sent (it
+/// verifies the bundle's bytes first).
+const UPLOAD_ANSWER_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// An `AdminService` client that adds the API token to every call.
 pub struct Admin {
     client: AdminServiceClient<Channel>,
@@ -298,10 +310,15 @@ pub struct Admin {
 
 impl Admin {
     pub async fn connect(server: &str, token: &str) -> anyhow::Result<Admin> {
+        // No deadline on the channel: each unary call gets CALL_TIMEOUT
+        // (`request`), an upload an idle timeout (`publish`). Keepalive
+        // pings notice a server that went away during a long upload.
         let channel = Endpoint::from_shared(server.to_string())
             .map_err(|_| anyhow!("`{server}` is not a valid server URL"))?
             .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30))
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_while_idle(true)
             .connect_lazy();
         let authorization = format!("Bearer {token}")
             .parse()
@@ -313,7 +330,16 @@ impl Admin {
         })
     }
 
+    /// A unary call's request: the token, and a deadline of
+    /// [`CALL_TIMEOUT`].
     fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = self.streaming_request(message);
+        request.set_timeout(CALL_TIMEOUT);
+        request
+    }
+
+    /// A streaming call's request: the token, no deadline.
+    fn streaming_request<T>(&self, message: T) -> Request<T> {
         let mut request = Request::new(message);
         request
             .metadata_mut()
@@ -503,12 +529,13 @@ impl Admin {
             targets_json,
             target,
         };
-        let request = self.request(repo_cmd::upload_stream(header, file));
-        self.client
-            .publish_bundle(request)
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| self.error(s))
+        let (stream, progress) = repo_cmd::upload_stream(header, file);
+        let request = self.streaming_request(stream);
+        let call = self.client.publish_bundle(request);
+        tokio::select! {
+            answer = call => answer.map(|r| r.into_inner()).map_err(|s| self.error(s)),
+            stalled = progress.stalled(UPLOAD_IDLE_TIMEOUT, UPLOAD_ANSWER_TIMEOUT) => Err(stalled),
+        }
     }
 
     pub async fn list_bundles(&mut self, name: String) -> anyhow::Result<Vec<v1::Bundle>> {
@@ -591,6 +618,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         AdminCommand::Rollout(command) => rollout_cmd::run(&mut admin, command, output).await?,
         AdminCommand::Audit(command) => audit_cmd::run(&mut admin, command, output).await?,
         AdminCommand::Webhook(command) => webhook_cmd::run(&mut admin, command, output).await?,
+        AdminCommand::Token(command) => token_cmd::run(&mut admin, command, output).await?,
         AdminCommand::Store(StoreCommand::Create {
             id,
             name,

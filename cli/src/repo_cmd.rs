@@ -472,10 +472,78 @@ pub fn print_bundles(bundles: &[v1::Bundle], output: Output) -> anyhow::Result<(
 }
 
 /// Streams a file in 1 MiB pieces after the header.
+/// How far an upload got: when the server last took a message, and
+/// whether it has taken them all.
+pub struct UploadProgress {
+    last_taken: std::sync::Mutex<std::time::Instant>,
+    all_sent: std::sync::atomic::AtomicBool,
+}
+
+impl UploadProgress {
+    fn taken(&self, last: bool) {
+        *self.last_taken.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
+        if last {
+            self.all_sent
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// Resolves, with the error to show, once the server has taken nothing
+    /// for `idle` while the upload is under way, or has not answered
+    /// `answer` after taking all of it. Never resolves otherwise.
+    pub async fn stalled(&self, idle: Duration, answer: Duration) -> anyhow::Error {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let since = self
+                .last_taken
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .elapsed();
+            if self.all_sent.load(std::sync::atomic::Ordering::SeqCst) {
+                if since > answer {
+                    return anyhow!(
+                        "the control plane did not answer within {} s of the end of the upload",
+                        answer.as_secs()
+                    );
+                }
+            } else if since > idle {
+                return anyhow!(
+                    "the upload made no progress for {} s; nothing was published",
+                    idle.as_secs()
+                );
+            }
+        }
+    }
+}
+
+/// An upload's messages as gRPC takes them, noting each in its progress.
+pub struct UploadStream {
+    inner: tokio_stream::wrappers::ReceiverStream<v1::PublishBundleRequest>,
+    progress: std::sync::Arc<UploadProgress>,
+}
+
+impl tokio_stream::Stream for UploadStream {
+    type Item = v1::PublishBundleRequest;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let next = std::pin::Pin::new(&mut self.inner).poll_next(cx);
+        if let std::task::Poll::Ready(item) = &next {
+            self.progress.taken(item.is_none());
+        }
+        next
+    }
+}
+
+/// The messages of an upload: the header, then `file` in 1 MiB pieces, read
+/// as gRPC takes them; and its progress, to tell a slow link (fine) from a
+/// stalled one.
 pub fn upload_stream(
     header: v1::PublishBundleHeader,
     file: Option<PathBuf>,
-) -> tokio_stream::wrappers::ReceiverStream<v1::PublishBundleRequest> {
+) -> (UploadStream, std::sync::Arc<UploadProgress>) {
     use v1::publish_bundle_request::Part;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::task::spawn_blocking(move || {
@@ -504,5 +572,13 @@ pub fn upload_stream(
             }
         }
     });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
+    let progress = std::sync::Arc::new(UploadProgress {
+        last_taken: std::sync::Mutex::new(std::time::Instant::now()),
+        all_sent: std::sync::atomic::AtomicBool::new(false),
+    });
+    let stream = UploadStream {
+        inner: tokio_stream::wrappers::ReceiverStream::new(rx),
+        progress: progress.clone(),
+    };
+    (stream, progress)
 }

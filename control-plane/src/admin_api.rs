@@ -9,9 +9,11 @@ use crate::audit::{self, AuditTarget};
 use crate::desired::DesiredCache;
 use crate::repository::{Repository, Upload};
 use crate::storage::{
-    AdminTokenRecord, AssignTarget, BundleRecord, DesiredBundleRecord, DeviceFilter,
-    EnrollmentTokenRecord, StatusFilter, Storage, StoreRecord, WebhookRecord, WindowRecord,
+    AdminTokenInfo, AdminTokenRecord, AdminTokenRevocation, AssignTarget, BundleRecord,
+    DesiredBundleRecord, DeviceFilter, EnrollmentTokenRecord, StatusFilter, Storage, StoreRecord,
+    WebhookRecord, WindowRecord,
 };
+use crate::timeout::STREAM_IDLE_TIMEOUT;
 use crate::validate::{self, invalid, label_key, slug, text, time_zone};
 use crate::webhooks;
 use crate::{convert, now_ms, secret};
@@ -27,6 +29,8 @@ const MAX_TOKEN_LIFETIME_SECONDS: u64 = 365 * 24 * 3600;
 const MAX_TOKEN_USES: u32 = 1_000_000;
 const MAX_LABELS_PER_CALL: usize = 64;
 const DEFAULT_EVENTS_PER_PAGE: u32 = 100;
+/// Longest admin token name (lowercase letters, digits and '-').
+pub const MAX_ADMIN_TOKEN_NAME_BYTES: usize = 64;
 
 pub struct AdminApi {
     storage: Storage,
@@ -46,6 +50,15 @@ struct TempFile(std::path::PathBuf);
 impl Drop for TempFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn admin_token_view(t: AdminTokenInfo) -> v1::AdminToken {
+    v1::AdminToken {
+        id: t.id,
+        name: t.name,
+        created_at_unix_ms: t.created_at_ms,
+        revoked_at_unix_ms: t.revoked_at_ms.unwrap_or(0),
     }
 }
 
@@ -577,7 +590,7 @@ impl AdminService for AdminApi {
         self.authorize(&request).await?;
         let caller = request.extensions().get::<audit::Caller>().cloned();
         let mut stream = request.into_inner();
-        let header = match stream.message().await? {
+        let header = match next_upload_message(&mut stream).await? {
             Some(v1::PublishBundleRequest {
                 part: Some(Part::Header(header)),
             }) => header,
@@ -603,7 +616,7 @@ impl AdminService for AdminApi {
                 .await
                 .map_err(write_error)?;
             let mut total = 0u64;
-            while let Some(message) = stream.message().await? {
+            while let Some(message) = next_upload_message(&mut stream).await? {
                 let Some(Part::Data(data)) = message.part else {
                     return Err(invalid("data", "only data may follow the header"));
                 };
@@ -895,6 +908,114 @@ impl AdminService for AdminApi {
                 .map(webhooks::delivery_view)
                 .collect(),
         }))
+    }
+
+    async fn create_admin_token(
+        &self,
+        request: Request<v1::CreateAdminTokenRequest>,
+    ) -> Result<Response<v1::CreateAdminTokenResponse>, Status> {
+        self.authorize(&request).await?;
+        let caller = request.extensions().get::<audit::Caller>().cloned();
+        let name = request.into_inner().name;
+        slug("name", &name, MAX_ADMIN_TOKEN_NAME_BYTES)?;
+        let secret = secret::generate(secret::ADMIN_TOKEN_PREFIX);
+        let token = AdminTokenInfo {
+            id: secret::short_id("adm-", 6),
+            name,
+            created_at_ms: now_ms(),
+            revoked_at_ms: None,
+        };
+        let created = self
+            .storage
+            .create_admin_token(
+                &token.id,
+                &secret::hash(&secret),
+                &token.name,
+                token.created_at_ms,
+            )
+            .await
+            .map_err(db)?;
+        if !created {
+            return Err(Status::already_exists(format!(
+                "an admin token named {} exists (or existed: names are not reused)",
+                token.name
+            )));
+        }
+        if let Some(caller) = caller {
+            caller.set_target(serde_json::json!({
+                "admin_token_id": token.id,
+                "name": token.name,
+            }));
+        }
+        tracing::info!(admin_token_id = %token.id, name = %token.name, "Admin token created.");
+        Ok(Response::new(v1::CreateAdminTokenResponse {
+            token: Some(admin_token_view(token)),
+            secret,
+        }))
+    }
+
+    async fn list_admin_tokens(
+        &self,
+        request: Request<v1::ListAdminTokensRequest>,
+    ) -> Result<Response<v1::ListAdminTokensResponse>, Status> {
+        self.authorize(&request).await?;
+        let include_revoked = request.into_inner().include_revoked;
+        let tokens = self
+            .storage
+            .list_admin_tokens(include_revoked)
+            .await
+            .map_err(db)?;
+        Ok(Response::new(v1::ListAdminTokensResponse {
+            tokens: tokens.into_iter().map(admin_token_view).collect(),
+        }))
+    }
+
+    async fn revoke_admin_token(
+        &self,
+        request: Request<v1::RevokeAdminTokenRequest>,
+    ) -> Result<Response<v1::AdminToken>, Status> {
+        let caller = self.authorize(&request).await?;
+        let id = request.into_inner().id;
+        text("id", &id, true, 64)?;
+        let token = match self
+            .storage
+            .revoke_admin_token(&id, now_ms())
+            .await
+            .map_err(db)?
+        {
+            AdminTokenRevocation::Revoked(token) => token,
+            AdminTokenRevocation::Unknown => {
+                return Err(Status::not_found(format!("unknown admin token {id}")));
+            }
+            AdminTokenRevocation::LastLive => {
+                return Err(Status::failed_precondition(format!(
+                    "{id} is the last live admin token; create another one first"
+                )));
+            }
+        };
+        tracing::warn!(
+            admin_token_id = %token.id,
+            name = %token.name,
+            by = %caller.name,
+            own = caller.id == token.id,
+            "Admin token revoked."
+        );
+        Ok(Response::new(admin_token_view(token)))
+    }
+}
+
+/// The next message of an upload, or `DEADLINE_EXCEEDED` when none came
+/// for [`STREAM_IDLE_TIMEOUT`]: an upload may take as long as the bundle
+/// and the link need, but not stall.
+async fn next_upload_message(
+    stream: &mut tonic::Streaming<v1::PublishBundleRequest>,
+) -> Result<Option<v1::PublishBundleRequest>, Status> {
+    match tokio::time::timeout(STREAM_IDLE_TIMEOUT, stream.message()).await {
+        Ok(message) => message,
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "no upload data for {} s; nothing was published",
+            STREAM_IDLE_TIMEOUT.as_secs()
+        ))),
     }
 }
 

@@ -2,30 +2,40 @@
 //! when, from where, and how it ended.
 //!
 //! [`AuditLayer`] wraps the AdminService server. For every call it
-//! authenticates the bearer token once (to the token's name) and hands the
-//! outcome to the handler in a [`Caller`] request extension. Mutating calls
-//! (every method but `Get*` and `List*`) are recorded:
+//! authenticates the bearer token first, from the request's headers alone:
 //!
-//! 1. when the handler authorizes the call (`AdminApi::authorize`, which
-//!    every handler runs first), a row is written *ahead*, with the method's
-//!    target (its ids, from [`AuditTarget`]) and result `PENDING`. If that
-//!    write fails the call is refused (UNAVAILABLE) before it changes
-//!    anything: no mutation goes unrecorded;
-//! 2. when the handler answers, the row gets the result: the `grpc-status`
-//!    header of a trailers-only answer (how tonic sends a handler's error),
-//!    or `OK` when the handler returned a message. (A message that then fails
-//!    to encode is not seen: that status travels in trailers, after the
-//!    layer has let the answer go.) A call cut short (client gone, server
-//!    timeout) ends `CANCELLED`; a row left `PENDING` is a call whose end the
-//!    server never saw (it crashed).
+//! * a call without a valid token is answered `UNAUTHENTICATED` by the layer
+//!   itself, before its body is read or decoded, so no stranger can make the
+//!   server parse a large message. If its method is mutating, it gets one
+//!   row naming only the method and the peer (its target is never read).
+//!   Those rows are rate-limited ([`UNAUTHENTICATED_BURST`], then one per
+//!   [`UNAUTHENTICATED_REFILL`]; the next row written says how many were
+//!   skipped) and only the newest are kept, at most
+//!   [`UNAUTHENTICATED_KEPT`] rows and [`UNAUTHENTICATED_KEPT_BYTES`], so a
+//!   flood cannot fill the disk;
+//! * an authenticated call reaches its handler with a [`Caller`] request
+//!   extension. Mutating calls (every method but `Get*` and `List*`) are
+//!   recorded:
+//!   1. when the handler authorizes the call (`AdminApi::authorize`, which
+//!      every handler runs first), a row is written *ahead*, with the
+//!      method's target (its ids, from [`AuditTarget`]) and result
+//!      `PENDING`. If that write fails the call is refused (UNAVAILABLE)
+//!      before it changes anything: no mutation goes unrecorded;
+//!   2. when the handler answers, the row gets the result: the
+//!      `grpc-status` header of a trailers-only answer (how tonic sends a
+//!      handler's error), or `OK` when the handler returned a message. (A
+//!      message that then fails to encode is not seen: that status travels
+//!      in trailers, after the layer has let the answer go.) A call cut
+//!      short (client gone, server timeout) ends `CANCELLED`; a row left
+//!      `PENDING` is a call whose end the server never saw (it crashed).
 //!
-//! Calls that never reach a handler's authorization (refused tokens, bodies
-//! that do not decode) get one row when they end. Those of unauthenticated
-//! callers are rate-limited ([`UNAUTHENTICATED_BURST`], then one per
-//! [`UNAUTHENTICATED_REFILL`]; the next row written says how many were
-//! skipped) and only the newest [`UNAUTHENTICATED_KEPT`] are kept, so a flood
-//! cannot fill the disk. Audit rows of authenticated callers are never
-//! dropped or pruned.
+//! Every row is bounded in bytes: the target is written ahead, before the
+//! handler checks its request, so [`bounded_target`] cuts each string to
+//! [`MAX_TARGET_STRING_BYTES`], each list or map to [`MAX_TARGET_ITEMS`]
+//! and the whole target to [`MAX_TARGET_BYTES`]. Requests within the
+//! documented limits are never cut; one beyond them is refused by its
+//! handler (`INVALID_ARGUMENT`) and its row keeps the cut target. Audit
+//! rows of authenticated callers are never dropped or pruned.
 //!
 //! A failure to write or complete a row is logged and counted in
 //! `posfleet_audit_write_failures_total`.
@@ -59,6 +69,18 @@ pub const UNAUTHENTICATED_BURST: u32 = 60;
 pub const UNAUTHENTICATED_REFILL: Duration = Duration::from_secs(1);
 /// Rows of unauthenticated calls kept; older ones are pruned.
 pub const UNAUTHENTICATED_KEPT: u32 = 10_000;
+/// Bytes of unauthenticated rows kept (text plus
+/// [`crate::storage::AUDIT_ROW_OVERHEAD_BYTES`] per row); older ones are
+/// pruned.
+pub const UNAUTHENTICATED_KEPT_BYTES: u64 = 2 * 1024 * 1024;
+/// Longest string kept in an audit target (the longest valid one, a webhook
+/// URL of 2048 characters, fits).
+pub const MAX_TARGET_STRING_BYTES: usize = 8 * 1024;
+/// Most entries of one list or map kept in an audit target (64 label
+/// changes per call are allowed).
+pub const MAX_TARGET_ITEMS: usize = 64;
+/// Largest audit target, as JSON; a larger one is replaced by its size.
+pub const MAX_TARGET_BYTES: usize = 16 * 1024;
 /// Pruning runs after this many rows of unauthenticated calls.
 const PRUNE_EVERY: u64 = 100;
 /// Method names longer than this (only a hostile client sends them) are cut.
@@ -104,29 +126,27 @@ pub trait AuditTarget {
     fn audit_target(&self) -> Value;
 }
 
-/// The caller of one AdminService call, put in the request's extensions by
-/// [`AuditLayer`].
+/// The authenticated caller of one AdminService call, put in the request's
+/// extensions by [`AuditLayer`].
 #[derive(Clone)]
 pub struct Caller {
-    auth: Result<AdminTokenRecord, Status>,
+    identity: AdminTokenRecord,
     /// Set for mutating methods.
     record: Option<Arc<CallRecord>>,
 }
 
 impl Caller {
     /// The caller's admin token, once the call is in the audit log (written
-    /// ahead, with `target`). Refuses the call if either fails.
+    /// ahead, with `target`). Refuses the call if that write fails.
     pub async fn authorize(
         &self,
         target: impl FnOnce() -> Value,
     ) -> Result<AdminTokenRecord, Status> {
-        let Some(record) = &self.record else {
-            return self.auth.clone();
-        };
-        record.set_target(target());
-        let identity = self.auth.clone()?;
-        record.write_ahead().await?;
-        Ok(identity)
+        if let Some(record) = &self.record {
+            record.set_target(target());
+            record.write_ahead().await?;
+        }
+        Ok(self.identity.clone())
     }
 
     /// Replaces the call's target in its audit entry (written when the call
@@ -135,6 +155,50 @@ impl Caller {
         if let Some(record) = &self.record {
             record.set_target(target);
         }
+    }
+}
+
+/// `value` with every string cut to [`MAX_TARGET_STRING_BYTES`] (on a
+/// character boundary, ending in `…`), every list and map to its first
+/// [`MAX_TARGET_ITEMS`] entries, and, if its JSON is still over
+/// [`MAX_TARGET_BYTES`], replaced by `{"target_bytes": <size>}`.
+pub fn bounded_target(value: Value) -> Value {
+    fn cut(text: &str) -> String {
+        if text.len() <= MAX_TARGET_STRING_BYTES {
+            return text.to_string();
+        }
+        let mut end = MAX_TARGET_STRING_BYTES - '…'.len_utf8();
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}…", &text[..end])
+    }
+    fn bound(value: Value) -> Value {
+        match value {
+            Value::String(text) => Value::String(cut(&text)),
+            Value::Array(items) => Value::Array(
+                items
+                    .into_iter()
+                    .take(MAX_TARGET_ITEMS)
+                    .map(bound)
+                    .collect(),
+            ),
+            Value::Object(fields) => Value::Object(
+                fields
+                    .into_iter()
+                    .take(MAX_TARGET_ITEMS)
+                    .map(|(key, value)| (cut(&key), bound(value)))
+                    .collect(),
+            ),
+            other => other,
+        }
+    }
+    let bounded = bound(value);
+    let bytes = bounded.to_string().len();
+    if bytes > MAX_TARGET_BYTES {
+        json!({ "target_bytes": bytes })
+    } else {
+        bounded
     }
 }
 
@@ -227,6 +291,7 @@ impl CallRecord {
     }
 
     fn set_target(&self, target: Value) {
+        let target = bounded_target(target);
         let mut state = self.state();
         state.target_changed = state.seq.is_some();
         state.target = Some(target);
@@ -329,7 +394,10 @@ impl CallRecord {
                 if prune
                     && let Err(error) = log
                         .storage
-                        .prune_unauthenticated_audit_entries(UNAUTHENTICATED_KEPT)
+                        .prune_unauthenticated_audit_entries(
+                            UNAUTHENTICATED_KEPT,
+                            UNAUTHENTICATED_KEPT_BYTES,
+                        )
                         .await
                 {
                     tracing::warn!(%error, "Cannot prune unauthenticated audit entries.");
@@ -469,7 +537,7 @@ where
         + 'static,
     S::Future: Send + 'static,
     ReqBody: Send + 'static,
-    ResBody: Send + 'static,
+    ResBody: Default + Send + 'static,
 {
     type Response = http::Response<ResBody>;
     type Error = Infallible;
@@ -488,27 +556,38 @@ where
             let at_ms = now_ms();
             let method = method_of(request.uri().path());
             let auth = authenticate(&log.storage, &log.metrics, request.headers()).await;
-            let record = is_mutating(&method).then(|| {
-                let peer_address = request
-                    .extensions()
-                    .get::<TcpConnectInfo>()
-                    .and_then(TcpConnectInfo::remote_addr)
-                    .map(|a| a.to_string())
-                    .unwrap_or_default();
+            let peer_address = request
+                .extensions()
+                .get::<TcpConnectInfo>()
+                .and_then(TcpConnectInfo::remote_addr)
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            let record = |actor: String| {
                 Arc::new(CallRecord {
                     log: log.clone(),
                     at_ms,
-                    method,
-                    peer_address,
-                    actor: match &auth {
-                        Ok(token) => token.name.clone(),
-                        Err(_) => UNAUTHENTICATED_ACTOR.to_string(),
-                    },
+                    method: method.clone(),
+                    peer_address: peer_address.clone(),
+                    actor,
                     state: Mutex::new(CallState::default()),
                 })
-            });
+            };
+            let identity = match auth {
+                Ok(identity) => identity,
+                Err(status) => {
+                    // Answered here: the body is never read, and the row
+                    // names only the method and the peer.
+                    if is_mutating(&method) {
+                        record(UNAUTHENTICATED_ACTOR.to_string())
+                            .finish(code_name(status.code()))
+                            .await;
+                    }
+                    return Ok(status.into_http());
+                }
+            };
+            let record = is_mutating(&method).then(|| record(identity.name.clone()));
             request.extensions_mut().insert(Caller {
-                auth,
+                identity,
                 record: record.clone(),
             });
             let guard = CancelGuard(record.clone());
@@ -548,6 +627,7 @@ untargeted!(
     v1::ListAuditEntriesRequest,
     v1::ListWebhooksRequest,
     v1::ListWebhookDeliveriesRequest,
+    v1::ListAdminTokensRequest,
     // The header comes in the stream: the handler sets the target.
     tonic::Streaming<v1::PublishBundleRequest>,
 );
@@ -668,6 +748,18 @@ impl AuditTarget for v1::RemoveWebhookRequest {
     }
 }
 
+impl AuditTarget for v1::CreateAdminTokenRequest {
+    fn audit_target(&self) -> Value {
+        json!({"name": self.name})
+    }
+}
+
+impl AuditTarget for v1::RevokeAdminTokenRequest {
+    fn audit_target(&self) -> Value {
+        json!({"admin_token_id": self.id})
+    }
+}
+
 /// The target of a publish, once its header is read.
 pub fn publish_target(header: &v1::PublishBundleHeader) -> Value {
     json!({
@@ -699,6 +791,31 @@ mod tests {
             "CreateStore"
         );
         assert_eq!(method_of(&format!("/x/{}", "A".repeat(500))).len(), 64);
+    }
+
+    #[test]
+    fn audit_targets_are_bounded_but_valid_ones_are_kept_whole() {
+        // Within the limits: unchanged.
+        let url = format!("http://h/{}", "é".repeat(2000));
+        let valid = json!({"url": url, "events": ["rollout.*"], "n": 3});
+        assert_eq!(bounded_target(valid.clone()), valid);
+        // An 8 MiB reason is cut on a character boundary, marked.
+        let huge = json!({"device_id": "d", "reason": "é".repeat(4 * 1024 * 1024)});
+        let cut = bounded_target(huge);
+        let reason = cut["reason"].as_str().unwrap();
+        assert!(reason.len() <= MAX_TARGET_STRING_BYTES && reason.ends_with('…'));
+        assert_eq!(cut["device_id"], "d");
+        // Long lists and maps keep their first items.
+        let list: Vec<u32> = (0..10_000).collect();
+        let cut = bounded_target(json!({ "remove": list }));
+        assert_eq!(cut["remove"].as_array().unwrap().len(), MAX_TARGET_ITEMS);
+        // Whatever survives must fit the target bound, or only its size stays.
+        let many: serde_json::Map<String, Value> = (0..64)
+            .map(|i| (format!("k{i}"), json!("v".repeat(8 * 1024))))
+            .collect();
+        let cut = bounded_target(Value::Object(many));
+        assert!(cut["target_bytes"].as_u64().unwrap() > MAX_TARGET_BYTES as u64);
+        assert!(cut.to_string().len() <= MAX_TARGET_BYTES);
     }
 
     #[test]

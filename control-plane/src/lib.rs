@@ -30,6 +30,7 @@ pub mod repository;
 pub mod rollout;
 mod secret;
 pub mod storage;
+pub mod timeout;
 mod validate;
 pub mod webhooks;
 
@@ -77,20 +78,63 @@ pub struct ControlPlane {
     repository: Arc<repository::Repository>,
 }
 
+/// The file of a SQLite database URL (`sqlite://path?mode=rwc`,
+/// `sqlite:path`); `None` for other databases and in-memory ones.
+fn sqlite_path(url: &str) -> Option<PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let in_memory = path.is_empty()
+        || path.starts_with(":memory:")
+        || query.split('&').any(|pair| pair == "mode=memory");
+    (!in_memory).then(|| PathBuf::from(path))
+}
+
+/// Makes the SQLite database at `path` readable by its owner only: creates
+/// it empty with mode 0600 if it does not exist (SQLite gives its `-wal` and
+/// `-shm` files the database file's mode), and sets 0600 on the files of an
+/// existing one.
+fn private_sqlite_files(path: &std::path::Path) -> std::io::Result<()> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        match std::fs::set_permissions(&name, std::fs::Permissions::from_mode(0o600)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            other => other?,
+        }
+    }
+    Ok(())
+}
+
 impl ControlPlane {
-    /// Creates the data dir, opens (and migrates) the database, and on the very
-    /// first start creates an admin API token, written once to
-    /// `<data_dir>/admin-token` (mode 0600).
+    /// Creates the data dir (mode 0700, also when it existed with another
+    /// mode), opens (and migrates) the database (a SQLite file and its WAL
+    /// are mode 0600, whatever the umask), and on the very first start
+    /// creates an admin API token, written once to `<data_dir>/admin-token`
+    /// (mode 0600).
     pub async fn open(config: Config) -> Result<ControlPlane, Error> {
+        let data_dir_error = |source| Error::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        };
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&config.data_dir)
-            .map_err(|source| Error::DataDir {
-                path: config.data_dir.clone(),
-                source,
-            })?;
+            .map_err(data_dir_error)?;
+        std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(data_dir_error)?;
         let url = config.effective_database_url();
+        if let Some(path) = sqlite_path(&url) {
+            private_sqlite_files(&path).map_err(|source| Error::DataDir { path, source })?;
+        }
         let storage = Storage::connect(&url, config.database_max_connections).await?;
         tracing::info!(database = %storage::redact_url(&url), "Database ready.");
         let repository = (|| {
@@ -251,7 +295,8 @@ impl ControlPlane {
         tracing::info!(address = %grpc.local_addr().map_err(Error::Http)?, "gRPC listening.");
         tracing::info!(address = %http.local_addr().map_err(Error::Http)?, "HTTP listening.");
         let grpc_server = tonic::transport::Server::builder()
-            .timeout(Duration::from_secs(30))
+            // 30 s per call, but an idle timeout for bundle uploads.
+            .layer(timeout::RequestTimeoutLayer::new(timeout::REQUEST_TIMEOUT))
             .http2_keepalive_interval(Some(Duration::from_secs(60)))
             .add_service(health_service)
             .add_service(reflection)
@@ -317,5 +362,27 @@ impl ControlPlane {
         storage.close().await;
         tracing::info!("Stopped.");
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_urls_name_their_file() {
+        for (url, path) in [
+            (
+                "sqlite:///var/lib/posfleet/posfleet.db?mode=rwc",
+                Some("/var/lib/posfleet/posfleet.db"),
+            ),
+            ("sqlite://posfleet.db", Some("posfleet.db")),
+            ("sqlite:data/x.db", Some("data/x.db")),
+            ("sqlite::memory:", None),
+            ("sqlite://x.db?mode=memory", None),
+            ("postgres://u@db/posfleet", None),
+        ] {
+            assert_eq!(sqlite_path(url), path.map(PathBuf::from), "{url}");
+        }
     }
 }

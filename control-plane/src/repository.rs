@@ -67,9 +67,13 @@ fn expires_ms(expires: &str) -> Result<i64, RepoError> {
         .map_err(|e| RepoError::Refused(format!("expires `{expires}`: {e}")))
 }
 
+/// Loads the hex Ed25519 seed at `path`, or generates one and writes it
+/// there. The new key goes to `<path>.tmp` (mode 0600), is synced, renamed
+/// into place and the directory synced: a crash or power cut at any moment
+/// leaves either no key file (the next start generates one; nothing was
+/// signed with the lost key) or a whole one, never a torn file that would
+/// stop every later start.
 fn load_or_create_key(path: &Path) -> std::io::Result<SigningKey> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     match std::fs::read(path) {
         Ok(bytes) => {
             let seed: [u8; 32] = hex::decode(String::from_utf8_lossy(&bytes).trim())
@@ -82,18 +86,43 @@ fn load_or_create_key(path: &Path) -> std::io::Result<SigningKey> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = repo::generate_key();
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)?;
-            file.write_all(format!("{}\n", hex::encode(key.to_bytes())).as_bytes())?;
-            file.sync_all()?;
+            write_private_file_atomically(
+                path,
+                format!("{}\n", hex::encode(key.to_bytes())).as_bytes(),
+            )?;
             tracing::info!(path = %path.display(), "Generated an online repository key.");
             Ok(key)
         }
         Err(e) => Err(e),
     }
+}
+
+/// Writes `bytes` to `path` (mode 0600, whatever the umask) through a
+/// synced temporary file renamed into place, then syncs the directory so
+/// the rename itself is durable.
+fn write_private_file_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut temp_name = path.as_os_str().to_owned();
+    temp_name.push(".tmp");
+    let temp = std::path::PathBuf::from(temp_name);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temp)?;
+    // A leftover temp file from a crash keeps its old mode: set it.
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&temp, path)?;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::File::open(dir)?.sync_all()
 }
 
 pub struct Repository {
@@ -116,11 +145,12 @@ impl Repository {
         blobs: Arc<dyn BlobStore>,
         key_dir: &Path,
     ) -> std::io::Result<Repository> {
-        use std::os::unix::fs::DirBuilderExt;
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(key_dir)?;
+        std::fs::set_permissions(key_dir, std::fs::Permissions::from_mode(0o700))?;
         Ok(Repository {
             snapshot_key: load_or_create_key(&key_dir.join("snapshot.key"))?,
             timestamp_key: load_or_create_key(&key_dir.join("timestamp.key"))?,
@@ -513,4 +543,40 @@ fn record(
             .map_err(|_| RepoError::Refused(format!("{role} metadata is not UTF-8")))?,
         expires_at_ms: expires_ms(expires)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_key_is_written_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snapshot.key");
+        // The temporary file cannot be written (a directory is in its way):
+        // no key file appears, so the next start generates a key again.
+        std::fs::create_dir(dir.path().join("snapshot.key.tmp")).unwrap();
+        assert!(load_or_create_key(&path).is_err());
+        assert!(!path.exists());
+        // What a crash mid-write leaves: a torn, world-readable temp file.
+        std::fs::remove_dir(dir.path().join("snapshot.key.tmp")).unwrap();
+        std::fs::write(dir.path().join("snapshot.key.tmp"), b"12ab").unwrap();
+        std::fs::set_permissions(
+            dir.path().join("snapshot.key.tmp"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        let key = load_or_create_key(&path).unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(!dir.path().join("snapshot.key.tmp").exists());
+        // And it is the key read back at the next start.
+        assert_eq!(
+            load_or_create_key(&path).unwrap().to_bytes(),
+            key.to_bytes()
+        );
+    }
 }

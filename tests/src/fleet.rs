@@ -12,12 +12,8 @@
 //! ```
 
 use serde_json::Value;
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::{ControlPlane, Process, check_ok, eventually, pos_app_source, start_agent};
 
@@ -130,8 +126,8 @@ pub struct StoreSpec<'a> {
     pub tills: usize,
     /// More agent flags for its tills.
     pub agent_args: &'a [&'a str],
-    /// Where its tills reach the bundle repository (a [`PacedLink`]), when
-    /// not the control plane directly.
+    /// Where its tills reach the bundle repository (through a
+    /// [`crate::link::PacedLink`], say), when not the control plane directly.
     pub repository_url: Option<&'a str>,
 }
 
@@ -356,97 +352,4 @@ pub fn assert_slot_whole(data: &Path) {
         std::fs::read(slot.join("payload.bin")).expect("payload"),
     ));
     assert_eq!(have, want.trim(), "{}", data.display());
-}
-
-/// A slow link: a TCP proxy in front of an address that paces what comes
-/// back to a rate shared by all its connections, as one link is, and
-/// counts the bytes it delivered. A store's WAN in front of the repository,
-/// or an operator's uplink in front of the admin API.
-pub struct PacedLink {
-    pub address: String,
-    delivered: Arc<AtomicU64>,
-}
-
-impl PacedLink {
-    pub fn start(upstream: &str, bytes_per_second: u64) -> PacedLink {
-        PacedLink::start_both_ways(upstream, bytes_per_second, false)
-    }
-
-    /// Paces what is sent upstream too (an upload), not only what comes back.
-    pub fn start_both_ways(upstream: &str, bytes_per_second: u64, uploads: bool) -> PacedLink {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let address = listener.local_addr().expect("address").to_string();
-        let delivered = Arc::new(AtomicU64::new(0));
-        // When the link is free to send again, each way.
-        let down = Arc::new(Mutex::new(Instant::now()));
-        let up = Arc::new(Mutex::new(Instant::now()));
-        let upstream = upstream.to_string();
-        let counter = delivered.clone();
-        std::thread::spawn(move || {
-            for client in listener.incoming().flatten() {
-                let Ok(server) = TcpStream::connect(&upstream) else {
-                    continue;
-                };
-                let (Ok(up_from), Ok(up_to)) = (client.try_clone(), server.try_clone()) else {
-                    continue;
-                };
-                let up = up.clone();
-                std::thread::spawn(move || {
-                    if uploads {
-                        paced_copy(&up_from, &up_to, &up, bytes_per_second, None);
-                    } else {
-                        let _ = std::io::copy(&mut &up_from, &mut &up_to);
-                    }
-                    let _ = up_to.shutdown(Shutdown::Write);
-                });
-                let (down, counter) = (down.clone(), counter.clone());
-                std::thread::spawn(move || {
-                    paced_copy(&server, &client, &down, bytes_per_second, Some(&counter));
-                    // The upstream is done: so is the connection, both ways.
-                    let _ = client.shutdown(Shutdown::Both);
-                    let _ = server.shutdown(Shutdown::Both);
-                });
-            }
-        });
-        PacedLink { address, delivered }
-    }
-
-    /// The link as a bundle repository URL.
-    pub fn repository_url(&self) -> String {
-        format!("http://{}/repo/", self.address)
-    }
-
-    /// Bytes delivered from upstream so far.
-    pub fn delivered(&self) -> u64 {
-        self.delivered.load(Ordering::SeqCst)
-    }
-}
-
-fn paced_copy(
-    mut from: &TcpStream,
-    mut to: &TcpStream,
-    free_at: &Mutex<Instant>,
-    bytes_per_second: u64,
-    delivered: Option<&AtomicU64>,
-) {
-    let mut buffer = vec![0u8; 16 << 10];
-    loop {
-        let n = match from.read(&mut buffer) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        let due = {
-            let mut free_at = free_at.lock().expect("the link's clock");
-            let airtime = Duration::from_secs_f64(n as f64 / bytes_per_second as f64);
-            *free_at = (*free_at).max(Instant::now()) + airtime;
-            *free_at
-        };
-        std::thread::sleep(due.saturating_duration_since(Instant::now()));
-        if to.write_all(&buffer[..n]).is_err() {
-            break;
-        }
-        if let Some(delivered) = delivered {
-            delivered.fetch_add(n as u64, Ordering::SeqCst);
-        }
-    }
 }

@@ -4,6 +4,7 @@
 
 pub mod fleet;
 pub mod kill9;
+pub mod link;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;

@@ -1,8 +1,10 @@
 //! What an operator sees at the command line: configuration mistakes and
 //! refused calls are one clear line and a non-zero exit code.
 
-use posfleet_e2e::{ControlPlane, binary};
+use posfleet_e2e::link::PacedLink;
+use posfleet_e2e::{ControlPlane, binary, check_ok, pos_app_source};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 fn stderr(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
@@ -247,4 +249,113 @@ fn the_demo_rolls_out_in_waves_and_a_bad_release_pauses_itself() {
     }
     let reasons = summary["rollback_reasons"].to_string();
     assert!(reasons.contains("cash drawer does not answer"), "{reasons}");
+}
+
+/// A 200 MiB bundle published over a 4 MiB/s link (about 50 s) publishes.
+/// Before, the 30 s per-call deadline (on the server and in the CLI, the
+/// defaults, unchanged here) covered the whole upload and cut it off;
+/// uploads now have an idle timeout instead.
+#[test]
+fn a_200_mib_bundle_publishes_over_a_4_mib_per_second_link() {
+    const MIB: u64 = 1024 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start_sqlite(&dir.path().join("cp"));
+    let keys = dir.path().join("keys");
+    cp.init_repository(&keys);
+    let src = pos_app_source(
+        &dir.path().join("pos-app"),
+        "1.0.0",
+        true,
+        200 * MIB as usize,
+    );
+    let file = dir.path().join("pos-app.bundle");
+    check_ok(cp.cli(&[
+        "bundle",
+        "build",
+        src.to_str().unwrap(),
+        "-o",
+        file.to_str().unwrap(),
+    ]));
+    let size = std::fs::metadata(&file).unwrap().len();
+    assert!(size >= 200 * MIB, "{size}");
+    let link = PacedLink::start(&cp.grpc_address, 4 * MIB);
+    let started = Instant::now();
+    let output = Command::new(binary("posfleet"))
+        .args(["--server", &format!("http://{}", link.address())])
+        .args(["--token-file", cp.admin_token_file().to_str().unwrap()])
+        .args(["--output", "json", "bundle", "publish"])
+        .arg(&file)
+        .args(["--keys", keys.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    let published: serde_json::Value = serde_json::from_str(&check_ok(output)).unwrap();
+    // It did cross the slow link, for longer than a unary call may take.
+    assert!(link.sent_upstream() >= size, "{}", link.sent_upstream());
+    assert!(took > Duration::from_secs(35), "took {took:?}");
+    let listed = cp.cli_json(&["bundle", "list"]);
+    let bundle = &listed.as_array().unwrap()[0];
+    assert_eq!(bundle["target"], "pos-app/1.0.0", "{published}");
+    assert_eq!(bundle["length"], size);
+}
+
+/// `posfleet token`: the first token is listed; a new one works at once
+/// and is refused once revoked; the last live token cannot be revoked.
+#[test]
+fn admin_tokens_are_created_listed_and_revoked_from_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start_sqlite(&dir.path().join("cp"));
+    let listed = cp.cli_json(&["token", "list"]);
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed[0]["name"], "bootstrap");
+    let bootstrap = listed[0]["id"].as_str().unwrap().to_string();
+    let created = cp.cli_json(&["token", "create", "ci-deploy"]);
+    let secret = created["secret"].as_str().unwrap().to_string();
+    let id = created["id"].as_str().unwrap().to_string();
+    let as_ci = |args: &[&str]| {
+        Command::new(binary("posfleet"))
+            .args(["--server", &cp.url(), "--token", &secret])
+            .args(args)
+            .env_remove("POSFLEET_TOKEN_FILE")
+            .output()
+            .unwrap()
+    };
+    check_ok(as_ci(&["store", "list"]));
+    let table = check_ok(cp.cli(&["token", "list"]));
+    assert!(
+        table.contains("ci-deploy") && table.contains("bootstrap"),
+        "{table}"
+    );
+    assert!(!table.contains(&secret), "{table}");
+    let revoked = cp.cli_json(&["token", "revoke", &id]);
+    assert_ne!(revoked["revoked_at"], "");
+    assert_one_line_error(
+        &as_ci(&["store", "list"]),
+        1,
+        "unauthenticated: admin API token is not valid",
+    );
+    assert_eq!(cp.cli_json(&["token", "list"]).as_array().unwrap().len(), 1);
+    assert_eq!(
+        cp.cli_json(&["token", "list", "--all"])
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_one_line_error(
+        &cp.cli(&["token", "revoke", &bootstrap]),
+        1,
+        "failed precondition",
+    );
+    let audit = cp.cli_json(&["audit", "list"]);
+    let methods: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["method"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        methods,
+        ["CreateAdminToken", "RevokeAdminToken", "RevokeAdminToken"]
+    );
 }

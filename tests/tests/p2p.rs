@@ -4,7 +4,8 @@
 //! repository counting the bundle bytes it sends
 //! (`posfleet_repository_target_bytes_sent_total`).
 
-use posfleet_e2e::fleet::{Fleet, PacedLink, StoreSpec, TIMEOUT, assert_slot_whole, logged};
+use posfleet_e2e::fleet::{Fleet, StoreSpec, TIMEOUT, assert_slot_whole, logged};
+use posfleet_e2e::link::PacedLink;
 use posfleet_e2e::{check_ok, eventually};
 use serde_json::Value;
 use std::time::{Duration, Instant};
@@ -108,13 +109,13 @@ fn the_store_completes_when_its_origin_fetcher_is_killed_halfway() {
     // about 16 s for the bundle across the link.
     let size = fleet.publish("1.0.0", true, 64 << 20);
     let wan = PacedLink::start(&fleet.cp.http_address, 4 << 20);
-    let url = wan.repository_url();
+    let url = format!("http://{}/repo/", wan.address());
     fleet.open_store(&StoreSpec {
         repository_url: Some(&url),
         ..StoreSpec::new("caen-01", 5)
     });
     fleet.wait_for_membership("caen-01", 5);
-    let before = wan.delivered();
+    let before = wan.delivered_to_clients();
     fleet.assign("caen-01", "pos-app@1.0.0");
     let fetcher = eventually("a till fetching from the origin", TIMEOUT, || {
         fleet
@@ -123,11 +124,11 @@ fn the_store_completes_when_its_origin_fetcher_is_killed_halfway() {
             .position(|till| !logged(&till.process, "Fetching from the origin.").is_empty())
     });
     eventually("half the bundle across the WAN", TIMEOUT, || {
-        (wan.delivered() - before >= size / 2).then_some(())
+        (wan.delivered_to_clients() - before >= size / 2).then_some(())
     });
     fleet.tills[fetcher].process.kill9();
     let killed = Instant::now();
-    let at_kill = wan.delivered() - before;
+    let at_kill = wan.delivered_to_clients() - before;
     assert!(
         at_kill < size * 3 / 4,
         "killed after {at_kill} of {size} bytes"
@@ -151,7 +152,7 @@ fn the_store_completes_when_its_origin_fetcher_is_killed_halfway() {
     let restarted = Instant::now();
     fleet.restart_till(fetcher);
     fleet.wait_until_active(&["caen-01"], "1.0.0");
-    let crossed = wan.delivered() - before;
+    let crossed = wan.delivered_to_clients() - before;
     println!(
         "restarted till done after {:?}; {crossed} bytes crossed",
         restarted.elapsed()

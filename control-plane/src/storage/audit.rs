@@ -1,4 +1,5 @@
-//! The audit log (`audit_log`) and the admin tokens' names it records.
+//! The audit log (`audit_log`) and the admin API tokens (`admin_tokens`)
+//! whose names it records.
 //!
 //! `seq` is the previous largest plus one, taken by the insert itself. On
 //! PostgreSQL two inserts racing for the same number collide on the primary
@@ -18,6 +19,10 @@ const INSERT_ATTEMPTS: usize = 20;
 /// Result of a call that has not finished (or whose end was never seen).
 pub const AUDIT_PENDING: &str = "PENDING";
 
+/// What a row costs beyond its text columns (numbers, row and index
+/// overhead), as the byte bound on unauthenticated rows counts it.
+pub const AUDIT_ROW_OVERHEAD_BYTES: i64 = 64;
+
 /// Actor of calls without a valid admin token.
 pub const UNAUTHENTICATED_ACTOR: &str = "unauthenticated";
 
@@ -26,6 +31,36 @@ pub const UNAUTHENTICATED_ACTOR: &str = "unauthenticated";
 pub struct AdminTokenRecord {
     pub id: String,
     pub name: String,
+}
+
+/// An admin API token as `posfleet token list` shows it (never its secret,
+/// which is stored only as a hash).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminTokenInfo {
+    pub id: String,
+    pub name: String,
+    pub created_at_ms: i64,
+    pub revoked_at_ms: Option<i64>,
+}
+
+/// What revoking an admin token did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminTokenRevocation {
+    /// Revoked now, or already revoked before (unchanged).
+    Revoked(AdminTokenInfo),
+    /// No token has this id.
+    Unknown,
+    /// It is the last live token: revoking it would lock every operator out.
+    LastLive,
+}
+
+fn admin_token_from_row(row: &AnyRow) -> Result<AdminTokenInfo, sqlx::Error> {
+    Ok(AdminTokenInfo {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        created_at_ms: row.try_get("created_at_ms")?,
+        revoked_at_ms: row.try_get("revoked_at_ms")?,
+    })
 }
 
 /// An audit entry to write.
@@ -85,6 +120,87 @@ impl Storage {
             })
         })
         .transpose()
+    }
+
+    /// Adds a live admin token; `Ok(false)` if a token (live or revoked) has
+    /// this name already: the audit log names callers by it, so a name is
+    /// never reused.
+    pub async fn create_admin_token(
+        &self,
+        id: &str,
+        secret_sha256: &str,
+        name: &str,
+        now_ms: i64,
+    ) -> Result<bool, Error> {
+        let done = sqlx::query(
+            "INSERT INTO admin_tokens (id, secret_sha256, name, created_at_ms) \
+             SELECT $1, $2, $3, $4 WHERE NOT EXISTS (SELECT 1 FROM admin_tokens WHERE name = $5)",
+        )
+        .bind(id)
+        .bind(secret_sha256)
+        .bind(name)
+        .bind(now_ms)
+        .bind(name)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Admin tokens, oldest first; revoked ones only if asked.
+    pub async fn list_admin_tokens(
+        &self,
+        include_revoked: bool,
+    ) -> Result<Vec<AdminTokenInfo>, Error> {
+        let sql = if include_revoked {
+            "SELECT id, name, created_at_ms, revoked_at_ms FROM admin_tokens \
+             ORDER BY created_at_ms, id"
+        } else {
+            "SELECT id, name, created_at_ms, revoked_at_ms FROM admin_tokens \
+             WHERE revoked_at_ms IS NULL ORDER BY created_at_ms, id"
+        };
+        let rows = sqlx::query(sql).fetch_all(&self.pool).await?;
+        Ok(rows
+            .iter()
+            .map(admin_token_from_row)
+            .collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Revokes a token unless it is the last live one. From the moment this
+    /// returns, [`Storage::admin_token_by_hash`] no longer finds it, on every
+    /// replica (nothing caches tokens).
+    pub async fn revoke_admin_token(
+        &self,
+        id: &str,
+        now_ms: i64,
+    ) -> Result<AdminTokenRevocation, Error> {
+        // One statement: the count of live tokens is taken by the update
+        // itself, so two callers cannot each revoke one of the last two.
+        // (On PostgreSQL's READ COMMITTED two such updates can still both
+        // see two live tokens; the row lock of the first makes the second
+        // re-check only its own row. An operator left without a live token
+        // gets a new one written to the data dir at the next start.)
+        let done = sqlx::query(
+            "UPDATE admin_tokens SET revoked_at_ms = $1 WHERE id = $2 AND revoked_at_ms IS NULL \
+             AND (SELECT COUNT(*) FROM admin_tokens WHERE revoked_at_ms IS NULL) > 1",
+        )
+        .bind(now_ms)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        let row = sqlx::query(
+            "SELECT id, name, created_at_ms, revoked_at_ms FROM admin_tokens WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else {
+            return Ok(AdminTokenRevocation::Unknown);
+        };
+        let token = admin_token_from_row(&row)?;
+        if done.rows_affected() == 0 && token.revoked_at_ms.is_none() {
+            return Ok(AdminTokenRevocation::LastLive);
+        }
+        Ok(AdminTokenRevocation::Revoked(token))
     }
 
     /// Appends an entry and returns its seq.
@@ -156,16 +272,28 @@ impl Storage {
             .collect::<Result<Vec<_>, _>>()?)
     }
 
-    /// Deletes the entries of unauthenticated calls but the newest `keep`;
-    /// returns how many went.
-    pub async fn prune_unauthenticated_audit_entries(&self, keep: u32) -> Result<u64, Error> {
+    /// Deletes the entries of unauthenticated calls but the newest ones, at
+    /// most `keep_rows` of them and at most `keep_bytes` (the length of
+    /// their text columns plus [`AUDIT_ROW_OVERHEAD_BYTES`] each); returns
+    /// how many went.
+    pub async fn prune_unauthenticated_audit_entries(
+        &self,
+        keep_rows: u32,
+        keep_bytes: u64,
+    ) -> Result<u64, Error> {
         let done = sqlx::query(
-            "DELETE FROM audit_log WHERE actor = $1 AND seq < ( \
-             SELECT seq FROM audit_log WHERE actor = $2 ORDER BY seq DESC LIMIT 1 OFFSET $3)",
+            "DELETE FROM audit_log WHERE actor = $1 AND seq <= ( \
+             SELECT MAX(seq) FROM ( \
+             SELECT seq, ROW_NUMBER() OVER (ORDER BY seq DESC) AS n, \
+             SUM(LENGTH(target_json) + LENGTH(method) + LENGTH(peer_address) + LENGTH(result) \
+             + LENGTH(actor) + $2) OVER (ORDER BY seq DESC) AS bytes \
+             FROM audit_log WHERE actor = $3) AS newest WHERE n > $4 OR bytes > $5)",
         )
         .bind(UNAUTHENTICATED_ACTOR)
+        .bind(AUDIT_ROW_OVERHEAD_BYTES)
         .bind(UNAUTHENTICATED_ACTOR)
-        .bind(i64::from(keep.saturating_sub(1)))
+        .bind(i64::from(keep_rows))
+        .bind(i64::try_from(keep_bytes).unwrap_or(i64::MAX))
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected())

@@ -19,7 +19,8 @@ pub use events::{EventRecord, MAX_EVENTS_PER_PAGE, NewEvent};
 mod audit;
 pub mod rollouts;
 pub use audit::{
-    AUDIT_PENDING, AdminTokenRecord, AuditRecord, NewAuditEntry, UNAUTHENTICATED_ACTOR,
+    AUDIT_PENDING, AUDIT_ROW_OVERHEAD_BYTES, AdminTokenInfo, AdminTokenRecord,
+    AdminTokenRevocation, AuditRecord, NewAuditEntry, UNAUTHENTICATED_ACTOR,
 };
 mod webhooks;
 pub use webhooks::{AttemptRecord, DeliveryRecord, DeliveryState, NewDelivery, WebhookRecord};
@@ -572,11 +573,13 @@ impl Storage {
             .after_connect(move |conn, _meta| {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
-                        // WAL lets readers run beside the single writer; NORMAL
-                        // sync is durable across process crashes in WAL mode.
+                        // WAL lets readers run beside the single writer. FULL
+                        // syncs the WAL at every commit, so an acknowledged
+                        // write (an enrollment: the agent never enrolls
+                        // again) survives a power cut, not only a crash.
                         for pragma in [
                             "PRAGMA journal_mode = WAL",
-                            "PRAGMA synchronous = NORMAL",
+                            "PRAGMA synchronous = FULL",
                             "PRAGMA foreign_keys = ON",
                             "PRAGMA busy_timeout = 5000",
                             // 64 MiB of pages per connection (the default is
@@ -1558,5 +1561,31 @@ mod tests {
             redact_url("postgres://db/x?user=u&password=secret&sslmode=require"),
             "postgres://db/x?user=u&password=***&sslmode=require"
         );
+    }
+
+    /// A power cut must not lose an acknowledged write (an enrollment: the
+    /// agent never enrolls again): every pooled SQLite connection syncs the
+    /// WAL at each commit.
+    #[tokio::test]
+    async fn sqlite_commits_survive_a_power_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display());
+        let storage = Storage::connect(&url, 2).await.unwrap();
+        // Both connections of the pool at once.
+        let mut conns = vec![
+            storage.pool.acquire().await.unwrap(),
+            storage.pool.acquire().await.unwrap(),
+        ];
+        for conn in &mut conns {
+            let level: i64 = sqlx::query("PRAGMA synchronous")
+                .fetch_one(&mut **conn)
+                .await
+                .unwrap()
+                .try_get(0)
+                .unwrap();
+            assert_eq!(level, 2, "synchronous = FULL");
+        }
+        drop(conns);
+        storage.close().await;
     }
 }

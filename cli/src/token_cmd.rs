@@ -1,0 +1,164 @@
+//! `posfleet token list|create|revoke`: the admin API tokens callers are
+//! identified by (the audit log names them).
+
+use clap::Subcommand;
+use posfleet_proto::v1;
+use serde::Serialize;
+
+use crate::view::{table, time};
+use crate::{Admin, Output, show};
+
+#[derive(Debug, Subcommand)]
+pub enum AdminTokenCommand {
+    /// Live admin tokens (the first one, made at first start, is named
+    /// `bootstrap`).
+    List {
+        /// Revoked tokens too.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Create a token; its secret is printed once.
+    Create {
+        /// Who holds it, e.g. `ci-deploy` or `alice`: 1 to 64 lowercase
+        /// letters, digits or '-'. The audit log names its calls by it;
+        /// names are never reused.
+        name: String,
+    },
+    /// Revoke a token: refused from its next call on, on every replica. A
+    /// token may revoke itself; the last live token cannot be revoked.
+    Revoke { id: String },
+}
+
+#[derive(Debug, Serialize)]
+pub struct AdminTokenView {
+    pub id: String,
+    pub name: String,
+    pub created_at: String,
+    /// Empty when live.
+    pub revoked_at: String,
+    /// Only when just created: the secret, shown once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+impl From<v1::AdminToken> for AdminTokenView {
+    fn from(t: v1::AdminToken) -> Self {
+        AdminTokenView {
+            id: t.id,
+            name: t.name,
+            created_at: time(t.created_at_unix_ms),
+            revoked_at: time(t.revoked_at_unix_ms),
+            secret: None,
+        }
+    }
+}
+
+pub fn admin_tokens_table(tokens: &[AdminTokenView]) -> comfy_table::Table {
+    let mut t = table(&["TOKEN", "NAME", "CREATED", "REVOKED"]);
+    for token in tokens {
+        t.add_row(vec![
+            token.id.clone(),
+            token.name.clone(),
+            token.created_at.clone(),
+            token.revoked_at.clone(),
+        ]);
+    }
+    t
+}
+
+impl Admin {
+    pub async fn create_admin_token(
+        &mut self,
+        name: String,
+    ) -> anyhow::Result<v1::CreateAdminTokenResponse> {
+        let request = self.request(v1::CreateAdminTokenRequest { name });
+        self.client
+            .create_admin_token(request)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| self.error(s))
+    }
+
+    pub async fn list_admin_tokens(
+        &mut self,
+        include_revoked: bool,
+    ) -> anyhow::Result<Vec<v1::AdminToken>> {
+        let request = self.request(v1::ListAdminTokensRequest { include_revoked });
+        self.client
+            .list_admin_tokens(request)
+            .await
+            .map(|r| r.into_inner().tokens)
+            .map_err(|s| self.error(s))
+    }
+
+    pub async fn revoke_admin_token(&mut self, id: String) -> anyhow::Result<v1::AdminToken> {
+        let request = self.request(v1::RevokeAdminTokenRequest { id });
+        self.client
+            .revoke_admin_token(request)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| self.error(s))
+    }
+}
+
+pub async fn run(
+    admin: &mut Admin,
+    command: AdminTokenCommand,
+    output: Output,
+) -> anyhow::Result<()> {
+    match command {
+        AdminTokenCommand::List { all } => {
+            let tokens: Vec<AdminTokenView> = admin
+                .list_admin_tokens(all)
+                .await?
+                .into_iter()
+                .map(Into::into)
+                .collect();
+            show(output, &tokens, || {
+                format!("{}\n", admin_tokens_table(&tokens))
+            })
+        }
+        AdminTokenCommand::Create { name } => {
+            let created = admin.create_admin_token(name).await?;
+            let mut token = AdminTokenView::from(created.token.unwrap_or_default());
+            token.secret = Some(created.secret.clone());
+            show(output, &token, || {
+                format!(
+                    "{}\nSecret (shown once; pass it with --token or POSFLEET_TOKEN):\n{}\n",
+                    admin_tokens_table(std::slice::from_ref(&token)),
+                    created.secret
+                )
+            })
+        }
+        AdminTokenCommand::Revoke { id } => {
+            let token = AdminTokenView::from(admin.revoke_admin_token(id).await?);
+            show(output, &token, || {
+                format!(
+                    "Revoked:\n{}\n",
+                    admin_tokens_table(std::slice::from_ref(&token))
+                )
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    #[test]
+    fn the_commands_parse() {
+        let parse = |line: &str| crate::Cli::try_parse_from(line.split_whitespace());
+        for ok in [
+            "posfleet token list",
+            "posfleet token list --all",
+            "posfleet token create ci-deploy",
+            "posfleet token revoke adm-abc123",
+        ] {
+            assert!(parse(ok).is_ok(), "{ok}");
+        }
+        for bad in ["posfleet token create", "posfleet token revoke"] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+    }
+}
