@@ -5,12 +5,15 @@ use posfleet_proto::v1::{
     self, EnrollRequest, EnrollResponse, HeartbeatRequest, HeartbeatResponse,
     agent_service_server::AgentService,
 };
-use std::sync::Arc;
-use tonic::{Request, Response, Status};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+use tonic::{Code, Request, Response, Status};
 
+use crate::config::Config;
 use crate::desired::{DesiredCache, DesiredError};
 use crate::heartbeat::{HeartbeatQueue, interval_for_load};
 use crate::metrics::Metrics;
+use crate::ratelimit::{HOUSEKEEPING_INTERVAL, Peer, PeerLimit};
 use crate::storage::{
     BundleStatusRecord, DeviceAuth, EnrollError, HeartbeatRecord, NewDevice, RevokedRecord, Storage,
 };
@@ -26,30 +29,140 @@ const MAX_REPORTED_BUNDLES: usize = 64;
 const MAX_P2P_ADDRS: usize = 16;
 const MAX_P2P_ADDR_LEN: usize = 256;
 
-/// Devices whose credential hash is kept in memory, so a heartbeat normally
-/// does not read the database.
+/// Devices whose credential hash (or absence) is kept in memory, so a
+/// heartbeat normally does not read the database.
 const AUTH_CACHE_CAPACITY: u64 = 2_000_000;
 /// How long a cached credential hash is trusted before it is read again, so a
 /// credential changed through another replica takes effect everywhere.
-const AUTH_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+const AUTH_CACHE_TTL: Duration = Duration::from_secs(60);
+/// A credential that does not match (or an unknown device id) is read
+/// again only when what is cached is older than this: a re-issued
+/// credential shows within it, and a caller guessing secrets costs no read.
+const AUTH_RECHECK_AFTER: Duration = Duration::from_secs(10);
+/// Enrollment tokens known to be refused (unknown, revoked, expired: none
+/// of these changes back), kept so a till retrying a bad token costs no
+/// read. A used-up token is not kept: it still lets the device it enrolled
+/// retry an enrollment whose answer was lost.
+const REFUSED_TOKEN_CAPACITY: u64 = 100_000;
+const REFUSED_TOKEN_TTL: Duration = Duration::from_secs(60);
+
+/// A device's credential as last read: `None` for an unknown device id.
+struct CachedAuth {
+    auth: Option<Arc<DeviceAuth>>,
+    read_at: Instant,
+}
+
+/// Why an enrollment token is refused, as remembered for the next try.
+#[derive(Debug, Clone, Copy)]
+enum TokenRefusal {
+    Unknown,
+    Expired { expired_at_ms: i64 },
+    Revoked { revoked_at_ms: i64 },
+}
+
+impl TokenRefusal {
+    fn of(error: &EnrollError) -> Option<TokenRefusal> {
+        Some(match error {
+            EnrollError::UnknownToken => TokenRefusal::Unknown,
+            EnrollError::Expired { expired_at_ms } => TokenRefusal::Expired {
+                expired_at_ms: *expired_at_ms,
+            },
+            EnrollError::Revoked { revoked_at_ms } => TokenRefusal::Revoked {
+                revoked_at_ms: *revoked_at_ms,
+            },
+            EnrollError::UsedUp | EnrollError::PublicKeyInUse { .. } | EnrollError::Storage(_) => {
+                return None;
+            }
+        })
+    }
+
+    /// The `result` label and the answer.
+    fn status(self) -> (&'static str, Status) {
+        match self {
+            TokenRefusal::Unknown => (
+                "unknown_token",
+                Status::unauthenticated("enrollment token is not valid"),
+            ),
+            TokenRefusal::Expired { expired_at_ms } => (
+                "expired",
+                Status::unauthenticated(format!(
+                    "enrollment token expired at {}; ask ops for a new one",
+                    crate::format_ms(expired_at_ms)
+                )),
+            ),
+            TokenRefusal::Revoked { revoked_at_ms } => (
+                "revoked",
+                Status::permission_denied(format!(
+                    "enrollment token was revoked at {}",
+                    crate::format_ms(revoked_at_ms)
+                )),
+            ),
+        }
+    }
+}
+
+/// The per-peer budgets, shared with their housekeeping task.
+struct Limits {
+    /// Every `Enroll` call.
+    enroll: PeerLimit,
+    /// Refused calls: a bad token or credential, a malformed request.
+    failures: PeerLimit,
+}
 
 pub struct AgentApi {
     storage: Storage,
     metrics: Metrics,
     queue: HeartbeatQueue,
-    auth_cache: moka::future::Cache<String, Arc<DeviceAuth>>,
+    auth_cache: moka::future::Cache<String, Arc<CachedAuth>>,
+    refused_tokens: moka::future::Cache<String, TokenRefusal>,
+    limits: Arc<Limits>,
+    /// Devices whose P2P addresses were stored within the change interval;
+    /// `None` when changes are not limited.
+    addr_changes: Option<moka::future::Cache<String, ()>>,
     desired: DesiredCache,
     heartbeat_interval_seconds: u32,
 }
 
 impl AgentApi {
+    /// Starts the rate limits' housekeeping too (it ends with the service).
     pub fn new(
         storage: Storage,
         metrics: Metrics,
         queue: HeartbeatQueue,
         desired: DesiredCache,
-        heartbeat_interval_seconds: u32,
+        config: &Config,
     ) -> AgentApi {
+        let limits = Arc::new(Limits {
+            enroll: PeerLimit::new(
+                "Enroll calls",
+                config.peer_enroll_calls_per_minute,
+                config.peer_enroll_burst_calls,
+                config.rate_limit_max_peers,
+            ),
+            failures: PeerLimit::new(
+                "refused calls",
+                config.peer_failed_calls_per_minute,
+                config.peer_failed_burst_calls,
+                config.rate_limit_max_peers,
+            ),
+        });
+        let weak: Weak<Limits> = Arc::downgrade(&limits);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(HOUSEKEEPING_INTERVAL).await;
+                let Some(limits) = weak.upgrade() else { return };
+                limits.enroll.housekeeping();
+                limits.failures.housekeeping();
+            }
+        });
+        let addr_changes = (config.p2p_address_change_interval_seconds > 0).then(|| {
+            moka::future::Cache::builder()
+                .max_capacity(AUTH_CACHE_CAPACITY)
+                .time_to_live(Duration::from_secs(
+                    config.p2p_address_change_interval_seconds,
+                ))
+                .build()
+        });
         AgentApi {
             storage,
             metrics,
@@ -59,7 +172,13 @@ impl AgentApi {
                 .max_capacity(AUTH_CACHE_CAPACITY)
                 .time_to_live(AUTH_CACHE_TTL)
                 .build(),
-            heartbeat_interval_seconds,
+            refused_tokens: moka::future::Cache::builder()
+                .max_capacity(REFUSED_TOKEN_CAPACITY)
+                .time_to_live(REFUSED_TOKEN_TTL)
+                .build(),
+            limits,
+            addr_changes,
+            heartbeat_interval_seconds: config.heartbeat_interval_seconds,
         }
     }
 
@@ -72,10 +191,28 @@ impl AgentApi {
     }
 
     /// Finds the device named by the `authorization: Device …` credential:
-    /// its id and store.
+    /// its id and store. A refused credential counts against the caller's
+    /// budget of refused calls; past it, a check that would read the
+    /// database is refused with `RESOURCE_EXHAUSTED` instead.
     async fn authenticate<T>(
         &self,
         request: &Request<T>,
+    ) -> Result<(String, Arc<DeviceAuth>), Status> {
+        let peer = Peer::of(request.remote_addr().map(|a| a.ip()));
+        let result = self.check_credential(request, peer).await;
+        if let Err(status) = &result
+            && status.code() == Code::Unauthenticated
+        {
+            // This call is answered as it is; the budget stops the next ones.
+            let _ = self.limits.failures.charge(peer);
+        }
+        result
+    }
+
+    async fn check_credential<T>(
+        &self,
+        request: &Request<T>,
+        peer: Peer,
     ) -> Result<(String, Arc<DeviceAuth>), Status> {
         let credential = request
             .metadata()
@@ -93,40 +230,92 @@ impl AgentApi {
         let presented = secret::hash(device_secret);
         // Both sides are SHA-256 digests of a 256-bit secret: comparing them
         // reveals nothing useful about the secret.
-        let auth = self.cached_auth(&device_id).await?;
-        if auth.credential_sha256 == presented {
-            return Ok((device_id, auth));
+        let matches = |cached: &CachedAuth| {
+            cached
+                .auth
+                .as_ref()
+                .filter(|auth| auth.credential_sha256 == presented)
+                .cloned()
+        };
+        let cached = match self.auth_cache.get(&device_id).await {
+            Some(cached) => {
+                if let Some(auth) = matches(&cached) {
+                    return Ok((device_id, auth));
+                }
+                if cached.read_at.elapsed() < AUTH_RECHECK_AFTER {
+                    return Err(refused_credential(&device_id, &cached));
+                }
+                // It may predate a credential re-issued elsewhere: read
+                // again. The entry stays until the read replaces it, so a
+                // refused caller never costs the device its cached entry.
+                self.limits.failures.check(peer)?;
+                let fresh = Arc::new(CachedAuth {
+                    auth: self
+                        .storage
+                        .device_auth(&device_id)
+                        .await
+                        .map_err(|error| lookup_failed(&device_id, error))?
+                        .map(Arc::new),
+                    read_at: Instant::now(),
+                });
+                self.auth_cache
+                    .insert(device_id.clone(), fresh.clone())
+                    .await;
+                fresh
+            }
+            None => {
+                self.limits.failures.check(peer)?;
+                self.read_auth(&device_id).await?
+            }
+        };
+        match matches(&cached) {
+            Some(auth) => Ok((device_id, auth)),
+            None => Err(refused_credential(&device_id, &cached)),
         }
-        // The cache may predate a credential re-issued elsewhere: read again.
-        self.auth_cache.invalidate(&device_id).await;
-        let auth = self.cached_auth(&device_id).await?;
-        if auth.credential_sha256 == presented {
-            return Ok((device_id, auth));
-        }
-        Err(Status::unauthenticated(format!(
-            "device credential is not valid for device {device_id}"
-        )))
     }
 
-    async fn cached_auth(&self, device_id: &str) -> Result<Arc<DeviceAuth>, Status> {
+    /// The device's credential, from memory or read once (concurrent
+    /// misses share the read); an unknown id is remembered too.
+    async fn read_auth(&self, device_id: &str) -> Result<Arc<CachedAuth>, Status> {
         let storage = self.storage.clone();
         let lookup_id = device_id.to_string();
         self.auth_cache
             .try_get_with(device_id.to_string(), async move {
-                match storage.device_auth(&lookup_id).await {
-                    Ok(Some(auth)) => Ok(Arc::new(auth)),
-                    Ok(None) => Err(None),
-                    Err(e) => Err(Some(e.to_string())),
-                }
+                let auth = storage.device_auth(&lookup_id).await?;
+                Ok::<_, sqlx::Error>(Arc::new(CachedAuth {
+                    auth: auth.map(Arc::new),
+                    read_at: Instant::now(),
+                }))
             })
             .await
-            .map_err(|e| match e.as_ref() {
-                None => Status::unauthenticated(format!("unknown device {device_id}")),
-                Some(detail) => {
-                    tracing::error!(error = %detail, device_id = %device_id, "Device lookup failed.");
-                    Status::unavailable("device lookup failed; retry later")
-                }
-            })
+            .map_err(|error| lookup_failed(device_id, error))
+    }
+
+    /// Whether a till's new P2P addresses may be stored now: at most once
+    /// per `p2p_address_change_interval_seconds`.
+    async fn may_store_addrs(&self, device_id: &str) -> bool {
+        match &self.addr_changes {
+            None => true,
+            Some(recent) => recent
+                .entry(device_id.to_string())
+                .or_insert(())
+                .await
+                .is_fresh(),
+        }
+    }
+}
+
+fn lookup_failed(device_id: &str, error: impl std::fmt::Display) -> Status {
+    tracing::error!(%error, device_id = %device_id, "Device lookup failed.");
+    Status::unavailable("device lookup failed; retry later")
+}
+
+fn refused_credential(device_id: &str, cached: &CachedAuth) -> Status {
+    match cached.auth {
+        None => Status::unauthenticated(format!("unknown device {device_id}")),
+        Some(_) => Status::unauthenticated(format!(
+            "device credential is not valid for device {device_id}"
+        )),
     }
 }
 
@@ -245,6 +434,22 @@ fn validate_report(
                 ));
             }
         };
+        for (name, value) in [
+            ("bytes_done", status.bytes_done),
+            ("bytes_total", status.bytes_total),
+            ("bytes_from_origin", status.bytes_from_origin),
+            ("bytes_from_peers", status.bytes_from_peers),
+        ] {
+            if value > validate::MAX_REPORTED_BYTES {
+                return Err(invalid(
+                    &field(name),
+                    format!(
+                        "{value} is more than any till moves for one bundle (at most {})",
+                        validate::MAX_REPORTED_BYTES
+                    ),
+                ));
+            }
+        }
         if status.updated_at_unix_ms <= 0 {
             return Err(invalid(
                 &field("updated_at_unix_ms"),
@@ -276,7 +481,8 @@ fn validate_report(
 
 /// Bytes from the origin and from peers that `reported` adds to what was
 /// stored (`before`): the whole count for a new target version, the growth
-/// for the same one, nothing for a report older than the stored one.
+/// for the same one, nothing for a report older than the stored one. The
+/// sums saturate: whatever is stored, they cannot overflow.
 fn added_bytes(before: &[BundleStatusRecord], reported: &[BundleStatusRecord]) -> (u64, u64) {
     let mut origin = 0u64;
     let mut peers = 0u64;
@@ -285,13 +491,13 @@ fn added_bytes(before: &[BundleStatusRecord], reported: &[BundleStatusRecord]) -
         let (from_origin, from_peers) = match old {
             Some(old) if old.updated_at_ms > new.updated_at_ms => (0, 0),
             Some(old) if old.target_version == new.target_version => (
-                new.bytes_from_origin - old.bytes_from_origin,
-                new.bytes_from_peers - old.bytes_from_peers,
+                new.bytes_from_origin.saturating_sub(old.bytes_from_origin),
+                new.bytes_from_peers.saturating_sub(old.bytes_from_peers),
             ),
             _ => (new.bytes_from_origin, new.bytes_from_peers),
         };
-        origin += from_origin.max(0) as u64;
-        peers += from_peers.max(0) as u64;
+        origin = origin.saturating_add(from_origin.max(0).unsigned_abs());
+        peers = peers.saturating_add(from_peers.max(0).unsigned_abs());
     }
     (origin, peers)
 }
@@ -314,17 +520,35 @@ impl AgentService for AgentApi {
         &self,
         request: Request<EnrollRequest>,
     ) -> Result<Response<EnrollResponse>, Status> {
+        let peer = Peer::of(request.remote_addr().map(|a| a.ip()));
+        let count = |result: &str| self.metrics.enrollments.with_label_values(&[result]).inc();
+        // Past its budget of refused calls, a peer is refused before any
+        // work, the signature check included.
+        if let Err(status) = self
+            .limits
+            .enroll
+            .charge(peer)
+            .and_then(|()| self.limits.failures.check(peer))
+        {
+            count("rate_limited");
+            return Err(status);
+        }
         let req = request.into_inner();
         let key = match validate_enroll(&req) {
             Ok(key) => key,
             Err(status) => {
-                self.metrics
-                    .enrollments
-                    .with_label_values(&["invalid"])
-                    .inc();
+                let _ = self.limits.failures.charge(peer);
+                count("invalid");
                 return Err(status);
             }
         };
+        let token_sha256 = secret::hash(&req.enrollment_token);
+        if let Some(refusal) = self.refused_tokens.get(&token_sha256).await {
+            let _ = self.limits.failures.charge(peer);
+            let (result, status) = refusal.status();
+            count(result);
+            return Err(status);
+        }
         let device_secret = secret::generate("");
         let interval = self.current_interval();
         let new_device = NewDevice {
@@ -339,13 +563,14 @@ impl AgentService for AgentApi {
         let now = now_ms();
         match self
             .storage
-            .enroll_device(&secret::hash(&req.enrollment_token), &new_device, now)
+            .enroll_device(&token_sha256, &new_device, now)
             .await
         {
             Ok(device) => {
-                // A retried enrollment replaced the credential of an existing device.
+                // A retried enrollment replaced the credential of an existing
+                // device; a new one may have been looked up (and not found).
                 self.auth_cache.invalidate(&device.id).await;
-                self.metrics.enrollments.with_label_values(&["ok"]).inc();
+                count("ok");
                 tracing::info!(
                     device_id = %device.id,
                     store_id = %device.store_id,
@@ -360,44 +585,33 @@ impl AgentService for AgentApi {
                 }))
             }
             Err(error) => {
-                let (result, status) = match &error {
-                    EnrollError::UnknownToken => (
-                        "unknown_token",
-                        Status::unauthenticated("enrollment token is not valid"),
-                    ),
-                    EnrollError::Expired { expired_at_ms } => (
-                        "expired",
-                        Status::unauthenticated(format!(
-                            "enrollment token expired at {}; ask ops for a new one",
-                            crate::format_ms(*expired_at_ms)
-                        )),
-                    ),
-                    EnrollError::Revoked { revoked_at_ms } => (
-                        "revoked",
-                        Status::permission_denied(format!(
-                            "enrollment token was revoked at {}",
-                            crate::format_ms(*revoked_at_ms)
-                        )),
-                    ),
-                    EnrollError::UsedUp => (
+                let (result, status) = match (TokenRefusal::of(&error), &error) {
+                    (Some(refusal), _) => {
+                        self.refused_tokens.insert(token_sha256, refusal).await;
+                        refusal.status()
+                    }
+                    (None, EnrollError::UsedUp) => (
                         "used_up",
                         Status::permission_denied("enrollment token has no uses left"),
                     ),
-                    EnrollError::PublicKeyInUse { device_id } => (
+                    (None, EnrollError::PublicKeyInUse { device_id }) => (
                         "key_in_use",
                         Status::already_exists(format!(
                             "this device key is already enrolled as {device_id}"
                         )),
                     ),
-                    EnrollError::Storage(e) => {
-                        tracing::error!(error = %e, "Enrollment failed.");
+                    (None, error) => {
+                        tracing::error!(%error, "Enrollment failed.");
                         (
                             "error",
                             Status::internal("internal error; see the control plane log"),
                         )
                     }
                 };
-                self.metrics.enrollments.with_label_values(&[result]).inc();
+                if result != "error" {
+                    let _ = self.limits.failures.charge(peer);
+                }
+                count(result);
                 Err(status)
             }
         }
@@ -410,13 +624,20 @@ impl AgentService for AgentApi {
         let (device_id, auth) = match self.authenticate(&request).await {
             Ok(found) => found,
             Err(status) => {
-                self.metrics
-                    .heartbeats
-                    .with_label_values(&["unauthenticated"])
-                    .inc();
+                let result = if status.code() == Code::ResourceExhausted {
+                    "rate_limited"
+                } else {
+                    "unauthenticated"
+                };
+                self.metrics.heartbeats.with_label_values(&[result]).inc();
                 return Err(status);
             }
         };
+        // Loopback P2P addresses are kept only from a till on this very
+        // machine (development and tests): see `validate::store_lan_addr`.
+        let calls_from_loopback = request
+            .remote_addr()
+            .is_some_and(|a| a.ip().to_canonical().is_loopback());
         let req = request.into_inner();
         if let Err(status) = validate_heartbeat(&req) {
             self.metrics
@@ -454,19 +675,29 @@ impl AgentService for AgentApi {
             return Err(revoked_status(&device_id, revoked));
         }
         // A till that listens somewhere new: its store's tills learn it
-        // with their next heartbeats.
+        // with their next heartbeats. Only addresses a store LAN can have
+        // are kept, and a till's list changes at most once per interval (each
+        // change is a write and a new list for the whole store).
+        let addrs: Vec<String> = req
+            .p2p_listen_addrs
+            .iter()
+            .filter(|a| validate::store_lan_addr(a, calls_from_loopback))
+            .cloned()
+            .collect();
         let known = desired
             .peers
             .iter()
             .find(|p| p.device_id == device_id)
             .map(|p| p.addrs.as_slice());
-        if known.is_some_and(|addrs| addrs != req.p2p_listen_addrs.as_slice()) {
-            if let Err(error) = self
-                .storage
-                .set_p2p_addrs(&device_id, &req.p2p_listen_addrs)
-                .await
-            {
+        if known.is_some_and(|known| known != addrs.as_slice())
+            && self.may_store_addrs(&device_id).await
+        {
+            if let Err(error) = self.storage.set_p2p_addrs(&device_id, &addrs).await {
                 tracing::error!(%error, device_id = %device_id, "Cannot store P2P addresses.");
+                // Nothing changed: the next heartbeat may try again.
+                if let Some(recent) = &self.addr_changes {
+                    recent.invalidate(&device_id).await;
+                }
                 return Err(Status::unavailable(
                     "cannot store the P2P addresses; retry later",
                 ));

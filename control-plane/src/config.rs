@@ -26,6 +26,12 @@ const ENV_KEYS: &[&str] = &[
     "webhook_max_attempts",
     "webhook_retry_initial_milliseconds",
     "webhook_retry_max_seconds",
+    "peer_enroll_calls_per_minute",
+    "peer_enroll_burst_calls",
+    "peer_failed_calls_per_minute",
+    "peer_failed_burst_calls",
+    "rate_limit_max_peers",
+    "p2p_address_change_interval_seconds",
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,6 +73,28 @@ pub struct Config {
     pub webhook_retry_initial_milliseconds: u64,
     /// Longest wait between two attempts.
     pub webhook_retry_max_seconds: u64,
+    /// `Enroll` calls one peer may make per minute, sustained; 0 turns the
+    /// limit off. A peer is a remote IP address (an IPv6 /64): every till
+    /// of a store behind one NAT is one peer. Over the limit a call gets
+    /// `RESOURCE_EXHAUSTED`.
+    pub peer_enroll_calls_per_minute: u32,
+    /// `Enroll` calls one peer may make at once before the per-minute rate
+    /// applies (a store's tills enrolling together).
+    pub peer_enroll_burst_calls: u32,
+    /// Refused calls (a bad enrollment token, an unknown device, a wrong
+    /// device credential) one peer may make per minute, sustained; past
+    /// them its calls that would read the database get `RESOURCE_EXHAUSTED`
+    /// instead. 0 turns the limit off.
+    pub peer_failed_calls_per_minute: u32,
+    /// Refused calls one peer may make at once before the per-minute rate
+    /// applies.
+    pub peer_failed_burst_calls: u32,
+    /// Peers the rate limits track; once that many are tracked, further
+    /// peers share one budget until idle ones are forgotten.
+    pub rate_limit_max_peers: u32,
+    /// A till's new P2P addresses are stored (and sent to its store) at most
+    /// once per this interval; a change within it waits for the next one.
+    pub p2p_address_change_interval_seconds: u64,
 }
 
 impl Default for Config {
@@ -87,6 +115,12 @@ impl Default for Config {
             webhook_max_attempts: 10,
             webhook_retry_initial_milliseconds: 1000,
             webhook_retry_max_seconds: 600,
+            peer_enroll_calls_per_minute: 120,
+            peer_enroll_burst_calls: 200,
+            peer_failed_calls_per_minute: 60,
+            peer_failed_burst_calls: 100,
+            rate_limit_max_peers: 100_000,
+            p2p_address_change_interval_seconds: 60,
         }
     }
 }
@@ -167,6 +201,24 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub webhook_retry_max_seconds: Option<u64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_enroll_calls_per_minute: Option<u32>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_enroll_burst_calls: Option<u32>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_failed_calls_per_minute: Option<u32>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_failed_burst_calls: Option<u32>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit_max_peers: Option<u32>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p2p_address_change_interval_seconds: Option<u64>,
 }
 
 impl Config {
@@ -276,6 +328,36 @@ impl Config {
                 self.webhook_retry_max_seconds,
                 1..=86_400,
             ),
+            (
+                "peer_enroll_calls_per_minute",
+                self.peer_enroll_calls_per_minute.into(),
+                0..=1_000_000,
+            ),
+            (
+                "peer_enroll_burst_calls",
+                self.peer_enroll_burst_calls.into(),
+                1..=1_000_000,
+            ),
+            (
+                "peer_failed_calls_per_minute",
+                self.peer_failed_calls_per_minute.into(),
+                0..=1_000_000,
+            ),
+            (
+                "peer_failed_burst_calls",
+                self.peer_failed_burst_calls.into(),
+                1..=1_000_000,
+            ),
+            (
+                "rate_limit_max_peers",
+                self.rate_limit_max_peers.into(),
+                100..=10_000_000,
+            ),
+            (
+                "p2p_address_change_interval_seconds",
+                self.p2p_address_change_interval_seconds,
+                0..=86_400,
+            ),
         ] {
             if !range.contains(&value) {
                 return Err(ConfigError::new(
@@ -373,6 +455,11 @@ mod tests {
             &["--webhook-retry-initial-milliseconds", "1"],
             "webhook_retry_initial_milliseconds",
         );
+        check_err(
+            &["--peer-enroll-burst-calls", "0"],
+            "peer_enroll_burst_calls",
+        );
+        check_err(&["--rate-limit-max-peers", "10"], "rate_limit_max_peers");
     }
 
     #[test]

@@ -108,6 +108,7 @@ async fn write_loop(
             tracing::warn!(%error, rows = batch.len(), attempt, "Writing heartbeats failed; retrying.");
             if attempt >= 5 {
                 tracing::error!(%error, rows = batch.len(), "Dropping a heartbeat batch; devices re-report on their next heartbeat.");
+                metrics.heartbeat_batches_dropped.inc();
                 break;
             }
             tokio::time::sleep(Duration::from_millis(200 * attempt)).await;

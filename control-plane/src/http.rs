@@ -1,13 +1,16 @@
 //! HTTP listener: `/healthz` (the process runs), `/readyz` (the database
-//! answers), `/metrics` (Prometheus text format).
+//! answers), `/metrics` (Prometheus text format), `/repo/` (the bundle
+//! repository). Nothing here costs a database read per request: fleet
+//! gauges are counted at most every `FLEET_GAUGES_MAX_AGE`, repository
+//! metadata comes from `MetadataCache`.
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use std::time::Duration;
-use tokio::sync::watch;
+use std::time::{Duration, Instant};
+use tokio::sync::{Mutex, watch};
 
 use crate::metrics::Metrics;
 use crate::now_ms;
@@ -19,6 +22,11 @@ use posfleet_bundle::tuf::{ROOT, SNAPSHOT, TARGETS, TIMESTAMP};
 use std::sync::Arc;
 use tower::ServiceExt;
 
+/// How old the fleet gauges (`posfleet_devices`, `posfleet_stores`) may be
+/// when a scrape shows them: however often `/metrics` is asked for, the
+/// devices table is counted at most once per this.
+pub const FLEET_GAUGES_MAX_AGE: Duration = Duration::from_secs(5);
+
 #[derive(Clone)]
 struct HttpState {
     repository: Arc<Repository>,
@@ -26,6 +34,9 @@ struct HttpState {
     metrics: Metrics,
     offline_after_missed_heartbeats: i64,
     stopping: watch::Receiver<bool>,
+    /// When the fleet gauges were last counted; held while counting, so
+    /// concurrent scrapes share one count.
+    fleet_counted_at: Arc<Mutex<Option<Instant>>>,
 }
 
 /// `stopping` turns true at the shutdown signal; `/readyz` then answers 503.
@@ -46,6 +57,7 @@ pub fn router(
             metrics,
             offline_after_missed_heartbeats: offline_after_missed_heartbeats.into(),
             stopping,
+            fleet_counted_at: Arc::new(Mutex::new(None)),
         })
 }
 
@@ -67,7 +79,25 @@ async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
 }
 
 async fn metrics_handler(State(state): State<HttpState>) -> impl IntoResponse {
-    // Fleet gauges are read from the database at scrape time, not per heartbeat.
+    refresh_fleet_gauges(&state).await;
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+}
+
+/// Counts devices and stores unless that was done within
+/// `FLEET_GAUGES_MAX_AGE` (a failed count waits as long: a database in
+/// trouble is not asked again by every scrape).
+async fn refresh_fleet_gauges(state: &HttpState) {
+    let mut counted_at = state.fleet_counted_at.lock().await;
+    if counted_at.is_some_and(|at| at.elapsed() < FLEET_GAUGES_MAX_AGE) {
+        return;
+    }
+    *counted_at = Some(Instant::now());
     let counts = tokio::time::timeout(Duration::from_secs(5), async {
         let devices = state
             .storage
@@ -94,13 +124,6 @@ async fn metrics_handler(State(state): State<HttpState>) -> impl IntoResponse {
         Ok(Err(error)) => tracing::warn!(%error, "Cannot count devices for /metrics."),
         Err(_) => tracing::warn!("Counting devices for /metrics took over 5s."),
     }
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        state.metrics.render(),
-    )
 }
 
 /// What a path under `/repo/` names.
@@ -139,41 +162,41 @@ fn parse_repo_path(path: &str) -> Option<RepoPath<'_>> {
     ))
 }
 
-/// The bundle repository: TUF metadata from the database, bundle bytes and
-/// chunk lists from the blob store (with `Range`, so downloads resume).
+/// The bundle repository: TUF metadata from memory (`MetadataCache`),
+/// bundle bytes and chunk lists from the blob store (with `Range`, so
+/// downloads resume).
 async fn repo_file(
     State(state): State<HttpState>,
     Path(path): Path<String>,
     request: Request,
 ) -> Response {
     let not_found = || (StatusCode::NOT_FOUND, "not found\n").into_response();
-    let metadata = |body: String, cache: &'static str| {
+    let metadata = |body: Arc<String>, cache: &'static str| {
         (
             [
                 (header::CONTENT_TYPE, "application/json"),
                 (header::CACHE_CONTROL, cache),
             ],
-            body,
+            body.as_ref().clone(),
         )
             .into_response()
     };
-    let failed = |error: sqlx::Error| {
+    let failed = |error: Arc<sqlx::Error>| {
         tracing::error!(%error, "Cannot read repository metadata.");
         (StatusCode::SERVICE_UNAVAILABLE, "repository unavailable\n").into_response()
     };
+    let files = state.repository.metadata_cache();
     match parse_repo_path(&path) {
-        Some(RepoPath::Latest(role)) => match state.storage.latest_metadata(role).await {
-            Ok(Some((_, body))) => metadata(body, "no-cache"),
+        Some(RepoPath::Latest(role)) => match files.latest(role).await {
+            Ok(Some(body)) => metadata(body, "no-cache"),
             Ok(None) => not_found(),
             Err(e) => failed(e),
         },
-        Some(RepoPath::Versioned(role, version)) => {
-            match state.storage.metadata(role, version).await {
-                Ok(Some(body)) => metadata(body, "public, max-age=31536000, immutable"),
-                Ok(None) => not_found(),
-                Err(e) => failed(e),
-            }
-        }
+        Some(RepoPath::Versioned(role, version)) => match files.version(role, version).await {
+            Ok(Some(body)) => metadata(body, "public, max-age=31536000, immutable"),
+            Ok(None) => not_found(),
+            Err(e) => failed(e),
+        },
         Some(RepoPath::Target(hash)) => serve_blob(&state, hash, request, true).await,
         Some(RepoPath::Chunks(hash)) => serve_blob(&state, hash, request, false).await,
         None => not_found(),

@@ -25,7 +25,9 @@ pub mod desired;
 pub mod error;
 pub mod heartbeat;
 mod http;
+mod metadata_cache;
 pub mod metrics;
+mod ratelimit;
 pub mod repository;
 pub mod rollout;
 mod secret;
@@ -149,10 +151,12 @@ impl ControlPlane {
             path: config.data_dir.clone(),
             source,
         })?;
+        let metrics = Metrics::new();
+        metrics.register_storage(&storage);
         let control_plane = ControlPlane {
             config,
             storage,
-            metrics: Metrics::new(),
+            metrics,
             repository: Arc::new(repository),
         };
         control_plane.bootstrap_admin_token().await?;
@@ -250,7 +254,7 @@ impl ControlPlane {
             metrics.clone(),
             queue,
             desired.clone(),
-            config.heartbeat_interval_seconds,
+            &config,
         ))
         .max_decoding_message_size(max_message);
         let admin = AdminServiceServer::new(admin_api::AdminApi::new(

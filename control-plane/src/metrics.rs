@@ -6,8 +6,9 @@ use prometheus::{
 };
 
 /// Every value of the `result` label of `posfleet_enrollments_total`.
-pub const ENROLLMENT_RESULTS: [&str; 8] = [
+pub const ENROLLMENT_RESULTS: [&str; 9] = [
     "ok",
+    "rate_limited",
     "invalid",
     "unknown_token",
     "expired",
@@ -18,8 +19,14 @@ pub const ENROLLMENT_RESULTS: [&str; 8] = [
 ];
 
 /// Every value of the `result` label of `posfleet_heartbeats_total`.
-pub const HEARTBEAT_RESULTS: [&str; 5] =
-    ["ok", "unauthenticated", "revoked", "invalid", "unavailable"];
+pub const HEARTBEAT_RESULTS: [&str; 6] = [
+    "ok",
+    "unauthenticated",
+    "revoked",
+    "invalid",
+    "unavailable",
+    "rate_limited",
+];
 
 /// Every value of the `result` label of `posfleet_webhook_delivery_attempts_total`.
 pub const WEBHOOK_ATTEMPT_RESULTS: [&str; 4] = ["ok", "http_error", "timeout", "network_error"];
@@ -63,7 +70,10 @@ pub struct Metrics {
     pub heartbeat_queue_depth: IntGauge,
     pub heartbeat_flush_seconds: Histogram,
     pub heartbeat_flush_rows: Histogram,
-    /// Devices by `status` (`online`, `offline`), refreshed at each scrape.
+    /// Heartbeat batches given up after repeated write failures.
+    pub heartbeat_batches_dropped: prometheus::IntCounter,
+    /// Devices by `status` (`online`, `offline`), counted at a scrape at
+    /// most every `FLEET_GAUGES_MAX_AGE`.
     pub devices: IntGaugeVec,
     pub stores: IntGauge,
     /// Audit entries that could not be written or completed.
@@ -148,6 +158,11 @@ impl Metrics {
             .buckets(prometheus::exponential_buckets(1.0, 4.0, 8).expect("valid buckets")),
         )
         .expect("static metric definition is valid");
+        let heartbeat_batches_dropped = prometheus::IntCounter::new(
+            "posfleet_heartbeat_batches_dropped_total",
+            "Heartbeat batches given up after repeated write failures (the devices re-report).",
+        )
+        .expect("static metric definition is valid");
         let devices = IntGaugeVec::new(
             Opts::new("posfleet_devices", "Enrolled devices, by status."),
             &["status"],
@@ -196,6 +211,7 @@ impl Metrics {
             Box::new(heartbeat_queue_depth.clone()),
             Box::new(heartbeat_flush_seconds.clone()),
             Box::new(heartbeat_flush_rows.clone()),
+            Box::new(heartbeat_batches_dropped.clone()),
             Box::new(devices.clone()),
             Box::new(stores.clone()),
             Box::new(audit_write_failures.clone()),
@@ -242,6 +258,7 @@ impl Metrics {
             heartbeat_queue_depth,
             heartbeat_flush_seconds,
             heartbeat_flush_rows,
+            heartbeat_batches_dropped,
             devices,
             stores,
             audit_write_failures,
@@ -251,6 +268,14 @@ impl Metrics {
             webhook_dispatch_errors,
             rollout,
         }
+    }
+
+    /// Adds the database's own counters (connection uses).
+    pub fn register_storage(&self, storage: &crate::storage::Storage) {
+        // A second registration of the same storage is refused and harmless.
+        let _ = self
+            .registry
+            .register(Box::new(storage.connection_uses().clone()));
     }
 
     /// The Prometheus text exposition of every metric.

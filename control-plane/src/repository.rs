@@ -15,6 +15,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::blobs::BlobStore;
+use crate::metadata_cache::MetadataCache;
 use crate::storage::{BundleRecord, MetadataRecord, Storage};
 
 /// How long a timestamp is valid; it is re-signed when half of that is left.
@@ -127,6 +128,8 @@ fn write_private_file_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<(
 
 pub struct Repository {
     storage: Storage,
+    /// What `/repo/` serves, from memory.
+    metadata: MetadataCache,
     blobs: Arc<dyn BlobStore>,
     snapshot_key: SigningKey,
     timestamp_key: SigningKey,
@@ -154,6 +157,7 @@ impl Repository {
         Ok(Repository {
             snapshot_key: load_or_create_key(&key_dir.join("snapshot.key"))?,
             timestamp_key: load_or_create_key(&key_dir.join("timestamp.key"))?,
+            metadata: MetadataCache::new(storage.clone()),
             storage,
             blobs,
         })
@@ -165,6 +169,11 @@ impl Repository {
 
     pub fn storage(&self) -> &Storage {
         &self.storage
+    }
+
+    /// The metadata files `/repo/` serves.
+    pub fn metadata_cache(&self) -> &MetadataCache {
+        &self.metadata
     }
 
     /// Public halves of the online keys, hex.
@@ -317,6 +326,7 @@ impl Repository {
         {
             return Err(RepoError::AlreadyInitialized);
         }
+        self.metadata.stored();
         tracing::info!(
             root_keys = root.roles[ROOT].keyids.len(),
             "Bundle repository initialized."
@@ -339,6 +349,7 @@ impl Repository {
         {
             return Err(RepoError::Conflict);
         }
+        self.metadata.stored();
         tracing::info!(version = root.version, "Root rotated.");
         Ok(root.version)
     }
@@ -411,6 +422,7 @@ impl Repository {
         {
             return Err(RepoError::Conflict);
         }
+        self.metadata.stored();
         if let Some(b) = &bundle {
             tracing::info!(target = %b.target, length = b.length, targets_version = new.version, "Bundle published.");
         }
@@ -521,6 +533,7 @@ impl Repository {
             .insert_metadata(&files, None, now.timestamp_millis())
             .await?;
         if signed {
+            self.metadata.stored();
             tracing::info!(
                 files = files.len(),
                 "Re-signed repository metadata before it expires."

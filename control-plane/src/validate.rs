@@ -1,6 +1,7 @@
 //! Input checks shared by the gRPC services. Each returns
 //! `INVALID_ARGUMENT` naming the field.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use tonic::Status;
 
 pub fn invalid(field: &str, message: impl std::fmt::Display) -> Status {
@@ -132,6 +133,69 @@ pub fn reported_error(value: &str) -> String {
         .collect()
 }
 
+/// Most bytes a progress report may give for one bundle (downloaded,
+/// total, from the origin, from peers): 1 TiB, far above any bundle
+/// (agents refuse bundles over 8 GiB) and its retries. A larger value is
+/// refused, so the fleet's byte counters cannot be driven to absurd values.
+pub const MAX_REPORTED_BYTES: u64 = 1 << 40;
+
+/// Whether a till's P2P listen address may be handed to the other tills of
+/// its store to dial. The rule: `/ip4/<ip>/tcp/<port>` or
+/// `/ip4/<ip>/udp/<port>/quic-v1` (or `/ip6/…`), optionally ending in
+/// `/p2p/<peer id>`, with a port other than 0 and an IP a store LAN can
+/// have: private IPv4 (10/8, 172.16/12, 192.168/16), shared address space
+/// (100.64/10), IPv4 link-local (169.254/16) or IPv6 unique local
+/// (fc00::/7). Loopback only when `loopback_ok` (the till itself calls
+/// from loopback: everything runs on one machine). Anything else —
+/// loopback from a real till, unspecified, public, multicast, broadcast,
+/// DNS names, relays — would make the store's tills dial somewhere other
+/// than a till of their LAN, and is dropped.
+pub fn store_lan_addr(addr: &str, loopback_ok: bool) -> bool {
+    let parts: Vec<&str> = addr.split('/').collect();
+    let ["", family, ip, rest @ ..] = parts.as_slice() else {
+        return false;
+    };
+    let ip: IpAddr = match *family {
+        "ip4" => match ip.parse::<Ipv4Addr>() {
+            Ok(ip) => ip.into(),
+            Err(_) => return false,
+        },
+        "ip6" => match ip.parse::<Ipv6Addr>() {
+            Ok(ip) => ip.into(),
+            Err(_) => return false,
+        },
+        _ => return false,
+    };
+    let transport = match rest {
+        ["tcp", port, tail @ ..] => Some((port, tail)),
+        ["udp", port, "quic-v1", tail @ ..] => Some((port, tail)),
+        _ => None,
+    };
+    let Some((port, tail)) = transport else {
+        return false;
+    };
+    let port_ok = port.parse::<u16>().is_ok_and(|p| p != 0);
+    let tail_ok = match tail {
+        [] => true,
+        ["p2p", id] => !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric()),
+        _ => false,
+    };
+    port_ok && tail_ok && lan_ip(ip.to_canonical(), loopback_ok)
+}
+
+fn lan_ip(ip: IpAddr, loopback_ok: bool) -> bool {
+    if ip.is_loopback() {
+        return loopback_ok;
+    }
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            v4.is_private() || v4.is_link_local() || (a == 100 && (64..128).contains(&b))
+        }
+        IpAddr::V6(v6) => v6.segments()[0] & 0xfe00 == 0xfc00,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,6 +237,45 @@ mod tests {
                 maintenance_window(start, duration).is_ok(),
                 ok,
                 "{start}+{duration}"
+            );
+        }
+    }
+
+    #[test]
+    fn loopback_and_public_p2p_addresses_are_refused_by_the_store_lan_rule() {
+        for (addr, from_loopback, kept) in [
+            ("/ip4/10.0.0.5/tcp/7410", false, true),
+            ("/ip4/192.168.1.20/udp/7410/quic-v1", false, true),
+            ("/ip4/172.16.3.4/tcp/7410/p2p/12D3KooWabc", false, true),
+            ("/ip4/100.64.0.9/tcp/7410", false, true),
+            ("/ip4/169.254.10.1/tcp/7410", false, true),
+            ("/ip6/fd00::5/tcp/7410", false, true),
+            ("/ip6/::ffff:10.0.0.5/tcp/7410", false, true),
+            // Loopback: the other tills would dial themselves.
+            ("/ip4/127.0.0.1/tcp/7410", false, false),
+            ("/ip4/127.9.9.9/tcp/5432", false, false),
+            ("/ip6/::1/tcp/7410", false, false),
+            ("/ip6/::ffff:127.0.0.1/tcp/7410", false, false),
+            // ... unless everything runs on one machine.
+            ("/ip4/127.0.0.1/tcp/7410", true, true),
+            // Not on a store LAN, or not an address at all.
+            ("/ip4/0.0.0.0/tcp/7410", true, false),
+            ("/ip4/8.8.8.8/tcp/53", false, false),
+            ("/ip6/2001:db8::1/tcp/7410", false, false),
+            ("/ip4/224.0.0.251/udp/5353/quic-v1", false, false),
+            ("/ip4/255.255.255.255/tcp/7410", false, false),
+            ("/dns4/localhost/tcp/7410", true, false),
+            ("/ip4/10.0.0.5/tcp/0", false, false),
+            ("/ip4/10.0.0.5/tcp/70000", false, false),
+            ("/ip4/10.0.0.5/udp/7410", false, false),
+            ("/ip4/10.0.0.5/tcp/7410/p2p-circuit", false, false),
+            ("/ip4/10.0.0.5/tcp/7410/p2p/x/tcp/1", false, false),
+            ("/ip4/10.0.0/tcp/7410", false, false),
+        ] {
+            assert_eq!(
+                store_lan_addr(addr, from_loopback),
+                kept,
+                "{addr} (till on loopback: {from_loopback})"
             );
         }
     }

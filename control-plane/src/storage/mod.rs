@@ -555,6 +555,9 @@ fn is_unique_violation(error: &sqlx::Error) -> bool {
 pub struct Storage {
     pool: AnyPool,
     backend: Backend,
+    /// Connections given back to the pool: one per statement run outside a
+    /// transaction, one per transaction (`posfleet_database_connection_uses_total`).
+    uses: prometheus::IntCounter,
 }
 
 impl Storage {
@@ -567,9 +570,20 @@ impl Storage {
         };
         let backend = Backend::of_url(url)
             .ok_or_else(|| open_error(sqlx::Error::Configuration("unknown scheme".into())))?;
+        let uses = prometheus::IntCounter::new(
+            "posfleet_database_connection_uses_total",
+            "Database connections taken from the pool and given back: one per statement \
+             run outside a transaction, one per transaction.",
+        )
+        .expect("static metric definition is valid");
+        let counted = uses.clone();
         let pool = AnyPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(10))
+            .after_release(move |_conn, _meta| {
+                counted.inc();
+                Box::pin(async { Ok(true) })
+            })
             .after_connect(move |conn, _meta| {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
@@ -597,7 +611,16 @@ impl Storage {
             .await
             .map_err(open_error)?;
         MIGRATOR.run(&pool).await?;
-        Ok(Storage { pool, backend })
+        Ok(Storage {
+            pool,
+            backend,
+            uses,
+        })
+    }
+
+    /// The counter of connection uses, for `/metrics`.
+    pub fn connection_uses(&self) -> &prometheus::IntCounter {
+        &self.uses
     }
 
     /// Closes every connection (waits for queries in flight).
@@ -783,34 +806,76 @@ impl Storage {
     }
 
     /// Spends one use of the token and creates the device, atomically: a
-    /// refused enrollment spends nothing.
+    /// refused enrollment spends nothing. A token that is unknown, revoked,
+    /// expired or used up costs one read and no write: anyone can present
+    /// one, and SQLite has a single writer.
     pub async fn enroll_device(
         &self,
         token_sha256: &str,
         device: &NewDevice,
         now_ms: i64,
     ) -> Result<DeviceRecord, EnrollError> {
+        let token = sqlx::query("SELECT * FROM enrollment_tokens WHERE secret_sha256 = $1")
+            .bind(token_sha256)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(token_from_row)
+            .transpose()?;
+        let Some(token) = token else {
+            return Err(EnrollError::UnknownToken);
+        };
+        if let Some(revoked_at_ms) = token.revoked_at_ms {
+            return Err(EnrollError::Revoked { revoked_at_ms });
+        }
+        if token.expires_at_ms <= now_ms {
+            return Err(EnrollError::Expired {
+                expired_at_ms: token.expires_at_ms,
+            });
+        }
         // A retry by a device that enrolled but never saw the answer (killed,
         // network cut): the same key, proven by the caller's signature, with
         // the token that enrolled it, gets a fresh credential for the same
         // device instead of being stranded. Only until the device's first
         // heartbeat (it has its credential by then) and while the token is
         // live, so a captured request cannot be replayed to take a device over.
-        let retried = sqlx::query(
-            "UPDATE devices SET credential_sha256 = $1 WHERE public_key = $2 \
-             AND first_heartbeat_ms IS NULL AND enrollment_token_id = \
-             (SELECT id FROM enrollment_tokens WHERE secret_sha256 = $3 \
-             AND revoked_at_ms IS NULL AND expires_at_ms > $4) RETURNING id",
+        let enrolled = sqlx::query(
+            "SELECT id, first_heartbeat_ms, enrollment_token_id FROM devices WHERE public_key = $1",
         )
-        .bind(&device.credential_sha256)
         .bind(&device.public_key_hex)
-        .bind(token_sha256)
-        .bind(now_ms)
         .fetch_optional(&self.pool)
         .await?;
-        if let Some(row) = retried {
+        if let Some(row) = enrolled {
             let id: String = row.try_get("id")?;
+            let first_heartbeat: Option<i64> = row.try_get("first_heartbeat_ms")?;
+            let token_id: Option<String> = row.try_get("enrollment_token_id")?;
+            if first_heartbeat.is_some() || token_id.as_deref() != Some(token.id.as_str()) {
+                return Err(if token.uses_remaining <= 0 {
+                    EnrollError::UsedUp
+                } else {
+                    EnrollError::PublicKeyInUse { device_id: id }
+                });
+            }
+            let retried = sqlx::query(
+                "UPDATE devices SET credential_sha256 = $1 WHERE id = $2 \
+                 AND first_heartbeat_ms IS NULL AND enrollment_token_id = \
+                 (SELECT id FROM enrollment_tokens WHERE id = $3 \
+                 AND revoked_at_ms IS NULL AND expires_at_ms > $4) RETURNING id",
+            )
+            .bind(&device.credential_sha256)
+            .bind(&id)
+            .bind(&token.id)
+            .bind(now_ms)
+            .fetch_optional(&self.pool)
+            .await?;
+            if retried.is_none() {
+                // Its first heartbeat, or a revocation, came in between.
+                return Err(EnrollError::PublicKeyInUse { device_id: id });
+            }
             return self.get_device(&id).await?.ok_or(EnrollError::UnknownToken);
+        }
+        if token.uses_remaining <= 0 {
+            return Err(EnrollError::UsedUp);
         }
         let mut tx = self.pool.begin().await?;
         // The write comes first so SQLite takes its write lock up front.

@@ -30,6 +30,25 @@
 //!
 //!     cargo run --release -p posfleet-e2e --bin fleet-sim -- --devices 100000 \
 //!         --devices-per-store 200 --rollout --skip-heartbeat-phases
+//!
+//! With `--enroll-flood`, the fixed-rate and max-throughput phases give way
+//! to a side-by-side comparison: the same open-loop heartbeat load at
+//! `--rate` for `--phase-seconds`, alternately quiet and under a flood of
+//! `Enroll` calls with bogus tokens (each validly signed, so it passes every
+//! check that needs no database) from a second source address
+//! (`--flood-source`, another loopback address), `--flood-concurrency` in
+//! flight, for `--flood-rounds` rounds. Heartbeat p50/p99/max, errors and
+//! heartbeat batches the control plane dropped are reported for both, with
+//! the flood's own calls by answer. Figures go to
+//! `benchmarks/fleet-sim-enroll-flood-<database>.json`.
+//!
+//!     cargo run --release -p posfleet-e2e --bin fleet-sim -- --devices 10000 \
+//!         --rate 1000 --phase-seconds 20 --enroll-flood
+//!
+//! The simulator enrolls its whole fleet through one address, which no
+//! store does, so it turns the per-address `Enroll` limit off
+//! (`--peer-enroll-calls-per-minute 0`); the limit on refused calls keeps
+//! its default.
 
 use clap::{Parser, ValueEnum};
 use ed25519_dalek::{Signer, SigningKey};
@@ -39,13 +58,14 @@ use posfleet_proto::v1::admin_service_client::AdminServiceClient;
 use posfleet_proto::v1::agent_service_client::AgentServiceClient;
 use serde::Serialize;
 use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tonic::metadata::{Ascii, MetadataValue};
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request};
 
 #[derive(Debug, Clone, Copy, ValueEnum, Serialize)]
@@ -99,6 +119,20 @@ struct Args {
     /// The rollout's `max_unavailable_per_store`.
     #[arg(long, default_value_t = 1000)]
     max_unavailable_per_store: u32,
+    /// Compare heartbeats quiet and under an Enroll flood (see the header),
+    /// instead of the fixed-rate and max-throughput phases.
+    #[arg(long)]
+    enroll_flood: bool,
+    /// Enroll calls in flight from the flood's source.
+    #[arg(long, default_value_t = 32)]
+    flood_concurrency: usize,
+    /// Quiet and flooded phase pairs.
+    #[arg(long, default_value_t = 2)]
+    flood_rounds: usize,
+    /// Where the flood comes from: a loopback address other than the
+    /// simulated fleet's 127.0.0.1.
+    #[arg(long, default_value = "127.0.0.2")]
+    flood_source: IpAddr,
 }
 
 /// The version the rollout ships; the fleet starts on 1.0.0.
@@ -419,7 +453,11 @@ struct Report {
     devices_online_after: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     rollout: Option<RolloutFigures>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    enroll_flood: Option<FloodFigures>,
     command: String,
+    /// The commit measured (`git describe --always --dirty`).
+    commit: String,
 }
 
 #[tokio::main]
@@ -435,6 +473,9 @@ async fn main() -> anyhow::Result<()> {
         "info,posfleet_control_plane::agent_api=warn",
         "--heartbeat-interval-seconds",
         "300",
+        // The whole simulated fleet enrolls through one address.
+        "--peer-enroll-calls-per-minute",
+        "0",
     ];
     let cp = ControlPlane::start(
         &dir.path().join("cp"),
@@ -570,7 +611,13 @@ async fn main() -> anyhow::Result<()> {
     ));
     print_phase(phases.last().expect("pushed"));
 
-    if !args.skip_heartbeat_phases {
+    let enroll_flood = if args.enroll_flood {
+        Some(flood_comparison(&args, &cp, &url, &sim).await?)
+    } else {
+        None
+    };
+
+    if !args.skip_heartbeat_phases && !args.enroll_flood {
         let meter = Meter::start(pid);
         let results = open_loop(sim.clone(), args.rate, args.phase_seconds, 0).await;
         phases.push(meter.finish(
@@ -655,12 +702,20 @@ async fn main() -> anyhow::Result<()> {
         heartbeat_writer,
         devices_online_after: online,
         rollout,
+        enroll_flood,
         command: posfleet_e2e::command_line(),
+        commit: git_commit(),
     };
     let output = args.output.unwrap_or_else(|| {
         PathBuf::from(format!(
             "benchmarks/fleet-sim-{}{}.json",
-            if args.rollout { "rollout-" } else { "" },
+            if args.rollout {
+                "rollout-"
+            } else if args.enroll_flood {
+                "enroll-flood-"
+            } else {
+                ""
+            },
             match args.database {
                 Database::Sqlite => "sqlite",
                 Database::Postgres => "postgres",
@@ -677,6 +732,13 @@ async fn main() -> anyhow::Result<()> {
         "only {online} of {} devices online after the run",
         args.devices
     );
+    if let Some(f) = &report.enroll_flood {
+        anyhow::ensure!(
+            f.dropped_batches == 0,
+            "{} heartbeat batches dropped",
+            f.dropped_batches
+        );
+    }
     if let Some(r) = &report.rollout {
         anyhow::ensure!(
             r.sample_told_release == r.sample_checked,
@@ -1046,4 +1108,201 @@ async fn rollout_phase(
         final_counts,
         timeline,
     })
+}
+
+/// The commit this binary measures, as `git describe` names it.
+fn git_commit() -> String {
+    std::process::Command::new("git")
+        .args(["describe", "--always", "--dirty", "--abbrev=12"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// A channel whose connection leaves from `source` (another loopback
+/// address), so the control plane sees a second peer.
+async fn channel_from(url: &str, source: IpAddr) -> anyhow::Result<Channel> {
+    let connector = tower::service_fn(move |uri: tonic::transport::Uri| async move {
+        let target = uri
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .ok_or_else(|| std::io::Error::other("the URL names no address"))?;
+        let target: SocketAddr = target.parse().map_err(std::io::Error::other)?;
+        let socket = match source {
+            IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.bind(SocketAddr::new(source, 0))?;
+        let stream = socket.connect(target).await?;
+        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+    });
+    Ok(Endpoint::from_shared(url.to_string())?
+        .connect_with_connector(connector)
+        .await?)
+}
+
+/// One phase of the flood comparison.
+#[derive(Debug, Serialize)]
+struct FloodPhase {
+    flooded: bool,
+    heartbeats: Latency,
+    /// Heartbeat batches the control plane gave up writing in the phase.
+    dropped_batches: u64,
+    control_plane_cpu_cores: f64,
+    /// The flood's Enroll calls, and their answers by code.
+    enroll_calls: usize,
+    enroll_calls_per_second: f64,
+    enroll_answers: BTreeMap<String, usize>,
+}
+
+#[derive(Debug, Serialize)]
+struct FloodFigures {
+    rate: u32,
+    phase_seconds: u64,
+    flood_concurrency: usize,
+    flood_source: IpAddr,
+    phases: Vec<FloodPhase>,
+    /// Per round: flooded heartbeat p99 over the quiet one before it.
+    p99_ratios: Vec<f64>,
+    median_p99_ratio: f64,
+    median_quiet_p99_ms: f64,
+    median_flooded_p99_ms: f64,
+    dropped_batches: u64,
+    heartbeat_errors: usize,
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// A validly signed Enroll call with a token nobody issued.
+fn bogus_enroll() -> v1::EnrollRequest {
+    let key = SigningKey::generate(&mut rand::rngs::OsRng);
+    let token = format!("pfe_{}", hex::encode(rand::random::<[u8; 16]>()));
+    let public_key = key.verifying_key().to_bytes().to_vec();
+    let payload = posfleet_proto::enroll_signing_payload(&token, &public_key, "sim-pos", "FLOOD");
+    v1::EnrollRequest {
+        enrollment_token: token,
+        signature: key.sign(&payload).to_bytes().to_vec(),
+        public_key,
+        hardware_model: "sim-pos".into(),
+        serial_number: "FLOOD".into(),
+        agent_version: "0.1.0".into(),
+    }
+}
+
+/// Heartbeats at `--rate`, quiet and flooded in turn.
+async fn flood_comparison(
+    args: &Args,
+    cp: &ControlPlane,
+    url: &str,
+    sim: &Arc<Sim>,
+) -> anyhow::Result<FloodFigures> {
+    let pid = cp.process.child.id();
+    let flood_channel = channel_from(url, args.flood_source).await?;
+    let mut phases = Vec::new();
+    let mut offset = 0;
+    for round in 0..args.flood_rounds {
+        for flooded in [false, true] {
+            let dropped_before = cp.metric("posfleet_heartbeat_batches_dropped_total");
+            let stop = Arc::new(AtomicBool::new(false));
+            let mut flood = tokio::task::JoinSet::new();
+            if flooded {
+                for _ in 0..args.flood_concurrency {
+                    let stop = stop.clone();
+                    let mut client = AgentServiceClient::new(flood_channel.clone());
+                    flood.spawn(async move {
+                        let mut answers: BTreeMap<String, usize> = BTreeMap::new();
+                        while !stop.load(Ordering::Relaxed) {
+                            let code = match client.enroll(bogus_enroll()).await {
+                                Ok(_) => Code::Ok,
+                                Err(status) => status.code(),
+                            };
+                            *answers.entry(format!("{code:?}")).or_default() += 1;
+                        }
+                        answers
+                    });
+                }
+            }
+            let meter = Meter::start(pid);
+            let results = open_loop_timed(sim.clone(), args.rate, args.phase_seconds, offset).await;
+            offset += results.len();
+            let seconds = meter.started.elapsed().as_secs_f64();
+            let cp_cores = (cpu_seconds(pid).unwrap_or(0.0) - meter.cp_cpu) / seconds;
+            stop.store(true, Ordering::Relaxed);
+            let mut enroll_answers: BTreeMap<String, usize> = BTreeMap::new();
+            while let Some(worker) = flood.join_next().await {
+                for (code, n) in worker? {
+                    *enroll_answers.entry(code).or_default() += n;
+                }
+            }
+            let enroll_calls = enroll_answers.values().sum();
+            let all: Vec<_> = results.iter().collect();
+            let phase = FloodPhase {
+                flooded,
+                heartbeats: latency(&all),
+                dropped_batches: (cp.metric("posfleet_heartbeat_batches_dropped_total")
+                    - dropped_before)
+                    .max(0.0) as u64,
+                control_plane_cpu_cores: cp_cores,
+                enroll_calls,
+                enroll_calls_per_second: enroll_calls as f64 / seconds,
+                enroll_answers,
+            };
+            eprintln!(
+                "  round {round} {:<8} heartbeats p50 {:>6.2} ms  p99 {:>7.2} ms  max {:>7.1} ms  errors {}  dropped batches {}  control plane {:.2} cores  flood {:.0} Enroll/s {:?}",
+                if flooded { "flooded" } else { "quiet" },
+                phase.heartbeats.p50_ms,
+                phase.heartbeats.p99_ms,
+                phase.heartbeats.max_ms,
+                phase.heartbeats.errors,
+                phase.dropped_batches,
+                phase.control_plane_cpu_cores,
+                phase.enroll_calls_per_second,
+                phase.enroll_answers,
+            );
+            phases.push(phase);
+        }
+    }
+    let p99 = |flooded: bool| -> Vec<f64> {
+        phases
+            .iter()
+            .filter(|p| p.flooded == flooded)
+            .map(|p| p.heartbeats.p99_ms)
+            .collect()
+    };
+    let p99_ratios: Vec<f64> = p99(false)
+        .iter()
+        .zip(p99(true))
+        .map(|(quiet, flooded)| flooded / quiet.max(1e-3))
+        .collect();
+    let figures = FloodFigures {
+        rate: args.rate,
+        phase_seconds: args.phase_seconds,
+        flood_concurrency: args.flood_concurrency,
+        flood_source: args.flood_source,
+        median_p99_ratio: median(p99_ratios.clone()),
+        p99_ratios,
+        median_quiet_p99_ms: median(p99(false)),
+        median_flooded_p99_ms: median(p99(true)),
+        dropped_batches: phases.iter().map(|p| p.dropped_batches).sum(),
+        heartbeat_errors: phases.iter().map(|p| p.heartbeats.errors).sum(),
+        phases,
+    };
+    eprintln!(
+        "  Enroll flood: heartbeat p99 {:.2} ms quiet, {:.2} ms flooded (median ratio {:.2}), {} dropped batches, {} heartbeat errors",
+        figures.median_quiet_p99_ms,
+        figures.median_flooded_p99_ms,
+        figures.median_p99_ratio,
+        figures.dropped_batches,
+        figures.heartbeat_errors
+    );
+    Ok(figures)
 }
