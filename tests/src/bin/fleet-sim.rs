@@ -456,8 +456,8 @@ struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     enroll_flood: Option<FloodFigures>,
     command: String,
-    /// The commit measured (`git describe --always --dirty`).
-    commit: String,
+    /// The commit measured (`git describe`).
+    commit: Option<String>,
 }
 
 #[tokio::main]
@@ -704,7 +704,7 @@ async fn main() -> anyhow::Result<()> {
         rollout,
         enroll_flood,
         command: posfleet_e2e::command_line(),
-        commit: git_commit(),
+        commit: posfleet_e2e::measured_commit(),
     };
     let output = args.output.unwrap_or_else(|| {
         PathBuf::from(format!(
@@ -1111,16 +1111,6 @@ async fn rollout_phase(
 }
 
 /// The commit this binary measures, as `git describe` names it.
-fn git_commit() -> String {
-    std::process::Command::new("git")
-        .args(["describe", "--always", "--dirty", "--abbrev=12"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".into())
-}
-
 /// A channel whose connection leaves from `source` (another loopback
 /// address), so the control plane sees a second peer.
 async fn channel_from(url: &str, source: IpAddr) -> anyhow::Result<Channel> {
