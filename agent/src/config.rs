@@ -2,39 +2,11 @@
 //! environment variables, then flags. Validated before anything starts.
 
 use clap::Parser;
-use figment::Figment;
-use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
+use std::ffi::OsString;
 use std::path::PathBuf;
 
-const ENV_KEYS: &[&str] = &[
-    "server_url",
-    "data_dir",
-    "enrollment_token",
-    "hardware_model",
-    "serial_number",
-    "peripherals",
-    "fake_peripheral_faults",
-    "max_backoff_seconds",
-    "request_timeout_seconds",
-    "log_format",
-    "log_level",
-    "insecure_dev",
-    "install_check_interval_seconds",
-    "min_free_disk_bytes",
-    "clock_file",
-    "root_json_path",
-    "repository_url",
-    "repository_refresh_seconds",
-    "p2p_enabled",
-    "p2p_listen_addrs",
-    "p2p_mdns",
-    "p2p_upload_limit_bytes_per_second",
-    "p2p_max_concurrent_transfers",
-    "p2p_max_connections",
-    "p2p_origin_fallback_delay_seconds",
-    "p2p_stall_timeout_seconds",
-];
+pub use posfleet_runtime::{ConfigError, LogFormat};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -51,13 +23,6 @@ pub enum FakeFault {
     Printer,
     Scanner,
     CashDrawer,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -159,20 +124,6 @@ impl Default for AgentConfig {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("invalid configuration: {key}: {message}")]
-pub struct ConfigError {
-    pub key: String,
-    pub message: String,
-}
-
-fn config_error(key: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError {
-        key: key.into(),
-        message: message.into(),
-    }
-}
-
 #[derive(Debug, Parser, Serialize)]
 #[command(
     name = "posfleet-agent",
@@ -266,40 +217,29 @@ pub struct Args {
 }
 
 impl AgentConfig {
+    /// Layers defaults, the file named by `--config`, the `POSFLEET_*`
+    /// environment and the flags, then validates the result.
     pub fn load(args: &Args) -> Result<AgentConfig, ConfigError> {
-        let mut figment = Figment::from(Serialized::defaults(AgentConfig::default()));
-        if let Some(path) = &args.config {
-            if !path.is_file() {
-                return Err(config_error(
-                    "config",
-                    format!("{} is not a readable file", path.display()),
-                ));
-            }
-            figment = figment.merge(Toml::file_exact(path));
-        }
-        let config: AgentConfig = figment
-            .merge(Env::prefixed("POSFLEET_").only(ENV_KEYS))
-            .merge(Serialized::defaults(args))
-            .extract()
-            .map_err(|e| {
-                let key = e.path.last().cloned().unwrap_or_else(|| "config".into());
-                let source = e
-                    .metadata
-                    .as_ref()
-                    .map(|m| format!(" (from {})", m.name))
-                    .unwrap_or_default();
-                config_error(&key, format!("{}{source}", one_line(&e.kind.to_string())))
-            })?;
+        AgentConfig::load_from(args, std::env::vars_os())
+    }
+
+    /// As [`AgentConfig::load`], with the environment given.
+    pub fn load_from(
+        args: &Args,
+        env: impl IntoIterator<Item = (OsString, OsString)>,
+    ) -> Result<AgentConfig, ConfigError> {
+        let config: AgentConfig =
+            posfleet_runtime::config::load(args.config.as_deref(), env, args)?;
         config.validate()?;
         Ok(config)
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let uri: tonic::transport::Uri = self.server_url.parse().map_err(|_| {
-            config_error("server_url", format!("`{}` is not a URL", self.server_url))
+            ConfigError::new("server_url", format!("`{}` is not a URL", self.server_url))
         })?;
         let Some(host) = uri.host().filter(|_| uri.scheme_str() == Some("http")) else {
-            return Err(config_error(
+            return Err(ConfigError::new(
                 "server_url",
                 format!("`{}` must look like http://host:7400", self.server_url),
             ));
@@ -311,7 +251,7 @@ impl AgentConfig {
                 .parse::<std::net::IpAddr>()
                 .is_ok_and(|ip| ip.is_loopback());
         if !loopback && !self.insecure_dev {
-            return Err(config_error(
+            return Err(ConfigError::new(
                 "server_url",
                 format!(
                     "`{host}` is not this machine, and gRPC is plaintext until TLS is configured; \
@@ -320,49 +260,57 @@ impl AgentConfig {
             ));
         }
         if self.data_dir.as_os_str().is_empty() {
-            return Err(config_error("data_dir", "must not be empty"));
+            return Err(ConfigError::new("data_dir", "must not be empty"));
         }
         if !self.root_json_path.as_os_str().is_empty() {
             if !self.root_json_path.is_file() {
-                return Err(config_error(
+                return Err(ConfigError::new(
                     "root_json_path",
                     format!("{} is not a readable file", self.root_json_path.display()),
                 ));
             }
             let url: Result<tonic::transport::Uri, _> = self.repository_url.parse();
             if !url.is_ok_and(|u| u.scheme_str() == Some("http") && u.host().is_some()) {
-                return Err(config_error(
+                return Err(ConfigError::new(
                     "repository_url",
                     "must be set, like http://host:7401/repo/, when root_json_path is",
                 ));
             }
             if !(10..=86_400).contains(&self.repository_refresh_seconds) {
-                return Err(config_error(
+                return Err(ConfigError::new(
                     "repository_refresh_seconds",
                     "must be 10 to 86400",
                 ));
             }
         }
         if !(1..=3600).contains(&self.install_check_interval_seconds) {
-            return Err(config_error(
+            return Err(ConfigError::new(
                 "install_check_interval_seconds",
                 "must be 1 to 3600",
             ));
         }
         if self.hardware_model.trim().is_empty() || self.hardware_model.len() > 64 {
-            return Err(config_error("hardware_model", "must be 1 to 64 bytes"));
+            return Err(ConfigError::new("hardware_model", "must be 1 to 64 bytes"));
         }
         if self.serial_number.len() > 128 {
-            return Err(config_error("serial_number", "must be at most 128 bytes"));
+            return Err(ConfigError::new(
+                "serial_number",
+                "must be at most 128 bytes",
+            ));
         }
         if !(1..=86_400).contains(&self.max_backoff_seconds) {
-            return Err(config_error("max_backoff_seconds", "must be 1 to 86400"));
+            return Err(ConfigError::new(
+                "max_backoff_seconds",
+                "must be 1 to 86400",
+            ));
         }
         if !(1..=600).contains(&self.request_timeout_seconds) {
-            return Err(config_error("request_timeout_seconds", "must be 1 to 600"));
+            return Err(ConfigError::new(
+                "request_timeout_seconds",
+                "must be 1 to 600",
+            ));
         }
-        tracing_subscriber::EnvFilter::try_new(&self.log_level)
-            .map_err(|e| config_error("log_level", e.to_string()))?;
+        posfleet_runtime::logging::check_log_level(&self.log_level)?;
         if self.p2p_enabled {
             self.p2p_config()?;
         }
@@ -372,7 +320,7 @@ impl AgentConfig {
     /// The P2P settings as `posfleet-p2p` takes them.
     pub fn p2p_config(&self) -> Result<posfleet_p2p::Config, ConfigError> {
         if self.p2p_listen_addrs.is_empty() || self.p2p_listen_addrs.len() > 8 {
-            return Err(config_error(
+            return Err(ConfigError::new(
                 "p2p_listen_addrs",
                 "must list 1 to 8 addresses",
             ));
@@ -382,7 +330,7 @@ impl AgentConfig {
             .iter()
             .map(|a| {
                 a.parse::<posfleet_p2p::Multiaddr>().map_err(|e| {
-                    config_error(
+                    ConfigError::new(
                         "p2p_listen_addrs",
                         format!("`{a}` is not a multiaddr like /ip4/0.0.0.0/tcp/7410: {e}"),
                     )
@@ -390,22 +338,22 @@ impl AgentConfig {
             })
             .collect::<Result<Vec<_>, _>>()?;
         if !(1..=256).contains(&self.p2p_max_concurrent_transfers) {
-            return Err(config_error(
+            return Err(ConfigError::new(
                 "p2p_max_concurrent_transfers",
                 "must be 1 to 256",
             ));
         }
         if !(2..=1024).contains(&self.p2p_max_connections) {
-            return Err(config_error("p2p_max_connections", "must be 2 to 1024"));
+            return Err(ConfigError::new("p2p_max_connections", "must be 2 to 1024"));
         }
         if !(1..=3600).contains(&self.p2p_origin_fallback_delay_seconds) {
-            return Err(config_error(
+            return Err(ConfigError::new(
                 "p2p_origin_fallback_delay_seconds",
                 "must be 1 to 3600",
             ));
         }
         if !(1..=3600).contains(&self.p2p_stall_timeout_seconds) {
-            return Err(config_error(
+            return Err(ConfigError::new(
                 "p2p_stall_timeout_seconds",
                 "must be 1 to 3600",
             ));
@@ -423,19 +371,6 @@ impl AgentConfig {
             ..posfleet_p2p::Config::default()
         })
     }
-}
-
-/// Parser messages can quote the offending source over several lines; the
-/// error is reported on one line without the quote.
-fn one_line(message: &str) -> String {
-    message
-        .lines()
-        .map(str::trim)
-        .filter(|l| {
-            !l.is_empty() && !l.starts_with('|') && !l.contains(" | ") && !l.starts_with('^')
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 #[cfg(test)]
@@ -467,6 +402,53 @@ mod tests {
         assert!(load(&[]).is_ok());
         assert!(load(&["--server-url", "http://[::1]:7400"]).is_ok());
         assert!(load(&["--server-url", "http://cp.example:7400", "--insecure-dev"]).is_ok());
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(OsString, OsString)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect()
+    }
+
+    #[test]
+    fn documented_env_variables_set_their_keys() {
+        let args = Args::parse_from(["posfleet-agent"]);
+        let config = AgentConfig::load_from(
+            &args,
+            env(&[
+                ("POSFLEET_SERVER_URL", "http://[::1]:7400"),
+                ("POSFLEET_P2P_ENABLED", "false"),
+                ("POSFLEET_MIN_FREE_DISK_BYTES", "1048576"),
+                ("POSFLEET_LOG_FORMAT", "json"),
+                ("POSFLEET_PERIPHERALS", "fake"),
+                ("POSFLEET_FAKE_PERIPHERAL_FAULTS", "[printer, cash_drawer]"),
+                ("POSFLEET_P2P_LISTEN_ADDRS", "[\"/ip4/127.0.0.1/tcp/0\"]"),
+                // The CLI's, not the agent's.
+                ("POSFLEET_TOKEN", "pft_x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.server_url, "http://[::1]:7400");
+        assert!(!config.p2p_enabled);
+        assert_eq!(config.min_free_disk_bytes, 1_048_576);
+        assert_eq!(config.log_format, LogFormat::Json);
+        assert_eq!(
+            config.fake_peripheral_faults,
+            [FakeFault::Printer, FakeFault::CashDrawer]
+        );
+        assert_eq!(config.p2p_listen_addrs, ["/ip4/127.0.0.1/tcp/0"]);
+        // A flag wins over the environment.
+        let args = Args::parse_from(["posfleet-agent", "--min-free-disk-bytes", "7"]);
+        let config =
+            AgentConfig::load_from(&args, env(&[("POSFLEET_MIN_FREE_DISK_BYTES", "9")])).unwrap();
+        assert_eq!(config.min_free_disk_bytes, 7);
+        // A bad value names its key and the variable it came from.
+        let args = Args::parse_from(["posfleet-agent"]);
+        let err =
+            AgentConfig::load_from(&args, env(&[("POSFLEET_P2P_MDNS", "sometimes")])).unwrap_err();
+        assert_eq!(err.key, "p2p_mdns", "{err}");
+        assert!(err.to_string().contains("POSFLEET_P2P_MDNS"), "{err}");
     }
 
     #[test]
