@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use std::ffi::OsString;
 use std::path::PathBuf;
 
+use crate::hooks::HookUser;
 pub use posfleet_runtime::{ConfigError, LogFormat};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,7 +34,15 @@ pub struct AgentConfig {
     /// Device key, enrollment and state; survives restarts.
     pub data_dir: PathBuf,
     /// One-time token from ops; only read until the device is enrolled.
+    /// Prefer `enrollment_token_file` or `POSFLEET_ENROLLMENT_TOKEN`: a
+    /// flag shows in `ps`.
     pub enrollment_token: String,
+    /// A file holding the enrollment token (a trailing newline is trimmed),
+    /// read at start; it must not be readable by every user. Empty: none.
+    pub enrollment_token_file: PathBuf,
+    /// The user bundle hooks run as (its uid and primary group). Empty:
+    /// the agent's own user.
+    pub hook_user: String,
     pub hardware_model: String,
     /// Empty means the machine id (`/etc/machine-id`), else the host name.
     pub serial_number: String,
@@ -94,6 +103,8 @@ impl Default for AgentConfig {
             server_url: "http://127.0.0.1:7400".into(),
             data_dir: PathBuf::from("posfleet-agent-data"),
             enrollment_token: String::new(),
+            enrollment_token_file: PathBuf::new(),
+            hook_user: String::new(),
             hardware_model: "generic-pos".into(),
             serial_number: String::new(),
             peripherals: PeripheralsDriver::None,
@@ -141,9 +152,18 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
+    /// Shows in `ps`: prefer --enrollment-token-file.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub enrollment_token: Option<String>,
+    /// A file holding the enrollment token (mode 0600 or 0640).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enrollment_token_file: Option<PathBuf>,
+    /// Run bundle hooks as this user instead of the agent's.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hook_user: Option<String>,
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hardware_model: Option<String>,
@@ -228,10 +248,78 @@ impl AgentConfig {
         args: &Args,
         env: impl IntoIterator<Item = (OsString, OsString)>,
     ) -> Result<AgentConfig, ConfigError> {
-        let config: AgentConfig =
+        let mut config: AgentConfig =
             posfleet_runtime::config::load(args.config.as_deref(), env, args)?;
+        config.read_enrollment_token_file()?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// Reads `enrollment_token_file` into `enrollment_token`. A file every
+    /// user may read is refused: the token enrolls a till into its store.
+    fn read_enrollment_token_file(&mut self) -> Result<(), ConfigError> {
+        use std::io::Read;
+        use std::os::unix::fs::PermissionsExt;
+        const KEY: &str = "enrollment_token_file";
+        /// Far above any token; a larger file is not one.
+        const MAX_BYTES: u64 = 4096;
+        let path = &self.enrollment_token_file;
+        if path.as_os_str().is_empty() {
+            return Ok(());
+        }
+        if !self.enrollment_token.is_empty() {
+            return Err(ConfigError::new(
+                KEY,
+                "set enrollment_token or enrollment_token_file, not both",
+            ));
+        }
+        let cannot_read = |e: std::io::Error| {
+            ConfigError::new(KEY, format!("cannot read {}: {e}", path.display()))
+        };
+        let file = std::fs::File::open(path).map_err(cannot_read)?;
+        let mode = file.metadata().map_err(cannot_read)?.permissions().mode();
+        if mode & 0o004 != 0 {
+            return Err(ConfigError::new(
+                KEY,
+                format!(
+                    "{} is readable by every user (mode {:o}); chmod 600 it",
+                    path.display(),
+                    mode & 0o777
+                ),
+            ));
+        }
+        let mut text = String::new();
+        file.take(MAX_BYTES + 1)
+            .read_to_string(&mut text)
+            .map_err(cannot_read)?;
+        let token = text.trim_end_matches(['\n', '\r']);
+        if token.is_empty() || text.len() as u64 > MAX_BYTES || token.contains(['\n', '\r']) {
+            return Err(ConfigError::new(
+                KEY,
+                format!("{} must hold the token on one line", path.display()),
+            ));
+        }
+        self.enrollment_token = token.to_string();
+        Ok(())
+    }
+
+    /// The user hooks run as, looked up in the system's user database;
+    /// `None`: the agent's own.
+    pub fn hook_user(&self) -> Result<Option<HookUser>, ConfigError> {
+        if self.hook_user.is_empty() {
+            return Ok(None);
+        }
+        match HookUser::lookup(&self.hook_user) {
+            Ok(Some(user)) => Ok(Some(user)),
+            Ok(None) => Err(ConfigError::new(
+                "hook_user",
+                format!("no user `{}` on this system", self.hook_user),
+            )),
+            Err(e) => Err(ConfigError::new(
+                "hook_user",
+                format!("cannot look up `{}`: {e}", self.hook_user),
+            )),
+        }
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -311,6 +399,7 @@ impl AgentConfig {
             ));
         }
         posfleet_runtime::logging::check_log_level(&self.log_level)?;
+        self.hook_user()?;
         if self.p2p_enabled {
             self.p2p_config()?;
         }
@@ -449,6 +538,63 @@ mod tests {
             AgentConfig::load_from(&args, env(&[("POSFLEET_P2P_MDNS", "sometimes")])).unwrap_err();
         assert_eq!(err.key, "p2p_mdns", "{err}");
         assert!(err.to_string().contains("POSFLEET_P2P_MDNS"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_hook_user_is_refused_at_start() {
+        let err = load(&["--hook-user", "no-such-user-here"]).unwrap_err();
+        assert_eq!(err.key, "hook_user", "{err}");
+        assert!(err.to_string().contains("no-such-user-here"), "{err}");
+        let config = load(&["--hook-user", "nobody"]).unwrap();
+        assert_eq!(config.hook_user().unwrap().unwrap().name, "nobody");
+        assert_eq!(load(&[]).unwrap().hook_user().unwrap(), None);
+    }
+
+    #[test]
+    fn the_enrollment_token_comes_from_a_private_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        let file = path.to_str().unwrap();
+        let write = |text: &str, mode: u32| {
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        write("pfe_secret\n", 0o600);
+        let config = load(&["--enrollment-token-file", file]).unwrap();
+        assert_eq!(config.enrollment_token, "pfe_secret");
+        // Through the environment too.
+        let args = Args::parse_from(["posfleet-agent"]);
+        let from_env =
+            AgentConfig::load_from(&args, env(&[("POSFLEET_ENROLLMENT_TOKEN_FILE", file)]));
+        assert_eq!(from_env.unwrap().enrollment_token, "pfe_secret");
+        write("pfe_secret\r\n", 0o640);
+        assert_eq!(
+            load(&["--enrollment-token-file", file])
+                .unwrap()
+                .enrollment_token,
+            "pfe_secret"
+        );
+        // Refusals name the key: a file anyone can read, an empty one, one
+        // of several lines, a missing one, and both ways at once.
+        for (text, mode) in [
+            ("pfe_secret\n", 0o644),
+            ("\n", 0o600),
+            ("pfe_a\npfe_b\n", 0o600),
+        ] {
+            write(text, mode);
+            let err = load(&["--enrollment-token-file", file]).unwrap_err();
+            assert_eq!(err.key, "enrollment_token_file", "{err}");
+        }
+        write("pfe_secret\n", 0o644);
+        let err = load(&["--enrollment-token-file", file]).unwrap_err();
+        assert!(err.to_string().contains("readable by every user"), "{err}");
+        write("pfe_secret\n", 0o600);
+        let err = load(&["--enrollment-token-file", file, "--enrollment-token", "x"]).unwrap_err();
+        assert_eq!(err.key, "enrollment_token_file", "{err}");
+        let missing = dir.path().join("missing");
+        let err = load(&["--enrollment-token-file", missing.to_str().unwrap()]).unwrap_err();
+        assert_eq!(err.key, "enrollment_token_file", "{err}");
     }
 
     #[test]

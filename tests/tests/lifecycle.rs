@@ -2,8 +2,12 @@
 //! store of tills running `posfleet-agent`, the example POS program
 //! published as signed bundles, and the `posfleet` CLI driving it.
 
-use posfleet_e2e::{ControlPlane, Process, check_ok, eventually, pos_app_source, start_agent};
+use posfleet_e2e::{
+    ControlPlane, Process, binary, check_ok, enrolled_device_id, eventually, pos_app_source,
+    start_agent,
+};
 use serde_json::Value;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -29,7 +33,9 @@ struct Store {
 }
 
 impl Store {
-    fn start(tills: usize, agent_args: &[&str]) -> Store {
+    /// The control plane, the store and the repository, with no till yet,
+    /// and an enrollment token for `tills` tills.
+    fn without_tills(tills: usize) -> (Store, String) {
         let dir = tempfile::tempdir().unwrap();
         let cp = control_plane(dir.path(), "127.0.0.1:0", "127.0.0.1:0");
         let keys = dir.path().join("keys");
@@ -52,7 +58,18 @@ impl Store {
             &tills.to_string(),
         ]);
         let secret = token["secret"].as_str().unwrap().to_string();
-        let mut args = cp.repository_args(&keys);
+        let store = Store {
+            dir,
+            cp,
+            keys,
+            tills: Vec::new(),
+        };
+        (store, secret)
+    }
+
+    fn start(tills: usize, agent_args: &[&str]) -> Store {
+        let (mut store, secret) = Store::without_tills(tills);
+        let mut args = store.cp.repository_args(&store.keys);
         args.extend(
             ["--install-check-interval-seconds", "1"]
                 .iter()
@@ -60,19 +77,14 @@ impl Store {
                 .map(|s| s.to_string()),
         );
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let tills = (0..tills)
+        store.tills = (0..tills)
             .map(|i| {
-                let data = dir.path().join(format!("till-{i}"));
-                let agent = start_agent(&cp.url(), &data, &secret, &args);
+                let data = store.dir.path().join(format!("till-{i}"));
+                let agent = start_agent(&store.cp.url(), &data, &secret, &args);
                 (data, agent)
             })
             .collect();
-        Store {
-            dir,
-            cp,
-            keys,
-            tills,
-        }
+        store
     }
 
     fn publish(&self, version: &str, healthy: bool) {
@@ -368,4 +380,68 @@ fn each_till_gets_its_own_store_catalog_and_no_other() {
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("per store"), "{stderr}");
+}
+
+#[test]
+fn a_hook_sees_none_of_the_agents_secrets() {
+    let (store, secret) = Store::without_tills(1);
+    let (dir, cp, keys) = (&store.dir, &store.cp, &store.keys);
+    // A bundle whose pre_activate hook writes its environment into its slot.
+    let src = dir.path().join("env-probe");
+    std::fs::create_dir_all(src.join("bin")).unwrap();
+    std::fs::write(
+        src.join("posfleet-bundle.toml"),
+        "name = \"env-probe\"\nversion = \"1.0.0\"\nkind = \"software\"\nhardware = [\"*\"]\n\
+         [pre_activate]\ncommand = [\"bin/record\"]\ntimeout_seconds = 10\n",
+    )
+    .unwrap();
+    let record = src.join("bin/record");
+    std::fs::write(
+        &record,
+        "#!/bin/sh\nenv > \"$POSFLEET_SLOT_DIR/hook.env\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&record, std::fs::Permissions::from_mode(0o755)).unwrap();
+    cp.publish(&src, keys);
+
+    // The agent's enrollment token and a secret its service manager passes
+    // come from its environment.
+    let data = dir.path().join("till");
+    let mut command = std::process::Command::new(binary("posfleet-agent"));
+    command
+        .args(["--server-url", &cp.url()])
+        .args(["--data-dir", data.to_str().unwrap()])
+        .args(["--log-format", "json", "--max-backoff-seconds", "2"])
+        .args(["--install-check-interval-seconds", "1"])
+        .args(["--p2p-enabled", "false"])
+        .args(cp.repository_args(keys))
+        .env("POSFLEET_ENROLLMENT_TOKEN", &secret)
+        .env("PAYMENT_GATEWAY_KEY", "sk_live_do_not_leak");
+    let _agent = Process::spawn(command);
+    store.assign("env-probe@1.0.0");
+    let device = eventually("the till enrolled", TIMEOUT, || enrolled_device_id(&data));
+    eventually("env-probe installed", TIMEOUT, || {
+        (cp.bundle_status(&device, "env-probe")["phase"] == "installed").then_some(())
+    });
+
+    let recorded = std::fs::read_to_string(data.join("slots/env-probe/1.0.0/hook.env")).unwrap();
+    assert!(!recorded.contains("sk_live_do_not_leak"), "{recorded}");
+    assert!(!recorded.contains(&secret), "{recorded}");
+    let mut names: Vec<&str> = recorded
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+        .filter(|k| !["PWD", "OLDPWD", "SHLVL", "_"].contains(k))
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "PATH",
+            "POSFLEET_BUNDLE_NAME",
+            "POSFLEET_BUNDLE_VERSION",
+            "POSFLEET_PREVIOUS_VERSION",
+            "POSFLEET_SLOT_DIR"
+        ],
+        "{recorded}"
+    );
 }
