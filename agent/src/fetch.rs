@@ -42,14 +42,14 @@ pub trait Fetcher: Send + Sync {
 pub fn verified_prefix(file: &mut std::fs::File, list: &ChunkList) -> std::io::Result<u64> {
     file.seek(SeekFrom::Start(0))?;
     let mut have = 0u64;
-    let mut piece = Vec::with_capacity(list.chunk_size as usize);
+    let mut piece = Vec::with_capacity(list.chunk_size() as usize);
     for index in 0..list.count() {
         let Ok(want) = list.chunk_len(index) else {
             break;
         };
         piece.clear();
         let read = Read::by_ref(file).take(want).read_to_end(&mut piece)?;
-        if read as u64 != want || list.verify_chunk(index, &piece).is_err() {
+        if read as u64 != want || list.verify_piece(index, &piece).is_err() {
             break;
         }
         have += want;
@@ -143,27 +143,15 @@ impl Origin {
 #[async_trait::async_trait]
 impl Fetcher for Origin {
     async fn chunk_list(&self, target: &VerifiedTarget) -> Result<ChunkList, RepoError> {
-        let digest: [u8; 32] = hex::decode(&target.info.chunks_sha256)
-            .ok()
-            .and_then(|b| b.try_into().ok())
-            .ok_or(posfleet_bundle::Error::ChunkListMismatch)?;
-        let count = target
-            .length
-            .div_ceil(u64::from(target.info.chunk_size.max(1)));
-        let path = format!("chunks/{}", target.info.chunks_sha256);
+        let path = format!("chunks/{}", target.chunks_sha256_hex());
         let bytes = self
-            .get_whole(&path, count.saturating_mul(32))
+            .get_whole(&path, target.chunk_list_len())
             .await?
             .ok_or_else(|| RepoError::Fetch {
                 url: self.url(&path),
                 message: "not found".into(),
             })?;
-        Ok(ChunkList::decode(
-            &bytes,
-            target.info.chunk_size,
-            target.length,
-            &digest,
-        )?)
+        Ok(target.decode_chunk_list(&bytes)?)
     }
 
     async fn fetch(
@@ -187,11 +175,11 @@ impl Fetcher for Origin {
         let have = verified_prefix(&mut file, list).map_err(write)?;
         file.set_len(have).map_err(write)?;
         progress(have);
-        if have == target.length {
+        if have == target.length() {
             return Ok(Received::default());
         }
         file.seek(SeekFrom::Start(have)).map_err(write)?;
-        let first = (have / u64::from(list.chunk_size)) as usize;
+        let first = (have / u64::from(list.chunk_size())) as usize;
         let mut written = have;
         let mut on_piece = |_index: usize, piece: Vec<u8>| -> Result<(), RepoError> {
             file.write_all(&piece).map_err(write)?;
@@ -222,12 +210,12 @@ impl Origin {
         last: usize,
         on_piece: &mut (dyn FnMut(usize, Vec<u8>) -> Result<(), RepoError> + Send),
     ) -> Result<(), RepoError> {
-        let size = u64::from(list.chunk_size);
-        let start = first as u64 * size;
-        let end = last as u64 * size + list.chunk_len(last)?;
+        let size = u64::from(list.chunk_size());
+        let start = list.offset(first);
+        let end = list.offset(last) + list.chunk_len(last)?;
         let url = self.url(&format!(
             "targets/{}",
-            consistent_target_path(&target.name, &target.sha256)
+            consistent_target_path(target.name(), &target.sha256_hex())
         ));
         let fail = |e: reqwest::Error| {
             if e.is_timeout() {
@@ -242,10 +230,10 @@ impl Origin {
                 }
             }
         };
-        let whole = start == 0 && end == target.length;
+        let whole = start == 0 && end == target.length();
         let mut request = self.http.get(&url);
         if !whole {
-            let range = if end == target.length {
+            let range = if end == target.length() {
                 format!("bytes={start}-")
             } else {
                 format!("bytes={start}-{}", end - 1)
@@ -295,7 +283,7 @@ impl Origin {
                 rest = &rest[take..];
                 if piece.len() as u64 == list.chunk_len(index)? {
                     // Verified before anyone gets it.
-                    list.verify_chunk(index, &piece)?;
+                    list.verify_piece(index, &piece)?;
                     let whole_piece =
                         std::mem::replace(&mut piece, Vec::with_capacity(size as usize));
                     on_piece(index, whole_piece)?;
@@ -305,7 +293,7 @@ impl Origin {
         }
         if received != wanted {
             return Err(posfleet_bundle::Error::LengthMismatch {
-                what: target.name.clone(),
+                what: target.name().to_string(),
                 expected: wanted,
                 actual: received,
             }

@@ -273,10 +273,18 @@ pub struct Lifecycle {
     pub min_free_disk_bytes: u64,
 }
 
+/// What the report says when the trusted repository metadata has expired
+/// and no fresh metadata could be had: nothing new starts.
+pub const EXPIRED_TRUST: &str =
+    "trust metadata expired; not starting a download until the repository is reachable";
+
 /// A failure and whether trying the same version again may help.
 struct Failure {
     message: String,
     permanent: bool,
+    /// Not the release's fault: the bundle waits (`pending`), with the
+    /// message as the reason, instead of failing.
+    waiting: bool,
 }
 
 impl Failure {
@@ -284,12 +292,21 @@ impl Failure {
         Failure {
             message: message.to_string(),
             permanent: false,
+            waiting: false,
         }
     }
     fn permanent(message: impl ToString) -> Failure {
         Failure {
             message: message.to_string(),
             permanent: true,
+            waiting: false,
+        }
+    }
+    fn waiting(message: impl ToString) -> Failure {
+        Failure {
+            message: message.to_string(),
+            permanent: false,
+            waiting: true,
         }
     }
 }
@@ -596,6 +613,14 @@ impl Run {
     }
 
     fn fail(&mut self, desired: &Desired, failure: Failure) {
+        if failure.waiting {
+            let current = self.statuses.get(&desired.name);
+            if current.is_none_or(|s| s.error != failure.message || s.phase != Phase::Pending) {
+                tracing::warn!(bundle = %desired.name, version = %desired.version, reason = %failure.message, "Bundle update waiting.");
+            }
+            self.set(desired, Phase::Pending, failure.message);
+            return;
+        }
         tracing::warn!(bundle = %desired.name, version = %desired.version, error = %failure.message, "Bundle update failed.");
         self.set(desired, Phase::Failed, failure.message);
         if failure.permanent {
@@ -634,18 +659,24 @@ impl Run {
             RepoError::Refused(posfleet_bundle::Error::WrongHardware { .. }) => {
                 Failure::permanent(error)
             }
+            // The refresh above failed too: what is installed keeps
+            // running, and nothing starts on stale trust (freeze attack).
+            RepoError::Refused(ref expired @ posfleet_bundle::Error::ExpiredMetadata { .. }) => {
+                Failure::waiting(format!("{EXPIRED_TRUST} ({expired})"))
+            }
             error => Failure::retry(error),
         })?;
-        if target.info.kind != desired.kind {
+        if target.kind() != desired.kind {
             return Err(Failure::permanent(format!(
                 "{name} is signed as a {:?} bundle, not {:?}",
-                target.info.kind, desired.kind
+                target.kind(),
+                desired.kind
             )));
         }
-        if Version::parse(&target.info.version).ok().as_ref() != Some(&desired.version) {
+        if Version::parse(target.version()).ok().as_ref() != Some(&desired.version) {
             return Err(Failure::permanent(format!(
                 "{name} is signed with version {}",
-                target.info.version
+                target.version()
             )));
         }
         Ok(target)
@@ -655,7 +686,7 @@ impl Run {
         self.lifecycle
             .data_dir
             .join(DOWNLOADS_DIR)
-            .join(format!("{}.bundle", target.sha256))
+            .join(format!("{}.bundle", target.sha256_hex()))
     }
 
     /// Refuses to start when `need` bytes would leave less than the
@@ -686,11 +717,12 @@ impl Run {
         let part = staged.with_extension("part");
         let have = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
         // Room for the rest of the download and for unpacking it.
-        self.check_space(desired, target.length.saturating_sub(have) + target.length)?;
+        let length = target.length();
+        self.check_space(desired, length.saturating_sub(have) + length)?;
         self.set(desired, Phase::Downloading, String::new());
         if let Some(status) = self.statuses.get_mut(&desired.name) {
-            status.bytes_total = target.length;
-            status.bytes_done = have.min(target.length);
+            status.bytes_total = length;
+            status.bytes_done = have.min(length);
         }
         self.publish(false);
         let fetcher = self.lifecycle.fetcher.clone();
@@ -718,7 +750,7 @@ impl Run {
             status.bytes_done = done.load(Ordering::Relaxed);
         }
         let received = result
-            .map_err(|e| Failure::retry(format!("download of {} failed: {e}", target.name)))?;
+            .map_err(|e| Failure::retry(format!("download of {} failed: {e}", target.name())))?;
         if let Some(status) = self.statuses.get_mut(&desired.name) {
             status.bytes_from_origin += received.from_origin;
             status.bytes_from_peers += received.from_peers;
@@ -734,7 +766,7 @@ impl Run {
         tracing::info!(
             bundle = %desired.name,
             version = %desired.version,
-            bytes = target.length,
+            bytes = length,
             from_origin = received.from_origin,
             from_peers = received.from_peers,
             "Bundle downloaded and verified."
@@ -755,7 +787,7 @@ impl Run {
             let _ = std::fs::remove_file(staged);
             return Err(failure);
         }
-        self.check_space(desired, target.length)?;
+        self.check_space(desired, target.length())?;
         self.set(desired, Phase::Installing, String::new());
         tracing::info!(bundle = %desired.name, version = %desired.version, "Installing.");
         let outcome = self
@@ -788,33 +820,32 @@ fn check_length(target: &VerifiedTarget, path: &Path) -> Result<(), Failure> {
     let length = std::fs::metadata(path)
         .map_err(|e| Failure::retry(format!("cannot read {}: {e}", path.display())))?
         .len();
-    if length != target.length {
+    if length != target.length() {
         let _ = std::fs::remove_file(path);
         return Err(Failure::retry(format!(
             "{} on disk is {length} bytes, signed as {}; discarded",
-            target.name, target.length
+            target.name(),
+            target.length()
         )));
     }
     Ok(())
 }
 
-/// Streams `path` through SHA-256 and compares with the signed target.
+/// Checks the whole file at `path` against the signed target
+/// (`posfleet-bundle` hashes it); a file that is not the bundle is removed.
 async fn verify_whole(target: &VerifiedTarget, path: &Path) -> Result<(), Failure> {
     let path = path.to_path_buf();
-    let expected = (target.length, target.sha256.clone());
-    let name = target.name.clone();
-    tokio::task::spawn_blocking(move || {
-        let file = std::fs::File::open(&path)
-            .map_err(|e| Failure::retry(format!("cannot read {}: {e}", path.display())))?;
-        let digest = posfleet_bundle::chunks::digest_reader(std::io::BufReader::new(file))
-            .map_err(|e| Failure::retry(format!("cannot read {}: {e}", path.display())))?;
-        if (digest.length, hex::encode(digest.sha256)) != expected {
+    let target = target.clone();
+    tokio::task::spawn_blocking(move || match target.verify_file(&path) {
+        Ok(()) => Ok(()),
+        Err(error) if error.is_bad_digest() => {
             let _ = std::fs::remove_file(&path);
-            return Err(Failure::retry(format!(
-                "{name} on disk does not match its signed length and SHA-256; discarded"
-            )));
+            Err(Failure::retry(format!(
+                "{} on disk does not match its signed length and SHA-256; discarded",
+                target.name()
+            )))
         }
-        Ok(())
+        Err(error) => Err(Failure::retry(error)),
     })
     .await
     .unwrap_or_else(|e| Err(Failure::retry(format!("verification stopped: {e}"))))

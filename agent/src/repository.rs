@@ -200,7 +200,8 @@ fn claimed_version(timestamp: &[u8]) -> u64 {
 impl RepositoryClient {
     /// Starts from the newest root trusted before (kept in
     /// `<data_dir>/tuf/`), else from the pinned root; reloads the timestamp,
-    /// snapshot and targets trusted before, when still valid.
+    /// snapshot and targets trusted before, even expired: they keep the
+    /// versions an attacker may not roll back below.
     pub fn open(
         pinned_root: &Path,
         data_dir: &Path,
@@ -226,14 +227,15 @@ impl RepositoryClient {
             trusted.update_root(&bytes)?;
             version += 1;
         }
-        let now = Utc::now();
+        // Expired or not: what was trusted is the rollback baseline, and
+        // `target` refuses to use it once expired.
         if let Some(bytes) = files::read_optional(&state_dir.join("timestamp.json"))?
-            && trusted.update_timestamp(&bytes, now).is_ok()
+            && trusted.restore_timestamp(&bytes).is_ok()
             && let Some(bytes) = files::read_optional(&state_dir.join("snapshot.json"))?
-            && trusted.update_snapshot(&bytes, now).is_ok()
+            && trusted.restore_snapshot(&bytes).is_ok()
             && let Some(bytes) = files::read_optional(&state_dir.join("targets.json"))?
         {
-            let _ = trusted.update_targets(&bytes, now);
+            let _ = trusted.restore_targets(&bytes);
         }
         Ok(RepositoryClient {
             origin: Origin::new(base_url, timeouts)?,
@@ -380,9 +382,11 @@ impl RepositoryClient {
         })
     }
 
-    /// A bundle the trusted metadata lists, for this hardware model.
+    /// A bundle the trusted metadata lists, for this hardware model, while
+    /// that metadata is current: expired metadata (the repository could
+    /// not be refreshed in time) starts nothing.
     pub fn target(&self, name: &str, hardware_model: &str) -> Result<VerifiedTarget, RepoError> {
-        Ok(self.trusted.bundle(name, hardware_model)?)
+        Ok(self.trusted.bundle(name, hardware_model, Utc::now())?)
     }
 
     /// Downloads a bundle from the origin into `dest` (see [`Origin`]).

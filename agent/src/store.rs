@@ -133,13 +133,6 @@ impl StoreFetcher {
     }
 }
 
-fn digest_of(hex_digest: &str) -> Result<[u8; 32], RepoError> {
-    hex::decode(hex_digest)
-        .ok()
-        .and_then(|b| b.try_into().ok())
-        .ok_or_else(|| posfleet_bundle::Error::ChunkListMismatch.into())
-}
-
 #[async_trait::async_trait]
 impl Fetcher for StoreFetcher {
     /// From the origin, or when it cannot be reached, from a peer (checked
@@ -148,14 +141,17 @@ impl Fetcher for StoreFetcher {
         match self.origin.chunk_list(target).await {
             Ok(list) => Ok(list),
             Err(error) => {
-                let digest = digest_of(&target.info.chunks_sha256)?;
                 match self
                     .p2p
-                    .chunk_list_from_peers(digest, target.info.chunk_size, target.length)
+                    .chunk_list_from_peers(
+                        *target.chunks_sha256(),
+                        target.chunk_size(),
+                        target.length(),
+                    )
                     .await
                 {
                     Some(list) => {
-                        tracing::info!(target = %target.name, "Chunk list from a store peer (the origin is unreachable).");
+                        tracing::info!(target = %target.name(), "Chunk list from a store peer (the origin is unreachable).");
                         Ok(list)
                     }
                     None => Err(error),
@@ -171,8 +167,8 @@ impl Fetcher for StoreFetcher {
         dest: &Path,
         progress: Progress<'_>,
     ) -> Result<Received, RepoError> {
-        let digest = digest_of(&target.sha256)?;
-        self.replace_shared(&target.name, digest).await;
+        let digest = *target.sha256();
+        self.replace_shared(target.name(), digest).await;
         let bundle = posfleet_p2p::Bundle {
             digest,
             chunks: list.clone(),
@@ -187,7 +183,7 @@ impl Fetcher for StoreFetcher {
             .fetch(bundle, dest, origin, progress)
             .await
             .map_err(|e| RepoError::Fetch {
-                url: format!("store peers and origin for {}", target.name),
+                url: format!("store peers and origin for {}", target.name()),
                 message: e.to_string(),
             })?;
         Ok(Received {

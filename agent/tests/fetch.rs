@@ -4,12 +4,12 @@
 
 use posfleet_agent::fetch::{Fetcher, Origin};
 use posfleet_agent::repository::{RepoError, Timeouts, consistent_target_path};
-use posfleet_bundle::chunks::{CHUNK_SIZE, ChunkList, digest_reader};
-use posfleet_bundle::client::VerifiedTarget;
-use posfleet_bundle::manifest::Kind;
-use posfleet_bundle::tuf::BundleInfo;
+use posfleet_bundle::chunks::{CHUNK_SIZE, ChunkList};
+use posfleet_bundle::client::{Limits, TrustedMetadata, VerifiedTarget};
 use std::io::{BufRead, BufReader, Write};
 use std::sync::{Arc, Mutex};
+
+mod common;
 
 const PIECE: usize = CHUNK_SIZE as usize;
 
@@ -41,21 +41,22 @@ fn bundle_bytes() -> Vec<u8> {
         .collect()
 }
 
+/// The target for `data` as a till gets it: signed in a repository built
+/// here, then verified by the TUF client.
 fn target_for(data: &[u8]) -> (VerifiedTarget, ChunkList) {
-    let digest = digest_reader(data).unwrap();
-    let target = VerifiedTarget {
-        name: "pos-app/2.0.0".into(),
-        length: digest.length,
-        sha256: hex::encode(digest.sha256),
-        info: BundleInfo {
-            kind: Kind::Software,
-            version: "2.0.0".into(),
-            hardware: vec!["*".into()],
-            chunk_size: CHUNK_SIZE,
-            chunks_sha256: hex::encode(digest.chunks.digest()),
-        },
-    };
-    (target, digest.chunks)
+    let mut repo = common::TestRepo::default();
+    repo.add("pos-app/2.0.0", data);
+    let now = chrono::Utc::now();
+    let published = repo.publish(1, now + chrono::Duration::days(1));
+    let mut trusted = TrustedMetadata::from_pinned_root(&repo.root(), Limits::default()).unwrap();
+    trusted.update_timestamp(&published.timestamp, now).unwrap();
+    trusted.update_snapshot(&published.snapshot, now).unwrap();
+    trusted.update_targets(&published.targets, now).unwrap();
+    let target = trusted.bundle("pos-app/2.0.0", "pos-x1", now).unwrap();
+    let list = target
+        .decode_chunk_list(&repo.chunk_lists["pos-app/2.0.0"].encode())
+        .unwrap();
+    (target, list)
 }
 
 /// Serves `data` as the target, answering the first request with `first`
@@ -129,7 +130,9 @@ fn origin(address: &str) -> Origin {
 async fn a_cut_connection_resumes_from_the_last_verified_piece() {
     let data = bundle_bytes();
     let (target, list) = target_for(&data);
-    assert!(consistent_target_path(&target.name, &target.sha256).contains(&target.sha256));
+    assert!(
+        consistent_target_path(target.name(), &target.sha256_hex()).contains(&target.sha256_hex())
+    );
     // Cut two and a half pieces in: two whole pieces are kept.
     let (address, served) = serve(data.clone(), Mode::CutAfter(2 * PIECE + PIECE / 2));
     let dir = tempfile::tempdir().unwrap();

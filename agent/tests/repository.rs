@@ -116,3 +116,46 @@ async fn a_corrupt_pinned_root_is_a_clear_error() {
     .expect("refused");
     assert!(err.to_string().contains("root"), "{err}");
 }
+
+mod common;
+
+/// The timestamp a till saved has since expired (it was offline, or the
+/// repository's online key stopped signing). A restart must still hold it
+/// as the floor: an older timestamp, unexpired because it was signed for
+/// longer, is a rollback, not a way back in.
+#[tokio::test]
+async fn a_restart_keeps_the_rollback_baseline_when_the_saved_timestamp_expired() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let repo = common::TestRepo::default();
+    let old = repo.publish(1, chrono::Utc::now() + chrono::Duration::days(1));
+    let newer = repo.publish(2, chrono::Utc::now() - chrono::Duration::minutes(1));
+    newer.save(&data);
+    let origin = common::FileServer::start(old.files());
+
+    let mut client = RepositoryClient::open(
+        &repo.write_root(dir.path()),
+        &data,
+        &origin.url(),
+        Limits::default(),
+        Timeouts::default(),
+    )
+    .unwrap();
+    let err = client.refresh().await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RepoError::Refused(posfleet_bundle::Error::RollbackAttempt {
+                ref role,
+                trusted: 2,
+                offered: 1
+            }) if role == "timestamp"
+        ),
+        "{err}"
+    );
+    // Nothing older was saved over the baseline.
+    assert_eq!(
+        std::fs::read(data.join("tuf/timestamp.json")).unwrap(),
+        newer.timestamp
+    );
+}

@@ -6,11 +6,14 @@
 //! here only.
 
 use chrono::{DateTime, Utc};
+use std::path::Path;
 
+use crate::chunks::{self, ChunkList};
 use crate::error::{Error, Result};
+use crate::manifest::Kind;
 use crate::tuf::{
-    self, BundleInfo, Envelope, ROOT, Root, SNAPSHOT, Snapshot, TARGETS, TIMESTAMP, TargetFile,
-    Targets, Timestamp, check_expiry, parse_envelope, sha256_hex,
+    self, Envelope, ROOT, Root, SNAPSHOT, Snapshot, TARGETS, TIMESTAMP, TargetFile, Targets,
+    Timestamp, check_expiry, parse_envelope, sha256_hex,
 };
 
 /// Upper bounds on what the client downloads and accepts (TUF's endless data
@@ -41,13 +44,125 @@ impl Default for Limits {
     }
 }
 
-/// A target the repository vouches for, with its posfleet fields.
+/// A target the repository vouches for, with its posfleet fields. Only
+/// [`TrustedMetadata::bundle`] builds one, from metadata it verified and
+/// that has not expired; its fields are private.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifiedTarget {
-    pub name: String,
-    pub length: u64,
-    pub sha256: String,
-    pub info: BundleInfo,
+    name: String,
+    length: u64,
+    sha256: [u8; 32],
+    kind: Kind,
+    version: String,
+    hardware: Vec<String>,
+    chunk_size: u32,
+    chunks_sha256: [u8; 32],
+}
+
+impl VerifiedTarget {
+    /// `<bundle>/<version>`, the target's path in the repository.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The bundle's signed length in bytes.
+    pub fn length(&self) -> u64 {
+        self.length
+    }
+
+    /// The bundle's signed SHA-256.
+    pub fn sha256(&self) -> &[u8; 32] {
+        &self.sha256
+    }
+
+    pub fn sha256_hex(&self) -> String {
+        hex::encode(self.sha256)
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// The version in the signed `custom` fields.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// The hardware models it is signed for (`*`: any).
+    pub fn hardware(&self) -> &[String] {
+        &self.hardware
+    }
+
+    pub fn chunk_size(&self) -> u32 {
+        self.chunk_size
+    }
+
+    /// The signed digest of the bundle's chunk list.
+    pub fn chunks_sha256(&self) -> &[u8; 32] {
+        &self.chunks_sha256
+    }
+
+    pub fn chunks_sha256_hex(&self) -> String {
+        hex::encode(self.chunks_sha256)
+    }
+
+    /// The size of this bundle's encoded chunk list: the most to accept
+    /// from whoever serves it.
+    pub fn chunk_list_len(&self) -> u64 {
+        // `bundle` checked the chunk size (not 0) and the length (bounded),
+        // so this cannot overflow; u64::MAX would only make the bound loose.
+        chunks::encoded_len(self.chunk_size, self.length).unwrap_or(u64::MAX)
+    }
+
+    /// Parses this bundle's chunk list, fetched from anywhere, against its
+    /// signed digest, piece size and length (see [`ChunkList::decode`]).
+    pub fn decode_chunk_list(&self, bytes: &[u8]) -> Result<ChunkList> {
+        ChunkList::decode(bytes, self.chunk_size, self.length, &self.chunks_sha256)
+    }
+
+    /// Checks the whole file at `path` against the signed length and
+    /// SHA-256: [`Error::LengthMismatch`] or [`Error::HashMismatch`] when
+    /// it is not the bundle ([`Error::is_bad_digest`]), [`Error::Read`]
+    /// when it cannot be read. Blocking; hashes each byte once.
+    pub fn verify_file(&self, path: &Path) -> Result<()> {
+        let read = |source| Error::Read {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = std::fs::File::open(path).map_err(read)?;
+        let actual = file.metadata().map_err(read)?.len();
+        if actual != self.length {
+            return Err(Error::LengthMismatch {
+                what: format!("{} at {}", self.name, path.display()),
+                expected: self.length,
+                actual,
+            });
+        }
+        let (read_len, sha256) = chunks::sha256_reader(file).map_err(read)?;
+        if read_len != self.length {
+            return Err(Error::LengthMismatch {
+                what: format!("{} at {}", self.name, path.display()),
+                expected: self.length,
+                actual: read_len,
+            });
+        }
+        if sha256 != self.sha256 {
+            return Err(Error::HashMismatch {
+                what: format!("{} at {}", self.name, path.display()),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn digest_field(name: &str, field: &str, value: &str) -> Result<[u8; 32]> {
+    hex::decode(value)
+        .ok()
+        .and_then(|bytes| bytes.try_into().ok())
+        .ok_or_else(|| Error::Malformed {
+            role: TARGETS.into(),
+            message: format!("target {name} has a {field} that is not a SHA-256 in hex"),
+        })
 }
 
 /// The metadata trusted so far, each file kept as received.
@@ -171,6 +286,33 @@ impl TrustedMetadata {
 
     /// Accepts a timestamp. Returns false when it is the one already trusted.
     pub fn update_timestamp(&mut self, bytes: &[u8], now: DateTime<Utc>) -> Result<bool> {
+        self.accept_timestamp(bytes, Some(now))
+    }
+
+    /// Reloads the timestamp this client trusted before a restart (saved
+    /// on disk): checked like a fresh one, except that it may have expired
+    /// since. An expired timestamp still holds the rollback baseline (the
+    /// versions below which nothing is accepted); it never vouches for a
+    /// target ([`TrustedMetadata::bundle`] checks expiry).
+    pub fn restore_timestamp(&mut self, bytes: &[u8]) -> Result<()> {
+        self.accept_timestamp(bytes, None).map(drop)
+    }
+
+    /// Reloads the snapshot trusted before a restart, which the restored
+    /// timestamp names; expired or not, as [`Self::restore_timestamp`].
+    pub fn restore_snapshot(&mut self, bytes: &[u8]) -> Result<()> {
+        self.accept_snapshot(bytes, None)
+    }
+
+    /// Reloads the targets trusted before a restart, which the restored
+    /// snapshot names; expired or not, as [`Self::restore_timestamp`].
+    pub fn restore_targets(&mut self, bytes: &[u8]) -> Result<()> {
+        self.accept_targets(bytes, None)
+    }
+
+    /// `now`: the time to check expiry at; `None` for metadata trusted
+    /// before (a restart), whose expiry is checked when it is used.
+    fn accept_timestamp(&mut self, bytes: &[u8], now: Option<DateTime<Utc>>) -> Result<bool> {
         let envelope = parse_envelope(TIMESTAMP, bytes, self.limits.max_timestamp_size)?;
         let new: Timestamp = envelope.decode(TIMESTAMP)?;
         envelope.verify(TIMESTAMP, &self.root)?;
@@ -202,11 +344,15 @@ impl TrustedMetadata {
                 });
             }
             if new.version == old.version {
-                check_expiry(TIMESTAMP, &old.expires, now)?;
+                if let Some(now) = now {
+                    check_expiry(TIMESTAMP, &old.expires, now)?;
+                }
                 return Ok(false);
             }
         }
-        check_expiry(TIMESTAMP, &new.expires, now)?;
+        if let Some(now) = now {
+            check_expiry(TIMESTAMP, &new.expires, now)?;
+        }
         self.timestamp = Some((new, bytes.to_vec()));
         Ok(true)
     }
@@ -225,6 +371,10 @@ impl TrustedMetadata {
     }
 
     pub fn update_snapshot(&mut self, bytes: &[u8], now: DateTime<Utc>) -> Result<()> {
+        self.accept_snapshot(bytes, Some(now))
+    }
+
+    fn accept_snapshot(&mut self, bytes: &[u8], now: Option<DateTime<Utc>>) -> Result<()> {
         let (timestamp, _) = self
             .timestamp
             .as_ref()
@@ -279,7 +429,9 @@ impl TrustedMetadata {
                 }
             }
         }
-        check_expiry(SNAPSHOT, &new.expires, now)?;
+        if let Some(now) = now {
+            check_expiry(SNAPSHOT, &new.expires, now)?;
+        }
         self.snapshot = Some((new, bytes.to_vec()));
         Ok(())
     }
@@ -298,6 +450,10 @@ impl TrustedMetadata {
     }
 
     pub fn update_targets(&mut self, bytes: &[u8], now: DateTime<Utc>) -> Result<()> {
+        self.accept_targets(bytes, Some(now))
+    }
+
+    fn accept_targets(&mut self, bytes: &[u8], now: Option<DateTime<Utc>>) -> Result<()> {
         let (snapshot, _) = self
             .snapshot
             .as_ref()
@@ -326,7 +482,9 @@ impl TrustedMetadata {
                 by: SNAPSHOT.into(),
             });
         }
-        check_expiry(TARGETS, &new.expires, now)?;
+        if let Some(now) = now {
+            check_expiry(TARGETS, &new.expires, now)?;
+        }
         self.targets = Some((new, bytes.to_vec()));
         Ok(())
     }
@@ -338,11 +496,38 @@ impl TrustedMetadata {
             .ok_or(Error::MissingMetadata(TARGETS))
     }
 
-    /// A target the trusted targets metadata lists, for `hardware_model`.
-    /// Anything not listed is refused: no extraneous bundle gets in.
-    pub fn bundle(&self, name: &str, hardware_model: &str) -> Result<VerifiedTarget> {
+    /// Whether every piece of trusted metadata is still current at `now`:
+    /// root, timestamp, snapshot and targets. Expired metadata vouches for
+    /// nothing (TUF's freeze attack): [`Error::ExpiredMetadata`] names the
+    /// first role found expired.
+    pub fn check_current(&self, now: DateTime<Utc>) -> Result<()> {
+        let (timestamp, _) = self
+            .timestamp
+            .as_ref()
+            .ok_or(Error::MissingMetadata(TIMESTAMP))?;
+        let (snapshot, _) = self
+            .snapshot
+            .as_ref()
+            .ok_or(Error::MissingMetadata(SNAPSHOT))?;
         let targets = self.targets()?;
-        let target: &TargetFile = targets
+        check_expiry(ROOT, &self.root.expires, now)?;
+        check_expiry(TIMESTAMP, &timestamp.expires, now)?;
+        check_expiry(SNAPSHOT, &snapshot.expires, now)?;
+        check_expiry(TARGETS, &targets.expires, now)
+    }
+
+    /// A target the trusted targets metadata lists, for `hardware_model`,
+    /// if that metadata is current at `now` ([`Self::check_current`]).
+    /// Anything not listed is refused: no extraneous bundle gets in.
+    pub fn bundle(
+        &self,
+        name: &str,
+        hardware_model: &str,
+        now: DateTime<Utc>,
+    ) -> Result<VerifiedTarget> {
+        self.check_current(now)?;
+        let target: &TargetFile = self
+            .targets()?
             .targets
             .get(name)
             .ok_or_else(|| Error::UnknownTarget(name.into()))?;
@@ -378,8 +563,12 @@ impl TrustedMetadata {
         Ok(VerifiedTarget {
             name: name.into(),
             length: target.length,
-            sha256: sha256.into(),
-            info,
+            sha256: digest_field(name, "sha256", sha256)?,
+            chunks_sha256: digest_field(name, "chunks_sha256", &info.chunks_sha256)?,
+            kind: info.kind,
+            version: info.version,
+            hardware: info.hardware,
+            chunk_size: info.chunk_size,
         })
     }
 }

@@ -116,6 +116,22 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// True when bytes are not the ones signed metadata names: a piece, a
+    /// chunk list or a whole bundle whose hash (or length, which the hash
+    /// covers) differs. Whoever served them is at fault: a peer that does
+    /// is banned. Every other refusal of bytes is a wrong shape (a piece
+    /// index the bundle does not have, a chunk list asked for with the
+    /// wrong size or length): the question was wrong, not the sender.
+    pub fn is_bad_digest(&self) -> bool {
+        matches!(
+            self,
+            Error::ChunkHashMismatch { .. }
+                | Error::ChunkListMismatch
+                | Error::HashMismatch { .. }
+                | Error::LengthMismatch { .. }
+        )
+    }
+
     /// True when a write failed because the filesystem is full or over quota.
     pub fn is_disk_full(&self) -> bool {
         matches!(

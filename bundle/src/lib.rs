@@ -6,7 +6,14 @@
 //!   its own, whoever served it.
 //! - `tuf`: TUF 1.0 metadata in canonical JSON, signed with Ed25519.
 //! - `repo`: building and signing metadata (ops and the control plane).
-//! - `client`: deciding which metadata and targets to trust (agents).
+//! - `client`: deciding which metadata and targets to trust (agents), and
+//!   `VerifiedTarget`, the one value that says a bundle may be fetched.
+//!
+//! Trust is decided here only. Other crates never hash bundle bytes nor
+//! build a trusted value: `ChunkList::verify_piece`,
+//! `VerifiedTarget::verify_file` and `VerifiedTarget::decode_chunk_list`
+//! do the checking, and their errors tell a bad digest (whoever served
+//! the bytes lied: `Error::is_bad_digest`) from a wrong shape.
 //!
 //! No network and no database here.
 #![forbid(unsafe_code)]
@@ -15,6 +22,7 @@ pub mod archive;
 pub mod chunks;
 pub mod client;
 pub mod error;
+mod hash;
 pub mod manifest;
 pub mod repo;
 pub mod tuf;

@@ -66,7 +66,7 @@ pub fn target_file(manifest: &Manifest, digest: &FileDigest) -> TargetFile {
         kind: manifest.kind,
         version: manifest.version.to_string(),
         hardware: manifest.hardware.clone(),
-        chunk_size: digest.chunks.chunk_size,
+        chunk_size: digest.chunks.chunk_size(),
         chunks_sha256: hex::encode(digest.chunks.digest()),
     };
     TargetFile {

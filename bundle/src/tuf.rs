@@ -6,10 +6,11 @@
 use chrono::{DateTime, SecondsFormat, Utc};
 use ed25519_dalek::{Signature as DalekSignature, Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::chunks::FileDigest;
 use crate::error::{Error, Result};
+use crate::hash::sha256;
 use crate::manifest::Kind;
 
 pub const SPEC_VERSION: &str = "1.0.31";
@@ -36,7 +37,7 @@ pub fn canonical_json<T: Serialize>(value: &T) -> Vec<u8> {
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
+    hex::encode(sha256(bytes))
 }
 
 /// `expires` values: whole seconds, UTC, `Z` (the form TUF clients expect).
@@ -162,6 +163,41 @@ impl TargetFile {
     pub fn sha256(&self) -> Option<&str> {
         self.hashes.get("sha256").map(String::as_str)
     }
+
+    /// Reads the bundle file at `path` whole and checks it against this
+    /// signed entry `name`, as the control plane does with what ops
+    /// upload: its length, its SHA-256, and the digest of its chunk list
+    /// (`chunks_sha256`), from one read. Returns what was read, chunk list
+    /// included, for storing. A mismatch is [`Error::LengthMismatch`] or
+    /// [`Error::HashMismatch`]; an unreadable file is [`Error::Read`].
+    pub fn verify_file(&self, name: &str, path: &std::path::Path) -> Result<FileDigest> {
+        let info = self.bundle_info(name)?;
+        let read = |source| Error::Read {
+            path: path.to_path_buf(),
+            source,
+        };
+        let digest = std::fs::File::open(path)
+            .and_then(crate::chunks::digest_reader)
+            .map_err(read)?;
+        if digest.length != self.length {
+            return Err(Error::LengthMismatch {
+                what: format!("the bundle file of target {name}"),
+                expected: self.length,
+                actual: digest.length,
+            });
+        }
+        if self.sha256() != Some(hex::encode(digest.sha256).as_str()) {
+            return Err(Error::HashMismatch {
+                what: format!("the bundle file of target {name}"),
+            });
+        }
+        if info.chunks_sha256 != hex::encode(digest.chunks.digest()) {
+            return Err(Error::HashMismatch {
+                what: format!("the chunk list of target {name}"),
+            });
+        }
+        Ok(digest)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -238,7 +274,11 @@ impl Envelope {
     }
 
     /// Checks that a threshold of `role`'s keys in `root` signed this file.
-    /// A key counts once however many signatures carry its id.
+    /// Keys are counted, not key ids: a key listed under an id that is not
+    /// its own (`keyid` must be the SHA-256 of the key's canonical JSON)
+    /// does not count at all, and a key listed under several ids (two
+    /// spellings of one public key) counts once however many signatures
+    /// carry its ids.
     pub fn verify(&self, role: &str, root: &Root) -> Result<()> {
         let role_keys = root.roles.get(role).ok_or_else(|| Error::Malformed {
             role: ROOT.into(),
@@ -249,14 +289,22 @@ impl Envelope {
             role: role.into(),
             message: format!("not canonical JSON: {e}"),
         })?;
-        let mut valid = BTreeSet::new();
+        let mut valid: BTreeSet<[u8; 32]> = BTreeSet::new();
         for signature in &self.signatures {
-            if !role_keys.keyids.contains(&signature.keyid) || valid.contains(&signature.keyid) {
+            if !role_keys.keyids.contains(&signature.keyid) {
                 continue;
             }
-            let Some(key) = root.keys.get(&signature.keyid).and_then(Key::verifying_key) else {
+            let Some(key) = root
+                .keys
+                .get(&signature.keyid)
+                .filter(|key| key.id() == signature.keyid)
+                .and_then(Key::verifying_key)
+            else {
                 continue;
             };
+            if valid.contains(key.as_bytes()) {
+                continue;
+            }
             let Ok(sig) = hex::decode(&signature.sig)
                 .map_err(|_| ())
                 .and_then(|b| DalekSignature::from_slice(&b).map_err(|_| ()))
@@ -264,7 +312,7 @@ impl Envelope {
                 continue;
             };
             if key.verify_strict(&payload, &sig).is_ok() {
-                valid.insert(signature.keyid.clone());
+                valid.insert(key.to_bytes());
             }
         }
         if role_keys.threshold == 0 || (valid.len() as u64) < role_keys.threshold {

@@ -173,20 +173,16 @@ fn a_fresh_client_trusts_a_good_repository() {
     let repo = sample();
     let mut client = repo.client();
     refresh(&mut client, &repo, now()).unwrap();
-    let target = client.bundle("pos-app/1.0.0", "pos-x1").unwrap();
-    assert_eq!(target.length, 3 * 1024 * 1024 + 10);
+    let target = client.bundle("pos-app/1.0.0", "pos-x1", now()).unwrap();
+    assert_eq!(target.length(), 3 * 1024 * 1024 + 10);
     let (data, list) = &repo.bundles["pos-app/1.0.0"];
-    let fetched = ChunkList::decode(
-        &list.encode(),
-        target.info.chunk_size,
-        target.length,
-        &hex::decode(&target.info.chunks_sha256)
-            .unwrap()
-            .try_into()
-            .unwrap(),
-    )
-    .unwrap();
+    let fetched = target.decode_chunk_list(&list.encode()).unwrap();
     fetched.verify_reader(&data[..]).unwrap();
+    // The whole file, as a till checks a staged bundle before installing.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("b.bundle");
+    std::fs::write(&path, data).unwrap();
+    target.verify_file(&path).unwrap();
 }
 
 #[test]
@@ -269,7 +265,7 @@ fn fast_forward_attack_is_undone_by_rotating_the_timestamp_key() {
     repo.rotate(|r| r.timestamp_key = key(32));
     repo.publish();
     refresh(&mut client, &repo, now()).unwrap();
-    client.bundle("pos-app/1.0.0", "pos-x1").unwrap();
+    client.bundle("pos-app/1.0.0", "pos-x1", now()).unwrap();
 }
 
 #[test]
@@ -283,6 +279,13 @@ fn indefinite_freeze_attack_is_refused() {
         matches!(err, Error::ExpiredMetadata { ref role, .. } if role == "timestamp"),
         "{err}"
     );
+    // Metadata trusted while it was current vouches for nothing once it
+    // has expired: the till that lost its repository starts nothing new.
+    let mut client = repo.client();
+    refresh(&mut client, &repo, now()).unwrap();
+    client.bundle("pos-app/1.0.0", "pos-x1", now()).unwrap();
+    let err = client.bundle("pos-app/1.0.0", "pos-x1", later).unwrap_err();
+    assert!(matches!(err, Error::ExpiredMetadata { .. }), "{err}");
     // An expired root is refused too.
     let err = refresh(&mut repo.client(), &repo, now() + Duration::days(400)).unwrap_err();
     assert!(
@@ -336,7 +339,7 @@ fn endless_data_attack_is_refused() {
     let mut limited = TrustedMetadata::from_pinned_root(&repo.roots[0], small).unwrap();
     refresh(&mut limited, &repo, now()).unwrap();
     assert!(matches!(
-        limited.bundle("pos-app/1.0.0", "pos-x1"),
+        limited.bundle("pos-app/1.0.0", "pos-x1", now()),
         Err(Error::TooLarge { .. })
     ));
     // Signed metadata asking for 4 GiB pieces (each piece is one buffer).
@@ -346,7 +349,7 @@ fn endless_data_attack_is_refused() {
     repo.publish();
     let mut client = repo.client();
     refresh(&mut client, &repo, now()).unwrap();
-    let err = client.bundle("pos-app/1.0.0", "pos-x1").unwrap_err();
+    let err = client.bundle("pos-app/1.0.0", "pos-x1", now()).unwrap_err();
     assert!(matches!(err, Error::Malformed { .. }), "{err}");
 }
 
@@ -356,7 +359,7 @@ fn extraneous_dependencies_are_refused() {
     let mut client = repo.client();
     refresh(&mut client, &repo, now()).unwrap();
     let err = client
-        .bundle("libcrypto-backdoor/1.0.0", "pos-x1")
+        .bundle("libcrypto-backdoor/1.0.0", "pos-x1", now())
         .unwrap_err();
     assert!(
         matches!(err, Error::UnknownTarget(ref name) if name == "libcrypto-backdoor/1.0.0"),
@@ -418,7 +421,9 @@ fn wrong_software_is_refused() {
     let repo = sample();
     let mut client = repo.client();
     refresh(&mut client, &repo, now()).unwrap();
-    let err = client.bundle("pos-app/1.0.0", "kiosk-k2").unwrap_err();
+    let err = client
+        .bundle("pos-app/1.0.0", "kiosk-k2", now())
+        .unwrap_err();
     assert!(
         matches!(err, Error::WrongHardware { ref model, .. } if model == "kiosk-k2"),
         "{err}"
@@ -429,20 +434,45 @@ fn wrong_software_is_refused() {
 fn malicious_mirror_pieces_are_refused() {
     let repo = sample();
     let (data, list) = &repo.bundles["pos-app/1.0.0"];
-    let size = list.chunk_size as usize;
+    let size = list.chunk_size() as usize;
     let mut piece = data[size..2 * size].to_vec();
     piece[100] ^= 0xff;
-    assert!(matches!(
-        list.verify_chunk(1, &piece),
-        Err(Error::ChunkHashMismatch { index: 1 })
-    ));
+    let err = list.verify_piece(1, &piece).unwrap_err();
+    assert!(
+        matches!(err, Error::ChunkHashMismatch { index: 1 }) && err.is_bad_digest(),
+        "{err}"
+    );
     // A doctored chunk list does not match its signed digest.
     let mut encoded = list.encode();
     encoded[40] ^= 1;
-    assert!(matches!(
-        ChunkList::decode(&encoded, list.chunk_size, list.length, &list.digest()),
-        Err(Error::ChunkListMismatch)
-    ));
+    let err =
+        ChunkList::decode(&encoded, list.chunk_size(), list.length(), &list.digest()).unwrap_err();
+    assert!(
+        matches!(err, Error::ChunkListMismatch) && err.is_bad_digest(),
+        "{err}"
+    );
+    // A bundle on disk (a mirror, a peer, a rotting disk) that is not the
+    // signed one, byte for byte or by length.
+    let mut client = repo.client();
+    refresh(&mut client, &repo, now()).unwrap();
+    let target = client.bundle("pos-app/1.0.0", "pos-x1", now()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("b.bundle");
+    let mut doctored = data.clone();
+    doctored[7] ^= 1;
+    std::fs::write(&path, &doctored).unwrap();
+    let err = target.verify_file(&path).unwrap_err();
+    assert!(
+        matches!(err, Error::HashMismatch { .. }) && err.is_bad_digest(),
+        "{err}"
+    );
+    doctored.pop();
+    std::fs::write(&path, &doctored).unwrap();
+    let err = target.verify_file(&path).unwrap_err();
+    assert!(
+        matches!(err, Error::LengthMismatch { .. }) && err.is_bad_digest(),
+        "{err}"
+    );
 }
 
 #[test]
@@ -507,6 +537,118 @@ fn root_versions_cannot_be_skipped() {
                 offered: 3
             }
         ),
+        "{err}"
+    );
+}
+
+/// A root that lists one key under two key ids: under an id that is not
+/// its own, or under the id of another spelling of it (upper-case hex).
+/// Two signatures by that one key, one per id, are one signer, not the
+/// two a threshold of 2 asks for.
+#[test]
+fn a_key_listed_under_two_ids_counts_once() {
+    let signer = key(1);
+    let real = tuf::Key::ed25519(&signer.verifying_key());
+    let mut upper = real.clone();
+    upper.keyval.public = upper.keyval.public.to_uppercase();
+    for (alias_id, alias) in [("ab".repeat(32), real.clone()), (upper.id(), upper)] {
+        let mut root = Repo::new().root(1);
+        root.keys.insert(alias_id.clone(), alias);
+        root.roles.insert(
+            "root".into(),
+            tuf::RoleKeys {
+                keyids: vec![real.id(), alias_id.clone()],
+                threshold: 2,
+            },
+        );
+        let mut envelope =
+            tuf::parse_envelope("root", &tuf::sign(&root, &[&signer]), 1 << 20).unwrap();
+        let twice = tuf::Signature {
+            keyid: alias_id,
+            sig: envelope.signatures[0].sig.clone(),
+        };
+        envelope.signatures.push(twice);
+        let bytes = serde_json::to_vec(&envelope).unwrap();
+        let err = TrustedMetadata::from_pinned_root(&bytes, Limits::default()).unwrap_err();
+        assert!(
+            matches!(err, Error::ThresholdNotMet { ref role, valid: 1, threshold: 2 } if role == "root"),
+            "{err}"
+        );
+    }
+}
+
+/// A restart reloads what the till trusted. A saved timestamp that expired
+/// meanwhile still sets the floor: an older one, signed to live longer,
+/// is a rollback. A newer one is taken over it.
+#[test]
+fn a_restored_expired_timestamp_still_blocks_a_rollback() {
+    let mut repo = sample();
+    repo.expires = now() + Duration::days(30);
+    let old = repo.publish();
+    repo.expires = now() + Duration::days(1);
+    let saved = repo.publish();
+    let later = now() + Duration::days(2);
+
+    let mut restarted = repo.client();
+    restarted.restore_timestamp(&saved.2).unwrap();
+    restarted.restore_snapshot(&saved.1).unwrap();
+    restarted.restore_targets(&saved.0).unwrap();
+    let err = restarted
+        .bundle("pos-app/1.0.0", "pos-x1", later)
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::ExpiredMetadata { ref role, .. } if role == "timestamp"),
+        "{err}"
+    );
+    let err = restarted.update_timestamp(&old.2, later).unwrap_err();
+    assert!(
+        matches!(err, Error::RollbackAttempt { ref role, trusted: 3, offered: 2 } if role == "timestamp"),
+        "{err}"
+    );
+
+    repo.expires = now() + Duration::days(30);
+    repo.publish();
+    refresh(&mut restarted, &repo, later).unwrap();
+    restarted.bundle("pos-app/1.0.0", "pos-x1", later).unwrap();
+}
+
+/// What ops upload is checked against its signed entry before the control
+/// plane serves it: a tampered, cut or padded file, or an entry whose
+/// chunk list digest is not the file's, is refused.
+#[test]
+fn an_upload_that_is_not_the_signed_bundle_is_refused() {
+    let repo = sample();
+    let (data, _) = &repo.bundles["pos-app/1.0.0"];
+    let entry = &repo.entries["pos-app/1.0.0"];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("upload");
+    std::fs::write(&path, data).unwrap();
+    let digest = entry.verify_file("pos-app/1.0.0", &path).unwrap();
+    assert_eq!(
+        digest.chunks.encode(),
+        repo.bundles["pos-app/1.0.0"].1.encode()
+    );
+
+    let mut tampered = data.clone();
+    tampered[3] ^= 1;
+    let mut longer = data.clone();
+    longer.push(0);
+    for (bytes, what) in [
+        (tampered, "tampered"),
+        (data[..data.len() - 1].to_vec(), "cut"),
+        (longer, "padded"),
+    ] {
+        std::fs::write(&path, &bytes).unwrap();
+        let err = entry.verify_file("pos-app/1.0.0", &path).unwrap_err();
+        assert!(err.is_bad_digest(), "{what}: {err}");
+    }
+
+    let mut wrong_list = entry.clone();
+    wrong_list.custom.as_mut().unwrap()["chunks_sha256"] = serde_json::json!("00".repeat(32));
+    std::fs::write(&path, data).unwrap();
+    let err = wrong_list.verify_file("pos-app/1.0.0", &path).unwrap_err();
+    assert!(
+        matches!(err, Error::HashMismatch { ref what } if what.contains("chunk list")),
         "{err}"
     );
 }

@@ -2,6 +2,7 @@
 //! only. Errors are one line on stderr and a non-zero exit code.
 
 mod audit_cmd;
+#[cfg(feature = "demo")]
 mod demo;
 mod repo_cmd;
 mod rollout_cmd;
@@ -66,6 +67,7 @@ enum Command {
     Bundle(repo_cmd::BundleCommand),
     /// Start a control plane and six tills in two stores, on SQLite in a
     /// temporary directory, and show them come online.
+    #[cfg(feature = "demo")]
     Demo(demo::DemoArgs),
 }
 
@@ -568,6 +570,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         command,
     } = cli;
     let command = match command {
+        #[cfg(feature = "demo")]
         Command::Demo(args) => return demo::run(&args, output).await,
         Command::Bundle(build @ repo_cmd::BundleCommand::Build { .. }) => {
             return repo_cmd::bundle(None, build, output).await;

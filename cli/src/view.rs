@@ -391,6 +391,9 @@ fn mib(bytes: u64) -> String {
 pub fn progress(s: &BundleStatusView) -> String {
     match s.phase.as_str() {
         "downloading" => {}
+        // Waiting for something else than the window (expired trust
+        // metadata): the error column says what.
+        "pending" | "downloaded" if !s.error.is_empty() => return "waiting (see error)".into(),
         // Not allowed to download (or install) before the store's window.
         "pending" | "downloaded" => return "waiting for the window".into(),
         _ => return "-".into(),
@@ -443,7 +446,7 @@ pub fn bundles_table(bundles: &[DeviceBundleView]) -> Table {
                 dash(&s.active_version),
                 s.phase.clone(),
                 progress(s),
-                dash(&one_line(&s.error, 60)),
+                dash(&one_line(&s.error, 90)),
                 s.updated_at.clone(),
             ],
             None => vec![
@@ -700,6 +703,14 @@ mod tests {
             ),
             (status("downloading", 3 * MIB / 2, 0), "1.5 MiB"),
             (status("installed", 32 * MIB, 32 * MIB), "-"),
+            (status("pending", 0, 0), "waiting for the window"),
+            (
+                BundleStatusView {
+                    error: "trust metadata expired; not starting a download until the repository is reachable".into(),
+                    ..status("pending", 0, 0)
+                },
+                "waiting (see error)",
+            ),
         ] {
             assert_eq!(progress(&s), expected);
         }

@@ -5,7 +5,7 @@
 
 use chrono::{DateTime, Duration, Utc};
 use ed25519_dalek::SigningKey;
-use posfleet_bundle::chunks::{self, CHUNK_SIZE};
+use posfleet_bundle::chunks::CHUNK_SIZE;
 use posfleet_bundle::client::{Limits, TrustedMetadata};
 use posfleet_bundle::tuf::{
     self, Key, ROOT, Root, SNAPSHOT, Snapshot, TARGETS, TIMESTAMP, Targets,
@@ -412,29 +412,20 @@ impl Repository {
                 "chunk_size must be {CHUNK_SIZE}"
             )));
         }
-        let temp = upload.temp.clone();
-        let digest = tokio::task::spawn_blocking(move || {
-            std::fs::File::open(&temp).and_then(chunks::digest_reader)
-        })
-        .await
-        .map_err(std::io::Error::other)
-        .and_then(|digest| digest)
-        .map_err(|e| RepoError::Internal(crate::error::Error::Blob(e)))?;
+        // posfleet-bundle reads the bytes and decides whether they are the
+        // signed bundle (length, SHA-256, chunk list digest).
+        let (entry, target, temp) = (file.clone(), name.clone(), upload.temp.clone());
+        let digest = tokio::task::spawn_blocking(move || entry.verify_file(&target, &temp))
+            .await
+            .map_err(|e| RepoError::Internal(crate::error::Error::Blob(std::io::Error::other(e))))?
+            .map_err(|e| match e {
+                BundleError::Read { source, .. } => {
+                    RepoError::Internal(crate::error::Error::Blob(source))
+                }
+                e => RepoError::Refused(format!("the uploaded bytes are refused: {e}")),
+            })?;
         let sha256 = hex::encode(digest.sha256);
-        if digest.length != file.length || Some(sha256.as_str()) != file.sha256() {
-            return Err(RepoError::Refused(format!(
-                "the uploaded bytes ({} bytes, sha256 {sha256}) do not match target {name} ({} bytes, sha256 {})",
-                digest.length,
-                file.length,
-                file.sha256().unwrap_or("none")
-            )));
-        }
         let chunks_sha256 = hex::encode(digest.chunks.digest());
-        if chunks_sha256 != info.chunks_sha256 {
-            return Err(RepoError::Refused(format!(
-                "the chunk list of {name} does not match chunks_sha256"
-            )));
-        }
         let io = |e: std::io::Error| RepoError::Internal(crate::error::Error::Blob(e));
         let list_temp = self.blobs.temp_path();
         std::fs::write(&list_temp, digest.chunks.encode()).map_err(io)?;

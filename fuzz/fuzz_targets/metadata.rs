@@ -28,7 +28,6 @@ use posfleet_bundle::manifest::{Kind, Manifest};
 use posfleet_bundle::repo::{self, RootKeys};
 use posfleet_bundle::tuf::{self, Envelope, ROOT, SNAPSHOT, TARGETS, TIMESTAMP};
 use serde_json::{Map, Value};
-use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
@@ -126,7 +125,7 @@ impl Fixture {
             .update_targets(&targets_bytes, now)
             .expect("the fixture's targets are valid");
         complete
-            .bundle(BUNDLE, HARDWARE)
+            .bundle(BUNDLE, HARDWARE, now)
             .expect("the fixture's bundle is valid");
         Fixture {
             now,
@@ -221,7 +220,7 @@ fn re_signed(f: &Fixture, envelope: &Envelope) {
                 let _ = client.finish_root_updates(f.now);
                 let _ = client.update_timestamp(&f.timestamp_bytes, f.now);
                 let _ = client.snapshot_to_fetch();
-                let _ = client.bundle(BUNDLE, HARDWARE);
+                let _ = client.bundle(BUNDLE, HARDWARE, f.now);
             }
         }
         Some(TIMESTAMP) => {
@@ -260,9 +259,9 @@ fn re_signed(f: &Fixture, envelope: &Envelope) {
                     .map(|t| t.targets.keys().take(16).cloned().collect())
                     .unwrap_or_default();
                 for name in names {
-                    let _ = client.bundle(&name, HARDWARE);
+                    let _ = client.bundle(&name, HARDWARE, f.now);
                 }
-                let _ = client.bundle(BUNDLE, HARDWARE);
+                let _ = client.bundle(BUNDLE, HARDWARE, f.now);
             }
         }
         _ => {}
@@ -278,13 +277,19 @@ fn chunk_list(data: &[u8]) {
         return;
     };
     let (chunk_size, length) = (u32::from_le_bytes(*chunk_size), u64::from_le_bytes(*length));
-    let digest: [u8; 32] = Sha256::digest(list).into();
+    // The digest as signed metadata gives it, computed by the crate.
+    let Some(digest) = hex::decode(tuf::sha256_hex(list))
+        .ok()
+        .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+    else {
+        return;
+    };
     if let Ok(decoded) = ChunkList::decode(list, chunk_size, length, &digest) {
         assert_eq!(decoded.encode(), list, "a decoded list encodes as received");
         assert_eq!(decoded.digest(), digest);
         for index in 0..decoded.count().min(4) {
             let _ = decoded.chunk_len(index);
-            let _ = decoded.verify_chunk(index, list);
+            let _ = decoded.verify_piece(index, list);
         }
         let _ = decoded.chunk_len(decoded.count());
     }

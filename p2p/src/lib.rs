@@ -55,6 +55,12 @@
 //! refresh it every 2 s while any till around fetches (every 10 s when all
 //! is quiet).
 //!
+//! Decoding costs what the bytes received weigh: a frame's buffer grows as
+//! its bytes arrive rather than to the length its header declares, a "whole"
+//! flag stays a flag (no bitmap is built from it), an entry for a bundle this
+//! till holds must have that bundle's piece count and chunk list, and an
+//! answer must be of the kind and within the size its request asked for.
+//!
 //! # Pieces
 //!
 //! One 1 MiB piece per request, never a whole bundle in a message. A fetch
@@ -190,9 +196,7 @@ pub async fn spawn(seed: [u8; 32], config: Config) -> Result<(P2p, tokio::task::
         message: e.to_string(),
     };
     let mdns_on = config.mdns;
-    let codec = Codec {
-        limits: config.limits,
-    };
+    let codec = Codec::new(config.limits);
     let rr_config = request_response::Config::default()
         .with_request_timeout(config.request_timeout)
         .with_max_concurrent_streams(4 * config.max_concurrent_transfers.max(1) + 16);
@@ -396,9 +400,9 @@ impl P2p {
         progress: impl Fn(u64) + Send + Sync,
     ) -> Result<FetchStats> {
         let limit = self.config.limits.max_piece_bytes;
-        if bundle.chunks.chunk_size > limit {
+        if bundle.chunks.chunk_size() > limit {
             return Err(Error::PieceTooLarge {
-                chunk_size: bundle.chunks.chunk_size,
+                chunk_size: bundle.chunks.chunk_size(),
                 limit,
             });
         }

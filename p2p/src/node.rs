@@ -15,7 +15,6 @@ use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, allow_block_list, connection_limits, mdns};
 use posfleet_bundle::chunks::ChunkList;
-use sha2::{Digest as _, Sha256};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::num::NonZeroU8;
 use std::path::PathBuf;
@@ -609,7 +608,7 @@ impl Node {
                         to.write_verified(index, &from.read_verified(index)?)?;
                     }
                     to.finish()?;
-                    progress.send_replace(to.chunks().length);
+                    progress.send_replace(to.chunks().length());
                     Ok(FetchStats::default())
                 };
                 let _ = reply.send(copy());
@@ -1159,6 +1158,14 @@ impl Node {
         let p = self.peers.entry(peer).or_default();
         let mut bundles = HashMap::with_capacity(status.bundles.len());
         for b in status.bundles {
+            // A bundle this till holds has a known size: an entry for it
+            // with another piece count or chunk list is not that bundle.
+            if let Some(local) = self.bundles.get(&b.digest)
+                && (b.have.len() != local.have.len() || b.chunks_digest != local.chunks_digest)
+            {
+                debug!(%peer, "Status entry that does not match the bundle's chunk list ignored.");
+                continue;
+            }
             let old = p.bundles.get(&b.digest);
             let progressed =
                 old.is_none_or(|o| b.have.count() > o.have.count() || (b.origin && !o.origin));
@@ -1191,20 +1198,18 @@ impl Node {
         if let Response::ChunkList(bytes) = response
             && q.reply.is_some()
         {
-            if Sha256::digest(&bytes).as_slice() != q.digest {
-                bad = true;
-            } else {
-                match ChunkList::decode(&bytes, q.chunk_size, q.length, &q.digest) {
-                    Ok(list) => {
-                        if let Some(reply) = q.reply.take() {
-                            debug!(peer_id = %peer, "Chunk list from a peer.");
-                            let _ = reply.send(Some(list));
-                        }
+            match ChunkList::decode(&bytes, q.chunk_size, q.length, &q.digest) {
+                Ok(list) => {
+                    if let Some(reply) = q.reply.take() {
+                        debug!(peer_id = %peer, "Chunk list from a peer.");
+                        let _ = reply.send(Some(list));
                     }
-                    Err(error) => {
-                        // Its digest matched: the size or length asked for is wrong.
-                        warn!(peer_id = %peer, %error, "A chunk list does not fit the bundle asked for.");
-                    }
+                }
+                // Not the list the digest names: the peer lied.
+                Err(error) if error.is_bad_digest() => bad = true,
+                Err(error) => {
+                    // The authentic list: the size or length asked for is wrong.
+                    warn!(peer_id = %peer, %error, "A chunk list does not fit the bundle asked for.");
                 }
             }
         }
@@ -1281,7 +1286,7 @@ impl Node {
                 rate => {
                     let now = Instant::now();
                     let len = job.file.chunks().chunk_len(job.index).unwrap_or(0);
-                    let burst = u64::from(job.file.chunks().chunk_size);
+                    let burst = u64::from(job.file.chunks().chunk_size());
                     self.buckets
                         .entry(job.peer)
                         .or_insert_with(|| TokenBucket::new(rate, burst, now))
@@ -1528,7 +1533,7 @@ impl Node {
             task.abort.abort();
             fetch.election.origin_stopped();
         }
-        fetch.progress.send_replace(l.file.chunks().length);
+        fetch.progress.send_replace(l.file.chunks().length());
         let file = l.file.clone();
         let local = l.id;
         let tx = self.internal_tx.clone();

@@ -23,18 +23,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use crate::bitmap::Bitmap;
 use crate::error::{Error, Result};
 
-/// Whether `data` is piece `index` of the list: its length and SHA-256, the
-/// same check as `ChunkList::verify_chunk`. Hashed with ring, whose SHA-256
-/// is assembly in every build profile: every byte a till moves is hashed
-/// once or twice, and the portable implementation is two orders of
-/// magnitude slower in debug builds (tests included).
-pub(crate) fn piece_matches(chunks: &ChunkList, index: usize, data: &[u8]) -> bool {
-    chunks
-        .chunk_len(index)
-        .is_ok_and(|len| len == data.len() as u64)
-        && ring::digest::digest(&ring::digest::SHA256, data).as_ref() == chunks.hashes[index]
-}
-
 /// Written bytes are flushed to disk every this many, so that the flush
 /// at the end of a fetch has little left to do.
 const FLUSH_EVERY: u64 = 16 << 20;
@@ -87,8 +75,8 @@ impl PieceFile {
         let old_len = file.metadata().map_err(open)?.len();
         let side_path = sidecar_path(dest);
         let recorded = read_sidecar(&side_path, &chunks);
-        if old_len != chunks.length {
-            file.set_len(chunks.length).map_err(open)?;
+        if old_len != chunks.length() {
+            file.set_len(chunks.length()).map_err(open)?;
         }
 
         let mut this = PieceFile {
@@ -150,10 +138,10 @@ impl PieceFile {
         };
         let file = File::open(path).map_err(open)?;
         let actual = file.metadata().map_err(open)?.len();
-        if actual != chunks.length {
+        if actual != chunks.length() {
             return Err(Error::LengthMismatch {
                 path: path.to_path_buf(),
-                expected: chunks.length,
+                expected: chunks.length(),
                 actual,
             });
         }
@@ -185,19 +173,27 @@ impl PieceFile {
             })
     }
 
-    fn offset(&self, index: usize) -> u64 {
-        index as u64 * u64::from(self.chunks.chunk_size)
+    /// Checks `data` against the chunk list (`posfleet-bundle` decides).
+    fn verify(&self, index: usize, data: &[u8]) -> Result<()> {
+        self.chunks.verify_piece(index, data).map_err(|e| {
+            if e.is_bad_digest() {
+                Error::HashMismatch {
+                    path: self.path.clone(),
+                    index,
+                }
+            } else {
+                Error::PieceOutOfRange {
+                    index,
+                    count: self.chunks.count(),
+                }
+            }
+        })
     }
 
     /// Reads one piece and checks it against the chunk list.
     pub fn read_verified(&self, index: usize) -> Result<Vec<u8>> {
         let data = self.read_unchecked(index)?;
-        if !piece_matches(&self.chunks, index, &data) {
-            return Err(Error::HashMismatch {
-                path: self.path.clone(),
-                index,
-            });
-        }
+        self.verify(index, &data)?;
         self.checked[index].store(true, Ordering::Relaxed);
         Ok(data)
     }
@@ -219,7 +215,7 @@ impl PieceFile {
     fn read_unchecked(&self, index: usize) -> Result<Vec<u8>> {
         let mut data = vec![0u8; self.piece_len(index)?];
         self.file
-            .read_exact_at(&mut data, self.offset(index))
+            .read_exact_at(&mut data, self.chunks.offset(index))
             .map_err(|source| Error::ReadPiece {
                 path: self.path.clone(),
                 index,
@@ -231,15 +227,9 @@ impl PieceFile {
     /// Checks one piece against the chunk list, then writes it and records
     /// it in the sidecar.
     pub fn write_verified(&self, index: usize, data: &[u8]) -> Result<()> {
-        self.piece_len(index)?;
-        if !piece_matches(&self.chunks, index, data) {
-            return Err(Error::HashMismatch {
-                path: self.path.clone(),
-                index,
-            });
-        }
+        self.verify(index, data)?;
         self.file
-            .write_all_at(data, self.offset(index))
+            .write_all_at(data, self.chunks.offset(index))
             .map_err(|source| Error::WritePiece {
                 path: self.path.clone(),
                 index,
@@ -290,7 +280,7 @@ impl PieceFile {
 }
 
 fn piece_end(chunks: &ChunkList, index: usize) -> u64 {
-    index as u64 * u64::from(chunks.chunk_size) + chunks.chunk_len(index).unwrap_or(0)
+    chunks.offset(index) + chunks.chunk_len(index).unwrap_or(0)
 }
 
 /// The pieces a sidecar lists, if it belongs to this chunk list.
@@ -325,7 +315,7 @@ mod tests {
     }
 
     fn piece(data: &[u8], chunks: &ChunkList, index: usize) -> Vec<u8> {
-        let start = index * chunks.chunk_size as usize;
+        let start = chunks.offset(index) as usize;
         let end = start + chunks.chunk_len(index).unwrap() as usize;
         data[start..end].to_vec()
     }
@@ -338,7 +328,7 @@ mod tests {
 
         let (file, have) = PieceFile::open_for_fetch(&dest, chunks.clone()).unwrap();
         assert_eq!(have.count(), 0);
-        assert_eq!(std::fs::metadata(&dest).unwrap().len(), chunks.length);
+        assert_eq!(std::fs::metadata(&dest).unwrap().len(), chunks.length());
         let mut bad = piece(&data, &chunks, 1);
         bad[5] ^= 1;
         assert!(matches!(
@@ -409,18 +399,22 @@ mod tests {
     }
 
     #[test]
-    fn the_piece_check_agrees_with_the_chunk_list() {
+    fn a_bad_piece_is_a_hash_mismatch_and_a_missing_one_out_of_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("b.bundle");
         let (data, chunks) = bundle(2 * (1 << 20) + 9, 3);
-        for index in 0..chunks.count() {
-            let mut p = piece(&data, &chunks, index);
-            assert!(piece_matches(&chunks, index, &p));
-            assert!(chunks.verify_chunk(index, &p).is_ok());
-            p[0] ^= 1;
-            assert!(!piece_matches(&chunks, index, &p));
-            p.pop();
-            assert!(!piece_matches(&chunks, index, &p));
-        }
-        assert!(!piece_matches(&chunks, 3, b""));
+        let (file, _) = PieceFile::open_for_fetch(&dest, chunks.clone()).unwrap();
+        let mut short = piece(&data, &chunks, 2);
+        short.pop();
+        assert!(matches!(
+            file.write_verified(2, &short),
+            Err(Error::HashMismatch { index: 2, .. })
+        ));
+        assert!(matches!(
+            file.write_verified(3, b"x"),
+            Err(Error::PieceOutOfRange { index: 3, count: 3 })
+        ));
+        file.write_verified(2, &piece(&data, &chunks, 2)).unwrap();
     }
 
     #[test]

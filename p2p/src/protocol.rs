@@ -19,6 +19,9 @@ pub(crate) const MAX_STATUS_BUNDLES: usize = 256;
 /// The most pieces a bundle may have to be exchanged (1 TiB of 1 MiB pieces).
 pub(crate) const MAX_PIECES: usize = 1 << 20;
 
+/// What a frame's buffer starts at before its bytes arrive.
+const FIRST_READ_BYTES: usize = 16 << 10;
+
 /// Message size limits. A frame over its limit fails the stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -133,8 +136,9 @@ impl Status {
             }
             out.push(flags);
             out.extend_from_slice(&(b.have.len() as u32).to_be_bytes());
-            if !whole {
-                out.extend_from_slice(b.have.as_bytes());
+            // A map that is not whole always has its bits.
+            if let Some(bits) = b.have.partial_bytes().filter(|_| !whole) {
+                out.extend_from_slice(bits);
             }
         }
         out
@@ -205,8 +209,20 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(
     if len > max {
         return Err(invalid("message over its size limit"));
     }
-    let mut payload = vec![0u8; len as usize];
-    io.read_exact(&mut payload).await?;
+    // The buffer grows with the bytes that arrive, not with the length the
+    // header declares: a peer that declares a large frame and sends little
+    // costs little.
+    let mut payload = Vec::with_capacity((len as usize).min(FIRST_READ_BYTES));
+    (&mut *io)
+        .take(u64::from(len))
+        .read_to_end(&mut payload)
+        .await?;
+    if payload.len() != len as usize {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "message shorter than its header says",
+        ));
+    }
     Ok((kind, payload))
 }
 
@@ -224,12 +240,30 @@ async fn write_frame<T: AsyncWrite + Unpin + Send>(
     io.flush().await
 }
 
+/// The codec. libp2p clones it for each stream, and an outbound stream
+/// writes its request and reads the answer with the same clone: the clone
+/// remembers what it asked, and accepts only an answer of that kind and size.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Codec {
-    pub limits: Limits,
+    limits: Limits,
+    asked: Option<Asked>,
+}
+
+/// The kind of answer a request wants, and the largest one it takes.
+#[derive(Debug, Clone, Copy)]
+struct Asked {
+    kind: u8,
+    max_bytes: u32,
 }
 
 impl Codec {
+    pub fn new(limits: Limits) -> Codec {
+        Codec {
+            limits,
+            asked: None,
+        }
+    }
+
     fn request_limit(&self, kind: u8) -> Option<u32> {
         match kind {
             STATUS => Some(self.limits.max_status_bytes),
@@ -242,13 +276,32 @@ impl Codec {
 
     fn response_limit(&self, kind: u8) -> Option<u32> {
         match kind {
+            NOT_FOUND | REFUSED | UNKNOWN_NAME => return Some(0),
+            _ => {}
+        }
+        if let Some(asked) = self.asked {
+            return (asked.kind == kind).then_some(asked.max_bytes);
+        }
+        match kind {
             STATUS => Some(self.limits.max_status_bytes),
             PIECE => Some(self.limits.max_piece_bytes),
             CHUNK_LIST => Some(self.limits.max_chunk_list_bytes),
             METADATA => Some(self.limits.max_metadata_bytes),
-            NOT_FOUND | REFUSED | UNKNOWN_NAME => Some(0),
             _ => None,
         }
+    }
+
+    /// Remembers what `request` asks for, for [`Codec::response_limit`].
+    fn ask(&mut self, request: &Request) {
+        let (kind, max_bytes) = match request {
+            Request::Status(_) => (STATUS, self.limits.max_status_bytes),
+            Request::Piece { .. } => (PIECE, self.limits.max_piece_bytes),
+            Request::ChunkList { .. } => (CHUNK_LIST, self.limits.max_chunk_list_bytes),
+            Request::Metadata { max_bytes, .. } => {
+                (METADATA, (*max_bytes).min(self.limits.max_metadata_bytes))
+            }
+        };
+        self.asked = Some(Asked { kind, max_bytes });
     }
 
     fn check_out(&self, len: usize, limit: u32) -> io::Result<()> {
@@ -318,6 +371,7 @@ impl libp2p::request_response::Codec for Codec {
     where
         T: AsyncWrite + Unpin + Send,
     {
+        self.ask(&request);
         match request {
             Request::Status(status) => {
                 let payload = status.encode();
@@ -480,13 +534,91 @@ mod tests {
         assert!(Status::decode(&payload[..payload.len() - 1]).is_err());
     }
 
+    /// A status of 256 entries that each claim a whole bundle of the most
+    /// pieces allowed (about 18 KB on the wire) once cost 32 MiB and 268 M bit
+    /// sets to decode, on the till's only runtime thread.
+    #[test]
+    fn status_amplification_whole_claims_cost_what_they_weigh() {
+        let entry = BundleStatus {
+            digest: [7; 32],
+            chunks_digest: [8; 32],
+            fetching: false,
+            origin: false,
+            have: Bitmap::full(MAX_PIECES),
+        };
+        let hostile = Status {
+            bundles: vec![entry; MAX_STATUS_BUNDLES],
+        }
+        .encode();
+        assert!(hostile.len() < 20_000, "{} bytes", hostile.len());
+
+        let started = std::time::Instant::now();
+        let status = Status::decode(&hostile).unwrap();
+        let took = started.elapsed();
+        let heap: usize = status.bundles.capacity() * std::mem::size_of::<BundleStatus>()
+            + status
+                .bundles
+                .iter()
+                .map(|b| b.have.heap_bytes())
+                .sum::<usize>();
+        assert!(heap < 1 << 20, "decoding held {heap} bytes");
+        assert!(
+            took < std::time::Duration::from_millis(10),
+            "decoding took {took:?}"
+        );
+        assert!(status.bundles.iter().all(|b| b.have.get(MAX_PIECES - 1)));
+    }
+
+    #[test]
+    fn a_frame_that_declares_more_than_it_sends_is_refused_without_its_buffer() {
+        let mut codec = Codec::default();
+        codec.ask(&Request::Piece {
+            bundle: [1; 32],
+            index: 0,
+        });
+        // A full-size piece declared, ten bytes sent, then the stream ends.
+        let mut wire = vec![PIECE];
+        wire.extend_from_slice(&(1u32 << 20).to_be_bytes());
+        wire.extend_from_slice(&[0; 10]);
+        let err = block_on(codec.read_response(&PROTOCOL, &mut &wire[..])).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn an_answer_must_be_of_the_kind_and_size_asked_for() {
+        let answer = |request: Request, response: Response| {
+            let mut codec = Codec::default();
+            block_on(codec.write_request(&PROTOCOL, &mut Vec::new(), request)).unwrap();
+            let mut wire = Vec::new();
+            block_on(Codec::default().write_response(&PROTOCOL, &mut wire, response))?;
+            block_on(codec.read_response(&PROTOCOL, &mut &wire[..]))
+        };
+        let piece = || Request::Piece {
+            bundle: [1; 32],
+            index: 3,
+        };
+        // A chunk-list-sized answer to a piece request is refused.
+        assert!(answer(piece(), Response::ChunkList(vec![0; 64])).is_err());
+        assert!(answer(piece(), Response::Status(Status::default())).is_err());
+        assert!(answer(piece(), Response::Piece(vec![1; 100])).is_ok());
+        assert!(answer(piece(), Response::NotFound).is_ok());
+        // Metadata over what the asker said it takes is refused from the header.
+        let meta = || Request::Metadata {
+            name: "timestamp.json".into(),
+            max_bytes: 100,
+        };
+        assert!(answer(meta(), Response::Metadata(vec![b' '; 101])).is_err());
+        assert!(answer(meta(), Response::Metadata(vec![b' '; 100])).is_ok());
+        assert!(answer(meta(), Response::UnknownName).is_ok());
+    }
+
     #[test]
     fn metadata_frames_have_their_own_limits() {
         let small = Limits {
             max_metadata_bytes: 1000,
             ..Limits::default()
         };
-        let mut codec = Codec { limits: small };
+        let mut codec = Codec::new(small);
         // A file over the limit is neither sent nor read, from its header.
         let big = Response::Metadata(vec![b' '; 1001]);
         assert!(block_on(codec.write_response(&PROTOCOL, &mut Vec::new(), big)).is_err());

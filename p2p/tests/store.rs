@@ -299,8 +299,8 @@ async fn non_members_get_nothing_and_removed_members_are_disconnected() {
     .await;
 
     let chunks_digest = bundle.chunks.digest();
-    let length = bundle.chunks.length;
-    let chunk_size = bundle.chunks.chunk_size;
+    let length = bundle.chunks.length();
+    let chunk_size = bundle.chunks.chunk_size();
     assert!(
         outsider
             .p2p
@@ -510,14 +510,14 @@ async fn the_chunk_list_comes_from_a_peer_and_a_wrong_one_is_rejected() {
     let c = &bundle.chunks;
     let got = asks_honest
         .p2p
-        .chunk_list_from_peers(c.digest(), c.chunk_size, c.length)
+        .chunk_list_from_peers(c.digest(), c.chunk_size(), c.length())
         .await;
     assert_eq!(got.as_ref(), Some(c));
     // Asking with the wrong length is the asker's mistake: no list, no ban.
     assert!(
         asks_honest
             .p2p
-            .chunk_list_from_peers(c.digest(), c.chunk_size, c.length + 2 * MIB as u64)
+            .chunk_list_from_peers(c.digest(), c.chunk_size(), c.length() + 2 * MIB as u64)
             .await
             .is_none()
     );
@@ -526,7 +526,7 @@ async fn the_chunk_list_comes_from_a_peer_and_a_wrong_one_is_rejected() {
     assert!(
         asks_liar
             .p2p
-            .chunk_list_from_peers(c.digest(), c.chunk_size, c.length)
+            .chunk_list_from_peers(c.digest(), c.chunk_size(), c.length())
             .await
             .is_none()
     );

@@ -1,18 +1,24 @@
 //! The kill -9 campaign: an agent installing release after release is
-//! killed with SIGKILL at a random moment of its download, unpack,
-//! pre-activate, switch or health check. After every kill the till must
-//! run exactly one whole version (the old or the new one, never a mix),
-//! and once restarted the agent must converge to the desired version.
+//! killed with SIGKILL in one phase of its install after another (before
+//! the download, downloading, verifying, unpacking, pre-activate, switching
+//! or health check). Each trial first picks the phase, then a moment inside
+//! it: the campaign watches the till's data dir until the phase shows, then
+//! waits a random part of how long that phase took in a calm install. So
+//! kills spread over every phase by construction, whatever each phase's
+//! share of an install's time. After every kill the till must run exactly
+//! one whole version (the old or the new one, never a mix), and once
+//! restarted the agent must converge to the desired version.
 
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use sha2::Digest;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::{
-    ControlPlane, Process, check_ok, enrolled_device_id, eventually, pos_app_source, start_agent,
-};
+use crate::fleet::Fleet;
+use crate::{Process, enrolled_device_id, eventually, pos_app_source};
 
 pub struct Options {
     pub trials: usize,
@@ -24,13 +30,39 @@ pub struct Options {
     pub seed: u64,
 }
 
+/// The phases of an install, in order, as told from the data dir
+/// ([`killed_while`]). Kills are aimed at each in turn.
+pub const PHASES: [&str; 6] = [
+    BEFORE_DOWNLOAD,
+    "downloading",
+    "verifying the download",
+    "unpacking",
+    "pre-activate hook",
+    "switching or health check",
+];
+const BEFORE_DOWNLOAD: &str = "before the download";
+const AFTER_INSTALL: &str = "after the install";
+
+const STORE: &str = "kill-01";
+
+/// How often the data dir is looked at while aiming a kill.
+const POLL: Duration = Duration::from_millis(1);
+
 #[derive(Debug, Default, Serialize)]
 pub struct Report {
     pub trials: usize,
     pub seed: u64,
     pub payload_bytes: usize,
-    /// Where each kill landed, as seen on disk right after it.
-    pub killed_while: std::collections::BTreeMap<String, usize>,
+    pub command: String,
+    /// The commit measured (`git describe`).
+    pub commit: Option<String>,
+    /// The phase each kill was aimed at.
+    pub aimed_at: BTreeMap<String, usize>,
+    /// Where each kill landed, as seen on disk right after it. A kill lands
+    /// in a later phase than aimed when the aimed one ended before it.
+    pub killed_while: BTreeMap<String, usize>,
+    /// How long each phase took in the calm calibration install, in seconds.
+    pub calibrated_phase_seconds: BTreeMap<String, f64>,
     /// After the kill: the old version active / the new one.
     pub active_after_kill_old: usize,
     pub active_after_kill_new: usize,
@@ -131,33 +163,17 @@ fn version(i: usize) -> String {
     format!("1.0.{i}")
 }
 
-pub fn run(options: &Options, work: &Path) -> Report {
+pub fn run(options: &Options) -> Report {
     let mut rng = rand::rngs::StdRng::seed_from_u64(options.seed);
-    let cp = ControlPlane::start(
-        &work.join("cp"),
-        None,
-        "127.0.0.1:0",
-        "127.0.0.1:0",
-        &["--heartbeat-interval-seconds", "1"],
-    );
-    let keys = work.join("keys");
-    cp.init_repository(&keys);
-    cp.cli_json(&[
-        "store",
-        "create",
-        "kill-01",
-        "--name",
-        "Kill",
-        "--time-zone",
-        "UTC",
-    ]);
-    let token = cp.cli_json(&["enroll-token", "create", "--store", "kill-01"]);
-    let secret = token["secret"].as_str().expect("secret").to_string();
+    let fleet = Fleet::builder().start();
+    let (cp, work) = (&fleet.cp, fleet.dir.path());
+    fleet.create_store(STORE, "UTC");
+    let secret = fleet.enrollment_token(STORE, 1);
     let data = work.join("till");
-    let mut args = cp.repository_args(&keys);
-    args.extend(["--install-check-interval-seconds".into(), "1".into()]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let start = || start_agent(&cp.url(), &data, &secret, &args);
+    // P2P stays on, as on a real till; alone in its store, the till goes to
+    // the origin after the shortest fallback delay rather than the default.
+    let args = fleet.agent_args(None, &["--p2p-origin-fallback-delay-seconds", "1"]);
+    let start = || fleet.spawn_agent(&data, &secret, &args);
     let publish = |i: usize| {
         let src = work.join(format!("src-{i}"));
         pos_app_source(&src, &version(i), true, options.payload_bytes);
@@ -166,18 +182,10 @@ pub fn run(options: &Options, work: &Path) -> Report {
             format!("healthy=yes\nhealth_seconds={}\n", options.health_seconds),
         )
         .expect("write conf");
-        cp.publish(&src, &keys);
+        cp.publish(&src, &fleet.keys);
         let _ = std::fs::remove_dir_all(&src);
     };
-    let assign = |i: usize| {
-        check_ok(cp.cli(&[
-            "device",
-            "assign",
-            "--store",
-            "kill-01",
-            &format!("pos-app@{}", version(i)),
-        ]));
-    };
+    let assign = |i: usize| fleet.assign(STORE, &format!("pos-app@{}", version(i)));
     let device_phase = |device: &str| -> (String, String) {
         let status = cp.bundle_status(device, "pos-app");
         let field = |k: &str| status[k].as_str().unwrap_or("").to_string();
@@ -185,9 +193,9 @@ pub fn run(options: &Options, work: &Path) -> Report {
     };
 
     // 1.0.0 installed undisturbed, then one release the way trials go
-    // (assigned while the agent is stopped, then the agent started), timed
-    // from the start to the new version confirmed healthy on disk: kills
-    // fall in that span.
+    // (assigned while the agent is stopped, then the agent started), watched
+    // from the start to the new version confirmed healthy on disk: how long
+    // each phase takes sets where in it kills fall.
     publish(0);
     let mut agent = start();
     let device = eventually("the till enrolls", Duration::from_secs(30), || {
@@ -201,32 +209,50 @@ pub fn run(options: &Options, work: &Path) -> Report {
     let calibration = options.trials + 1;
     publish(calibration);
     assign(calibration);
-    let started = Instant::now();
     let mut agent = start();
-    eventually(
-        "the calibration release confirmed",
-        Duration::from_secs(60),
-        || (killed_while(&data, &version(calibration)) == "after the install").then_some(()),
-    );
-    let install_time = started.elapsed();
+    let seen = watch_phases(&data, &version(calibration), Duration::from_secs(60));
     agent.terminate();
+    let install_time = seen.last().map(|(_, at)| *at).unwrap_or_default();
+    let phase_seconds: BTreeMap<&str, f64> = seen
+        .windows(2)
+        .map(|w| (w[0].0, (w[1].1 - w[0].1).as_secs_f64()))
+        .collect();
 
     let mut report = Report {
         trials: options.trials,
         seed: options.seed,
         payload_bytes: options.payload_bytes,
+        command: crate::command_line(),
+        commit: crate::measured_commit(),
+        calibrated_phase_seconds: phase_seconds
+            .iter()
+            .map(|(phase, s)| (phase.to_string(), *s))
+            .collect(),
         ..Report::default()
     };
     let mut converge_times = Vec::new();
     report.calibrated_install_seconds = install_time.as_secs_f64();
+    let mut deck: Vec<&str> = Vec::new();
     // Trials go on from the calibration release, upwards.
     for trial in calibration + 1..=calibration + options.trials {
+        // The phase first (every phase once in each round of trials, in a
+        // random order), then a moment inside it.
+        if deck.is_empty() {
+            deck = PHASES.to_vec();
+            deck.shuffle(&mut rng);
+        }
+        let aim = deck.pop().expect("the deck was just filled");
+        *report.aimed_at.entry(aim.to_string()).or_default() += 1;
+        let span = phase_seconds.get(aim).copied().unwrap_or_default();
+        let delay = Duration::from_secs_f64(if span > 0.0 {
+            rng.gen_range(0.0..span)
+        } else {
+            0.0
+        });
         publish(trial);
         assign(trial);
         let mut agent: Process = start();
-        // Anywhere from start-up to the end of a calm install.
-        let delay = rng.gen_range(0.0..install_time.as_secs_f64());
-        std::thread::sleep(Duration::from_secs_f64(delay));
+        aim_at(&data, &version(trial), aim, delay);
         agent.kill9();
         let phase = killed_while(&data, &version(trial));
         *report.killed_while.entry(phase.to_string()).or_default() += 1;
@@ -281,4 +307,48 @@ pub fn run(options: &Options, work: &Path) -> Report {
         .copied()
         .unwrap_or_default();
     report
+}
+
+fn phase_index(phase: &str) -> usize {
+    PHASES
+        .iter()
+        .position(|p| *p == phase)
+        .unwrap_or(PHASES.len())
+}
+
+/// Watches an install towards `new` from now until it is confirmed (or
+/// `limit`), and returns each phase seen with when it was first seen,
+/// ending with [`AFTER_INSTALL`].
+fn watch_phases(data: &Path, new: &str, limit: Duration) -> Vec<(&'static str, Duration)> {
+    let started = Instant::now();
+    let mut seen: Vec<(&'static str, Duration)> = Vec::new();
+    while started.elapsed() < limit {
+        let phase = killed_while(data, new);
+        if seen.last().is_none_or(|(last, _)| *last != phase) {
+            seen.push((phase, started.elapsed()));
+        }
+        if phase == AFTER_INSTALL {
+            return seen;
+        }
+        std::thread::sleep(POLL);
+    }
+    panic!("the calibration install was not confirmed within {limit:?}; phases seen: {seen:?}");
+}
+
+/// Waits until the install towards `new` shows phase `aim`, then `delay`
+/// more; returns at once if the install is already past `aim` (the phase
+/// was too short to see), and after a minute at most.
+fn aim_at(data: &Path, new: &str, aim: &str, delay: Duration) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let phase = killed_while(data, new);
+        if phase == aim {
+            std::thread::sleep(delay);
+            return;
+        }
+        if phase_index(phase) > phase_index(aim) {
+            return;
+        }
+        std::thread::sleep(POLL);
+    }
 }

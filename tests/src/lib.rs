@@ -2,6 +2,7 @@
 //! `posfleet-control-plane`, `posfleet-agent` and `posfleet` binaries and
 //! read what they print, as an operator would.
 
+pub mod fleet;
 pub mod kill9;
 
 use nix::sys::signal::{Signal, kill};
@@ -513,4 +514,19 @@ impl ControlPlane {
             format!("http://{}/repo/", self.http_address),
         ]
     }
+}
+
+/// The commit a benchmark measures (`git describe --always --dirty` of the
+/// checkout it was built from), for its figures file; `None` outside a
+/// checkout.
+pub fn measured_commit() -> Option<String> {
+    let checkout = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?;
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(checkout)
+        .args(["describe", "--always", "--dirty"])
+        .output()
+        .ok()?;
+    let commit = String::from_utf8(out.stdout).ok()?.trim().to_string();
+    (out.status.success() && !commit.is_empty()).then_some(commit)
 }

@@ -1,6 +1,7 @@
 //! The fleet as ops see it, with real processes: a control plane, agents,
 //! and the CLI.
 
+use posfleet_e2e::fleet::{Fleet, StoreSpec};
 use posfleet_e2e::{ControlPlane, PostgresDb, eventually, start_agent};
 use serde_json::Value;
 use std::collections::BTreeSet;
@@ -20,71 +21,44 @@ fn online_ids(cp: &ControlPlane) -> BTreeSet<String> {
 /// again on the same addresses, and checks that the tills come back on
 /// their own without re-enrolling and that nothing was lost.
 fn tills_come_back_after_the_control_plane_is_killed(database_url: Option<&str>) {
-    let dir = tempfile::tempdir().unwrap();
-    let fast = ["--heartbeat-interval-seconds", "1"];
-    let mut cp = ControlPlane::start(
-        &dir.path().join("cp"),
-        database_url,
-        "127.0.0.1:0",
-        "127.0.0.1:0",
-        &fast,
-    );
-    cp.cli_json(&[
-        "store",
-        "create",
-        "lyon-02",
-        "--name",
-        "Lyon",
-        "--time-zone",
-        "Europe/Paris",
-    ]);
-    let token = cp.cli_json(&[
-        "enroll-token",
-        "create",
-        "--store",
-        "lyon-02",
-        "--uses",
-        "3",
-    ]);
-    let secret = token["secret"].as_str().unwrap();
-    let mut agents: Vec<_> = (0..3)
-        .map(|i| {
-            let data = dir.path().join(format!("till-{i}"));
-            start_agent(&cp.url(), &data, secret, &["--peripherals", "fake"])
-        })
-        .collect();
+    let mut fleet = Fleet::builder().database_url(database_url).start();
+    fleet.open_store(&StoreSpec {
+        time_zone: "Europe/Paris",
+        agent_args: &["--peripherals", "fake"],
+        ..StoreSpec::new("lyon-02", 3)
+    });
+    let cp = &fleet.cp;
     let before = eventually("3 tills online", Duration::from_secs(30), || {
-        let ids = online_ids(&cp);
+        let ids = online_ids(cp);
         (ids.len() == 3).then_some(ids)
     });
     let first = before.iter().next().unwrap().clone();
     cp.cli_json(&["device", "label", &first, "ring=canary", "floor=1"]);
-    let enrollments: Vec<String> = (0..3)
-        .map(|i| {
-            std::fs::read_to_string(dir.path().join(format!("till-{i}/enrollment.json"))).unwrap()
-        })
-        .collect();
+    let enrollment =
+        |i: usize| std::fs::read_to_string(fleet.tills[i].data.join("enrollment.json")).unwrap();
+    let enrollments: Vec<String> = (0..3).map(enrollment).collect();
 
-    cp.process.kill9();
+    fleet.cp.process.kill9();
     // The tills keep running while the control plane is gone.
     std::thread::sleep(Duration::from_secs(2));
-    for agent in &mut agents {
+    for till in &mut fleet.tills {
         assert!(
-            agent.is_running(),
+            till.process.is_running(),
             "an agent died with the control plane: {:?}",
-            agent.lines()
+            till.process.lines()
         );
     }
 
-    let (grpc, http) = (cp.grpc_address.clone(), cp.http_address.clone());
-    let cp = ControlPlane::start(&dir.path().join("cp"), database_url, &grpc, &http, &fast);
+    fleet.restart_control_plane();
+    let cp = &fleet.cp;
     // Each agent says it reached the new process (the fleet view alone could
     // still show heartbeats from before the kill as online).
-    for agent in &agents {
-        agent.wait_for_log("Control plane reachable again.", Duration::from_secs(30));
+    for till in &fleet.tills {
+        till.process
+            .wait_for_log("Control plane reachable again.", Duration::from_secs(30));
     }
     let after = eventually("3 tills back online", Duration::from_secs(30), || {
-        let ids = online_ids(&cp);
+        let ids = online_ids(cp);
         (ids.len() == 3).then_some(ids)
     });
     assert_eq!(after, before, "the same devices came back");
@@ -102,20 +76,19 @@ fn tills_come_back_after_the_control_plane_is_killed(database_url: Option<&str>)
     let tokens = cp.cli_json(&["enroll-token", "list", "--store", "lyon-02"]);
     assert_eq!(tokens[0]["uses_remaining"], 0);
     for (i, before) in enrollments.iter().enumerate() {
-        let now =
-            std::fs::read_to_string(dir.path().join(format!("till-{i}/enrollment.json"))).unwrap();
+        let now = std::fs::read_to_string(fleet.tills[i].data.join("enrollment.json")).unwrap();
         assert_eq!(&now, before);
     }
-    for agent in &agents {
+    for till in &fleet.tills {
         assert!(
-            agent
+            till.process
                 .lines()
                 .iter()
                 .filter(|l| l.contains("\"Enrolled.\""))
                 .count()
                 == 1,
             "each agent enrolled once: {:?}",
-            agent.lines()
+            till.process.lines()
         );
     }
 }

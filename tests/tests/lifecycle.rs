@@ -2,10 +2,8 @@
 //! store of tills running `posfleet-agent`, the example POS program
 //! published as signed bundles, and the `posfleet` CLI driving it.
 
-use posfleet_e2e::{
-    ControlPlane, Process, binary, check_ok, enrolled_device_id, eventually, pos_app_source,
-    start_agent,
-};
+use posfleet_e2e::fleet::{Fleet, StoreSpec};
+use posfleet_e2e::{Process, binary, check_ok, enrolled_device_id, eventually};
 use serde_json::Value;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -13,96 +11,26 @@ use std::time::Duration;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A control plane on SQLite in `dir/cp` whose tills heartbeat every second.
-fn control_plane(dir: &Path, grpc: &str, http: &str) -> ControlPlane {
-    ControlPlane::start(
-        &dir.join("cp"),
-        None,
-        grpc,
-        http,
-        &["--heartbeat-interval-seconds", "1"],
-    )
+const STORE: &str = "lyon-02";
+
+/// A control plane with one store of `tills` agents run with `agent_args`.
+fn lyon(tills: usize, agent_args: &[&str]) -> Fleet {
+    let mut fleet = Fleet::builder().start();
+    fleet.store(STORE, tills, agent_args);
+    fleet
 }
 
-/// A control plane with a store of `tills` agents and a live repository.
-struct Store {
-    dir: tempfile::TempDir,
-    cp: ControlPlane,
-    keys: PathBuf,
-    tills: Vec<(PathBuf, Process)>,
+/// The store's pos-app as its tills report it.
+trait Lifecycle {
+    fn device_ids(&self) -> Vec<String>;
+    fn pos_app_statuses(&self) -> Vec<Value>;
+    fn wait_for_all(&self, phase: &str, version: &str) -> Vec<Value>;
 }
 
-impl Store {
-    /// The control plane, the store and the repository, with no till yet,
-    /// and an enrollment token for `tills` tills.
-    fn without_tills(tills: usize) -> (Store, String) {
-        let dir = tempfile::tempdir().unwrap();
-        let cp = control_plane(dir.path(), "127.0.0.1:0", "127.0.0.1:0");
-        let keys = dir.path().join("keys");
-        cp.init_repository(&keys);
-        cp.cli_json(&[
-            "store",
-            "create",
-            "lyon-02",
-            "--name",
-            "Lyon",
-            "--time-zone",
-            "UTC",
-        ]);
-        let token = cp.cli_json(&[
-            "enroll-token",
-            "create",
-            "--store",
-            "lyon-02",
-            "--uses",
-            &tills.to_string(),
-        ]);
-        let secret = token["secret"].as_str().unwrap().to_string();
-        let store = Store {
-            dir,
-            cp,
-            keys,
-            tills: Vec::new(),
-        };
-        (store, secret)
-    }
-
-    fn start(tills: usize, agent_args: &[&str]) -> Store {
-        let (mut store, secret) = Store::without_tills(tills);
-        let mut args = store.cp.repository_args(&store.keys);
-        args.extend(
-            ["--install-check-interval-seconds", "1"]
-                .iter()
-                .chain(agent_args)
-                .map(|s| s.to_string()),
-        );
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        store.tills = (0..tills)
-            .map(|i| {
-                let data = store.dir.path().join(format!("till-{i}"));
-                let agent = start_agent(&store.cp.url(), &data, &secret, &args);
-                (data, agent)
-            })
-            .collect();
-        store
-    }
-
-    fn publish(&self, version: &str, healthy: bool) {
-        let src = self.dir.path().join(format!("pos-app-{version}"));
-        pos_app_source(&src, version, healthy, 0);
-        self.cp.publish(&src, &self.keys);
-    }
-
-    fn assign(&self, release: &str) {
-        check_ok(
-            self.cp
-                .cli(&["device", "assign", "--store", "lyon-02", release]),
-        );
-    }
-
+impl Lifecycle for Fleet {
     fn device_ids(&self) -> Vec<String> {
         self.cp
-            .cli_json(&["device", "list", "--store", "lyon-02"])
+            .cli_json(&["device", "list", "--store", STORE])
             .as_array()
             .unwrap()
             .iter()
@@ -149,19 +77,20 @@ fn running_version(data: &Path) -> String {
 
 #[test]
 fn a_store_moves_to_a_new_version_and_a_bad_release_rolls_back_on_every_till() {
-    let store = Store::start(3, &[]);
-    store.publish("1.0.0", true);
-    store.publish("1.1.0", true);
-    store.publish("1.2.0", false);
+    let store = lyon(3, &[]);
+    store.publish("1.0.0", true, 0);
+    store.publish("1.1.0", true, 0);
+    store.publish("1.2.0", false, 0);
 
-    store.assign("pos-app@1.0.0");
+    store.assign(STORE, "pos-app@1.0.0");
     store.wait_for_all("installed", "1.0.0");
-    store.assign("pos-app@1.1.0");
+    store.assign(STORE, "pos-app@1.1.0");
     let statuses = store.wait_for_all("installed", "1.1.0");
     for status in &statuses {
         assert_eq!(status["active_version"], "1.1.0", "{status}");
     }
-    for (data, _) in &store.tills {
+    for till in &store.tills {
+        let data = &till.data;
         assert_eq!(running_version(data), "1.1.0");
         // The previous version stays for an instant rollback.
         assert!(data.join("slots/pos-app/1.0.0/bin/pos-app").is_file());
@@ -180,14 +109,15 @@ fn a_store_moves_to_a_new_version_and_a_bad_release_rolls_back_on_every_till() {
 
     // 1.2.0's health check fails: every till switches back to 1.1.0 and
     // says why.
-    store.assign("pos-app@1.2.0");
+    store.assign(STORE, "pos-app@1.2.0");
     let statuses = store.wait_for_all("rolled_back", "1.2.0");
     for status in &statuses {
         assert_eq!(status["active_version"], "1.1.0", "{status}");
         let error = status["error"].as_str().unwrap();
         assert!(error.contains("cash drawer does not answer"), "{error}");
     }
-    for (data, _) in &store.tills {
+    for till in &store.tills {
+        let data = &till.data;
         assert_eq!(running_version(data), "1.1.0");
         assert!(!data.join("slots/pos-app/1.2.0").exists());
     }
@@ -204,7 +134,7 @@ fn an_install_outside_the_window_waits_for_the_clock_to_enter_it() {
     let clock = dir.path().join("clock");
     // 10:00 UTC; the store's window is 02:00–03:00 UTC.
     std::fs::write(&clock, "2026-06-01T10:00:00Z").unwrap();
-    let store = Store::start(1, &["--clock-file", clock.to_str().unwrap()]);
+    let store = lyon(1, &["--clock-file", clock.to_str().unwrap()]);
     check_ok(store.cp.cli(&[
         "store",
         "window",
@@ -214,8 +144,8 @@ fn an_install_outside_the_window_waits_for_the_clock_to_enter_it() {
         "--duration",
         "1h",
     ]));
-    store.publish("1.0.0", true);
-    store.assign("pos-app@1.0.0");
+    store.publish("1.0.0", true, 0);
+    store.assign(STORE, "pos-app@1.0.0");
     // Downloaded ahead, not installed.
     let statuses = store.wait_for_all("downloaded", "1.0.0");
     assert_eq!(statuses[0]["active_version"], "", "{}", statuses[0]);
@@ -228,7 +158,7 @@ fn an_install_outside_the_window_waits_for_the_clock_to_enter_it() {
         "device show explains the wait"
     );
     std::thread::sleep(Duration::from_secs(3));
-    let data = &store.tills[0].0;
+    let data = &store.tills[0].data;
     assert!(!data.join("slots/pos-app/current").exists());
     assert_eq!(store.pos_app_statuses()[0]["phase"], "downloaded");
 
@@ -240,7 +170,7 @@ fn an_install_outside_the_window_waits_for_the_clock_to_enter_it() {
     // An emergency release ignores the window: out of it again, 1.0.1
     // marked emergency installs at once.
     std::fs::write(&clock, "2026-06-02T12:00:00Z").unwrap();
-    store.publish("1.0.1", true);
+    store.publish("1.0.1", true, 0);
     check_ok(store.cp.cli(&[
         "device",
         "assign",
@@ -255,36 +185,24 @@ fn an_install_outside_the_window_waits_for_the_clock_to_enter_it() {
 
 #[test]
 fn a_till_offline_keeps_selling_and_resumes_when_the_network_returns() {
-    let store = Store::start(1, &[]);
-    store.publish("1.0.0", true);
-    store.assign("pos-app@1.0.0");
+    let mut store = lyon(1, &[]);
+    store.publish("1.0.0", true, 0);
+    store.assign(STORE, "pos-app@1.0.0");
     store.wait_for_all("installed", "1.0.0");
-    store.publish("1.1.0", true);
-    store.assign("pos-app@1.1.0");
+    store.publish("1.1.0", true, 0);
+    store.assign(STORE, "pos-app@1.1.0");
     store.wait_for_all("installed", "1.1.0");
-    let data = store.tills[0].0.clone();
-    let Store {
-        dir,
-        mut cp,
-        keys,
-        tills,
-    } = store;
+    let data = store.tills[0].data.clone();
     // The control plane goes away; the till keeps its version and its
     // desired state on disk.
-    cp.process.kill9();
+    store.cp.process.kill9();
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(running_version(&data), "1.1.0");
     let desired = std::fs::read_to_string(data.join("desired.json")).unwrap();
     assert!(desired.contains("1.1.0"), "{desired}");
-    let cp = control_plane(dir.path(), &cp.grpc_address, &cp.http_address);
-    let store = Store {
-        dir,
-        cp,
-        keys,
-        tills,
-    };
-    store.publish("1.2.0", true);
-    store.assign("pos-app@1.2.0");
+    store.restart_control_plane();
+    store.publish("1.2.0", true, 0);
+    store.assign(STORE, "pos-app@1.2.0");
     store.wait_for_all("installed", "1.2.0");
     assert_eq!(running_version(&data), "1.2.0");
 }
@@ -292,15 +210,15 @@ fn a_till_offline_keeps_selling_and_resumes_when_the_network_returns() {
 #[test]
 fn a_till_without_disk_space_says_so_and_keeps_selling() {
     // A reserve larger than any disk: every download is refused up front.
-    let store = Store::start(1, &["--min-free-disk-bytes", "1000000000000000"]);
-    store.publish("1.0.0", true);
-    store.assign("pos-app@1.0.0");
+    let store = lyon(1, &["--min-free-disk-bytes", "1000000000000000"]);
+    store.publish("1.0.0", true, 0);
+    store.assign(STORE, "pos-app@1.0.0");
     let statuses = store.wait_for_all("failed", "1.0.0");
     let error = statuses[0]["error"].as_str().unwrap();
     assert!(error.contains("not enough disk space"), "{error}");
-    assert!(!store.tills[0].0.join("slots/pos-app/current").exists());
+    assert!(!store.tills[0].data.join("slots/pos-app/current").exists());
     // Nothing was downloaded either.
-    let downloads: Vec<_> = std::fs::read_dir(store.tills[0].0.join("downloads"))
+    let downloads: Vec<_> = std::fs::read_dir(store.tills[0].data.join("downloads"))
         .unwrap()
         .collect();
     assert!(downloads.is_empty(), "{downloads:?}");
@@ -327,38 +245,23 @@ fn catalog_source(dir: &Path, store: &str, cents: u32) -> PathBuf {
 
 #[test]
 fn each_till_gets_its_own_store_catalog_and_no_other() {
-    let dir = tempfile::tempdir().unwrap();
-    let cp = control_plane(dir.path(), "127.0.0.1:0", "127.0.0.1:0");
-    let keys = dir.path().join("keys");
-    cp.init_repository(&keys);
-    let mut args = cp.repository_args(&keys);
-    args.extend(["--install-check-interval-seconds".into(), "1".into()]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut fleet = Fleet::builder().start();
     let mut tills = Vec::new();
     for (store, cents) in [("lyon-02", 250), ("nice-01", 310)] {
-        cp.cli_json(&[
-            "store",
-            "create",
-            store,
-            "--name",
-            store,
-            "--time-zone",
-            "Europe/Paris",
-        ]);
-        let token = cp.cli_json(&["enroll-token", "create", "--store", store]);
-        let data = dir.path().join(format!("till-{store}"));
-        let agent = start_agent(&cp.url(), &data, token["secret"].as_str().unwrap(), &args);
-        cp.publish(&catalog_source(dir.path(), store, cents), &keys);
-        check_ok(cp.cli(&[
-            "device",
-            "assign",
-            "--store",
-            store,
-            &format!("catalog-{store}@2026.11.1"),
-        ]));
-        tills.push((store, cents, data, agent));
+        let till = fleet
+            .open_store(&StoreSpec {
+                time_zone: "Europe/Paris",
+                ..StoreSpec::new(store, 1)
+            })
+            .start;
+        fleet
+            .cp
+            .publish(&catalog_source(fleet.dir.path(), store, cents), &fleet.keys);
+        fleet.assign(store, &format!("catalog-{store}@2026.11.1"));
+        tills.push((store, cents, fleet.tills[till].data.clone()));
     }
-    for (store, cents, data, _) in &tills {
+    let cp = &fleet.cp;
+    for (store, cents, data) in &tills {
         let prices = data.join(format!("slots/catalog-{store}/current/prices.csv"));
         let text = eventually(&format!("{store}'s catalog on its till"), TIMEOUT, || {
             std::fs::read_to_string(&prices).ok()
@@ -384,10 +287,11 @@ fn each_till_gets_its_own_store_catalog_and_no_other() {
 
 #[test]
 fn a_hook_sees_none_of_the_agents_secrets() {
-    let (store, secret) = Store::without_tills(1);
-    let (dir, cp, keys) = (&store.dir, &store.cp, &store.keys);
+    let fleet = Fleet::builder().start();
+    fleet.create_store(STORE, "UTC");
+    let secret = fleet.enrollment_token(STORE, 1);
     // A bundle whose pre_activate hook writes its environment into its slot.
-    let src = dir.path().join("env-probe");
+    let src = fleet.dir.path().join("env-probe");
     std::fs::create_dir_all(src.join("bin")).unwrap();
     std::fs::write(
         src.join("posfleet-bundle.toml"),
@@ -402,26 +306,25 @@ fn a_hook_sees_none_of_the_agents_secrets() {
     )
     .unwrap();
     std::fs::set_permissions(&record, std::fs::Permissions::from_mode(0o755)).unwrap();
-    cp.publish(&src, keys);
+    fleet.cp.publish(&src, &fleet.keys);
 
     // The agent's enrollment token and a secret its service manager passes
     // come from its environment.
-    let data = dir.path().join("till");
+    let data = fleet.dir.path().join("till");
     let mut command = std::process::Command::new(binary("posfleet-agent"));
     command
-        .args(["--server-url", &cp.url()])
+        .args(["--server-url", &fleet.cp.url()])
         .args(["--data-dir", data.to_str().unwrap()])
         .args(["--log-format", "json", "--max-backoff-seconds", "2"])
-        .args(["--install-check-interval-seconds", "1"])
         .args(["--p2p-enabled", "false"])
-        .args(cp.repository_args(keys))
+        .args(fleet.agent_args(None, &[]))
         .env("POSFLEET_ENROLLMENT_TOKEN", &secret)
         .env("PAYMENT_GATEWAY_KEY", "sk_live_do_not_leak");
     let _agent = Process::spawn(command);
-    store.assign("env-probe@1.0.0");
+    fleet.assign(STORE, "env-probe@1.0.0");
     let device = eventually("the till enrolled", TIMEOUT, || enrolled_device_id(&data));
     eventually("env-probe installed", TIMEOUT, || {
-        (cp.bundle_status(&device, "env-probe")["phase"] == "installed").then_some(())
+        (fleet.cp.bundle_status(&device, "env-probe")["phase"] == "installed").then_some(())
     });
 
     let recorded = std::fs::read_to_string(data.join("slots/env-probe/1.0.0/hook.env")).unwrap();

@@ -4,256 +4,17 @@
 //! repository counting the bundle bytes it sends
 //! (`posfleet_repository_target_bytes_sent_total`).
 
-use posfleet_e2e::{
-    ControlPlane, Process, check_ok, enrolled_device_id, eventually, pos_app_source, start_agent,
-};
+use posfleet_e2e::fleet::{Fleet, PacedLink, StoreSpec, TIMEOUT, assert_slot_whole, logged};
+use posfleet_e2e::{check_ok, eventually};
 use serde_json::Value;
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const TIMEOUT: Duration = Duration::from_secs(180);
 /// Bundle payload: 24 pieces of 1 MiB and a bit.
 const PAYLOAD: usize = 24 << 20;
 const SENT: &str = "posfleet_repository_target_bytes_sent_total";
 
-struct Fleet {
-    dir: tempfile::TempDir,
-    cp: ControlPlane,
-    keys: PathBuf,
-    /// (store, device data dir, process)
-    tills: Vec<(String, PathBuf, Process)>,
-}
-
-impl Fleet {
-    fn start() -> Fleet {
-        let dir = tempfile::tempdir().unwrap();
-        let cp = ControlPlane::start(
-            &dir.path().join("cp"),
-            None,
-            "127.0.0.1:0",
-            "127.0.0.1:0",
-            &["--heartbeat-interval-seconds", "1"],
-        );
-        let keys = dir.path().join("keys");
-        cp.init_repository(&keys);
-        Fleet {
-            dir,
-            cp,
-            keys,
-            tills: Vec::new(),
-        }
-    }
-
-    /// Creates `store` and starts `count` tills in it with `extra` flags.
-    fn store(&mut self, store: &str, count: usize, extra: &[&str]) {
-        self.store_via(store, count, extra, None);
-    }
-
-    /// `store`, with the tills reaching the bundle repository at
-    /// `repository_url` (a `Wan`) when given; returns the flags they run
-    /// with.
-    fn store_via(
-        &mut self,
-        store: &str,
-        count: usize,
-        extra: &[&str],
-        repository_url: Option<&str>,
-    ) -> Vec<String> {
-        self.cp.cli_json(&[
-            "store",
-            "create",
-            store,
-            "--name",
-            store,
-            "--time-zone",
-            "UTC",
-        ]);
-        let token = self.cp.cli_json(&[
-            "enroll-token",
-            "create",
-            "--store",
-            store,
-            "--uses",
-            &count.to_string(),
-        ]);
-        let mut owned = self.cp.repository_args(&self.keys);
-        if let Some(url) = repository_url {
-            let at = owned.iter().position(|a| a == "--repository-url").unwrap();
-            owned[at + 1] = url.to_string();
-        }
-        owned.extend(["--install-check-interval-seconds".into(), "1".into()]);
-        owned.extend(extra.iter().map(|s| s.to_string()));
-        let args: Vec<&str> = owned.iter().map(String::as_str).collect();
-        for till in 0..count {
-            let data = self.dir.path().join(format!("{store}-{till}"));
-            let process = start_agent(
-                &self.cp.url(),
-                &data,
-                token["secret"].as_str().unwrap(),
-                &args,
-            );
-            self.tills.push((store.to_string(), data, process));
-        }
-        owned
-    }
-
-    /// Publishes pos-app `version` with the test payload; returns the
-    /// bundle's size in bytes.
-    fn publish(&self, version: &str) -> u64 {
-        self.publish_sized(version, PAYLOAD)
-    }
-
-    fn publish_sized(&self, version: &str, payload: usize) -> u64 {
-        let src = self.dir.path().join(format!("pos-app-{version}"));
-        pos_app_source(&src, version, true, payload);
-        let file = self.cp.publish(&src, &self.keys);
-        std::fs::metadata(file).unwrap().len()
-    }
-
-    /// Waits until every till of `store` holds a membership list naming
-    /// all `count` of them and has had a moment to connect.
-    fn wait_for_membership(&self, store: &str, count: usize) {
-        for (_, _, process) in self.tills.iter().filter(|(s, _, _)| s == store) {
-            eventually("the store's membership list", TIMEOUT, || {
-                process
-                    .lines()
-                    .iter()
-                    .rev()
-                    .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                    .find(|v| v["message"] == "Store membership list updated.")
-                    .filter(|v| v["members"] == count)
-                    .map(|_| ())
-            });
-        }
-        // Members are dialed as soon as the list arrives.
-        std::thread::sleep(Duration::from_secs(2));
-    }
-
-    fn assign(&self, store: &str, version: &str) {
-        check_ok(self.cp.cli(&[
-            "device",
-            "assign",
-            "--store",
-            store,
-            &format!("pos-app@{version}"),
-        ]));
-    }
-
-    /// Waits until every till of `stores` runs pos-app `version`.
-    fn wait_until_active(&self, stores: &[&str], count: usize, version: &str) {
-        eventually(&format!("{stores:?} on pos-app {version}"), TIMEOUT, || {
-            let devices: Vec<Value> = self
-                .cp
-                .cli_json(&["device", "list"])
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|d| stores.contains(&d["store_id"].as_str().unwrap()))
-                .cloned()
-                .collect();
-            (devices.len() == count
-                && devices
-                    .iter()
-                    .all(|d| d["installed_bundles"]["pos-app"] == version))
-            .then_some(())
-        });
-    }
-
-    fn store_show(&self, store: &str) -> Value {
-        self.cp.cli_json(&["store", "show", store])
-    }
-}
-
-/// A store's WAN link: a TCP proxy in front of the control plane's HTTP
-/// listener (the bundle repository) that paces what comes back to a rate
-/// shared by all its connections, as one link is, and counts the bytes it
-/// delivered to the store.
-struct Wan {
-    address: String,
-    delivered: Arc<AtomicU64>,
-}
-
-impl Wan {
-    fn start(upstream: &str, bytes_per_second: u64) -> Wan {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let address = listener.local_addr().unwrap().to_string();
-        let delivered = Arc::new(AtomicU64::new(0));
-        // When the link is free to send again.
-        let free_at = Arc::new(Mutex::new(Instant::now()));
-        let upstream = upstream.to_string();
-        let counter = delivered.clone();
-        std::thread::spawn(move || {
-            for client in listener.incoming().flatten() {
-                let Ok(server) = TcpStream::connect(&upstream) else {
-                    continue;
-                };
-                let (up_from, up_to) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut &up_from, &mut &up_to);
-                    let _ = up_to.shutdown(Shutdown::Write);
-                });
-                let (free_at, counter) = (free_at.clone(), counter.clone());
-                std::thread::spawn(move || {
-                    paced_copy(server, client, &free_at, bytes_per_second, &counter)
-                });
-            }
-        });
-        Wan { address, delivered }
-    }
-
-    fn repository_url(&self) -> String {
-        format!("http://{}/repo/", self.address)
-    }
-
-    fn delivered(&self) -> u64 {
-        self.delivered.load(Ordering::SeqCst)
-    }
-}
-
-fn paced_copy(
-    mut from: TcpStream,
-    mut to: TcpStream,
-    free_at: &Mutex<Instant>,
-    bytes_per_second: u64,
-    delivered: &AtomicU64,
-) {
-    let mut buffer = vec![0u8; 16 << 10];
-    loop {
-        let n = match from.read(&mut buffer) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        let due = {
-            let mut free_at = free_at.lock().unwrap();
-            let airtime = Duration::from_secs_f64(n as f64 / bytes_per_second as f64);
-            *free_at = (*free_at).max(Instant::now()) + airtime;
-            *free_at
-        };
-        std::thread::sleep(due.saturating_duration_since(Instant::now()));
-        if to.write_all(&buffer[..n]).is_err() {
-            break;
-        }
-        delivered.fetch_add(n as u64, Ordering::SeqCst);
-    }
-    let _ = to.shutdown(Shutdown::Both);
-    let _ = from.shutdown(Shutdown::Both);
-}
-
-/// The payload in a till's active slot is the one published.
-fn assert_slot_whole(data: &Path) {
-    let slot = data.join("slots/pos-app/current");
-    let want = std::fs::read_to_string(slot.join("payload.sha256")).unwrap();
-    let have = {
-        use sha2::Digest;
-        hex::encode(sha2::Sha256::digest(
-            std::fs::read(slot.join("payload.bin")).unwrap(),
-        ))
-    };
-    assert_eq!(have, want.trim(), "{}", data.display());
+fn store_show(fleet: &Fleet, store: &str) -> Value {
+    fleet.cp.cli_json(&["store", "show", store])
 }
 
 /// The transfer row of `store show` for pos-app `version`.
@@ -269,24 +30,24 @@ fn transfer(shown: &Value, version: &str) -> Value {
 
 #[test]
 fn eight_tills_starting_at_once_take_a_bundle_from_the_origin_once() {
-    let mut fleet = Fleet::start();
-    let size = fleet.publish("1.0.0");
+    let mut fleet = Fleet::builder().start();
+    let size = fleet.publish("1.0.0", true, PAYLOAD);
     fleet.store("paris-01", 8, &[]);
     fleet.wait_for_membership("paris-01", 8);
     let before = fleet.cp.metric(SENT);
     // One assignment reaches all 8 with their next heartbeat (1 s).
-    fleet.assign("paris-01", "1.0.0");
-    fleet.wait_until_active(&["paris-01"], 8, "1.0.0");
+    fleet.assign("paris-01", "pos-app@1.0.0");
+    fleet.wait_until_active(&["paris-01"], "1.0.0");
     let sent = fleet.cp.metric(SENT) - before;
     assert!(
         sent <= 1.01 * size as f64,
         "the origin sent {sent} bytes for a bundle of {size}"
     );
-    for (_, data, _) in &fleet.tills {
-        assert_slot_whole(data);
+    for till in &fleet.tills {
+        assert_slot_whole(&till.data);
     }
     // The tills' own account agrees, as ops see it.
-    let row = transfer(&fleet.store_show("paris-01"), "1.0.0");
+    let row = transfer(&store_show(&fleet, "paris-01"), "1.0.0");
     assert_eq!(row["tills"], 8, "{row}");
     assert_eq!(row["size_bytes"], size, "{row}");
     let from_origin = row["bytes_from_origin"].as_u64().unwrap();
@@ -309,8 +70,8 @@ fn eight_tills_starting_at_once_take_a_bundle_from_the_origin_once() {
 
 #[test]
 fn three_stores_of_five_take_it_once_per_store() {
-    let mut fleet = Fleet::start();
-    let size = fleet.publish("1.0.0");
+    let mut fleet = Fleet::builder().start();
+    let size = fleet.publish("1.0.0", true, PAYLOAD);
     let stores = ["lyon-01", "nice-01", "lille-01"];
     for store in stores {
         fleet.store(store, 5, &[]);
@@ -320,9 +81,9 @@ fn three_stores_of_five_take_it_once_per_store() {
     }
     let before = fleet.cp.metric(SENT);
     for store in stores {
-        fleet.assign(store, "1.0.0");
+        fleet.assign(store, "pos-app@1.0.0");
     }
-    fleet.wait_until_active(&stores, 15, "1.0.0");
+    fleet.wait_until_active(&stores, "1.0.0");
     let sent = fleet.cp.metric(SENT) - before;
     let piece = (1u64 << 20) as f64;
     assert!(
@@ -330,7 +91,7 @@ fn three_stores_of_five_take_it_once_per_store() {
         "the origin sent {sent} bytes for 3 stores and a bundle of {size}"
     );
     for store in stores {
-        let row = transfer(&fleet.store_show(store), "1.0.0");
+        let row = transfer(&store_show(&fleet, store), "1.0.0");
         assert_eq!(row["tills"], 5, "{row}");
         assert!(
             row["bytes_from_origin"].as_u64().unwrap() <= size + (1 << 20),
@@ -341,29 +102,30 @@ fn three_stores_of_five_take_it_once_per_store() {
 
 #[test]
 fn the_store_completes_when_its_origin_fetcher_is_killed_halfway() {
-    let mut fleet = Fleet::start();
+    let mut fleet = Fleet::builder().start();
     // Large and slow enough that the pieces lost with the fetcher (the one
     // it was receiving, those it had not passed on yet) are a few percent:
     // about 16 s for the bundle across the link.
-    let size = fleet.publish_sized("1.0.0", 64 << 20);
-    let wan = Wan::start(&fleet.cp.http_address, 4 << 20);
-    let args = fleet.store_via("caen-01", 5, &[], Some(&wan.repository_url()));
+    let size = fleet.publish("1.0.0", true, 64 << 20);
+    let wan = PacedLink::start(&fleet.cp.http_address, 4 << 20);
+    let url = wan.repository_url();
+    fleet.open_store(&StoreSpec {
+        repository_url: Some(&url),
+        ..StoreSpec::new("caen-01", 5)
+    });
     fleet.wait_for_membership("caen-01", 5);
     let before = wan.delivered();
-    fleet.assign("caen-01", "1.0.0");
+    fleet.assign("caen-01", "pos-app@1.0.0");
     let fetcher = eventually("a till fetching from the origin", TIMEOUT, || {
-        fleet.tills.iter().position(|(_, _, process)| {
-            process
-                .lines()
-                .iter()
-                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                .any(|v| v["message"] == "Fetching from the origin.")
-        })
+        fleet
+            .tills
+            .iter()
+            .position(|till| !logged(&till.process, "Fetching from the origin.").is_empty())
     });
     eventually("half the bundle across the WAN", TIMEOUT, || {
         (wan.delivered() - before >= size / 2).then_some(())
     });
-    fleet.tills[fetcher].2.kill9();
+    fleet.tills[fetcher].process.kill9();
     let killed = Instant::now();
     let at_kill = wan.delivered() - before;
     assert!(
@@ -372,11 +134,11 @@ fn the_store_completes_when_its_origin_fetcher_is_killed_halfway() {
     );
 
     // The other four finish without it.
-    for (i, (_, data, _)) in fleet.tills.iter().enumerate() {
+    for (i, till) in fleet.tills.iter().enumerate() {
         if i == fetcher {
             continue;
         }
-        let id = enrolled_device_id(data).unwrap();
+        let id = till.device_id();
         eventually("the others on pos-app 1.0.0", TIMEOUT, || {
             (fleet.cp.bundle_status(&id, "pos-app")["active_version"] == "1.0.0").then_some(())
         });
@@ -387,10 +149,8 @@ fn the_store_completes_when_its_origin_fetcher_is_killed_halfway() {
     );
     // The killed till, started again, resumes from what it has and its peers.
     let restarted = Instant::now();
-    let data = fleet.tills[fetcher].1.clone();
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    fleet.tills[fetcher].2 = start_agent(&fleet.cp.url(), &data, "", &args);
-    fleet.wait_until_active(&["caen-01"], 5, "1.0.0");
+    fleet.restart_till(fetcher);
+    fleet.wait_until_active(&["caen-01"], "1.0.0");
     let crossed = wan.delivered() - before;
     println!(
         "restarted till done after {:?}; {crossed} bytes crossed",
@@ -400,20 +160,20 @@ fn the_store_completes_when_its_origin_fetcher_is_killed_halfway() {
         crossed as f64 <= 1.05 * size as f64,
         "{crossed} bytes crossed the WAN link for a bundle of {size}"
     );
-    for (_, data, _) in &fleet.tills {
-        assert_slot_whole(data);
+    for till in &fleet.tills {
+        assert_slot_whole(&till.data);
     }
 }
 
 #[test]
 fn a_till_whose_peers_are_gone_falls_back_to_the_origin_after_the_delay() {
-    let mut fleet = Fleet::start();
-    let size = fleet.publish("1.0.0");
+    let mut fleet = Fleet::builder().start();
+    let size = fleet.publish("1.0.0", true, PAYLOAD);
     fleet.store("brest-01", 2, &["--p2p-origin-fallback-delay-seconds", "4"]);
     fleet.wait_for_membership("brest-01", 2);
     // One till goes away; the other still lists it as a member.
-    fleet.tills[1].2.kill9();
-    let alone = enrolled_device_id(&fleet.tills[0].1).unwrap();
+    fleet.tills[1].process.kill9();
+    let alone = fleet.tills[0].device_id();
     let assigned = Instant::now();
     check_ok(fleet.cp.cli(&["device", "assign", &alone, "pos-app@1.0.0"]));
     eventually("the till alone on pos-app 1.0.0", TIMEOUT, || {
@@ -431,11 +191,11 @@ fn a_till_whose_peers_are_gone_falls_back_to_the_origin_after_the_delay() {
 
 #[test]
 fn a_revoked_till_is_refused_and_dropped_from_its_store() {
-    let mut fleet = Fleet::start();
-    fleet.publish("1.0.0");
+    let mut fleet = Fleet::builder().start();
+    fleet.publish("1.0.0", true, PAYLOAD);
     fleet.store("metz-01", 3, &[]);
     fleet.wait_for_membership("metz-01", 3);
-    let stolen = enrolled_device_id(&fleet.tills[2].1).unwrap();
+    let stolen = fleet.tills[2].device_id();
     let shown = fleet.cp.cli_json(&[
         "device",
         "revoke",
@@ -445,32 +205,32 @@ fn a_revoked_till_is_refused_and_dropped_from_its_store() {
     ]);
     assert!(!shown["revoked_at"].as_str().unwrap().is_empty(), "{shown}");
     // The other two learn a list without it; it hears "revoked".
-    for (_, _, process) in &fleet.tills[..2] {
+    for till in &fleet.tills[..2] {
         eventually("a list without the revoked till", TIMEOUT, || {
-            process
-                .lines()
+            logged(&till.process, "Store membership list updated.")
                 .iter()
-                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                .any(|v| v["message"] == "Store membership list updated." && v["members"] == 2)
+                .any(|v| v["members"] == 2)
                 .then_some(())
         });
     }
-    fleet.tills[2].2.wait_for_log("Heartbeat refused.", TIMEOUT);
+    fleet.tills[2]
+        .process
+        .wait_for_log("Heartbeat refused.", TIMEOUT);
     let refused = fleet.tills[2]
-        .2
+        .process
         .lines()
         .into_iter()
         .find(|l| l.contains("Heartbeat refused."))
         .unwrap();
     assert!(refused.contains("revoked"), "{refused}");
     // The store's release reaches the two, not the revoked one.
-    fleet.assign("metz-01", "1.0.0");
-    for (_, data, _) in &fleet.tills[..2] {
-        let id = enrolled_device_id(data).unwrap();
+    fleet.assign("metz-01", "pos-app@1.0.0");
+    for till in &fleet.tills[..2] {
+        let id = till.device_id();
         eventually("the store's tills on pos-app 1.0.0", TIMEOUT, || {
             (fleet.cp.bundle_status(&id, "pos-app")["active_version"] == "1.0.0").then_some(())
         });
     }
     std::thread::sleep(Duration::from_secs(3));
-    assert!(!fleet.tills[2].1.join("slots/pos-app").exists());
+    assert!(!fleet.tills[2].data.join("slots/pos-app").exists());
 }

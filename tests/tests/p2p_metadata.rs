@@ -3,11 +3,10 @@
 //! the metadata and the bundle gets both from the peer, verified, and
 //! installs; metadata a peer tampered with is rejected and nothing installs.
 
-use posfleet_e2e::{
-    ControlPlane, Process, check_ok, enrolled_device_id, eventually, pos_app_source, start_agent,
-};
+use posfleet_e2e::fleet::{Fleet, assert_slot_whole, logged};
+use posfleet_e2e::{Process, check_ok, enrolled_device_id, eventually};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -16,86 +15,50 @@ const PAYLOAD: usize = 3 << 20;
 /// Nothing listens there: connections are refused at once.
 const DEAD_REPOSITORY: &str = "http://127.0.0.1:1/repo/";
 
+const STORE: &str = "oslo-01";
+
+/// A control plane with pos-app 1.0.0 published and store `oslo-01` open to
+/// two tills, which the tests start and hold themselves.
 struct Store {
-    dir: tempfile::TempDir,
-    cp: ControlPlane,
-    keys: PathBuf,
+    fleet: Fleet,
     token: String,
 }
 
 impl Store {
-    /// A control plane with pos-app 1.0.0 published and store `oslo-01`
-    /// open to two tills; returns the bundle size too.
+    /// Returns the bundle size too.
     fn start() -> (Store, u64) {
-        let dir = tempfile::tempdir().unwrap();
-        let cp = ControlPlane::start(
-            &dir.path().join("cp"),
-            None,
-            "127.0.0.1:0",
-            "127.0.0.1:0",
-            &["--heartbeat-interval-seconds", "1"],
-        );
-        let keys = dir.path().join("keys");
-        cp.init_repository(&keys);
-        let src = dir.path().join("pos-app-1.0.0");
-        pos_app_source(&src, "1.0.0", true, PAYLOAD);
-        let size = std::fs::metadata(cp.publish(&src, &keys)).unwrap().len();
-        cp.cli_json(&[
-            "store",
-            "create",
-            "oslo-01",
-            "--name",
-            "oslo-01",
-            "--time-zone",
-            "UTC",
-        ]);
-        let token = cp.cli_json(&[
-            "enroll-token",
-            "create",
-            "--store",
-            "oslo-01",
-            "--uses",
-            "2",
-        ])["secret"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        let store = Store {
-            dir,
-            cp,
-            keys,
-            token,
-        };
-        (store, size)
+        let fleet = Fleet::builder().start();
+        let size = fleet.publish("1.0.0", true, PAYLOAD);
+        fleet.create_store(STORE, "UTC");
+        let token = fleet.enrollment_token(STORE, 2);
+        (Store { fleet, token }, size)
     }
 
     /// Starts a till of the store that reaches the bundle repository at
     /// `repository_url`; returns its data dir, device id and process.
     fn till(&self, name: &str, repository_url: &str) -> (PathBuf, String, Process) {
-        let data = self.dir.path().join(name);
-        let mut args = self.cp.repository_args(&self.keys);
-        let url = args.iter().position(|a| a == "--repository-url").unwrap() + 1;
-        args[url] = repository_url.to_string();
-        args.extend(["--install-check-interval-seconds".into(), "1".into()]);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let process = start_agent(&self.cp.url(), &data, &self.token, &args);
+        let data = self.fleet.dir.path().join(name);
+        let args = self.fleet.agent_args(Some(repository_url), &[]);
+        let process = self.fleet.spawn_agent(&data, &self.token, &args);
         let id = eventually("the till enrolled", TIMEOUT, || enrolled_device_id(&data));
         (data, id, process)
     }
 
     fn origin(&self) -> String {
-        let args = self.cp.repository_args(&self.keys);
-        let url = args.iter().position(|a| a == "--repository-url").unwrap() + 1;
-        args[url].clone()
+        format!("http://{}/repo/", self.fleet.cp.http_address)
     }
 
     fn assign(&self, device: &str) {
-        check_ok(self.cp.cli(&["device", "assign", device, "pos-app@1.0.0"]));
+        check_ok(
+            self.fleet
+                .cp
+                .cli(&["device", "assign", device, "pos-app@1.0.0"]),
+        );
     }
 
     fn wait_active(&self, device: &str) -> Value {
         eventually("pos-app 1.0.0 active", TIMEOUT, || {
-            let status = self.cp.bundle_status(device, "pos-app");
+            let status = self.fleet.cp.bundle_status(device, "pos-app");
             (status["active_version"] == "1.0.0").then_some(status)
         })
     }
@@ -107,27 +70,6 @@ fn peer_id(process: &Process) -> String {
         .as_str()
         .unwrap()
         .to_string()
-}
-
-/// The payload in a till's active slot is the one published.
-fn assert_slot_whole(data: &Path) {
-    use sha2::Digest;
-    let slot = data.join("slots/pos-app/current");
-    let want = std::fs::read_to_string(slot.join("payload.sha256")).unwrap();
-    let have = hex::encode(sha2::Sha256::digest(
-        std::fs::read(slot.join("payload.bin")).unwrap(),
-    ));
-    assert_eq!(have, want.trim(), "{}", data.display());
-}
-
-/// Log lines of `process` with this message, parsed.
-fn logged(process: &Process, message: &str) -> Vec<Value> {
-    process
-        .lines()
-        .iter()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["message"] == message)
-        .collect()
 }
 
 #[test]
@@ -209,6 +151,6 @@ fn metadata_a_peer_tampered_with_is_rejected_and_nothing_installs() {
         "rejected metadata was saved"
     );
     assert!(!data.join("slots/pos-app").exists(), "something installed");
-    let status = store.cp.bundle_status(&offline, "pos-app");
+    let status = store.fleet.cp.bundle_status(&offline, "pos-app");
     assert_ne!(status["active_version"], "1.0.0", "{status}");
 }

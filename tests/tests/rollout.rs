@@ -2,143 +2,49 @@
 //! `posfleet-agent`, the example POS program published as signed releases,
 //! and `posfleet rollout` driving the control plane's engine.
 
-use posfleet_e2e::{ControlPlane, Process, check_ok, eventually, pos_app_source, start_agent};
+use posfleet_e2e::fleet::{Fleet, TIMEOUT};
+use posfleet_e2e::{check_ok, eventually};
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
 const STORES: [&str; 3] = ["lyon-01", "nice-01", "lille-01"];
 const TILLS_PER_STORE: usize = 4;
-const TIMEOUT: Duration = Duration::from_secs(180);
 
 const LEADER: &str = "posfleet_rollout_engine_leader";
 
-struct Fleet {
-    dir: tempfile::TempDir,
-    /// Serves the tills and the CLI.
-    cp: ControlPlane,
-    /// A second replica on the same PostgreSQL database and data dir,
-    /// started first so that it runs the engine (see `start_replicated`).
-    engine: Option<ControlPlane>,
-    keys: PathBuf,
-    _tills: Vec<Process>,
+/// The fleet every test here starts from: 3 stores of 4 tills, pos-app
+/// 1.0.0, 1.1.0 and a 1.2.0 whose health check fails published, and every
+/// till on 1.0.0. With `standby` replicas started first on the same
+/// PostgreSQL database (the first runs the engine; the tills and the CLI
+/// talk to the last one started).
+fn start_fleet(database_url: Option<&str>, standby: usize) -> Fleet {
+    let mut fleet = Fleet::builder()
+        .database_url(database_url)
+        .standby_replicas(standby)
+        .start();
+    for store in STORES {
+        fleet.store(store, TILLS_PER_STORE, &[]);
+    }
+    for (version, healthy) in [("1.0.0", true), ("1.1.0", true), ("1.2.0", false)] {
+        fleet.publish(version, healthy, 0);
+    }
+    for store in STORES {
+        fleet.assign(store, "pos-app@1.0.0");
+    }
+    fleet.wait_until_active(&STORES, "1.0.0");
+    fleet
 }
 
-fn start_control_plane(data_dir: &std::path::Path, database_url: Option<&str>) -> ControlPlane {
-    ControlPlane::start(
-        data_dir,
-        database_url,
-        "127.0.0.1:0",
-        "127.0.0.1:0",
-        &["--heartbeat-interval-seconds", "1"],
-    )
+/// Rollouts driven through the CLI.
+trait Rollouts {
+    fn rollout(&self, args: &[&str]) -> String;
+    fn show(&self, id: &str) -> Value;
+    fn wait_for_state(&self, id: &str, state: &str) -> Value;
+    fn max_in_flight_per_store(&self, id: &str) -> usize;
 }
 
-impl Fleet {
-    fn start(database_url: Option<&str>) -> Fleet {
-        Fleet::start_with(database_url, false)
-    }
-
-    /// Two replicas on one PostgreSQL database, like replicas on shared
-    /// storage: the first runs the rollout engine, the tills and the CLI
-    /// talk to the second, which stands by.
-    fn start_replicated(database_url: &str) -> Fleet {
-        Fleet::start_with(Some(database_url), true)
-    }
-
-    fn start_with(database_url: Option<&str>, engine_replica: bool) -> Fleet {
-        let dir = tempfile::tempdir().unwrap();
-        let engine = engine_replica.then(|| {
-            let engine = start_control_plane(&dir.path().join("cp"), database_url);
-            eventually("the first replica runs the engine", TIMEOUT, || {
-                (engine.metric(LEADER) == 1.0).then_some(())
-            });
-            engine
-        });
-        let cp = start_control_plane(&dir.path().join("cp"), database_url);
-        let keys = dir.path().join("keys");
-        cp.init_repository(&keys);
-        let mut args = cp.repository_args(&keys);
-        args.extend(["--install-check-interval-seconds".into(), "1".into()]);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut tills = Vec::new();
-        for store in STORES {
-            cp.cli_json(&[
-                "store",
-                "create",
-                store,
-                "--name",
-                store,
-                "--time-zone",
-                "UTC",
-            ]);
-            let token = cp.cli_json(&[
-                "enroll-token",
-                "create",
-                "--store",
-                store,
-                "--uses",
-                &TILLS_PER_STORE.to_string(),
-            ]);
-            for till in 0..TILLS_PER_STORE {
-                let data = dir.path().join(format!("{store}-{till}"));
-                tills.push(start_agent(
-                    &cp.url(),
-                    &data,
-                    token["secret"].as_str().unwrap(),
-                    &args,
-                ));
-            }
-        }
-        let fleet = Fleet {
-            dir,
-            cp,
-            engine,
-            keys,
-            _tills: tills,
-        };
-        for (version, healthy) in [("1.0.0", true), ("1.1.0", true), ("1.2.0", false)] {
-            let src = fleet.dir.path().join(format!("pos-app-{version}"));
-            pos_app_source(&src, version, healthy, 0);
-            fleet.cp.publish(&src, &fleet.keys);
-        }
-        // Every till starts on 1.0.0.
-        for store in STORES {
-            check_ok(
-                fleet
-                    .cp
-                    .cli(&["device", "assign", "--store", store, "pos-app@1.0.0"]),
-            );
-        }
-        fleet.wait_until_active(&STORES, "1.0.0");
-        fleet
-    }
-
-    fn devices(&self) -> Vec<Value> {
-        self.cp
-            .cli_json(&["device", "list"])
-            .as_array()
-            .unwrap()
-            .clone()
-    }
-
-    /// Waits until every till of `stores` runs `version` of pos-app.
-    fn wait_until_active(&self, stores: &[&str], version: &str) {
-        eventually(&format!("{stores:?} on pos-app {version}"), TIMEOUT, || {
-            let devices: Vec<Value> = self
-                .devices()
-                .into_iter()
-                .filter(|d| stores.contains(&d["store_id"].as_str().unwrap()))
-                .collect();
-            (devices.len() == stores.len() * TILLS_PER_STORE
-                && devices
-                    .iter()
-                    .all(|d| d["installed_bundles"]["pos-app"] == version))
-            .then_some(())
-        });
-    }
-
+impl Rollouts for Fleet {
     fn rollout(&self, args: &[&str]) -> String {
         let mut all = vec!["rollout", "create"];
         all.extend_from_slice(args);
@@ -298,13 +204,13 @@ fn good_then_bad(fleet: &Fleet) {
 
 #[test]
 fn a_good_release_completes_in_waves_and_a_bad_one_pauses_in_its_canary() {
-    let fleet = Fleet::start(None);
+    let fleet = start_fleet(None, 0);
     good_then_bad(&fleet);
 }
 
 #[test]
 fn an_aborted_rollout_dispatches_no_more_and_overlaps_are_refused() {
-    let fleet = Fleet::start(None);
+    let fleet = start_fleet(None, 0);
     let slow = fleet.rollout(&[
         "--release",
         "pos-app@1.1.0",
@@ -349,20 +255,13 @@ fn an_aborted_rollout_dispatches_no_more_and_overlaps_are_refused() {
 /// Kills the control plane mid-rollout and starts it again: the rollout
 /// completes, with every till counted once.
 fn survives_a_control_plane_kill(database_url: Option<&str>) {
-    let mut fleet = Fleet::start(database_url);
+    let mut fleet = start_fleet(database_url, 0);
     let id = fleet.rollout(&["--release", "pos-app@1.1.0", "--waves", "25%,100%"]);
     eventually("some tills on 1.1.0", TIMEOUT, || {
         (fleet.show(&id)["counts"]["succeeded"].as_u64() >= Some(2)).then_some(())
     });
     fleet.cp.process.kill9();
-    let (grpc, http) = (fleet.cp.grpc_address.clone(), fleet.cp.http_address.clone());
-    fleet.cp = ControlPlane::start(
-        &fleet.dir.path().join("cp"),
-        database_url,
-        &grpc,
-        &http,
-        &["--heartbeat-interval-seconds", "1"],
-    );
+    fleet.restart_control_plane();
     completes_with_every_till_once(&fleet, &id);
 }
 
@@ -402,7 +301,7 @@ fn a_rollout_survives_a_control_plane_kill_on_postgres() {
 #[ignore = "needs PostgreSQL: set POSFLEET_TEST_POSTGRES_URL and pass --ignored (.ci/run does)"]
 fn a_killed_engine_replica_hands_the_rollout_over_on_postgres() {
     let db = posfleet_e2e::PostgresDb::create();
-    let mut fleet = Fleet::start_replicated(&db.url);
+    let mut fleet = start_fleet(Some(&db.url), 1);
     assert_eq!(fleet.cp.metric(LEADER), 0.0, "one engine at a time");
     let id = fleet.rollout(&[
         "--release",
@@ -420,7 +319,7 @@ fn a_killed_engine_replica_hands_the_rollout_over_on_postgres() {
     });
     assert_eq!(shown["state"], "running", "{shown}");
     assert_eq!(shown["counts"]["succeeded"], 3, "{shown}");
-    let mut engine = fleet.engine.take().expect("an engine replica");
+    let mut engine = fleet.standby.pop().expect("an engine replica");
     assert_eq!(engine.metric(LEADER), 1.0);
     assert_eq!(fleet.cp.metric(LEADER), 0.0, "one engine at a time");
     engine.process.kill9();

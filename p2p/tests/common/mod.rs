@@ -3,7 +3,7 @@
 //! WAN edge).
 #![allow(dead_code)]
 
-use posfleet_bundle::chunks::{CHUNK_SIZE, ChunkList, digest_reader};
+use posfleet_bundle::chunks::{ChunkList, digest_reader};
 use posfleet_p2p::{Bundle, Config, Error, Member, Multiaddr, OriginSource, P2p, PeerId};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -43,23 +43,12 @@ pub fn bundle(len: usize, seed: u64) -> (Arc<Vec<u8>>, Bundle) {
             x as u8
         })
         .collect();
-    // What `digest_reader` computes, with an assembly SHA-256: the
-    // portable one takes seconds per bundle in a debug build.
-    let sha = |bytes: &[u8]| -> [u8; 32] {
-        ring::digest::digest(&ring::digest::SHA256, bytes)
-            .as_ref()
-            .try_into()
-            .unwrap()
-    };
-    let chunks = ChunkList {
-        chunk_size: CHUNK_SIZE,
-        length: len as u64,
-        hashes: data.chunks(CHUNK_SIZE as usize).map(sha).collect(),
-    };
-    if len <= 2 * MIB {
-        assert_eq!(digest_reader(&data[..]).unwrap().chunks, chunks);
-    }
-    let digest = sha(&data);
+    // Hashed by `posfleet-bundle`, as a publisher does: tests build
+    // trusted values the way the product does.
+    let digest = digest_reader(&data[..]).unwrap();
+    let chunks = digest.chunks;
+    assert_eq!(chunks.length(), len as u64);
+    let digest = digest.sha256;
     (Arc::new(data), Bundle { digest, chunks })
 }
 
@@ -126,7 +115,7 @@ impl OriginSource for FakeOrigin {
             .lock()
             .unwrap()
             .get_or_insert_with(Instant::now);
-        let size = self.chunks.chunk_size as usize;
+        let size = self.chunks.chunk_size() as usize;
         for index in first..=last {
             let start = index * size;
             let end = (start + size).min(self.data.len());

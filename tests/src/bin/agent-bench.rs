@@ -34,6 +34,8 @@ struct Args {
 #[derive(Debug, Serialize)]
 struct Report {
     command: String,
+    /// The commit measured (`git describe`).
+    commit: Option<String>,
     /// Besides the repository's: P2P as a till runs it by default, the
     /// libp2p task and mDNS on.
     agent_args: Vec<String>,
@@ -165,6 +167,7 @@ fn main() -> anyhow::Result<()> {
     };
     let report = Report {
         command: command_line(),
+        commit: posfleet_e2e::measured_commit(),
         agent_args,
         heartbeat_interval_seconds: 30,
         idle_seconds: args.idle_seconds,

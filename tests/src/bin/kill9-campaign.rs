@@ -1,8 +1,9 @@
-//! kill9-campaign: kills a till's agent with SIGKILL at random moments of
-//! its installs, release after release, and checks after every kill that
-//! one whole version is active and after every restart that the agent
-//! converges. Figures go to a JSON file; the exit status is non-zero if
-//! any trial failed.
+//! kill9-campaign: kills a till's agent with SIGKILL in every phase of its
+//! installs in turn (the phase chosen first, then a random moment inside
+//! it), release after release, and checks after every kill that one whole
+//! version is active and after every restart that the agent converges.
+//! Figures go to a JSON file; the exit status is non-zero if any trial
+//! failed.
 //!
 //!     cargo run --release -p posfleet-e2e --bin kill9-campaign -- --trials 100
 
@@ -29,18 +30,12 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let work = tempfile::Builder::new()
-        .prefix("posfleet-kill9-")
-        .tempdir()?;
-    let report = kill9::run(
-        &Options {
-            trials: args.trials,
-            payload_bytes: args.payload_bytes,
-            health_seconds: args.health_seconds,
-            seed: args.seed,
-        },
-        work.path(),
-    );
+    let report = kill9::run(&Options {
+        trials: args.trials,
+        payload_bytes: args.payload_bytes,
+        health_seconds: args.health_seconds,
+        seed: args.seed,
+    });
     let json = serde_json::to_string_pretty(&report)?;
     if let Some(parent) = args.output.parent() {
         std::fs::create_dir_all(parent)?;

@@ -1082,6 +1082,8 @@ fn median(values: &mut [f64]) -> f64 {
 struct Report {
     benchmark: &'static str,
     command: String,
+    /// The commit measured (`git describe`).
+    commit: Option<String>,
     cores: usize,
     load_average_before: Vec<f64>,
     load_average_after: Vec<f64>,
@@ -1291,6 +1293,7 @@ fn bench(args: &Args) -> anyhow::Result<()> {
     let report = Report {
         benchmark: "store-bench",
         command: posfleet_e2e::command_line(),
+        commit: posfleet_e2e::measured_commit(),
         cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
         load_average_before,
         load_average_after: load_average(),

@@ -15,7 +15,7 @@
 
 use anyhow::{Context, ensure};
 use clap::Parser;
-use posfleet_bundle::chunks::{self, ChunkList};
+use posfleet_bundle::chunks;
 use posfleet_bundle::client::{Limits, TrustedMetadata};
 use posfleet_bundle::manifest::{Kind, Manifest};
 use posfleet_bundle::repo::{self, RootKeys};
@@ -122,14 +122,6 @@ fn publish(dir: &Path, digest: &chunks::FileDigest, now: SystemTime) -> anyhow::
     Ok(())
 }
 
-/// A SHA-256 given in hex.
-fn unhex32(text: &str) -> anyhow::Result<[u8; 32]> {
-    hex::decode(text)
-        .ok()
-        .and_then(|bytes| bytes.try_into().ok())
-        .ok_or_else(|| anyhow::anyhow!("`{text}` is not a SHA-256 in hex"))
-}
-
 /// One verification as an agent does it, from the files in `dir`. Returns
 /// the time spent on metadata (everything before hashing the bundle).
 fn verify(dir: &Path, bundle: &Path, now: SystemTime) -> anyhow::Result<Duration> {
@@ -143,13 +135,12 @@ fn verify(dir: &Path, bundle: &Path, now: SystemTime) -> anyhow::Result<Duration
     );
     trusted.update_snapshot(&read("snapshot.json")?, now.into())?;
     trusted.update_targets(&read("targets.json")?, now.into())?;
-    let target = trusted.bundle(&format!("{BUNDLE_NAME}/{BUNDLE_VERSION}"), HARDWARE_MODEL)?;
-    let list = ChunkList::decode(
-        &read("bundle.chunks")?,
-        target.info.chunk_size,
-        target.length,
-        &unhex32(&target.info.chunks_sha256)?,
+    let target = trusted.bundle(
+        &format!("{BUNDLE_NAME}/{BUNDLE_VERSION}"),
+        HARDWARE_MODEL,
+        now.into(),
     )?;
+    let list = target.decode_chunk_list(&read("bundle.chunks")?)?;
     let metadata = started.elapsed();
     list.verify_reader(File::open(bundle)?)?;
     Ok(metadata)
@@ -299,6 +290,8 @@ struct Report {
     /// posfleet verification.
     peak_rss_bytes: u64,
     command: String,
+    /// The commit measured (`git describe`).
+    commit: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -383,7 +376,7 @@ fn main() -> anyhow::Result<()> {
         bytes,
     );
     let posfleet = Side::new(
-        "TrustedMetadata root, timestamp, snapshot, targets; bundle(); ChunkList::decode; verify_reader(File)".into(),
+        "TrustedMetadata root, timestamp, snapshot, targets; bundle(); decode_chunk_list; verify_reader(File)".into(),
         posfleet_runs,
         bytes,
     );
@@ -411,7 +404,7 @@ fn main() -> anyhow::Result<()> {
     let report = Report {
         benchmark: "verify-bench",
         bundle_bytes: bytes,
-        chunk_bytes: digest.chunks.chunk_size,
+        chunk_bytes: digest.chunks.chunk_size(),
         chunks: digest.chunks.count(),
         runs: args.runs,
         cores: std::thread::available_parallelism()
@@ -429,6 +422,7 @@ fn main() -> anyhow::Result<()> {
         target_met: ratio >= TARGET_RATIO,
         peak_rss_bytes,
         command: posfleet_e2e::command_line(),
+        commit: posfleet_e2e::measured_commit(),
     };
     if let Some(parent) = args.output.parent() {
         std::fs::create_dir_all(parent)?;
