@@ -116,7 +116,10 @@ impl Agent {
             store_peers: StorePeers::load(&config.data_dir),
             repository,
             state: StateDir::new(&config.data_dir),
-            slots: Slots::open(&config.data_dir)?,
+            slots: match config.hook_user()? {
+                Some(user) => Slots::open(&config.data_dir)?.with_hook_user(user)?,
+                None => Slots::open(&config.data_dir)?,
+            },
             client: AgentServiceClient::new(channel),
             config,
             key,

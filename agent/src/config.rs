@@ -2,39 +2,12 @@
 //! environment variables, then flags. Validated before anything starts.
 
 use clap::Parser;
-use figment::Figment;
-use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
+use std::ffi::OsString;
 use std::path::PathBuf;
 
-const ENV_KEYS: &[&str] = &[
-    "server_url",
-    "data_dir",
-    "enrollment_token",
-    "hardware_model",
-    "serial_number",
-    "peripherals",
-    "fake_peripheral_faults",
-    "max_backoff_seconds",
-    "request_timeout_seconds",
-    "log_format",
-    "log_level",
-    "insecure_dev",
-    "install_check_interval_seconds",
-    "min_free_disk_bytes",
-    "clock_file",
-    "root_json_path",
-    "repository_url",
-    "repository_refresh_seconds",
-    "p2p_enabled",
-    "p2p_listen_addrs",
-    "p2p_mdns",
-    "p2p_upload_limit_bytes_per_second",
-    "p2p_max_concurrent_transfers",
-    "p2p_max_connections",
-    "p2p_origin_fallback_delay_seconds",
-    "p2p_stall_timeout_seconds",
-];
+use crate::hooks::HookUser;
+pub use posfleet_runtime::{ConfigError, LogFormat};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -53,13 +26,6 @@ pub enum FakeFault {
     CashDrawer,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
@@ -68,7 +34,15 @@ pub struct AgentConfig {
     /// Device key, enrollment and state; survives restarts.
     pub data_dir: PathBuf,
     /// One-time token from ops; only read until the device is enrolled.
+    /// Prefer `enrollment_token_file` or `POSFLEET_ENROLLMENT_TOKEN`: a
+    /// flag shows in `ps`.
     pub enrollment_token: String,
+    /// A file holding the enrollment token (a trailing newline is trimmed),
+    /// read at start; it must not be readable by every user. Empty: none.
+    pub enrollment_token_file: PathBuf,
+    /// The user bundle hooks run as (its uid and primary group). Empty:
+    /// the agent's own user.
+    pub hook_user: String,
     pub hardware_model: String,
     /// Empty means the machine id (`/etc/machine-id`), else the host name.
     pub serial_number: String,
@@ -129,6 +103,8 @@ impl Default for AgentConfig {
             server_url: "http://127.0.0.1:7400".into(),
             data_dir: PathBuf::from("posfleet-agent-data"),
             enrollment_token: String::new(),
+            enrollment_token_file: PathBuf::new(),
+            hook_user: String::new(),
             hardware_model: "generic-pos".into(),
             serial_number: String::new(),
             peripherals: PeripheralsDriver::None,
@@ -159,20 +135,6 @@ impl Default for AgentConfig {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("invalid configuration: {key}: {message}")]
-pub struct ConfigError {
-    pub key: String,
-    pub message: String,
-}
-
-fn config_error(key: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError {
-        key: key.into(),
-        message: message.into(),
-    }
-}
-
 #[derive(Debug, Parser, Serialize)]
 #[command(
     name = "posfleet-agent",
@@ -190,9 +152,18 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
+    /// Shows in `ps`: prefer --enrollment-token-file.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub enrollment_token: Option<String>,
+    /// A file holding the enrollment token (mode 0600 or 0640).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enrollment_token_file: Option<PathBuf>,
+    /// Run bundle hooks as this user instead of the agent's.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hook_user: Option<String>,
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hardware_model: Option<String>,
@@ -266,40 +237,97 @@ pub struct Args {
 }
 
 impl AgentConfig {
+    /// Layers defaults, the file named by `--config`, the `POSFLEET_*`
+    /// environment and the flags, then validates the result.
     pub fn load(args: &Args) -> Result<AgentConfig, ConfigError> {
-        let mut figment = Figment::from(Serialized::defaults(AgentConfig::default()));
-        if let Some(path) = &args.config {
-            if !path.is_file() {
-                return Err(config_error(
-                    "config",
-                    format!("{} is not a readable file", path.display()),
-                ));
-            }
-            figment = figment.merge(Toml::file_exact(path));
-        }
-        let config: AgentConfig = figment
-            .merge(Env::prefixed("POSFLEET_").only(ENV_KEYS))
-            .merge(Serialized::defaults(args))
-            .extract()
-            .map_err(|e| {
-                let key = e.path.last().cloned().unwrap_or_else(|| "config".into());
-                let source = e
-                    .metadata
-                    .as_ref()
-                    .map(|m| format!(" (from {})", m.name))
-                    .unwrap_or_default();
-                config_error(&key, format!("{}{source}", one_line(&e.kind.to_string())))
-            })?;
+        AgentConfig::load_from(args, std::env::vars_os())
+    }
+
+    /// As [`AgentConfig::load`], with the environment given.
+    pub fn load_from(
+        args: &Args,
+        env: impl IntoIterator<Item = (OsString, OsString)>,
+    ) -> Result<AgentConfig, ConfigError> {
+        let mut config: AgentConfig =
+            posfleet_runtime::config::load(args.config.as_deref(), env, args)?;
+        config.read_enrollment_token_file()?;
         config.validate()?;
         Ok(config)
     }
 
+    /// Reads `enrollment_token_file` into `enrollment_token`. A file every
+    /// user may read is refused: the token enrolls a till into its store.
+    fn read_enrollment_token_file(&mut self) -> Result<(), ConfigError> {
+        use std::io::Read;
+        use std::os::unix::fs::PermissionsExt;
+        const KEY: &str = "enrollment_token_file";
+        /// Far above any token; a larger file is not one.
+        const MAX_BYTES: u64 = 4096;
+        let path = &self.enrollment_token_file;
+        if path.as_os_str().is_empty() {
+            return Ok(());
+        }
+        if !self.enrollment_token.is_empty() {
+            return Err(ConfigError::new(
+                KEY,
+                "set enrollment_token or enrollment_token_file, not both",
+            ));
+        }
+        let cannot_read = |e: std::io::Error| {
+            ConfigError::new(KEY, format!("cannot read {}: {e}", path.display()))
+        };
+        let file = std::fs::File::open(path).map_err(cannot_read)?;
+        let mode = file.metadata().map_err(cannot_read)?.permissions().mode();
+        if mode & 0o004 != 0 {
+            return Err(ConfigError::new(
+                KEY,
+                format!(
+                    "{} is readable by every user (mode {:o}); chmod 600 it",
+                    path.display(),
+                    mode & 0o777
+                ),
+            ));
+        }
+        let mut text = String::new();
+        file.take(MAX_BYTES + 1)
+            .read_to_string(&mut text)
+            .map_err(cannot_read)?;
+        let token = text.trim_end_matches(['\n', '\r']);
+        if token.is_empty() || text.len() as u64 > MAX_BYTES || token.contains(['\n', '\r']) {
+            return Err(ConfigError::new(
+                KEY,
+                format!("{} must hold the token on one line", path.display()),
+            ));
+        }
+        self.enrollment_token = token.to_string();
+        Ok(())
+    }
+
+    /// The user hooks run as, looked up in the system's user database;
+    /// `None`: the agent's own.
+    pub fn hook_user(&self) -> Result<Option<HookUser>, ConfigError> {
+        if self.hook_user.is_empty() {
+            return Ok(None);
+        }
+        match HookUser::lookup(&self.hook_user) {
+            Ok(Some(user)) => Ok(Some(user)),
+            Ok(None) => Err(ConfigError::new(
+                "hook_user",
+                format!("no user `{}` on this system", self.hook_user),
+            )),
+            Err(e) => Err(ConfigError::new(
+                "hook_user",
+                format!("cannot look up `{}`: {e}", self.hook_user),
+            )),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let uri: tonic::transport::Uri = self.server_url.parse().map_err(|_| {
-            config_error("server_url", format!("`{}` is not a URL", self.server_url))
+            ConfigError::new("server_url", format!("`{}` is not a URL", self.server_url))
         })?;
         let Some(host) = uri.host().filter(|_| uri.scheme_str() == Some("http")) else {
-            return Err(config_error(
+            return Err(ConfigError::new(
                 "server_url",
                 format!("`{}` must look like http://host:7400", self.server_url),
             ));
@@ -311,7 +339,7 @@ impl AgentConfig {
                 .parse::<std::net::IpAddr>()
                 .is_ok_and(|ip| ip.is_loopback());
         if !loopback && !self.insecure_dev {
-            return Err(config_error(
+            return Err(ConfigError::new(
                 "server_url",
                 format!(
                     "`{host}` is not this machine, and gRPC is plaintext until TLS is configured; \
@@ -320,49 +348,58 @@ impl AgentConfig {
             ));
         }
         if self.data_dir.as_os_str().is_empty() {
-            return Err(config_error("data_dir", "must not be empty"));
+            return Err(ConfigError::new("data_dir", "must not be empty"));
         }
         if !self.root_json_path.as_os_str().is_empty() {
             if !self.root_json_path.is_file() {
-                return Err(config_error(
+                return Err(ConfigError::new(
                     "root_json_path",
                     format!("{} is not a readable file", self.root_json_path.display()),
                 ));
             }
             let url: Result<tonic::transport::Uri, _> = self.repository_url.parse();
             if !url.is_ok_and(|u| u.scheme_str() == Some("http") && u.host().is_some()) {
-                return Err(config_error(
+                return Err(ConfigError::new(
                     "repository_url",
                     "must be set, like http://host:7401/repo/, when root_json_path is",
                 ));
             }
             if !(10..=86_400).contains(&self.repository_refresh_seconds) {
-                return Err(config_error(
+                return Err(ConfigError::new(
                     "repository_refresh_seconds",
                     "must be 10 to 86400",
                 ));
             }
         }
         if !(1..=3600).contains(&self.install_check_interval_seconds) {
-            return Err(config_error(
+            return Err(ConfigError::new(
                 "install_check_interval_seconds",
                 "must be 1 to 3600",
             ));
         }
         if self.hardware_model.trim().is_empty() || self.hardware_model.len() > 64 {
-            return Err(config_error("hardware_model", "must be 1 to 64 bytes"));
+            return Err(ConfigError::new("hardware_model", "must be 1 to 64 bytes"));
         }
         if self.serial_number.len() > 128 {
-            return Err(config_error("serial_number", "must be at most 128 bytes"));
+            return Err(ConfigError::new(
+                "serial_number",
+                "must be at most 128 bytes",
+            ));
         }
         if !(1..=86_400).contains(&self.max_backoff_seconds) {
-            return Err(config_error("max_backoff_seconds", "must be 1 to 86400"));
+            return Err(ConfigError::new(
+                "max_backoff_seconds",
+                "must be 1 to 86400",
+            ));
         }
         if !(1..=600).contains(&self.request_timeout_seconds) {
-            return Err(config_error("request_timeout_seconds", "must be 1 to 600"));
+            return Err(ConfigError::new(
+                "request_timeout_seconds",
+                "must be 1 to 600",
+            ));
         }
-        tracing_subscriber::EnvFilter::try_new(&self.log_level)
-            .map_err(|e| config_error("log_level", e.to_string()))?;
+        posfleet_runtime::logging::check_log_level(&self.log_level)?;
+        self.hook_user()?;
         if self.p2p_enabled {
             self.p2p_config()?;
         }
@@ -372,7 +409,7 @@ impl AgentConfig {
     /// The P2P settings as `posfleet-p2p` takes them.
     pub fn p2p_config(&self) -> Result<posfleet_p2p::Config, ConfigError> {
         if self.p2p_listen_addrs.is_empty() || self.p2p_listen_addrs.len() > 8 {
-            return Err(config_error(
+            return Err(ConfigError::new(
                 "p2p_listen_addrs",
                 "must list 1 to 8 addresses",
             ));
@@ -382,7 +419,7 @@ impl AgentConfig {
             .iter()
             .map(|a| {
                 a.parse::<posfleet_p2p::Multiaddr>().map_err(|e| {
-                    config_error(
+                    ConfigError::new(
                         "p2p_listen_addrs",
                         format!("`{a}` is not a multiaddr like /ip4/0.0.0.0/tcp/7410: {e}"),
                     )
@@ -390,22 +427,22 @@ impl AgentConfig {
             })
             .collect::<Result<Vec<_>, _>>()?;
         if !(1..=256).contains(&self.p2p_max_concurrent_transfers) {
-            return Err(config_error(
+            return Err(ConfigError::new(
                 "p2p_max_concurrent_transfers",
                 "must be 1 to 256",
             ));
         }
         if !(2..=1024).contains(&self.p2p_max_connections) {
-            return Err(config_error("p2p_max_connections", "must be 2 to 1024"));
+            return Err(ConfigError::new("p2p_max_connections", "must be 2 to 1024"));
         }
         if !(1..=3600).contains(&self.p2p_origin_fallback_delay_seconds) {
-            return Err(config_error(
+            return Err(ConfigError::new(
                 "p2p_origin_fallback_delay_seconds",
                 "must be 1 to 3600",
             ));
         }
         if !(1..=3600).contains(&self.p2p_stall_timeout_seconds) {
-            return Err(config_error(
+            return Err(ConfigError::new(
                 "p2p_stall_timeout_seconds",
                 "must be 1 to 3600",
             ));
@@ -423,19 +460,6 @@ impl AgentConfig {
             ..posfleet_p2p::Config::default()
         })
     }
-}
-
-/// Parser messages can quote the offending source over several lines; the
-/// error is reported on one line without the quote.
-fn one_line(message: &str) -> String {
-    message
-        .lines()
-        .map(str::trim)
-        .filter(|l| {
-            !l.is_empty() && !l.starts_with('|') && !l.contains(" | ") && !l.starts_with('^')
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 #[cfg(test)]
@@ -467,6 +491,110 @@ mod tests {
         assert!(load(&[]).is_ok());
         assert!(load(&["--server-url", "http://[::1]:7400"]).is_ok());
         assert!(load(&["--server-url", "http://cp.example:7400", "--insecure-dev"]).is_ok());
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(OsString, OsString)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect()
+    }
+
+    #[test]
+    fn documented_env_variables_set_their_keys() {
+        let args = Args::parse_from(["posfleet-agent"]);
+        let config = AgentConfig::load_from(
+            &args,
+            env(&[
+                ("POSFLEET_SERVER_URL", "http://[::1]:7400"),
+                ("POSFLEET_P2P_ENABLED", "false"),
+                ("POSFLEET_MIN_FREE_DISK_BYTES", "1048576"),
+                ("POSFLEET_LOG_FORMAT", "json"),
+                ("POSFLEET_PERIPHERALS", "fake"),
+                ("POSFLEET_FAKE_PERIPHERAL_FAULTS", "[printer, cash_drawer]"),
+                ("POSFLEET_P2P_LISTEN_ADDRS", "[\"/ip4/127.0.0.1/tcp/0\"]"),
+                // The CLI's, not the agent's.
+                ("POSFLEET_TOKEN", "pft_x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.server_url, "http://[::1]:7400");
+        assert!(!config.p2p_enabled);
+        assert_eq!(config.min_free_disk_bytes, 1_048_576);
+        assert_eq!(config.log_format, LogFormat::Json);
+        assert_eq!(
+            config.fake_peripheral_faults,
+            [FakeFault::Printer, FakeFault::CashDrawer]
+        );
+        assert_eq!(config.p2p_listen_addrs, ["/ip4/127.0.0.1/tcp/0"]);
+        // A flag wins over the environment.
+        let args = Args::parse_from(["posfleet-agent", "--min-free-disk-bytes", "7"]);
+        let config =
+            AgentConfig::load_from(&args, env(&[("POSFLEET_MIN_FREE_DISK_BYTES", "9")])).unwrap();
+        assert_eq!(config.min_free_disk_bytes, 7);
+        // A bad value names its key and the variable it came from.
+        let args = Args::parse_from(["posfleet-agent"]);
+        let err =
+            AgentConfig::load_from(&args, env(&[("POSFLEET_P2P_MDNS", "sometimes")])).unwrap_err();
+        assert_eq!(err.key, "p2p_mdns", "{err}");
+        assert!(err.to_string().contains("POSFLEET_P2P_MDNS"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_hook_user_is_refused_at_start() {
+        let err = load(&["--hook-user", "no-such-user-here"]).unwrap_err();
+        assert_eq!(err.key, "hook_user", "{err}");
+        assert!(err.to_string().contains("no-such-user-here"), "{err}");
+        let config = load(&["--hook-user", "nobody"]).unwrap();
+        assert_eq!(config.hook_user().unwrap().unwrap().name, "nobody");
+        assert_eq!(load(&[]).unwrap().hook_user().unwrap(), None);
+    }
+
+    #[test]
+    fn the_enrollment_token_comes_from_a_private_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        let file = path.to_str().unwrap();
+        let write = |text: &str, mode: u32| {
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        write("pfe_secret\n", 0o600);
+        let config = load(&["--enrollment-token-file", file]).unwrap();
+        assert_eq!(config.enrollment_token, "pfe_secret");
+        // Through the environment too.
+        let args = Args::parse_from(["posfleet-agent"]);
+        let from_env =
+            AgentConfig::load_from(&args, env(&[("POSFLEET_ENROLLMENT_TOKEN_FILE", file)]));
+        assert_eq!(from_env.unwrap().enrollment_token, "pfe_secret");
+        write("pfe_secret\r\n", 0o640);
+        assert_eq!(
+            load(&["--enrollment-token-file", file])
+                .unwrap()
+                .enrollment_token,
+            "pfe_secret"
+        );
+        // Refusals name the key: a file anyone can read, an empty one, one
+        // of several lines, a missing one, and both ways at once.
+        for (text, mode) in [
+            ("pfe_secret\n", 0o644),
+            ("\n", 0o600),
+            ("pfe_a\npfe_b\n", 0o600),
+        ] {
+            write(text, mode);
+            let err = load(&["--enrollment-token-file", file]).unwrap_err();
+            assert_eq!(err.key, "enrollment_token_file", "{err}");
+        }
+        write("pfe_secret\n", 0o644);
+        let err = load(&["--enrollment-token-file", file]).unwrap_err();
+        assert!(err.to_string().contains("readable by every user"), "{err}");
+        write("pfe_secret\n", 0o600);
+        let err = load(&["--enrollment-token-file", file, "--enrollment-token", "x"]).unwrap_err();
+        assert_eq!(err.key, "enrollment_token_file", "{err}");
+        let missing = dir.path().join("missing");
+        let err = load(&["--enrollment-token-file", missing.to_str().unwrap()]).unwrap_err();
+        assert_eq!(err.key, "enrollment_token_file", "{err}");
     }
 
     #[test]

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("cannot use the data dir {path}: {source}")]
     DataDir {
         path: PathBuf,

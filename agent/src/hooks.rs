@@ -7,6 +7,12 @@
 //! times out or is abandoned, the whole group is killed with SIGKILL, so a
 //! backgrounded grandchild that keeps the output pipe open cannot hang the
 //! agent.
+//!
+//! A hook gets exactly the environment its bundle is documented to get (the
+//! variables the installer passes, plus [`HOOK_PATH`]), none of the
+//! agent's: the agent's environment can hold secrets (its enrollment
+//! token, a proxy's credentials). It runs as the agent's user, or as
+//! `hook_user` ([`HookUser`]) when one is configured.
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -34,6 +40,31 @@ const REAP: Duration = Duration::from_secs(5);
 /// writing (ETXTBSY: a fork elsewhere in the agent inherited the descriptor
 /// the program was unpacked through, until that child's exec).
 const SPAWN_ATTEMPTS: u32 = 10;
+
+/// `PATH` of every hook: the system's directories, whatever the agent's is.
+pub const HOOK_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The user hooks run as instead of the agent's: that user's uid and
+/// primary group, with no supplementary groups.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl HookUser {
+    /// The user named `name` in the system's user database; `None` when
+    /// there is none.
+    pub fn lookup(name: &str) -> std::io::Result<Option<HookUser>> {
+        let user = nix::unistd::User::from_name(name).map_err(std::io::Error::from)?;
+        Ok(user.map(|user| HookUser {
+            name: user.name,
+            uid: user.uid.as_raw(),
+            gid: user.gid.as_raw(),
+        }))
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum HookError {
@@ -149,6 +180,7 @@ fn spawn(
     hook: &Hook,
     slot_dir: &Path,
     env: &[(&str, String)],
+    user: Option<&HookUser>,
 ) -> std::io::Result<(tokio::process::Child, pipe::Receiver)> {
     let (reader, writer) = std::io::pipe()?;
     let mut command = tokio::process::Command::new(program);
@@ -160,14 +192,17 @@ fn spawn(
         .stdout(writer)
         .process_group(0)
         .kill_on_drop(true);
-    // The agent's own settings (enrollment token included) are not the
-    // bundle's business.
-    for (key, _) in std::env::vars_os() {
-        if key.as_encoded_bytes().starts_with(b"POSFLEET_") {
-            command.env_remove(key);
-        }
+    // The agent's environment (its settings, secrets) is not the bundle's
+    // business: the hook gets its documented variables and a fixed PATH.
+    command
+        .env_clear()
+        .env("PATH", HOOK_PATH)
+        .envs(env.iter().map(|(key, value)| (key, value)));
+    if let Some(user) = user {
+        // The group first, while the process may still change it; without
+        // supplementary groups (the standard library drops them).
+        command.gid(user.gid).uid(user.uid);
     }
-    command.envs(env.iter().map(|(key, value)| (key, value)));
     let child = command.spawn()?;
     // Close this process's copies of the pipe's write end, so that the
     // reader sees the end once the hook's processes are gone.
@@ -176,13 +211,14 @@ fn spawn(
     Ok((child, output))
 }
 
-/// Runs `hook` once in `slot_dir` with `env` added to the agent's
-/// environment (minus its `POSFLEET_*` settings), within the hook's
+/// Runs `hook` once in `slot_dir` with the environment `env` and
+/// [`HOOK_PATH`], as `user` (`None`: the agent's), within the hook's
 /// `timeout_seconds`.
 pub async fn run_hook(
     hook: &Hook,
     slot_dir: &Path,
     env: &[(&str, String)],
+    user: Option<&HookUser>,
 ) -> Result<(), HookError> {
     let program = hook.command.first().cloned().unwrap_or_default();
     let path = slot_dir.join(&program);
@@ -191,7 +227,7 @@ pub async fn run_hook(
 
     let mut attempt = 1;
     let (mut child, mut output) = loop {
-        match spawn(&path, hook, slot_dir, env) {
+        match spawn(&path, hook, slot_dir, env, user) {
             Ok(spawned) => break spawned,
             Err(e)
                 if e.raw_os_error() == Some(nix::errno::Errno::ETXTBSY as i32)
@@ -209,7 +245,7 @@ pub async fn run_hook(
         .map(Pid::from_raw);
     // `id` is only `None` once the child has been waited for.
     let group = group.map(ProcessGroup);
-    tracing::debug!(program = %program, slot = %slot_dir.display(), "Running hook.");
+    tracing::debug!(program = %program, slot = %slot_dir.display(), user = ?user.map(|u| &u.name), "Running hook.");
 
     let mut tail = Tail::default();
     let mut buf = [0u8; 4096];
@@ -270,12 +306,13 @@ pub async fn run_with_retries(
     hook: &Hook,
     slot_dir: &Path,
     env: &[(&str, String)],
+    user: Option<&HookUser>,
     pause: Duration,
 ) -> Result<(), HookError> {
     let attempts = hook.retries.saturating_add(1);
     let mut attempt = 1;
     loop {
-        match run_hook(hook, slot_dir, env).await {
+        match run_hook(hook, slot_dir, env, user).await {
             Ok(()) => return Ok(()),
             Err(error) if attempt < attempts => {
                 tracing::info!(
@@ -321,10 +358,10 @@ mod tests {
             "test \"$1\" = --now && test \"$POSFLEET_X\" = y && test -f check",
         );
         let env = [("POSFLEET_X", "y".to_string())];
-        run_hook(&hook(&["check", "--now"], 5, 0), dir.path(), &env)
+        run_hook(&hook(&["check", "--now"], 5, 0), dir.path(), &env, None)
             .await
             .unwrap();
-        let err = run_hook(&hook(&["check", "--later"], 5, 0), dir.path(), &env)
+        let err = run_hook(&hook(&["check", "--later"], 5, 0), dir.path(), &env, None)
             .await
             .unwrap_err();
         assert_eq!(err.exit_code(), Some(1), "{err}");
@@ -338,7 +375,7 @@ mod tests {
             "fail",
             "i=0; while [ $i -lt 2000 ]; do echo line $i; i=$((i+1)); done; echo boom >&2; exit 3",
         );
-        let err = run_hook(&hook(&["fail"], 5, 0), dir.path(), &[])
+        let err = run_hook(&hook(&["fail"], 5, 0), dir.path(), &[], None)
             .await
             .unwrap_err();
         assert_eq!(err.exit_code(), Some(3));
@@ -350,9 +387,79 @@ mod tests {
     #[tokio::test]
     async fn a_missing_program_cannot_start() {
         let dir = tempfile::tempdir().unwrap();
-        let err = run_hook(&hook(&["bin/nothing"], 5, 0), dir.path(), &[])
+        let err = run_hook(&hook(&["bin/nothing"], 5, 0), dir.path(), &[], None)
             .await
             .unwrap_err();
         assert!(matches!(err, HookError::Spawn { .. }), "{err}");
+    }
+
+    /// The variables a hook's shell sets for itself.
+    const SHELL_OWN: [&str; 4] = ["PWD", "OLDPWD", "SHLVL", "_"];
+
+    /// `NAME=value` lines a hook wrote with `env`, without the shell's own.
+    fn env_lines(path: &Path) -> Vec<(String, String)> {
+        let mut lines: Vec<(String, String)> = std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .filter(|(k, _)| !SHELL_OWN.contains(k))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        lines.sort();
+        lines
+    }
+
+    #[tokio::test]
+    async fn a_hook_gets_none_of_the_agents_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("env.txt");
+        script(dir.path(), "dump", &format!("env > {}", out.display()));
+        let env = [("POSFLEET_BUNDLE_NAME", "pos-app".to_string())];
+        run_hook(&hook(&["dump"], 5, 0), dir.path(), &env, None)
+            .await
+            .unwrap();
+        assert_eq!(
+            env_lines(&out),
+            [
+                ("PATH".to_string(), HOOK_PATH.to_string()),
+                ("POSFLEET_BUNDLE_NAME".to_string(), "pos-app".to_string()),
+            ]
+        );
+        // The test process has an environment (cargo's, HOME…) the hook
+        // would inherit if it were passed on.
+        assert!(std::env::vars_os().any(|(k, _)| k != "PATH"));
+    }
+
+    #[tokio::test]
+    async fn hook_user_runs_the_hook_as_that_user() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: only root can run a hook as another user");
+            return;
+        }
+        let nobody = HookUser::lookup("nobody")
+            .unwrap()
+            .expect("a `nobody` user");
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let ids = out.join("ids");
+        script(
+            dir.path(),
+            "whoami",
+            &format!("echo $(id -u) $(id -g) $(id -G) > {}", ids.display()),
+        );
+        run_hook(&hook(&["whoami"], 5, 0), dir.path(), &[], Some(&nobody))
+            .await
+            .unwrap();
+        let expected = format!("{} {} {}", nobody.uid, nobody.gid, nobody.gid);
+        assert_eq!(std::fs::read_to_string(&ids).unwrap().trim(), expected);
+        // Without it, the agent's user (root here).
+        run_hook(&hook(&["whoami"], 5, 0), dir.path(), &[], None)
+            .await
+            .unwrap();
+        assert!(std::fs::read_to_string(&ids).unwrap().starts_with("0 0"));
+        assert_eq!(HookUser::lookup("no-such-user-here").unwrap(), None);
     }
 }

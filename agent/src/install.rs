@@ -310,6 +310,8 @@ pub struct Slots {
     root: PathBuf,
     limits: UnpackLimits,
     retry_pause: Duration,
+    /// Who hooks run as; `None`: the agent's user.
+    hook_user: Option<hooks::HookUser>,
     crash_after: Option<CrashPoint>,
     /// One install at a time.
     lock: tokio::sync::Mutex<()>,
@@ -516,6 +518,7 @@ impl Slots {
             root,
             limits: UnpackLimits::default(),
             retry_pause: hooks::RETRY_PAUSE,
+            hook_user: None,
             crash_after: None,
             lock: tokio::sync::Mutex::new(()),
         })
@@ -531,6 +534,23 @@ impl Slots {
     pub fn with_retry_pause(mut self, pause: Duration) -> Slots {
         self.retry_pause = pause;
         self
+    }
+
+    /// Hooks run as `user`. Its processes must reach the slots, so the
+    /// data dir becomes traversable by every user (not listable: its
+    /// secrets are 0600 files) and `slots/` readable.
+    pub fn with_hook_user(mut self, user: hooks::HookUser) -> Result<Slots, Error> {
+        use std::os::unix::fs::PermissionsExt;
+        let open_up = |path: &Path, bits: u32| {
+            let mode = std::fs::metadata(path)?.permissions().mode();
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode | bits))
+        };
+        if let Some(data_dir) = self.root.parent() {
+            open_up(data_dir, 0o111).map_err(write_error(data_dir))?;
+        }
+        open_up(&self.root, 0o555).map_err(write_error(&self.root))?;
+        self.hook_user = Some(user);
+        Ok(self)
     }
 
     /// Crash tests: every install stops right after `point`, with an error
@@ -802,7 +822,7 @@ impl Slots {
 
         let env = hook_env(name, version, previous.as_ref(), &slot);
         if let Some(hook) = &manifest.pre_activate
-            && let Err(error) = hooks::run_hook(hook, &slot, &env).await
+            && let Err(error) = hooks::run_hook(hook, &slot, &env, self.hook_user.as_ref()).await
         {
             remove_slot(&dir, version)?;
             return failed(format!("pre_activate failed: {error}"));
@@ -824,13 +844,19 @@ impl Slots {
         tracing::info!(bundle = %name, version = %version, previous = ?previous.as_ref().map(Version::to_string), "Activated; checking health.");
 
         let health = match &manifest.health_check {
-            Some(hook) => hooks::run_with_retries(hook, &slot, &env, self.retry_pause)
-                .await
-                .map_err(|error| {
-                    let attempts = hook.retries.saturating_add(1);
-                    let times = if attempts == 1 { "once" } else { "every time" };
-                    format!("the health check failed {times} ({attempts} attempts): {error}")
-                }),
+            Some(hook) => hooks::run_with_retries(
+                hook,
+                &slot,
+                &env,
+                self.hook_user.as_ref(),
+                self.retry_pause,
+            )
+            .await
+            .map_err(|error| {
+                let attempts = hook.retries.saturating_add(1);
+                let times = if attempts == 1 { "once" } else { "every time" };
+                format!("the health check failed {times} ({attempts} attempts): {error}")
+            }),
             None => Ok(()),
         };
         match health {

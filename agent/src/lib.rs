@@ -17,6 +17,7 @@ pub mod lifecycle;
 pub mod repository;
 pub mod state;
 pub mod store;
-pub mod window;
+/// The maintenance-window rules, the same as the control plane's.
+pub use posfleet_runtime::window;
 
 pub use agent::{AGENT_VERSION, Agent};

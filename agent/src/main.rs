@@ -3,7 +3,8 @@
 
 use clap::Parser;
 use posfleet_agent::Agent;
-use posfleet_agent::config::{AgentConfig, Args, LogFormat};
+use posfleet_agent::config::{AgentConfig, Args};
+use posfleet_runtime::{init_tracing, shutdown_signal};
 use std::process::ExitCode;
 
 /// Exit code for a configuration error (EX_USAGE).
@@ -18,15 +19,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let filter = tracing_subscriber::EnvFilter::new(&config.log_level);
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match config.log_format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
-    }
+    init_tracing(&config.log_level, config.log_format);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -47,20 +40,5 @@ fn main() -> ExitCode {
             tracing::error!(error = %error, "The agent stopped.");
             ExitCode::FAILURE
         }
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("Cannot install signal handlers; stop the agent with SIGKILL.");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
     }
 }

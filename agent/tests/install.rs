@@ -2,6 +2,7 @@
 //! checks and rollback, refusals, a full disk, and a crash at every step of
 //! an install followed by `recover`.
 
+use posfleet_agent::hooks::HookUser;
 use posfleet_agent::install::{CrashPoint, Outcome, RecoveryAction, Slots};
 use posfleet_bundle::manifest::Kind;
 use semver::Version;
@@ -488,9 +489,9 @@ fn zstd_stored(data: &[u8]) -> Vec<u8> {
     out
 }
 
-fn hand_made_archive(work: &Path, extra: &[(&str, u8, &str)]) -> PathBuf {
-    let manifest =
-        "name = \"pos-app\"\nversion = \"1.1.0\"\nkind = \"software\"\nhardware = [\"*\"]\n";
+/// An archive of `manifest` and `entries` (path, type, mode, data, link
+/// target), written by hand.
+fn hand_made(work: &Path, manifest: &str, entries: &[(&str, u8, u32, &[u8], &str)]) -> PathBuf {
     let mut tar = Vec::new();
     tar_entry(
         &mut tar,
@@ -500,14 +501,26 @@ fn hand_made_archive(work: &Path, extra: &[(&str, u8, &str)]) -> PathBuf {
         manifest.as_bytes(),
         "",
     );
-    for &(path, kind, link) in extra {
-        let data: &[u8] = if kind == b'0' { b"pwned" } else { b"" };
-        tar_entry(&mut tar, path, kind, 0o644, data, link);
+    for &(path, kind, mode, data, link) in entries {
+        tar_entry(&mut tar, path, kind, mode, data, link);
     }
     tar.resize(tar.len() + 1024, 0);
     let path = work.join(format!("hand-made-{}.bundle", rand_suffix()));
     std::fs::write(&path, zstd_stored(&tar)).unwrap();
     path
+}
+
+fn hand_made_archive(work: &Path, extra: &[(&str, u8, &str)]) -> PathBuf {
+    let manifest =
+        "name = \"pos-app\"\nversion = \"1.1.0\"\nkind = \"software\"\nhardware = [\"*\"]\n";
+    let entries: Vec<(&str, u8, u32, &[u8], &str)> = extra
+        .iter()
+        .map(|&(path, kind, link)| {
+            let data: &[u8] = if kind == b'0' { b"pwned" } else { b"" };
+            (path, kind, 0o644, data, link)
+        })
+        .collect();
+    hand_made(work, manifest, &entries)
 }
 
 #[tokio::test]
@@ -803,4 +816,73 @@ async fn an_install_dropped_during_its_health_check_is_rolled_back_at_restart() 
     );
     f.assert_active("1.0.0", &good);
     assert_eq!(f.entries(), ["1.0.0", "current", "journal.json"]);
+}
+
+#[tokio::test]
+async fn a_catalog_bundle_with_hooks_is_refused_and_its_hooks_never_run() {
+    let f = Fixture::new();
+    let slots = f.slots();
+    let ran = f.work.path().join("hook-ran");
+    // Built by hand: `posfleet bundle build` refuses such a manifest, but a
+    // till must refuse it whatever the repository serves.
+    let manifest = "name = \"catalog-lyon\"\nversion = \"1.0.0\"\nkind = \"catalog\"\n\
+                    hardware = [\"*\"]\n[pre_activate]\ncommand = [\"bin/run\"]\n\
+                    timeout_seconds = 10\n[health_check]\ncommand = [\"bin/run\"]\n\
+                    timeout_seconds = 10\n";
+    let program = format!("#!/bin/sh\ntouch {}\n", ran.display());
+    let archive = hand_made(
+        f.work.path(),
+        manifest,
+        &[("bin/run", b'0', 0o755, program.as_bytes(), "")],
+    );
+    let outcome = slots
+        .install(
+            "catalog-lyon",
+            &Version::new(1, 0, 0),
+            Kind::Catalog,
+            &archive,
+        )
+        .await
+        .unwrap();
+    let Outcome::Failed { reason } = outcome else {
+        panic!("{outcome:?}");
+    };
+    assert!(reason.contains("carries no hooks"), "{reason}");
+    assert!(!ran.exists(), "a catalog's hook ran");
+    assert_eq!(slots.active("catalog-lyon").unwrap(), None);
+}
+
+#[tokio::test]
+async fn hooks_run_as_hook_user_and_reach_their_slot() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: only root can run hooks as another user");
+        return;
+    }
+    let nobody = HookUser::lookup("nobody")
+        .unwrap()
+        .expect("a `nobody` user");
+    let f = Fixture::new();
+    // The agent makes its data dir private; the directories above it are
+    // the system's (here, the test's).
+    std::fs::set_permissions(f.work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::create_dir(&f.data).unwrap();
+    std::fs::set_permissions(&f.data, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let slots = f.slots().with_hook_user(nobody.clone()).unwrap();
+    let out = f.work.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let record = |hook: &str| format!("id -u > {}/{hook}", out.display());
+    let bundle = Bundle::new("1.0.0")
+        .pre_activate(&record("pre-activate"))
+        .health_check(&record("health-check"), 10, 0);
+    let (outcome, built) = f.install(&slots, &bundle).await;
+    assert_eq!(outcome, Outcome::Installed);
+    f.assert_active("1.0.0", &built);
+    for hook in ["pre-activate", "health-check"] {
+        let uid = std::fs::read_to_string(out.join(hook)).unwrap();
+        assert_eq!(uid.trim(), nobody.uid.to_string(), "{hook}");
+    }
+    // Traversable, not listable: the data dir's names stay private.
+    let mode = std::fs::metadata(&f.data).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o711);
 }

@@ -78,6 +78,14 @@ impl Manifest {
                 "hardware must list models (1 to 64 bytes each), or \"*\" for any".into(),
             ));
         }
+        // A catalog is data: nothing of it runs on the till.
+        if manifest.kind == Kind::Catalog
+            && (manifest.pre_activate.is_some() || manifest.health_check.is_some())
+        {
+            return Err(error(
+                "a catalog bundle is data and carries no hooks (pre_activate, health_check)".into(),
+            ));
+        }
         for (field, hook) in [
             ("pre_activate", &manifest.pre_activate),
             ("health_check", &manifest.health_check),
@@ -135,6 +143,7 @@ mod tests {
             good.replace("1.1.0", "1.1"),
             good.replace("pos-app", "Pos App"),
             good.replace("software", "firmware"),
+            good.replace("software", "catalog"),
             good.replace("[\"pos-x1\"]", "[]"),
             good.replace("timeout_seconds = 10", "timeout_seconds = 0"),
             good.replace("retries = 2", "retries = 2\nshell = true"),

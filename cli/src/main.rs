@@ -235,10 +235,9 @@ fn parse_window_duration(s: &str) -> Result<u32, String> {
     if duration.as_secs() % 60 != 0 || duration.subsec_nanos() != 0 {
         return Err(format!("`{s}` is not a whole number of minutes"));
     }
-    match duration.as_secs() / 60 {
-        minutes @ 1..=1440 => Ok(minutes as u32),
-        _ => Err(format!("`{s}` must be 1m to 24h")),
-    }
+    let minutes = i64::try_from(duration.as_secs() / 60).unwrap_or(i64::MAX);
+    posfleet_runtime::window::check_duration_minutes(minutes)
+        .map_err(|_| format!("`{s}` must be 1m to 24h"))
 }
 
 /// `pos-app@1.1.0` → ("pos-app", "1.1.0").

@@ -3,43 +3,12 @@
 //! before any port is bound.
 
 use clap::Parser;
-use figment::Figment;
-use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-/// Keys accepted from `POSFLEET_<KEY>` environment variables.
-const ENV_KEYS: &[&str] = &[
-    "data_dir",
-    "database_url",
-    "grpc_listen_address",
-    "http_listen_address",
-    "heartbeat_interval_seconds",
-    "offline_after_missed_heartbeats",
-    "max_message_size_bytes",
-    "database_max_connections",
-    "log_format",
-    "log_level",
-    "insecure_dev",
-    "webhook_timeout_seconds",
-    "webhook_max_attempts",
-    "webhook_retry_initial_milliseconds",
-    "webhook_retry_max_seconds",
-    "peer_enroll_calls_per_minute",
-    "peer_enroll_burst_calls",
-    "peer_failed_calls_per_minute",
-    "peer_failed_burst_calls",
-    "rate_limit_max_peers",
-    "p2p_address_change_interval_seconds",
-];
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LogFormat {
-    Text,
-    Json,
-}
+pub use posfleet_runtime::{ConfigError, LogFormat};
 
 /// The control plane's settings. Keys carry their unit.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -121,23 +90,6 @@ impl Default for Config {
             peer_failed_burst_calls: 100,
             rate_limit_max_peers: 100_000,
             p2p_address_change_interval_seconds: 60,
-        }
-    }
-}
-
-/// A configuration problem, reported as one line naming the key.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid configuration: {key}: {message}")]
-pub struct ConfigError {
-    pub key: String,
-    pub message: String,
-}
-
-impl ConfigError {
-    fn new(key: &str, message: impl Into<String>) -> Self {
-        ConfigError {
-            key: key.to_string(),
-            message: message.into(),
         }
     }
 }
@@ -225,21 +177,15 @@ impl Config {
     /// Layers defaults, the file named by `--config`, the environment and the
     /// flags, then validates the result.
     pub fn load(args: &Args) -> Result<Config, ConfigError> {
-        let mut figment = Figment::from(Serialized::defaults(Config::default()));
-        if let Some(path) = &args.config {
-            if !path.is_file() {
-                return Err(ConfigError::new(
-                    "config",
-                    format!("{} is not a readable file", path.display()),
-                ));
-            }
-            figment = figment.merge(Toml::file_exact(path));
-        }
-        let config: Config = figment
-            .merge(Env::prefixed("POSFLEET_").only(ENV_KEYS))
-            .merge(Serialized::defaults(args))
-            .extract()
-            .map_err(figment_error)?;
+        Config::load_from(args, std::env::vars_os())
+    }
+
+    /// As [`Config::load`], with the environment given.
+    pub fn load_from(
+        args: &Args,
+        env: impl IntoIterator<Item = (OsString, OsString)>,
+    ) -> Result<Config, ConfigError> {
+        let config: Config = posfleet_runtime::config::load(args.config.as_deref(), env, args)?;
         config.validate()?;
         Ok(config)
     }
@@ -369,8 +315,7 @@ impl Config {
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::new("data_dir", "must not be empty"));
         }
-        tracing_subscriber::EnvFilter::try_new(&self.log_level)
-            .map_err(|e| ConfigError::new("log_level", e.to_string()))?;
+        posfleet_runtime::logging::check_log_level(&self.log_level)?;
         Ok(())
     }
 
@@ -385,36 +330,6 @@ impl Config {
             self.database_url.clone()
         }
     }
-}
-
-fn figment_error(error: figment::Error) -> ConfigError {
-    let key = error
-        .path
-        .last()
-        .cloned()
-        .unwrap_or_else(|| "config".to_string());
-    let source = error
-        .metadata
-        .as_ref()
-        .map(|m| format!(" (from {})", m.name))
-        .unwrap_or_default();
-    ConfigError::new(
-        &key,
-        format!("{}{source}", one_line(&error.kind.to_string())),
-    )
-}
-
-/// Parser messages can quote the offending source over several lines; the
-/// error is reported on one line without the quote.
-fn one_line(message: &str) -> String {
-    message
-        .lines()
-        .map(str::trim)
-        .filter(|l| {
-            !l.is_empty() && !l.starts_with('|') && !l.contains(" | ") && !l.starts_with('^')
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 #[cfg(test)]
@@ -460,6 +375,42 @@ mod tests {
             "peer_enroll_burst_calls",
         );
         check_err(&["--rate-limit-max-peers", "10"], "rate_limit_max_peers");
+    }
+
+    #[test]
+    fn documented_env_variables_set_their_keys() {
+        let env = |pairs: &[(&str, &str)]| -> Vec<(OsString, OsString)> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).into(), (*v).into()))
+                .collect()
+        };
+        let config = Config::load_from(
+            &args(&[]),
+            env(&[
+                ("POSFLEET_HEARTBEAT_INTERVAL_SECONDS", "5"),
+                ("POSFLEET_GRPC_LISTEN_ADDRESS", "0.0.0.0:7400"),
+                ("POSFLEET_INSECURE_DEV", "true"),
+                ("POSFLEET_LOG_FORMAT", "json"),
+                ("POSFLEET_DATABASE_URL", "postgres://db/posfleet"),
+                ("POSFLEET_CONFIG_TYPO", "1"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.heartbeat_interval_seconds, 5);
+        assert!(config.insecure_dev);
+        assert_eq!(config.log_format, LogFormat::Json);
+        assert_eq!(config.database_url, "postgres://db/posfleet");
+        let err = Config::load_from(
+            &args(&[]),
+            env(&[("POSFLEET_WEBHOOK_MAX_ATTEMPTS", "many")]),
+        )
+        .unwrap_err();
+        assert_eq!(err.key, "webhook_max_attempts", "{err}");
+        assert!(
+            err.to_string().contains("POSFLEET_WEBHOOK_MAX_ATTEMPTS"),
+            "{err}"
+        );
     }
 
     #[test]

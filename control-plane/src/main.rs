@@ -3,7 +3,8 @@
 
 use clap::Parser;
 use posfleet_control_plane::ControlPlane;
-use posfleet_control_plane::config::{Args, Config, LogFormat};
+use posfleet_control_plane::config::{Args, Config};
+use posfleet_runtime::{init_tracing, shutdown_signal};
 use std::process::ExitCode;
 
 /// Exit code for a configuration error (EX_USAGE).
@@ -18,7 +19,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    init_tracing(&config);
+    init_tracing(&config.log_level, config.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -49,31 +50,4 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let control_plane = ControlPlane::open(config).await?;
     control_plane.serve(grpc, http, shutdown_signal()).await?;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("Cannot install signal handlers; stop the control plane with SIGKILL.");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!(signal = "SIGTERM", "Signal received."),
-        _ = int.recv() => tracing::info!(signal = "SIGINT", "Signal received."),
-    }
-}
-
-fn init_tracing(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::new(&config.log_level);
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match config.log_format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
-    }
 }

@@ -1,6 +1,7 @@
 //! Input checks shared by the gRPC services. Each returns
 //! `INVALID_ARGUMENT` naming the field.
 
+use posfleet_runtime::window;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use tonic::Status;
 
@@ -62,7 +63,7 @@ pub fn label_key(field: &str, key: &str) -> Result<(), Status> {
 
 /// An IANA time zone name such as `Europe/Paris`.
 pub fn time_zone(field: &str, value: &str) -> Result<(), Status> {
-    value.parse::<chrono_tz::Tz>().map(|_| ()).map_err(|_| {
+    window::check_time_zone(value).map(|_| ()).map_err(|_| {
         invalid(
             field,
             format!("`{value}` is not an IANA time zone such as Europe/Paris"),
@@ -93,21 +94,12 @@ pub fn version(field: &str, value: &str, required: bool) -> Result<(), Status> {
 }
 
 /// A daily window: it starts at a minute of the local day and lasts at
-/// least a minute and at most a day.
+/// least a minute and at most a day (the rules the agent applies too).
 pub fn maintenance_window(start_minute: u32, duration_minutes: u32) -> Result<(), Status> {
-    if start_minute > 1439 {
-        return Err(invalid(
-            "maintenance_window.start_minute",
-            format!("{start_minute} must be 0 to 1439 (minutes after local midnight)"),
-        ));
-    }
-    if !(1..=1440).contains(&duration_minutes) {
-        return Err(invalid(
-            "maintenance_window.duration_minutes",
-            format!("{duration_minutes} must be 1 to 1440"),
-        ));
-    }
-    Ok(())
+    window::check_start_minute(start_minute.into())
+        .and_then(|_| window::check_duration_minutes(duration_minutes.into()))
+        .map(|_| ())
+        .map_err(|e| invalid(&format!("maintenance_window.{}", e.field()), e))
 }
 
 /// Longest error string kept from an agent's report.

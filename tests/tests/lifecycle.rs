@@ -3,8 +3,9 @@
 //! published as signed bundles, and the `posfleet` CLI driving it.
 
 use posfleet_e2e::fleet::{Fleet, StoreSpec};
-use posfleet_e2e::{check_ok, eventually};
+use posfleet_e2e::{Process, binary, check_ok, enrolled_device_id, eventually};
 use serde_json::Value;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -282,4 +283,68 @@ fn each_till_gets_its_own_store_catalog_and_no_other() {
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("per store"), "{stderr}");
+}
+
+#[test]
+fn a_hook_sees_none_of_the_agents_secrets() {
+    let fleet = Fleet::builder().start();
+    fleet.create_store(STORE, "UTC");
+    let secret = fleet.enrollment_token(STORE, 1);
+    // A bundle whose pre_activate hook writes its environment into its slot.
+    let src = fleet.dir.path().join("env-probe");
+    std::fs::create_dir_all(src.join("bin")).unwrap();
+    std::fs::write(
+        src.join("posfleet-bundle.toml"),
+        "name = \"env-probe\"\nversion = \"1.0.0\"\nkind = \"software\"\nhardware = [\"*\"]\n\
+         [pre_activate]\ncommand = [\"bin/record\"]\ntimeout_seconds = 10\n",
+    )
+    .unwrap();
+    let record = src.join("bin/record");
+    std::fs::write(
+        &record,
+        "#!/bin/sh\nenv > \"$POSFLEET_SLOT_DIR/hook.env\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&record, std::fs::Permissions::from_mode(0o755)).unwrap();
+    fleet.cp.publish(&src, &fleet.keys);
+
+    // The agent's enrollment token and a secret its service manager passes
+    // come from its environment.
+    let data = fleet.dir.path().join("till");
+    let mut command = std::process::Command::new(binary("posfleet-agent"));
+    command
+        .args(["--server-url", &fleet.cp.url()])
+        .args(["--data-dir", data.to_str().unwrap()])
+        .args(["--log-format", "json", "--max-backoff-seconds", "2"])
+        .args(["--p2p-enabled", "false"])
+        .args(fleet.agent_args(None, &[]))
+        .env("POSFLEET_ENROLLMENT_TOKEN", &secret)
+        .env("PAYMENT_GATEWAY_KEY", "sk_live_do_not_leak");
+    let _agent = Process::spawn(command);
+    fleet.assign(STORE, "env-probe@1.0.0");
+    let device = eventually("the till enrolled", TIMEOUT, || enrolled_device_id(&data));
+    eventually("env-probe installed", TIMEOUT, || {
+        (fleet.cp.bundle_status(&device, "env-probe")["phase"] == "installed").then_some(())
+    });
+
+    let recorded = std::fs::read_to_string(data.join("slots/env-probe/1.0.0/hook.env")).unwrap();
+    assert!(!recorded.contains("sk_live_do_not_leak"), "{recorded}");
+    assert!(!recorded.contains(&secret), "{recorded}");
+    let mut names: Vec<&str> = recorded
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+        .filter(|k| !["PWD", "OLDPWD", "SHLVL", "_"].contains(k))
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "PATH",
+            "POSFLEET_BUNDLE_NAME",
+            "POSFLEET_BUNDLE_VERSION",
+            "POSFLEET_PREVIOUS_VERSION",
+            "POSFLEET_SLOT_DIR"
+        ],
+        "{recorded}"
+    );
 }

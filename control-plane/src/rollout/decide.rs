@@ -5,8 +5,7 @@
 //! rollout does next. No I/O: the engine (`engine.rs`) reads the state,
 //! asks these functions, and writes what they decide.
 
-use chrono::{DateTime, Duration, LocalResult, NaiveDateTime, TimeZone, Utc};
-use chrono_tz::Tz;
+use chrono::DateTime;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -224,80 +223,8 @@ pub fn advance(
     }
 }
 
-/// A store's daily maintenance window, in its own time zone.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StoreWindow {
-    pub time_zone: Tz,
-    /// Minutes after local midnight (0..1439).
-    pub start_minute: u32,
-    /// 1..1440.
-    pub duration_minutes: u32,
-}
-
-impl StoreWindow {
-    /// `None` for an unknown time zone or an out-of-range window (the API
-    /// validates both; a bad one reads as "no window").
-    pub fn new(time_zone: &str, start_minute: i64, duration_minutes: i64) -> Option<StoreWindow> {
-        let tz: Tz = time_zone.parse().ok()?;
-        let start = u32::try_from(start_minute).ok().filter(|m| *m < 1440)?;
-        let duration = u32::try_from(duration_minutes)
-            .ok()
-            .filter(|m| (1..=1440).contains(m))?;
-        Some(StoreWindow {
-            time_zone: tz,
-            start_minute: start,
-            duration_minutes: duration,
-        })
-    }
-
-    /// The instant a local time stands for, as the agent reads windows: a
-    /// time skipped by a DST change moves to the first one after it, a
-    /// repeated one takes the first.
-    fn resolve(&self, local: NaiveDateTime) -> DateTime<Utc> {
-        let mut probe = local;
-        for _ in 0..(24 * 60) {
-            match self.time_zone.from_local_datetime(&probe) {
-                LocalResult::Single(t) => return t.with_timezone(&Utc),
-                LocalResult::Ambiguous(first, _) => return first.with_timezone(&Utc),
-                LocalResult::None => probe += Duration::minutes(1),
-            }
-        }
-        local.and_utc()
-    }
-
-    /// Milliseconds of `[from_ms, to_ms)` inside the window.
-    pub fn open_ms(&self, from_ms: i64, to_ms: i64) -> i64 {
-        let (Some(from), Some(to)) = (
-            DateTime::from_timestamp_millis(from_ms),
-            DateTime::from_timestamp_millis(to_ms),
-        ) else {
-            return 0;
-        };
-        if to <= from {
-            return 0;
-        }
-        let first = from.with_timezone(&self.time_zone).date_naive();
-        let last = to.with_timezone(&self.time_zone).date_naive();
-        let mut total = 0i64;
-        // A window lasts at most a day: the one that opened the day before
-        // `from` may still be open.
-        let mut day = first.pred_opt().unwrap_or(first);
-        while day <= last {
-            let start = day.and_hms_opt(0, 0, 0).unwrap_or_default()
-                + Duration::minutes(i64::from(self.start_minute));
-            let end = start + Duration::minutes(i64::from(self.duration_minutes));
-            let (open, close) = (self.resolve(start).max(from), self.resolve(end).min(to));
-            if close > open {
-                total += (close - open).num_milliseconds();
-            }
-            match day.succ_opt() {
-                Some(next) => day = next,
-                None => break,
-            }
-        }
-        total
-    }
-}
+/// A store's daily maintenance window, read as the agent reads it.
+pub use posfleet_runtime::window::LocalWindow as StoreWindow;
 
 /// Longest stretch whose window time is counted day by day; a device
 /// notified longer ago than this has timed out whatever its window.
@@ -323,7 +250,14 @@ pub fn timed_out(
             if elapsed > MAX_COUNTED_DAYS * 24 * 3600 * 1000 {
                 return true;
             }
-            w.open_ms(notified_at_ms, now_ms) >= timeout_ms
+            let counted = match (
+                DateTime::from_timestamp_millis(notified_at_ms),
+                DateTime::from_timestamp_millis(now_ms),
+            ) {
+                (Some(from), Some(to)) => w.open_between(from, to).num_milliseconds(),
+                _ => 0,
+            };
+            counted >= timeout_ms
         }
         _ => elapsed >= timeout_ms,
     }
@@ -835,46 +769,9 @@ mod tests {
 
     #[test]
     fn only_window_time_counts_towards_the_timeout() {
-        let paris = |start: &str, minutes| {
-            let (h, m) = start.split_once(':').unwrap();
-            let start = h.parse::<i64>().unwrap() * 60 + m.parse::<i64>().unwrap();
-            StoreWindow::new("Europe/Paris", start, minutes).unwrap()
-        };
-        // 02:00–04:00 Paris is 00:00–02:00 UTC in summer.
-        let w = paris("02:00", 120);
-        let hour = 3_600_000;
-        // One row: window, from, to, counted hours.
-        let rows = [
-            (w, "2026-06-01T12:00:00Z", "2026-06-01T23:59:00Z", 0.0),
-            (w, "2026-06-01T12:00:00Z", "2026-06-02T01:00:00Z", 1.0),
-            (w, "2026-06-01T12:00:00Z", "2026-06-03T12:00:00Z", 4.0),
-            // Notified inside the window: from then on.
-            (w, "2026-06-01T01:30:00Z", "2026-06-01T03:00:00Z", 0.5),
-            // Across midnight: 23:00–01:00 Paris (21:00–23:00 UTC).
-            (
-                paris("23:00", 120),
-                "2026-06-01T22:00:00Z",
-                "2026-06-02T22:00:00Z",
-                2.0,
-            ),
-            // A spring-forward night (29 March 2026, 02:00 → 03:00 in Paris):
-            // 01:30–03:30 local holds only one real hour.
-            (
-                paris("01:30", 120),
-                "2026-03-28T12:00:00Z",
-                "2026-03-29T12:00:00Z",
-                1.0,
-            ),
-            (w, "2026-06-02T12:00:00Z", "2026-06-01T12:00:00Z", 0.0),
-        ];
-        for (window, from, to, hours) in rows {
-            let counted = window.open_ms(ms(from), ms(to));
-            assert_eq!(
-                counted,
-                (hours * hour as f64) as i64,
-                "{window:?} {from} {to}"
-            );
-        }
+        // 02:00–04:00 Paris is 00:00–02:00 UTC in summer. How much of a
+        // stretch lies in a window is the window rules' (posfleet-runtime).
+        let w = StoreWindow::new("Europe/Paris", 120, 120).unwrap();
         // A till waiting for its window does not time out; in the window it does.
         let notified = ms("2026-06-01T12:00:00Z");
         assert!(!timed_out(
@@ -920,10 +817,6 @@ mod tests {
             Some(&w),
             true
         ));
-        // Bad windows read as none.
-        assert_eq!(StoreWindow::new("Mars/Olympus", 0, 60), None);
-        assert_eq!(StoreWindow::new("UTC", 1440, 60), None);
-        assert_eq!(StoreWindow::new("UTC", 0, 0), None);
     }
 
     #[test]

@@ -237,9 +237,10 @@ impl Engine {
                 report,
                 device.installed_version.as_deref(),
             );
-            let window = device
-                .window
-                .and_then(|(start, duration)| StoreWindow::new(&device.time_zone, start, duration));
+            let window = device.window.and_then(|(start, duration)| {
+                // A bad stored window (the API refuses them) reads as none.
+                StoreWindow::new(&device.time_zone, start, duration).ok()
+            });
             let late = device.state.is_in_flight()
                 && decide::timed_out(
                     device.notified_at_ms,

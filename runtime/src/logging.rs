@@ -1,0 +1,49 @@
+//! Logging for both programs: key/value lines on stderr, or JSON objects
+//! by setting, filtered by a `tracing` directive such as `info` or
+//! `posfleet_agent=debug,info`.
+
+use crate::error::ConfigError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Checks a `log_level` setting before anything starts.
+pub fn check_log_level(level: &str) -> Result<(), ConfigError> {
+    tracing_subscriber::EnvFilter::try_new(level)
+        .map(|_| ())
+        .map_err(|e| ConfigError::new("log_level", e.to_string()))
+}
+
+/// Sends the process's logs to stderr at `level` (checked by
+/// [`check_log_level`]; a bad one logs nothing), in `format`; colours only
+/// on a terminal.
+pub fn init_tracing(level: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    // Fails only when the process already has a subscriber, which it keeps.
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_levels_are_checked_naming_the_key() {
+        assert!(check_log_level("info").is_ok());
+        assert!(check_log_level("posfleet_agent=debug,warn").is_ok());
+        let err = check_log_level("info,=[").unwrap_err();
+        assert_eq!(err.key, "log_level", "{err}");
+    }
+}
