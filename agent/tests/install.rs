@@ -612,7 +612,18 @@ async fn a_full_disk_fails_the_install_and_keeps_the_current_version() {
     assert!(reason.contains("disk is full"), "{reason}");
     f.assert_active("1.0.0", &good);
     assert_eq!(f.entries(), ["1.0.0", "current", "journal.json"]);
-    // The space is back.
+    // The space is back: what the failed unpack wrote is gone. (A process
+    // another test forks at that moment holds the test's open files until
+    // it execs, so the tmpfs may take an instant to show it.)
+    let free = || {
+        let stat = nix::sys::statvfs::statvfs(mount_point.path()).unwrap();
+        stat.blocks_available() as u64 * stat.fragment_size() as u64
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while free() < 1 << 20 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(free() >= 1 << 20, "{} bytes free", free());
     let (outcome, small) = f.install(&slots, &Bundle::new("1.1.0")).await;
     assert_eq!(outcome, Outcome::Installed);
     f.assert_active("1.1.0", &small);
