@@ -75,49 +75,85 @@ pub fn command_line() -> String {
         .join(" ")
 }
 
-/// A process whose stderr lines are collected as they come.
+/// A line a process printed on stderr, with the moment it arrived.
+pub struct LogLine {
+    pub at: Instant,
+    pub text: String,
+    /// The line parsed as JSON; a JSON string of the text when it is not.
+    pub value: serde_json::Value,
+}
+
+/// A process whose stderr lines are collected as they come. Killed on drop.
 pub struct Process {
     pub child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
+    log: Arc<Mutex<Vec<LogLine>>>,
     reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Process {
-    pub fn spawn(mut command: Command) -> Process {
+    pub fn spawn(command: Command) -> Process {
+        Process::try_spawn(command).expect("spawn process")
+    }
+
+    pub fn try_spawn(mut command: Command) -> std::io::Result<Process> {
         command
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .stdin(Stdio::null());
-        let mut child = command.spawn().expect("spawn process");
+        let mut child = command.spawn()?;
         let stderr = child.stderr.take().expect("piped stderr");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = lines.clone();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = log.clone();
         let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().expect("log lock").push(line);
+            for text in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let at = Instant::now();
+                let value = serde_json::from_str(&text)
+                    .unwrap_or_else(|_| serde_json::Value::String(text.clone()));
+                sink.lock()
+                    .expect("log lock")
+                    .push(LogLine { at, text, value });
             }
         });
-        Process {
+        Ok(Process {
             child,
-            lines,
+            log,
             reader: Some(reader),
-        }
+        })
+    }
+
+    /// Runs `f` on the lines printed so far.
+    pub fn with_log<R>(&self, f: impl FnOnce(&[LogLine]) -> R) -> R {
+        f(&self.log.lock().expect("log lock"))
     }
 
     pub fn lines(&self) -> Vec<String> {
-        self.lines.lock().expect("log lock").clone()
+        self.with_log(|log| log.iter().map(|line| line.text.clone()).collect())
+    }
+
+    /// The first JSON log line with this message, and when it arrived.
+    pub fn first(&self, message: &str) -> Option<(Instant, serde_json::Value)> {
+        self.with_log(|log| {
+            log.iter()
+                .find(|line| line.value["message"] == message)
+                .map(|line| (line.at, line.value.clone()))
+        })
+    }
+
+    /// When the first log line with this message arrived at or after `since`.
+    pub fn first_since(&self, message: &str, since: Instant) -> Option<Instant> {
+        self.with_log(|log| {
+            log.iter()
+                .find(|line| line.at >= since && line.value["message"] == message)
+                .map(|line| line.at)
+        })
     }
 
     /// Waits for a JSON log line with this message; returns it parsed.
     pub fn wait_for_log(&self, message: &str, timeout: Duration) -> serde_json::Value {
         let deadline = Instant::now() + timeout;
         loop {
-            for line in self.lines() {
-                if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line)
-                    && value["message"] == message
-                {
-                    return value;
-                }
+            if let Some((_, value)) = self.first(message) {
+                return value;
             }
             assert!(
                 Instant::now() < deadline,
@@ -125,6 +161,25 @@ impl Process {
                 self.lines().join("\n")
             );
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `Err` naming the exit status and the last lines of the log once the
+    /// process has exited.
+    pub fn check_running(&mut self) -> Result<(), String> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => {
+                let tail = self.with_log(|log| {
+                    let start = log.len().saturating_sub(10);
+                    log[start..]
+                        .iter()
+                        .map(|line| line.text.as_str())
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                });
+                Err(format!("exited ({status}); its last log lines:\n{tail}"))
+            }
+            _ => Ok(()),
         }
     }
 
@@ -155,6 +210,20 @@ impl Process {
     pub fn terminate(&mut self) -> ExitStatus {
         let _ = kill(self.pid(), Signal::SIGTERM);
         self.wait()
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited after `grace`.
+    pub fn stop(&mut self, grace: Duration) -> Option<ExitStatus> {
+        let _ = kill(self.pid(), Signal::SIGTERM);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = kill(self.pid(), Signal::SIGKILL);
+        self.child.wait().ok()
     }
 }
 
@@ -274,20 +343,60 @@ pub fn start_agent(server_url: &str, data_dir: &Path, token: &str, extra: &[&str
     Process::spawn(command)
 }
 
+/// CPU time a process has used, in seconds: its own, and that of its
+/// children it has waited for.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CpuTimes {
+    pub user: f64,
+    pub system: f64,
+    pub children_user: f64,
+    pub children_system: f64,
+}
+
+impl CpuTimes {
+    /// Of process `pid` (or `"self"`); `None` once it is gone.
+    pub fn of(pid: impl std::fmt::Display) -> Option<CpuTimes> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the parenthesised command name (which may hold
+        // spaces): utime, stime, cutime and cstime are the 14th to 17th of
+        // the line, in clock ticks.
+        let rest = stat.rsplit_once(')')?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .unwrap_or(100) as f64;
+        let seconds =
+            |i: usize| -> Option<f64> { Some(fields.get(i)?.parse::<u64>().ok()? as f64 / hz) };
+        Some(CpuTimes {
+            user: seconds(11)?,
+            system: seconds(12)?,
+            children_user: seconds(13)?,
+            children_system: seconds(14)?,
+        })
+    }
+
+    /// What was used between `before` and `self`.
+    pub fn since(&self, before: &CpuTimes) -> CpuTimes {
+        CpuTimes {
+            user: self.user - before.user,
+            system: self.system - before.system,
+            children_user: self.children_user - before.children_user,
+            children_system: self.children_system - before.children_system,
+        }
+    }
+}
+
 /// CPU time (user + system) process `pid` has used so far, in seconds;
 /// `None` once it is gone.
 pub fn cpu_seconds(pid: impl std::fmt::Display) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesised command name (which may hold spaces);
-    // utime and stime are the 14th and 15th of the line.
-    let rest = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100) as f64;
-    Some(ticks as f64 / hz)
+    CpuTimes::of(pid).map(|times| times.user + times.system)
+}
+
+/// The most memory process `pid` (or `"self"`) has held at once, in bytes;
+/// `None` once it is gone.
+pub fn peak_rss_bytes(pid: impl std::fmt::Display) -> Option<u64> {
+    status_kib(pid, "VmHWM:").map(|kib| kib * 1024)
 }
 
 /// A field of `/proc/PID/status` (`VmRSS:`, `VmHWM:`), in KiB; `None` once

@@ -52,7 +52,7 @@
 
 use clap::{Parser, ValueEnum};
 use ed25519_dalek::{Signer, SigningKey};
-use posfleet_e2e::{ControlPlane, PostgresDb, cpu_seconds, pos_app_source};
+use posfleet_e2e::{ControlPlane, PostgresDb, cpu_seconds, peak_rss_bytes, pos_app_source};
 use posfleet_proto::v1;
 use posfleet_proto::v1::admin_service_client::AdminServiceClient;
 use posfleet_proto::v1::agent_service_client::AgentServiceClient;
@@ -210,16 +210,6 @@ impl Sim {
         }
         Ok(desired)
     }
-}
-
-fn peak_rss_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
 }
 
 #[derive(Debug, Serialize)]
@@ -646,7 +636,7 @@ async fn main() -> anyhow::Result<()> {
     } else {
         None
     };
-    let control_plane_peak_rss_bytes = peak_rss_bytes(pid);
+    let control_plane_peak_rss_bytes = peak_rss_bytes(pid).unwrap_or(0);
     let heartbeat_writer = writer_figures(&cp.http_address).await?;
     eprintln!("  heartbeat writer: {heartbeat_writer:?}");
 

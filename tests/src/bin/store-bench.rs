@@ -14,19 +14,18 @@
 //! ends, fails or is interrupted, and removes ones left behind by an
 //! earlier run that was killed before it could.
 
-use anyhow::{Context, anyhow, bail, ensure};
+use anyhow::{Context, anyhow, ensure};
 use clap::Parser;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use posfleet_e2e::{binary, cpu_seconds, pos_app_source, status_kib};
+use posfleet_e2e::{Process, binary, cpu_seconds, pos_app_source, status_kib};
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
@@ -329,118 +328,11 @@ fn tbf_args(wan_mbit: u64) -> String {
 
 // ---------------------------------------------------------------- processes
 
-struct LogLine {
-    at: Instant,
-    value: Value,
-}
-
-/// A process whose stderr JSON log lines are collected with the instant
-/// each arrived. Killed on drop.
-struct Proc {
-    what: String,
-    child: Child,
-    log: Arc<Mutex<Vec<LogLine>>>,
-}
-
-impl Proc {
-    fn spawn(what: &str, mut command: Command) -> anyhow::Result<Proc> {
-        command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = command
-            .spawn()
-            .with_context(|| format!("cannot start {what}"))?;
-        let stderr = child.stderr.take().context("piped stderr")?;
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let at = Instant::now();
-                let value = serde_json::from_str(&line).unwrap_or(Value::String(line));
-                sink.lock()
-                    .expect("the reader never panics while holding it")
-                    .push(LogLine { at, value });
-            }
-        });
-        Ok(Proc {
-            what: what.to_string(),
-            child,
-            log,
-        })
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    fn with_log<R>(&self, f: impl FnOnce(&[LogLine]) -> R) -> R {
-        f(&self
-            .log
-            .lock()
-            .expect("the reader never panics while holding it"))
-    }
-
-    /// The first line with this message.
-    fn first(&self, message: &str) -> Option<(Instant, Value)> {
-        self.with_log(|log| {
-            log.iter()
-                .find(|l| l.value["message"] == message)
-                .map(|l| (l.at, l.value.clone()))
-        })
-    }
-
-    /// The first line with this message logged at or after `since`.
-    fn first_since(&self, message: &str, since: Instant) -> Option<Instant> {
-        self.with_log(|log| {
-            log.iter()
-                .find(|l| l.at >= since && l.value["message"] == message)
-                .map(|l| l.at)
-        })
-    }
-
-    /// Fails if the process has exited, with the end of its log.
-    fn check_running(&mut self) -> anyhow::Result<()> {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            let tail = self.with_log(|log| {
-                log.iter()
-                    .rev()
-                    .take(10)
-                    .rev()
-                    .map(|l| l.value.to_string())
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            });
-            bail!(
-                "{} exited ({status}); its last log lines:\n{tail}",
-                self.what
-            );
-        }
-        Ok(())
-    }
-
-    /// SIGTERM, then SIGKILL after `grace`.
-    fn stop(&mut self, grace: Duration) -> Option<ExitStatus> {
-        let _ = kill(Pid::from_raw(self.pid()), Signal::SIGTERM);
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = kill(Pid::from_raw(self.pid()), Signal::SIGKILL);
-        self.child.wait().ok()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = kill(Pid::from_raw(self.pid()), Signal::SIGKILL);
-            let _ = self.child.wait();
-        }
-    }
+/// Fails once the process has exited, with the end of its log.
+fn running(process: &mut Process, what: &str) -> anyhow::Result<()> {
+    process
+        .check_running()
+        .map_err(|why| anyhow!("{what} {why}"))
 }
 
 /// Polls `check` every 100 ms until it returns `Some`; fails on timeout
@@ -501,7 +393,7 @@ fn http_get(url: &str) -> anyhow::Result<String> {
 
 /// The control plane in the origin namespace, and the CLI run there.
 struct Origin {
-    process: Proc,
+    process: Process,
     data_dir: PathBuf,
     keys: PathBuf,
     ns_name: String,
@@ -518,13 +410,13 @@ impl Origin {
             .args(["--http-listen-address", &format!("{ORIGIN_IP}:{HTTP_PORT}")])
             .args(["--insecure-dev", "--heartbeat-interval-seconds", "1"])
             .args(["--log-format", "json"]);
-        let mut process = Proc::spawn("the control plane", command)?;
+        let mut process = Process::try_spawn(command).context("cannot start the control plane")?;
         for message in ["gRPC listening.", "HTTP listening."] {
             wait_for(
                 &format!("the control plane's `{message}`"),
                 Duration::from_secs(60),
                 || {
-                    process.check_running()?;
+                    running(&mut process, "the control plane")?;
                     Ok(process.first(message))
                 },
             )?;
@@ -633,7 +525,13 @@ fn path_str(path: &Path) -> anyhow::Result<&str> {
 struct Agent {
     ip: String,
     data_dir: PathBuf,
-    process: Proc,
+    process: Process,
+}
+
+impl Agent {
+    fn check_running(&mut self) -> anyhow::Result<()> {
+        running(&mut self.process, &format!("the agent of till {}", self.ip))
+    }
 }
 
 /// Everything a run needs, shared by both runs.
@@ -783,7 +681,8 @@ impl<'a> Run<'a> {
                     },
                 ])
                 .args(&self.bench.args.agent_arg);
-            let process = Proc::spawn(&format!("the agent of till {ip}"), command)?;
+            let process = Process::try_spawn(command)
+                .with_context(|| format!("cannot start the agent of till {ip}"))?;
             // ip netns exec execs the agent: this pid is the agent's.
             self.agents.push(Agent {
                 ip,
@@ -803,7 +702,7 @@ impl<'a> Run<'a> {
                 &format!("till {} to enroll", agent.ip),
                 Duration::from_secs(120),
                 || {
-                    agent.process.check_running()?;
+                    agent.check_running()?;
                     Ok(agent.process.first("Agent running."))
                 },
             )?;
@@ -825,7 +724,7 @@ impl<'a> Run<'a> {
                 &format!("till {} to list all {tills} members", agent.ip),
                 Duration::from_secs(120),
                 || {
-                    agent.process.check_running()?;
+                    agent.check_running()?;
                     Ok(agent.process.with_log(|log| {
                         log.iter()
                             .rev()
@@ -906,7 +805,7 @@ impl<'a> Run<'a> {
             let mut downloaded = 0;
             let mut installed = 0;
             for agent in &mut self.agents {
-                agent.process.check_running()?;
+                agent.check_running()?;
                 downloaded += usize::from(
                     agent
                         .process

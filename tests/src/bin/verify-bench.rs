@@ -20,6 +20,7 @@ use posfleet_bundle::client::{Limits, TrustedMetadata};
 use posfleet_bundle::manifest::{Kind, Manifest};
 use posfleet_bundle::repo::{self, RootKeys};
 use posfleet_bundle::tuf;
+use posfleet_e2e::{CpuTimes, peak_rss_bytes};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -164,57 +165,8 @@ fn openssl_dgst(openssl: &Path, bundle: &Path, sha256: &str) -> anyhow::Result<(
     Ok(())
 }
 
-/// CPU time from /proc/self/stat, in clock ticks: user and system time of
-/// this process, and of its waited-for children.
-#[derive(Debug, Clone, Copy)]
-struct CpuTicks {
-    user: u64,
-    system: u64,
-    children_user: u64,
-    children_system: u64,
-}
-
-impl CpuTicks {
-    fn now() -> CpuTicks {
-        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-        // Fields after the parenthesised command name: utime, stime, cutime
-        // and cstime are 14 to 17.
-        let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        let field = |i: usize| fields.get(i).and_then(|v| v.parse().ok()).unwrap_or(0);
-        CpuTicks {
-            user: field(11),
-            system: field(12),
-            children_user: field(13),
-            children_system: field(14),
-        }
-    }
-
-    /// (user, system) seconds since `before`, of this process or of the
-    /// children waited for meanwhile.
-    fn seconds_since(&self, before: &CpuTicks, children: bool) -> (f64, f64) {
-        let (user, system) = if children {
-            (
-                self.children_user - before.children_user,
-                self.children_system - before.children_system,
-            )
-        } else {
-            (self.user - before.user, self.system - before.system)
-        };
-        // /proc reports clock ticks of USER_HZ, which Linux fixes at 100 for
-        // user space whatever the kernel's internal rate.
-        (user as f64 / 100.0, system as f64 / 100.0)
-    }
-}
-
-fn peak_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
+fn cpu_now() -> anyhow::Result<CpuTimes> {
+    CpuTimes::of("self").context("cannot read /proc/self/stat")
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -326,7 +278,7 @@ fn main() -> anyhow::Result<()> {
     for i in 0..args.runs {
         // Alternate which side goes first, so neither always follows the other.
         for openssl_turn in [i % 2 == 0, i % 2 == 1] {
-            let cpu_before = CpuTicks::now();
+            let cpu_before = cpu_now()?;
             let started = Instant::now();
             let metadata = if openssl_turn {
                 openssl_dgst(&args.openssl, &bundle, &sha256)?;
@@ -335,8 +287,13 @@ fn main() -> anyhow::Result<()> {
                 Some(verify(dir.path(), &bundle, now)?)
             };
             let seconds = started.elapsed().as_secs_f64();
-            let (cpu_user_seconds, cpu_system_seconds) =
-                CpuTicks::now().seconds_since(&cpu_before, openssl_turn);
+            let used = cpu_now()?.since(&cpu_before);
+            // openssl runs as a child, waited for.
+            let (cpu_user_seconds, cpu_system_seconds) = if openssl_turn {
+                (used.children_user, used.children_system)
+            } else {
+                (used.user, used.system)
+            };
             let run = Run {
                 seconds,
                 cpu_user_seconds,
@@ -363,7 +320,7 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
-    let peak_rss_bytes = peak_rss_bytes();
+    let peak_rss_bytes = peak_rss_bytes("self").context("cannot read /proc/self/status")?;
 
     let paired_ratios: Vec<f64> = openssl_runs
         .iter()
