@@ -93,11 +93,8 @@ impl Admin {
         limit: u32,
     ) -> anyhow::Result<Vec<v1::AuditEntry>> {
         let request = self.request(v1::ListAuditEntriesRequest { after_seq, limit });
-        self.client
-            .list_audit_entries(request)
-            .await
-            .map(|r| r.into_inner().entries)
-            .map_err(|s| self.error(s))
+        let answer = self.client.list_audit_entries(request).await;
+        self.answer(answer).map(|r| r.entries)
     }
 }
 

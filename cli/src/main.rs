@@ -346,6 +346,13 @@ impl Admin {
         request
     }
 
+    /// A unary call's answer, or its status turned into an error.
+    fn answer<T>(&self, answer: Result<tonic::Response<T>, tonic::Status>) -> anyhow::Result<T> {
+        answer
+            .map(tonic::Response::into_inner)
+            .map_err(|s| self.error(s))
+    }
+
     fn error(&self, status: tonic::Status) -> anyhow::Error {
         use tonic::Code;
         match status.code() {
@@ -369,11 +376,8 @@ impl Admin {
             name: name.into(),
             time_zone: time_zone.into(),
         });
-        self.client
-            .create_store(request)
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| self.error(s))
+        let answer = self.client.create_store(request).await;
+        self.answer(answer)
     }
 
     pub async fn list_stores(&mut self) -> anyhow::Result<Vec<v1::Store>> {
@@ -401,11 +405,8 @@ impl Admin {
     /// One device, with its desired and reported bundles.
     pub async fn get_device(&mut self, id: &str) -> anyhow::Result<v1::Device> {
         let request = self.request(v1::GetDeviceRequest { id: id.into() });
-        self.client
-            .get_device(request)
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| self.error(s))
+        let answer = self.client.get_device(request).await;
+        self.answer(answer)
     }
 
     /// Sets (or with `None` clears) a store's maintenance window.
@@ -424,21 +425,15 @@ impl Admin {
                 }
             }),
         });
-        self.client
-            .set_maintenance_window(request)
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| self.error(s))
+        let answer = self.client.set_maintenance_window(request).await;
+        self.answer(answer)
     }
 
     /// Assigns a published bundle; returns how many devices it now applies to.
     pub async fn assign_bundle(&mut self, request: v1::AssignBundleRequest) -> anyhow::Result<u64> {
         let request = self.request(request);
-        self.client
-            .assign_bundle(request)
-            .await
-            .map(|r| r.into_inner().devices_assigned)
-            .map_err(|s| self.error(s))
+        let answer = self.client.assign_bundle(request).await;
+        self.answer(answer).map(|r| r.devices_assigned)
     }
 
     pub async fn create_token(
@@ -452,11 +447,8 @@ impl Admin {
             expires_in_seconds: expires_in.as_secs().max(1),
             uses,
         });
-        self.client
-            .create_enrollment_token(request)
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| self.error(s))
+        let answer = self.client.create_enrollment_token(request).await;
+        self.answer(answer)
     }
 
     pub async fn list_devices(
@@ -485,11 +477,8 @@ impl Admin {
 impl Admin {
     pub async fn repository(&mut self) -> anyhow::Result<v1::Repository> {
         let request = self.request(v1::GetRepositoryRequest {});
-        self.client
-            .get_repository(request)
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| self.error(s))
+        let answer = self.client.get_repository(request).await;
+        self.answer(answer)
     }
 
     pub async fn init_repository(
@@ -501,20 +490,14 @@ impl Admin {
             root_json,
             targets_json,
         });
-        self.client
-            .init_repository(request)
-            .await
-            .map(|_| ())
-            .map_err(|s| self.error(s))
+        let answer = self.client.init_repository(request).await;
+        self.answer(answer).map(|_| ())
     }
 
     pub async fn update_root(&mut self, root_json: Vec<u8>) -> anyhow::Result<()> {
         let request = self.request(v1::UpdateRootRequest { root_json });
-        self.client
-            .update_root(request)
-            .await
-            .map(|_| ())
-            .map_err(|s| self.error(s))
+        let answer = self.client.update_root(request).await;
+        self.answer(answer).map(|_| ())
     }
 
     /// Publishes targets metadata, with the bundle file it adds if any.
@@ -532,18 +515,15 @@ impl Admin {
         let request = self.streaming_request(stream);
         let call = self.client.publish_bundle(request);
         tokio::select! {
-            answer = call => answer.map(|r| r.into_inner()).map_err(|s| self.error(s)),
+            answer = call => self.answer(answer),
             stalled = progress.stalled(UPLOAD_IDLE_TIMEOUT, UPLOAD_ANSWER_TIMEOUT) => Err(stalled),
         }
     }
 
     pub async fn list_bundles(&mut self, name: String) -> anyhow::Result<Vec<v1::Bundle>> {
         let request = self.request(v1::ListBundlesRequest { name });
-        self.client
-            .list_bundles(request)
-            .await
-            .map(|r| r.into_inner().bundles)
-            .map_err(|s| self.error(s))
+        let answer = self.client.list_bundles(request).await;
+        self.answer(answer).map(|r| r.bundles)
     }
 }
 

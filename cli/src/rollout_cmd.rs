@@ -485,11 +485,8 @@ impl Admin {
         request: v1::CreateRolloutRequest,
     ) -> anyhow::Result<v1::Rollout> {
         let request = self.request(request);
-        self.client
-            .create_rollout(request)
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| self.error(s))
+        let answer = self.client.create_rollout(request).await;
+        self.answer(answer)
     }
 
     /// start, pause, resume, abort or rollback.
@@ -511,7 +508,7 @@ impl Admin {
             "rollback" => self.client.rollback_rollout(request).await,
             other => bail!("unknown rollout operation {other}"),
         };
-        response.map(|r| r.into_inner()).map_err(|s| self.error(s))
+        self.answer(response)
     }
 
     /// Every event of rollout `id` after `after`, following pages.
@@ -550,11 +547,8 @@ impl Admin {
             id: id.into(),
             reason: String::new(),
         });
-        self.client
-            .get_rollout(request)
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| self.error(s))
+        let answer = self.client.get_rollout(request).await;
+        self.answer(answer)
     }
 
     pub async fn list_rollouts(
@@ -564,11 +558,8 @@ impl Admin {
         let request = self.request(v1::ListRolloutsRequest {
             state: state as i32,
         });
-        self.client
-            .list_rollouts(request)
-            .await
-            .map(|r| r.into_inner().rollouts)
-            .map_err(|s| self.error(s))
+        let answer = self.client.list_rollouts(request).await;
+        self.answer(answer).map(|r| r.rollouts)
     }
 }
 

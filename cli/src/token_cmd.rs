@@ -72,11 +72,8 @@ impl Admin {
         name: String,
     ) -> anyhow::Result<v1::CreateAdminTokenResponse> {
         let request = self.request(v1::CreateAdminTokenRequest { name });
-        self.client
-            .create_admin_token(request)
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| self.error(s))
+        let answer = self.client.create_admin_token(request).await;
+        self.answer(answer)
     }
 
     pub async fn list_admin_tokens(
@@ -84,20 +81,14 @@ impl Admin {
         include_revoked: bool,
     ) -> anyhow::Result<Vec<v1::AdminToken>> {
         let request = self.request(v1::ListAdminTokensRequest { include_revoked });
-        self.client
-            .list_admin_tokens(request)
-            .await
-            .map(|r| r.into_inner().tokens)
-            .map_err(|s| self.error(s))
+        let answer = self.client.list_admin_tokens(request).await;
+        self.answer(answer).map(|r| r.tokens)
     }
 
     pub async fn revoke_admin_token(&mut self, id: String) -> anyhow::Result<v1::AdminToken> {
         let request = self.request(v1::RevokeAdminTokenRequest { id });
-        self.client
-            .revoke_admin_token(request)
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| self.error(s))
+        let answer = self.client.revoke_admin_token(request).await;
+        self.answer(answer)
     }
 }
 

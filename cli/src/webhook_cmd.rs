@@ -161,29 +161,20 @@ impl Admin {
         events: Vec<String>,
     ) -> anyhow::Result<v1::AddWebhookResponse> {
         let request = self.request(v1::AddWebhookRequest { url, events });
-        self.client
-            .add_webhook(request)
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| self.error(s))
+        let answer = self.client.add_webhook(request).await;
+        self.answer(answer)
     }
 
     pub async fn list_webhooks(&mut self) -> anyhow::Result<Vec<v1::Webhook>> {
         let request = self.request(v1::ListWebhooksRequest {});
-        self.client
-            .list_webhooks(request)
-            .await
-            .map(|r| r.into_inner().webhooks)
-            .map_err(|s| self.error(s))
+        let answer = self.client.list_webhooks(request).await;
+        self.answer(answer).map(|r| r.webhooks)
     }
 
     pub async fn remove_webhook(&mut self, id: String) -> anyhow::Result<v1::Webhook> {
         let request = self.request(v1::RemoveWebhookRequest { id });
-        self.client
-            .remove_webhook(request)
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| self.error(s))
+        let answer = self.client.remove_webhook(request).await;
+        self.answer(answer)
     }
 
     pub async fn list_webhook_deliveries(
@@ -192,11 +183,8 @@ impl Admin {
         limit: u32,
     ) -> anyhow::Result<Vec<v1::WebhookDelivery>> {
         let request = self.request(v1::ListWebhookDeliveriesRequest { webhook_id, limit });
-        self.client
-            .list_webhook_deliveries(request)
-            .await
-            .map(|r| r.into_inner().deliveries)
-            .map_err(|s| self.error(s))
+        let answer = self.client.list_webhook_deliveries(request).await;
+        self.answer(answer).map(|r| r.deliveries)
     }
 }
 
