@@ -1,6 +1,6 @@
 //! What both posfleet programs need at run time: the maintenance-window
 //! rules the control plane and the agent apply identically, layered
-//! configuration, logging and the shutdown signal.
+//! configuration, logging, the shutdown signal and crash-safe private files.
 //!
 //! It knows no network, database or business state: each program keeps its
 //! own settings and decisions, and comes here for the rules and the
@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod error;
+pub mod files;
 pub mod logging;
 pub mod signal;
 pub mod window;
