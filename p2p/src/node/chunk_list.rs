@@ -106,10 +106,9 @@ impl Node {
             .find(|l| l.chunks_digest == digest)
             .map(|l| l.file.chunks().encode());
         let response = match list {
-            Some(mut list) => {
-                if self.config.corrupt_served_data && !list.is_empty() {
-                    list[0] ^= 0x01;
-                }
+            Some(list) => {
+                #[cfg(feature = "test-hooks")]
+                let list = crate::hooks::chunk_list(&self.config, list);
                 Response::ChunkList(list)
             }
             None => Response::NotFound,

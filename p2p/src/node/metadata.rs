@@ -66,12 +66,9 @@ impl Node {
             self.respond(channel, Response::NotFound);
             return;
         };
-        // The test hook sends the whole file whatever the asker's limit.
-        let limit = if self.config.corrupt_served_data {
-            self.config.limits.max_metadata_bytes
-        } else {
-            max_bytes.min(self.config.limits.max_metadata_bytes)
-        };
+        let limit = max_bytes.min(self.config.limits.max_metadata_bytes);
+        #[cfg(feature = "test-hooks")]
+        let limit = crate::hooks::metadata_limit(&self.config, limit);
         let tx = self.internal_tx.clone();
         self.tasks.spawn_blocking(move || {
             let result = metadata::read(&dir, &name, limit);
@@ -155,10 +152,9 @@ impl Node {
         result: std::io::Result<Option<Vec<u8>>>,
     ) {
         let response = match result {
-            Ok(Some(mut bytes)) => {
-                if self.config.corrupt_served_data {
-                    metadata::tamper(&mut bytes);
-                }
+            Ok(Some(bytes)) => {
+                #[cfg(feature = "test-hooks")]
+                let bytes = crate::hooks::metadata(&self.config, bytes);
                 Response::Metadata(bytes)
             }
             Ok(None) => Response::NotFound,

@@ -105,11 +105,9 @@ impl Node {
         } = job;
         self.serving = self.serving.saturating_sub(1);
         match result {
-            Ok(mut data) => {
-                if self.config.corrupt_served_data && !data.is_empty() {
-                    let middle = data.len() / 2;
-                    data[middle] ^= 0x55;
-                }
+            Ok(data) => {
+                #[cfg(feature = "test-hooks")]
+                let data = crate::hooks::piece(&self.config, data);
                 let bytes = data.len() as u64;
                 if self.allowed(&peer) && self.respond(channel, Response::Piece(data)) {
                     self.stats.served_bytes += bytes;
