@@ -37,6 +37,8 @@ pub struct Config {
     /// Test hook: flip a byte in every piece and chunk list this till
     /// serves, and a signature digit in every TUF metadata file (sent whole,
     /// whatever the asker's limit), to exercise its peers' defences.
+    /// Only with the `test-hooks` feature.
+    #[cfg(feature = "test-hooks")]
     #[doc(hidden)]
     pub corrupt_served_data: bool,
 }
@@ -62,6 +64,7 @@ impl Default for Config {
             announce_interval: Duration::from_millis(50),
             request_timeout: Duration::from_secs(60),
             limits: Limits::default(),
+            #[cfg(feature = "test-hooks")]
             corrupt_served_data: false,
         }
     }

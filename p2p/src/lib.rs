@@ -91,6 +91,8 @@ mod bitmap;
 mod config;
 mod election;
 mod error;
+#[cfg(feature = "test-hooks")]
+mod hooks;
 mod metadata;
 mod node;
 mod piece_file;

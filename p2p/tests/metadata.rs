@@ -164,9 +164,7 @@ async fn a_member_gets_the_saved_metadata_by_name() {
         .await
         .unwrap();
     assert_eq!(got, None);
-    for t in [&server, &client] {
-        t.p2p.shutdown().await;
-    }
+    shutdown_all([&server, &client]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -232,9 +230,7 @@ async fn a_non_member_gets_nothing() {
         .await;
     assert!(asked.is_err(), "{asked:?}");
     assert_eq!(server.p2p.stats().await.metadata_served, 1);
-    for t in [&server, &member, &outsider] {
-        t.p2p.shutdown().await;
-    }
+    shutdown_all([&server, &member, &outsider]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -282,9 +278,7 @@ async fn names_that_are_not_tuf_metadata_are_refused() {
             .unwrap()
             .is_some()
     );
-    for t in [&server, &client] {
-        t.p2p.shutdown().await;
-    }
+    shutdown_all([&server, &client]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -307,9 +301,7 @@ async fn an_oversized_answer_is_refused_and_its_peer_banned() {
     );
     assert_eq!(client.p2p.stats().await.banned_peers, 1);
     assert!(client.p2p.connected_members().await.is_empty());
-    for t in [&server, &client] {
-        t.p2p.shutdown().await;
-    }
+    shutdown_all([&server, &client]).await;
 
     // Over the asker's own frame limit: refused from the frame header.
     let small = Config {
@@ -331,9 +323,7 @@ async fn an_oversized_answer_is_refused_and_its_peer_banned() {
         other => panic!("{other:?}"),
     }
     assert_eq!(client.p2p.stats().await.banned_peers, 1);
-    for t in [&server, &client] {
-        t.p2p.shutdown().await;
-    }
+    shutdown_all([&server, &client]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -362,9 +352,7 @@ async fn unparsable_answers_ban_and_tampered_ones_are_left_to_the_tuf_client() {
             "{name}: {asked:?}"
         );
         assert_eq!(client.p2p.stats().await.banned_peers, 1, "{name}");
-        for t in [&server, &client] {
-            t.p2p.shutdown().await;
-        }
+        shutdown_all([&server, &client]).await;
     }
 
     // Tampered but well formed: handed over (the TUF client rejects it; a
@@ -384,7 +372,5 @@ async fn unparsable_answers_ban_and_tampered_ones_are_left_to_the_tuf_client() {
     assert_ne!(got, saved);
     assert_eq!(got.len(), saved.len());
     assert_eq!(client.p2p.stats().await.banned_peers, 0);
-    for t in [&server, &client] {
-        t.p2p.shutdown().await;
-    }
+    shutdown_all([&server, &client]).await;
 }

@@ -15,37 +15,15 @@ fn assert_same_file(till: &Till, data: &[u8]) {
     assert!(got == data, "till {} holds different bytes", till.peer_id());
 }
 
-async fn fetch_all(
-    tills: &[Till],
-    bundle: &posfleet_p2p::Bundle,
-    origins: &[FakeOrigin],
-) -> Vec<FetchStats> {
-    let fetches = tills.iter().zip(origins).map(|(t, o)| {
-        let origin = Arc::new(o.clone());
-        let dest = t.dest();
-        let bundle = bundle.clone();
-        async move { t.p2p.fetch(bundle, &dest, origin, |_| {}).await }
-    });
-    join_all(fetches)
-        .await
-        .into_iter()
-        .map(|r| r.unwrap())
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_tills_starting_together_take_the_bundle_from_the_origin_once() {
     let _serial = serial().await;
     let size = 20 * MIB;
     let (data, bundle) = bundle(size, 1);
-    let mut tills = Vec::new();
-    for _ in 0..8 {
-        tills.push(till(test_config()).await);
-    }
-    full_mesh(&tills).await;
+    let tills = store_of(8).await;
     // A WAN of 40 MiB/s: the store's LAN must keep up with the fetcher.
     let origin = FakeOrigin::new(data.clone(), &bundle, 40 * MIB as u64);
-    let origins: Vec<FakeOrigin> = tills.iter().map(|_| origin.for_another_till()).collect();
+    let origins = origin.for_each(&tills);
 
     let start = Instant::now();
     let stats = fetch_all(&tills, &bundle, &origins).await;
@@ -66,9 +44,7 @@ async fn eight_tills_starting_together_take_the_bundle_from_the_origin_once() {
         assert!(s.origin_bytes + s.peer_bytes >= size as u64);
         assert!(!t.dir.path().join("bundle.pieces").exists());
     }
-    for t in &tills {
-        t.p2p.shutdown().await;
-    }
+    shutdown_all(&tills).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,18 +54,11 @@ async fn each_store_takes_the_bundle_from_the_origin_once() {
     let (data, bundle) = bundle(size, 11);
     let mut stores: Vec<Vec<Till>> = Vec::new();
     for _ in 0..2 {
-        let mut tills = Vec::new();
-        for _ in 0..3 {
-            tills.push(till(test_config()).await);
-        }
-        full_mesh(&tills).await;
-        stores.push(tills);
+        stores.push(store_of(3).await);
     }
     let origin = FakeOrigin::new(data.clone(), &bundle, 20 * MIB as u64);
-    let per_store: Vec<Vec<FakeOrigin>> = stores
-        .iter()
-        .map(|tills| tills.iter().map(|_| origin.for_another_till()).collect())
-        .collect();
+    let per_store: Vec<Vec<FakeOrigin>> =
+        stores.iter().map(|tills| origin.for_each(tills)).collect();
     let fetches = stores
         .iter()
         .zip(&per_store)
@@ -103,9 +72,7 @@ async fn each_store_takes_the_bundle_from_the_origin_once() {
             assert_eq!(t.p2p.connected_members().await.len(), 2);
         }
     }
-    for t in stores.iter().flatten() {
-        t.p2p.shutdown().await;
-    }
+    shutdown_all(stores.iter().flatten()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -113,13 +80,9 @@ async fn the_store_completes_when_the_origin_fetcher_dies_halfway() {
     let _serial = serial().await;
     let size = 40 * MIB;
     let (data, bundle) = bundle(size, 2);
-    let mut tills = Vec::new();
-    for _ in 0..5 {
-        tills.push(till(test_config()).await);
-    }
-    full_mesh(&tills).await;
+    let tills = store_of(5).await;
     let origin = FakeOrigin::new(data.clone(), &bundle, 5 * MIB as u64);
-    let origins: Vec<FakeOrigin> = tills.iter().map(|_| origin.for_another_till()).collect();
+    let origins = origin.for_each(&tills);
 
     let killer = async {
         wait_for(
@@ -132,13 +95,8 @@ async fn the_store_completes_when_the_origin_fetcher_dies_halfway() {
         tills[fetcher].p2p.shutdown().await;
         fetcher
     };
-    let fetches = tills.iter().zip(&origins).map(|(t, o)| {
-        let origin = Arc::new(o.clone());
-        let dest = t.dest();
-        let bundle = bundle.clone();
-        async move { t.p2p.fetch(bundle, &dest, origin, |_| {}).await }
-    });
-    let (killed, results) = tokio::join!(killer, join_all(fetches));
+    let fetches = fetch_each(&tills, &bundle, &origins);
+    let (killed, results) = tokio::join!(killer, fetches);
 
     let served = origin.served();
     println!("fetcher killed at half: origin served {served} of {size}");
@@ -158,9 +116,7 @@ async fn the_store_completes_when_the_origin_fetcher_dies_halfway() {
         origins.iter().filter(|o| o.mine() > 0).count() >= 2,
         "another till took over"
     );
-    for t in &tills {
-        t.p2p.shutdown().await;
-    }
+    shutdown_all(&tills).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -168,15 +124,11 @@ async fn a_stalled_origin_fetcher_is_replaced_by_the_next_in_order() {
     let _serial = serial().await;
     let size = 8 * MIB;
     let (data, bundle) = bundle(size, 9);
-    let mut tills = Vec::new();
-    for _ in 0..3 {
-        tills.push(till(test_config()).await);
-    }
-    full_mesh(&tills).await;
+    let tills = store_of(3).await;
     // The till chosen first gets an origin that never answers.
     let origin = FakeOrigin::new(data.clone(), &bundle, 0);
     origin.hang_first_call.store(true, Ordering::SeqCst);
-    let origins: Vec<FakeOrigin> = tills.iter().map(|_| origin.for_another_till()).collect();
+    let origins = origin.for_each(&tills);
 
     let start = Instant::now();
     fetch_all(&tills, &bundle, &origins).await;
@@ -208,35 +160,19 @@ async fn a_till_serving_corrupt_pieces_is_banned_and_the_others_still_get_good_b
     let _serial = serial().await;
     let size = 8 * MIB;
     let (data, bundle) = bundle(size, 3);
-    let liar = till(Config {
+    let liar = Config {
         corrupt_served_data: true,
         ..test_config()
-    })
-    .await;
-    std::fs::write(liar.dest(), &data[..]).unwrap();
-    liar.p2p.share(bundle.clone(), &liar.dest()).await.unwrap();
-    let mut tills = vec![liar];
+    };
+    let mut tills = vec![seeder(liar, &data, &bundle).await];
     for _ in 0..3 {
         tills.push(till(test_config()).await);
     }
     // Over QUIC only, for once.
-    let members: Vec<Member> = tills
-        .iter()
-        .map(|t| Member {
-            peer_id: t.peer_id(),
-            addrs: only(&t.addrs, "quic-v1"),
-        })
-        .collect();
-    for t in &tills {
-        t.p2p.set_members(members.clone()).await;
-    }
-    wait_connected(&tills).await;
+    full_mesh_over(&tills, "quic-v1").await;
 
     let origin = FakeOrigin::new(data.clone(), &bundle, 0);
-    let origins: Vec<FakeOrigin> = tills[1..]
-        .iter()
-        .map(|_| origin.for_another_till())
-        .collect();
+    let origins = origin.for_each(&tills[1..]);
     fetch_all(&tills[1..], &bundle, &origins).await;
 
     let liar_id = tills[0].peer_id();
@@ -257,9 +193,7 @@ async fn a_till_serving_corrupt_pieces_is_banned_and_the_others_still_get_good_b
         "{}",
         origin.served()
     );
-    for t in &tills {
-        t.p2p.shutdown().await;
-    }
+    shutdown_all(&tills).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -267,13 +201,7 @@ async fn non_members_get_nothing_and_removed_members_are_disconnected() {
     let _serial = serial().await;
     let size = 4 * MIB;
     let (data, bundle) = bundle(size, 4);
-    let seeder = till(test_config()).await;
-    std::fs::write(seeder.dest(), &data[..]).unwrap();
-    seeder
-        .p2p
-        .share(bundle.clone(), &seeder.dest())
-        .await
-        .unwrap();
+    let seeder = seeder(test_config(), &data, &bundle).await;
     let member = till(test_config()).await;
     let outsider = till(Config {
         origin_fallback_delay: Duration::from_millis(500),
@@ -309,16 +237,7 @@ async fn non_members_get_nothing_and_removed_members_are_disconnected() {
             .is_none()
     );
     let origin = FakeOrigin::new(data.clone(), &bundle, 0);
-    let stats = outsider
-        .p2p
-        .fetch(
-            bundle.clone(),
-            &outsider.dest(),
-            Arc::new(origin.clone()),
-            |_| {},
-        )
-        .await
-        .unwrap();
+    let stats = outsider.fetch(&bundle, &origin).await.unwrap();
     assert_eq!(stats.peer_bytes, 0);
     assert_eq!(stats.origin_bytes, size as u64);
     assert_same_file(&outsider, &data);
@@ -359,9 +278,7 @@ async fn non_members_get_nothing_and_removed_members_are_disconnected() {
             .is_none()
     );
     assert_eq!(seeder.p2p.stats().await.served_bytes, 0);
-    for t in [&seeder, &member, &outsider] {
-        t.p2p.shutdown().await;
-    }
+    shutdown_all([&seeder, &member, &outsider]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -383,11 +300,7 @@ async fn with_no_reachable_peer_a_till_falls_back_to_the_origin_after_the_delay(
     lonely.p2p.set_members(vec![lonely.member(), ghost]).await;
     let origin = FakeOrigin::new(data.clone(), &bundle, 0);
     let start = Instant::now();
-    let stats = lonely
-        .p2p
-        .fetch(bundle, &lonely.dest(), Arc::new(origin.clone()), |_| {})
-        .await
-        .unwrap();
+    let stats = lonely.fetch(&bundle, &origin).await.unwrap();
     let first = origin.first_call.lock().unwrap().unwrap();
     assert!(
         first.duration_since(start) >= delay,
@@ -484,16 +397,12 @@ async fn a_restarted_till_resumes_from_its_sidecar() {
 async fn the_chunk_list_comes_from_a_peer_and_a_wrong_one_is_rejected() {
     let _serial = serial().await;
     let (data, bundle) = bundle(5 * MIB + 3, 7);
-    let honest = till(test_config()).await;
-    let liar = till(Config {
+    let honest = seeder(test_config(), &data, &bundle).await;
+    let liar = Config {
         corrupt_served_data: true,
         ..test_config()
-    })
-    .await;
-    for t in [&honest, &liar] {
-        std::fs::write(t.dest(), &data[..]).unwrap();
-        t.p2p.share(bundle.clone(), &t.dest()).await.unwrap();
-    }
+    };
+    let liar = seeder(liar, &data, &bundle).await;
     let asks_honest = till(test_config()).await;
     let asks_liar = till(test_config()).await;
     for (server, client) in [(&honest, &asks_honest), (&liar, &asks_liar)] {
@@ -532,9 +441,7 @@ async fn the_chunk_list_comes_from_a_peer_and_a_wrong_one_is_rejected() {
     );
     assert_eq!(asks_liar.p2p.stats().await.banned_peers, 1);
     assert!(asks_liar.p2p.connected_members().await.is_empty());
-    for t in [&honest, &liar, &asks_honest, &asks_liar] {
-        t.p2p.shutdown().await;
-    }
+    shutdown_all([&honest, &liar, &asks_honest, &asks_liar]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -550,11 +457,7 @@ async fn a_bundle_already_here_is_copied_without_the_network() {
     std::fs::write(&installed, &data[..]).unwrap();
     t.p2p.share(bundle.clone(), &installed).await.unwrap();
     let origin = FakeOrigin::new(data.clone(), &bundle, 0);
-    let stats = t
-        .p2p
-        .fetch(bundle.clone(), &t.dest(), Arc::new(origin.clone()), |_| {})
-        .await
-        .unwrap();
+    let stats = t.fetch(&bundle, &origin).await.unwrap();
     assert_eq!(stats, FetchStats::default());
     assert_eq!(origin.served(), 0);
     assert_same_file(&t, &data);
@@ -574,33 +477,21 @@ async fn uploads_to_a_peer_are_capped() {
     let _serial = serial().await;
     let size = 6 * MIB;
     let (data, bundle) = bundle(size, 8);
-    let seeder = till(Config {
+    let capped = Config {
         upload_limit_bytes_per_second_per_peer: 4 * MIB as u64,
         ..test_config()
-    })
-    .await;
-    std::fs::write(seeder.dest(), &data[..]).unwrap();
-    seeder
-        .p2p
-        .share(bundle.clone(), &seeder.dest())
-        .await
-        .unwrap();
+    };
+    let seeder = seeder(capped, &data, &bundle).await;
     let fetcher = till(test_config()).await;
     let tills = vec![seeder, fetcher];
     full_mesh(&tills).await;
     let origin = FakeOrigin::new(data.clone(), &bundle, 0);
     let start = Instant::now();
-    let stats = tills[1]
-        .p2p
-        .fetch(bundle, &tills[1].dest(), Arc::new(origin), |_| {})
-        .await
-        .unwrap();
+    let stats = tills[1].fetch(&bundle, &origin).await.unwrap();
     let elapsed = start.elapsed();
     // One piece of burst, then 4 MiB/s: 5 MiB take 1.25 s at least.
     assert!(elapsed >= Duration::from_millis(1200), "took {elapsed:?}");
     assert_eq!(stats.peer_bytes, size as u64);
     assert_same_file(&tills[1], &data);
-    for t in &tills {
-        t.p2p.shutdown().await;
-    }
+    shutdown_all(&tills).await;
 }

@@ -4,7 +4,6 @@
 mod common;
 
 use common::*;
-use futures::future::join_all;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -22,21 +21,12 @@ fn rss_mib() -> f64 {
 /// memory grew meanwhile (both tills together, the bundle itself excluded).
 async fn measure(transport: &str, size: usize) -> (f64, f64) {
     let (data, bundle) = bundle(size, 42);
-    let tills = vec![till(test_config()).await, till(test_config()).await];
-    let (seeder, fetcher) = (&tills[0], &tills[1]);
-    std::fs::write(seeder.dest(), &data[..]).unwrap();
-    seeder
-        .p2p
-        .share(bundle.clone(), &seeder.dest())
-        .await
-        .unwrap();
-    let mut a = seeder.member();
-    a.addrs = only(&a.addrs, transport);
-    let mut b = fetcher.member();
-    b.addrs = only(&b.addrs, transport);
-    seeder.p2p.set_members(vec![a.clone(), b.clone()]).await;
-    fetcher.p2p.set_members(vec![a, b]).await;
-    wait_connected(&tills).await;
+    let tills = vec![
+        seeder(test_config(), &data, &bundle).await,
+        till(test_config()).await,
+    ];
+    let fetcher = &tills[1];
+    full_mesh_over(&tills, transport).await;
 
     let origin = FakeOrigin::new(data.clone(), &bundle, 0);
     let before = rss_mib();
@@ -55,19 +45,13 @@ async fn measure(transport: &str, size: usize) -> (f64, f64) {
         })
     };
     let start = Instant::now();
-    let stats = fetcher
-        .p2p
-        .fetch(bundle, &fetcher.dest(), Arc::new(origin.clone()), |_| {})
-        .await
-        .unwrap();
+    let stats = fetcher.fetch(&bundle, &origin).await.unwrap();
     let seconds = start.elapsed().as_secs_f64();
     sampler.abort();
     let grew = *peak.lock().unwrap() - before;
     assert_eq!(stats.origin_bytes, 0);
     assert_eq!(std::fs::read(fetcher.dest()).unwrap(), data[..]);
-    for t in &tills {
-        t.p2p.shutdown().await;
-    }
+    shutdown_all(&tills).await;
     (size as f64 / MIB as f64 / seconds, grew)
 }
 
@@ -111,15 +95,7 @@ async fn store_behind_a_thin_wan(announce_interval: std::time::Duration) {
     full_mesh(&tills).await;
     let origin = FakeOrigin::new(data.clone(), &bundle, wan);
     let start = Instant::now();
-    let fetches = tills.iter().map(|t| {
-        let origin = Arc::new(origin.for_another_till());
-        let dest = t.dest();
-        let bundle = bundle.clone();
-        async move { t.p2p.fetch(bundle, &dest, origin, |_| {}).await }
-    });
-    for r in join_all(fetches).await {
-        r.unwrap();
-    }
+    fetch_all(&tills, &bundle, &origin.for_each(&tills)).await;
     let last = start.elapsed().as_secs_f64();
     let physical = size as f64 / wan as f64;
     println!(

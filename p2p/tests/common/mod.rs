@@ -3,8 +3,11 @@
 //! WAN edge).
 #![allow(dead_code)]
 
+use futures::future::join_all;
 use posfleet_bundle::chunks::{ChunkList, digest_reader};
-use posfleet_p2p::{Bundle, Config, Error, Member, Multiaddr, OriginSource, P2p, PeerId};
+use posfleet_p2p::{
+    Bundle, Config, Error, FetchStats, Member, Multiaddr, OriginSource, P2p, PeerId,
+};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -90,6 +93,11 @@ impl FakeOrigin {
         }
     }
 
+    /// One handle on this origin for each till.
+    pub fn for_each(&self, tills: &[Till]) -> Vec<FakeOrigin> {
+        tills.iter().map(|_| self.for_another_till()).collect()
+    }
+
     pub fn served(&self) -> u64 {
         self.served.load(Ordering::SeqCst)
     }
@@ -167,6 +175,13 @@ impl Till {
         self.dir.path().join("bundle")
     }
 
+    /// Fetches the bundle to `dest()` through its handle on the origin.
+    pub async fn fetch(&self, bundle: &Bundle, origin: &FakeOrigin) -> Result<FetchStats, Error> {
+        let origin = Arc::new(origin.clone());
+        let dest = self.dest();
+        self.p2p.fetch(bundle.clone(), &dest, origin, |_| {}).await
+    }
+
     pub fn member(&self) -> Member {
         Member {
             peer_id: self.peer_id(),
@@ -202,6 +217,46 @@ pub async fn till(config: Config) -> Till {
     till_with(fresh_seed(), config, tempfile::tempdir().unwrap()).await
 }
 
+/// `n` tills of one store, each connected to every other.
+pub async fn store_of(n: usize) -> Vec<Till> {
+    let mut tills = Vec::new();
+    for _ in 0..n {
+        tills.push(till(test_config()).await);
+    }
+    full_mesh(&tills).await;
+    tills
+}
+
+/// A till that holds the whole bundle and shares it.
+pub async fn seeder(config: Config, data: &[u8], bundle: &Bundle) -> Till {
+    let t = till(config).await;
+    std::fs::write(t.dest(), data).unwrap();
+    t.p2p.share(bundle.clone(), &t.dest()).await.unwrap();
+    t
+}
+
+pub async fn shutdown_all<'a>(tills: impl IntoIterator<Item = &'a Till>) {
+    for t in tills {
+        t.p2p.shutdown().await;
+    }
+}
+
+/// Every till fetches the bundle at once, each through its own handle on
+/// the origin.
+pub async fn fetch_each(
+    tills: &[Till],
+    bundle: &Bundle,
+    origins: &[FakeOrigin],
+) -> Vec<Result<FetchStats, Error>> {
+    join_all(tills.iter().zip(origins).map(|(t, o)| t.fetch(bundle, o))).await
+}
+
+/// The same, every fetch expected to succeed.
+pub async fn fetch_all(tills: &[Till], bundle: &Bundle, origins: &[FakeOrigin]) -> Vec<FetchStats> {
+    let results = fetch_each(tills, bundle, origins).await;
+    results.into_iter().map(|r| r.unwrap()).collect()
+}
+
 /// Keeps only the addresses of one transport ("tcp" or "quic-v1").
 pub fn only(addrs: &[Multiaddr], transport: &str) -> Vec<Multiaddr> {
     addrs
@@ -215,6 +270,22 @@ pub fn only(addrs: &[Multiaddr], transport: &str) -> Vec<Multiaddr> {
 /// connected.
 pub async fn full_mesh(tills: &[Till]) {
     let members: Vec<Member> = tills.iter().map(|t| t.member()).collect();
+    mesh(tills, members).await;
+}
+
+/// The same, each reachable over one transport ("tcp" or "quic-v1") only.
+pub async fn full_mesh_over(tills: &[Till], transport: &str) {
+    let members: Vec<Member> = tills
+        .iter()
+        .map(|t| Member {
+            peer_id: t.peer_id(),
+            addrs: only(&t.addrs, transport),
+        })
+        .collect();
+    mesh(tills, members).await;
+}
+
+async fn mesh(tills: &[Till], members: Vec<Member>) {
     for t in tills {
         t.p2p.set_members(members.clone()).await;
     }
