@@ -1,0 +1,168 @@
+//! The rustls configurations: the control plane's server side, which asks
+//! for a device certificate, checks it against the fleet CA and the live
+//! list of revoked devices, and the client side of tills and operators.
+
+use std::fmt;
+use std::sync::Arc;
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore,
+    ServerConfig, SignatureScheme,
+};
+
+use crate::crypto_provider;
+use crate::error::Error;
+use crate::identity::DeviceIdentity;
+
+/// The devices that must be refused, consulted at every handshake (and by
+/// the server for every request on a connection already open).
+pub trait Revocations: Send + Sync + fmt::Debug {
+    fn is_revoked(&self, device: &DeviceIdentity) -> bool;
+}
+
+/// Every certificate in PEM text; at least one.
+pub fn certificates_from_pem(
+    pem: &[u8],
+    what: &str,
+) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let certificates = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Error::Pem {
+            what: what.to_string(),
+            detail: e.to_string(),
+        })?;
+    if certificates.is_empty() {
+        return Err(Error::Pem {
+            what: what.to_string(),
+            detail: "no certificate in it".into(),
+        });
+    }
+    Ok(certificates)
+}
+
+/// The first private key in PEM text.
+pub fn private_key_from_pem(pem: &[u8], what: &str) -> Result<PrivateKeyDer<'static>, Error> {
+    PrivateKeyDer::from_pem_slice(pem).map_err(|e| Error::Pem {
+        what: what.to_string(),
+        detail: e.to_string(),
+    })
+}
+
+fn roots(trusted: &[CertificateDer<'static>]) -> Result<Arc<RootCertStore>, Error> {
+    let mut store = RootCertStore::empty();
+    for certificate in trusted {
+        store
+            .add(certificate.clone())
+            .map_err(|e| Error::Certificate(format!("a trusted CA certificate: {e}")))?;
+    }
+    Ok(Arc::new(store))
+}
+
+/// The server side: presents `chain` (the server's certificate, then the
+/// CA's), asks every client for a certificate from `client_cas` but lets
+/// one in without (enrollment needs none; every other call checks for the
+/// identity itself), and refuses at the handshake a certificate from another
+/// CA, out of its validity, not a device's, or of a revoked device.
+pub fn server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    client_cas: &[CertificateDer<'static>],
+    revocations: Arc<dyn Revocations>,
+) -> Result<ServerConfig, Error> {
+    let provider = crypto_provider();
+    let inner = WebPkiClientVerifier::builder_with_provider(roots(client_cas)?, provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| Error::Certificate(format!("client verifier: {e}")))?;
+    let verifier = Arc::new(DeviceVerifier { inner, revocations });
+    Ok(ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)?)
+}
+
+/// The client side: trusts the servers `trusted` issued, and presents
+/// `identity` (a device certificate chain and key) when given.
+pub fn client_config(
+    trusted: &[CertificateDer<'static>],
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<ClientConfig, Error> {
+    let provider = crypto_provider();
+    let verifier = WebPkiServerVerifier::builder_with_provider(roots(trusted)?, provider.clone())
+        .build()
+        .map_err(|e| Error::Certificate(format!("server verifier: {e}")))?;
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_webpki_verifier(verifier);
+    Ok(match identity {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key)?,
+        None => builder.with_no_client_auth(),
+    })
+}
+
+/// The fleet CA's verification, then: is it a device's certificate, and is
+/// that device still allowed in.
+#[derive(Debug)]
+struct DeviceVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    revocations: Arc<dyn Revocations>,
+}
+
+impl ClientCertVerifier for DeviceVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let identity = DeviceIdentity::from_certificate(end_entity).map_err(|_| {
+            rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
+        })?;
+        if self.revocations.is_revoked(&identity) {
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
