@@ -15,8 +15,8 @@ pub mod identity;
 pub mod install;
 pub mod lifecycle;
 pub mod repository;
+pub mod sharing;
 pub mod state;
-pub mod store;
 /// The maintenance-window rules, the same as the control plane's.
 pub use posfleet_runtime::window;
 
