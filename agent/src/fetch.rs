@@ -21,6 +21,17 @@ pub struct Received {
     pub from_peers: u64,
 }
 
+/// One download: a signed target, its chunk list (checked against the
+/// signed digest), the file to bring to the whole target, and whom to tell
+/// how far it got.
+#[derive(Clone, Copy)]
+pub struct Download<'a> {
+    pub target: &'a VerifiedTarget,
+    pub list: &'a ChunkList,
+    pub dest: &'a Path,
+    pub progress: Progress<'a>,
+}
+
 #[async_trait::async_trait]
 pub trait Fetcher: Send + Sync {
     /// The target's chunk list, checked against its signed digest.
@@ -28,13 +39,7 @@ pub trait Fetcher: Send + Sync {
 
     /// Brings `dest` to the whole target: keeps the verified pieces already
     /// there, fetches the rest, verifies every piece before writing it.
-    async fn fetch(
-        &self,
-        target: &VerifiedTarget,
-        list: &ChunkList,
-        dest: &Path,
-        progress: Progress<'_>,
-    ) -> Result<Received, RepoError>;
+    async fn fetch(&self, download: Download<'_>) -> Result<Received, RepoError>;
 }
 
 /// Length of the run of whole, verified pieces at the start of `file`.
@@ -154,13 +159,9 @@ impl Fetcher for Origin {
         Ok(target.decode_chunk_list(&bytes)?)
     }
 
-    async fn fetch(
-        &self,
-        target: &VerifiedTarget,
-        list: &ChunkList,
-        dest: &Path,
-        progress: Progress<'_>,
-    ) -> Result<Received, RepoError> {
+    async fn fetch(&self, download: Download<'_>) -> Result<Received, RepoError> {
+        let Download { target, list, .. } = download;
+        let (dest, progress) = (download.dest, download.progress);
         let write = |source| crate::error::Error::Write {
             path: dest.to_path_buf(),
             source,

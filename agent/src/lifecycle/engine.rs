@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::error::Error;
-use crate::fetch::Fetcher;
+use crate::fetch::{Download, Fetcher};
 use crate::files;
 use crate::install::{Outcome, RecoveryAction, Slots};
 use crate::repository::{RepoError, RepositoryClient};
@@ -521,7 +521,12 @@ impl Run {
             let done = done.clone();
             move |n: u64| done.store(n, Ordering::Relaxed)
         };
-        let fetch = fetcher.fetch(target, &list, &part, &progress);
+        let fetch = fetcher.fetch(Download {
+            target,
+            list: &list,
+            dest: &part,
+            progress: &progress,
+        });
         tokio::pin!(fetch);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let result = loop {
