@@ -74,7 +74,7 @@ impl Agent {
     }
 
     /// As `open`, with a given peripherals driver.
-    pub fn with_peripherals(
+    fn with_peripherals(
         config: AgentConfig,
         peripherals: Box<dyn Peripherals>,
     ) -> Result<Agent, Error> {

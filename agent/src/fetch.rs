@@ -44,7 +44,7 @@ pub trait Fetcher: Send + Sync {
 
 /// Length of the run of whole, verified pieces at the start of `file`.
 /// Reads one piece at a time: memory stays at one chunk whatever the size.
-pub fn verified_prefix(file: &mut std::fs::File, list: &ChunkList) -> std::io::Result<u64> {
+pub(crate) fn verified_prefix(file: &mut std::fs::File, list: &ChunkList) -> std::io::Result<u64> {
     file.seek(SeekFrom::Start(0))?;
     let mut have = 0u64;
     let mut piece = Vec::with_capacity(list.chunk_size() as usize);
@@ -87,13 +87,17 @@ impl Origin {
         })
     }
 
-    pub fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("{}/{path}", self.base_url)
     }
 
     /// GETs `path` whole, refusing more than `limit` bytes or more than the
     /// metadata timeout. `Ok(None)` on 404.
-    pub async fn get_whole(&self, path: &str, limit: u64) -> Result<Option<Vec<u8>>, RepoError> {
+    pub(crate) async fn get_whole(
+        &self,
+        path: &str,
+        limit: u64,
+    ) -> Result<Option<Vec<u8>>, RepoError> {
         let url = self.url(path);
         let seconds = self.timeouts.metadata.as_secs();
         let fetch = async {
@@ -203,7 +207,7 @@ impl Origin {
     /// handing each to `on_piece` once it is whole and verified against the
     /// signed chunk list. Stalls, slow links and oversized answers end it
     /// with an error; the pieces handed over before that are good.
-    pub async fn stream_pieces(
+    pub(crate) async fn stream_pieces(
         &self,
         target: &VerifiedTarget,
         list: &ChunkList,

@@ -18,7 +18,7 @@ use crate::files;
 use crate::repository::RepoError;
 
 /// The membership list as last received, in the data dir.
-pub const PEERS_FILE: &str = "store_peers.json";
+const PEERS_FILE: &str = "store_peers.json";
 
 /// One till of the store, as the control plane listed it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
