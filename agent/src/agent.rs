@@ -19,8 +19,8 @@ use crate::health::{self, FakePeripherals, NoPeripherals, Peripherals};
 use crate::install::Slots;
 use crate::lifecycle::{self, Clock, DesiredState, Lifecycle, Report};
 use crate::repository::{RepositoryClient, Timeouts};
+use crate::sharing::{StoreFetcher, StorePeers};
 use crate::state::{Enrollment, StateDir};
-use crate::store::{StoreFetcher, StorePeers};
 
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -74,7 +74,7 @@ impl Agent {
     }
 
     /// As `open`, with a given peripherals driver.
-    pub fn with_peripherals(
+    fn with_peripherals(
         config: AgentConfig,
         peripherals: Box<dyn Peripherals>,
     ) -> Result<Agent, Error> {

@@ -26,7 +26,7 @@ pub enum FakeFault {
     CashDrawer,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
     /// The control plane's gRPC address, e.g. `http://cp.example:7400`.
@@ -95,6 +95,88 @@ pub struct AgentConfig {
     /// The till downloading for the store made no progress for this long:
     /// the next one takes over.
     pub p2p_stall_timeout_seconds: u64,
+}
+
+/// Every key but the enrollment token, which enrolls a till into its store
+/// and must not reach the logs: it shows as `<redacted>` when set.
+impl std::fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Destructured, so that a new key cannot be left out unnoticed.
+        let AgentConfig {
+            server_url,
+            data_dir,
+            enrollment_token,
+            enrollment_token_file,
+            hook_user,
+            hardware_model,
+            serial_number,
+            peripherals,
+            fake_peripheral_faults,
+            max_backoff_seconds,
+            request_timeout_seconds,
+            log_format,
+            log_level,
+            root_json_path,
+            repository_url,
+            repository_refresh_seconds,
+            install_check_interval_seconds,
+            min_free_disk_bytes,
+            clock_file,
+            insecure_dev,
+            p2p_enabled,
+            p2p_listen_addrs,
+            p2p_mdns,
+            p2p_upload_limit_bytes_per_second,
+            p2p_max_concurrent_transfers,
+            p2p_max_connections,
+            p2p_origin_fallback_delay_seconds,
+            p2p_stall_timeout_seconds,
+        } = self;
+        f.debug_struct("AgentConfig")
+            .field("server_url", server_url)
+            .field("data_dir", data_dir)
+            .field("enrollment_token", &redacted(enrollment_token))
+            .field("enrollment_token_file", enrollment_token_file)
+            .field("hook_user", hook_user)
+            .field("hardware_model", hardware_model)
+            .field("serial_number", serial_number)
+            .field("peripherals", peripherals)
+            .field("fake_peripheral_faults", fake_peripheral_faults)
+            .field("max_backoff_seconds", max_backoff_seconds)
+            .field("request_timeout_seconds", request_timeout_seconds)
+            .field("log_format", log_format)
+            .field("log_level", log_level)
+            .field("root_json_path", root_json_path)
+            .field("repository_url", repository_url)
+            .field("repository_refresh_seconds", repository_refresh_seconds)
+            .field(
+                "install_check_interval_seconds",
+                install_check_interval_seconds,
+            )
+            .field("min_free_disk_bytes", min_free_disk_bytes)
+            .field("clock_file", clock_file)
+            .field("insecure_dev", insecure_dev)
+            .field("p2p_enabled", p2p_enabled)
+            .field("p2p_listen_addrs", p2p_listen_addrs)
+            .field("p2p_mdns", p2p_mdns)
+            .field(
+                "p2p_upload_limit_bytes_per_second",
+                p2p_upload_limit_bytes_per_second,
+            )
+            .field("p2p_max_concurrent_transfers", p2p_max_concurrent_transfers)
+            .field("p2p_max_connections", p2p_max_connections)
+            .field(
+                "p2p_origin_fallback_delay_seconds",
+                p2p_origin_fallback_delay_seconds,
+            )
+            .field("p2p_stall_timeout_seconds", p2p_stall_timeout_seconds)
+            .finish()
+    }
+}
+
+/// A secret as `Debug` shows it: whether it is set, never what it is.
+fn redacted(secret: &str) -> &'static str {
+    if secret.is_empty() { "" } else { "<redacted>" }
 }
 
 impl Default for AgentConfig {
@@ -595,6 +677,27 @@ mod tests {
         let missing = dir.path().join("missing");
         let err = load(&["--enrollment-token-file", missing.to_str().unwrap()]).unwrap_err();
         assert_eq!(err.key, "enrollment_token_file", "{err}");
+    }
+
+    #[test]
+    fn debug_output_hides_the_enrollment_token() {
+        let config = AgentConfig {
+            enrollment_token: "pfe_secret".into(),
+            ..AgentConfig::default()
+        };
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("pfe_secret"), "{shown}");
+        assert!(
+            shown.contains(r#"enrollment_token: "<redacted>""#),
+            "{shown}"
+        );
+        // The other keys still show, and an unset token shows as unset.
+        assert!(
+            shown.contains(r#"hardware_model: "generic-pos""#),
+            "{shown}"
+        );
+        let unset = format!("{:#?}", AgentConfig::default());
+        assert!(unset.contains(r#"enrollment_token: "","#), "{unset}");
     }
 
     #[test]

@@ -21,6 +21,17 @@ pub struct Received {
     pub from_peers: u64,
 }
 
+/// One download: a signed target, its chunk list (checked against the
+/// signed digest), the file to bring to the whole target, and whom to tell
+/// how far it got.
+#[derive(Clone, Copy)]
+pub struct Download<'a> {
+    pub target: &'a VerifiedTarget,
+    pub list: &'a ChunkList,
+    pub dest: &'a Path,
+    pub progress: Progress<'a>,
+}
+
 #[async_trait::async_trait]
 pub trait Fetcher: Send + Sync {
     /// The target's chunk list, checked against its signed digest.
@@ -28,18 +39,12 @@ pub trait Fetcher: Send + Sync {
 
     /// Brings `dest` to the whole target: keeps the verified pieces already
     /// there, fetches the rest, verifies every piece before writing it.
-    async fn fetch(
-        &self,
-        target: &VerifiedTarget,
-        list: &ChunkList,
-        dest: &Path,
-        progress: Progress<'_>,
-    ) -> Result<Received, RepoError>;
+    async fn fetch(&self, download: Download<'_>) -> Result<Received, RepoError>;
 }
 
 /// Length of the run of whole, verified pieces at the start of `file`.
 /// Reads one piece at a time: memory stays at one chunk whatever the size.
-pub fn verified_prefix(file: &mut std::fs::File, list: &ChunkList) -> std::io::Result<u64> {
+pub(crate) fn verified_prefix(file: &mut std::fs::File, list: &ChunkList) -> std::io::Result<u64> {
     file.seek(SeekFrom::Start(0))?;
     let mut have = 0u64;
     let mut piece = Vec::with_capacity(list.chunk_size() as usize);
@@ -82,13 +87,17 @@ impl Origin {
         })
     }
 
-    pub fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("{}/{path}", self.base_url)
     }
 
     /// GETs `path` whole, refusing more than `limit` bytes or more than the
     /// metadata timeout. `Ok(None)` on 404.
-    pub async fn get_whole(&self, path: &str, limit: u64) -> Result<Option<Vec<u8>>, RepoError> {
+    pub(crate) async fn get_whole(
+        &self,
+        path: &str,
+        limit: u64,
+    ) -> Result<Option<Vec<u8>>, RepoError> {
         let url = self.url(path);
         let seconds = self.timeouts.metadata.as_secs();
         let fetch = async {
@@ -154,13 +163,9 @@ impl Fetcher for Origin {
         Ok(target.decode_chunk_list(&bytes)?)
     }
 
-    async fn fetch(
-        &self,
-        target: &VerifiedTarget,
-        list: &ChunkList,
-        dest: &Path,
-        progress: Progress<'_>,
-    ) -> Result<Received, RepoError> {
+    async fn fetch(&self, download: Download<'_>) -> Result<Received, RepoError> {
+        let Download { target, list, .. } = download;
+        let (dest, progress) = (download.dest, download.progress);
         let write = |source| crate::error::Error::Write {
             path: dest.to_path_buf(),
             source,
@@ -202,7 +207,7 @@ impl Origin {
     /// handing each to `on_piece` once it is whole and verified against the
     /// signed chunk list. Stalls, slow links and oversized answers end it
     /// with an error; the pieces handed over before that are good.
-    pub async fn stream_pieces(
+    pub(crate) async fn stream_pieces(
         &self,
         target: &VerifiedTarget,
         list: &ChunkList,

@@ -92,24 +92,6 @@ pub enum HookError {
     },
 }
 
-impl HookError {
-    /// The hook's exit code, when it exited by itself with one.
-    pub fn exit_code(&self) -> Option<i32> {
-        match self {
-            HookError::Failed { status, .. } => status.code(),
-            _ => None,
-        }
-    }
-
-    /// The last bytes the hook wrote to stdout and stderr.
-    pub fn output(&self) -> &str {
-        match self {
-            HookError::TimedOut { output, .. } | HookError::Failed { output, .. } => output,
-            HookError::Spawn { .. } | HookError::Wait { .. } => "",
-        }
-    }
-}
-
 fn describe(status: &ExitStatus) -> String {
     match (status.code(), status.signal()) {
         (Some(code), _) => format!("exited with code {code}"),
@@ -333,6 +315,24 @@ pub async fn run_with_retries(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl HookError {
+        /// The hook's exit code, when it exited by itself with one.
+        fn exit_code(&self) -> Option<i32> {
+            match self {
+                HookError::Failed { status, .. } => status.code(),
+                _ => None,
+            }
+        }
+
+        /// The last bytes the hook wrote to stdout and stderr.
+        fn output(&self) -> &str {
+            match self {
+                HookError::TimedOut { output, .. } | HookError::Failed { output, .. } => output,
+                HookError::Spawn { .. } | HookError::Wait { .. } => "",
+            }
+        }
+    }
     use std::os::unix::fs::PermissionsExt;
 
     fn script(dir: &Path, name: &str, body: &str) {

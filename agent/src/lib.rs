@@ -4,20 +4,22 @@
 #![forbid(unsafe_code)]
 
 mod agent;
-pub mod backoff;
+mod backoff;
 pub mod config;
-pub mod error;
+mod error;
 pub mod fetch;
 mod files;
-pub mod health;
-pub mod hooks;
-pub mod identity;
+mod health;
+mod hooks;
+mod identity;
 pub mod install;
 pub mod lifecycle;
 pub mod repository;
-pub mod state;
-pub mod store;
+mod sharing;
+mod state;
 /// The maintenance-window rules, the same as the control plane's.
-pub use posfleet_runtime::window;
+use posfleet_runtime::window;
 
 pub use agent::{AGENT_VERSION, Agent};
+pub use error::Error;
+pub use hooks::HookUser;

@@ -18,7 +18,7 @@ use posfleet_p2p::{P2p, PeerId};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::fetch::{Fetcher, Origin};
+use crate::fetch::{Download, Fetcher, Origin};
 
 use crate::files;
 
@@ -392,7 +392,13 @@ impl RepositoryClient {
     /// Downloads a bundle from the origin into `dest` (see [`Origin`]).
     pub async fn download(&self, target: &VerifiedTarget, dest: &Path) -> Result<(), RepoError> {
         let list = self.origin.chunk_list(target).await?;
-        self.origin.fetch(target, &list, dest, &|_| {}).await?;
+        let download = Download {
+            target,
+            list: &list,
+            dest,
+            progress: &|_| {},
+        };
+        self.origin.fetch(download).await?;
         Ok(())
     }
 }

@@ -2,11 +2,12 @@
 //! the server misbehaves: a cut connection resumes from the last verified
 //! piece, a corrupted piece is never written.
 
-use posfleet_agent::fetch::{Fetcher, Origin};
+use posfleet_agent::fetch::{Download, Fetcher, Origin};
 use posfleet_agent::repository::{RepoError, Timeouts, consistent_target_path};
 use posfleet_bundle::chunks::{CHUNK_SIZE, ChunkList};
 use posfleet_bundle::client::{Limits, TrustedMetadata, VerifiedTarget};
 use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 mod common;
@@ -57,6 +58,17 @@ fn target_for(data: &[u8]) -> (VerifiedTarget, ChunkList) {
         .decode_chunk_list(&repo.chunk_lists["pos-app/2.0.0"].encode())
         .unwrap();
     (target, list)
+}
+
+/// The whole of `target` into `dest`, with no one watching the progress.
+fn download<'a>(target: &'a VerifiedTarget, list: &'a ChunkList, dest: &'a Path) -> Download<'a> {
+    fn unwatched(_: u64) {}
+    Download {
+        target,
+        list,
+        dest,
+        progress: &unwatched,
+    }
 }
 
 /// Serves `data` as the target, answering the first request with `first`
@@ -141,10 +153,11 @@ async fn a_cut_connection_resumes_from_the_last_verified_piece() {
     let progress = Arc::new(Mutex::new(Vec::new()));
     let seen = progress.clone();
     let report = move |n: u64| seen.lock().unwrap().push(n);
-    let err = origin
-        .fetch(&target, &list, &dest, &report)
-        .await
-        .unwrap_err();
+    let watched = Download {
+        progress: &report,
+        ..download(&target, &list, &dest)
+    };
+    let err = origin.fetch(watched).await.unwrap_err();
     assert!(
         matches!(
             err,
@@ -158,7 +171,7 @@ async fn a_cut_connection_resumes_from_the_last_verified_piece() {
 
     // The network is back: only the rest is asked for, and the whole file
     // is right.
-    origin.fetch(&target, &list, &dest, &report).await.unwrap();
+    origin.fetch(watched).await.unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), data);
     let served = served.lock().unwrap();
     assert_eq!(served.ranges, vec![None, Some(2 * PIECE as u64)]);
@@ -180,7 +193,7 @@ async fn a_corrupted_piece_is_never_written() {
     let dest = dir.path().join("bundle.part");
     let origin = origin(&address);
     let err = origin
-        .fetch(&target, &list, &dest, &|_| {})
+        .fetch(download(&target, &list, &dest))
         .await
         .unwrap_err();
     assert!(
@@ -193,7 +206,7 @@ async fn a_corrupted_piece_is_never_written() {
     // Pieces 0 to 2 are on disk, nothing of the bad one.
     assert_eq!(std::fs::read(&dest).unwrap(), data[..3 * PIECE]);
     // The next attempt starts at the bad piece.
-    origin.fetch(&target, &list, &dest, &|_| {}).await.unwrap();
+    origin.fetch(download(&target, &list, &dest)).await.unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), data);
     assert_eq!(
         served.lock().unwrap().ranges,
@@ -213,7 +226,7 @@ async fn garbage_already_on_disk_is_replaced_not_trusted() {
     on_disk[PIECE + 1] ^= 1;
     std::fs::write(&dest, &on_disk).unwrap();
     origin(&address)
-        .fetch(&target, &list, &dest, &|_| {})
+        .fetch(download(&target, &list, &dest))
         .await
         .unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), data);

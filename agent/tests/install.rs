@@ -2,7 +2,7 @@
 //! checks and rollback, refusals, a full disk, and a crash at every step of
 //! an install followed by `recover`.
 
-use posfleet_agent::hooks::HookUser;
+use posfleet_agent::HookUser;
 use posfleet_agent::install::{CrashPoint, Outcome, RecoveryAction, Slots};
 use posfleet_bundle::manifest::Kind;
 use semver::Version;

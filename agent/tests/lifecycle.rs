@@ -2,14 +2,13 @@
 //! to start, and what it reports for the operator.
 
 use chrono::Utc;
-use posfleet_agent::fetch::{Fetcher, Progress, Received};
+use posfleet_agent::fetch::{Download, Fetcher, Received};
 use posfleet_agent::lifecycle::{Clock, Desired, DesiredState, Lifecycle, Report};
 use posfleet_agent::repository::{RepoError, RepositoryClient, Timeouts};
 use posfleet_bundle::chunks::ChunkList;
 use posfleet_bundle::client::{Limits, VerifiedTarget};
 use posfleet_bundle::manifest::Kind;
 use posfleet_proto::v1;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -33,13 +32,7 @@ impl Fetcher for CountingFetcher {
         })
     }
 
-    async fn fetch(
-        &self,
-        _target: &VerifiedTarget,
-        _list: &ChunkList,
-        _dest: &Path,
-        _progress: Progress<'_>,
-    ) -> Result<Received, RepoError> {
+    async fn fetch(&self, _download: Download<'_>) -> Result<Received, RepoError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         Err(RepoError::Fetch {
             url: "test".into(),

@@ -16,6 +16,8 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+mod common;
+
 /// Nothing listens there: connections are refused at once.
 const DEAD_ORIGIN: &str = "http://127.0.0.1:1/repo/";
 
@@ -24,22 +26,7 @@ fn key() -> SigningKey {
 }
 
 fn pinned_root(dir: &Path) -> PathBuf {
-    let vk = key().verifying_key();
-    let keys = repo::RootKeys {
-        root: vec![vk],
-        root_threshold: 1,
-        targets: vec![vk],
-        targets_threshold: 1,
-        snapshot: vk,
-        timestamp: vk,
-    };
-    let root = tuf::sign(
-        &repo::root(&keys, 1, Utc::now() + Days::days(30)),
-        &[&key()],
-    );
-    let path = dir.join("root.json");
-    std::fs::write(&path, root).unwrap();
-    path
+    common::pin_root(dir, &key(), Utc::now() + Days::days(30))
 }
 
 /// Writes timestamp, snapshot and targets of `version` into `dir`, as a

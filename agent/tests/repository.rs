@@ -3,29 +3,13 @@
 
 use posfleet_agent::repository::{RepoError, RepositoryClient, Timeouts};
 use posfleet_bundle::client::Limits;
-use posfleet_bundle::{repo, tuf};
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 /// A pinned root for a repository nobody serves properly.
 fn pinned_root(dir: &std::path::Path) -> std::path::PathBuf {
     let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
-    let vk = key.verifying_key();
-    let keys = repo::RootKeys {
-        root: vec![vk],
-        root_threshold: 1,
-        targets: vec![vk],
-        targets_threshold: 1,
-        snapshot: vk,
-        timestamp: vk,
-    };
-    let root = tuf::sign(
-        &repo::root(&keys, 1, chrono::Utc::now() + chrono::Duration::days(1)),
-        &[&key],
-    );
-    let path = dir.join("root.json");
-    std::fs::write(&path, root).unwrap();
-    path
+    common::pin_root(dir, &key, chrono::Utc::now() + chrono::Duration::days(1))
 }
 
 /// Serves every request with `respond` on a thread; returns the address.

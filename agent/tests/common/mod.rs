@@ -21,6 +21,28 @@ pub fn key() -> SigningKey {
     SigningKey::from_bytes(&[42; 32])
 }
 
+/// A root that trusts `key` for every role, signed by it, expiring at
+/// `expires`.
+pub fn root_signed_by(key: &SigningKey, expires: DateTime<Utc>) -> Vec<u8> {
+    let vk = key.verifying_key();
+    let keys = repo::RootKeys {
+        root: vec![vk],
+        root_threshold: 1,
+        targets: vec![vk],
+        targets_threshold: 1,
+        snapshot: vk,
+        timestamp: vk,
+    };
+    tuf::sign(&repo::root(&keys, 1, expires), &[key])
+}
+
+/// That root written to `dir/root.json`, for a till to pin.
+pub fn pin_root(dir: &Path, key: &SigningKey, expires: DateTime<Utc>) -> PathBuf {
+    let path = dir.join("root.json");
+    std::fs::write(&path, root_signed_by(key, expires)).unwrap();
+    path
+}
+
 /// The metadata files of one publication, as a till saves them.
 pub struct Published {
     pub timestamp: Vec<u8>,
@@ -68,25 +90,11 @@ pub struct TestRepo {
 impl TestRepo {
     /// The root a till pins, expiring in a day.
     pub fn root(&self) -> Vec<u8> {
-        let vk = key().verifying_key();
-        let keys = repo::RootKeys {
-            root: vec![vk],
-            root_threshold: 1,
-            targets: vec![vk],
-            targets_threshold: 1,
-            snapshot: vk,
-            timestamp: vk,
-        };
-        tuf::sign(
-            &repo::root(&keys, 1, Utc::now() + chrono::Duration::days(1)),
-            &[&key()],
-        )
+        root_signed_by(&key(), Utc::now() + chrono::Duration::days(1))
     }
 
     pub fn write_root(&self, dir: &Path) -> PathBuf {
-        let path = dir.join("root.json");
-        std::fs::write(&path, self.root()).unwrap();
-        path
+        pin_root(dir, &key(), Utc::now() + chrono::Duration::days(1))
     }
 
     /// Lists `data` as target `name` (`<bundle>/<version>`), for any hardware.

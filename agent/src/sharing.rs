@@ -13,12 +13,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::error::Error;
-use crate::fetch::{Fetcher, Origin, Progress, Received};
+use crate::fetch::{Download, Fetcher, Origin, Received};
 use crate::files;
 use crate::repository::RepoError;
 
 /// The membership list as last received, in the data dir.
-pub const PEERS_FILE: &str = "store_peers.json";
+const PEERS_FILE: &str = "store_peers.json";
 
 /// One till of the store, as the control plane listed it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -160,13 +160,8 @@ impl Fetcher for StoreFetcher {
         }
     }
 
-    async fn fetch(
-        &self,
-        target: &VerifiedTarget,
-        list: &ChunkList,
-        dest: &Path,
-        progress: Progress<'_>,
-    ) -> Result<Received, RepoError> {
+    async fn fetch(&self, download: Download<'_>) -> Result<Received, RepoError> {
+        let Download { target, list, .. } = download;
         let digest = *target.sha256();
         self.replace_shared(target.name(), digest).await;
         let bundle = posfleet_p2p::Bundle {
@@ -180,7 +175,7 @@ impl Fetcher for StoreFetcher {
         });
         let stats = self
             .p2p
-            .fetch(bundle, dest, origin, progress)
+            .fetch(bundle, download.dest, origin, download.progress)
             .await
             .map_err(|e| RepoError::Fetch {
                 url: format!("store peers and origin for {}", target.name()),

@@ -1,16 +1,11 @@
-//! The update lifecycle of each desired bundle: fetch, verify, wait for the
-//! maintenance window, install, report. One task owns it; the heartbeat
-//! loop hands it the desired state through a `watch` channel and it
-//! publishes per-bundle status through another. What it decides next is a
-//! pure function ([`decide`]) of the desired bundle, the active version,
-//! the last status and the clock.
+//! The lifecycle task: recovers the slots at start, then takes each
+//! desired bundle as far as [`decide`] allows (download, verify, wait for
+//! the window, install) and publishes the statuses. It owns the statuses
+//! and the staged downloads (`downloads/<sha256>.{part,bundle}`).
 
 use chrono::{DateTime, Utc};
 use posfleet_bundle::client::VerifiedTarget;
-use posfleet_bundle::manifest::Kind;
-use posfleet_proto::v1;
 use semver::Version;
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,223 +14,20 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::error::Error;
-use crate::fetch::Fetcher;
+use crate::fetch::{Download, Fetcher};
 use crate::files;
 use crate::install::{Outcome, RecoveryAction, Slots};
 use crate::repository::{RepoError, RepositoryClient};
-use crate::window::Window;
 
-pub const DESIRED_FILE: &str = "desired.json";
-pub const STATUS_FILE: &str = "bundles.json";
+use super::decide::{Step, decide};
+use super::model::{Desired, DesiredState, Phase, Report, Status};
+
+const DESIRED_FILE: &str = "desired.json";
+const STATUS_FILE: &str = "bundles.json";
 const DOWNLOADS_DIR: &str = "downloads";
 /// Installs of one version cut short before confirmation after which it
 /// is given up (it may be what kills the terminal).
 const MAX_INTERRUPTED_INSTALLS: u32 = 3;
-
-/// One bundle the control plane wants on this device.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Desired {
-    pub name: String,
-    pub version: Version,
-    pub kind: Kind,
-    pub download_ahead: bool,
-    pub emergency: bool,
-    /// A sanctioned step back to a version this till kept.
-    #[serde(default)]
-    pub rollback: bool,
-}
-
-/// The desired state last received, kept on disk so the agent goes on
-/// working towards it while the control plane is unreachable.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DesiredState {
-    pub bundles: Vec<Desired>,
-    pub window: Option<Window>,
-}
-
-impl DesiredState {
-    /// Reads a heartbeat response. Entries the agent cannot use (bad
-    /// version, unknown kind) are skipped with a warning, not fatal.
-    pub fn from_response(response: &v1::HeartbeatResponse) -> DesiredState {
-        let mut bundles: Vec<Desired> = response
-            .desired_bundles
-            .iter()
-            .filter_map(|d| {
-                let version = Version::parse(&d.version).ok();
-                let kind = match v1::BundleKind::try_from(d.kind) {
-                    Ok(v1::BundleKind::Software) => Some(Kind::Software),
-                    Ok(v1::BundleKind::Catalog) => Some(Kind::Catalog),
-                    _ => None,
-                };
-                let valid_name = !d.name.is_empty()
-                    && d.name.len() <= 64
-                    && d
-                        .name
-                        .chars()
-                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-                match (version, kind, valid_name) {
-                    (Some(version), Some(kind), true) => Some(Desired {
-                        name: d.name.clone(),
-                        version,
-                        kind,
-                        download_ahead: d.download_ahead,
-                        emergency: d.emergency,
-                        rollback: d.rollback,
-                    }),
-                    _ => {
-                        tracing::warn!(bundle = %d.name, version = %d.version, "Ignoring a desired bundle the agent cannot read.");
-                        None
-                    }
-                }
-            })
-            .collect();
-        bundles.sort_by(|a, b| a.name.cmp(&b.name));
-        bundles.dedup_by(|a, b| a.name == b.name);
-        let window = response.maintenance_window.as_ref().map(|w| Window {
-            time_zone: w.time_zone.clone(),
-            start_minute: w.start_minute,
-            duration_minutes: w.duration_minutes,
-        });
-        DesiredState { bundles, window }
-    }
-
-    /// Whether installs may happen at `now`.
-    pub fn window_open(&self, now: DateTime<Utc>) -> bool {
-        self.window.as_ref().is_none_or(|w| w.is_open(now))
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Phase {
-    Pending,
-    Downloading,
-    Downloaded,
-    Installing,
-    Installed,
-    Failed,
-    RolledBack,
-}
-
-/// What the agent reports about one bundle.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Status {
-    pub name: String,
-    pub kind: Kind,
-    pub active_version: Option<Version>,
-    pub target_version: Option<Version>,
-    pub phase: Phase,
-    pub bytes_done: u64,
-    pub bytes_total: u64,
-    pub error: String,
-    /// Unix milliseconds.
-    pub updated_at_ms: i64,
-    /// The target version failed in a way retrying cannot fix (unhealthy,
-    /// refused archive): the agent waits for a different desired version.
-    #[serde(default)]
-    pub given_up: bool,
-    /// Installs of the target version cut short by the agent stopping
-    /// before the health check confirmed it.
-    #[serde(default)]
-    pub interrupted: u32,
-    /// Verified bytes of the target version received from the control
-    /// plane and from the store's other tills.
-    #[serde(default)]
-    pub bytes_from_origin: u64,
-    #[serde(default)]
-    pub bytes_from_peers: u64,
-}
-
-impl Status {
-    pub fn to_proto(&self) -> v1::BundleStatus {
-        let phase = match self.phase {
-            Phase::Pending => v1::BundlePhase::Pending,
-            Phase::Downloading => v1::BundlePhase::Downloading,
-            Phase::Downloaded => v1::BundlePhase::Downloaded,
-            Phase::Installing => v1::BundlePhase::Installing,
-            Phase::Installed => v1::BundlePhase::Installed,
-            Phase::Failed => v1::BundlePhase::Failed,
-            Phase::RolledBack => v1::BundlePhase::RolledBack,
-        };
-        v1::BundleStatus {
-            name: self.name.clone(),
-            kind: match self.kind {
-                Kind::Software => v1::BundleKind::Software,
-                Kind::Catalog => v1::BundleKind::Catalog,
-            } as i32,
-            active_version: version_string(&self.active_version),
-            target_version: version_string(&self.target_version),
-            phase: phase as i32,
-            bytes_done: self.bytes_done,
-            bytes_total: self.bytes_total,
-            error: self.error.clone(),
-            updated_at_unix_ms: self.updated_at_ms,
-            bytes_from_origin: self.bytes_from_origin,
-            bytes_from_peers: self.bytes_from_peers,
-        }
-    }
-}
-
-fn version_string(v: &Option<Version>) -> String {
-    v.as_ref().map(Version::to_string).unwrap_or_default()
-}
-
-/// What to do next for one desired bundle.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Step {
-    /// The desired version is active.
-    Done,
-    /// This version already failed for good; wait for another one.
-    GivenUp,
-    /// Lower than the active version: refused.
-    RefuseDowngrade {
-        active: Version,
-    },
-    Download,
-    /// Not staged, and downloading may only happen inside the window.
-    WaitToDownload,
-    Install,
-    /// Staged; waiting for the window.
-    WaitToInstall,
-}
-
-/// The next step for `desired`, from what is on disk and the clock.
-/// `kept`: this till has a slot of the desired version (it ran it before).
-pub fn decide(
-    desired: &Desired,
-    active: Option<&Version>,
-    last: Option<&Status>,
-    kept: bool,
-    staged: bool,
-    window_open: bool,
-) -> Step {
-    if active == Some(&desired.version) {
-        return Step::Done;
-    }
-    if let Some(last) = last
-        && last.given_up
-        && last.target_version.as_ref() == Some(&desired.version)
-    {
-        return Step::GivenUp;
-    }
-    // Never to a lower version, except a sanctioned rollback to one this
-    // till ran before.
-    if let Some(active) = active
-        && *active > desired.version
-        && !(desired.rollback && kept)
-    {
-        return Step::RefuseDowngrade {
-            active: active.clone(),
-        };
-    }
-    let may_install = window_open || desired.emergency;
-    match (staged, may_install) {
-        (true, true) => Step::Install,
-        (true, false) => Step::WaitToInstall,
-        (false, _) if may_install || desired.download_ahead => Step::Download,
-        (false, _) => Step::WaitToDownload,
-    }
-}
 
 /// Where the time comes from.
 #[derive(Debug, Clone)]
@@ -275,7 +67,7 @@ pub struct Lifecycle {
 
 /// What the report says when the trusted repository metadata has expired
 /// and no fresh metadata could be had: nothing new starts.
-pub const EXPIRED_TRUST: &str =
+const EXPIRED_TRUST: &str =
     "trust metadata expired; not starting a download until the repository is reachable";
 
 /// A failure and whether trying the same version again may help.
@@ -341,9 +133,6 @@ pub fn save_desired(data_dir: &Path, desired: &DesiredState) -> Result<(), Error
     let bytes = serde_json::to_vec_pretty(desired).expect("plain data serializes");
     files::write_private(&data_dir.join(DESIRED_FILE), &bytes)
 }
-
-/// Statuses as reported to the control plane, by bundle name.
-pub type Report = BTreeMap<String, v1::BundleStatus>;
 
 struct Run {
     lifecycle: Lifecycle,
@@ -732,7 +521,12 @@ impl Run {
             let done = done.clone();
             move |n: u64| done.store(n, Ordering::Relaxed)
         };
-        let fetch = fetcher.fetch(target, &list, &part, &progress);
+        let fetch = fetcher.fetch(Download {
+            target,
+            list: &list,
+            dest: &part,
+            progress: &progress,
+        });
         tokio::pin!(fetch);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let result = loop {
@@ -873,220 +667,5 @@ fn humanize(d: chrono::TimeDelta) -> String {
         format!("{}h{:02}m", minutes / 60, minutes % 60)
     } else {
         format!("{minutes}m")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn v(s: &str) -> Version {
-        Version::parse(s).unwrap()
-    }
-
-    fn want(version: &str, download_ahead: bool, emergency: bool) -> Desired {
-        Desired {
-            name: "pos-app".into(),
-            version: v(version),
-            kind: Kind::Software,
-            download_ahead,
-            emergency,
-            rollback: false,
-        }
-    }
-
-    fn given_up(version: &str) -> Status {
-        Status {
-            name: "pos-app".into(),
-            kind: Kind::Software,
-            active_version: Some(v("1.0.0")),
-            target_version: Some(v(version)),
-            phase: Phase::RolledBack,
-            bytes_done: 0,
-            bytes_total: 0,
-            error: "health check failed".into(),
-            updated_at_ms: 0,
-            given_up: true,
-            interrupted: 0,
-            bytes_from_origin: 0,
-            bytes_from_peers: 0,
-        }
-    }
-
-    #[test]
-    fn decisions() {
-        use Step::*;
-        let rolled_back = given_up("1.1.0");
-        // (desired, active, last status, staged, window open) -> step
-        type Case<'a> = (
-            Desired,
-            Option<&'a str>,
-            Option<&'a Status>,
-            bool,
-            bool,
-            Step,
-        );
-        let cases: Vec<Case> = vec![
-            (
-                want("1.1.0", true, false),
-                Some("1.1.0"),
-                None,
-                false,
-                false,
-                Done,
-            ),
-            (
-                want("1.1.0", true, false),
-                Some("1.0.0"),
-                None,
-                false,
-                false,
-                Download,
-            ),
-            (
-                want("1.1.0", false, false),
-                Some("1.0.0"),
-                None,
-                false,
-                false,
-                WaitToDownload,
-            ),
-            (
-                want("1.1.0", false, false),
-                Some("1.0.0"),
-                None,
-                false,
-                true,
-                Download,
-            ),
-            (
-                want("1.1.0", true, false),
-                Some("1.0.0"),
-                None,
-                true,
-                false,
-                WaitToInstall,
-            ),
-            (
-                want("1.1.0", true, false),
-                Some("1.0.0"),
-                None,
-                true,
-                true,
-                Install,
-            ),
-            (
-                want("1.1.0", false, true),
-                Some("1.0.0"),
-                None,
-                false,
-                false,
-                Download,
-            ),
-            (
-                want("1.1.0", false, true),
-                Some("1.0.0"),
-                None,
-                true,
-                false,
-                Install,
-            ),
-            (want("1.1.0", true, false), None, None, true, true, Install),
-            (
-                want("1.1.0", true, false),
-                Some("1.0.0"),
-                Some(&rolled_back),
-                true,
-                true,
-                GivenUp,
-            ),
-            // A different version after a given-up one is tried.
-            (
-                want("1.1.1", true, false),
-                Some("1.0.0"),
-                Some(&rolled_back),
-                false,
-                true,
-                Download,
-            ),
-            (
-                want("1.0.0", true, true),
-                Some("1.1.0"),
-                None,
-                true,
-                true,
-                RefuseDowngrade { active: v("1.1.0") },
-            ),
-        ];
-        for (desired, active, last, staged, open, expected) in cases {
-            let active = active.map(v);
-            assert_eq!(
-                decide(&desired, active.as_ref(), last, false, staged, open),
-                expected,
-                "{desired:?} active {active:?} staged {staged} open {open}"
-            );
-        }
-    }
-
-    #[test]
-    fn only_a_rollback_to_a_kept_version_goes_lower() {
-        let active = v("1.1.0");
-        let mut back = want("1.0.0", true, false);
-        // Not a rollback, or a version this till never ran: refused.
-        for (rollback, kept) in [(false, true), (true, false), (false, false)] {
-            back.rollback = rollback;
-            assert_eq!(
-                decide(&back, Some(&active), None, kept, true, true),
-                Step::RefuseDowngrade {
-                    active: active.clone()
-                },
-                "rollback {rollback} kept {kept}"
-            );
-        }
-        back.rollback = true;
-        assert_eq!(
-            decide(&back, Some(&active), None, true, true, true),
-            Step::Install
-        );
-        assert_eq!(
-            decide(&back, Some(&active), None, true, false, false),
-            Step::Download
-        );
-    }
-
-    #[test]
-    fn desired_state_skips_what_it_cannot_read() {
-        let bundle = |name: &str, version: &str, kind: v1::BundleKind| v1::DesiredBundle {
-            name: name.into(),
-            version: version.into(),
-            kind: kind as i32,
-            download_ahead: true,
-            emergency: false,
-            rollback: false,
-        };
-        let response = v1::HeartbeatResponse {
-            desired_bundles: vec![
-                bundle("pos-app", "1.1.0", v1::BundleKind::Software),
-                bundle("catalog-paris", "not-semver", v1::BundleKind::Catalog),
-                bundle("../etc", "1.0.0", v1::BundleKind::Software),
-                bundle("other", "1.0.0", v1::BundleKind::Unspecified),
-            ],
-            maintenance_window: Some(v1::MaintenanceWindow {
-                time_zone: "Europe/Paris".into(),
-                start_minute: 120,
-                duration_minutes: 60,
-            }),
-            ..Default::default()
-        };
-        let state = DesiredState::from_response(&response);
-        assert_eq!(state.bundles.len(), 1);
-        assert_eq!(state.bundles[0].name, "pos-app");
-        let window = state.window.as_ref().unwrap();
-        assert_eq!((window.start_minute, window.duration_minutes), (120, 60));
-        let inside = DateTime::parse_from_rfc3339("2026-06-01T00:30:00Z").unwrap();
-        assert!(state.window_open(inside.with_timezone(&Utc)));
-        let outside = DateTime::parse_from_rfc3339("2026-06-01T12:00:00Z").unwrap();
-        assert!(!state.window_open(outside.with_timezone(&Utc)));
-        assert!(DesiredState::default().window_open(Utc::now()));
     }
 }
