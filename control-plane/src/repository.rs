@@ -87,7 +87,7 @@ fn load_or_create_key(path: &Path) -> std::io::Result<SigningKey> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = repo::generate_key();
-            write_private_file_atomically(
+            posfleet_runtime::files::write_private(
                 path,
                 format!("{}\n", hex::encode(key.to_bytes())).as_bytes(),
             )?;
@@ -101,31 +101,6 @@ fn load_or_create_key(path: &Path) -> std::io::Result<SigningKey> {
 /// Writes `bytes` to `path` (mode 0600, whatever the umask) through a
 /// synced temporary file renamed into place, then syncs the directory so
 /// the rename itself is durable.
-fn write_private_file_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let mut temp_name = path.as_os_str().to_owned();
-    temp_name.push(".tmp");
-    let temp = std::path::PathBuf::from(temp_name);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&temp)?;
-    // A leftover temp file from a crash keeps its old mode: set it.
-    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&temp, path)?;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::File::open(dir)?.sync_all()
-}
-
 pub struct Repository {
     storage: Storage,
     /// What `/repo/` serves, from memory.

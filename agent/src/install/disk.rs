@@ -6,6 +6,7 @@
 
 use posfleet_bundle::archive::{UnpackLimits, unpack};
 use posfleet_bundle::manifest::Manifest;
+use posfleet_runtime::files::temporary_path;
 use semver::Version;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -22,8 +23,6 @@ pub(super) const CURRENT_LINK: &str = "current";
 pub(super) const JOURNAL_FILE: &str = "journal.json";
 /// The temporary name of the next `current` link.
 const CURRENT_TMP: &str = ".current.tmp";
-/// The temporary name `files::write_private` gives the journal.
-const JOURNAL_TMP: &str = "journal.tmp";
 pub(super) const STAGING_PREFIX: &str = ".staging-";
 const TRASH_PREFIX: &str = ".trash-";
 
@@ -97,7 +96,7 @@ pub(super) fn scan(dir: &Path) -> Result<(Disk, Vec<PathBuf>), Error> {
         if name.starts_with(STAGING_PREFIX)
             || name.starts_with(TRASH_PREFIX)
             || name == CURRENT_TMP
-            || name == JOURNAL_TMP
+            || entry.path() == temporary_path(&dir.join(JOURNAL_FILE))
         {
             leftovers.push(entry.path());
         } else if let Some(version) = parse_version(name)
