@@ -102,6 +102,32 @@ fn audit_from_row(row: &AnyRow) -> Result<AuditRecord, sqlx::Error> {
 }
 
 impl Storage {
+    pub async fn admin_token_count(&self) -> Result<i64, sqlx::Error> {
+        sqlx::query("SELECT COUNT(*) AS n FROM admin_tokens WHERE revoked_at_ms IS NULL")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("n")
+    }
+
+    pub async fn insert_admin_token(
+        &self,
+        id: &str,
+        secret_sha256: &str,
+        name: &str,
+        now_ms: i64,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO admin_tokens (id, secret_sha256, name, created_at_ms) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(id)
+        .bind(secret_sha256)
+        .bind(name)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await
+        .map(|_| ())
+    }
+
     /// The live admin token with this hash, if any.
     pub async fn admin_token_by_hash(
         &self,
