@@ -147,10 +147,6 @@ fn list_limit(requested: u32) -> u32 {
     }
 }
 
-fn db(e: impl Into<crate::error::Error>) -> Status {
-    e.into().into()
-}
-
 #[tonic::async_trait]
 impl AdminService for AdminApi {
     async fn create_store(
@@ -171,7 +167,7 @@ impl AdminService for AdminApi {
             maintenance_window: None,
             labels: BTreeMap::new(),
         };
-        if !self.storage.create_store(&store).await.map_err(db)? {
+        if !self.storage.create_store(&store).await? {
             return Err(Status::already_exists(format!(
                 "store {} already exists",
                 store.id
@@ -188,11 +184,7 @@ impl AdminService for AdminApi {
         self.authorize(&request).await?;
         let req = request.into_inner();
         let limit = page_size(req.page_size);
-        let stores = self
-            .storage
-            .list_stores(&req.page_token, limit)
-            .await
-            .map_err(db)?;
+        let stores = self.storage.list_stores(&req.page_token, limit).await?;
         let next_page_token = match stores.last() {
             Some(last) if stores.len() as i64 == limit => last.id.clone(),
             _ => String::new(),
@@ -213,10 +205,9 @@ impl AdminService for AdminApi {
         let store = self
             .storage
             .get_store(&id)
-            .await
-            .map_err(db)?
+            .await?
             .ok_or_else(|| Status::not_found(format!("unknown store {id}")))?;
-        let transfers = self.storage.store_transfers(&id).await.map_err(db)?;
+        let transfers = self.storage.store_transfers(&id).await?;
         Ok(Response::new(v1::StoreDetail {
             store: Some(convert::store(store)),
             transfers: transfers.into_iter().map(convert::transfer).collect(),
@@ -244,7 +235,7 @@ impl AdminService for AdminApi {
             }
             n => n,
         };
-        if !self.storage.store_exists(&req.store_id).await.map_err(db)? {
+        if !self.storage.store_exists(&req.store_id).await? {
             return Err(Status::not_found(format!("unknown store {}", req.store_id)));
         }
         let secret = secret::generate(secret::ENROLLMENT_TOKEN_PREFIX);
@@ -260,8 +251,7 @@ impl AdminService for AdminApi {
         };
         self.storage
             .create_enrollment_token(&token, &secret::hash(&secret))
-            .await
-            .map_err(db)?;
+            .await?;
         tracing::info!(token_id = %token.id, store_id = %token.store_id, uses, "Enrollment token created.");
         Ok(Response::new(v1::CreateEnrollmentTokenResponse {
             token: Some(convert::enrollment_token(token)),
@@ -277,15 +267,11 @@ impl AdminService for AdminApi {
         let req = request.into_inner();
         let store = (!req.store_id.is_empty()).then_some(req.store_id.as_str());
         if let Some(store) = store
-            && !self.storage.store_exists(store).await.map_err(db)?
+            && !self.storage.store_exists(store).await?
         {
             return Err(Status::not_found(format!("unknown store {store}")));
         }
-        let tokens = self
-            .storage
-            .list_enrollment_tokens(store)
-            .await
-            .map_err(db)?;
+        let tokens = self.storage.list_enrollment_tokens(store).await?;
         Ok(Response::new(v1::ListEnrollmentTokensResponse {
             tokens: tokens.into_iter().map(convert::enrollment_token).collect(),
         }))
@@ -301,8 +287,7 @@ impl AdminService for AdminApi {
         let token = self
             .storage
             .revoke_enrollment_token(&id, now_ms())
-            .await
-            .map_err(db)?
+            .await?
             .ok_or_else(|| Status::not_found(format!("unknown enrollment token {id}")))?;
         tracing::info!(token_id = %token.id, store_id = %token.store_id, "Enrollment token revoked.");
         Ok(Response::new(convert::enrollment_token(token)))
@@ -332,7 +317,7 @@ impl AdminService for AdminApi {
             now_ms: now_ms(),
             offline_after_missed_heartbeats: self.offline_after_missed_heartbeats,
         };
-        let devices = self.storage.list_devices(&filter).await.map_err(db)?;
+        let devices = self.storage.list_devices(&filter).await?;
         let next_page_token = match devices.last() {
             Some(last) if devices.len() as i64 == filter.limit => last.id.clone(),
             _ => String::new(),
@@ -353,18 +338,16 @@ impl AdminService for AdminApi {
         let device = self
             .storage
             .get_device(&id)
-            .await
-            .map_err(db)?
+            .await?
             .ok_or_else(|| Status::not_found(format!("unknown device {id}")))?;
         // Read afresh, not from the heartbeats' cache.
         let desired = self
             .storage
             .store_desired_state(&device.store_id)
-            .await
-            .map_err(db)?
+            .await?
             .map(|state| state.for_device(&device.id))
             .unwrap_or_default();
-        let reported = self.storage.bundle_statuses(&device.id).await.map_err(db)?;
+        let reported = self.storage.bundle_statuses(&device.id).await?;
         let mut view = self.device(device);
         view.bundles = convert::device_bundles(desired, reported);
         Ok(Response::new(view))
@@ -382,8 +365,7 @@ impl AdminService for AdminApi {
         let device = self
             .storage
             .set_device_labels(&req.device_id, &set, &req.remove)
-            .await
-            .map_err(db)?
+            .await?
             .ok_or_else(|| Status::not_found(format!("unknown device {}", req.device_id)))?;
         tracing::info!(device_id = %device.id, set = set.len(), removed = req.remove.len(), "Device labels changed.");
         Ok(Response::new(self.device(device)))
@@ -400,8 +382,7 @@ impl AdminService for AdminApi {
         let store = self
             .storage
             .revoke_device(&req.device_id, &req.reason, now_ms())
-            .await
-            .map_err(db)?
+            .await?
             .ok_or_else(|| Status::not_found(format!("unknown device {}", req.device_id)))?;
         // Its store's tills drop it with their next heartbeat from here; on
         // other replicas within the cache's lifetime.
@@ -409,8 +390,7 @@ impl AdminService for AdminApi {
         let device = self
             .storage
             .get_device(&req.device_id)
-            .await
-            .map_err(db)?
+            .await?
             .ok_or_else(|| Status::not_found(format!("unknown device {}", req.device_id)))?;
         tracing::warn!(device_id = %device.id, store_id = %store, reason = %req.reason, "Device revoked.");
         Ok(Response::new(self.device(device)))
@@ -438,8 +418,7 @@ impl AdminService for AdminApi {
         let bundle = self
             .storage
             .get_bundle(&req.name, &req.version)
-            .await
-            .map_err(db)?
+            .await?
             .ok_or_else(|| {
                 Status::not_found(format!(
                     "bundle {} {} is not published",
@@ -460,8 +439,7 @@ impl AdminService for AdminApi {
                 let device = self
                     .storage
                     .get_device(id)
-                    .await
-                    .map_err(db)?
+                    .await?
                     .ok_or_else(|| Status::not_found(format!("unknown device {id}")))?;
                 let model = &device.hardware_model;
                 if !bundle.hardware.iter().any(|h| h == "*" || h == model) {
@@ -475,7 +453,7 @@ impl AdminService for AdminApi {
                 device.store_id
             }
             AssignTarget::Store(id) => {
-                if !self.storage.store_exists(id).await.map_err(db)? {
+                if !self.storage.store_exists(id).await? {
                     return Err(Status::not_found(format!("unknown store {id}")));
                 }
                 id.clone()
@@ -492,8 +470,7 @@ impl AdminService for AdminApi {
         let assigned = self
             .storage
             .assign_bundle(&target, &assignment, now_ms())
-            .await
-            .map_err(db)?;
+            .await?;
         self.desired.invalidate(&store_id).await;
         let device_id = match &target {
             AssignTarget::Device(id) => id.as_str(),
@@ -534,8 +511,7 @@ impl AdminService for AdminApi {
         let store = self
             .storage
             .set_maintenance_window(&req.store_id, window)
-            .await
-            .map_err(db)?
+            .await?
             .ok_or_else(|| Status::not_found(format!("unknown store {}", req.store_id)))?;
         self.desired.invalidate(&store.id).await;
         match window {
@@ -651,8 +627,7 @@ impl AdminService for AdminApi {
         let bundles = self
             .storage
             .list_bundles((!name.is_empty()).then_some(name.as_str()))
-            .await
-            .map_err(db)?;
+            .await?;
         Ok(Response::new(v1::ListBundlesResponse {
             bundles: bundles.into_iter().map(bundle_view).collect(),
         }))
@@ -765,8 +740,7 @@ impl AdminService for AdminApi {
         let events = self
             .storage
             .events_after(req.after_seq, rollout, limit)
-            .await
-            .map_err(db)?;
+            .await?;
         Ok(Response::new(v1::ListEventsResponse {
             events: events.into_iter().map(convert::event).collect(),
         }))
@@ -786,8 +760,7 @@ impl AdminService for AdminApi {
         let store = self
             .storage
             .set_store_labels(&req.store_id, &set, &req.remove, &event, now_ms())
-            .await
-            .map_err(db)?
+            .await?
             .ok_or_else(|| Status::not_found(format!("unknown store {}", req.store_id)))?;
         tracing::info!(store_id = %store.id, set = set.len(), removed = req.remove.len(), "Store labels changed.");
         Ok(Response::new(convert::store(store)))
@@ -802,8 +775,7 @@ impl AdminService for AdminApi {
         let entries = self
             .storage
             .list_audit_entries(req.after_seq, list_limit(req.limit))
-            .await
-            .map_err(db)?;
+            .await?;
         Ok(Response::new(v1::ListAuditEntriesResponse {
             entries: entries.into_iter().map(audit::entry_view).collect(),
         }))
@@ -818,7 +790,7 @@ impl AdminService for AdminApi {
         let req = request.into_inner();
         let url = webhooks::validate_url(&req.url)?;
         let events = webhooks::validate_events(&req.events)?;
-        if self.storage.list_webhooks().await.map_err(db)?.len() >= webhooks::MAX_WEBHOOKS {
+        if self.storage.list_webhooks().await?.len() >= webhooks::MAX_WEBHOOKS {
             return Err(Status::resource_exhausted(format!(
                 "at most {} webhooks; remove one first",
                 webhooks::MAX_WEBHOOKS
@@ -832,10 +804,10 @@ impl AdminService for AdminApi {
             events,
             secret: secret.clone(),
             // Events from now on (not the fleet's history).
-            after_event_seq: self.storage.last_event_seq().await.map_err(db)?,
+            after_event_seq: self.storage.last_event_seq().await?,
             created_at_ms: now_ms(),
         };
-        self.storage.insert_webhook(&webhook).await.map_err(db)?;
+        self.storage.insert_webhook(&webhook).await?;
         if let Some(caller) = caller {
             caller.set_target(serde_json::json!({
                 "webhook_id": webhook.id,
@@ -860,7 +832,7 @@ impl AdminService for AdminApi {
         request: Request<v1::ListWebhooksRequest>,
     ) -> Result<Response<v1::ListWebhooksResponse>, Status> {
         self.authorize(&request).await?;
-        let webhooks = self.storage.list_webhooks().await.map_err(db)?;
+        let webhooks = self.storage.list_webhooks().await?;
         Ok(Response::new(v1::ListWebhooksResponse {
             webhooks: webhooks.into_iter().map(webhooks::webhook_view).collect(),
         }))
@@ -876,8 +848,7 @@ impl AdminService for AdminApi {
         let webhook = self
             .storage
             .remove_webhook(&id)
-            .await
-            .map_err(db)?
+            .await?
             .ok_or_else(|| Status::not_found(format!("unknown webhook {id}")))?;
         tracing::info!(webhook_id = %webhook.id, url = %webhook.url, "Webhook removed.");
         Ok(Response::new(webhooks::webhook_view(webhook)))
@@ -892,7 +863,7 @@ impl AdminService for AdminApi {
         let webhook = (!req.webhook_id.is_empty()).then_some(req.webhook_id.as_str());
         if let Some(id) = webhook {
             text("webhook_id", id, true, 64)?;
-            let known = self.storage.list_webhooks().await.map_err(db)?;
+            let known = self.storage.list_webhooks().await?;
             if !known.iter().any(|w| w.id == id) {
                 return Err(Status::not_found(format!("unknown webhook {id}")));
             }
@@ -900,8 +871,7 @@ impl AdminService for AdminApi {
         let deliveries = self
             .storage
             .list_deliveries(webhook, list_limit(req.limit))
-            .await
-            .map_err(db)?;
+            .await?;
         Ok(Response::new(v1::ListWebhookDeliveriesResponse {
             deliveries: deliveries
                 .into_iter()
@@ -933,8 +903,7 @@ impl AdminService for AdminApi {
                 &token.name,
                 token.created_at_ms,
             )
-            .await
-            .map_err(db)?;
+            .await?;
         if !created {
             return Err(Status::already_exists(format!(
                 "an admin token named {} exists (or existed: names are not reused)",
@@ -960,11 +929,7 @@ impl AdminService for AdminApi {
     ) -> Result<Response<v1::ListAdminTokensResponse>, Status> {
         self.authorize(&request).await?;
         let include_revoked = request.into_inner().include_revoked;
-        let tokens = self
-            .storage
-            .list_admin_tokens(include_revoked)
-            .await
-            .map_err(db)?;
+        let tokens = self.storage.list_admin_tokens(include_revoked).await?;
         Ok(Response::new(v1::ListAdminTokensResponse {
             tokens: tokens.into_iter().map(admin_token_view).collect(),
         }))
@@ -977,12 +942,7 @@ impl AdminService for AdminApi {
         let caller = self.authorize(&request).await?;
         let id = request.into_inner().id;
         text("id", &id, true, 64)?;
-        let token = match self
-            .storage
-            .revoke_admin_token(&id, now_ms())
-            .await
-            .map_err(db)?
-        {
+        let token = match self.storage.revoke_admin_token(&id, now_ms()).await? {
             AdminTokenRevocation::Revoked(token) => token,
             AdminTokenRevocation::Unknown => {
                 return Err(Status::not_found(format!("unknown admin token {id}")));

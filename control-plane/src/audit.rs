@@ -115,7 +115,7 @@ pub async fn authenticate(
             metrics.admin_auth_failures.inc();
             Err(Status::unauthenticated("admin API token is not valid"))
         }
-        Err(e) => Err(crate::error::Error::from(e).into()),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -55,7 +55,7 @@ impl DesiredCache {
                 match storage.store_desired_state(&id).await {
                     Ok(Some(state)) => Ok(Arc::new(state)),
                     Ok(None) => Err(DesiredError::UnknownStore(id)),
-                    Err(e) => Err(DesiredError::Storage(e.into())),
+                    Err(e) => Err(DesiredError::Storage(e)),
                 }
             })
             .await

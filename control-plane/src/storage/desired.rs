@@ -145,7 +145,7 @@ pub fn merge_desired(
     by_name.into_values().map(|(_, b)| b).collect()
 }
 
-fn status_from_row(row: &AnyRow) -> Result<BundleStatusRecord, sqlx::Error> {
+fn status_from_row(row: &AnyRow) -> Result<BundleStatusRecord, Error> {
     Ok(BundleStatusRecord {
         name: row.try_get("name")?,
         kind: row.try_get("kind")?,
@@ -171,7 +171,7 @@ impl Storage {
         target: &AssignTarget,
         bundle: &DesiredBundleRecord,
         now_ms: i64,
-    ) -> Result<i64, sqlx::Error> {
+    ) -> Result<i64, Error> {
         let (table, column, id) = match target {
             AssignTarget::Device(id) => ("device_desired_bundles", "device_id", id),
             AssignTarget::Store(id) => ("store_desired_bundles", "store_id", id),
@@ -216,7 +216,7 @@ impl Storage {
     pub async fn store_desired_state(
         &self,
         store_id: &str,
-    ) -> Result<Option<StoreDesiredState>, sqlx::Error> {
+    ) -> Result<Option<StoreDesiredState>, Error> {
         let rows = sqlx::query(
             "SELECT s.time_zone, s.maintenance_start_minute, s.maintenance_duration_minutes, \
              b.device_id, b.name, b.version, b.kind, b.download_ahead, b.emergency, b.rollback \
@@ -328,7 +328,7 @@ impl Storage {
         &self,
         device_id: &str,
         statuses: &[BundleStatusRecord],
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<(), Error> {
         if statuses.is_empty() {
             return Ok(());
         }
@@ -376,10 +376,7 @@ impl Storage {
     }
 
     /// What a device last reported, per bundle, sorted by name.
-    pub async fn bundle_statuses(
-        &self,
-        device_id: &str,
-    ) -> Result<Vec<BundleStatusRecord>, sqlx::Error> {
+    pub async fn bundle_statuses(&self, device_id: &str) -> Result<Vec<BundleStatusRecord>, Error> {
         sqlx::query("SELECT * FROM device_bundle_status WHERE device_id = $1 ORDER BY name")
             .bind(device_id)
             .fetch_all(&self.pool)

@@ -147,7 +147,7 @@ fn device_from_row(row: &AnyRow) -> Result<DeviceRecord, Error> {
 }
 
 impl Storage {
-    pub async fn device_auth(&self, device_id: &str) -> Result<Option<DeviceAuth>, sqlx::Error> {
+    pub async fn device_auth(&self, device_id: &str) -> Result<Option<DeviceAuth>, Error> {
         sqlx::query("SELECT credential_sha256, store_id FROM devices WHERE id = $1")
             .bind(device_id)
             .fetch_optional(&self.pool)
@@ -340,7 +340,7 @@ impl Storage {
         &self,
         now_ms: i64,
         offline_after_missed_heartbeats: i64,
-    ) -> Result<(i64, i64), sqlx::Error> {
+    ) -> Result<(i64, i64), Error> {
         let row = sqlx::query(
             "SELECT COUNT(*) AS total, \
              COALESCE(SUM(CASE WHEN last_seen_ms + heartbeat_interval_seconds * $1 >= $2 \

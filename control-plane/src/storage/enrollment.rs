@@ -54,7 +54,7 @@ impl From<sqlx::Error> for EnrollError {
     }
 }
 
-fn token_from_row(row: &AnyRow) -> Result<EnrollmentTokenRecord, sqlx::Error> {
+fn token_from_row(row: &AnyRow) -> Result<EnrollmentTokenRecord, Error> {
     Ok(EnrollmentTokenRecord {
         id: row.try_get("id")?,
         store_id: row.try_get("store_id")?,
@@ -71,7 +71,7 @@ impl Storage {
         &self,
         token: &EnrollmentTokenRecord,
         secret_sha256: &str,
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<(), Error> {
         sqlx::query(
             "INSERT INTO enrollment_tokens (id, store_id, secret_sha256, uses_total, uses_remaining, \
              expires_at_ms, revoked_at_ms, created_at_ms) VALUES ($1, $2, $3, $4, $5, $6, NULL, $7)",
@@ -84,14 +84,14 @@ impl Storage {
         .bind(token.expires_at_ms)
         .bind(token.created_at_ms)
         .execute(&self.pool)
-        .await
-        .map(|_| ())
+        .await?;
+        Ok(())
     }
 
     pub async fn list_enrollment_tokens(
         &self,
         store_id: Option<&str>,
-    ) -> Result<Vec<EnrollmentTokenRecord>, sqlx::Error> {
+    ) -> Result<Vec<EnrollmentTokenRecord>, Error> {
         let query = match store_id {
             Some(store) => sqlx::query(
                 "SELECT * FROM enrollment_tokens WHERE store_id = $1 ORDER BY created_at_ms, id",
@@ -112,7 +112,7 @@ impl Storage {
         &self,
         id: &str,
         now_ms: i64,
-    ) -> Result<Option<EnrollmentTokenRecord>, sqlx::Error> {
+    ) -> Result<Option<EnrollmentTokenRecord>, Error> {
         sqlx::query(
             "UPDATE enrollment_tokens SET revoked_at_ms = COALESCE(revoked_at_ms, $2) WHERE id = $1 \
              RETURNING *",
@@ -277,7 +277,7 @@ impl Storage {
         &self,
         token_sha256: &str,
         now_ms: i64,
-    ) -> Result<EnrollError, sqlx::Error> {
+    ) -> Result<EnrollError, Error> {
         let row = sqlx::query("SELECT * FROM enrollment_tokens WHERE secret_sha256 = $1")
             .bind(token_sha256)
             .fetch_optional(&self.pool)

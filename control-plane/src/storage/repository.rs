@@ -50,7 +50,7 @@ fn bundle_from_row(row: &AnyRow) -> Result<BundleRecord, Error> {
 
 impl Storage {
     /// The newest version of a metadata role and its file.
-    pub async fn latest_metadata(&self, role: &str) -> Result<Option<(i64, String)>, sqlx::Error> {
+    pub async fn latest_metadata(&self, role: &str) -> Result<Option<(i64, String)>, Error> {
         sqlx::query(
             "SELECT version, body FROM repo_metadata WHERE role = $1 ORDER BY version DESC LIMIT 1",
         )
@@ -61,13 +61,13 @@ impl Storage {
         .transpose()
     }
 
-    pub async fn metadata(&self, role: &str, version: i64) -> Result<Option<String>, sqlx::Error> {
+    pub async fn metadata(&self, role: &str, version: i64) -> Result<Option<String>, Error> {
         sqlx::query("SELECT body FROM repo_metadata WHERE role = $1 AND version = $2")
             .bind(role)
             .bind(version)
             .fetch_optional(&self.pool)
             .await?
-            .map(|row| row.try_get("body"))
+            .map(|row| Ok(row.try_get("body")?))
             .transpose()
     }
 
@@ -79,7 +79,7 @@ impl Storage {
         files: &[MetadataRecord],
         bundle: Option<&BundleRecord>,
         now_ms: i64,
-    ) -> Result<bool, sqlx::Error> {
+    ) -> Result<bool, Error> {
         let mut tx = self.pool.begin().await?;
         for file in files {
             let inserted = sqlx::query(

@@ -32,7 +32,7 @@ const STORE_COLUMNS: &str = "s.id, s.name, s.time_zone, s.created_at_ms, \
     s.maintenance_start_minute, s.maintenance_duration_minutes, \
     (SELECT COUNT(*) FROM devices d WHERE d.store_id = s.id) AS device_count";
 
-pub(super) fn window_from_row(row: &AnyRow) -> Result<Option<WindowRecord>, sqlx::Error> {
+pub(super) fn window_from_row(row: &AnyRow) -> Result<Option<WindowRecord>, Error> {
     let start: Option<i64> = row.try_get("maintenance_start_minute")?;
     let duration: Option<i64> = row.try_get("maintenance_duration_minutes")?;
     Ok(start
@@ -43,7 +43,7 @@ pub(super) fn window_from_row(row: &AnyRow) -> Result<Option<WindowRecord>, sqlx
         }))
 }
 
-fn store_from_row(row: &AnyRow) -> Result<StoreRecord, sqlx::Error> {
+fn store_from_row(row: &AnyRow) -> Result<StoreRecord, Error> {
     Ok(StoreRecord {
         id: row.try_get("id")?,
         name: row.try_get("name")?,
@@ -57,7 +57,7 @@ fn store_from_row(row: &AnyRow) -> Result<StoreRecord, sqlx::Error> {
 
 impl Storage {
     /// Creates a store; `Ok(false)` if the id is taken.
-    pub async fn create_store(&self, store: &StoreRecord) -> Result<bool, sqlx::Error> {
+    pub async fn create_store(&self, store: &StoreRecord) -> Result<bool, Error> {
         let window = store.maintenance_window;
         let result = sqlx::query(
             "INSERT INTO stores (id, name, time_zone, created_at_ms, maintenance_start_minute, \
@@ -126,7 +126,7 @@ impl Storage {
         self.get_store(id).await
     }
 
-    pub async fn store_exists(&self, id: &str) -> Result<bool, sqlx::Error> {
+    pub async fn store_exists(&self, id: &str) -> Result<bool, Error> {
         Ok(sqlx::query("SELECT id FROM stores WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
@@ -134,10 +134,10 @@ impl Storage {
             .is_some())
     }
 
-    pub async fn count_stores(&self) -> Result<i64, sqlx::Error> {
-        sqlx::query("SELECT COUNT(*) AS n FROM stores")
+    pub async fn count_stores(&self) -> Result<i64, Error> {
+        Ok(sqlx::query("SELECT COUNT(*) AS n FROM stores")
             .fetch_one(&self.pool)
             .await?
-            .try_get("n")
+            .try_get("n")?)
     }
 }
