@@ -10,8 +10,8 @@ use crate::desired::DesiredCache;
 use crate::repository::{Repository, Upload};
 use crate::storage::{
     AdminTokenInfo, AdminTokenRecord, AdminTokenRevocation, AssignTarget, BundleRecord,
-    DesiredBundleRecord, DeviceFilter, EnrollmentTokenRecord, StatusFilter, Storage, StoreRecord,
-    WebhookRecord, WindowRecord,
+    DesiredBundleRecord, DeviceFilter, DeviceRecord, EnrollmentTokenRecord, StatusFilter, Storage,
+    StoreRecord, WebhookRecord, WindowRecord,
 };
 use crate::timeout::STREAM_IDLE_TIMEOUT;
 use crate::validate::{self, invalid, label_key, slug, text, time_zone};
@@ -125,9 +125,49 @@ impl AdminApi {
         }
     }
 
-    fn device(&self, d: crate::storage::DeviceRecord) -> v1::Device {
+    fn device(&self, d: DeviceRecord) -> v1::Device {
         convert::device(d, now_ms(), self.offline_after_missed_heartbeats)
     }
+
+    /// `NOT_FOUND` unless store `id` exists.
+    async fn existing_store(&self, id: &str) -> Result<(), Status> {
+        match self.storage.store_exists(id).await? {
+            true => Ok(()),
+            false => Err(unknown_store(id)),
+        }
+    }
+
+    /// Device `id`, or `NOT_FOUND`.
+    async fn existing_device(&self, id: &str) -> Result<DeviceRecord, Status> {
+        self.storage
+            .get_device(id)
+            .await?
+            .ok_or_else(|| unknown_device(id))
+    }
+
+    /// A call that changes a rollout, made in the caller's name: authorized
+    /// (and recorded), then answered with the rollout as `change` left it.
+    async fn change_rollout<T, F>(
+        &self,
+        request: Request<T>,
+        change: impl FnOnce(T, String) -> F,
+    ) -> Result<Response<v1::Rollout>, Status>
+    where
+        T: AuditTarget,
+        F: std::future::Future<Output = Result<v1::Rollout, Status>>,
+    {
+        let caller = self.authorize(&request).await?;
+        let rollout = change(request.into_inner(), caller.name).await?;
+        Ok(Response::new(rollout))
+    }
+}
+
+fn unknown_store(id: &str) -> Status {
+    Status::not_found(format!("unknown store {id}"))
+}
+
+fn unknown_device(id: &str) -> Status {
+    Status::not_found(format!("unknown device {id}"))
 }
 
 fn page_size(requested: u32) -> i64 {
@@ -206,7 +246,7 @@ impl AdminService for AdminApi {
             .storage
             .get_store(&id)
             .await?
-            .ok_or_else(|| Status::not_found(format!("unknown store {id}")))?;
+            .ok_or_else(|| unknown_store(&id))?;
         let transfers = self.storage.store_transfers(&id).await?;
         Ok(Response::new(v1::StoreDetail {
             store: Some(convert::store(store)),
@@ -235,9 +275,7 @@ impl AdminService for AdminApi {
             }
             n => n,
         };
-        if !self.storage.store_exists(&req.store_id).await? {
-            return Err(Status::not_found(format!("unknown store {}", req.store_id)));
-        }
+        self.existing_store(&req.store_id).await?;
         let secret = secret::generate(secret::ENROLLMENT_TOKEN_PREFIX);
         let now = now_ms();
         let token = EnrollmentTokenRecord {
@@ -266,10 +304,8 @@ impl AdminService for AdminApi {
         self.authorize(&request).await?;
         let req = request.into_inner();
         let store = (!req.store_id.is_empty()).then_some(req.store_id.as_str());
-        if let Some(store) = store
-            && !self.storage.store_exists(store).await?
-        {
-            return Err(Status::not_found(format!("unknown store {store}")));
+        if let Some(store) = store {
+            self.existing_store(store).await?;
         }
         let tokens = self.storage.list_enrollment_tokens(store).await?;
         Ok(Response::new(v1::ListEnrollmentTokensResponse {
@@ -335,11 +371,7 @@ impl AdminService for AdminApi {
         self.authorize(&request).await?;
         let id = request.into_inner().id;
         text("id", &id, true, 64)?;
-        let device = self
-            .storage
-            .get_device(&id)
-            .await?
-            .ok_or_else(|| Status::not_found(format!("unknown device {id}")))?;
+        let device = self.existing_device(&id).await?;
         // Read afresh, not from the heartbeats' cache.
         let desired = self
             .storage
@@ -366,7 +398,7 @@ impl AdminService for AdminApi {
             .storage
             .set_device_labels(&req.device_id, &set, &req.remove)
             .await?
-            .ok_or_else(|| Status::not_found(format!("unknown device {}", req.device_id)))?;
+            .ok_or_else(|| unknown_device(&req.device_id))?;
         tracing::info!(device_id = %device.id, set = set.len(), removed = req.remove.len(), "Device labels changed.");
         Ok(Response::new(self.device(device)))
     }
@@ -383,15 +415,11 @@ impl AdminService for AdminApi {
             .storage
             .revoke_device(&req.device_id, &req.reason, now_ms())
             .await?
-            .ok_or_else(|| Status::not_found(format!("unknown device {}", req.device_id)))?;
+            .ok_or_else(|| unknown_device(&req.device_id))?;
         // Its store's tills drop it with their next heartbeat from here; on
         // other replicas within the cache's lifetime.
         self.desired.invalidate(&store).await;
-        let device = self
-            .storage
-            .get_device(&req.device_id)
-            .await?
-            .ok_or_else(|| Status::not_found(format!("unknown device {}", req.device_id)))?;
+        let device = self.existing_device(&req.device_id).await?;
         tracing::warn!(device_id = %device.id, store_id = %store, reason = %req.reason, "Device revoked.");
         Ok(Response::new(self.device(device)))
     }
@@ -436,11 +464,7 @@ impl AdminService for AdminApi {
         // The store whose heartbeats answer with this assignment.
         let store_id = match &target {
             AssignTarget::Device(id) => {
-                let device = self
-                    .storage
-                    .get_device(id)
-                    .await?
-                    .ok_or_else(|| Status::not_found(format!("unknown device {id}")))?;
+                let device = self.existing_device(id).await?;
                 let model = &device.hardware_model;
                 if !bundle.hardware.iter().any(|h| h == "*" || h == model) {
                     return Err(Status::failed_precondition(format!(
@@ -453,9 +477,7 @@ impl AdminService for AdminApi {
                 device.store_id
             }
             AssignTarget::Store(id) => {
-                if !self.storage.store_exists(id).await? {
-                    return Err(Status::not_found(format!("unknown store {id}")));
-                }
+                self.existing_store(id).await?;
                 id.clone()
             }
         };
@@ -512,7 +534,7 @@ impl AdminService for AdminApi {
             .storage
             .set_maintenance_window(&req.store_id, window)
             .await?
-            .ok_or_else(|| Status::not_found(format!("unknown store {}", req.store_id)))?;
+            .ok_or_else(|| unknown_store(&req.store_id))?;
         self.desired.invalidate(&store.id).await;
         match window {
             Some(w) => tracing::info!(
@@ -637,72 +659,60 @@ impl AdminService for AdminApi {
         &self,
         request: Request<v1::CreateRolloutRequest>,
     ) -> Result<Response<v1::Rollout>, Status> {
-        let caller = self.authorize(&request).await?;
-        let rollout = self
-            .rollouts
-            .create(request.into_inner(), &caller.name)
-            .await?;
-        Ok(Response::new(rollout))
+        self.change_rollout(request, |req, actor| async move {
+            self.rollouts.create(req, &actor).await
+        })
+        .await
     }
 
     async fn start_rollout(
         &self,
         request: Request<v1::RolloutRequest>,
     ) -> Result<Response<v1::Rollout>, Status> {
-        let caller = self.authorize(&request).await?;
-        let rollout = self
-            .rollouts
-            .start(request.into_inner(), &caller.name)
-            .await?;
-        Ok(Response::new(rollout))
+        self.change_rollout(request, |req, actor| async move {
+            self.rollouts.start(req, &actor).await
+        })
+        .await
     }
 
     async fn pause_rollout(
         &self,
         request: Request<v1::RolloutRequest>,
     ) -> Result<Response<v1::Rollout>, Status> {
-        let caller = self.authorize(&request).await?;
-        let rollout = self
-            .rollouts
-            .pause(request.into_inner(), &caller.name)
-            .await?;
-        Ok(Response::new(rollout))
+        self.change_rollout(request, |req, actor| async move {
+            self.rollouts.pause(req, &actor).await
+        })
+        .await
     }
 
     async fn resume_rollout(
         &self,
         request: Request<v1::RolloutRequest>,
     ) -> Result<Response<v1::Rollout>, Status> {
-        let caller = self.authorize(&request).await?;
-        let rollout = self
-            .rollouts
-            .resume(request.into_inner(), &caller.name)
-            .await?;
-        Ok(Response::new(rollout))
+        self.change_rollout(request, |req, actor| async move {
+            self.rollouts.resume(req, &actor).await
+        })
+        .await
     }
 
     async fn abort_rollout(
         &self,
         request: Request<v1::RolloutRequest>,
     ) -> Result<Response<v1::Rollout>, Status> {
-        let caller = self.authorize(&request).await?;
-        let rollout = self
-            .rollouts
-            .abort(request.into_inner(), &caller.name)
-            .await?;
-        Ok(Response::new(rollout))
+        self.change_rollout(request, |req, actor| async move {
+            self.rollouts.abort(req, &actor).await
+        })
+        .await
     }
 
     async fn rollback_rollout(
         &self,
         request: Request<v1::RolloutRequest>,
     ) -> Result<Response<v1::Rollout>, Status> {
-        let caller = self.authorize(&request).await?;
-        let rollout = self
-            .rollouts
-            .rollback(request.into_inner(), &caller.name)
-            .await?;
-        Ok(Response::new(rollout))
+        self.change_rollout(request, |req, actor| async move {
+            self.rollouts.rollback(req, &actor).await
+        })
+        .await
     }
 
     async fn list_rollouts(
@@ -761,7 +771,7 @@ impl AdminService for AdminApi {
             .storage
             .set_store_labels(&req.store_id, &set, &req.remove, &event, now_ms())
             .await?
-            .ok_or_else(|| Status::not_found(format!("unknown store {}", req.store_id)))?;
+            .ok_or_else(|| unknown_store(&req.store_id))?;
         tracing::info!(store_id = %store.id, set = set.len(), removed = req.remove.len(), "Store labels changed.");
         Ok(Response::new(convert::store(store)))
     }
