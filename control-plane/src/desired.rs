@@ -20,7 +20,7 @@ const DESIRED_CACHE_CAPACITY: u64 = 200_000;
 
 /// Why a store's desired state could not be read.
 #[derive(Debug, thiserror::Error)]
-pub enum DesiredError {
+pub(crate) enum DesiredError {
     #[error("store {0} does not exist")]
     UnknownStore(String),
     #[error(transparent)]
@@ -29,7 +29,7 @@ pub enum DesiredError {
 
 /// Cheap to clone: clones share the cache.
 #[derive(Clone)]
-pub struct DesiredCache {
+pub(crate) struct DesiredCache {
     storage: Storage,
     cache: moka::future::Cache<String, Arc<StoreDesiredState>>,
 }
