@@ -33,6 +33,7 @@ pub mod rollout;
 mod secret;
 pub mod storage;
 pub mod timeout;
+pub mod tls;
 mod validate;
 pub mod webhooks;
 

@@ -1,0 +1,312 @@
+//! The control plane's listeners: TLS terminated here with rustls (not by
+//! tonic), so that each connection carries the device its client
+//! certificate names, and a device revoked while connected is cut off at
+//! once rather than at its next handshake.
+//!
+//! One accept loop per listener hands finished handshakes to the gRPC or
+//! HTTP server as [`Connection`]s. Handshakes run concurrently, each within
+//! [`HANDSHAKE_TIMEOUT`], at most [`MAX_HANDSHAKES`] at a time, so a client
+//! that opens sockets and says nothing holds no more than that.
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use posfleet_pki::{DeviceIdentity, Revocations};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+/// How long a client has to finish its TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress at once, per listener.
+pub const MAX_HANDSHAKES: usize = 1024;
+
+/// Who is at the other end of a connection: its address, and the device its
+/// verified client certificate names, if it presented one.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub address: SocketAddr,
+    pub device: Option<DeviceIdentity>,
+}
+
+/// The devices refused at the handshake, and a way to cut the connections
+/// a device has open when it is revoked.
+#[derive(Debug, Default)]
+pub struct DeviceGate {
+    revoked: RwLock<HashSet<String>>,
+    /// One token per device with open connections; each connection waits
+    /// on a child of it.
+    open: Mutex<HashMap<String, CancellationToken>>,
+}
+
+impl DeviceGate {
+    /// A gate refusing these devices.
+    pub fn new(revoked: impl IntoIterator<Item = String>) -> DeviceGate {
+        DeviceGate {
+            revoked: RwLock::new(revoked.into_iter().collect()),
+            open: Mutex::default(),
+        }
+    }
+
+    /// Refuses the device from now on and closes every connection it has
+    /// open.
+    pub fn revoke(&self, device_id: &str) {
+        self.revoked
+            .write()
+            .expect("never poisoned: no panics while held")
+            .insert(device_id.to_string());
+        if let Some(token) = self
+            .open
+            .lock()
+            .expect("never poisoned: no panics while held")
+            .remove(device_id)
+        {
+            token.cancel();
+        }
+    }
+
+    pub fn is_revoked_id(&self, device_id: &str) -> bool {
+        self.revoked
+            .read()
+            .expect("never poisoned: no panics while held")
+            .contains(device_id)
+    }
+
+    /// What a new connection of `device` waits on to be cut.
+    fn token_for(&self, device: &str) -> CancellationToken {
+        // One entry per device that has connected since start: bounded by
+        // the fleet.
+        let mut open = self
+            .open
+            .lock()
+            .expect("never poisoned: no panics while held");
+        open.entry(device.to_string()).or_default().child_token()
+    }
+}
+
+impl Revocations for DeviceGate {
+    fn is_revoked(&self, device: &DeviceIdentity) -> bool {
+        self.is_revoked_id(&device.device_id)
+    }
+}
+
+/// A connection a listener accepted: TLS (or plain TCP in development), with
+/// who is at the other end.
+pub struct Connection {
+    io: Io,
+    peer: Peer,
+    /// Ready once the device is revoked: every read and write fails after.
+    cut: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+}
+
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl Connection {
+    pub fn peer(&self) -> &Peer {
+        &self.peer
+    }
+
+    fn check_cut(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        let cut = match &mut self.cut {
+            Some(cut) => cut.as_mut().poll(cx).is_ready(),
+            None => false,
+        };
+        if cut {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                "the device was revoked",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.check_cut(cx)?;
+        match &mut self.io {
+            Io::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
+            Io::Tls(stream) => Pin::new(stream.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.check_cut(cx)?;
+        match &mut self.io {
+            Io::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
+            Io::Tls(stream) => Pin::new(stream.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.io {
+            Io::Plain(stream) => Pin::new(stream).poll_flush(cx),
+            Io::Tls(stream) => Pin::new(stream.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.io {
+            Io::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
+            Io::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+impl tonic::transport::server::Connected for Connection {
+    type ConnectInfo = Peer;
+
+    fn connect_info(&self) -> Peer {
+        self.peer.clone()
+    }
+}
+
+/// The connections one listener accepted, handshakes done.
+pub struct Incoming {
+    local: SocketAddr,
+    connections: mpsc::Receiver<Connection>,
+}
+
+impl Incoming {
+    /// Accepts on `listener`; with `tls`, each connection's handshake is
+    /// completed first (and a device certificate's device remembered), else
+    /// the connection is plain TCP (development only).
+    pub fn start(
+        listener: TcpListener,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        gate: Arc<DeviceGate>,
+    ) -> io::Result<Incoming> {
+        let local = listener.local_addr()?;
+        let (sender, connections) = mpsc::channel(64);
+        tokio::spawn(accept_loop(listener, tls, gate, sender));
+        Ok(Incoming { local, connections })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// For tonic's `serve_with_incoming`.
+    pub fn into_stream(
+        self,
+    ) -> impl tokio_stream::Stream<Item = Result<Connection, io::Error>> + Send + 'static {
+        tokio_stream::wrappers::ReceiverStream::new(self.connections).map(Ok)
+    }
+}
+
+use tokio_stream::StreamExt as _;
+
+impl axum::serve::Listener for Incoming {
+    type Io = Connection;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Connection, SocketAddr) {
+        match self.connections.recv().await {
+            Some(connection) => {
+                let address = connection.peer.address;
+                (connection, address)
+            }
+            // The accept loop ended: the listener is gone.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        Ok(self.local)
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    gate: Arc<DeviceGate>,
+    sender: mpsc::Sender<Connection>,
+) {
+    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    loop {
+        let (socket, address) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of file descriptors, mostly: wait rather than spin.
+                tracing::warn!(%error, "Cannot accept a connection.");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if sender.is_closed() {
+            return;
+        }
+        let _ = socket.set_nodelay(true);
+        let Some(acceptor) = tls.clone() else {
+            let peer = Peer {
+                address,
+                device: None,
+            };
+            let connection = Connection {
+                io: Io::Plain(socket),
+                peer,
+                cut: None,
+            };
+            if sender.send(connection).await.is_err() {
+                return;
+            }
+            continue;
+        };
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            // Too many half-open handshakes: drop this one at once.
+            tracing::debug!(%address, "Too many TLS handshakes in progress; closed.");
+            continue;
+        };
+        let sender = sender.clone();
+        let gate = gate.clone();
+        tokio::spawn(async move {
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await;
+            drop(permit);
+            let stream = match handshake {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => {
+                    tracing::debug!(%address, %error, "TLS handshake failed.");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%address, "TLS handshake timed out.");
+                    return;
+                }
+            };
+            let device = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|der| DeviceIdentity::from_certificate(der).ok());
+            let cut = device
+                .as_ref()
+                .map(|device| Box::pin(gate.token_for(&device.device_id).cancelled_owned()));
+            let connection = Connection {
+                io: Io::Tls(Box::new(stream)),
+                peer: Peer { address, device },
+                cut,
+            };
+            let _ = sender.send(connection).await;
+        });
+    }
+}
