@@ -310,3 +310,139 @@ async fn accept_loop(
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use posfleet_pki::rustls::pki_types::{CertificateDer, ServerName};
+    use posfleet_pki::{FleetCa, certificates_from_pem, private_key_from_pem};
+    use std::time::SystemTime;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    struct Setup {
+        ca: FleetCa,
+        gate: Arc<DeviceGate>,
+        incoming: Incoming,
+    }
+
+    async fn setup() -> Setup {
+        let (ca, _) = FleetCa::create("test CA", SystemTime::now()).unwrap();
+        let issued = ca
+            .issue_server(&["127.0.0.1".into()], DAY, SystemTime::now())
+            .unwrap();
+        let gate = Arc::new(DeviceGate::new(["dev-gone".to_string()]));
+        let config = posfleet_pki::server_config(
+            certificates_from_pem(issued.chain_pem.as_bytes(), "chain").unwrap(),
+            private_key_from_pem(issued.key_pem.as_bytes(), "key").unwrap(),
+            &certificates_from_pem(ca.certificates_pem().as_bytes(), "CA").unwrap(),
+            gate.clone(),
+        )
+        .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let incoming = Incoming::start(
+            listener,
+            Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
+            gate.clone(),
+        )
+        .unwrap();
+        Setup { ca, gate, incoming }
+    }
+
+    async fn connect(
+        setup: &Setup,
+        device: Option<&str>,
+    ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let identity = device.map(|device| {
+            let key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
+            let request = posfleet_pki::certificate_request(&key).unwrap();
+            let issued = setup
+                .ca
+                .issue_device(
+                    &request,
+                    key.verifying_key().as_bytes(),
+                    device,
+                    "lyon-01",
+                    DAY,
+                    SystemTime::now(),
+                )
+                .unwrap();
+            (
+                vec![CertificateDer::from(issued.der)],
+                posfleet_pki::private_key_der(&key).unwrap(),
+            )
+        });
+        let trusted = certificates_from_pem(setup.ca.certificates_pem().as_bytes(), "CA").unwrap();
+        let config = posfleet_pki::client_config(&trusted, identity).unwrap();
+        let socket = TcpStream::connect(setup.incoming.local_addr()).await?;
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from("127.0.0.1").unwrap(), socket)
+            .await
+    }
+
+    #[tokio::test]
+    async fn a_connection_knows_its_device_and_is_cut_when_the_device_is_revoked() {
+        let mut setup = setup().await;
+        let mut client = connect(&setup, Some("dev-1")).await.unwrap();
+        client.write_all(b"ping").await.unwrap();
+        let (mut server_side, _) = axum::serve::Listener::accept(&mut setup.incoming).await;
+        let device = server_side.peer().device.clone().unwrap();
+        assert_eq!(device.device_id, "dev-1");
+        let mut buf = [0u8; 4];
+        server_side.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping");
+
+        // The server waits for the next request; the revocation ends it.
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 4];
+            server_side.read_exact(&mut buf).await
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        setup.gate.revoke("dev-1");
+        let read = tokio::time::timeout(Duration::from_secs(5), reader)
+            .await
+            .expect("the cut wakes the waiting read")
+            .unwrap();
+        assert_eq!(read.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
+
+        // And the device's next handshake is refused.
+        let mut again = connect(&setup, Some("dev-1")).await.unwrap();
+        let mut byte = [0u8; 1];
+        let refused = again.read(&mut byte).await;
+        assert!(
+            refused
+                .as_ref()
+                .is_err_and(|e| e.to_string().contains("CertificateRevoked")),
+            "{refused:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_without_a_certificate_has_no_device() {
+        let mut setup = setup().await;
+        let _client = connect(&setup, None).await.unwrap();
+        let (server_side, _) = axum::serve::Listener::accept(&mut setup.incoming).await;
+        assert!(server_side.peer().device.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_client_that_never_finishes_its_handshake_does_not_block_others() {
+        let mut setup = setup().await;
+        // Opens a socket and says nothing.
+        let _silent = TcpStream::connect(setup.incoming.local_addr())
+            .await
+            .unwrap();
+        let _client = connect(&setup, Some("dev-2")).await.unwrap();
+        let (server_side, _) = tokio::time::timeout(
+            Duration::from_secs(5),
+            axum::serve::Listener::accept(&mut setup.incoming),
+        )
+        .await
+        .expect("the finished handshake is handed over");
+        assert_eq!(
+            server_side.peer().device.as_ref().unwrap().device_id,
+            "dev-2"
+        );
+    }
+}
