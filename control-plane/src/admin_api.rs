@@ -10,8 +10,8 @@ use crate::desired::DesiredCache;
 use crate::repository::{Repository, Upload};
 use crate::storage::{
     AdminTokenInfo, AdminTokenRecord, AdminTokenRevocation, AssignTarget, BundleRecord,
-    DesiredBundleRecord, DeviceFilter, EnrollmentTokenRecord, StatusFilter, Storage, StoreRecord,
-    WebhookRecord, WindowRecord,
+    DesiredBundleRecord, DeviceFilter, DeviceRecord, EnrollmentTokenRecord, StatusFilter, Storage,
+    StoreRecord, WebhookRecord, WindowRecord,
 };
 use crate::timeout::STREAM_IDLE_TIMEOUT;
 use crate::validate::{self, invalid, label_key, slug, text, time_zone};
@@ -125,9 +125,49 @@ impl AdminApi {
         }
     }
 
-    fn device(&self, d: crate::storage::DeviceRecord) -> v1::Device {
+    fn device(&self, d: DeviceRecord) -> v1::Device {
         convert::device(d, now_ms(), self.offline_after_missed_heartbeats)
     }
+
+    /// `NOT_FOUND` unless store `id` exists.
+    async fn existing_store(&self, id: &str) -> Result<(), Status> {
+        match self.storage.store_exists(id).await? {
+            true => Ok(()),
+            false => Err(unknown_store(id)),
+        }
+    }
+
+    /// Device `id`, or `NOT_FOUND`.
+    async fn existing_device(&self, id: &str) -> Result<DeviceRecord, Status> {
+        self.storage
+            .get_device(id)
+            .await?
+            .ok_or_else(|| unknown_device(id))
+    }
+
+    /// A call that changes a rollout, made in the caller's name: authorized
+    /// (and recorded), then answered with the rollout as `change` left it.
+    async fn change_rollout<T, F>(
+        &self,
+        request: Request<T>,
+        change: impl FnOnce(T, String) -> F,
+    ) -> Result<Response<v1::Rollout>, Status>
+    where
+        T: AuditTarget,
+        F: std::future::Future<Output = Result<v1::Rollout, Status>>,
+    {
+        let caller = self.authorize(&request).await?;
+        let rollout = change(request.into_inner(), caller.name).await?;
+        Ok(Response::new(rollout))
+    }
+}
+
+fn unknown_store(id: &str) -> Status {
+    Status::not_found(format!("unknown store {id}"))
+}
+
+fn unknown_device(id: &str) -> Status {
+    Status::not_found(format!("unknown device {id}"))
 }
 
 fn page_size(requested: u32) -> i64 {
@@ -145,10 +185,6 @@ fn list_limit(requested: u32) -> u32 {
         0 => 100,
         n => n.min(1000),
     }
-}
-
-fn db(e: impl Into<crate::error::Error>) -> Status {
-    e.into().into()
 }
 
 #[tonic::async_trait]
@@ -171,7 +207,7 @@ impl AdminService for AdminApi {
             maintenance_window: None,
             labels: BTreeMap::new(),
         };
-        if !self.storage.create_store(&store).await.map_err(db)? {
+        if !self.storage.create_store(&store).await? {
             return Err(Status::already_exists(format!(
                 "store {} already exists",
                 store.id
@@ -188,11 +224,7 @@ impl AdminService for AdminApi {
         self.authorize(&request).await?;
         let req = request.into_inner();
         let limit = page_size(req.page_size);
-        let stores = self
-            .storage
-            .list_stores(&req.page_token, limit)
-            .await
-            .map_err(db)?;
+        let stores = self.storage.list_stores(&req.page_token, limit).await?;
         let next_page_token = match stores.last() {
             Some(last) if stores.len() as i64 == limit => last.id.clone(),
             _ => String::new(),
@@ -213,10 +245,9 @@ impl AdminService for AdminApi {
         let store = self
             .storage
             .get_store(&id)
-            .await
-            .map_err(db)?
-            .ok_or_else(|| Status::not_found(format!("unknown store {id}")))?;
-        let transfers = self.storage.store_transfers(&id).await.map_err(db)?;
+            .await?
+            .ok_or_else(|| unknown_store(&id))?;
+        let transfers = self.storage.store_transfers(&id).await?;
         Ok(Response::new(v1::StoreDetail {
             store: Some(convert::store(store)),
             transfers: transfers.into_iter().map(convert::transfer).collect(),
@@ -244,9 +275,7 @@ impl AdminService for AdminApi {
             }
             n => n,
         };
-        if !self.storage.store_exists(&req.store_id).await.map_err(db)? {
-            return Err(Status::not_found(format!("unknown store {}", req.store_id)));
-        }
+        self.existing_store(&req.store_id).await?;
         let secret = secret::generate(secret::ENROLLMENT_TOKEN_PREFIX);
         let now = now_ms();
         let token = EnrollmentTokenRecord {
@@ -260,8 +289,7 @@ impl AdminService for AdminApi {
         };
         self.storage
             .create_enrollment_token(&token, &secret::hash(&secret))
-            .await
-            .map_err(db)?;
+            .await?;
         tracing::info!(token_id = %token.id, store_id = %token.store_id, uses, "Enrollment token created.");
         Ok(Response::new(v1::CreateEnrollmentTokenResponse {
             token: Some(convert::enrollment_token(token)),
@@ -276,16 +304,10 @@ impl AdminService for AdminApi {
         self.authorize(&request).await?;
         let req = request.into_inner();
         let store = (!req.store_id.is_empty()).then_some(req.store_id.as_str());
-        if let Some(store) = store
-            && !self.storage.store_exists(store).await.map_err(db)?
-        {
-            return Err(Status::not_found(format!("unknown store {store}")));
+        if let Some(store) = store {
+            self.existing_store(store).await?;
         }
-        let tokens = self
-            .storage
-            .list_enrollment_tokens(store)
-            .await
-            .map_err(db)?;
+        let tokens = self.storage.list_enrollment_tokens(store).await?;
         Ok(Response::new(v1::ListEnrollmentTokensResponse {
             tokens: tokens.into_iter().map(convert::enrollment_token).collect(),
         }))
@@ -301,8 +323,7 @@ impl AdminService for AdminApi {
         let token = self
             .storage
             .revoke_enrollment_token(&id, now_ms())
-            .await
-            .map_err(db)?
+            .await?
             .ok_or_else(|| Status::not_found(format!("unknown enrollment token {id}")))?;
         tracing::info!(token_id = %token.id, store_id = %token.store_id, "Enrollment token revoked.");
         Ok(Response::new(convert::enrollment_token(token)))
@@ -332,7 +353,7 @@ impl AdminService for AdminApi {
             now_ms: now_ms(),
             offline_after_missed_heartbeats: self.offline_after_missed_heartbeats,
         };
-        let devices = self.storage.list_devices(&filter).await.map_err(db)?;
+        let devices = self.storage.list_devices(&filter).await?;
         let next_page_token = match devices.last() {
             Some(last) if devices.len() as i64 == filter.limit => last.id.clone(),
             _ => String::new(),
@@ -350,21 +371,15 @@ impl AdminService for AdminApi {
         self.authorize(&request).await?;
         let id = request.into_inner().id;
         text("id", &id, true, 64)?;
-        let device = self
-            .storage
-            .get_device(&id)
-            .await
-            .map_err(db)?
-            .ok_or_else(|| Status::not_found(format!("unknown device {id}")))?;
+        let device = self.existing_device(&id).await?;
         // Read afresh, not from the heartbeats' cache.
         let desired = self
             .storage
             .store_desired_state(&device.store_id)
-            .await
-            .map_err(db)?
+            .await?
             .map(|state| state.for_device(&device.id))
             .unwrap_or_default();
-        let reported = self.storage.bundle_statuses(&device.id).await.map_err(db)?;
+        let reported = self.storage.bundle_statuses(&device.id).await?;
         let mut view = self.device(device);
         view.bundles = convert::device_bundles(desired, reported);
         Ok(Response::new(view))
@@ -382,9 +397,8 @@ impl AdminService for AdminApi {
         let device = self
             .storage
             .set_device_labels(&req.device_id, &set, &req.remove)
-            .await
-            .map_err(db)?
-            .ok_or_else(|| Status::not_found(format!("unknown device {}", req.device_id)))?;
+            .await?
+            .ok_or_else(|| unknown_device(&req.device_id))?;
         tracing::info!(device_id = %device.id, set = set.len(), removed = req.remove.len(), "Device labels changed.");
         Ok(Response::new(self.device(device)))
     }
@@ -400,18 +414,12 @@ impl AdminService for AdminApi {
         let store = self
             .storage
             .revoke_device(&req.device_id, &req.reason, now_ms())
-            .await
-            .map_err(db)?
-            .ok_or_else(|| Status::not_found(format!("unknown device {}", req.device_id)))?;
+            .await?
+            .ok_or_else(|| unknown_device(&req.device_id))?;
         // Its store's tills drop it with their next heartbeat from here; on
         // other replicas within the cache's lifetime.
         self.desired.invalidate(&store).await;
-        let device = self
-            .storage
-            .get_device(&req.device_id)
-            .await
-            .map_err(db)?
-            .ok_or_else(|| Status::not_found(format!("unknown device {}", req.device_id)))?;
+        let device = self.existing_device(&req.device_id).await?;
         tracing::warn!(device_id = %device.id, store_id = %store, reason = %req.reason, "Device revoked.");
         Ok(Response::new(self.device(device)))
     }
@@ -438,8 +446,7 @@ impl AdminService for AdminApi {
         let bundle = self
             .storage
             .get_bundle(&req.name, &req.version)
-            .await
-            .map_err(db)?
+            .await?
             .ok_or_else(|| {
                 Status::not_found(format!(
                     "bundle {} {} is not published",
@@ -457,12 +464,7 @@ impl AdminService for AdminApi {
         // The store whose heartbeats answer with this assignment.
         let store_id = match &target {
             AssignTarget::Device(id) => {
-                let device = self
-                    .storage
-                    .get_device(id)
-                    .await
-                    .map_err(db)?
-                    .ok_or_else(|| Status::not_found(format!("unknown device {id}")))?;
+                let device = self.existing_device(id).await?;
                 let model = &device.hardware_model;
                 if !bundle.hardware.iter().any(|h| h == "*" || h == model) {
                     return Err(Status::failed_precondition(format!(
@@ -475,9 +477,7 @@ impl AdminService for AdminApi {
                 device.store_id
             }
             AssignTarget::Store(id) => {
-                if !self.storage.store_exists(id).await.map_err(db)? {
-                    return Err(Status::not_found(format!("unknown store {id}")));
-                }
+                self.existing_store(id).await?;
                 id.clone()
             }
         };
@@ -492,8 +492,7 @@ impl AdminService for AdminApi {
         let assigned = self
             .storage
             .assign_bundle(&target, &assignment, now_ms())
-            .await
-            .map_err(db)?;
+            .await?;
         self.desired.invalidate(&store_id).await;
         let device_id = match &target {
             AssignTarget::Device(id) => id.as_str(),
@@ -534,9 +533,8 @@ impl AdminService for AdminApi {
         let store = self
             .storage
             .set_maintenance_window(&req.store_id, window)
-            .await
-            .map_err(db)?
-            .ok_or_else(|| Status::not_found(format!("unknown store {}", req.store_id)))?;
+            .await?
+            .ok_or_else(|| unknown_store(&req.store_id))?;
         self.desired.invalidate(&store.id).await;
         match window {
             Some(w) => tracing::info!(
@@ -651,8 +649,7 @@ impl AdminService for AdminApi {
         let bundles = self
             .storage
             .list_bundles((!name.is_empty()).then_some(name.as_str()))
-            .await
-            .map_err(db)?;
+            .await?;
         Ok(Response::new(v1::ListBundlesResponse {
             bundles: bundles.into_iter().map(bundle_view).collect(),
         }))
@@ -662,72 +659,60 @@ impl AdminService for AdminApi {
         &self,
         request: Request<v1::CreateRolloutRequest>,
     ) -> Result<Response<v1::Rollout>, Status> {
-        let caller = self.authorize(&request).await?;
-        let rollout = self
-            .rollouts
-            .create(request.into_inner(), &caller.name)
-            .await?;
-        Ok(Response::new(rollout))
+        self.change_rollout(request, |req, actor| async move {
+            self.rollouts.create(req, &actor).await
+        })
+        .await
     }
 
     async fn start_rollout(
         &self,
         request: Request<v1::RolloutRequest>,
     ) -> Result<Response<v1::Rollout>, Status> {
-        let caller = self.authorize(&request).await?;
-        let rollout = self
-            .rollouts
-            .start(request.into_inner(), &caller.name)
-            .await?;
-        Ok(Response::new(rollout))
+        self.change_rollout(request, |req, actor| async move {
+            self.rollouts.start(req, &actor).await
+        })
+        .await
     }
 
     async fn pause_rollout(
         &self,
         request: Request<v1::RolloutRequest>,
     ) -> Result<Response<v1::Rollout>, Status> {
-        let caller = self.authorize(&request).await?;
-        let rollout = self
-            .rollouts
-            .pause(request.into_inner(), &caller.name)
-            .await?;
-        Ok(Response::new(rollout))
+        self.change_rollout(request, |req, actor| async move {
+            self.rollouts.pause(req, &actor).await
+        })
+        .await
     }
 
     async fn resume_rollout(
         &self,
         request: Request<v1::RolloutRequest>,
     ) -> Result<Response<v1::Rollout>, Status> {
-        let caller = self.authorize(&request).await?;
-        let rollout = self
-            .rollouts
-            .resume(request.into_inner(), &caller.name)
-            .await?;
-        Ok(Response::new(rollout))
+        self.change_rollout(request, |req, actor| async move {
+            self.rollouts.resume(req, &actor).await
+        })
+        .await
     }
 
     async fn abort_rollout(
         &self,
         request: Request<v1::RolloutRequest>,
     ) -> Result<Response<v1::Rollout>, Status> {
-        let caller = self.authorize(&request).await?;
-        let rollout = self
-            .rollouts
-            .abort(request.into_inner(), &caller.name)
-            .await?;
-        Ok(Response::new(rollout))
+        self.change_rollout(request, |req, actor| async move {
+            self.rollouts.abort(req, &actor).await
+        })
+        .await
     }
 
     async fn rollback_rollout(
         &self,
         request: Request<v1::RolloutRequest>,
     ) -> Result<Response<v1::Rollout>, Status> {
-        let caller = self.authorize(&request).await?;
-        let rollout = self
-            .rollouts
-            .rollback(request.into_inner(), &caller.name)
-            .await?;
-        Ok(Response::new(rollout))
+        self.change_rollout(request, |req, actor| async move {
+            self.rollouts.rollback(req, &actor).await
+        })
+        .await
     }
 
     async fn list_rollouts(
@@ -765,8 +750,7 @@ impl AdminService for AdminApi {
         let events = self
             .storage
             .events_after(req.after_seq, rollout, limit)
-            .await
-            .map_err(db)?;
+            .await?;
         Ok(Response::new(v1::ListEventsResponse {
             events: events.into_iter().map(convert::event).collect(),
         }))
@@ -786,9 +770,8 @@ impl AdminService for AdminApi {
         let store = self
             .storage
             .set_store_labels(&req.store_id, &set, &req.remove, &event, now_ms())
-            .await
-            .map_err(db)?
-            .ok_or_else(|| Status::not_found(format!("unknown store {}", req.store_id)))?;
+            .await?
+            .ok_or_else(|| unknown_store(&req.store_id))?;
         tracing::info!(store_id = %store.id, set = set.len(), removed = req.remove.len(), "Store labels changed.");
         Ok(Response::new(convert::store(store)))
     }
@@ -802,8 +785,7 @@ impl AdminService for AdminApi {
         let entries = self
             .storage
             .list_audit_entries(req.after_seq, list_limit(req.limit))
-            .await
-            .map_err(db)?;
+            .await?;
         Ok(Response::new(v1::ListAuditEntriesResponse {
             entries: entries.into_iter().map(audit::entry_view).collect(),
         }))
@@ -818,7 +800,7 @@ impl AdminService for AdminApi {
         let req = request.into_inner();
         let url = webhooks::validate_url(&req.url)?;
         let events = webhooks::validate_events(&req.events)?;
-        if self.storage.list_webhooks().await.map_err(db)?.len() >= webhooks::MAX_WEBHOOKS {
+        if self.storage.list_webhooks().await?.len() >= webhooks::MAX_WEBHOOKS {
             return Err(Status::resource_exhausted(format!(
                 "at most {} webhooks; remove one first",
                 webhooks::MAX_WEBHOOKS
@@ -832,10 +814,10 @@ impl AdminService for AdminApi {
             events,
             secret: secret.clone(),
             // Events from now on (not the fleet's history).
-            after_event_seq: self.storage.last_event_seq().await.map_err(db)?,
+            after_event_seq: self.storage.last_event_seq().await?,
             created_at_ms: now_ms(),
         };
-        self.storage.insert_webhook(&webhook).await.map_err(db)?;
+        self.storage.insert_webhook(&webhook).await?;
         if let Some(caller) = caller {
             caller.set_target(serde_json::json!({
                 "webhook_id": webhook.id,
@@ -860,7 +842,7 @@ impl AdminService for AdminApi {
         request: Request<v1::ListWebhooksRequest>,
     ) -> Result<Response<v1::ListWebhooksResponse>, Status> {
         self.authorize(&request).await?;
-        let webhooks = self.storage.list_webhooks().await.map_err(db)?;
+        let webhooks = self.storage.list_webhooks().await?;
         Ok(Response::new(v1::ListWebhooksResponse {
             webhooks: webhooks.into_iter().map(webhooks::webhook_view).collect(),
         }))
@@ -876,8 +858,7 @@ impl AdminService for AdminApi {
         let webhook = self
             .storage
             .remove_webhook(&id)
-            .await
-            .map_err(db)?
+            .await?
             .ok_or_else(|| Status::not_found(format!("unknown webhook {id}")))?;
         tracing::info!(webhook_id = %webhook.id, url = %webhook.url, "Webhook removed.");
         Ok(Response::new(webhooks::webhook_view(webhook)))
@@ -892,7 +873,7 @@ impl AdminService for AdminApi {
         let webhook = (!req.webhook_id.is_empty()).then_some(req.webhook_id.as_str());
         if let Some(id) = webhook {
             text("webhook_id", id, true, 64)?;
-            let known = self.storage.list_webhooks().await.map_err(db)?;
+            let known = self.storage.list_webhooks().await?;
             if !known.iter().any(|w| w.id == id) {
                 return Err(Status::not_found(format!("unknown webhook {id}")));
             }
@@ -900,8 +881,7 @@ impl AdminService for AdminApi {
         let deliveries = self
             .storage
             .list_deliveries(webhook, list_limit(req.limit))
-            .await
-            .map_err(db)?;
+            .await?;
         Ok(Response::new(v1::ListWebhookDeliveriesResponse {
             deliveries: deliveries
                 .into_iter()
@@ -933,8 +913,7 @@ impl AdminService for AdminApi {
                 &token.name,
                 token.created_at_ms,
             )
-            .await
-            .map_err(db)?;
+            .await?;
         if !created {
             return Err(Status::already_exists(format!(
                 "an admin token named {} exists (or existed: names are not reused)",
@@ -960,11 +939,7 @@ impl AdminService for AdminApi {
     ) -> Result<Response<v1::ListAdminTokensResponse>, Status> {
         self.authorize(&request).await?;
         let include_revoked = request.into_inner().include_revoked;
-        let tokens = self
-            .storage
-            .list_admin_tokens(include_revoked)
-            .await
-            .map_err(db)?;
+        let tokens = self.storage.list_admin_tokens(include_revoked).await?;
         Ok(Response::new(v1::ListAdminTokensResponse {
             tokens: tokens.into_iter().map(admin_token_view).collect(),
         }))
@@ -977,12 +952,7 @@ impl AdminService for AdminApi {
         let caller = self.authorize(&request).await?;
         let id = request.into_inner().id;
         text("id", &id, true, 64)?;
-        let token = match self
-            .storage
-            .revoke_admin_token(&id, now_ms())
-            .await
-            .map_err(db)?
-        {
+        let token = match self.storage.revoke_admin_token(&id, now_ms()).await? {
             AdminTokenRevocation::Revoked(token) => token,
             AdminTokenRevocation::Unknown => {
                 return Err(Status::not_found(format!("unknown admin token {id}")));

@@ -282,7 +282,7 @@ impl AgentApi {
         self.auth_cache
             .try_get_with(device_id.to_string(), async move {
                 let auth = storage.device_auth(&lookup_id).await?;
-                Ok::<_, sqlx::Error>(Arc::new(CachedAuth {
+                Ok::<_, crate::error::Error>(Arc::new(CachedAuth {
                     auth: auth.map(Arc::new),
                     read_at: Instant::now(),
                 }))

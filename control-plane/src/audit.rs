@@ -88,13 +88,13 @@ const MAX_METHOD_CHARS: usize = 64;
 
 /// Whether a method changes anything: everything but `Get*` and `List*`
 /// (an unknown method counts as mutating, so it is recorded).
-pub fn is_mutating(method: &str) -> bool {
+pub(crate) fn is_mutating(method: &str) -> bool {
     !(method.starts_with("Get") || method.starts_with("List"))
 }
 
 /// Checks `authorization: Bearer <admin API token>` and returns the token.
 /// Counts refusals in `posfleet_admin_auth_failures_total`.
-pub async fn authenticate(
+pub(crate) async fn authenticate(
     storage: &Storage,
     metrics: &Metrics,
     headers: &http::HeaderMap,
@@ -115,21 +115,21 @@ pub async fn authenticate(
             metrics.admin_auth_failures.inc();
             Err(Status::unauthenticated("admin API token is not valid"))
         }
-        Err(e) => Err(crate::error::Error::from(e).into()),
+        Err(e) => Err(e.into()),
     }
 }
 
 /// What an audit entry says a call was about: the main ids and arguments of
 /// its request, as JSON (`Null` for reads, which are not recorded). Every
 /// request type an AdminService handler authorizes implements it.
-pub trait AuditTarget {
+pub(crate) trait AuditTarget {
     fn audit_target(&self) -> Value;
 }
 
 /// The authenticated caller of one AdminService call, put in the request's
 /// extensions by [`AuditLayer`].
 #[derive(Clone)]
-pub struct Caller {
+pub(crate) struct Caller {
     identity: AdminTokenRecord,
     /// Set for mutating methods.
     record: Option<Arc<CallRecord>>,
@@ -162,7 +162,7 @@ impl Caller {
 /// character boundary, ending in `…`), every list and map to its first
 /// [`MAX_TARGET_ITEMS`] entries, and, if its JSON is still over
 /// [`MAX_TARGET_BYTES`], replaced by `{"target_bytes": <size>}`.
-pub fn bounded_target(value: Value) -> Value {
+pub(crate) fn bounded_target(value: Value) -> Value {
     fn cut(text: &str) -> String {
         if text.len() <= MAX_TARGET_STRING_BYTES {
             return text.to_string();
@@ -428,7 +428,7 @@ impl Drop for CancelGuard {
 }
 
 /// An entry as the API shows it.
-pub fn entry_view(e: crate::storage::AuditRecord) -> v1::AuditEntry {
+pub(crate) fn entry_view(e: crate::storage::AuditRecord) -> v1::AuditEntry {
     v1::AuditEntry {
         seq: e.seq,
         at_unix_ms: e.at_ms,
@@ -441,7 +441,7 @@ pub fn entry_view(e: crate::storage::AuditRecord) -> v1::AuditEntry {
 }
 
 /// The canonical name of a gRPC status code, as the audit log records it.
-pub fn code_name(code: tonic::Code) -> &'static str {
+pub(crate) fn code_name(code: tonic::Code) -> &'static str {
     use tonic::Code::*;
     match code {
         Ok => "OK",
@@ -487,7 +487,7 @@ fn method_of(path: &str) -> String {
 
 /// Wraps the AdminService server; see the module documentation.
 #[derive(Clone)]
-pub struct AuditLayer {
+pub(crate) struct AuditLayer {
     log: AuditLog,
 }
 
@@ -515,7 +515,7 @@ impl<S> tower::Layer<S> for AuditLayer {
 }
 
 #[derive(Clone)]
-pub struct AuditService<S> {
+pub(crate) struct AuditService<S> {
     inner: S,
     log: AuditLog,
 }
@@ -761,7 +761,7 @@ impl AuditTarget for v1::RevokeAdminTokenRequest {
 }
 
 /// The target of a publish, once its header is read.
-pub fn publish_target(header: &v1::PublishBundleHeader) -> Value {
+pub(crate) fn publish_target(header: &v1::PublishBundleHeader) -> Value {
     json!({
         "target": header.target,
         "targets_sha256": sha256_hex(&header.targets_json),

@@ -20,7 +20,7 @@ const DESIRED_CACHE_CAPACITY: u64 = 200_000;
 
 /// Why a store's desired state could not be read.
 #[derive(Debug, thiserror::Error)]
-pub enum DesiredError {
+pub(crate) enum DesiredError {
     #[error("store {0} does not exist")]
     UnknownStore(String),
     #[error(transparent)]
@@ -29,7 +29,7 @@ pub enum DesiredError {
 
 /// Cheap to clone: clones share the cache.
 #[derive(Clone)]
-pub struct DesiredCache {
+pub(crate) struct DesiredCache {
     storage: Storage,
     cache: moka::future::Cache<String, Arc<StoreDesiredState>>,
 }
@@ -55,7 +55,7 @@ impl DesiredCache {
                 match storage.store_desired_state(&id).await {
                     Ok(Some(state)) => Ok(Arc::new(state)),
                     Ok(None) => Err(DesiredError::UnknownStore(id)),
-                    Err(e) => Err(DesiredError::Storage(e.into())),
+                    Err(e) => Err(DesiredError::Storage(e)),
                 }
             })
             .await

@@ -1,4 +1,6 @@
-//! The control plane's errors, one variant per failing operation.
+//! The control plane's errors, one variant per failing operation. Every
+//! `Storage` method fails with this type; a gRPC handler passes it on with
+//! `?`, and the client sees an internal error while the detail is logged.
 
 use tonic::{Code, Status};
 
@@ -44,5 +46,28 @@ impl From<Error> for Status {
     fn from(error: Error) -> Status {
         tracing::error!(error = %error, "Request failed.");
         Status::new(Code::Internal, "internal error; see the control plane log")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_failures_reach_clients_as_internal_without_their_detail() {
+        for error in [
+            Error::Database(sqlx::Error::Protocol(
+                "SELECT secret_sha256 FROM admin_tokens".into(),
+            )),
+            Error::Corrupt("installed bundles of dev-admin_tokens".into()),
+            Error::Conflict("rollout ro-1 admin_tokens".into()),
+        ] {
+            let status = Status::from(error);
+            assert_eq!(status.code(), Code::Internal);
+            assert_eq!(
+                status.message(),
+                "internal error; see the control plane log"
+            );
+        }
     }
 }

@@ -12,6 +12,7 @@ use axum::routing::get;
 use std::time::{Duration, Instant};
 use tokio::sync::{Mutex, watch};
 
+use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::now_ms;
 use crate::repository::Repository;
@@ -104,7 +105,7 @@ async fn refresh_fleet_gauges(state: &HttpState) {
             .count_devices(now_ms(), state.offline_after_missed_heartbeats)
             .await?;
         let stores = state.storage.count_stores().await?;
-        Ok::<_, sqlx::Error>((devices, stores))
+        Ok::<_, Error>((devices, stores))
     })
     .await;
     match counts {
@@ -181,7 +182,7 @@ async fn repo_file(
         )
             .into_response()
     };
-    let failed = |error: Arc<sqlx::Error>| {
+    let failed = |error: Arc<Error>| {
         tracing::error!(%error, "Cannot read repository metadata.");
         (StatusCode::SERVICE_UNAVAILABLE, "repository unavailable\n").into_response()
     };

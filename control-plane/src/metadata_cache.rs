@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::error::Error;
 use crate::storage::Storage;
 
 /// How long the newest file of a role is served before it is read again,
@@ -46,21 +47,18 @@ impl MetadataCache {
 
     /// The newest file of `role` and its version (concurrent misses share
     /// one read).
-    async fn latest_entry(&self, role: &'static str) -> Result<Arc<Latest>, Arc<sqlx::Error>> {
+    async fn latest_entry(&self, role: &'static str) -> Result<Arc<Latest>, Arc<Error>> {
         let storage = self.storage.clone();
         self.latest
             .try_get_with(role, async move {
                 let latest = storage.latest_metadata(role).await?;
-                Ok::<_, sqlx::Error>(Arc::new(latest.map(|(v, body)| (v, Arc::new(body)))))
+                Ok::<_, Error>(Arc::new(latest.map(|(v, body)| (v, Arc::new(body)))))
             })
             .await
     }
 
     /// The newest file of `role`, if any.
-    pub async fn latest(
-        &self,
-        role: &'static str,
-    ) -> Result<Option<Arc<String>>, Arc<sqlx::Error>> {
+    pub async fn latest(&self, role: &'static str) -> Result<Option<Arc<String>>, Arc<Error>> {
         Ok(self
             .latest_entry(role)
             .await?
@@ -74,7 +72,7 @@ impl MetadataCache {
         &self,
         role: &'static str,
         version: i64,
-    ) -> Result<Option<Arc<String>>, Arc<sqlx::Error>> {
+    ) -> Result<Option<Arc<String>>, Arc<Error>> {
         if let Some(found) = self.versioned.get(&(role, version)).await {
             return Ok(found.as_ref().clone());
         }
@@ -90,7 +88,7 @@ impl MetadataCache {
             .versioned
             .try_get_with((role, version), async move {
                 let body = storage.metadata(role, version).await?;
-                Ok::<_, sqlx::Error>(Arc::new(body.map(Arc::new)))
+                Ok::<_, Error>(Arc::new(body.map(Arc::new)))
             })
             .await?;
         Ok(found.as_ref().clone())

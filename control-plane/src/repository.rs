@@ -44,12 +44,6 @@ impl From<BundleError> for RepoError {
     }
 }
 
-impl From<sqlx::Error> for RepoError {
-    fn from(e: sqlx::Error) -> Self {
-        RepoError::Internal(e.into())
-    }
-}
-
 impl From<RepoError> for tonic::Status {
     fn from(e: RepoError) -> Self {
         match e {

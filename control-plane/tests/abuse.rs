@@ -10,9 +10,11 @@ use common::{
     Backend, Setup, assert_status, device_request, enroll_request, heartbeat, new_key, setup,
 };
 use posfleet_proto::v1;
+use posfleet_proto::v1::agent_service_client::AgentServiceClient;
 use sqlx::{Connection, Executor};
 use std::time::{Duration, Instant};
 use tonic::Code;
+use tonic::transport::Channel;
 
 /// Database work any background task (rollout engine, webhook dispatcher)
 /// may do per second while a test runs, on a loaded machine.
@@ -50,6 +52,27 @@ async fn assert_db_uses_within<F: std::future::Future<Output = ()>>(
         used <= allowed,
         "{what}: {used} database uses, at most {allowed} allowed"
     );
+}
+
+/// A control plane with a store `s1` and one till enrolled in it.
+struct OneTill {
+    s: Setup,
+    id: String,
+    credential: String,
+    agent: AgentServiceClient<Channel>,
+}
+
+async fn one_till(backend: Backend) -> OneTill {
+    let s = setup(backend, |_| {}).await;
+    s.server.admin().await.store("s1").await;
+    let (id, credential) = s.enrolled_device("s1").await;
+    let agent = s.server.agent().await;
+    OneTill {
+        s,
+        id,
+        credential,
+        agent,
+    }
 }
 
 fn bogus_enroll() -> v1::EnrollRequest {
@@ -188,11 +211,12 @@ async fn unknown_device_id_flood_does_not_reach_the_database_beyond_a_bound(back
 }
 
 async fn wrong_secret_flood_does_not_reach_the_database_beyond_a_bound(backend: Backend) {
-    let s = setup(backend, |_| {}).await;
-    let mut admin = s.server.admin().await;
-    admin.store("s1").await;
-    let (id, credential) = s.enrolled_device("s1").await;
-    let mut agent = s.server.agent().await;
+    let OneTill {
+        s,
+        id,
+        credential,
+        mut agent,
+    } = one_till(backend).await;
     agent
         .heartbeat(heartbeat(&credential, Default::default()))
         .await
@@ -312,11 +336,12 @@ async fn alternating_p2p_addresses_cause_at_most_one_write_per_interval(backend:
 }
 
 async fn absurd_added_bytes_are_refused(backend: Backend) {
-    let s = setup(backend, |_| {}).await;
-    let mut admin = s.server.admin().await;
-    admin.store("s1").await;
-    let (_, credential) = s.enrolled_device("s1").await;
-    let mut agent = s.server.agent().await;
+    let OneTill {
+        s,
+        credential,
+        mut agent,
+        ..
+    } = one_till(backend).await;
     let status = |name: &str, origin: u64| v1::BundleStatus {
         name: name.into(),
         kind: v1::BundleKind::Software as i32,
@@ -371,11 +396,12 @@ async fn absurd_added_bytes_are_refused(backend: Backend) {
 /// till calling from loopback, as tests do, loopback addresses are kept;
 /// the unit test of `store_lan_addr` covers a till on a LAN.)
 async fn public_and_unspecified_p2p_addresses_are_refused_by_the_rule(backend: Backend) {
-    let s = setup(backend, |_| {}).await;
-    let mut admin = s.server.admin().await;
-    admin.store("s1").await;
-    let (a, a_cred) = s.enrolled_device("s1").await;
-    let mut agent = s.server.agent().await;
+    let OneTill {
+        s,
+        id: a,
+        credential: a_cred,
+        mut agent,
+    } = one_till(backend).await;
     let list = agent
         .heartbeat(heartbeat(
             &a_cred,

@@ -6,13 +6,12 @@
 //! - `engine`: the one task that applies them (`EngineHandle` wakes it);
 //! - `ops`: the operations behind `AdminService`.
 
-pub mod decide;
-pub mod engine;
+pub(crate) mod decide;
+pub(crate) mod engine;
 pub mod model;
-pub mod ops;
+pub(crate) mod ops;
 
-pub use engine::EngineHandle;
-pub use ops::Rollouts;
+pub(crate) use ops::Rollouts;
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 

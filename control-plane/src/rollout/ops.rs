@@ -43,10 +43,6 @@ where
 /// Devices named in an overlap error.
 const OVERLAP_EXAMPLES: usize = 3;
 
-fn db(e: impl Into<Error>) -> Status {
-    e.into().into()
-}
-
 /// The rollout operations, shared by the admin API's handlers.
 #[derive(Clone)]
 pub struct Rollouts {
@@ -114,10 +110,7 @@ impl Rollouts {
                 "waves": record.wave_count,
             }),
         );
-        self.storage
-            .insert_rollout(&record, &event)
-            .await
-            .map_err(db)?;
+        self.storage.insert_rollout(&record, &event).await?;
         tracing::info!(
             rollout_id = %record.id,
             bundle = %record.bundle_name,
@@ -179,9 +172,9 @@ impl Rollouts {
         let first_wave = members.iter().filter(|m| m.wave == 0).count();
         let now = crate::now_ms();
         let mut write = self.write(&rollout, now).await?;
-        write.start(&plan.upper_seeds).await.map_err(db)?;
-        write.insert_devices(&members).await.map_err(db)?;
-        write.start_wave(0).await.map_err(db)?;
+        write.start(&plan.upper_seeds).await?;
+        write.insert_devices(&members).await?;
+        write.start_wave(0).await?;
         let base = json!({ "bundle": rollout.bundle_name, "version": rollout.bundle_version });
         write
             .commit(&[
@@ -201,8 +194,7 @@ impl Rollouts {
                     merge(&base, json!({ "wave": 0, "devices": first_wave })),
                 ),
             ])
-            .await
-            .map_err(db)?;
+            .await?;
         tracing::info!(rollout_id = %rollout.id, devices = members.len(), by = actor, "Rollout started.");
         self.engine.wake();
         self.reload(&rollout.id).await
@@ -285,8 +277,7 @@ impl Rollouts {
         let acknowledged: Vec<(i64, u64)> = if to == RolloutState::Running {
             self.storage
                 .wave_counts(&rollout.id)
-                .await
-                .map_err(db)?
+                .await?
                 .into_iter()
                 .map(|(wave, c)| (wave, c.failures()))
                 .collect()
@@ -304,12 +295,8 @@ impl Rollouts {
                 },
                 to.is_final(),
             )
-            .await
-            .map_err(db)?;
-        write
-            .acknowledge_failures(&acknowledged)
-            .await
-            .map_err(db)?;
+            .await?;
+        write.acknowledge_failures(&acknowledged).await?;
         let kind = match to {
             RolloutState::Paused => "rollout.paused",
             RolloutState::Running => "rollout.resumed",
@@ -330,8 +317,7 @@ impl Rollouts {
                     "wave": rollout.current_wave,
                 }),
             )])
-            .await
-            .map_err(db)?;
+            .await?;
         tracing::info!(rollout_id = %rollout.id, state = to.as_str(), by = actor, %reason, "Rollout state changed.");
         self.engine.wake();
         self.reload(&rollout.id).await
@@ -369,7 +355,7 @@ impl Rollouts {
         let reason = who_and_why("rolled back", actor, &req.reason);
         let now = crate::now_ms();
         let mut write = self.write(&rollout, now).await?;
-        let touched = write.dispatched_devices().await.map_err(db)?;
+        let touched = write.dispatched_devices().await?;
         let release = DesiredBundleRecord {
             name: rollout.bundle_name.clone(),
             version: rollout.bundle_version.clone(),
@@ -388,10 +374,7 @@ impl Rollouts {
             })
             .filter(|(_, previous)| *previous != rollout.bundle_version)
             .collect();
-        write
-            .restore_desired(&release, &restore)
-            .await
-            .map_err(db)?;
+        write.restore_desired(&release, &restore).await?;
         let changes: Vec<crate::storage::rollouts::DeviceChange> = touched
             .iter()
             .filter(|d| d.state != DeviceState::RolledBack)
@@ -402,11 +385,10 @@ impl Rollouts {
                 reason: reason.clone(),
             })
             .collect();
-        write.change_devices(&changes).await.map_err(db)?;
+        write.change_devices(&changes).await?;
         write
             .set_state(RolloutState::RolledBack, &reason, true)
-            .await
-            .map_err(db)?;
+            .await?;
         let mut events: Vec<NewEvent> = touched
             .iter()
             .filter(|d| d.state != DeviceState::RolledBack)
@@ -440,7 +422,7 @@ impl Rollouts {
                 "devices": touched.len(),
             }),
         ));
-        write.commit(&events).await.map_err(db)?;
+        write.commit(&events).await?;
         let stores: BTreeSet<&str> = touched.iter().map(|d| d.store_id.as_str()).collect();
         for store in stores {
             self.desired.invalidate(store).await;
@@ -459,9 +441,9 @@ impl Rollouts {
             Ok(state) => RolloutState::from_proto(state),
             Err(_) => return Err(invalid("state", format!("unknown state {}", req.state))),
         };
-        let records = self.storage.list_rollouts(state).await.map_err(db)?;
+        let records = self.storage.list_rollouts(state).await?;
         let ids: Vec<String> = records.iter().map(|r| r.id.clone()).collect();
-        let counts = self.storage.rollout_counts(&ids).await.map_err(db)?;
+        let counts = self.storage.rollout_counts(&ids).await?;
         Ok(v1::ListRolloutsResponse {
             rollouts: records
                 .into_iter()
@@ -475,14 +457,13 @@ impl Rollouts {
 
     pub async fn get(&self, req: v1::RolloutRequest) -> Result<v1::RolloutDetail, Status> {
         let rollout = self.rollout(&req).await?;
-        let wave_counts = self.storage.wave_counts(&rollout.id).await.map_err(db)?;
-        let waves = self.storage.rollout_waves(&rollout.id).await.map_err(db)?;
-        let store_counts = self.storage.store_counts(&rollout.id).await.map_err(db)?;
+        let wave_counts = self.storage.wave_counts(&rollout.id).await?;
+        let waves = self.storage.rollout_waves(&rollout.id).await?;
+        let store_counts = self.storage.store_counts(&rollout.id).await?;
         let failures = self
             .storage
             .rollout_failures(&rollout.id, MAX_FAILURES_SHOWN)
-            .await
-            .map_err(db)?;
+            .await?;
         let total = sum(wave_counts.values());
         let waves = if waves.is_empty() {
             // A draft: its waves, empty.
@@ -539,8 +520,7 @@ impl Rollouts {
         text("id", &req.id, true, 64)?;
         self.storage
             .get_rollout(&req.id)
-            .await
-            .map_err(db)?
+            .await?
             .ok_or_else(|| Status::not_found(format!("unknown rollout {}", req.id)))
     }
 
@@ -548,8 +528,7 @@ impl Rollouts {
         let rollout = self
             .storage
             .get_rollout(id)
-            .await
-            .map_err(db)?
+            .await?
             .ok_or_else(|| Status::not_found(format!("unknown rollout {id}")))?;
         self.view(rollout).await
     }
@@ -558,8 +537,7 @@ impl Rollouts {
         let counts = self
             .storage
             .rollout_counts(std::slice::from_ref(&rollout.id))
-            .await
-            .map_err(db)?
+            .await?
             .remove(&rollout.id)
             .unwrap_or_default();
         rollout_view(rollout, counts)
@@ -574,8 +552,7 @@ impl Rollouts {
     ) -> Result<crate::storage::rollouts::RolloutWrite, Status> {
         self.storage
             .write_rollout(&rollout.id, rollout.revision, now)
-            .await
-            .map_err(db)?
+            .await?
             .ok_or_else(|| {
                 Status::aborted(format!(
                     "rollout {} changed while this call ran; try again",
@@ -588,8 +565,7 @@ impl Rollouts {
         let bundle = self
             .storage
             .get_bundle(name, version)
-            .await
-            .map_err(db)?
+            .await?
             .ok_or_else(|| {
                 Status::not_found(format!("bundle {name} {version} is not published"))
             })?;
@@ -643,7 +619,7 @@ impl Rollouts {
 
     async fn stores_exist(&self, field: &str, ids: &[String]) -> Result<(), Status> {
         for id in ids {
-            if !self.storage.store_exists(id).await.map_err(db)? {
+            if !self.storage.store_exists(id).await? {
                 return Err(Status::not_found(format!("{field}: unknown store {id}")));
             }
         }
@@ -741,40 +717,31 @@ impl Rollouts {
         let selected = eligible(
             self.storage
                 .select_devices(selector, &bundle.name, None)
-                .await
-                .map_err(db)?,
+                .await?,
             selector,
             &bundle.hardware,
         );
         let ours: BTreeSet<&str> = selected.iter().map(|d| d.device_id.as_str()).collect();
-        for other in self
-            .storage
-            .active_rollouts_of(&bundle.name)
-            .await
-            .map_err(db)?
-        {
+        for other in self.storage.active_rollouts_of(&bundle.name).await? {
             if Some(other.id.as_str()) == this {
                 continue;
             }
             let mut theirs: BTreeSet<String> = self
                 .storage
                 .rollout_device_ids(&other.id)
-                .await
-                .map_err(db)?
+                .await?
                 .into_iter()
                 .collect();
             let their_selector: Selector = from_json(&other.id, &other.selector_json)?;
             let their_bundle = self
                 .storage
                 .get_bundle(&other.bundle_name, &other.bundle_version)
-                .await
-                .map_err(db)?;
+                .await?;
             if let Some(their_bundle) = their_bundle {
                 let now = self
                     .storage
                     .select_devices(&their_selector, &other.bundle_name, None)
-                    .await
-                    .map_err(db)?;
+                    .await?;
                 theirs.extend(
                     eligible(now, &their_selector, &their_bundle.hardware)
                         .into_iter()
@@ -864,11 +831,11 @@ fn sum<'a>(counts: impl Iterator<Item = &'a Counts>) -> Counts {
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> Result<String, Status> {
-    serde_json::to_string(value).map_err(|e| db(Error::Corrupt(e.to_string())))
+    serde_json::to_string(value).map_err(|e| Error::Corrupt(e.to_string()).into())
 }
 
 fn from_json<T: serde::de::DeserializeOwned>(id: &str, json: &str) -> Result<T, Status> {
-    serde_json::from_str(json).map_err(|e| db(Error::Corrupt(format!("rollout {id}: {e}"))))
+    serde_json::from_str(json).map_err(|e| Error::Corrupt(format!("rollout {id}: {e}")).into())
 }
 
 /// A stored rollout as the API shows it.

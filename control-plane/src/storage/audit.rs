@@ -54,7 +54,7 @@ pub enum AdminTokenRevocation {
     LastLive,
 }
 
-fn admin_token_from_row(row: &AnyRow) -> Result<AdminTokenInfo, sqlx::Error> {
+fn admin_token_from_row(row: &AnyRow) -> Result<AdminTokenInfo, Error> {
     Ok(AdminTokenInfo {
         id: row.try_get("id")?,
         name: row.try_get("name")?,
@@ -88,7 +88,7 @@ pub struct AuditRecord {
     pub finished_at_ms: Option<i64>,
 }
 
-fn audit_from_row(row: &AnyRow) -> Result<AuditRecord, sqlx::Error> {
+fn audit_from_row(row: &AnyRow) -> Result<AuditRecord, Error> {
     Ok(AuditRecord {
         seq: row.try_get::<i64, _>("seq")?.max(0) as u64,
         at_ms: row.try_get("at_ms")?,
@@ -102,11 +102,39 @@ fn audit_from_row(row: &AnyRow) -> Result<AuditRecord, sqlx::Error> {
 }
 
 impl Storage {
+    pub async fn admin_token_count(&self) -> Result<i64, Error> {
+        Ok(
+            sqlx::query("SELECT COUNT(*) AS n FROM admin_tokens WHERE revoked_at_ms IS NULL")
+                .fetch_one(&self.pool)
+                .await?
+                .try_get("n")?,
+        )
+    }
+
+    pub async fn insert_admin_token(
+        &self,
+        id: &str,
+        secret_sha256: &str,
+        name: &str,
+        now_ms: i64,
+    ) -> Result<(), Error> {
+        sqlx::query(
+            "INSERT INTO admin_tokens (id, secret_sha256, name, created_at_ms) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(id)
+        .bind(secret_sha256)
+        .bind(name)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// The live admin token with this hash, if any.
     pub async fn admin_token_by_hash(
         &self,
         secret_sha256: &str,
-    ) -> Result<Option<AdminTokenRecord>, sqlx::Error> {
+    ) -> Result<Option<AdminTokenRecord>, Error> {
         sqlx::query(
             "SELECT id, name FROM admin_tokens WHERE secret_sha256 = $1 AND revoked_at_ms IS NULL",
         )
@@ -159,10 +187,7 @@ impl Storage {
              WHERE revoked_at_ms IS NULL ORDER BY created_at_ms, id"
         };
         let rows = sqlx::query(sql).fetch_all(&self.pool).await?;
-        Ok(rows
-            .iter()
-            .map(admin_token_from_row)
-            .collect::<Result<Vec<_>, _>>()?)
+        rows.iter().map(admin_token_from_row).collect()
     }
 
     /// Revokes a token unless it is the last live one. From the moment this
@@ -266,10 +291,7 @@ impl Storage {
             .bind(i64::from(limit))
             .fetch_all(&self.pool)
             .await?;
-        Ok(rows
-            .iter()
-            .map(audit_from_row)
-            .collect::<Result<Vec<_>, _>>()?)
+        rows.iter().map(audit_from_row).collect()
     }
 
     /// Deletes the entries of unauthenticated calls but the newest ones, at

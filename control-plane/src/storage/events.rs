@@ -64,7 +64,7 @@ impl NewEvent {
     }
 }
 
-fn event_from_row(row: &AnyRow) -> Result<EventRecord, sqlx::Error> {
+fn event_from_row(row: &AnyRow) -> Result<EventRecord, Error> {
     Ok(EventRecord {
         seq: row.try_get::<i64, _>("seq")?.max(0) as u64,
         at_ms: row.try_get("at_ms")?,
@@ -175,10 +175,7 @@ impl Storage {
                         .await?
                 }
             };
-        Ok(rows
-            .iter()
-            .map(event_from_row)
-            .collect::<Result<Vec<_>, _>>()?)
+        rows.iter().map(event_from_row).collect()
     }
 
     /// The seq of the newest committed event (0 when there is none).

@@ -1,0 +1,160 @@
+//! The bundle repository: its signed metadata files (`repo_metadata`) and
+//! the published bundles (`bundles`).
+
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use super::Storage;
+use crate::error::Error;
+
+/// One signed metadata file of the bundle repository.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetadataRecord {
+    pub role: String,
+    pub version: i64,
+    pub body: String,
+    pub expires_at_ms: i64,
+}
+
+/// A published bundle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleRecord {
+    pub target: String,
+    pub name: String,
+    pub version: String,
+    pub kind: String,
+    pub hardware: Vec<String>,
+    pub length: i64,
+    pub sha256: String,
+    pub chunks_sha256: String,
+    pub targets_version: i64,
+    pub published_at_ms: i64,
+}
+
+fn bundle_from_row(row: &AnyRow) -> Result<BundleRecord, Error> {
+    let hardware: String = row.try_get("hardware_json")?;
+    Ok(BundleRecord {
+        target: row.try_get("target")?,
+        name: row.try_get("name")?,
+        version: row.try_get("version")?,
+        kind: row.try_get("kind")?,
+        hardware: serde_json::from_str(&hardware)
+            .map_err(|e| Error::Corrupt(format!("bundle hardware: {e}")))?,
+        length: row.try_get("length")?,
+        sha256: row.try_get("sha256")?,
+        chunks_sha256: row.try_get("chunks_sha256")?,
+        targets_version: row.try_get("targets_version")?,
+        published_at_ms: row.try_get("published_at_ms")?,
+    })
+}
+
+impl Storage {
+    /// The newest version of a metadata role and its file.
+    pub async fn latest_metadata(&self, role: &str) -> Result<Option<(i64, String)>, Error> {
+        sqlx::query(
+            "SELECT version, body FROM repo_metadata WHERE role = $1 ORDER BY version DESC LIMIT 1",
+        )
+        .bind(role)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(|row| Ok((row.try_get("version")?, row.try_get("body")?)))
+        .transpose()
+    }
+
+    pub async fn metadata(&self, role: &str, version: i64) -> Result<Option<String>, Error> {
+        sqlx::query("SELECT body FROM repo_metadata WHERE role = $1 AND version = $2")
+            .bind(role)
+            .bind(version)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|row| Ok(row.try_get("body")?))
+            .transpose()
+    }
+
+    /// Stores metadata files (and the bundle they publish) in one
+    /// transaction. `Ok(false)` when one of the versions exists already:
+    /// another change got there first, and nothing was written.
+    pub async fn insert_metadata(
+        &self,
+        files: &[MetadataRecord],
+        bundle: Option<&BundleRecord>,
+        now_ms: i64,
+    ) -> Result<bool, Error> {
+        let mut tx = self.pool.begin().await?;
+        for file in files {
+            let inserted = sqlx::query(
+                "INSERT INTO repo_metadata (role, version, body, expires_at_ms, created_at_ms) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (role, version) DO NOTHING",
+            )
+            .bind(&file.role)
+            .bind(file.version)
+            .bind(&file.body)
+            .bind(file.expires_at_ms)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+            if inserted.rows_affected() == 0 {
+                tx.rollback().await?;
+                return Ok(false);
+            }
+        }
+        if let Some(b) = bundle {
+            let hardware =
+                serde_json::to_string(&b.hardware).expect("a list of strings serializes");
+            let inserted = sqlx::query(
+                "INSERT INTO bundles (target, name, version, kind, hardware_json, length, sha256, \
+                 chunks_sha256, targets_version, published_at_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (target) DO NOTHING",
+            )
+            .bind(&b.target)
+            .bind(&b.name)
+            .bind(&b.version)
+            .bind(&b.kind)
+            .bind(hardware)
+            .bind(b.length)
+            .bind(&b.sha256)
+            .bind(&b.chunks_sha256)
+            .bind(b.targets_version)
+            .bind(b.published_at_ms)
+            .execute(&mut *tx)
+            .await?;
+            if inserted.rows_affected() == 0 {
+                tx.rollback().await?;
+                return Ok(false);
+            }
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub async fn list_bundles(&self, name: Option<&str>) -> Result<Vec<BundleRecord>, Error> {
+        let query = match name {
+            Some(name) => sqlx::query(
+                "SELECT * FROM bundles WHERE name = $1 ORDER BY published_at_ms, target",
+            )
+            .bind(name.to_string()),
+            None => sqlx::query("SELECT * FROM bundles ORDER BY name, published_at_ms, target"),
+        };
+        query
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(bundle_from_row)
+            .collect()
+    }
+
+    /// The published bundle `name` `version`, if any.
+    pub async fn get_bundle(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<Option<BundleRecord>, Error> {
+        sqlx::query("SELECT * FROM bundles WHERE target = $1")
+            .bind(format!("{name}/{version}"))
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(bundle_from_row)
+            .transpose()
+    }
+}
