@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use posfleet_pki::{DeviceIdentity, Revocations};
+use posfleet_pki::{DeviceIdentity, FleetCa, Revocations};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
@@ -26,6 +26,132 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes in progress at once, per listener.
 pub const MAX_HANDSHAKES: usize = 1024;
+
+/// How long the listeners' own certificate is valid; a new one is issued at
+/// every start.
+const SERVER_CERT_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
+/// How often the revoked devices are read again, for revocations made
+/// through another replica.
+const REVOCATION_REFRESH: Duration = Duration::from_secs(5);
+
+/// The control plane's TLS: the CA that issues device certificates, the
+/// listeners' configuration, and the gate that refuses revoked devices.
+pub(crate) struct Tls {
+    pub ca: Arc<FleetCa>,
+    pub grpc: tokio_rustls::TlsAcceptor,
+    pub http: tokio_rustls::TlsAcceptor,
+    pub gate: Arc<DeviceGate>,
+    pub device_validity: Duration,
+}
+
+impl Tls {
+    /// `None` when the configuration serves plaintext. Loads (or makes) the
+    /// fleet CA, issues the listeners' certificate for `tls_server_names`,
+    /// and reads the revoked devices.
+    pub async fn open(
+        config: &crate::config::Config,
+        storage: &crate::storage::Storage,
+    ) -> Result<Option<Tls>, crate::error::Error> {
+        if !config.tls() {
+            return Ok(None);
+        }
+        let now = std::time::SystemTime::now();
+        let ca = match (&config.tls_ca_cert_path, &config.tls_ca_key_path) {
+            (Some(cert), Some(key)) => {
+                let read = |path: &std::path::Path| {
+                    std::fs::read_to_string(path).map_err(|source| posfleet_pki::Error::Read {
+                        path: path.to_path_buf(),
+                        source,
+                    })
+                };
+                FleetCa::from_pem(&read(cert)?, &read(key)?)?
+            }
+            _ => {
+                let dir = config.data_dir.join("tls");
+                let (ca, created) = FleetCa::load_or_create(&dir, now)?;
+                if created {
+                    tracing::info!(
+                        path = %dir.join(posfleet_pki::ca::CERTIFICATE_FILE).display(),
+                        fingerprint = %ca.fingerprint(),
+                        "Created the fleet CA; tills and operators trust its certificate."
+                    );
+                }
+                ca
+            }
+        };
+        let issued = ca.issue_server(&config.tls_server_names, SERVER_CERT_VALIDITY, now)?;
+        let chain = posfleet_pki::certificates_from_pem(
+            issued.chain_pem.as_bytes(),
+            "the server certificate",
+        )?;
+        let key = posfleet_pki::private_key_from_pem(issued.key_pem.as_bytes(), "the server key")?;
+        let trusted = posfleet_pki::certificates_from_pem(
+            ca.certificates_pem().as_bytes(),
+            "the CA certificate",
+        )?;
+        let gate = Arc::new(DeviceGate::new(storage.revoked_device_ids().await?));
+        let server = posfleet_pki::server_config(chain, key, &trusted, gate.clone())?;
+        let acceptor = |alpn: &[&[u8]]| {
+            let mut config = server.clone();
+            config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+            tokio_rustls::TlsAcceptor::from(Arc::new(config))
+        };
+        tracing::info!(
+            names = ?config.tls_server_names,
+            ca_fingerprint = %ca.fingerprint(),
+            "TLS on: devices enroll for a certificate and call with it."
+        );
+        Ok(Some(Tls {
+            grpc: acceptor(&[b"h2"]),
+            http: acceptor(&[b"http/1.1"]),
+            ca: Arc::new(ca),
+            gate,
+            device_validity: Duration::from_secs(
+                u64::from(config.device_cert_validity_days) * 24 * 3600,
+            ),
+        }))
+    }
+
+    /// Reads the revoked devices every few seconds and cuts any newly
+    /// revoked one, until `stop`.
+    pub fn spawn_revocation_refresh(
+        &self,
+        storage: crate::storage::Storage,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let gate = self.gate.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(REVOCATION_REFRESH) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                match storage.revoked_device_ids().await {
+                    Ok(ids) => {
+                        for id in ids {
+                            if !gate.is_revoked_id(&id) {
+                                gate.revoke(&id);
+                            }
+                        }
+                    }
+                    Err(error) => tracing::warn!(%error, "Cannot read the revoked devices."),
+                }
+            }
+        });
+    }
+}
+
+/// The remote address of a gRPC or HTTP request's connection.
+pub(crate) fn remote_address(extensions: &tonic::codegen::http::Extensions) -> Option<SocketAddr> {
+    extensions.get::<Peer>().map(|peer| peer.address)
+}
+
+/// The device a request's connection presented a certificate for.
+pub(crate) fn device_of(extensions: &tonic::codegen::http::Extensions) -> Option<&DeviceIdentity> {
+    extensions
+        .get::<Peer>()
+        .and_then(|peer| peer.device.as_ref())
+}
 
 /// Who is at the other end of a connection: its address, and the device its
 /// verified client certificate names, if it presented one.
@@ -235,6 +361,48 @@ impl axum::serve::Listener for Incoming {
     }
 }
 
+/// The first byte of every TLS connection: a handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+/// What a plaintext client on a TLS port is told.
+const PLAINTEXT_ON_TLS_PORT: &str =
+    "this port serves TLS: connect with https:// and trust the fleet CA";
+
+/// Answers a plaintext client in its own protocol, so that it can say why:
+/// an HTTP/2 client (gRPC) gets a GOAWAY carrying the reason, an HTTP/1
+/// client a 400.
+async fn refuse_plaintext(mut socket: TcpStream, first: u8) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = [0u8; 4096];
+    // Take what the client sent, so that closing does not reset the
+    // connection before it reads the answer.
+    let _ = tokio::time::timeout(Duration::from_millis(200), socket.read(&mut buf)).await;
+    let answer = if first == b'P' {
+        // The HTTP/2 preface: an empty SETTINGS frame, then GOAWAY
+        // (PROTOCOL_ERROR) with the reason as debug data.
+        let reason = PLAINTEXT_ON_TLS_PORT.as_bytes();
+        let mut frames = vec![0, 0, 0, 0x4, 0, 0, 0, 0, 0];
+        let length = (8 + reason.len()) as u32;
+        frames.extend_from_slice(&length.to_be_bytes()[1..]);
+        frames.extend_from_slice(&[0x7, 0, 0, 0, 0, 0]);
+        frames.extend_from_slice(&0u32.to_be_bytes());
+        frames.extend_from_slice(&1u32.to_be_bytes());
+        frames.extend_from_slice(reason);
+        frames
+    } else {
+        format!(
+            "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{PLAINTEXT_ON_TLS_PORT}\n",
+            PLAINTEXT_ON_TLS_PORT.len() + 1
+        )
+        .into_bytes()
+    };
+    let _ = socket.write_all(&answer).await;
+    let _ = socket.shutdown().await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while socket.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+    })
+    .await;
+}
+
 async fn accept_loop(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -279,7 +447,16 @@ async fn accept_loop(
         let sender = sender.clone();
         let gate = gate.clone();
         tokio::spawn(async move {
-            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await;
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+                let mut first = [0u8; 1];
+                socket.peek(&mut first).await?;
+                if first[0] != TLS_HANDSHAKE_RECORD {
+                    refuse_plaintext(socket, first[0]).await;
+                    return Err(io::Error::other("a plaintext client on the TLS port"));
+                }
+                acceptor.accept(socket).await
+            })
+            .await;
             drop(permit);
             let stream = match handshake {
                 Ok(Ok(stream)) => stream,
