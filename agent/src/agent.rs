@@ -337,6 +337,7 @@ impl Agent {
             hardware_model: self.config.hardware_model.clone(),
             serial_number,
             agent_version: AGENT_VERSION.into(),
+            ..Default::default()
         };
         let mut backoff = Backoff::new(
             BACKOFF_BASE,

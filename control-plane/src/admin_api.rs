@@ -38,6 +38,8 @@ pub struct AdminApi {
     repository: Arc<Repository>,
     desired: DesiredCache,
     rollouts: crate::rollout::Rollouts,
+    /// Cuts a revoked device's open connections.
+    gate: Arc<crate::tls::DeviceGate>,
 }
 
 /// Largest bundle accepted for publishing.
@@ -84,6 +86,7 @@ impl AdminApi {
         repository: Arc<Repository>,
         desired: DesiredCache,
         rollouts: crate::rollout::Rollouts,
+        gate: Arc<crate::tls::DeviceGate>,
     ) -> AdminApi {
         AdminApi {
             storage,
@@ -91,6 +94,7 @@ impl AdminApi {
             repository,
             desired,
             rollouts,
+            gate,
         }
     }
 
@@ -416,8 +420,10 @@ impl AdminService for AdminApi {
             .revoke_device(&req.device_id, &req.reason, now_ms())
             .await?
             .ok_or_else(|| unknown_device(&req.device_id))?;
-        // Its store's tills drop it with their next heartbeat from here; on
-        // other replicas within the cache's lifetime.
+        // Its own connections are cut now (on other replicas within a few
+        // seconds); its store's tills drop it with their next heartbeat from
+        // here, on other replicas within the cache's lifetime.
+        self.gate.revoke(&req.device_id);
         self.desired.invalidate(&store).await;
         let device = self.existing_device(&req.device_id).await?;
         tracing::warn!(device_id = %device.id, store_id = %store, reason = %req.reason, "Device revoked.");

@@ -109,7 +109,17 @@ struct Limits {
     failures: PeerLimit,
 }
 
+/// What the agent API needs when the control plane serves TLS.
+pub struct AgentTls {
+    pub ca: Arc<posfleet_pki::FleetCa>,
+    /// Lifetime of an issued device certificate.
+    pub validity: Duration,
+    pub gate: Arc<crate::tls::DeviceGate>,
+}
+
 pub struct AgentApi {
+    /// `None` over plaintext: devices then present their credential.
+    tls: Option<AgentTls>,
     storage: Storage,
     metrics: Metrics,
     queue: HeartbeatQueue,
@@ -131,6 +141,7 @@ impl AgentApi {
         queue: HeartbeatQueue,
         desired: DesiredCache,
         config: &Config,
+        tls: Option<AgentTls>,
     ) -> AgentApi {
         let limits = Arc::new(Limits {
             enroll: PeerLimit::new(
@@ -164,6 +175,7 @@ impl AgentApi {
                 .build()
         });
         AgentApi {
+            tls,
             storage,
             metrics,
             queue,
@@ -198,7 +210,7 @@ impl AgentApi {
         &self,
         request: &Request<T>,
     ) -> Result<(String, Arc<DeviceAuth>), Status> {
-        let peer = Peer::of(request.remote_addr().map(|a| a.ip()));
+        let peer = Peer::of(crate::tls::remote_address(request.extensions()).map(|a| a.ip()));
         let result = self.check_credential(request, peer).await;
         if let Err(status) = &result
             && status.code() == Code::Unauthenticated
@@ -214,6 +226,9 @@ impl AgentApi {
         request: &Request<T>,
         peer: Peer,
     ) -> Result<(String, Arc<DeviceAuth>), Status> {
+        if let Some(tls) = &self.tls {
+            return self.check_certificate(request, peer, tls).await;
+        }
         let credential = request
             .metadata()
             .get(posfleet_proto::AUTHORIZATION)
@@ -276,6 +291,47 @@ impl AgentApi {
 
     /// The device's credential, from memory or read once (concurrent
     /// misses share the read); an unknown id is remembered too.
+    /// Over TLS the device is the one its verified certificate names (the
+    /// handshake already refused other CAs', expired and revoked ones): it
+    /// must still be enrolled, in the store the certificate names, and not
+    /// revoked since the connection opened.
+    async fn check_certificate<T>(
+        &self,
+        request: &Request<T>,
+        peer: Peer,
+        tls: &AgentTls,
+    ) -> Result<(String, Arc<DeviceAuth>), Status> {
+        let device = crate::tls::device_of(request.extensions()).ok_or_else(|| {
+            Status::unauthenticated(
+                "no device certificate: this control plane serves mutual TLS; \
+                 call with the certificate issued at enrollment (enroll first)",
+            )
+        })?;
+        let device_id = device.device_id.clone();
+        if tls.gate.is_revoked_id(&device_id) {
+            return Err(Status::permission_denied(format!(
+                "device {device_id} is revoked"
+            )));
+        }
+        let cached = match self.auth_cache.get(&device_id).await {
+            Some(cached) => cached,
+            None => {
+                self.limits.failures.check(peer)?;
+                self.read_auth(&device_id).await?
+            }
+        };
+        match &cached.auth {
+            Some(auth) if auth.store_id == device.store_id => Ok((device_id, auth.clone())),
+            Some(_) => Err(Status::unauthenticated(format!(
+                "the certificate of device {device_id} names store {}, not the device's: enroll again",
+                device.store_id
+            ))),
+            None => Err(Status::unauthenticated(format!(
+                "unknown device {device_id}: enroll again"
+            ))),
+        }
+    }
+
     async fn read_auth(&self, device_id: &str) -> Result<Arc<CachedAuth>, Status> {
         let storage = self.storage.clone();
         let lookup_id = device_id.to_string();
@@ -309,6 +365,29 @@ fn lookup_failed(device_id: &str, error: impl std::fmt::Display) -> Status {
     tracing::error!(%error, device_id = %device_id, "Device lookup failed.");
     Status::unavailable("device lookup failed; retry later")
 }
+
+impl AgentApi {
+    /// Over TLS an enrollment must carry a certificate request for the key
+    /// that signed it; checked before the token is spent.
+    fn check_certificate_request(&self, req: &EnrollRequest, key: &VerifyingKey) -> Option<Status> {
+        self.tls.as_ref()?;
+        if req.certificate_request.is_empty() {
+            return Some(invalid(
+                "certificate_request",
+                "is required: this control plane serves TLS and issues the device a certificate",
+            ));
+        }
+        if req.certificate_request.len() > MAX_CERTIFICATE_REQUEST_BYTES {
+            return Some(invalid("certificate_request", "is too large"));
+        }
+        posfleet_pki::ca::check_request(&req.certificate_request, key.as_bytes())
+            .err()
+            .map(|error| invalid("certificate_request", error))
+    }
+}
+
+/// A certificate request for an Ed25519 key is a few hundred bytes.
+const MAX_CERTIFICATE_REQUEST_BYTES: usize = 4096;
 
 fn refused_credential(device_id: &str, cached: &CachedAuth) -> Status {
     match cached.auth {
@@ -520,7 +599,7 @@ impl AgentService for AgentApi {
         &self,
         request: Request<EnrollRequest>,
     ) -> Result<Response<EnrollResponse>, Status> {
-        let peer = Peer::of(request.remote_addr().map(|a| a.ip()));
+        let peer = Peer::of(crate::tls::remote_address(request.extensions()).map(|a| a.ip()));
         let count = |result: &str| self.metrics.enrollments.with_label_values(&[result]).inc();
         // Past its budget of refused calls, a peer is refused before any
         // work, the signature check included.
@@ -542,6 +621,11 @@ impl AgentService for AgentApi {
                 return Err(status);
             }
         };
+        if let Some(status) = self.check_certificate_request(&req, &key) {
+            let _ = self.limits.failures.charge(peer);
+            count("invalid");
+            return Err(status);
+        }
         let token_sha256 = secret::hash(&req.enrollment_token);
         if let Some(refusal) = self.refused_tokens.get(&token_sha256).await {
             let _ = self.limits.failures.charge(peer);
@@ -577,12 +661,35 @@ impl AgentService for AgentApi {
                     hardware_model = %device.hardware_model,
                     "Device enrolled."
                 );
-                Ok(Response::new(EnrollResponse {
+                let mut response = EnrollResponse {
                     device_credential: secret::device_credential(&device.id, &device_secret),
                     device_id: device.id,
                     store_id: device.store_id,
                     heartbeat_interval_seconds: interval,
-                }))
+                    ..Default::default()
+                };
+                if let Some(tls) = &self.tls {
+                    // The certificate is the identity: no bearer secret.
+                    response.device_credential.clear();
+                    let issued = tls
+                        .ca
+                        .issue_device(
+                            &req.certificate_request,
+                            key.as_bytes(),
+                            &response.device_id,
+                            &response.store_id,
+                            tls.validity,
+                            std::time::SystemTime::now(),
+                        )
+                        .map_err(|error| {
+                            tracing::error!(%error, device_id = %response.device_id, "Cannot issue a device certificate.");
+                            Status::internal("cannot issue the device certificate; retry the enrollment")
+                        })?;
+                    tracing::info!(device_id = %response.device_id, serial = %issued.serial, "Device certificate issued.");
+                    response.device_certificate_pem = issued.pem;
+                    response.trust_bundle_pem = tls.ca.certificates_pem().to_string();
+                }
+                Ok(Response::new(response))
             }
             Err(error) => {
                 let (result, status) = match (TokenRefusal::of(&error), &error) {
@@ -635,8 +742,7 @@ impl AgentService for AgentApi {
         };
         // Loopback P2P addresses are kept only from a till on this very
         // machine (development and tests): see `validate::store_lan_addr`.
-        let calls_from_loopback = request
-            .remote_addr()
+        let calls_from_loopback = crate::tls::remote_address(request.extensions())
             .is_some_and(|a| a.ip().to_canonical().is_loopback());
         let req = request.into_inner();
         if let Err(status) = validate_heartbeat(&req) {

@@ -55,7 +55,6 @@ use std::time::{Duration, Instant};
 use tonic::Status;
 use tonic::codegen::http;
 use tonic::server::NamedService;
-use tonic::transport::server::TcpConnectInfo;
 
 use crate::metrics::Metrics;
 use crate::storage::{
@@ -556,10 +555,7 @@ where
             let at_ms = now_ms();
             let method = method_of(request.uri().path());
             let auth = authenticate(&log.storage, &log.metrics, request.headers()).await;
-            let peer_address = request
-                .extensions()
-                .get::<TcpConnectInfo>()
-                .and_then(TcpConnectInfo::remote_addr)
+            let peer_address = crate::tls::remote_address(request.extensions())
                 .map(|a| a.to_string())
                 .unwrap_or_default();
             let record = |actor: String| {

@@ -29,10 +29,22 @@ pub struct Config {
     pub database_max_connections: u32,
     pub log_format: LogFormat,
     pub log_level: String,
-    /// Serve plaintext gRPC beyond loopback. Until TLS is configured, gRPC
-    /// carries API tokens and device credentials in clear, so this is for
-    /// development networks only.
+    /// Serve plaintext gRPC beyond loopback. Without TLS, gRPC carries API
+    /// tokens and device credentials in clear, so this is for development
+    /// networks only.
     pub insecure_dev: bool,
+    /// Host names and IP addresses the server's certificate is issued for.
+    /// Set, both listeners serve TLS: enrollment issues each till a
+    /// certificate from the fleet CA and every later agent call is mutual
+    /// TLS. Empty: plaintext.
+    pub tls_server_names: Vec<String>,
+    /// The company's CA (or an intermediate) to issue from, as PEM files:
+    /// its certificate (optionally followed by the ones above it) and its
+    /// key. Unset: a fleet CA made at first start in `data_dir/tls`.
+    pub tls_ca_cert_path: Option<PathBuf>,
+    pub tls_ca_key_path: Option<PathBuf>,
+    /// Lifetime of the certificate issued to a till.
+    pub device_cert_validity_days: u32,
     /// Limit of one webhook request, connection included.
     pub webhook_timeout_seconds: u64,
     /// Attempts of a webhook delivery before it is given up.
@@ -80,6 +92,10 @@ impl Default for Config {
             log_format: LogFormat::Text,
             log_level: "info".into(),
             insecure_dev: false,
+            tls_server_names: Vec::new(),
+            tls_ca_cert_path: None,
+            tls_ca_key_path: None,
+            device_cert_validity_days: 30,
             webhook_timeout_seconds: 10,
             webhook_max_attempts: 10,
             webhook_retry_initial_milliseconds: 1000,
@@ -141,6 +157,19 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub insecure_dev: bool,
+    /// A name for the server certificate (repeat for several); turns TLS on.
+    #[arg(long = "tls-server-name")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tls_server_names: Vec<String>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca_cert_path: Option<PathBuf>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca_key_path: Option<PathBuf>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_cert_validity_days: Option<u32>,
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub webhook_timeout_seconds: Option<u64>,
@@ -204,15 +233,41 @@ impl Config {
                 )
             })?);
         }
-        if !addresses[0].ip().is_loopback() && !self.insecure_dev {
+        if !addresses[0].ip().is_loopback() && !self.insecure_dev && !self.tls() {
             return Err(ConfigError::new(
                 "grpc_listen_address",
                 format!(
-                    "`{}` is not a loopback address, and gRPC is plaintext until TLS is configured; \
-                     set insecure_dev = true (--insecure-dev) to serve it on the network anyway",
+                    "`{}` is not a loopback address, and gRPC is plaintext without TLS; \
+                     set tls_server_names (--tls-server-name) to the names tills reach it by, \
+                     or insecure_dev = true (--insecure-dev) to serve plaintext on the network anyway",
                     self.grpc_listen_address
                 ),
             ));
+        }
+        if self.tls_ca_cert_path.is_some() != self.tls_ca_key_path.is_some() {
+            return Err(ConfigError::new(
+                if self.tls_ca_cert_path.is_some() {
+                    "tls_ca_key_path"
+                } else {
+                    "tls_ca_cert_path"
+                },
+                "tls_ca_cert_path and tls_ca_key_path go together: set both or neither",
+            ));
+        }
+        if self.tls_ca_cert_path.is_some() && !self.tls() {
+            return Err(ConfigError::new(
+                "tls_server_names",
+                "a CA is configured but TLS is off: set the names the server is reached by",
+            ));
+        }
+        for name in &self.tls_server_names {
+            let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':');
+            if name.is_empty() || !name.chars().all(plain) {
+                return Err(ConfigError::new(
+                    "tls_server_names",
+                    format!("`{name}` is not a host name or an IP address"),
+                ));
+            }
         }
         if !(1..=3600).contains(&self.heartbeat_interval_seconds) {
             return Err(ConfigError::new(
@@ -304,6 +359,11 @@ impl Config {
                 self.p2p_address_change_interval_seconds,
                 0..=86_400,
             ),
+            (
+                "device_cert_validity_days",
+                self.device_cert_validity_days.into(),
+                1..=397,
+            ),
         ] {
             if !range.contains(&value) {
                 return Err(ConfigError::new(
@@ -317,6 +377,11 @@ impl Config {
         }
         posfleet_runtime::logging::check_log_level(&self.log_level)?;
         Ok(())
+    }
+
+    /// Whether the listeners serve TLS.
+    pub fn tls(&self) -> bool {
+        !self.tls_server_names.is_empty()
     }
 
     /// The database URL actually used: SQLite in the data dir unless set.
@@ -375,6 +440,53 @@ mod tests {
             "peer_enroll_burst_calls",
         );
         check_err(&["--rate-limit-max-peers", "10"], "rate_limit_max_peers");
+    }
+
+    #[test]
+    fn tls_names_serve_beyond_loopback_and_a_ca_needs_both_files() {
+        let config = Config::load(&args(&[
+            "--grpc-listen-address",
+            "0.0.0.0:7400",
+            "--tls-server-name",
+            "cp.example",
+            "--tls-server-name",
+            "10.0.0.5",
+        ]))
+        .unwrap();
+        assert!(config.tls());
+        assert_eq!(config.tls_server_names, ["cp.example", "10.0.0.5"]);
+        check_err(
+            &[
+                "--tls-server-name",
+                "cp.example",
+                "--tls-ca-cert-path",
+                "ca.crt",
+            ],
+            "tls_ca_key_path",
+        );
+        check_err(
+            &[
+                "--tls-ca-cert-path",
+                "ca.crt",
+                "--tls-ca-key-path",
+                "ca.key",
+            ],
+            "tls_server_names",
+        );
+        check_err(&["--tls-server-name", "cp/example"], "tls_server_names");
+        check_err(
+            &["--device-cert-validity-days", "0"],
+            "device_cert_validity_days",
+        );
+        let from_env = Config::load_from(
+            &args(&[]),
+            [(
+                OsString::from("POSFLEET_TLS_SERVER_NAMES"),
+                OsString::from("[cp.example, 10.0.0.5]"),
+            )],
+        )
+        .unwrap();
+        assert_eq!(from_env.tls_server_names, ["cp.example", "10.0.0.5"]);
     }
 
     #[test]

@@ -38,6 +38,8 @@ pub enum Error {
     EngineLockLost(String),
     #[error("cannot build the webhook HTTP client: {0}")]
     WebhookClient(String),
+    #[error("TLS: {0}")]
+    Tls(#[from] posfleet_pki::Error),
 }
 
 /// Storage errors become INTERNAL without leaking SQL to callers; the detail

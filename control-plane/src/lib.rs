@@ -33,6 +33,7 @@ pub mod rollout;
 mod secret;
 pub mod storage;
 mod timeout;
+pub mod tls;
 mod validate;
 mod webhooks;
 
@@ -78,6 +79,7 @@ pub struct ControlPlane {
     storage: Storage,
     metrics: Metrics,
     repository: Arc<repository::Repository>,
+    tls: Option<tls::Tls>,
 }
 
 /// The file of a SQLite database URL (`sqlite://path?mode=rwc`,
@@ -153,11 +155,13 @@ impl ControlPlane {
         })?;
         let metrics = Metrics::new();
         metrics.register_storage(&storage);
+        let tls = tls::Tls::open(&config, &storage).await?;
         let control_plane = ControlPlane {
             config,
             storage,
             metrics,
             repository: Arc::new(repository),
+            tls,
         };
         control_plane.bootstrap_admin_token().await?;
         Ok(control_plane)
@@ -225,7 +229,9 @@ impl ControlPlane {
             storage,
             metrics,
             repository,
+            tls,
         } = self;
+        let gate = tls.as_ref().map(|tls| tls.gate.clone()).unwrap_or_default();
         let (stop_tx, stop_rx) = watch::channel(false);
         let (queue, writer) = heartbeat::spawn_writer(
             storage.clone(),
@@ -255,6 +261,11 @@ impl ControlPlane {
             queue,
             desired.clone(),
             &config,
+            tls.as_ref().map(|tls| agent_api::AgentTls {
+                ca: tls.ca.clone(),
+                validity: tls.device_validity,
+                gate: tls.gate.clone(),
+            }),
         ))
         .max_decoding_message_size(max_message);
         let admin = AdminServiceServer::new(admin_api::AdminApi::new(
@@ -263,6 +274,7 @@ impl ControlPlane {
             repository.clone(),
             desired.clone(),
             rollout::Rollouts::new(storage.clone(), desired, engine),
+            gate.clone(),
         ))
         // Publishing streams bundles in 1 MiB messages and carries whole
         // targets metadata files.
@@ -296,8 +308,15 @@ impl ControlPlane {
             let _ = rx.wait_for(|stop| *stop).await;
         };
 
-        tracing::info!(address = %grpc.local_addr().map_err(Error::Http)?, "gRPC listening.");
-        tracing::info!(address = %http.local_addr().map_err(Error::Http)?, "HTTP listening.");
+        if let Some(tls) = &tls {
+            tls.spawn_revocation_refresh(storage.clone(), stop_rx.clone());
+        }
+        let grpc = tls::Incoming::start(grpc, tls.as_ref().map(|t| t.grpc.clone()), gate.clone())
+            .map_err(Error::Http)?;
+        let http = tls::Incoming::start(http, tls.as_ref().map(|t| t.http.clone()), gate)
+            .map_err(Error::Http)?;
+        tracing::info!(address = %grpc.local_addr(), tls = tls.is_some(), "gRPC listening.");
+        tracing::info!(address = %http.local_addr(), tls = tls.is_some(), "HTTP listening.");
         let grpc_server = tonic::transport::Server::builder()
             // 30 s per call, but an idle timeout for bundle uploads.
             .layer(timeout::RequestTimeoutLayer::new(timeout::REQUEST_TIMEOUT))
@@ -306,10 +325,7 @@ impl ControlPlane {
             .add_service(reflection)
             .add_service(agent)
             .add_service(admin)
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(grpc),
-                stopped(stop_rx.clone()),
-            );
+            .serve_with_incoming_shutdown(grpc.into_stream(), stopped(stop_rx.clone()));
         // Re-sign snapshot and timestamp before they expire.
         let refresher = repository.clone();
         let mut refresher_stop = stop_rx.clone();

@@ -234,16 +234,7 @@ impl FleetCa {
                 return Err(Error::BadName(name.to_string()));
             }
         }
-        // Parsing checks the request's own signature.
-        let parsed =
-            CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(request))
-                .map_err(|e| Error::BadRequest(e.to_string()))?;
-        use rcgen::PublicKeyData;
-        if parsed.public_key.algorithm() != &rcgen::PKCS_ED25519
-            || parsed.public_key.der_bytes() != proof_key.as_slice()
-        {
-            return Err(Error::KeyMismatch);
-        }
+        let parsed = parse_request(request, proof_key)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params
@@ -288,6 +279,30 @@ impl FleetCa {
         }
         Ok(())
     }
+}
+
+/// Checks a certificate request before anything is spent on it (an
+/// enrollment token's use): it must parse, carry a valid signature, and be
+/// for `proof_key`, the Ed25519 key that signed the proof.
+pub fn check_request(request: &[u8], proof_key: &[u8; 32]) -> Result<(), Error> {
+    parse_request(request, proof_key).map(|_| ())
+}
+
+fn parse_request(
+    request: &[u8],
+    proof_key: &[u8; 32],
+) -> Result<CertificateSigningRequestParams, Error> {
+    // Parsing checks the request's own signature.
+    let parsed =
+        CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(request))
+            .map_err(|e| Error::BadRequest(e.to_string()))?;
+    use rcgen::PublicKeyData;
+    if parsed.public_key.algorithm() != &rcgen::PKCS_ED25519
+        || parsed.public_key.der_bytes() != proof_key.as_slice()
+    {
+        return Err(Error::KeyMismatch);
+    }
+    Ok(parsed)
 }
 
 /// SHA-256 of a certificate's DER, in lowercase hex.

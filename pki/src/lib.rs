@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod ca;
+pub mod channel;
 pub mod error;
 pub mod identity;
 pub mod request;
@@ -20,6 +21,7 @@ pub mod tls;
 use std::sync::Arc;
 
 pub use ca::{DeviceCertificate, FleetCa, ServerCertificate};
+pub use channel::grpc_channel;
 pub use error::Error;
 pub use identity::DeviceIdentity;
 pub use request::{certificate_request, private_key_der};

@@ -67,7 +67,8 @@ fn roots(trusted: &[CertificateDer<'static>]) -> Result<Arc<RootCertStore>, Erro
 /// CA's), asks every client for a certificate from `client_cas` but lets
 /// one in without (enrollment needs none; every other call checks for the
 /// identity itself), and refuses at the handshake a certificate from another
-/// CA, out of its validity, not a device's, or of a revoked device.
+/// CA, out of its validity, not a device's, or of a revoked device. No
+/// session is resumed, so those checks run on every connection.
 pub fn server_config(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
@@ -80,10 +81,15 @@ pub fn server_config(
         .build()
         .map_err(|e| Error::Certificate(format!("client verifier: {e}")))?;
     let verifier = Arc::new(DeviceVerifier { inner, revocations });
-    Ok(ServerConfig::builder_with_provider(provider)
+    let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)?)
+        .with_single_cert(chain, key)?;
+    // A resumed session skips the certificate checks: a revoked or expired
+    // device would get back in. Every connection is a full handshake.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(config)
 }
 
 /// The client side: trusts the servers `trusted` issued, and presents

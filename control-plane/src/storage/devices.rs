@@ -389,6 +389,17 @@ impl Storage {
             .map(|row| row.try_get("store_id"))
             .transpose()?)
     }
+
+    /// Every revoked device's id.
+    pub async fn revoked_device_ids(&self) -> Result<Vec<String>, Error> {
+        let rows = sqlx::query("SELECT id FROM devices WHERE revoked_at_ms IS NOT NULL")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|row| row.try_get("id"))
+            .collect::<Result<_, _>>()?)
+    }
 }
 
 #[cfg(test)]

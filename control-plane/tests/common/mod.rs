@@ -9,6 +9,7 @@ use posfleet_bundle::repo::{self, RootKeys};
 use posfleet_bundle::tuf::{self, TARGETS, Targets};
 use posfleet_control_plane::ControlPlane;
 use posfleet_control_plane::config::Config;
+use posfleet_pki::rustls::pki_types::CertificateDer;
 use posfleet_proto::v1;
 use posfleet_proto::v1::admin_service_client::AdminServiceClient;
 use posfleet_proto::v1::agent_service_client::AgentServiceClient;
@@ -75,6 +76,8 @@ impl TestDb {
 
 pub struct TestServer {
     pub grpc_url: String,
+    /// The fleet CA's certificates, when the server serves TLS.
+    pub trusted: Option<Vec<CertificateDer<'static>>>,
     pub http_addr: SocketAddr,
     pub admin_token: String,
     pub config: Config,
@@ -86,11 +89,17 @@ impl TestServer {
     pub async fn start(config: Config) -> TestServer {
         let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let grpc_url = format!("http://{}", grpc.local_addr().unwrap());
+        let scheme = if config.tls() { "https" } else { "http" };
+        let grpc_url = format!("{scheme}://{}", grpc.local_addr().unwrap());
         let http_addr = http.local_addr().unwrap();
         let control_plane = ControlPlane::open(config.clone())
             .await
             .expect("open control plane");
+        let trusted = config.tls().then(|| {
+            let pem = std::fs::read(config.data_dir.join("tls").join("fleet-ca.crt"))
+                .expect("the fleet CA made at first start");
+            posfleet_pki::certificates_from_pem(&pem, "the fleet CA").unwrap()
+        });
         let admin_token = std::fs::read_to_string(control_plane.admin_token_path())
             .unwrap()
             .trim()
@@ -103,6 +112,7 @@ impl TestServer {
         let handle = tokio::spawn(control_plane.serve(grpc, http, shutdown));
         TestServer {
             grpc_url,
+            trusted,
             http_addr,
             admin_token,
             config,
@@ -118,11 +128,29 @@ impl TestServer {
     }
 
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.grpc_url.clone())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
+        match &self.trusted {
+            None => Channel::from_shared(self.grpc_url.clone())
+                .unwrap()
+                .connect()
+                .await
+                .unwrap(),
+            Some(_) => self.tls_channel(None),
+        }
+    }
+
+    /// A channel over TLS trusting the fleet CA, presenting `identity` (a
+    /// device certificate and its key) when given.
+    pub fn tls_channel(&self, identity: Option<(&str, &SigningKey)>) -> Channel {
+        let trusted = self.trusted.as_ref().expect("the server serves TLS");
+        let identity = identity.map(|(pem, key)| {
+            (
+                posfleet_pki::certificates_from_pem(pem.as_bytes(), "device certificate").unwrap(),
+                posfleet_pki::private_key_der(key).unwrap(),
+            )
+        });
+        let config = posfleet_pki::client_config(trusted, identity).unwrap();
+        let endpoint = tonic::transport::Endpoint::from_shared(self.grpc_url.clone()).unwrap();
+        posfleet_pki::grpc_channel(&endpoint, Some(std::sync::Arc::new(config)))
     }
 
     pub async fn admin(&self) -> Admin {
@@ -420,6 +448,8 @@ pub fn enroll_request_for(
         hardware_model: hardware_model.into(),
         serial_number: serial.into(),
         agent_version: "0.9.0".into(),
+        // Ignored over plaintext; what a TLS control plane requires.
+        certificate_request: posfleet_pki::certificate_request(key).unwrap(),
     }
 }
 

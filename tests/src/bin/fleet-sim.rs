@@ -552,6 +552,7 @@ async fn main() -> anyhow::Result<()> {
                     hardware_model: "sim-pos".into(),
                     serial_number: serial,
                     agent_version: "0.1.0".into(),
+                    ..Default::default()
                 })
                 .await
                 .map_err(|s| s.code())?;
@@ -1175,6 +1176,7 @@ fn bogus_enroll() -> v1::EnrollRequest {
         hardware_model: "sim-pos".into(),
         serial_number: "FLOOD".into(),
         agent_version: "0.1.0".into(),
+        ..Default::default()
     }
 }
 

@@ -1,0 +1,284 @@
+//! The control plane serving TLS: enrollment over server-authenticated TLS
+//! issues the till a certificate, every later call is mutual TLS and the
+//! device is the one its certificate names, and a revoked till is cut off.
+
+mod common;
+
+use common::*;
+use ed25519_dalek::SigningKey;
+use posfleet_pki::FleetCa;
+use posfleet_proto::v1;
+use posfleet_proto::v1::agent_service_client::AgentServiceClient;
+use std::time::{Duration, SystemTime};
+use tonic::Code;
+
+async fn tls_setup() -> Setup {
+    setup(Backend::Sqlite, |config| {
+        config.tls_server_names = vec!["127.0.0.1".into()];
+    })
+    .await
+}
+
+/// Enrolls a new till in `store` over TLS: its key, and the response.
+async fn enroll(setup: &Setup, store: &str) -> (SigningKey, v1::EnrollResponse) {
+    let mut admin = setup.server.admin().await;
+    let token = admin.token(store, 1, 0).await.unwrap().secret;
+    let key = new_key();
+    let response = setup
+        .server
+        .agent()
+        .await
+        .enroll(enroll_request(&key, &token, "SN-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    (key, response)
+}
+
+fn as_device(
+    setup: &Setup,
+    key: &SigningKey,
+    certificate_pem: &str,
+) -> AgentServiceClient<tonic::transport::Channel> {
+    AgentServiceClient::new(setup.server.tls_channel(Some((certificate_pem, key))))
+}
+
+/// A call refused below gRPC (the connection or its TLS handshake), with
+/// `reason` in the error's chain.
+fn assert_transport_error<T: std::fmt::Debug>(result: Result<T, tonic::Status>, reason: &str) {
+    let status = result.expect_err("the connection should be refused");
+    let chain = format!("{status:?}");
+    assert!(
+        matches!(
+            status.code(),
+            Code::Unavailable | Code::Unknown | Code::Internal
+        ),
+        "{chain}"
+    );
+    assert!(chain.contains(reason), "`{reason}` should be in {chain}");
+}
+
+fn hello() -> v1::HeartbeatRequest {
+    v1::HeartbeatRequest {
+        agent_version: "1.0.0".into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn enrollment_issues_a_certificate_and_later_calls_go_by_it() {
+    let setup = tls_setup().await;
+    setup.server.admin().await.store("lyon-01").await;
+    let (key, enrolled) = enroll(&setup, "lyon-01").await;
+    assert!(
+        enrolled.device_credential.is_empty(),
+        "no bearer secret over TLS"
+    );
+    let identity = posfleet_pki::DeviceIdentity::from_certificate(
+        &posfleet_pki::certificates_from_pem(enrolled.device_certificate_pem.as_bytes(), "cert")
+            .unwrap()[0],
+    )
+    .unwrap();
+    assert_eq!(identity.device_id, enrolled.device_id);
+    assert_eq!(identity.store_id, "lyon-01");
+    let days = (identity.not_after - identity.not_before) / 86_400;
+    assert_eq!(days, 30, "the default device_cert_validity_days");
+    assert!(enrolled.trust_bundle_pem.contains("BEGIN CERTIFICATE"));
+
+    // Without the certificate: refused, saying what to present.
+    assert_status(
+        setup.server.agent().await.heartbeat(hello()).await,
+        Code::Unauthenticated,
+        "no device certificate",
+    );
+    // A credential header is no way in over TLS.
+    assert_status(
+        setup
+            .server
+            .agent()
+            .await
+            .heartbeat(heartbeat(
+                &format!("{}.secret", enrolled.device_id),
+                hello(),
+            ))
+            .await,
+        Code::Unauthenticated,
+        "no device certificate",
+    );
+    // With it: the heartbeat counts for the device the certificate names.
+    as_device(&setup, &key, &enrolled.device_certificate_pem)
+        .heartbeat(hello())
+        .await
+        .unwrap();
+    let mut admin = setup.server.admin().await;
+    eventually(&mut admin, &enrolled.device_id, |d| {
+        d.agent_version == "1.0.0"
+    })
+    .await;
+    setup.finish().await;
+}
+
+#[tokio::test]
+async fn an_enrollment_without_a_valid_request_is_refused_and_keeps_the_token() {
+    let setup = tls_setup().await;
+    let mut admin = setup.server.admin().await;
+    admin.store("lyon-01").await;
+    let token = admin.token("lyon-01", 1, 0).await.unwrap().secret;
+    let mut agent = setup.server.agent().await;
+    let key = new_key();
+
+    let mut without = enroll_request(&key, &token, "SN-1");
+    without.certificate_request.clear();
+    assert_status(
+        agent.enroll(without).await,
+        Code::InvalidArgument,
+        "certificate_request",
+    );
+    // A request for another key than the one that signed the proof.
+    let mut other_key = enroll_request(&key, &token, "SN-1");
+    other_key.certificate_request = posfleet_pki::certificate_request(&new_key()).unwrap();
+    assert_status(
+        agent.enroll(other_key).await,
+        Code::InvalidArgument,
+        "another key",
+    );
+    let mut garbage = enroll_request(&key, &token, "SN-1");
+    garbage.certificate_request = vec![0x30, 0x03, 1, 2, 3];
+    assert_status(
+        agent.enroll(garbage).await,
+        Code::InvalidArgument,
+        "certificate_request",
+    );
+    // The one use of the token is still there.
+    agent
+        .enroll(enroll_request(&key, &token, "SN-1"))
+        .await
+        .unwrap();
+    setup.finish().await;
+}
+
+#[tokio::test]
+async fn a_certificate_naming_another_store_than_the_devices_is_refused() {
+    let setup = tls_setup().await;
+    let mut admin = setup.server.admin().await;
+    admin.store("lyon-01").await;
+    let (key, enrolled) = enroll(&setup, "lyon-01").await;
+    // Made with the fleet CA's own key (as a compromised issuing process
+    // might): the device is right, the store is not.
+    let tls = setup.server.config.data_dir.join("tls");
+    let ca = FleetCa::load_or_create(&tls, SystemTime::now()).unwrap().0;
+    let forged = ca
+        .issue_device(
+            &posfleet_pki::certificate_request(&key).unwrap(),
+            key.verifying_key().as_bytes(),
+            &enrolled.device_id,
+            "paris-09",
+            Duration::from_secs(3600),
+            SystemTime::now(),
+        )
+        .unwrap();
+    assert_status(
+        as_device(&setup, &key, &forged.pem)
+            .heartbeat(hello())
+            .await,
+        Code::Unauthenticated,
+        "names store paris-09",
+    );
+    setup.finish().await;
+}
+
+#[tokio::test]
+async fn a_certificate_from_another_ca_is_refused_at_the_handshake() {
+    let setup = tls_setup().await;
+    setup.server.admin().await.store("lyon-01").await;
+    let (key, enrolled) = enroll(&setup, "lyon-01").await;
+    let (other, _) = FleetCa::create("another CA", SystemTime::now()).unwrap();
+    let foreign = other
+        .issue_device(
+            &posfleet_pki::certificate_request(&key).unwrap(),
+            key.verifying_key().as_bytes(),
+            &enrolled.device_id,
+            "lyon-01",
+            Duration::from_secs(3600),
+            SystemTime::now(),
+        )
+        .unwrap();
+    assert_transport_error(
+        as_device(&setup, &key, &foreign.pem)
+            .heartbeat(hello())
+            .await,
+        "UnknownCA",
+    );
+    setup.finish().await;
+}
+
+#[tokio::test]
+async fn revoking_a_till_cuts_its_open_connection_and_refuses_its_next_handshake() {
+    let setup = tls_setup().await;
+    let mut admin = setup.server.admin().await;
+    admin.store("lyon-01").await;
+    let (key, enrolled) = enroll(&setup, "lyon-01").await;
+    let mut till = as_device(&setup, &key, &enrolled.device_certificate_pem);
+    till.heartbeat(hello()).await.unwrap();
+
+    admin
+        .client
+        .revoke_device(admin.req(v1::RevokeDeviceRequest {
+            device_id: enrolled.device_id.clone(),
+            reason: "stolen".into(),
+        }))
+        .await
+        .unwrap();
+    // The same channel: its connection was cut, and connecting again is
+    // refused at the handshake.
+    till.heartbeat(hello()).await.expect_err("cut off");
+    assert_transport_error(till.heartbeat(hello()).await, "CertificateRevoked");
+    assert_transport_error(
+        as_device(&setup, &key, &enrolled.device_certificate_pem)
+            .heartbeat(hello())
+            .await,
+        "CertificateRevoked",
+    );
+    setup.finish().await;
+}
+
+#[tokio::test]
+async fn a_plaintext_client_on_the_tls_port_gets_a_clear_error() {
+    let tls = tls_setup().await;
+    let plain_url = tls.server.grpc_url.replace("https://", "http://");
+    let plain = tonic::transport::Endpoint::from_shared(plain_url).unwrap();
+    let refused = AgentServiceClient::new(posfleet_pki::grpc_channel(&plain, None))
+        .heartbeat(hello())
+        .await;
+    assert_transport_error(refused, "this port serves TLS: connect with https://");
+    // An HTTP/1 client (a scraper set to http://) gets a 400 saying so.
+    let (code, body) = tls.server.http_get("/metrics").await;
+    assert_eq!(code, 400);
+    assert!(body.contains("this port serves TLS"), "{body}");
+    tls.finish().await;
+}
+
+#[tokio::test]
+async fn a_tls_client_on_a_plaintext_port_gets_a_clear_error() {
+    let plain_server = setup(Backend::Sqlite, |_| {}).await;
+    let trusted = posfleet_pki::certificates_from_pem(
+        FleetCa::create("any", SystemTime::now())
+            .unwrap()
+            .0
+            .certificates_pem()
+            .as_bytes(),
+        "CA",
+    )
+    .unwrap();
+    let config = posfleet_pki::client_config(&trusted, None).unwrap();
+    let url = plain_server.server.grpc_url.replace("http://", "https://");
+    let endpoint = tonic::transport::Endpoint::from_shared(url).unwrap();
+    let refused = AgentServiceClient::new(posfleet_pki::grpc_channel(
+        &endpoint,
+        Some(std::sync::Arc::new(config)),
+    ))
+    .heartbeat(hello())
+    .await;
+    assert_transport_error(refused, "answered in plaintext, not TLS");
+    plain_server.finish().await;
+}
