@@ -123,7 +123,12 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
     ));
 
     let server_url = format!("http://{grpc_address}");
-    let mut admin = Admin::connect(&server_url, admin_token.trim()).await?;
+    let address = crate::Server {
+        url: server_url.clone(),
+        ca_file: None,
+        insecure_dev: false,
+    };
+    let mut admin = Admin::connect(&address, admin_token.trim()).await?;
 
     // Signed bundles: keys, a sample bundle built, signed and published.
     let keys = dir.path().join("keys");

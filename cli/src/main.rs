@@ -43,6 +43,15 @@ struct Cli {
     /// `<data_dir>/admin-token`).
     #[arg(long, global = true, env = "POSFLEET_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// PEM file of the CA that issued the control plane's certificate (its
+    /// fleet CA: `<data_dir>/tls/fleet-ca.crt`). Without it an `https://`
+    /// server is checked against the system's roots.
+    #[arg(long, global = true, env = "POSFLEET_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// Allow `http://` to a server beyond loopback: the admin token would
+    /// cross the network in clear. Development networks only.
+    #[arg(long, global = true, env = "POSFLEET_INSECURE_DEV")]
+    insecure_dev: bool,
     /// `table` for people, `json` for scripts.
     #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -300,6 +309,65 @@ const UPLOAD_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// verifies the bundle's bytes first).
 const UPLOAD_ANSWER_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// Where the control plane is and how to trust it.
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub url: String,
+    pub ca_file: Option<PathBuf>,
+    pub insecure_dev: bool,
+}
+
+impl Server {
+    /// The TLS configuration for an `https://` address (`None` for
+    /// `http://`, which only loopback or `--insecure-dev` may use).
+    fn tls(&self) -> anyhow::Result<Option<std::sync::Arc<posfleet_pki::rustls::ClientConfig>>> {
+        let uri: tonic::transport::Uri = self
+            .url
+            .parse()
+            .map_err(|_| anyhow!("`{}` is not a valid server URL", self.url))?;
+        match uri.scheme_str() {
+            Some("https") => {}
+            Some("http") => {
+                let host = uri.host().unwrap_or_default();
+                let loopback = host == "localhost"
+                    || host
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback());
+                if !loopback && !self.insecure_dev {
+                    bail!(
+                        "refusing to send the admin token in clear to {}: use https:// (with --ca-file for the fleet CA), or --insecure-dev on a development network",
+                        self.url
+                    );
+                }
+                return Ok(None);
+            }
+            _ => bail!("`{}` must start with https:// or http://", self.url),
+        }
+        let trusted = match &self.ca_file {
+            Some(path) => {
+                let pem = std::fs::read(path)
+                    .with_context(|| format!("cannot read the CA file {}", path.display()))?;
+                posfleet_pki::certificates_from_pem(&pem, &path.display().to_string())?
+            }
+            None => {
+                let found = rustls_native_certs::load_native_certs();
+                if found.certs.is_empty() {
+                    bail!(
+                        "no CA to check {} against: pass --ca-file (the control plane's <data_dir>/tls/fleet-ca.crt) or set POSFLEET_CA_FILE",
+                        self.url
+                    );
+                }
+                found.certs
+            }
+        };
+        Ok(Some(std::sync::Arc::new(posfleet_pki::client_config(
+            &trusted, None,
+        )?)))
+    }
+}
+
 /// An `AdminService` client that adds the API token to every call.
 pub struct Admin {
     client: AdminServiceClient<Channel>,
@@ -308,24 +376,25 @@ pub struct Admin {
 }
 
 impl Admin {
-    pub async fn connect(server: &str, token: &str) -> anyhow::Result<Admin> {
+    pub async fn connect(server: &Server, token: &str) -> anyhow::Result<Admin> {
+        let tls = server.tls()?;
         // No deadline on the channel: each unary call gets CALL_TIMEOUT
         // (`request`), an upload an idle timeout (`publish`). Keepalive
         // pings notice a server that went away during a long upload.
-        let channel = Endpoint::from_shared(server.to_string())
-            .map_err(|_| anyhow!("`{server}` is not a valid server URL"))?
+        let endpoint = Endpoint::from_shared(server.url.clone())
+            .map_err(|_| anyhow!("`{}` is not a valid server URL", server.url))?
             .connect_timeout(Duration::from_secs(5))
             .http2_keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(20))
-            .keep_alive_while_idle(true)
-            .connect_lazy();
+            .keep_alive_while_idle(true);
+        let channel = posfleet_pki::grpc_channel(&endpoint, tls);
         let authorization = format!("Bearer {token}")
             .parse()
             .map_err(|_| anyhow!("the admin API token contains characters that cannot be sent"))?;
         Ok(Admin {
             client: AdminServiceClient::new(channel),
             authorization,
-            server: server.to_string(),
+            server: server.url.clone(),
         })
     }
 
@@ -355,13 +424,19 @@ impl Admin {
 
     fn error(&self, status: tonic::Status) -> anyhow::Error {
         use tonic::Code;
-        match status.code() {
-            Code::Unavailable => anyhow!(
+        // A refused connection or TLS handshake: its cause is at the end of
+        // the error's chain ("transport error" says nothing).
+        let cause = root_cause(&status);
+        match (status.code(), cause) {
+            (_, Some(cause)) => {
+                anyhow!("cannot reach the control plane at {}: {cause}", self.server)
+            }
+            (Code::Unavailable, None) => anyhow!(
                 "cannot reach the control plane at {}: {}",
                 self.server,
                 status.message()
             ),
-            code => anyhow!("{}: {}", code_name(code), status.message()),
+            (code, _) => anyhow!("{}: {}", code_name(code), status.message()),
         }
     }
 
@@ -568,14 +643,31 @@ fn admin_token(token: Option<String>, token_file: Option<PathBuf>) -> anyhow::Re
     )
 }
 
+/// The innermost error under a status that came from the connection
+/// rather than from the server; `None` for an answer of the server's.
+fn root_cause(status: &tonic::Status) -> Option<String> {
+    let mut source = std::error::Error::source(status)?;
+    while let Some(next) = source.source() {
+        source = next;
+    }
+    Some(source.to_string())
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let Cli {
         server,
         token,
         token_file,
+        ca_file,
+        insecure_dev,
         output,
         command,
     } = cli;
+    let server = Server {
+        url: server,
+        ca_file,
+        insecure_dev,
+    };
     let command = match command {
         #[cfg(feature = "demo")]
         Command::Demo(args) => return demo::run(&args, output).await,

@@ -242,6 +242,8 @@ pub struct ControlPlane {
     pub http_address: String,
     pub data_dir: PathBuf,
     pub database_url: Option<String>,
+    /// Whether its listeners serve TLS (`--tls-server-name`).
+    pub tls: bool,
 }
 
 impl ControlPlane {
@@ -264,11 +266,12 @@ impl ControlPlane {
             command.args(["--database-url", url]);
         }
         let process = Process::spawn(command);
-        let grpc_address =
-            process.wait_for_log("gRPC listening.", Duration::from_secs(30))["address"]
-                .as_str()
-                .expect("address field")
-                .to_string();
+        let listening = process.wait_for_log("gRPC listening.", Duration::from_secs(30));
+        let grpc_address = listening["address"]
+            .as_str()
+            .expect("address field")
+            .to_string();
+        let tls = listening["tls"].as_bool().unwrap_or(false);
         let http_address =
             process.wait_for_log("HTTP listening.", Duration::from_secs(30))["address"]
                 .as_str()
@@ -280,6 +283,7 @@ impl ControlPlane {
             http_address,
             data_dir: data_dir.to_path_buf(),
             database_url: database_url.map(str::to_string),
+            tls,
         }
     }
 
@@ -289,7 +293,14 @@ impl ControlPlane {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.grpc_address)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.grpc_address)
+    }
+
+    /// The fleet CA's certificate, which tills and the CLI trust when the
+    /// control plane serves TLS.
+    pub fn ca_file(&self) -> PathBuf {
+        self.data_dir.join("tls").join("fleet-ca.crt")
     }
 
     pub fn admin_token_file(&self) -> PathBuf {
@@ -298,15 +309,15 @@ impl ControlPlane {
 
     /// Runs the `posfleet` CLI against this control plane.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(binary("posfleet"))
-            .args(["--server", &self.url()])
-            .args([
-                "--token-file",
-                self.admin_token_file().to_str().expect("utf-8 path"),
-            ])
-            .args(args)
-            .output()
-            .expect("run posfleet")
+        let mut command = Command::new(binary("posfleet"));
+        command.args(["--server", &self.url()]).args([
+            "--token-file",
+            self.admin_token_file().to_str().expect("utf-8 path"),
+        ]);
+        if self.tls {
+            command.arg("--ca-file").arg(self.ca_file());
+        }
+        command.args(args).output().expect("run posfleet")
     }
 
     /// Runs the CLI with `--output json`, asserting success, and parses stdout.

@@ -359,3 +359,84 @@ fn admin_tokens_are_created_listed_and_revoked_from_the_cli() {
         ["CreateAdminToken", "RevokeAdminToken", "RevokeAdminToken"]
     );
 }
+
+#[test]
+fn the_cli_checks_a_tls_control_plane_and_says_how_to_fix_what_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(
+        &dir.path().join("cp"),
+        None,
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &["--tls-server-name", "127.0.0.1"],
+    );
+    assert!(cp.tls, "the control plane logs that it serves TLS");
+    // Trusting the fleet CA: the calls go through.
+    check_ok(cp.cli(&[
+        "store",
+        "create",
+        "s1",
+        "--name",
+        "S",
+        "--time-zone",
+        "Europe/Paris",
+    ]));
+    let token = cp.admin_token_file();
+    let cli = |args: &[&str]| {
+        Command::new(binary("posfleet"))
+            .args(["--token-file", token.to_str().unwrap()])
+            .args(args)
+            .env_remove("POSFLEET_CA_FILE")
+            .env_remove("SSL_CERT_FILE")
+            .env_remove("SSL_CERT_DIR")
+            .output()
+            .unwrap()
+    };
+    let https = cp.url();
+    let ca = cp.ca_file();
+    let ca = ca.to_str().unwrap();
+    // The system's roots do not know the fleet CA.
+    assert_one_line_error(
+        &cli(&["--server", &https, "store", "list"]),
+        1,
+        "cannot reach the control plane",
+    );
+    // Another CA.
+    let other = dir.path().join("other-ca.crt");
+    let (other_ca, _) =
+        posfleet_pki::FleetCa::create("other", std::time::SystemTime::now()).unwrap();
+    std::fs::write(&other, other_ca.certificates_pem()).unwrap();
+    assert_one_line_error(
+        &cli(&[
+            "--server",
+            &https,
+            "--ca-file",
+            other.to_str().unwrap(),
+            "store",
+            "list",
+        ]),
+        1,
+        "UnknownIssuer",
+    );
+    // A name the certificate was not issued for.
+    let by_name = https.replace("127.0.0.1", "localhost");
+    assert_one_line_error(
+        &cli(&["--server", &by_name, "--ca-file", ca, "store", "list"]),
+        1,
+        "not valid for name \"localhost\"",
+    );
+    // Plaintext to the TLS port.
+    let plain = https.replace("https://", "http://");
+    assert_one_line_error(
+        &cli(&["--server", &plain, "store", "list"]),
+        1,
+        "this port serves TLS",
+    );
+    // Plaintext beyond loopback is refused before anything is sent.
+    assert_one_line_error(
+        &cli(&["--server", "http://192.0.2.7:7400", "store", "list"]),
+        1,
+        "refusing to send the admin token in clear",
+    );
+    check_ok(cli(&["--server", &https, "--ca-file", ca, "store", "list"]));
+}
