@@ -17,9 +17,10 @@ use crate::metrics::Metrics;
 use crate::now_ms;
 use crate::repository::Repository;
 use crate::storage::Storage;
-use axum::extract::{Path, Request};
+use axum::extract::{ConnectInfo, Path, Request};
 use axum::response::Response;
 use posfleet_bundle::tuf::{ROOT, SNAPSHOT, TARGETS, TIMESTAMP};
+use std::collections::HashMap;
 use std::sync::Arc;
 use tower::ServiceExt;
 
@@ -28,8 +29,122 @@ use tower::ServiceExt;
 /// devices table is counted at most once per this.
 pub const FLEET_GAUGES_MAX_AGE: Duration = Duration::from_secs(5);
 
+/// Who may read what from `/repo/` when the control plane serves TLS: TUF
+/// metadata any enrolled, unrevoked till; a bundle's bytes and chunk list
+/// only a till of a store that has the bundle in its desired state (for
+/// itself or for any of its tills, which it may serve over P2P).
+#[derive(Clone)]
+pub(crate) struct RepoAccess {
+    pub desired: crate::desired::DesiredCache,
+    pub gate: Arc<crate::tls::DeviceGate>,
+    /// Each published bundle's (name, version) by the hashes of its bytes
+    /// and of its chunk list; read again when a hash is not in it (at most
+    /// once per `BUNDLES_REREAD`).
+    bundles: Arc<Mutex<(Instant, Arc<HashMap<String, (String, String)>>)>>,
+}
+
+/// Least time between two reads of the published bundles for `/repo/`.
+const BUNDLES_REREAD: Duration = Duration::from_secs(1);
+
+impl RepoAccess {
+    pub fn new(
+        desired: crate::desired::DesiredCache,
+        gate: Arc<crate::tls::DeviceGate>,
+    ) -> RepoAccess {
+        RepoAccess {
+            desired,
+            gate,
+            bundles: Arc::new(Mutex::new((
+                Instant::now() - BUNDLES_REREAD,
+                Arc::new(HashMap::new()),
+            ))),
+        }
+    }
+
+    /// The bundle a hash belongs to, from the published bundles.
+    async fn bundle_of(
+        &self,
+        storage: &Storage,
+        hash: &str,
+    ) -> Result<Option<(String, String)>, Error> {
+        let mut bundles = self.bundles.lock().await;
+        if let Some(found) = bundles.1.get(hash) {
+            return Ok(Some(found.clone()));
+        }
+        if bundles.0.elapsed() < BUNDLES_REREAD {
+            return Ok(None);
+        }
+        let mut by_hash = HashMap::new();
+        for bundle in storage.list_bundles(None).await? {
+            let key = (bundle.name.clone(), bundle.version.clone());
+            by_hash.insert(bundle.sha256.clone(), key.clone());
+            by_hash.insert(bundle.chunks_sha256.clone(), key);
+        }
+        *bundles = (Instant::now(), Arc::new(by_hash));
+        Ok(bundles.1.get(hash).cloned())
+    }
+
+    /// `None` if the till may read the blob `hash`; else the refusal.
+    async fn refusal(
+        &self,
+        storage: &Storage,
+        peer: &crate::tls::Peer,
+        hash: Option<&str>,
+    ) -> Option<Response> {
+        let forbidden = |message: String| Some((StatusCode::FORBIDDEN, message).into_response());
+        let Some(device) = &peer.device else {
+            return forbidden(
+                "present the device certificate issued at enrollment: this repository serves enrolled tills only\n".into(),
+            );
+        };
+        if self.gate.is_revoked_id(&device.device_id) {
+            return forbidden(format!("device {} is revoked\n", device.device_id));
+        }
+        let hash = hash?;
+        let bundle = match self.bundle_of(storage, hash).await {
+            Ok(Some(bundle)) => bundle,
+            Ok(None) => return Some((StatusCode::NOT_FOUND, "not found\n").into_response()),
+            Err(error) => {
+                tracing::error!(%error, "Cannot read the published bundles.");
+                return Some(
+                    (StatusCode::SERVICE_UNAVAILABLE, "repository unavailable\n").into_response(),
+                );
+            }
+        };
+        let desired = match self.desired.get(&device.store_id).await {
+            Ok(desired) => desired,
+            Err(error) => {
+                tracing::error!(%error, store_id = %device.store_id, "Cannot read a store's desired state.");
+                return Some(
+                    (StatusCode::SERVICE_UNAVAILABLE, "repository unavailable\n").into_response(),
+                );
+            }
+        };
+        let wanted = desired
+            .store_bundles
+            .iter()
+            .chain(desired.device_bundles.values().flatten())
+            .any(|row| row.name == bundle.0 && row.version == bundle.1);
+        if wanted {
+            return None;
+        }
+        tracing::warn!(
+            device_id = %device.device_id,
+            store_id = %device.store_id,
+            bundle = %format!("{}@{}", bundle.0, bundle.1),
+            "Refused a bundle not meant for the till's store."
+        );
+        forbidden(format!(
+            "{}@{} is not assigned to store {}\n",
+            bundle.0, bundle.1, device.store_id
+        ))
+    }
+}
+
 #[derive(Clone)]
 struct HttpState {
+    /// Set when the control plane serves TLS.
+    access: Option<RepoAccess>,
     repository: Arc<Repository>,
     storage: Storage,
     metrics: Metrics,
@@ -46,6 +161,7 @@ pub fn router(
     metrics: Metrics,
     offline_after_missed_heartbeats: u32,
     stopping: watch::Receiver<bool>,
+    access: Option<RepoAccess>,
 ) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -53,6 +169,7 @@ pub fn router(
         .route("/metrics", get(metrics_handler))
         .route("/repo/{*path}", get(repo_file))
         .with_state(HttpState {
+            access,
             storage: repository.storage().clone(),
             repository,
             metrics,
@@ -168,9 +285,19 @@ fn parse_repo_path(path: &str) -> Option<RepoPath<'_>> {
 /// downloads resume).
 async fn repo_file(
     State(state): State<HttpState>,
+    ConnectInfo(peer): ConnectInfo<crate::tls::Peer>,
     Path(path): Path<String>,
     request: Request,
 ) -> Response {
+    if let Some(access) = &state.access {
+        let blob = match parse_repo_path(&path) {
+            Some(RepoPath::Target(hash) | RepoPath::Chunks(hash)) => Some(hash),
+            _ => None,
+        };
+        if let Some(refusal) = access.refusal(&state.storage, &peer, blob).await {
+            return refusal;
+        }
+    }
     let not_found = || (StatusCode::NOT_FOUND, "not found\n").into_response();
     let metadata = |body: Arc<String>, cache: &'static str| {
         (

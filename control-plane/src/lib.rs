@@ -248,6 +248,9 @@ impl ControlPlane {
         )?;
         let max_message = config.max_message_size_bytes;
         let desired = desired::DesiredCache::new(storage.clone());
+        let repo_access = tls
+            .as_ref()
+            .map(|tls| http::RepoAccess::new(desired.clone(), tls.gate.clone()));
         // Drives rollouts (on PostgreSQL, on one replica at a time).
         let (engine, engine_task) = rollout::engine::spawn(
             storage.clone(),
@@ -347,7 +350,9 @@ impl ControlPlane {
                 metrics,
                 config.offline_after_missed_heartbeats,
                 stop_rx.clone(),
-            ),
+                repo_access,
+            )
+            .into_make_service_with_connect_info::<tls::Peer>(),
         )
         .with_graceful_shutdown(stopped(stop_rx.clone()));
 

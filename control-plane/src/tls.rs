@@ -298,6 +298,12 @@ impl AsyncWrite for Connection {
     }
 }
 
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Incoming>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, Incoming>) -> Peer {
+        stream.io().peer.clone()
+    }
+}
+
 impl tonic::transport::server::Connected for Connection {
     type ConnectInfo = Peer;
 

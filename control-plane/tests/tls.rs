@@ -282,3 +282,68 @@ async fn a_tls_client_on_a_plaintext_port_gets_a_clear_error() {
     assert_transport_error(refused, "answered in plaintext, not TLS");
     plain_server.finish().await;
 }
+
+/// `/repo/` path of a published bundle's bytes.
+fn target_path(bundle: &v1::Bundle) -> String {
+    let path = match bundle.target.rsplit_once('/') {
+        Some((dir, file)) => format!("{dir}/{}.{file}", bundle.sha256),
+        None => format!("{}.{}", bundle.sha256, bundle.target),
+    };
+    format!("/repo/targets/{path}")
+}
+
+#[tokio::test]
+async fn the_repository_serves_each_till_only_what_its_store_is_meant_to_have() {
+    use posfleet_bundle::manifest::Kind;
+    use posfleet_proto::v1::assign_bundle_request::Target;
+    let setup = tls_setup().await;
+    let mut admin = setup.server.admin().await;
+    admin.store("lyon-01").await;
+    admin.store("paris-09").await;
+    let key = admin.init_repository().await;
+    let lyon_catalog = admin
+        .publish(&key, "catalog-lyon", "2026.1.0", Kind::Catalog, &["*"])
+        .await;
+    let paris_catalog = admin
+        .publish(&key, "catalog-paris", "2026.1.0", Kind::Catalog, &["*"])
+        .await;
+    for (store, bundle) in [("lyon-01", &lyon_catalog), ("paris-09", &paris_catalog)] {
+        let req = admin.req(v1::AssignBundleRequest {
+            target: Some(Target::StoreId(store.into())),
+            name: bundle.name.clone(),
+            version: bundle.version.clone(),
+            download_ahead: None,
+            emergency: false,
+        });
+        admin.client.assign_bundle(req).await.unwrap();
+    }
+    let (till_key, till) = enroll(&setup, "lyon-01").await;
+    let me = Some((till.device_certificate_pem.as_str(), &till_key));
+
+    // Metadata: any enrolled till, nobody without a certificate.
+    let (code, body) = setup.server.https_get("/repo/timestamp.json", me).await;
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = setup.server.https_get("/repo/timestamp.json", None).await;
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("device certificate"), "{body}");
+    // Its store's catalog, and its chunk list.
+    let (code, body) = setup
+        .server
+        .https_get(&target_path(&lyon_catalog), me)
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let chunks = format!("/repo/chunks/{}", lyon_catalog.chunks_sha256);
+    assert_eq!(setup.server.https_get(&chunks, me).await.0, 200);
+    // Another store's catalog is refused, saying why.
+    let (code, body) = setup
+        .server
+        .https_get(&target_path(&paris_catalog), me)
+        .await;
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("is not assigned to store lyon-01"), "{body}");
+    let chunks = format!("/repo/chunks/{}", paris_catalog.chunks_sha256);
+    assert_eq!(setup.server.https_get(&chunks, me).await.0, 403);
+    // Health and metrics need no certificate.
+    assert_eq!(setup.server.https_get("/healthz", None).await.0, 200);
+    setup.finish().await;
+}

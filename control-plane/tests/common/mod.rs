@@ -164,6 +164,48 @@ impl TestServer {
         AgentServiceClient::new(self.channel().await)
     }
 
+    /// GET over TLS on the HTTP listener, presenting `identity` (a device
+    /// certificate and its key) when given: (status, body).
+    pub async fn https_get(
+        &self,
+        path: &str,
+        identity: Option<(&str, &SigningKey)>,
+    ) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let trusted = self.trusted.as_ref().expect("the server serves TLS");
+        let identity = identity.map(|(pem, key)| {
+            (
+                posfleet_pki::certificates_from_pem(pem.as_bytes(), "device certificate").unwrap(),
+                posfleet_pki::private_key_der(key).unwrap(),
+            )
+        });
+        let mut config = posfleet_pki::client_config(trusted, identity).unwrap();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let socket = tokio::net::TcpStream::connect(self.http_addr)
+            .await
+            .unwrap();
+        let name = posfleet_pki::rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let mut stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+            .connect(name, socket)
+            .await
+            .unwrap();
+        stream
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
+            .await
+            .unwrap();
+        let mut response = Vec::new();
+        let _ = stream.read_to_end(&mut response).await;
+        let response = String::from_utf8_lossy(&response).into_owned();
+        let code = response[9..12].parse().unwrap();
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (code, body)
+    }
+
     pub async fn http_get(&self, path: &str) -> (u16, String) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut stream = tokio::net::TcpStream::connect(self.http_addr)
