@@ -40,8 +40,12 @@ pub(crate) struct RepoAccess {
     /// Each published bundle's (name, version) by the hashes of its bytes
     /// and of its chunk list; read again when a hash is not in it (at most
     /// once per `BUNDLES_REREAD`).
-    bundles: Arc<Mutex<(Instant, Arc<HashMap<String, (String, String)>>)>>,
+    bundles: Arc<Mutex<(Instant, Arc<BundlesByHash>)>>,
 }
+
+/// (name, version) of each published bundle, by the hash of its bytes and
+/// by the hash of its chunk list.
+type BundlesByHash = HashMap<String, (String, String)>;
 
 /// Least time between two reads of the published bundles for `/repo/`.
 const BUNDLES_REREAD: Duration = Duration::from_secs(1);
