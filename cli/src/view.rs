@@ -319,6 +319,11 @@ pub struct DeviceView {
     /// Empty when not revoked.
     pub revoked_at: String,
     pub revoked_reason: String,
+    /// The device's certificate (over TLS): when it ends, and what that
+    /// means (`valid`, `renewal due`, `expired, renewable until …`,
+    /// `expired: enroll the device again`). Empty without one.
+    pub certificate_expires_at: String,
+    pub certificate_status: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -511,6 +516,8 @@ impl From<v1::Device> for DeviceView {
             bundles: None,
             revoked_at: time(d.revoked_at_unix_ms),
             revoked_reason: d.revoked_reason,
+            certificate_expires_at: time(d.certificate_not_after_unix_ms),
+            certificate_status: d.certificate_status,
         }
     }
 }
@@ -604,6 +611,15 @@ pub fn device_details(d: &DeviceView) -> String {
             } else {
                 format!("{} ({})", d.revoked_at, d.revoked_reason)
             },
+        );
+    }
+    if !d.certificate_expires_at.is_empty() {
+        line(
+            "Certificate",
+            format!(
+                "ends {} ({})",
+                d.certificate_expires_at, d.certificate_status
+            ),
         );
     }
     line("Hardware model", d.hardware_model.clone());

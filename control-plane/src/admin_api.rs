@@ -40,6 +40,8 @@ pub struct AdminApi {
     rollouts: crate::rollout::Rollouts,
     /// Cuts a revoked device's open connections.
     gate: Arc<crate::tls::DeviceGate>,
+    /// Set when the control plane serves TLS.
+    certificates: Option<crate::tls::CertificatePolicy>,
 }
 
 /// Largest bundle accepted for publishing.
@@ -87,6 +89,7 @@ impl AdminApi {
         desired: DesiredCache,
         rollouts: crate::rollout::Rollouts,
         gate: Arc<crate::tls::DeviceGate>,
+        certificates: Option<crate::tls::CertificatePolicy>,
     ) -> AdminApi {
         AdminApi {
             storage,
@@ -95,6 +98,7 @@ impl AdminApi {
             desired,
             rollouts,
             gate,
+            certificates,
         }
     }
 
@@ -130,7 +134,12 @@ impl AdminApi {
     }
 
     fn device(&self, d: DeviceRecord) -> v1::Device {
-        convert::device(d, now_ms(), self.offline_after_missed_heartbeats)
+        convert::device(
+            d,
+            now_ms(),
+            self.offline_after_missed_heartbeats,
+            self.certificates.as_ref(),
+        )
     }
 
     /// `NOT_FOUND` unless store `id` exists.

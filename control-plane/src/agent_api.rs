@@ -112,10 +112,14 @@ struct Limits {
 /// What the agent API needs when the control plane serves TLS.
 pub struct AgentTls {
     pub ca: Arc<posfleet_pki::FleetCa>,
-    /// Lifetime of an issued device certificate.
-    pub validity: Duration,
+    /// Lifetime of an issued device certificate, and how long after its
+    /// end it may still be renewed.
+    pub policy: crate::tls::CertificatePolicy,
     pub gate: Arc<crate::tls::DeviceGate>,
 }
+
+/// How far a renewal proof's time may be from the control plane's clock.
+const RENEW_PROOF_WINDOW_MS: i64 = 5 * 60 * 1000;
 
 pub struct AgentApi {
     /// `None` over plaintext: devices then present their credential.
@@ -367,6 +371,131 @@ fn lookup_failed(device_id: &str, error: impl std::fmt::Display) -> Status {
 }
 
 impl AgentApi {
+    /// Issues a device certificate and records it: (certificate PEM, trust
+    /// bundle PEM).
+    async fn issue(
+        &self,
+        tls: &AgentTls,
+        request: &[u8],
+        key: &[u8; 32],
+        device_id: &str,
+        store_id: &str,
+    ) -> Result<(String, String), Status> {
+        let issued = tls
+            .ca
+            .issue_device(
+                request,
+                key,
+                device_id,
+                store_id,
+                tls.policy.validity,
+                std::time::SystemTime::now(),
+            )
+            .map_err(|error| {
+                tracing::error!(%error, %device_id, "Cannot issue a device certificate.");
+                Status::internal("cannot issue the device certificate; try again")
+            })?;
+        self.storage
+            .set_device_certificate(
+                device_id,
+                &crate::storage::CertificateRecord {
+                    serial: issued.serial.clone(),
+                    not_after_ms: issued.not_after.saturating_mul(1000),
+                },
+            )
+            .await?;
+        tracing::info!(%device_id, serial = %issued.serial, "Device certificate issued.");
+        Ok((issued.pem, tls.ca.certificates_pem().to_string()))
+    }
+
+    /// Which device a renewal is for, and the key it must be for: the one
+    /// its certificate names (over mutual TLS), else the one whose key
+    /// signed the proof, if its certificate ended within the grace period.
+    async fn renewing_device(
+        &self,
+        request: &Request<v1::RenewCertificateRequest>,
+        tls: &AgentTls,
+    ) -> Result<(String, crate::storage::RenewalRecord), Status> {
+        let peer = Peer::of(crate::tls::remote_address(request.extensions()).map(|a| a.ip()));
+        let req = request.get_ref();
+        let certified = crate::tls::device_of(request.extensions()).map(|d| d.device_id.clone());
+        let device_id = match &certified {
+            Some(id) => id.clone(),
+            None => {
+                text("device_id", &req.device_id, true, 64)?;
+                req.device_id.clone()
+            }
+        };
+        self.limits.failures.check(peer)?;
+        let refuse = |status: Status| {
+            let _ = self.limits.failures.charge(peer);
+            Err(status)
+        };
+        let Some(record) = self.storage.device_renewal(&device_id).await? else {
+            return refuse(Status::unauthenticated(format!(
+                "unknown device {device_id}: enroll again"
+            )));
+        };
+        if record.revoked || tls.gate.is_revoked_id(&device_id) {
+            return refuse(Status::permission_denied(format!(
+                "device {device_id} is revoked"
+            )));
+        }
+        if certified.is_some() {
+            return Ok((device_id, record));
+        }
+        // No certificate: the device proves its key, and its certificate
+        // must have ended within the grace period.
+        let now = now_ms();
+        match record
+            .certificate
+            .as_ref()
+            .map(|c| tls.policy.state(c.not_after_ms, now))
+        {
+            Some(crate::tls::CertificateState::ExpiredRenewable { .. }) => {}
+            Some(crate::tls::CertificateState::MustReenroll) => {
+                return refuse(Status::failed_precondition(format!(
+                    "the certificate of device {device_id} ended more than {} days ago: enroll the device again",
+                    tls.policy.grace.as_secs() / 86_400
+                )));
+            }
+            Some(_) => {
+                return refuse(Status::unauthenticated(
+                    "the device's certificate is still valid: call with it",
+                ));
+            }
+            None => {
+                return refuse(Status::failed_precondition(format!(
+                    "device {device_id} has no certificate to renew: enroll it again"
+                )));
+            }
+        }
+        if (now - req.signed_at_unix_ms).abs() > RENEW_PROOF_WINDOW_MS {
+            return refuse(Status::unauthenticated(
+                "the renewal proof's time is more than 5 minutes from the control plane's clock",
+            ));
+        }
+        let key = hex::decode(&record.public_key_hex)
+            .ok()
+            .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+            .and_then(|bytes| VerifyingKey::from_bytes(&bytes).ok())
+            .ok_or_else(|| Status::internal("the device's stored key is corrupt"))?;
+        let payload = posfleet_proto::renew_signing_payload(
+            &device_id,
+            req.signed_at_unix_ms,
+            &req.certificate_request,
+        );
+        let proven = Signature::from_slice(&req.signature)
+            .ok()
+            .is_some_and(|signature| key.verify_strict(&payload, &signature).is_ok());
+        if !proven {
+            return refuse(Status::unauthenticated(format!(
+                "the renewal proof is not signed by the key of device {device_id}"
+            )));
+        }
+        Ok((device_id, record))
+    }
+
     /// Over TLS an enrollment must carry a certificate request for the key
     /// that signed it; checked before the token is spent.
     fn check_certificate_request(&self, req: &EnrollRequest, key: &VerifyingKey) -> Option<Status> {
@@ -671,23 +800,17 @@ impl AgentService for AgentApi {
                 if let Some(tls) = &self.tls {
                     // The certificate is the identity: no bearer secret.
                     response.device_credential.clear();
-                    let issued = tls
-                        .ca
-                        .issue_device(
+                    let (certificate, trust) = self
+                        .issue(
+                            tls,
                             &req.certificate_request,
                             key.as_bytes(),
                             &response.device_id,
                             &response.store_id,
-                            tls.validity,
-                            std::time::SystemTime::now(),
                         )
-                        .map_err(|error| {
-                            tracing::error!(%error, device_id = %response.device_id, "Cannot issue a device certificate.");
-                            Status::internal("cannot issue the device certificate; retry the enrollment")
-                        })?;
-                    tracing::info!(device_id = %response.device_id, serial = %issued.serial, "Device certificate issued.");
-                    response.device_certificate_pem = issued.pem;
-                    response.trust_bundle_pem = tls.ca.certificates_pem().to_string();
+                        .await?;
+                    response.device_certificate_pem = certificate;
+                    response.trust_bundle_pem = trust;
                 }
                 Ok(Response::new(response))
             }
@@ -842,6 +965,41 @@ impl AgentService for AgentApi {
             maintenance_window: convert::window(&desired.time_zone, desired.maintenance_window),
             desired_bundles: bundles.into_iter().map(convert::desired_bundle).collect(),
             store_peers,
+        }))
+    }
+
+    async fn renew_certificate(
+        &self,
+        request: Request<v1::RenewCertificateRequest>,
+    ) -> Result<Response<v1::RenewCertificateResponse>, Status> {
+        let Some(tls) = &self.tls else {
+            return Err(Status::failed_precondition(
+                "this control plane serves plaintext: there is no certificate to renew",
+            ));
+        };
+        if request.get_ref().certificate_request.len() > MAX_CERTIFICATE_REQUEST_BYTES {
+            return Err(invalid("certificate_request", "is too large"));
+        }
+        let (device_id, record) = self.renewing_device(&request, tls).await?;
+        let key: [u8; 32] = hex::decode(&record.public_key_hex)
+            .ok()
+            .and_then(|bytes| bytes.try_into().ok())
+            .ok_or_else(|| Status::internal("the device's stored key is corrupt"))?;
+        let req = request.into_inner();
+        posfleet_pki::ca::check_request(&req.certificate_request, &key)
+            .map_err(|error| invalid("certificate_request", error))?;
+        let (certificate, trust) = self
+            .issue(
+                tls,
+                &req.certificate_request,
+                &key,
+                &device_id,
+                &record.store_id,
+            )
+            .await?;
+        Ok(Response::new(v1::RenewCertificateResponse {
+            device_certificate_pem: certificate,
+            trust_bundle_pem: trust,
         }))
     }
 

@@ -45,6 +45,9 @@ pub struct Config {
     pub tls_ca_key_path: Option<PathBuf>,
     /// Lifetime of the certificate issued to a till.
     pub device_cert_validity_days: u32,
+    /// How long after its certificate ended a till may still renew it by
+    /// proving its key; later it must enroll again.
+    pub device_cert_grace_days: u32,
     /// Limit of one webhook request, connection included.
     pub webhook_timeout_seconds: u64,
     /// Attempts of a webhook delivery before it is given up.
@@ -96,6 +99,7 @@ impl Default for Config {
             tls_ca_cert_path: None,
             tls_ca_key_path: None,
             device_cert_validity_days: 30,
+            device_cert_grace_days: 90,
             webhook_timeout_seconds: 10,
             webhook_max_attempts: 10,
             webhook_retry_initial_milliseconds: 1000,
@@ -170,6 +174,9 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub device_cert_validity_days: Option<u32>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_cert_grace_days: Option<u32>,
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub webhook_timeout_seconds: Option<u64>,
@@ -364,6 +371,11 @@ impl Config {
                 self.device_cert_validity_days.into(),
                 1..=397,
             ),
+            (
+                "device_cert_grace_days",
+                self.device_cert_grace_days.into(),
+                0..=3650,
+            ),
         ] {
             if !range.contains(&value) {
                 return Err(ConfigError::new(
@@ -377,6 +389,15 @@ impl Config {
         }
         posfleet_runtime::logging::check_log_level(&self.log_level)?;
         Ok(())
+    }
+
+    /// How long device certificates live, and may be renewed after.
+    pub fn certificate_policy(&self) -> crate::tls::CertificatePolicy {
+        let days = |n: u32| std::time::Duration::from_secs(u64::from(n) * 86_400);
+        crate::tls::CertificatePolicy {
+            validity: days(self.device_cert_validity_days),
+            grace: days(self.device_cert_grace_days),
+        }
     }
 
     /// Whether the listeners serve TLS.

@@ -191,7 +191,12 @@ pub fn health_from_proto(h: v1::Health) -> HealthRecord {
     }
 }
 
-pub fn device(d: DeviceRecord, now_ms: i64, offline_after_missed_heartbeats: i64) -> v1::Device {
+pub fn device(
+    d: DeviceRecord,
+    now_ms: i64,
+    offline_after_missed_heartbeats: i64,
+    certificates: Option<&crate::tls::CertificatePolicy>,
+) -> v1::Device {
     let online = storage::is_online(
         d.last_seen_ms,
         d.heartbeat_interval_seconds,
@@ -220,6 +225,13 @@ pub fn device(d: DeviceRecord, now_ms: i64, offline_after_missed_heartbeats: i64
         bundles: Vec::new(),
         revoked_at_unix_ms: d.revoked.as_ref().map_or(0, |r| r.at_ms),
         revoked_reason: d.revoked.map(|r| r.reason).unwrap_or_default(),
+        certificate_not_after_unix_ms: d.certificate.as_ref().map_or(0, |c| c.not_after_ms),
+        certificate_status: match (&d.certificate, certificates) {
+            (Some(certificate), Some(policy)) => {
+                policy.state(certificate.not_after_ms, now_ms).to_string()
+            }
+            _ => String::new(),
+        },
     }
 }
 

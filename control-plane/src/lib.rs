@@ -266,7 +266,7 @@ impl ControlPlane {
             &config,
             tls.as_ref().map(|tls| agent_api::AgentTls {
                 ca: tls.ca.clone(),
-                validity: tls.device_validity,
+                policy: config.certificate_policy(),
                 gate: tls.gate.clone(),
             }),
         ))
@@ -278,6 +278,7 @@ impl ControlPlane {
             desired.clone(),
             rollout::Rollouts::new(storage.clone(), desired, engine),
             gate.clone(),
+            tls.as_ref().map(|_| config.certificate_policy()),
         ))
         // Publishing streams bundles in 1 MiB messages and carries whole
         // targets metadata files.

@@ -41,7 +41,6 @@ pub(crate) struct Tls {
     pub grpc: tokio_rustls::TlsAcceptor,
     pub http: tokio_rustls::TlsAcceptor,
     pub gate: Arc<DeviceGate>,
-    pub device_validity: Duration,
 }
 
 impl Tls {
@@ -106,9 +105,6 @@ impl Tls {
             http: acceptor(&[b"http/1.1"]),
             ca: Arc::new(ca),
             gate,
-            device_validity: Duration::from_secs(
-                u64::from(config.device_cert_validity_days) * 24 * 3600,
-            ),
         }))
     }
 
@@ -138,6 +134,66 @@ impl Tls {
                 }
             }
         });
+    }
+}
+
+/// How long device certificates live and may be renewed after they end.
+#[derive(Debug, Clone, Copy)]
+pub struct CertificatePolicy {
+    pub validity: Duration,
+    /// After its end, a certificate may still be renewed (the device
+    /// proving its key) for this long; then the device must enroll again.
+    pub grace: Duration,
+}
+
+/// Where a device's certificate ending at `not_after_ms` stands at `now_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertificateState {
+    Valid,
+    /// Less than a third of its lifetime left: the agent renews it now.
+    RenewalDue,
+    /// Ended, but renewable by proving the key until the given moment.
+    ExpiredRenewable {
+        until_ms: i64,
+    },
+    /// Ended longer than the grace period ago.
+    MustReenroll,
+}
+
+impl CertificatePolicy {
+    pub fn state(&self, not_after_ms: i64, now_ms: i64) -> CertificateState {
+        let millis = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        if now_ms < not_after_ms {
+            if not_after_ms - now_ms < millis(self.validity) / 3 {
+                CertificateState::RenewalDue
+            } else {
+                CertificateState::Valid
+            }
+        } else {
+            let until_ms = not_after_ms.saturating_add(millis(self.grace));
+            if now_ms < until_ms {
+                CertificateState::ExpiredRenewable { until_ms }
+            } else {
+                CertificateState::MustReenroll
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for CertificateState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CertificateState::Valid => write!(f, "valid"),
+            CertificateState::RenewalDue => write!(f, "renewal due"),
+            CertificateState::ExpiredRenewable { until_ms } => {
+                write!(
+                    f,
+                    "expired, renewable until {}",
+                    crate::format_ms(*until_ms)
+                )
+            }
+            CertificateState::MustReenroll => write!(f, "expired: enroll the device again"),
+        }
     }
 }
 
@@ -497,6 +553,41 @@ async fn accept_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_certificate_is_renewed_in_its_last_third_and_renewable_for_the_grace_period() {
+        let day = 86_400_000;
+        let policy = CertificatePolicy {
+            validity: Duration::from_secs(30 * 86_400),
+            grace: Duration::from_secs(90 * 86_400),
+        };
+        let end = 100 * day;
+        assert_eq!(policy.state(end, end - 20 * day), CertificateState::Valid);
+        assert_eq!(
+            policy.state(end, end - 9 * day),
+            CertificateState::RenewalDue
+        );
+        assert_eq!(
+            policy.state(end, end),
+            CertificateState::ExpiredRenewable {
+                until_ms: end + 90 * day
+            }
+        );
+        assert_eq!(
+            policy.state(end, end + 89 * day),
+            CertificateState::ExpiredRenewable {
+                until_ms: end + 90 * day
+            }
+        );
+        assert_eq!(
+            policy.state(end, end + 90 * day),
+            CertificateState::MustReenroll
+        );
+        assert_eq!(
+            policy.state(end, end + 90 * day).to_string(),
+            "expired: enroll the device again"
+        );
+    }
     use posfleet_pki::rustls::pki_types::{CertificateDer, ServerName};
     use posfleet_pki::{FleetCa, certificates_from_pem, private_key_from_pem};
     use std::time::SystemTime;

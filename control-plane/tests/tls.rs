@@ -347,3 +347,159 @@ async fn the_repository_serves_each_till_only_what_its_store_is_meant_to_have() 
     assert_eq!(setup.server.https_get("/healthz", None).await.0, 200);
     setup.finish().await;
 }
+
+/// Moves the end of `device`'s certificate, as the database records it.
+async fn certificate_ended(setup: &Setup, device: &str, days_ago: i64) {
+    use sqlx::Executor;
+    sqlx::any::install_default_drivers();
+    let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&setup.db.url)
+        .await
+        .unwrap();
+    let at = posfleet_control_plane::now_ms() - days_ago * 86_400_000;
+    conn.execute(
+        format!("UPDATE devices SET certificate_not_after_ms = {at} WHERE id = '{device}'")
+            .as_str(),
+    )
+    .await
+    .unwrap();
+}
+
+fn renewal_proof(
+    key: &SigningKey,
+    device: &str,
+    signed_at: i64,
+    request: Vec<u8>,
+) -> v1::RenewCertificateRequest {
+    use ed25519_dalek::Signer;
+    let payload = posfleet_proto::renew_signing_payload(device, signed_at, &request);
+    v1::RenewCertificateRequest {
+        signature: key.sign(&payload).to_bytes().to_vec(),
+        certificate_request: request,
+        device_id: device.into(),
+        signed_at_unix_ms: signed_at,
+    }
+}
+
+#[tokio::test]
+async fn a_till_renews_with_its_certificate_and_after_it_ends_within_the_grace_period() {
+    let setup = tls_setup().await;
+    let mut admin = setup.server.admin().await;
+    admin.store("lyon-01").await;
+    let (key, enrolled) = enroll(&setup, "lyon-01").await;
+    let id = enrolled.device_id.clone();
+    let shown = admin.device(&id).await.unwrap();
+    assert_eq!(shown.certificate_status, "valid");
+    assert!(shown.certificate_not_after_unix_ms > posfleet_control_plane::now_ms());
+
+    // With its certificate: a new one, same device, new serial.
+    let request = posfleet_pki::certificate_request(&key).unwrap();
+    let renewed = as_device(&setup, &key, &enrolled.device_certificate_pem)
+        .renew_certificate(v1::RenewCertificateRequest {
+            certificate_request: request.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let serial = |pem: &str| {
+        let der = &posfleet_pki::certificates_from_pem(pem.as_bytes(), "cert").unwrap()[0];
+        posfleet_pki::DeviceIdentity::from_certificate(der).unwrap()
+    };
+    let (old, new) = (
+        serial(&enrolled.device_certificate_pem),
+        serial(&renewed.device_certificate_pem),
+    );
+    assert_eq!(new.device_id, id);
+    assert_ne!(new.serial, old.serial);
+    as_device(&setup, &key, &renewed.device_certificate_pem)
+        .heartbeat(hello())
+        .await
+        .unwrap();
+    // A request for another key is refused.
+    assert_status(
+        as_device(&setup, &key, &renewed.device_certificate_pem)
+            .renew_certificate(v1::RenewCertificateRequest {
+                certificate_request: posfleet_pki::certificate_request(&new_key()).unwrap(),
+                ..Default::default()
+            })
+            .await,
+        Code::InvalidArgument,
+        "another key",
+    );
+
+    // Without a certificate while it is still valid: refused.
+    let now = posfleet_control_plane::now_ms();
+    let mut agent = setup.server.agent().await;
+    assert_status(
+        agent
+            .renew_certificate(renewal_proof(&key, &id, now, request.clone()))
+            .await,
+        Code::Unauthenticated,
+        "still valid",
+    );
+    // Ended ten days ago: renewable by proving the key, and only so.
+    certificate_ended(&setup, &id, 10).await;
+    assert!(
+        admin
+            .device(&id)
+            .await
+            .unwrap()
+            .certificate_status
+            .starts_with("expired, renewable until")
+    );
+    assert_status(
+        agent
+            .renew_certificate(renewal_proof(&new_key(), &id, now, request.clone()))
+            .await,
+        Code::Unauthenticated,
+        "not signed by the key",
+    );
+    assert_status(
+        agent
+            .renew_certificate(renewal_proof(&key, &id, now - 3_600_000, request.clone()))
+            .await,
+        Code::Unauthenticated,
+        "5 minutes",
+    );
+    let again = agent
+        .renew_certificate(renewal_proof(&key, &id, now, request.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(serial(&again.device_certificate_pem).device_id, id);
+    assert_eq!(admin.device(&id).await.unwrap().certificate_status, "valid");
+
+    // Ended past the grace period (90 days): enroll again, and `device show`
+    // says so.
+    certificate_ended(&setup, &id, 91).await;
+    assert_status(
+        agent
+            .renew_certificate(renewal_proof(&key, &id, now, request.clone()))
+            .await,
+        Code::FailedPrecondition,
+        "enroll the device again",
+    );
+    assert_eq!(
+        admin.device(&id).await.unwrap().certificate_status,
+        "expired: enroll the device again"
+    );
+
+    // A revoked till renews nothing.
+    certificate_ended(&setup, &id, 10).await;
+    admin
+        .client
+        .revoke_device(admin.req(v1::RevokeDeviceRequest {
+            device_id: id.clone(),
+            reason: "stolen".into(),
+        }))
+        .await
+        .unwrap();
+    assert_status(
+        agent
+            .renew_certificate(renewal_proof(&key, &id, now, request))
+            .await,
+        Code::PermissionDenied,
+        "revoked",
+    );
+    setup.finish().await;
+}

@@ -23,13 +23,40 @@ pub fn enroll_signing_payload(
     hardware_model: &str,
     serial_number: &str,
 ) -> Vec<u8> {
-    let mut out = b"posfleet-enroll-v1".to_vec();
-    for field in [
-        enrollment_token.as_bytes(),
-        public_key,
-        hardware_model.as_bytes(),
-        serial_number.as_bytes(),
-    ] {
+    signing_payload(
+        b"posfleet-enroll-v1",
+        &[
+            enrollment_token.as_bytes(),
+            public_key,
+            hardware_model.as_bytes(),
+            serial_number.as_bytes(),
+        ],
+    )
+}
+
+/// The bytes a device whose certificate has expired signs with its key to
+/// renew it: which device, when (the control plane accepts a few minutes
+/// of clock difference, so a captured proof soon stops working), and the
+/// certificate request it vouches for.
+pub fn renew_signing_payload(
+    device_id: &str,
+    signed_at_unix_ms: i64,
+    certificate_request: &[u8],
+) -> Vec<u8> {
+    signing_payload(
+        b"posfleet-renew-v1",
+        &[
+            device_id.as_bytes(),
+            &signed_at_unix_ms.to_be_bytes(),
+            certificate_request,
+        ],
+    )
+}
+
+/// A domain tag, then each field prefixed with its length.
+fn signing_payload(tag: &[u8], fields: &[&[u8]]) -> Vec<u8> {
+    let mut out = tag.to_vec();
+    for field in fields {
         out.extend_from_slice(&(field.len() as u64).to_be_bytes());
         out.extend_from_slice(field);
     }
@@ -46,6 +73,11 @@ mod tests {
         let a = enroll_signing_payload("ab", b"k", "c", "d");
         let b = enroll_signing_payload("a", b"k", "bc", "d");
         assert_ne!(a, b);
+        // An enrollment proof is never a renewal proof.
+        assert_ne!(
+            renew_signing_payload("dev-1", 5, b"req"),
+            enroll_signing_payload("dev-1", &5i64.to_be_bytes(), "req", "")
+        );
     }
 
     #[test]

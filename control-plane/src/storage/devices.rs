@@ -54,6 +54,26 @@ pub struct DeviceRecord {
     pub agent_uptime_seconds: i64,
     pub health: HealthRecord,
     pub revoked: Option<RevokedRecord>,
+    /// The certificate last issued to the device, over TLS.
+    pub certificate: Option<CertificateRecord>,
+}
+
+/// A device certificate the control plane issued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateRecord {
+    /// Serial number, in lowercase hex.
+    pub serial: String,
+    pub not_after_ms: i64,
+}
+
+/// What renewing a device's certificate is checked against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenewalRecord {
+    pub store_id: String,
+    /// The key the device enrolled with: a renewal is for that key only.
+    pub public_key_hex: String,
+    pub revoked: bool,
+    pub certificate: Option<CertificateRecord>,
 }
 
 /// What the control plane needs to check a device credential.
@@ -108,7 +128,7 @@ const DEVICE_COLUMNS: &str = "d.id, d.store_id, d.hardware_model, d.serial_numbe
     d.enrolled_at_ms, d.last_seen_ms, d.heartbeat_interval_seconds, d.agent_version, \
     d.installed_bundles_json, d.agent_uptime_seconds, d.uptime_seconds, d.disk_free_bytes, \
     d.disk_total_bytes, d.memory_total_bytes, d.memory_available_bytes, d.peripherals_json, \
-    d.revoked_at_ms, d.revoked_reason";
+    d.revoked_at_ms, d.revoked_reason, d.certificate_serial, d.certificate_not_after_ms";
 
 fn device_from_row(row: &AnyRow) -> Result<DeviceRecord, Error> {
     let installed: String = row.try_get("installed_bundles_json")?;
@@ -142,8 +162,21 @@ fn device_from_row(row: &AnyRow) -> Result<DeviceRecord, Error> {
             }),
             None => None,
         },
+        certificate: certificate_from_row(row)?,
         id,
     })
+}
+
+fn certificate_from_row(row: &AnyRow) -> Result<Option<CertificateRecord>, Error> {
+    Ok(row
+        .try_get::<Option<i64>, _>("certificate_not_after_ms")?
+        .map(|not_after_ms| {
+            Ok::<_, sqlx::Error>(CertificateRecord {
+                serial: row.try_get("certificate_serial")?,
+                not_after_ms,
+            })
+        })
+        .transpose()?)
 }
 
 impl Storage {
@@ -388,6 +421,44 @@ impl Storage {
             .await?
             .map(|row| row.try_get("store_id"))
             .transpose()?)
+    }
+
+    /// Records the certificate just issued to a device.
+    pub async fn set_device_certificate(
+        &self,
+        device_id: &str,
+        certificate: &CertificateRecord,
+    ) -> Result<(), Error> {
+        sqlx::query(
+            "UPDATE devices SET certificate_serial = $1, certificate_not_after_ms = $2 WHERE id = $3",
+        )
+        .bind(&certificate.serial)
+        .bind(certificate.not_after_ms)
+        .bind(device_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// What a renewal of the device's certificate is checked against;
+    /// `None` for an unknown device.
+    pub async fn device_renewal(&self, device_id: &str) -> Result<Option<RenewalRecord>, Error> {
+        sqlx::query(
+            "SELECT store_id, public_key, revoked_at_ms, certificate_serial, certificate_not_after_ms \
+             FROM devices WHERE id = $1",
+        )
+        .bind(device_id)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(|row| {
+            Ok(RenewalRecord {
+                store_id: row.try_get("store_id")?,
+                public_key_hex: row.try_get("public_key")?,
+                revoked: row.try_get::<Option<i64>, _>("revoked_at_ms")?.is_some(),
+                certificate: certificate_from_row(&row)?,
+            })
+        })
+        .transpose()
     }
 
     /// Every revoked device's id.

@@ -270,6 +270,7 @@ impl Storage {
             agent_uptime_seconds: 0,
             health: HealthRecord::default(),
             revoked: None,
+            certificate: None,
         })
     }
 

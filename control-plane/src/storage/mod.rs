@@ -37,8 +37,8 @@ pub use desired::{
     TransferRecord, merge_desired, peers_digest,
 };
 pub use devices::{
-    DeviceAuth, DeviceFilter, DeviceRecord, HealthRecord, HeartbeatRecord, PeripheralRecord,
-    RevokedRecord, StatusFilter, is_online,
+    CertificateRecord, DeviceAuth, DeviceFilter, DeviceRecord, HealthRecord, HeartbeatRecord,
+    PeripheralRecord, RenewalRecord, RevokedRecord, StatusFilter, is_online,
 };
 pub use enrollment::{EnrollError, EnrollmentTokenRecord, NewDevice};
 pub use events::{EventRecord, MAX_EVENTS_PER_PAGE, NewEvent};
