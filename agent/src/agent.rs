@@ -3,6 +3,7 @@
 //! here can stop the till from selling: failures are logged and retried.
 
 use ed25519_dalek::{Signer, SigningKey};
+use posfleet_pki::rustls::ClientConfig;
 use posfleet_proto::v1::agent_service_client::AgentServiceClient;
 use posfleet_proto::v1::{EnrollRequest, HeartbeatRequest, ReportProgressRequest};
 use std::future::Future;
@@ -21,6 +22,7 @@ use crate::lifecycle::{self, Clock, DesiredState, Lifecycle, Report};
 use crate::repository::{RepositoryClient, Timeouts};
 use crate::sharing::{StoreFetcher, StorePeers};
 use crate::state::{Enrollment, StateDir};
+use crate::tls::{DeviceCertificate, TlsFailure};
 
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -88,14 +90,13 @@ impl Agent {
                 source,
             })?;
         let key = crate::identity::load_or_create(&config.data_dir)?;
-        let timeout = Duration::from_secs(config.request_timeout_seconds);
-        let channel = Endpoint::from_shared(config.server_url.clone())
-            .map_err(|e| Error::ServerUrl(e.to_string()))?
-            .connect_timeout(timeout)
-            .timeout(timeout)
-            .http2_keep_alive_interval(Duration::from_secs(60))
-            .keep_alive_while_idle(false)
-            .connect_lazy();
+        // Until enrolled, the control plane is vouched for by the configured
+        // CA (or pin) and the till presents nothing.
+        let enrollment_tls = config
+            .server_trust()?
+            .map(|trust| crate::tls::enrollment_config(&trust))
+            .transpose()?;
+        let channel = grpc_channel(&config, enrollment_tls)?;
         let repository = if config.root_json_path.as_os_str().is_empty() {
             None
         } else {
@@ -136,7 +137,8 @@ impl Agent {
             result = self.ensure_enrolled() => result?,
             _ = &mut shutdown => return Ok(()),
         };
-        tracing::info!(device_id = %enrollment.device_id, store_id = %enrollment.store_id, "Agent running.");
+        self.connect_as_device(&enrollment)?;
+        tracing::info!(device_id = %enrollment.device_id, store_id = %enrollment.store_id, tls = self.config.tls(), "Agent running.");
         let data_dir = self.config.data_dir.clone();
         let (desired_tx, desired_rx) = watch::channel(lifecycle::load_desired(&data_dir));
         let (report_tx, report_rx) = watch::channel(Report::new());
@@ -218,11 +220,27 @@ impl Agent {
                 }
                 Err(status) => {
                     let delay = backoff.next_delay();
-                    if is_refusal(status.code()) {
-                        tracing::error!(code = ?status.code(), error = %status.message(), "Heartbeat refused.");
-                    } else if online {
-                        tracing::warn!(code = ?status.code(), error = %status.message(), "Control plane unreachable; the till keeps working, retrying with backoff.");
-                        online = false;
+                    let retry_in_seconds = delay.as_secs_f64();
+                    match crate::tls::tls_failure(&status) {
+                        Some(TlsFailure::Revoked) => {
+                            tracing::error!(
+                                retry_in_seconds,
+                                "This till's certificate is revoked: the control plane refuses it. Retrying with backoff."
+                            );
+                            online = false;
+                        }
+                        Some(failure) => {
+                            tracing::error!(error = %failure, retry_in_seconds, "Cannot reach the control plane over TLS.");
+                            online = false;
+                        }
+                        None if is_refusal(status.code()) => {
+                            tracing::error!(code = ?status.code(), error = %status.message(), "Heartbeat refused.");
+                        }
+                        None if online => {
+                            tracing::warn!(code = ?status.code(), error = %crate::tls::describe(&status), "Control plane unreachable; the till keeps working, retrying with backoff.");
+                            online = false;
+                        }
+                        None => {}
                     }
                     delay
                 }
@@ -309,8 +327,45 @@ impl Agent {
         self.store_peers = peers;
     }
 
+    /// Over TLS, from enrollment on: every call and every `/repo/` request
+    /// presents the device certificate (mutual TLS), trusting the CAs
+    /// enrollment handed out.
+    fn connect_as_device(&mut self, enrollment: &Enrollment) -> Result<(), Error> {
+        if !self.config.tls() {
+            return Ok(());
+        }
+        let tls = match DeviceCertificate::load(&self.config.data_dir)? {
+            Some(certificate) => certificate.client_config(&self.key)?,
+            // Saved before the enrollment: only a hand-removed file leaves this.
+            None if enrollment.device_credential.is_empty() => {
+                return Err(Error::Corrupt {
+                    path: self.config.data_dir.join(crate::tls::CERTIFICATE_FILE),
+                    detail: "missing: this till enrolled over TLS and has no other credential; \
+                             restore the file, or clear the data dir and enroll it again"
+                        .into(),
+                });
+            }
+            // Enrolled with a credential: server-authenticated TLS only.
+            None => match self.config.server_trust()? {
+                Some(trust) => crate::tls::enrollment_config(&trust)?,
+                None => return Ok(()),
+            },
+        };
+        self.client = AgentServiceClient::new(grpc_channel(&self.config, Some(tls.clone()))?);
+        if let Some(repository) = self.repository.as_mut() {
+            repository
+                .use_tls(tls)
+                .map_err(|e| Error::Repository(e.to_string()))?;
+        }
+        Ok(())
+    }
+
     /// The saved enrollment, or a new one. Retries while the control plane
-    /// is unreachable; gives up when it refuses.
+    /// is unreachable; gives up when it refuses. Over TLS the enrollment
+    /// asks for a certificate for the device key, saved (`device.crt`,
+    /// `trust.pem`) before the enrollment itself: a till that stops in
+    /// between finds no enrollment at its next start and enrolls again,
+    /// which the control plane allows until the first heartbeat.
     async fn ensure_enrolled(&mut self) -> Result<Enrollment, Error> {
         if let Some(enrollment) = self.state.enrollment()? {
             return Ok(enrollment);
@@ -330,6 +385,11 @@ impl Agent {
             &self.config.hardware_model,
             &serial_number,
         );
+        let certificate_request = if self.config.tls() {
+            posfleet_pki::certificate_request(&self.key)?
+        } else {
+            Vec::new()
+        };
         let request = EnrollRequest {
             enrollment_token: self.config.enrollment_token.clone(),
             signature: self.key.sign(&payload).to_bytes().to_vec(),
@@ -337,35 +397,76 @@ impl Agent {
             hardware_model: self.config.hardware_model.clone(),
             serial_number,
             agent_version: AGENT_VERSION.into(),
-            ..Default::default()
+            certificate_request,
         };
         let mut backoff = Backoff::new(
             BACKOFF_BASE,
             Duration::from_secs(self.config.max_backoff_seconds),
         );
         loop {
-            match self.client.enroll(request.clone()).await {
-                Ok(response) => {
-                    let response = response.into_inner();
-                    let enrollment = Enrollment {
-                        device_id: response.device_id,
-                        device_credential: response.device_credential,
-                        store_id: response.store_id,
-                    };
-                    self.state.save_enrollment(&enrollment)?;
-                    tracing::info!(device_id = %enrollment.device_id, store_id = %enrollment.store_id, "Enrolled.");
-                    return Ok(enrollment);
-                }
+            let answer = match self.client.enroll(request.clone()).await {
+                Ok(response) => self.save_enrollment(response.into_inner()),
                 Err(status) if is_refusal(status.code()) => {
                     return Err(Error::EnrollmentRefused(status.message().to_string()));
                 }
-                Err(status) => {
-                    let delay = backoff.next_delay();
-                    tracing::warn!(code = ?status.code(), error = %status.message(), retry_in_seconds = delay.as_secs_f64(), "Cannot enroll yet.");
-                    tokio::time::sleep(delay).await;
+                Err(status) => Err(status),
+            };
+            let status = match answer {
+                Ok(enrollment) => {
+                    tracing::info!(device_id = %enrollment.device_id, store_id = %enrollment.store_id, "Enrolled.");
+                    return Ok(enrollment);
+                }
+                Err(status) => status,
+            };
+            let delay = backoff.next_delay();
+            let retry_in_seconds = delay.as_secs_f64();
+            match crate::tls::tls_failure(&status) {
+                Some(failure) => {
+                    tracing::error!(error = %failure, retry_in_seconds, "Cannot enroll over TLS.")
+                }
+                None => {
+                    tracing::warn!(code = ?status.code(), error = %crate::tls::describe(&status), retry_in_seconds, "Cannot enroll yet.")
                 }
             }
+            tokio::time::sleep(delay).await;
         }
+    }
+
+    /// Saves what an enrollment answered: the certificate and trust bundle
+    /// first, then the enrollment. An answer that cannot be used is a
+    /// status to retry on (the control plane answers a retry again).
+    fn save_enrollment(
+        &self,
+        response: posfleet_proto::v1::EnrollResponse,
+    ) -> Result<Enrollment, tonic::Status> {
+        let unusable = |error: Error| {
+            tracing::error!(%error, "Enrollment answer not saved.");
+            tonic::Status::internal(error.to_string())
+        };
+        if self.config.tls() {
+            let certificate = DeviceCertificate::from_enrollment(
+                &response.device_certificate_pem,
+                &response.trust_bundle_pem,
+                &response.device_id,
+            )
+            .map_err(unusable)?;
+            match certificate {
+                Some(certificate) => certificate.save(&self.config.data_dir).map_err(unusable)?,
+                None if response.device_credential.is_empty() => {
+                    return Err(unusable(Error::EnrollmentAnswer(
+                        "it holds neither a certificate nor a credential".into(),
+                    )));
+                }
+                None => {}
+            }
+        }
+        let enrollment = Enrollment {
+            device_id: response.device_id,
+            device_credential: response.device_credential,
+            store_id: response.store_id,
+        };
+        self.state.save_enrollment(&enrollment).map_err(unusable)?;
+        Ok(enrollment)
     }
 
     /// Sends one heartbeat; returns the interval before the next one and
@@ -397,9 +498,11 @@ impl Agent {
             p2p_listen_addrs: self.p2p_addrs.clone(),
             store_peers_digest: hex::decode(&self.store_peers.digest).unwrap_or_default(),
         });
-        request
-            .metadata_mut()
-            .insert(posfleet_proto::AUTHORIZATION, authorization(enrollment)?);
+        if let Some(authorization) = authorization(enrollment)? {
+            request
+                .metadata_mut()
+                .insert(posfleet_proto::AUTHORIZATION, authorization);
+        }
         let mut response = self.client.heartbeat(request).await?.into_inner();
         if let Some(peers) = response.store_peers.take() {
             self.set_store_peers(StorePeers::from_proto(peers)).await;
@@ -415,13 +518,34 @@ impl Agent {
     }
 }
 
-/// The `authorization` metadata value of the device's calls.
+/// The `authorization` metadata value of the device's calls; none for a
+/// till enrolled over TLS, whose certificate is its identity.
 fn authorization(
     enrollment: &Enrollment,
-) -> Result<tonic::metadata::AsciiMetadataValue, tonic::Status> {
+) -> Result<Option<tonic::metadata::AsciiMetadataValue>, tonic::Status> {
+    if enrollment.device_credential.is_empty() {
+        return Ok(None);
+    }
     format!("Device {}", enrollment.device_credential)
         .parse()
+        .map(Some)
         .map_err(|_| tonic::Status::internal("the saved device credential is not ASCII"))
+}
+
+/// The control plane's gRPC channel: over TLS with `tls` (an `https://`
+/// server), else plaintext. Connects lazily.
+fn grpc_channel(config: &AgentConfig, tls: Option<ClientConfig>) -> Result<Channel, Error> {
+    let timeout = Duration::from_secs(config.request_timeout_seconds);
+    let endpoint = Endpoint::from_shared(config.server_url.clone())
+        .map_err(|e| Error::ServerUrl(e.to_string()))?
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .http2_keep_alive_interval(Duration::from_secs(60))
+        .keep_alive_while_idle(false);
+    Ok(match tls {
+        Some(tls) => posfleet_pki::grpc_channel(&endpoint, Some(Arc::new(tls))),
+        None => endpoint.connect_lazy(),
+    })
 }
 
 /// Sends the bundle statuses whenever they change, at most once a second,
@@ -429,7 +553,7 @@ fn authorization(
 /// latest statuses matter, so a retry sends whatever is newest.
 async fn report_progress(
     mut client: AgentServiceClient<Channel>,
-    authorization: tonic::metadata::AsciiMetadataValue,
+    authorization: Option<tonic::metadata::AsciiMetadataValue>,
     mut statuses: watch::Receiver<Report>,
     max_backoff: Duration,
 ) {
@@ -438,9 +562,11 @@ async fn report_progress(
         loop {
             let bundles = statuses.borrow_and_update().values().cloned().collect();
             let mut request = Request::new(ReportProgressRequest { bundles });
-            request
-                .metadata_mut()
-                .insert(posfleet_proto::AUTHORIZATION, authorization.clone());
+            if let Some(authorization) = &authorization {
+                request
+                    .metadata_mut()
+                    .insert(posfleet_proto::AUTHORIZATION, authorization.clone());
+            }
             match client.report_progress(request).await {
                 Ok(_) => {
                     backoff.reset();
@@ -448,7 +574,7 @@ async fn report_progress(
                 }
                 Err(status) => {
                     let delay = backoff.next_delay();
-                    tracing::debug!(code = ?status.code(), error = %status.message(), "Cannot report bundle progress yet.");
+                    tracing::debug!(code = ?status.code(), error = %crate::tls::describe(&status), "Cannot report bundle progress yet.");
                     tokio::time::sleep(delay).await;
                 }
             }

@@ -29,8 +29,18 @@ pub enum FakeFault {
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
-    /// The control plane's gRPC address, e.g. `http://cp.example:7400`.
+    /// The control plane's gRPC address, e.g. `https://cp.example:7400`
+    /// (TLS: set `ca_cert_path` or `ca_fingerprint`), or
+    /// `http://127.0.0.1:7400` (plaintext).
     pub server_url: String,
+    /// With an `https://` server: a PEM file of the CA certificates that
+    /// vouch for the control plane until the till is enrolled (then the
+    /// trust bundle the control plane hands out is used). Empty: none.
+    pub ca_cert_path: PathBuf,
+    /// With an `https://` server, instead of `ca_cert_path`: the fleet CA's
+    /// fingerprint, SHA-256 of its certificate (64 hex digits), given with
+    /// the enrollment token. Empty: none.
+    pub ca_fingerprint: String,
     /// Device key, enrollment and state; survives restarts.
     pub data_dir: PathBuf,
     /// One-time token from ops; only read until the device is enrolled.
@@ -104,6 +114,8 @@ impl std::fmt::Debug for AgentConfig {
         // Destructured, so that a new key cannot be left out unnoticed.
         let AgentConfig {
             server_url,
+            ca_cert_path,
+            ca_fingerprint,
             data_dir,
             enrollment_token,
             enrollment_token_file,
@@ -134,6 +146,8 @@ impl std::fmt::Debug for AgentConfig {
         } = self;
         f.debug_struct("AgentConfig")
             .field("server_url", server_url)
+            .field("ca_cert_path", ca_cert_path)
+            .field("ca_fingerprint", ca_fingerprint)
             .field("data_dir", data_dir)
             .field("enrollment_token", &redacted(enrollment_token))
             .field("enrollment_token_file", enrollment_token_file)
@@ -179,10 +193,22 @@ fn redacted(secret: &str) -> &'static str {
     if secret.is_empty() { "" } else { "<redacted>" }
 }
 
+/// What vouches for an `https://` control plane before the till holds the
+/// trust bundle enrollment hands out.
+#[derive(Debug, Clone)]
+pub enum ServerTrust {
+    /// The CA certificates of `ca_cert_path`.
+    Ca(Vec<posfleet_pki::rustls::pki_types::CertificateDer<'static>>),
+    /// The fleet CA's SHA-256 fingerprint, `ca_fingerprint`.
+    Pinned([u8; 32]),
+}
+
 impl Default for AgentConfig {
     fn default() -> Self {
         AgentConfig {
             server_url: "http://127.0.0.1:7400".into(),
+            ca_cert_path: PathBuf::new(),
+            ca_fingerprint: String::new(),
             data_dir: PathBuf::from("posfleet-agent-data"),
             enrollment_token: String::new(),
             enrollment_token_file: PathBuf::new(),
@@ -231,6 +257,14 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_url: Option<String>,
+    /// PEM file of the CA(s) vouching for an https:// control plane.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_cert_path: Option<PathBuf>,
+    /// SHA-256 fingerprint of the fleet CA, instead of --ca-cert-path.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_fingerprint: Option<String>,
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
@@ -404,14 +438,63 @@ impl AgentConfig {
         }
     }
 
+    /// Whether the control plane is reached over TLS (`https://`).
+    pub fn tls(&self) -> bool {
+        self.server_url.starts_with("https://")
+    }
+
+    /// The CAs that vouch for the control plane before enrollment, from
+    /// `ca_cert_path` or `ca_fingerprint`; `None` over plaintext.
+    pub fn server_trust(&self) -> Result<Option<ServerTrust>, ConfigError> {
+        if !self.tls() {
+            return Ok(None);
+        }
+        match (
+            self.ca_cert_path.as_os_str().is_empty(),
+            self.ca_fingerprint.is_empty(),
+        ) {
+            (false, false) => Err(ConfigError::new(
+                "ca_fingerprint",
+                "set ca_cert_path or ca_fingerprint, not both",
+            )),
+            (true, true) => Err(ConfigError::new(
+                "ca_cert_path",
+                format!(
+                    "`{}` is TLS: set ca_cert_path to the fleet CA certificate \
+                     (or ca_fingerprint to its SHA-256)",
+                    self.server_url
+                ),
+            )),
+            (false, true) => {
+                let path = &self.ca_cert_path;
+                let pem = std::fs::read(path).map_err(|e| {
+                    ConfigError::new(
+                        "ca_cert_path",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                posfleet_pki::certificates_from_pem(&pem, &path.display().to_string())
+                    .map(|certificates| Some(ServerTrust::Ca(certificates)))
+                    .map_err(|e| ConfigError::new("ca_cert_path", e.to_string()))
+            }
+            (true, false) => posfleet_pki::parse_fingerprint(&self.ca_fingerprint)
+                .map(|pin| Some(ServerTrust::Pinned(pin)))
+                .map_err(|e| ConfigError::new("ca_fingerprint", e.to_string())),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let uri: tonic::transport::Uri = self.server_url.parse().map_err(|_| {
             ConfigError::new("server_url", format!("`{}` is not a URL", self.server_url))
         })?;
-        let Some(host) = uri.host().filter(|_| uri.scheme_str() == Some("http")) else {
+        let scheme = uri.scheme_str().filter(|s| matches!(*s, "http" | "https"));
+        let (Some(scheme), Some(host)) = (scheme, uri.host()) else {
             return Err(ConfigError::new(
                 "server_url",
-                format!("`{}` must look like http://host:7400", self.server_url),
+                format!(
+                    "`{}` must look like https://host:7400 (or http:// for plaintext)",
+                    self.server_url
+                ),
             ));
         };
         let loopback = host == "localhost"
@@ -420,15 +503,16 @@ impl AgentConfig {
                 .trim_end_matches(']')
                 .parse::<std::net::IpAddr>()
                 .is_ok_and(|ip| ip.is_loopback());
-        if !loopback && !self.insecure_dev {
+        if scheme == "http" && !loopback && !self.insecure_dev {
             return Err(ConfigError::new(
                 "server_url",
                 format!(
-                    "`{host}` is not this machine, and gRPC is plaintext until TLS is configured; \
-                     set insecure_dev = true (--insecure-dev) to use it anyway"
+                    "`{host}` is not this machine, and http:// is plaintext; use https:// \
+                     with ca_cert_path, or set insecure_dev = true (--insecure-dev) to use it anyway"
                 ),
             ));
         }
+        self.server_trust()?;
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::new("data_dir", "must not be empty"));
         }
@@ -439,11 +523,16 @@ impl AgentConfig {
                     format!("{} is not a readable file", self.root_json_path.display()),
                 ));
             }
+            // The repository is reached as the control plane is: over TLS
+            // with the same trust, or plaintext.
             let url: Result<tonic::transport::Uri, _> = self.repository_url.parse();
-            if !url.is_ok_and(|u| u.scheme_str() == Some("http") && u.host().is_some()) {
+            if !url.is_ok_and(|u| u.scheme_str() == Some(scheme) && u.host().is_some()) {
                 return Err(ConfigError::new(
                     "repository_url",
-                    "must be set, like http://host:7401/repo/, when root_json_path is",
+                    format!(
+                        "must be set, like {scheme}://host:7401/repo/ ({scheme}:// as \
+                         server_url), when root_json_path is"
+                    ),
                 ));
             }
             if !(10..=86_400).contains(&self.repository_refresh_seconds) {
@@ -573,6 +662,92 @@ mod tests {
         assert!(load(&[]).is_ok());
         assert!(load(&["--server-url", "http://[::1]:7400"]).is_ok());
         assert!(load(&["--server-url", "http://cp.example:7400", "--insecure-dev"]).is_ok());
+    }
+
+    #[test]
+    fn an_https_server_needs_a_ca_to_trust_and_the_repository_follows_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, _) =
+            posfleet_pki::FleetCa::create("test fleet CA", std::time::SystemTime::now()).unwrap();
+        let ca_file = dir.path().join("fleet-ca.crt");
+        std::fs::write(&ca_file, ca.certificates_pem()).unwrap();
+        let ca_path = ca_file.to_str().unwrap();
+        let root = dir.path().join("root.json");
+        std::fs::write(&root, "{}").unwrap();
+        let root = root.to_str().unwrap();
+        let https = ["--server-url", "https://cp.example:7400"];
+
+        // Neither: the error names the key to set.
+        let err = load(&https).unwrap_err();
+        assert_eq!(err.key, "ca_cert_path", "{err}");
+        assert!(err.to_string().contains("ca_fingerprint"), "{err}");
+        // Either one; beyond loopback too, with no insecure_dev.
+        let config = load(&[&https[..], &["--ca-cert-path", ca_path]].concat()).unwrap();
+        assert!(matches!(
+            config.server_trust().unwrap(),
+            Some(ServerTrust::Ca(certificates)) if certificates.len() == 1
+        ));
+        let config =
+            load(&[&https[..], &["--ca-fingerprint", &ca.fingerprint()]].concat()).unwrap();
+        assert!(matches!(
+            config.server_trust().unwrap(),
+            Some(ServerTrust::Pinned(pin)) if hex::encode(pin) == ca.fingerprint()
+        ));
+        // Bad values name their key.
+        for (args, key) in [
+            (&["--ca-fingerprint", "abcd"][..], "ca_fingerprint"),
+            (
+                &[
+                    "--ca-cert-path",
+                    ca_path,
+                    "--ca-fingerprint",
+                    &ca.fingerprint(),
+                ][..],
+                "ca_fingerprint",
+            ),
+            (&["--ca-cert-path", root][..], "ca_cert_path"),
+            (&["--ca-cert-path", "/no/such/ca.crt"][..], "ca_cert_path"),
+            (
+                &[
+                    "--ca-cert-path",
+                    ca_path,
+                    "--root-json-path",
+                    root,
+                    "--repository-url",
+                    "http://cp.example:7401/repo/",
+                ][..],
+                "repository_url",
+            ),
+        ] {
+            let err = load(&[&https[..], args].concat()).unwrap_err();
+            assert_eq!(err.key, key, "{args:?}: {err}");
+        }
+        let config = load(
+            &[
+                &https[..],
+                &[
+                    "--ca-cert-path",
+                    ca_path,
+                    "--root-json-path",
+                    root,
+                    "--repository-url",
+                    "https://cp.example:7401/repo/",
+                ],
+            ]
+            .concat(),
+        )
+        .unwrap();
+        assert!(config.tls());
+        // Plaintext is as before: no CA, and an http:// repository.
+        let err = load(&[
+            "--root-json-path",
+            root,
+            "--repository-url",
+            "https://x/repo/",
+        ])
+        .unwrap_err();
+        assert_eq!(err.key, "repository_url", "{err}");
+        assert!(load(&[]).unwrap().server_trust().unwrap().is_none());
     }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(OsString, OsString)> {

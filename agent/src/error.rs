@@ -29,6 +29,10 @@ pub enum Error {
     NoEnrollmentToken,
     #[error("enrollment refused by the control plane: {0}")]
     EnrollmentRefused(String),
+    #[error("the control plane's enrollment answer is not usable: {0}")]
+    EnrollmentAnswer(String),
+    #[error("TLS: {0}")]
+    Tls(#[from] posfleet_pki::Error),
     #[error("invalid server URL: {0}")]
     ServerUrl(String),
     #[error("cannot use the bundle repository: {0}")]

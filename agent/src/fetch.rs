@@ -71,20 +71,58 @@ pub struct Origin {
 }
 
 impl Origin {
+    /// Over plaintext (an `http://` repository).
     pub fn new(base_url: &str, timeouts: Timeouts) -> Result<Origin, RepoError> {
-        let http = reqwest::Client::builder()
+        Origin::build(base_url, timeouts, None)
+    }
+
+    /// Over TLS with `tls` (for an `https://` repository: the trust and the
+    /// device certificate the gRPC calls use).
+    pub fn with_tls(
+        base_url: &str,
+        timeouts: Timeouts,
+        tls: posfleet_pki::rustls::ClientConfig,
+    ) -> Result<Origin, RepoError> {
+        Origin::build(base_url, timeouts, Some(tls))
+    }
+
+    fn build(
+        base_url: &str,
+        timeouts: Timeouts,
+        tls: Option<posfleet_pki::rustls::ClientConfig>,
+    ) -> Result<Origin, RepoError> {
+        let builder = reqwest::Client::builder()
             .connect_timeout(timeouts.metadata)
-            .read_timeout(timeouts.stall)
-            .build()
-            .map_err(|e| RepoError::Fetch {
-                url: base_url.into(),
-                message: e.to_string(),
-            })?;
+            .read_timeout(timeouts.stall);
+        let builder = match tls {
+            Some(mut tls) => {
+                tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+                builder.tls_backend_preconfigured(tls)
+            }
+            None => {
+                // reqwest builds a TLS configuration even for a client that
+                // never uses it, from the process's default provider: ours.
+                posfleet_pki::install_crypto_provider();
+                builder
+            }
+        };
+        let http = builder.build().map_err(|e| RepoError::Fetch {
+            url: base_url.into(),
+            message: e.to_string(),
+        })?;
         Ok(Origin {
             http,
             base_url: base_url.trim_end_matches('/').to_string(),
             timeouts,
         })
+    }
+
+    pub(crate) fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    pub(crate) fn timeouts(&self) -> Timeouts {
+        self.timeouts
     }
 
     pub(crate) fn url(&self, path: &str) -> String {

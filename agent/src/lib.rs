@@ -17,6 +17,7 @@ pub mod lifecycle;
 pub mod repository;
 mod sharing;
 mod state;
+mod tls;
 /// The maintenance-window rules, the same as the control plane's.
 use posfleet_runtime::window;
 

@@ -245,6 +245,12 @@ impl RepositoryClient {
         })
     }
 
+    /// Reaches the repository over TLS with `tls` from now on.
+    pub fn use_tls(&mut self, tls: posfleet_pki::rustls::ClientConfig) -> Result<(), RepoError> {
+        self.origin = Origin::with_tls(self.origin.base_url(), self.origin.timeouts(), tls)?;
+        Ok(())
+    }
+
     /// Serves the metadata this client verified to the store's peers, and
     /// asks them for theirs when the origin is unreachable.
     pub async fn share_with_store(&mut self, p2p: P2p) {

@@ -27,6 +27,8 @@ pub enum Error {
     NotADeviceCertificate(String),
     #[error("`{0}` cannot be named in a certificate (letters, digits, `.`, `_` and `-` only)")]
     BadName(String),
+    #[error("{0}")]
+    BadFingerprint(String),
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
 }

@@ -27,7 +27,8 @@ pub use identity::DeviceIdentity;
 pub use request::{certificate_request, private_key_der};
 pub use rustls;
 pub use tls::{
-    Revocations, certificates_from_pem, client_config, private_key_from_pem, server_config,
+    NotThePinnedCa, Revocations, certificates_from_pem, client_config, parse_fingerprint,
+    pinned_client_config, private_key_from_pem, server_config,
 };
 
 /// The one crypto provider posfleet's TLS uses: aws-lc-rs.

@@ -1,18 +1,20 @@
 //! The rustls configurations: the control plane's server side, which asks
 //! for a device certificate, checks it against the fleet CA and the live
-//! list of revoked devices, and the client side of tills and operators.
+//! list of revoked devices, and the client side of tills and operators
+//! (trusting given CAs, or a CA pinned by its fingerprint).
 
 use std::fmt;
 use std::sync::Arc;
 
 use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore,
-    ServerConfig, SignatureScheme,
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError,
+    RootCertStore, ServerConfig, SignatureScheme,
 };
 
 use crate::crypto_provider;
@@ -111,6 +113,139 @@ pub fn client_config(
     })
 }
 
+/// A CA fingerprint as given to a till: SHA-256 of the CA certificate's
+/// DER, 64 hex digits (upper or lower case, `:` between bytes allowed).
+pub fn parse_fingerprint(text: &str) -> Result<[u8; 32], Error> {
+    let digits: String = text.trim().chars().filter(|c| *c != ':').collect();
+    hex::decode(&digits)
+        .ok()
+        .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+        .ok_or_else(|| {
+            Error::BadFingerprint(format!(
+                "`{text}` is not a SHA-256 fingerprint (64 hex digits)"
+            ))
+        })
+}
+
+/// The client side of a till given the fleet CA's fingerprint (with its
+/// enrollment token) rather than the CA certificate: the server is accepted
+/// only if the chain it presents holds a certificate with that fingerprint,
+/// and its own certificate verifies, for the name dialed, with that
+/// certificate as the one trust anchor.
+pub fn pinned_client_config(fingerprint: &[u8; 32]) -> Result<ClientConfig, Error> {
+    let provider = crypto_provider();
+    let verifier = Arc::new(PinnedCaVerifier {
+        fingerprint: *fingerprint,
+        provider: provider.clone(),
+    });
+    Ok(ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth())
+}
+
+/// The server's chain held no certificate with the pinned fingerprint.
+/// (rustls shows it with `Debug`, so that says the sentence too.)
+#[derive(thiserror::Error)]
+#[error(
+    "the server's certificate chain holds no CA with the pinned fingerprint {pinned} \
+     (it presented {presented}): not the fleet's control plane, or the pin is wrong"
+)]
+pub struct NotThePinnedCa {
+    pub pinned: String,
+    /// The fingerprints of the certificates it presented.
+    pub presented: String,
+}
+
+impl fmt::Debug for NotThePinnedCa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// Finds the pinned CA in the presented chain, then verifies the chain
+/// against it as webpki does against any trusted CA.
+#[derive(Debug)]
+struct PinnedCaVerifier {
+    fingerprint: [u8; 32],
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCaVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let digest = |der: &[u8]| ring::digest::digest(&ring::digest::SHA256, der);
+        let Some(anchor) = intermediates
+            .iter()
+            .find(|der| digest(der).as_ref() == self.fingerprint)
+        else {
+            let presented = std::iter::once(end_entity)
+                .chain(intermediates)
+                .map(|der| hex::encode(digest(der)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                OtherError(Arc::new(NotThePinnedCa {
+                    pinned: hex::encode(self.fingerprint),
+                    presented,
+                })),
+            )));
+        };
+        let roots = roots(&[anchor.clone().into_owned()])
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        let others: Vec<CertificateDer<'_>> = intermediates
+            .iter()
+            .filter(|der| *der != anchor)
+            .cloned()
+            .collect();
+        WebPkiServerVerifier::builder_with_provider(roots, self.provider.clone())
+            .build()
+            .map_err(|e| rustls::Error::General(format!("server verifier: {e}")))?
+            .verify_server_cert(end_entity, &others, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
 /// The fleet CA's verification, then: is it a device's certificate, and is
 /// that device still allowed in.
 #[derive(Debug)]
@@ -155,7 +290,7 @@ impl ClientCertVerifier for DeviceVerifier {
         message: &[u8],
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.inner.verify_tls12_signature(message, cert, dss)
     }
 
@@ -164,7 +299,7 @@ impl ClientCertVerifier for DeviceVerifier {
         message: &[u8],
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.inner.verify_tls13_signature(message, cert, dss)
     }
 

@@ -9,7 +9,8 @@ use ed25519_dalek::SigningKey;
 use posfleet_pki::rustls::pki_types::{CertificateDer, ServerName};
 use posfleet_pki::{
     DeviceIdentity, Error, FleetCa, Revocations, certificate_request, certificates_from_pem,
-    client_config, private_key_der, private_key_from_pem, server_config,
+    client_config, parse_fingerprint, pinned_client_config, private_key_der, private_key_from_pem,
+    server_config,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -118,6 +119,16 @@ async fn connect(
     let trusted = certificates_from_pem(trusted.certificates_pem().as_bytes(), "CA").unwrap();
     let identity = identity.map(|(chain, key)| (chain, private_key_der(key).unwrap()));
     let config = client_config(&trusted, identity).unwrap();
+    connect_with(server, config, name).await
+}
+
+/// Connects with a client configuration of the caller's; what the server
+/// answered, or the error.
+async fn connect_with(
+    server: &Server,
+    config: posfleet_pki::rustls::ClientConfig,
+    name: &str,
+) -> Result<String, String> {
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let socket = TcpStream::connect(server.address).await.unwrap();
     let name = ServerName::try_from(name.to_string()).unwrap();
@@ -452,4 +463,103 @@ async fn a_revoked_device_cannot_resume_an_earlier_session() {
             .is_err_and(|e| e.contains("CertificateRevoked")),
         "{refused:?}"
     );
+}
+
+#[tokio::test]
+async fn a_client_pinning_the_ca_fingerprint_accepts_the_fleets_server() {
+    let ca = new_ca();
+    let server = start_server(&ca).await;
+    let pin = parse_fingerprint(&ca.fingerprint()).unwrap();
+    for name in ["127.0.0.1", "cp.test"] {
+        let config = pinned_client_config(&pin).unwrap();
+        assert_eq!(connect_with(&server, config, name).await.unwrap(), "-");
+    }
+    // The pin stands for the CA: the server's name is still checked.
+    let config = pinned_client_config(&pin).unwrap();
+    let refused = connect_with(&server, config, "cp.other").await;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.contains("not valid for name \"cp.other\"")),
+        "wrong name: {refused:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_pinning_another_fingerprint_refuses_the_server_saying_why() {
+    let ca = new_ca();
+    let server = start_server(&ca).await;
+    let other = new_ca();
+    let config = pinned_client_config(&parse_fingerprint(&other.fingerprint()).unwrap()).unwrap();
+    let refused = connect_with(&server, config, "127.0.0.1").await;
+    let error = refused.expect_err("another CA's fingerprint");
+    assert!(
+        error.contains(&format!(
+            "holds no CA with the pinned fingerprint {}",
+            other.fingerprint()
+        )),
+        "{error}"
+    );
+    // It lists what the server presented: the fleet CA is among them.
+    assert!(error.contains(&ca.fingerprint()), "{error}");
+}
+
+#[tokio::test]
+async fn a_server_presenting_the_pinned_ca_with_a_certificate_it_did_not_issue_is_refused() {
+    // An impostor presents the real CA's certificate after its own server
+    // certificate, issued by another CA: the pin is in the chain, but the
+    // chain does not verify against it.
+    let ca = new_ca();
+    let impostor = new_ca();
+    let issued = impostor
+        .issue_server(&["127.0.0.1".into()], DAY, SystemTime::now())
+        .unwrap();
+    let mut chain = certificates_from_pem(issued.chain_pem.as_bytes(), "chain").unwrap();
+    chain.truncate(1);
+    chain.push(ca.certificate().clone());
+    let key = private_key_from_pem(issued.key_pem.as_bytes(), "key").unwrap();
+    let trusted = certificates_from_pem(ca.certificates_pem().as_bytes(), "CA").unwrap();
+    let config = server_config(chain, key, &trusted, Arc::new(Revoked::default())).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (socket, _) = listener.accept().await.unwrap();
+        let _ = acceptor.accept(socket).await;
+    });
+    let server = Server {
+        address,
+        revoked: Arc::new(Revoked::default()),
+    };
+    let config = pinned_client_config(&parse_fingerprint(&ca.fingerprint()).unwrap()).unwrap();
+    let refused = connect_with(&server, config, "127.0.0.1").await;
+    assert!(
+        refused.as_ref().is_err_and(|e| e.contains("UnknownIssuer")),
+        "{refused:?}"
+    );
+}
+
+#[test]
+fn fingerprints_are_read_as_64_hex_digits_with_or_without_colons() {
+    let ca = new_ca();
+    let plain = ca.fingerprint();
+    let expected = parse_fingerprint(&plain).unwrap();
+    let with_colons = hex::encode(expected)
+        .to_uppercase()
+        .as_bytes()
+        .chunks(2)
+        .map(|pair| std::str::from_utf8(pair).unwrap())
+        .collect::<Vec<_>>()
+        .join(":");
+    assert_eq!(parse_fingerprint(&with_colons).unwrap(), expected);
+    for bad in [
+        "",
+        "abc",
+        &plain[..62],
+        &format!("{plain}00"),
+        &format!("g{}", &plain[1..]),
+    ] {
+        let error = parse_fingerprint(bad).expect_err(bad);
+        assert!(error.to_string().contains("64 hex digits"), "{error}");
+    }
 }

@@ -1,0 +1,218 @@
+//! Real agents against a control plane serving TLS: enrollment over
+//! server-authenticated TLS (trusting the fleet CA's certificate, or its
+//! pinned fingerprint) gets the till a certificate, and from then on every
+//! heartbeat, progress report and `/repo/` download is mutual TLS.
+//!
+//! The store, the enrollment token and the published bundle are made with
+//! the CLI while the control plane serves plaintext; it then comes back on
+//! the same data with TLS on. Tests read the fleet through a small
+//! `AdminService` client over TLS.
+
+use posfleet_e2e::fleet::{Fleet, logged};
+use posfleet_e2e::{ControlPlane, Process, enrolled_device_id, eventually};
+use posfleet_pki::rustls::pki_types::CertificateDer;
+use posfleet_proto::v1;
+use posfleet_proto::v1::admin_service_client::AdminServiceClient;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+const TIMEOUT: Duration = Duration::from_secs(40);
+const STORE: &str = "lyon-01";
+
+/// A fleet whose control plane serves TLS, with `STORE`, an enrollment
+/// token for `tills` tills and pos-app 1.0.0 assigned to the store.
+struct TlsFleet {
+    fleet: Fleet,
+    token: String,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl TlsFleet {
+    fn start(tills: usize) -> TlsFleet {
+        let mut fleet = Fleet::builder().start();
+        fleet.create_store(STORE, "UTC");
+        let token = fleet.enrollment_token(STORE, tills);
+        fleet.publish("1.0.0", true, 0);
+        fleet.assign(STORE, "pos-app@1.0.0");
+        fleet.cp.process.terminate();
+        let cp = &fleet.cp;
+        fleet.cp = ControlPlane::start(
+            &cp.data_dir.clone(),
+            None,
+            &cp.grpc_address.clone(),
+            &cp.http_address.clone(),
+            &[
+                "--heartbeat-interval-seconds",
+                "1",
+                "--tls-server-name",
+                "127.0.0.1",
+            ],
+        );
+        TlsFleet {
+            fleet,
+            token,
+            runtime: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+        }
+    }
+
+    /// The fleet CA's certificate, which the control plane wrote.
+    fn ca_file(&self) -> PathBuf {
+        self.fleet.cp.data_dir.join("tls/fleet-ca.crt")
+    }
+
+    fn ca_certificates(&self) -> Vec<CertificateDer<'static>> {
+        let pem = std::fs::read(self.ca_file()).unwrap();
+        posfleet_pki::certificates_from_pem(&pem, "the fleet CA").unwrap()
+    }
+
+    /// Starts an agent in `data`, reaching the control plane and its
+    /// repository over https, with `trust` (`--ca-cert-path FILE` or
+    /// `--ca-fingerprint HEX`) and no P2P, so every bundle byte comes
+    /// from `/repo/`.
+    fn agent(&self, data: &Path, token: &str, trust: &[&str]) -> Process {
+        let repository = format!("https://{}/repo/", self.fleet.cp.http_address);
+        let mut extra = vec!["--p2p-enabled", "false"];
+        extra.extend_from_slice(trust);
+        let args = self.fleet.agent_args(Some(&repository), &extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let url = format!("https://{}", self.fleet.cp.grpc_address);
+        posfleet_e2e::start_agent(&url, data, token, &args)
+    }
+
+    /// An `AdminService` call over TLS, trusting the fleet CA.
+    fn admin<T>(
+        &self,
+        call: impl AsyncFnOnce(
+            &mut AdminServiceClient<tonic::transport::Channel>,
+            tonic::metadata::AsciiMetadataValue,
+        ) -> Result<T, tonic::Status>,
+    ) -> T {
+        let config = posfleet_pki::client_config(&self.ca_certificates(), None).unwrap();
+        let url = format!("https://{}", self.fleet.cp.grpc_address);
+        let endpoint = tonic::transport::Endpoint::from_shared(url).unwrap();
+        let token = std::fs::read_to_string(self.fleet.cp.admin_token_file()).unwrap();
+        let bearer = format!("Bearer {}", token.trim()).parse().unwrap();
+        self.runtime.block_on(async {
+            let mut client = AdminServiceClient::new(posfleet_pki::grpc_channel(
+                &endpoint,
+                Some(Arc::new(config)),
+            ));
+            call(&mut client, bearer).await.unwrap()
+        })
+    }
+
+    fn device(&self, id: &str) -> v1::Device {
+        self.admin(async |client, bearer| {
+            let mut request = tonic::Request::new(v1::GetDeviceRequest { id: id.to_string() });
+            request.metadata_mut().insert("authorization", bearer);
+            Ok(client.get_device(request).await?.into_inner())
+        })
+    }
+}
+
+#[test]
+fn a_till_enrolls_over_tls_then_heartbeats_and_installs_over_mutual_tls() {
+    let tls = TlsFleet::start(1);
+    let data = tls.fleet.dir.path().join("till-0");
+    let ca_file = tls.ca_file();
+    let trust = ["--ca-cert-path", ca_file.to_str().unwrap()];
+    let mut agent = tls.agent(&data, &tls.token, &trust);
+
+    let device = eventually("the till enrolled", TIMEOUT, || enrolled_device_id(&data));
+    for file in ["device.crt", "trust.pem"] {
+        assert!(data.join(file).is_file(), "{file} saved at enrollment");
+    }
+    let running = agent.wait_for_log("Agent running.", TIMEOUT);
+    assert_eq!(running["tls"], true, "{running}");
+    // Seen online with its version, and the bundle downloaded over https
+    // and installed: heartbeats, reports and /repo/ all went by the
+    // certificate.
+    let seen = eventually("pos-app 1.0.0 installed, as ops see it", TIMEOUT, || {
+        let seen = tls.device(&device);
+        (seen.installed_bundles.get("pos-app").map(String::as_str) == Some("1.0.0")).then_some(seen)
+    });
+    assert_eq!(seen.status, v1::DeviceStatus::Online as i32, "{seen:?}");
+    assert_eq!(seen.agent_version, posfleet_agent::AGENT_VERSION);
+    assert!(data.join("slots/pos-app/current/bin/pos-app").is_file());
+    let reported = seen
+        .bundles
+        .iter()
+        .find(|b| b.name == "pos-app")
+        .and_then(|b| b.status.clone())
+        .expect("a reported status");
+    assert_eq!(reported.active_version, "1.0.0", "{reported:?}");
+
+    // Started again, it goes straight to mutual TLS with what it saved.
+    agent.terminate();
+    let before = tls.device(&device).last_seen_unix_ms;
+    let mut agent = tls.agent(&data, "", &trust);
+    agent.wait_for_log("Agent running.", TIMEOUT);
+    eventually("a heartbeat after the restart", TIMEOUT, || {
+        (tls.device(&device).last_seen_unix_ms > before).then_some(())
+    });
+    assert!(logged(&agent, "Enrolled.").is_empty());
+
+    // Revoked: refused at the handshake, said so, and the agent keeps
+    // retrying rather than stopping.
+    tls.admin(async |client, bearer| {
+        let mut request = tonic::Request::new(v1::RevokeDeviceRequest {
+            device_id: device.clone(),
+            reason: "stolen".into(),
+        });
+        request.metadata_mut().insert("authorization", bearer);
+        client.revoke_device(request).await
+    });
+    let revoked =
+        "This till's certificate is revoked: the control plane refuses it. Retrying with backoff.";
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while logged(&agent, revoked).len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the revocation not logged twice; the agent's log:\n{}",
+            agent.lines().join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    agent.check_running().unwrap();
+}
+
+#[test]
+fn a_till_given_the_ca_fingerprint_enrolls_and_a_wrong_one_is_refused() {
+    let tls = TlsFleet::start(2);
+    let fingerprint = posfleet_pki::ca::fingerprint(&tls.ca_certificates()[0]);
+    let data = tls.fleet.dir.path().join("till-pinned");
+    // What a stop between saving the certificate and the enrollment leaves:
+    // a certificate file and no enrollment. The till enrolls again.
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("device.crt"), "left over").unwrap();
+    let agent = tls.agent(&data, &tls.token, &["--ca-fingerprint", &fingerprint]);
+    let device = eventually("the pinned till enrolled", TIMEOUT, || {
+        enrolled_device_id(&data)
+    });
+    agent.wait_for_log("Agent running.", TIMEOUT);
+    let certificate = std::fs::read(data.join("device.crt")).unwrap();
+    assert!(posfleet_pki::certificates_from_pem(&certificate, "device.crt").is_ok());
+    eventually("the pinned till heartbeating", TIMEOUT, || {
+        (tls.device(&device).agent_version == posfleet_agent::AGENT_VERSION).then_some(())
+    });
+
+    // Another fingerprint: the till says what it was shown and does not
+    // enroll.
+    let wrong = "0f".repeat(32);
+    let other = tls.fleet.dir.path().join("till-wrong-pin");
+    let mut refused = tls.agent(&other, &tls.token, &["--ca-fingerprint", &wrong]);
+    let logged_error = refused.wait_for_log("Cannot enroll over TLS.", TIMEOUT);
+    let error = logged_error["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(&format!("no CA with the pinned fingerprint {wrong}"))
+            && error.contains(&fingerprint),
+        "{logged_error}"
+    );
+    refused.check_running().unwrap();
+    assert_eq!(enrolled_device_id(&other), None);
+    assert!(!other.join("device.crt").exists());
+}
