@@ -48,7 +48,17 @@ pub struct Agent {
     slots: Slots,
     peripherals: Box<dyn Peripherals>,
     client: AgentServiceClient<Channel>,
+    /// Over TLS once enrolled: what new connections to the control plane
+    /// and the repository present, replaced when the certificate is renewed.
+    device_tls: Option<DeviceTls>,
     started: Instant,
+}
+
+/// The till's mutual TLS, shared with the channel and the repository.
+struct DeviceTls {
+    certificate: DeviceCertificate,
+    channel: posfleet_pki::ClientTls,
+    origin: Option<crate::fetch::Origin>,
 }
 
 /// Codes that mean the request itself was refused: retrying the same
@@ -66,6 +76,8 @@ fn is_refusal(code: Code) -> bool {
 impl Agent {
     /// Prepares the data dir and the device key. Makes no network call.
     pub fn open(config: AgentConfig) -> Result<Agent, Error> {
+        // One crypto provider for every TLS the agent makes.
+        posfleet_pki::install_crypto_provider();
         let peripherals: Box<dyn Peripherals> = match config.peripherals {
             PeripheralsDriver::None => Box::new(NoPeripherals),
             PeripheralsDriver::Fake => {
@@ -122,6 +134,7 @@ impl Agent {
                 None => Slots::open(&config.data_dir)?,
             },
             client: AgentServiceClient::new(channel),
+            device_tls: None,
             config,
             key,
             peripherals,
@@ -209,6 +222,7 @@ impl Agent {
                         online = true;
                     }
                     backoff.reset();
+                    self.renew_certificate_if_due(&enrollment).await;
                     if *desired_tx.borrow() != desired {
                         tracing::info!(bundles = desired.bundles.len(), "New desired state.");
                         if let Err(error) = lifecycle::save_desired(&data_dir, &desired) {
@@ -232,6 +246,9 @@ impl Agent {
                         Some(failure) => {
                             tracing::error!(error = %failure, retry_in_seconds, "Cannot reach the control plane over TLS.");
                             online = false;
+                            // An ended certificate opens no connection: renew it
+                            // by proving the key.
+                            self.renew_certificate_if_due(&enrollment).await;
                         }
                         None if is_refusal(status.code()) => {
                             tracing::error!(code = ?status.code(), error = %status.message(), "Heartbeat refused.");
@@ -334,8 +351,8 @@ impl Agent {
         if !self.config.tls() {
             return Ok(());
         }
-        let tls = match DeviceCertificate::load(&self.config.data_dir)? {
-            Some(certificate) => certificate.client_config(&self.key)?,
+        let (tls, certificate) = match DeviceCertificate::load(&self.config.data_dir)? {
+            Some(certificate) => (certificate.client_config(&self.key)?, Some(certificate)),
             // Saved before the enrollment: only a hand-removed file leaves this.
             None if enrollment.device_credential.is_empty() => {
                 return Err(Error::Corrupt {
@@ -347,17 +364,115 @@ impl Agent {
             }
             // Enrolled with a credential: server-authenticated TLS only.
             None => match self.config.server_trust()? {
-                Some(trust) => crate::tls::enrollment_config(&trust)?,
+                Some(trust) => (crate::tls::enrollment_config(&trust)?, None),
                 None => return Ok(()),
             },
         };
-        self.client = AgentServiceClient::new(grpc_channel(&self.config, Some(tls.clone()))?);
+        let channel = posfleet_pki::ClientTls::new(tls.clone());
+        self.client =
+            AgentServiceClient::new(grpc_channel_with(&self.config, Some(channel.clone()))?);
+        let mut origin = None;
         if let Some(repository) = self.repository.as_mut() {
             repository
                 .use_tls(tls)
                 .map_err(|e| Error::Repository(e.to_string()))?;
+            origin = Some(repository.origin());
         }
+        self.device_tls = certificate.map(|certificate| DeviceTls {
+            certificate,
+            channel,
+            origin,
+        });
         Ok(())
+    }
+
+    /// Renews the device certificate once two thirds of its lifetime have
+    /// passed (over mutual TLS with it), or after it ended (proving the
+    /// device key over server-authenticated TLS). New connections use the
+    /// new one at once. A failure is logged and tried again at the next
+    /// heartbeat.
+    async fn renew_certificate_if_due(&mut self, enrollment: &Enrollment) {
+        let Some(device_tls) = &self.device_tls else {
+            return;
+        };
+        let now = chrono::Utc::now().timestamp();
+        let Some(identity) = device_tls.certificate.identity() else {
+            return;
+        };
+        let lifetime = identity.not_after - identity.not_before;
+        if now < identity.not_before + lifetime * 2 / 3 {
+            return;
+        }
+        let expired = now >= identity.not_after;
+        match self.renew_certificate(enrollment, expired).await {
+            Ok(not_after) => tracing::info!(
+                expired,
+                not_after = %chrono::DateTime::from_timestamp(not_after, 0).map(|t| t.to_rfc3339()).unwrap_or_default(),
+                "Device certificate renewed."
+            ),
+            Err(error) => {
+                tracing::warn!(expired, %error, "Cannot renew the device certificate yet; trying again at the next heartbeat.")
+            }
+        }
+    }
+
+    async fn renew_certificate(
+        &mut self,
+        enrollment: &Enrollment,
+        expired: bool,
+    ) -> Result<i64, String> {
+        let request = posfleet_pki::certificate_request(&self.key).map_err(|e| e.to_string())?;
+        let answer = if expired {
+            // The certificate cannot open a connection any more: prove the
+            // key over server-authenticated TLS, trusting the saved CAs.
+            let device_tls = self.device_tls.as_ref().ok_or("no device certificate")?;
+            let trust = device_tls
+                .certificate
+                .server_config()
+                .map_err(|e| e.to_string())?;
+            let channel = grpc_channel(&self.config, Some(trust)).map_err(|e| e.to_string())?;
+            let signed_at = chrono::Utc::now().timestamp_millis();
+            let payload =
+                posfleet_proto::renew_signing_payload(&enrollment.device_id, signed_at, &request);
+            AgentServiceClient::new(channel)
+                .renew_certificate(posfleet_proto::v1::RenewCertificateRequest {
+                    certificate_request: request,
+                    device_id: enrollment.device_id.clone(),
+                    signed_at_unix_ms: signed_at,
+                    signature: self.key.sign(&payload).to_bytes().to_vec(),
+                })
+                .await
+        } else {
+            self.client
+                .renew_certificate(posfleet_proto::v1::RenewCertificateRequest {
+                    certificate_request: request,
+                    ..Default::default()
+                })
+                .await
+        }
+        .map_err(|status| crate::tls::describe(&status))?
+        .into_inner();
+        let certificate = DeviceCertificate::from_enrollment(
+            &answer.device_certificate_pem,
+            &answer.trust_bundle_pem,
+            &enrollment.device_id,
+        )
+        .map_err(|e| e.to_string())?
+        .ok_or("the answer holds no certificate")?;
+        let tls = certificate
+            .client_config(&self.key)
+            .map_err(|e| e.to_string())?;
+        certificate
+            .save(&self.config.data_dir)
+            .map_err(|e| e.to_string())?;
+        let not_after = certificate.identity().map_or(0, |i| i.not_after);
+        let device_tls = self.device_tls.as_mut().ok_or("no device certificate")?;
+        device_tls.channel.replace(tls.clone());
+        if let Some(origin) = &device_tls.origin {
+            origin.use_tls(tls).map_err(|e| e.to_string())?;
+        }
+        device_tls.certificate = certificate;
+        Ok(not_after)
     }
 
     /// The saved enrollment, or a new one. Retries while the control plane
@@ -535,6 +650,15 @@ fn authorization(
 /// The control plane's gRPC channel: over TLS with `tls` (an `https://`
 /// server), else plaintext. Connects lazily.
 fn grpc_channel(config: &AgentConfig, tls: Option<ClientConfig>) -> Result<Channel, Error> {
+    grpc_channel_with(config, tls.map(posfleet_pki::ClientTls::new))
+}
+
+/// As [`grpc_channel`], with TLS the agent may replace (a renewed
+/// certificate) while the channel lives.
+fn grpc_channel_with(
+    config: &AgentConfig,
+    tls: Option<posfleet_pki::ClientTls>,
+) -> Result<Channel, Error> {
     let timeout = Duration::from_secs(config.request_timeout_seconds);
     let endpoint = Endpoint::from_shared(config.server_url.clone())
         .map_err(|e| Error::ServerUrl(e.to_string()))?
@@ -543,7 +667,7 @@ fn grpc_channel(config: &AgentConfig, tls: Option<ClientConfig>) -> Result<Chann
         .http2_keep_alive_interval(Duration::from_secs(60))
         .keep_alive_while_idle(false);
     Ok(match tls {
-        Some(tls) => posfleet_pki::grpc_channel(&endpoint, Some(Arc::new(tls))),
+        Some(tls) => posfleet_pki::grpc_channel_with(&endpoint, Some(tls)),
         None => endpoint.connect_lazy(),
     })
 }

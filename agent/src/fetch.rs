@@ -7,6 +7,7 @@ use posfleet_bundle::chunks::ChunkList;
 use posfleet_bundle::client::VerifiedTarget;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::repository::{RepoError, Timeouts, consistent_target_path};
@@ -62,10 +63,11 @@ pub(crate) fn verified_prefix(file: &mut std::fs::File, list: &ChunkList) -> std
     Ok(have)
 }
 
-/// The control plane's `/repo/` over HTTP, with Range resumption.
+/// The control plane's `/repo/` over HTTP, with Range resumption. Clones
+/// share one HTTP client, so a renewed certificate reaches them all.
 #[derive(Clone)]
 pub struct Origin {
-    http: reqwest::Client,
+    http: Arc<std::sync::RwLock<reqwest::Client>>,
     base_url: String,
     timeouts: Timeouts,
 }
@@ -91,6 +93,37 @@ impl Origin {
         timeouts: Timeouts,
         tls: Option<posfleet_pki::rustls::ClientConfig>,
     ) -> Result<Origin, RepoError> {
+        let http = Origin::client(base_url, timeouts, tls)?;
+        Ok(Origin {
+            http: Arc::new(std::sync::RwLock::new(http)),
+            base_url: base_url.trim_end_matches('/').to_string(),
+            timeouts,
+        })
+    }
+
+    /// From now on, every clone of this origin connects with `tls` (a
+    /// renewed device certificate).
+    pub fn use_tls(&self, tls: posfleet_pki::rustls::ClientConfig) -> Result<(), RepoError> {
+        let http = Origin::client(&self.base_url, self.timeouts, Some(tls))?;
+        *self
+            .http
+            .write()
+            .expect("never poisoned: no panics while held") = http;
+        Ok(())
+    }
+
+    fn http(&self) -> reqwest::Client {
+        self.http
+            .read()
+            .expect("never poisoned: no panics while held")
+            .clone()
+    }
+
+    fn client(
+        base_url: &str,
+        timeouts: Timeouts,
+        tls: Option<posfleet_pki::rustls::ClientConfig>,
+    ) -> Result<reqwest::Client, RepoError> {
         let builder = reqwest::Client::builder()
             .connect_timeout(timeouts.metadata)
             .read_timeout(timeouts.stall);
@@ -106,23 +139,10 @@ impl Origin {
                 builder
             }
         };
-        let http = builder.build().map_err(|e| RepoError::Fetch {
+        builder.build().map_err(|e| RepoError::Fetch {
             url: base_url.into(),
             message: e.to_string(),
-        })?;
-        Ok(Origin {
-            http,
-            base_url: base_url.trim_end_matches('/').to_string(),
-            timeouts,
         })
-    }
-
-    pub(crate) fn base_url(&self) -> &str {
-        &self.base_url
-    }
-
-    pub(crate) fn timeouts(&self) -> Timeouts {
-        self.timeouts
     }
 
     pub(crate) fn url(&self, path: &str) -> String {
@@ -144,7 +164,7 @@ impl Origin {
                 url: url.clone(),
                 message: e.to_string(),
             };
-            let mut response = self.http.get(&url).send().await.map_err(fail)?;
+            let mut response = self.http().get(&url).send().await.map_err(fail)?;
             if response.status() == reqwest::StatusCode::NOT_FOUND {
                 return Ok(None);
             }
@@ -274,7 +294,7 @@ impl Origin {
             }
         };
         let whole = start == 0 && end == target.length();
-        let mut request = self.http.get(&url);
+        let mut request = self.http().get(&url);
         if !whole {
             let range = if end == target.length() {
                 format!("bytes={start}-")

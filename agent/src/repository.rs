@@ -247,8 +247,7 @@ impl RepositoryClient {
 
     /// Reaches the repository over TLS with `tls` from now on.
     pub fn use_tls(&mut self, tls: posfleet_pki::rustls::ClientConfig) -> Result<(), RepoError> {
-        self.origin = Origin::with_tls(self.origin.base_url(), self.origin.timeouts(), tls)?;
-        Ok(())
+        self.origin.use_tls(tls)
     }
 
     /// Serves the metadata this client verified to the store's peers, and

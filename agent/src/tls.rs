@@ -118,6 +118,21 @@ impl DeviceCertificate {
         files::write_private(&data_dir.join(TRUST_FILE), self.trust_pem.as_bytes())
     }
 
+    /// Who the certificate names and when it ends; `None` if it does not
+    /// parse (it did when saved).
+    pub fn identity(&self) -> Option<posfleet_pki::DeviceIdentity> {
+        let chain =
+            posfleet_pki::certificates_from_pem(self.chain_pem.as_bytes(), "device.crt").ok()?;
+        posfleet_pki::DeviceIdentity::from_certificate(chain.first()?).ok()
+    }
+
+    /// Server-authenticated TLS only, trusting the saved CAs: for renewing
+    /// a certificate that has ended.
+    pub fn server_config(&self) -> Result<ClientConfig, Error> {
+        let trusted = posfleet_pki::certificates_from_pem(self.trust_pem.as_bytes(), "trust.pem")?;
+        Ok(posfleet_pki::client_config(&trusted, None)?)
+    }
+
     /// Mutual TLS: trusts the saved CAs and presents the certificate with
     /// the device key.
     pub fn client_config(&self, key: &SigningKey) -> Result<ClientConfig, Error> {

@@ -124,6 +124,9 @@ impl ControlPlane {
     /// creates an admin API token, written once to `<data_dir>/admin-token`
     /// (mode 0600).
     pub async fn open(config: Config) -> Result<ControlPlane, Error> {
+        // One crypto provider for every TLS the process makes (the
+        // listeners, webhooks), whatever the dependency graph enables.
+        posfleet_pki::install_crypto_provider();
         let data_dir_error = |source| Error::DataDir {
             path: config.data_dir.clone(),
             source,

@@ -3,7 +3,7 @@
 //! configuration built here (one provider, the fleet CA, the device's
 //! certificate).
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use hyper_util::rt::TokioIo;
 use rustls::ClientConfig;
@@ -12,16 +12,54 @@ use tokio::net::TcpStream;
 use tokio_util::either::Either;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+/// The TLS configuration a channel's new connections use, replaceable
+/// while the channel lives (a renewed certificate): connections already
+/// open keep theirs.
+#[derive(Clone, Debug)]
+pub struct ClientTls(Arc<RwLock<Arc<ClientConfig>>>);
+
+impl ClientTls {
+    pub fn new(config: ClientConfig) -> ClientTls {
+        ClientTls(Arc::new(RwLock::new(with_h2(config))))
+    }
+
+    /// New connections use `config` from now on.
+    pub fn replace(&self, config: ClientConfig) {
+        *self
+            .0
+            .write()
+            .expect("never poisoned: no panics while held") = with_h2(config);
+    }
+
+    fn connector(&self) -> tokio_rustls::TlsConnector {
+        tokio_rustls::TlsConnector::from(
+            self.0
+                .read()
+                .expect("never poisoned: no panics while held")
+                .clone(),
+        )
+    }
+}
+
+fn with_h2(mut config: ClientConfig) -> Arc<ClientConfig> {
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(config)
+}
+
 /// A channel to `endpoint` that connects lazily: over TLS with `tls` (for an
 /// `https://` address), else plain TCP.
 pub fn grpc_channel(endpoint: &Endpoint, tls: Option<Arc<ClientConfig>>) -> Channel {
-    let tls = tls.map(|config| {
-        let mut config = (*config).clone();
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        tokio_rustls::TlsConnector::from(Arc::new(config))
-    });
+    grpc_channel_with(
+        endpoint,
+        tls.map(|config| ClientTls::new((*config).clone())),
+    )
+}
+
+/// As [`grpc_channel`], with a TLS configuration that may be replaced while
+/// the channel lives.
+pub fn grpc_channel_with(endpoint: &Endpoint, tls: Option<ClientTls>) -> Channel {
     let connector = tower::service_fn(move |uri: Uri| {
-        let tls = tls.clone();
+        let tls = tls.as_ref().map(ClientTls::connector);
         async move {
             let host = uri
                 .host()

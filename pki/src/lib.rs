@@ -21,7 +21,7 @@ pub mod tls;
 use std::sync::Arc;
 
 pub use ca::{DeviceCertificate, FleetCa, ServerCertificate};
-pub use channel::grpc_channel;
+pub use channel::{ClientTls, grpc_channel, grpc_channel_with};
 pub use error::Error;
 pub use identity::DeviceIdentity;
 pub use request::{certificate_request, private_key_der};

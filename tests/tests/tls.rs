@@ -216,3 +216,56 @@ fn a_till_given_the_ca_fingerprint_enrolls_and_a_wrong_one_is_refused() {
     assert_eq!(enrolled_device_id(&other), None);
     assert!(!other.join("device.crt").exists());
 }
+
+#[test]
+fn a_till_renews_its_certificate_once_two_thirds_of_its_life_have_passed() {
+    let tls = TlsFleet::start(1);
+    let data = tls.fleet.dir.path().join("till-0");
+    let ca_file = tls.ca_file();
+    let trust = ["--ca-cert-path", ca_file.to_str().unwrap()];
+    let mut agent = tls.agent(&data, &tls.token, &trust);
+    let device = eventually("the till enrolled", TIMEOUT, || enrolled_device_id(&data));
+    agent.wait_for_log("Agent running.", TIMEOUT);
+    agent.terminate();
+
+    // Its certificate, as if issued 25 of its 30 days ago, by the same CA.
+    let seed: [u8; 32] = std::fs::read(data.join("device.key"))
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let key = ed25519_dalek::SigningKey::from_bytes(&seed);
+    let (ca, _) = posfleet_pki::FleetCa::load_or_create(
+        &tls.fleet.cp.data_dir.join("tls"),
+        std::time::SystemTime::now(),
+    )
+    .unwrap();
+    let day = Duration::from_secs(86_400);
+    let aged = ca
+        .issue_device(
+            &posfleet_pki::certificate_request(&key).unwrap(),
+            key.verifying_key().as_bytes(),
+            &device,
+            STORE,
+            30 * day,
+            std::time::SystemTime::now() - 25 * day,
+        )
+        .unwrap();
+    std::fs::write(data.join("device.crt"), &aged.pem).unwrap();
+
+    let agent = tls.agent(&data, "", &trust);
+    let renewed = agent.wait_for_log("Device certificate renewed.", TIMEOUT);
+    assert_eq!(renewed["expired"], false, "{renewed}");
+    let saved = std::fs::read(data.join("device.crt")).unwrap();
+    let saved = posfleet_pki::certificates_from_pem(&saved, "device.crt").unwrap();
+    let identity = posfleet_pki::DeviceIdentity::from_certificate(&saved[0]).unwrap();
+    assert_eq!(identity.device_id, device);
+    assert_ne!(identity.serial, aged.serial, "a new certificate was saved");
+    let now = chrono::Utc::now().timestamp();
+    assert!(identity.not_after > now + 29 * 86_400, "{identity:?}");
+    // And the till carries on with it.
+    let before = tls.device(&device).last_seen_unix_ms;
+    eventually("a heartbeat with the new certificate", TIMEOUT, || {
+        (tls.device(&device).last_seen_unix_ms > before).then_some(())
+    });
+    assert_eq!(tls.device(&device).certificate_status, "valid");
+}
