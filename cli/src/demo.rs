@@ -60,6 +60,9 @@ struct Summary {
     bundles_published: Vec<String>,
     devices_online: usize,
     devices_total: usize,
+    /// Tills holding a valid certificate from the demo's fleet CA: every
+    /// call they made after enrolling was mutual TLS.
+    devices_with_certificate: usize,
     stores: usize,
     seconds_to_online: f64,
     /// Tills running pos-app 1.1.0 after it was assigned.
@@ -101,11 +104,15 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
     let http = TcpListener::bind("127.0.0.1:0").await?;
     let grpc_address = grpc.local_addr()?.to_string();
     let http_address = http.local_addr()?.to_string();
+    // TLS, and mutual TLS for the tills, from a fleet CA of its own made in
+    // the temp dir.
     let config = Config {
         data_dir: dir.path().join("control-plane"),
         heartbeat_interval_seconds: 2,
+        tls_server_names: vec!["127.0.0.1".into()],
         ..Config::default()
     };
+    let ca_file = config.data_dir.join("tls").join("fleet-ca.crt");
     let control_plane = ControlPlane::open(config)
         .await
         .context("starting the control plane")?;
@@ -118,14 +125,15 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
     };
     let server = tokio::spawn(control_plane.serve(grpc, http, stopped(stop_rx.clone())));
     say(&format!(
-        "Control plane on SQLite in {}: gRPC {grpc_address}, metrics http://{http_address}/metrics",
-        dir.path().display()
+        "Control plane on SQLite in {}: gRPC https://{grpc_address}, metrics https://{http_address}/metrics; TLS from its fleet CA {}",
+        dir.path().display(),
+        ca_file.display()
     ));
 
-    let server_url = format!("http://{grpc_address}");
+    let server_url = format!("https://{grpc_address}");
     let address = crate::Server {
         url: server_url.clone(),
-        ca_file: None,
+        ca_file: Some(ca_file.clone()),
         insecure_dev: false,
     };
     let mut admin = Admin::connect(&address, admin_token.trim()).await?;
@@ -173,6 +181,7 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
         for till in 1..=args.tills_per_store {
             let config = AgentConfig {
                 server_url: server_url.clone(),
+                ca_cert_path: ca_file.clone(),
                 data_dir: dir
                     .path()
                     .join("agents")
@@ -182,7 +191,7 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
                 serial_number: format!("DEMO-{store_id}-{till}"),
                 peripherals: PeripheralsDriver::Fake,
                 root_json_path: keys.join("root.json"),
-                repository_url: format!("http://{http_address}/repo/"),
+                repository_url: format!("https://{http_address}/repo/"),
                 install_check_interval_seconds: 1,
                 // Every till of the demo shares one machine: loopback, a
                 // free port each, found through the control plane's list.
@@ -387,6 +396,10 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
             bundles_published: bundles.iter().map(|b| b.target.clone()).collect(),
             devices_online: views.len(),
             devices_total,
+            devices_with_certificate: views
+                .iter()
+                .filter(|d| d.certificate_status == "valid")
+                .count(),
             stores: args.stores as usize,
             seconds_to_online,
             devices_on_1_1_0: on_1_1_0.len(),
@@ -428,7 +441,8 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
 
     if args.keep_running {
         eprintln!(
-            "Running until Ctrl-C. Try: posfleet --server {server_url} --token-file {} device list",
+            "Running until Ctrl-C. Try: posfleet --server {server_url} --ca-file {} --token-file {} device list",
+            ca_file.display(),
             token_path.display()
         );
         tokio::signal::ctrl_c().await?;

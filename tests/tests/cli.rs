@@ -209,6 +209,9 @@ fn the_demo_rolls_out_in_waves_and_a_bad_release_pauses_itself() {
     let summary: serde_json::Value = serde_json::from_str(last).expect("the final line is JSON");
     assert_eq!(summary["devices_online"], 6);
     assert_eq!(summary["devices_total"], 6);
+    // TLS by default: each till enrolled for a certificate from the demo's
+    // own fleet CA and called with it.
+    assert_eq!(summary["devices_with_certificate"], 6);
     assert_eq!(summary["stores"], 2);
     assert_eq!(
         summary["bundles_published"],
