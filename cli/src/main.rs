@@ -744,12 +744,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let created = admin.create_token(&store, expires_in, uses).await?;
             let mut token = TokenView::from(created.token.unwrap_or_default());
             token.secret = Some(created.secret.clone());
+            token.ca_fingerprint = Some(created.ca_fingerprint.clone()).filter(|f| !f.is_empty());
             show(output, &token, || {
-                format!(
+                let mut text = format!(
                     "{}\nSecret (shown once; give it to the agent as enrollment_token):\n{}\n",
                     view::tokens_table(std::slice::from_ref(&token)),
                     created.secret
-                )
+                );
+                if let Some(fingerprint) = &token.ca_fingerprint {
+                    text.push_str(&format!(
+                        "Fleet CA fingerprint (give it with the token, as ca_fingerprint):\n{fingerprint}\n"
+                    ));
+                }
+                text
             })?;
         }
         AdminCommand::EnrollToken(TokenCommand::List { store }) => {

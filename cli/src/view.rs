@@ -254,6 +254,10 @@ pub struct TokenView {
     /// Only when just created: the secret to give the agent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub secret: Option<String>,
+    /// Only when just created, from a control plane serving TLS: the fleet
+    /// CA's fingerprint, for the agent's `ca_fingerprint`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_fingerprint: Option<String>,
 }
 
 impl From<v1::EnrollmentToken> for TokenView {
@@ -267,6 +271,7 @@ impl From<v1::EnrollmentToken> for TokenView {
             revoked_at: time(t.revoked_at_unix_ms),
             created_at: time(t.created_at_unix_ms),
             secret: None,
+            ca_fingerprint: None,
         }
     }
 }

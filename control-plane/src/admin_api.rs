@@ -42,6 +42,9 @@ pub struct AdminApi {
     gate: Arc<crate::tls::DeviceGate>,
     /// Set when the control plane serves TLS.
     certificates: Option<crate::tls::CertificatePolicy>,
+    /// SHA-256 of the fleet CA certificate, when the control plane serves
+    /// TLS: handed out with enrollment tokens.
+    ca_fingerprint: Option<String>,
 }
 
 /// Largest bundle accepted for publishing.
@@ -90,6 +93,7 @@ impl AdminApi {
         rollouts: crate::rollout::Rollouts,
         gate: Arc<crate::tls::DeviceGate>,
         certificates: Option<crate::tls::CertificatePolicy>,
+        ca_fingerprint: Option<String>,
     ) -> AdminApi {
         AdminApi {
             storage,
@@ -99,6 +103,7 @@ impl AdminApi {
             rollouts,
             gate,
             certificates,
+            ca_fingerprint,
         }
     }
 
@@ -307,6 +312,7 @@ impl AdminService for AdminApi {
         Ok(Response::new(v1::CreateEnrollmentTokenResponse {
             token: Some(convert::enrollment_token(token)),
             secret,
+            ca_fingerprint: self.ca_fingerprint.clone().unwrap_or_default(),
         }))
     }
 

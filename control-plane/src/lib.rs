@@ -282,6 +282,7 @@ impl ControlPlane {
             rollout::Rollouts::new(storage.clone(), desired, engine),
             gate.clone(),
             tls.as_ref().map(|_| config.certificate_policy()),
+            tls.as_ref().map(|tls| tls.ca.fingerprint()),
         ))
         // Publishing streams bundles in 1 MiB messages and carries whole
         // targets metadata files.

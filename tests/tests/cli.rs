@@ -384,6 +384,15 @@ fn the_cli_checks_a_tls_control_plane_and_says_how_to_fix_what_fails() {
         "--time-zone",
         "Europe/Paris",
     ]));
+    // An enrollment token comes with the fleet CA's fingerprint, for a till
+    // that pins it.
+    let created = cp.cli_json(&["enroll-token", "create", "--store", "s1"]);
+    let ca_der =
+        posfleet_pki::certificates_from_pem(&std::fs::read(cp.ca_file()).unwrap(), "CA").unwrap();
+    assert_eq!(
+        created["ca_fingerprint"],
+        posfleet_pki::ca::fingerprint(&ca_der[0])
+    );
     let token = cp.admin_token_file();
     let cli = |args: &[&str]| {
         Command::new(binary("posfleet"))
