@@ -627,13 +627,21 @@ impl ControlPlane {
     }
 
     /// Arguments that point an agent at this control plane's repository.
+    /// The agent flags for this control plane's repository, and (when it
+    /// serves TLS) the fleet CA to trust until enrolled.
     pub fn repository_args(&self, keys: &Path) -> Vec<String> {
-        vec![
+        let scheme = if self.tls { "https" } else { "http" };
+        let mut args = vec![
             "--root-json-path".into(),
             keys.join("root.json").to_str().expect("utf-8 path").into(),
             "--repository-url".into(),
-            format!("http://{}/repo/", self.http_address),
-        ]
+            format!("{scheme}://{}/repo/", self.http_address),
+        ];
+        if self.tls {
+            args.push("--ca-cert-path".into());
+            args.push(self.ca_file().to_str().expect("utf-8 path").into());
+        }
+        args
     }
 }
 

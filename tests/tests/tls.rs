@@ -3,13 +3,11 @@
 //! pinned fingerprint) gets the till a certificate, and from then on every
 //! heartbeat, progress report and `/repo/` download is mutual TLS.
 //!
-//! The store, the enrollment token and the published bundle are made with
-//! the CLI while the control plane serves plaintext; it then comes back on
-//! the same data with TLS on. Tests read the fleet through a small
-//! `AdminService` client over TLS.
+//! The fleet is set up with the CLI, which trusts the fleet CA; tests read
+//! the fleet through a small `AdminService` client over TLS.
 
 use posfleet_e2e::fleet::{Fleet, logged};
-use posfleet_e2e::{ControlPlane, Process, enrolled_device_id, eventually};
+use posfleet_e2e::{Process, enrolled_device_id, eventually};
 use posfleet_pki::rustls::pki_types::CertificateDer;
 use posfleet_proto::v1;
 use posfleet_proto::v1::admin_service_client::AdminServiceClient;
@@ -30,25 +28,14 @@ struct TlsFleet {
 
 impl TlsFleet {
     fn start(tills: usize) -> TlsFleet {
-        let mut fleet = Fleet::builder().start();
+        let fleet = Fleet::builder()
+            .control_plane_args(&["--tls-server-name", "127.0.0.1"])
+            .start();
+        assert!(fleet.cp.tls);
         fleet.create_store(STORE, "UTC");
         let token = fleet.enrollment_token(STORE, tills);
         fleet.publish("1.0.0", true, 0);
         fleet.assign(STORE, "pos-app@1.0.0");
-        fleet.cp.process.terminate();
-        let cp = &fleet.cp;
-        fleet.cp = ControlPlane::start(
-            &cp.data_dir.clone(),
-            None,
-            &cp.grpc_address.clone(),
-            &cp.http_address.clone(),
-            &[
-                "--heartbeat-interval-seconds",
-                "1",
-                "--tls-server-name",
-                "127.0.0.1",
-            ],
-        );
         TlsFleet {
             fleet,
             token,
@@ -77,7 +64,11 @@ impl TlsFleet {
         let repository = format!("https://{}/repo/", self.fleet.cp.http_address);
         let mut extra = vec!["--p2p-enabled", "false"];
         extra.extend_from_slice(trust);
-        let args = self.fleet.agent_args(Some(&repository), &extra);
+        let mut args = self.fleet.agent_args(Some(&repository), &extra);
+        // The fleet's own trust flag gives way to the test's.
+        if let Some(at) = args.iter().position(|a| a == "--ca-cert-path") {
+            args.drain(at..at + 2);
+        }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let url = format!("https://{}", self.fleet.cp.grpc_address);
         posfleet_e2e::start_agent(&url, data, token, &args)
