@@ -497,12 +497,7 @@ impl AgentConfig {
                 ),
             ));
         };
-        let loopback = host == "localhost"
-            || host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback());
+        let loopback = posfleet_runtime::plaintext::is_loopback_host(host);
         if scheme == "http" && !loopback && !self.insecure_dev {
             return Err(ConfigError::new(
                 "server_url",

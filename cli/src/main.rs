@@ -329,12 +329,7 @@ impl Server {
             Some("https") => {}
             Some("http") => {
                 let host = uri.host().unwrap_or_default();
-                let loopback = host == "localhost"
-                    || host
-                        .trim_start_matches('[')
-                        .trim_end_matches(']')
-                        .parse::<std::net::IpAddr>()
-                        .is_ok_and(|ip| ip.is_loopback());
+                let loopback = posfleet_runtime::plaintext::is_loopback_host(host);
                 if !loopback && !self.insecure_dev {
                     bail!(
                         "refusing to send the admin token in clear to {}: use https:// (with --ca-file for the fleet CA), or --insecure-dev on a development network",

@@ -41,10 +41,16 @@ pub struct AdminApi {
     /// Cuts a revoked device's open connections.
     gate: Arc<crate::tls::DeviceGate>,
     /// Set when the control plane serves TLS.
-    certificates: Option<crate::tls::CertificatePolicy>,
-    /// SHA-256 of the fleet CA certificate, when the control plane serves
-    /// TLS: handed out with enrollment tokens.
-    ca_fingerprint: Option<String>,
+    tls: Option<AdminTls>,
+}
+
+/// What the admin API shows of the control plane's TLS.
+pub struct AdminTls {
+    /// How long device certificates live and may be renewed after.
+    pub certificates: crate::tls::CertificatePolicy,
+    /// SHA-256 of the fleet CA certificate, handed out with enrollment
+    /// tokens.
+    pub ca_fingerprint: String,
 }
 
 /// Largest bundle accepted for publishing.
@@ -92,8 +98,7 @@ impl AdminApi {
         desired: DesiredCache,
         rollouts: crate::rollout::Rollouts,
         gate: Arc<crate::tls::DeviceGate>,
-        certificates: Option<crate::tls::CertificatePolicy>,
-        ca_fingerprint: Option<String>,
+        tls: Option<AdminTls>,
     ) -> AdminApi {
         AdminApi {
             storage,
@@ -102,8 +107,7 @@ impl AdminApi {
             desired,
             rollouts,
             gate,
-            certificates,
-            ca_fingerprint,
+            tls,
         }
     }
 
@@ -143,7 +147,7 @@ impl AdminApi {
             d,
             now_ms(),
             self.offline_after_missed_heartbeats,
-            self.certificates.as_ref(),
+            self.tls.as_ref().map(|tls| &tls.certificates),
         )
     }
 
@@ -312,7 +316,11 @@ impl AdminService for AdminApi {
         Ok(Response::new(v1::CreateEnrollmentTokenResponse {
             token: Some(convert::enrollment_token(token)),
             secret,
-            ca_fingerprint: self.ca_fingerprint.clone().unwrap_or_default(),
+            ca_fingerprint: self
+                .tls
+                .as_ref()
+                .map(|tls| tls.ca_fingerprint.clone())
+                .unwrap_or_default(),
         }))
     }
 

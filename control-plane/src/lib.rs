@@ -281,8 +281,10 @@ impl ControlPlane {
             desired.clone(),
             rollout::Rollouts::new(storage.clone(), desired, engine),
             gate.clone(),
-            tls.as_ref().map(|_| config.certificate_policy()),
-            tls.as_ref().map(|tls| tls.ca.fingerprint()),
+            tls.as_ref().map(|tls| admin_api::AdminTls {
+                certificates: config.certificate_policy(),
+                ca_fingerprint: tls.ca.fingerprint(),
+            }),
         ))
         // Publishing streams bundles in 1 MiB messages and carries whole
         // targets metadata files.

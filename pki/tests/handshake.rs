@@ -434,26 +434,11 @@ async fn a_revoked_device_cannot_resume_an_earlier_session() {
     let server = start_server(&ca).await;
     let key = device_key();
     let chain = device_certificate(&ca, &key, "dev-1", SystemTime::now(), DAY);
-    // One client configuration, as a till keeps: it would offer to resume.
+    // One client configuration, as a till keeps: its clones share the
+    // session store, so it would offer to resume.
     let trusted = certificates_from_pem(ca.certificates_pem().as_bytes(), "CA").unwrap();
-    let config =
-        Arc::new(client_config(&trusted, Some((chain, private_key_der(&key).unwrap()))).unwrap());
-    let connect_once = || {
-        let connector = tokio_rustls::TlsConnector::from(config.clone());
-        async move {
-            let socket = TcpStream::connect(server.address).await.unwrap();
-            let name = ServerName::try_from("127.0.0.1").unwrap();
-            let mut tls = connector
-                .connect(name, socket)
-                .await
-                .map_err(|e| e.to_string())?;
-            let mut answer = String::new();
-            tls.read_to_string(&mut answer)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>(answer)
-        }
-    };
+    let config = client_config(&trusted, Some((chain, private_key_der(&key).unwrap()))).unwrap();
+    let connect_once = || connect_with(&server, config.clone(), "127.0.0.1");
     assert_eq!(connect_once().await.unwrap(), "dev-1");
     server.revoked.0.lock().unwrap().insert("dev-1".into());
     let refused = connect_once().await;

@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod files;
 pub mod logging;
+pub mod plaintext;
 pub mod signal;
 pub mod window;
 

@@ -74,6 +74,21 @@ impl TlsFleet {
         posfleet_e2e::start_agent(&url, data, token, &args)
     }
 
+    /// Starts a till trusting the fleet CA's file, and waits until it has
+    /// enrolled and runs: its data dir, its agent, its device id.
+    fn enrolled_till(&self) -> (PathBuf, Process, String) {
+        let data = self.fleet.dir.path().join("till-0");
+        let ca_file = self.ca_file();
+        let agent = self.agent(
+            &data,
+            &self.token,
+            &["--ca-cert-path", ca_file.to_str().unwrap()],
+        );
+        let device = eventually("the till enrolled", TIMEOUT, || enrolled_device_id(&data));
+        agent.wait_for_log("Agent running.", TIMEOUT);
+        (data, agent, device)
+    }
+
     /// An `AdminService` call over TLS, trusting the fleet CA.
     fn admin<T>(
         &self,
@@ -108,12 +123,9 @@ impl TlsFleet {
 #[test]
 fn a_till_enrolls_over_tls_then_heartbeats_and_installs_over_mutual_tls() {
     let tls = TlsFleet::start(1);
-    let data = tls.fleet.dir.path().join("till-0");
+    let (data, mut agent, device) = tls.enrolled_till();
     let ca_file = tls.ca_file();
     let trust = ["--ca-cert-path", ca_file.to_str().unwrap()];
-    let mut agent = tls.agent(&data, &tls.token, &trust);
-
-    let device = eventually("the till enrolled", TIMEOUT, || enrolled_device_id(&data));
     for file in ["device.crt", "trust.pem"] {
         assert!(data.join(file).is_file(), "{file} saved at enrollment");
     }
@@ -211,13 +223,10 @@ fn a_till_given_the_ca_fingerprint_enrolls_and_a_wrong_one_is_refused() {
 #[test]
 fn a_till_renews_its_certificate_once_two_thirds_of_its_life_have_passed() {
     let tls = TlsFleet::start(1);
-    let data = tls.fleet.dir.path().join("till-0");
+    let (data, mut agent, device) = tls.enrolled_till();
+    agent.terminate();
     let ca_file = tls.ca_file();
     let trust = ["--ca-cert-path", ca_file.to_str().unwrap()];
-    let mut agent = tls.agent(&data, &tls.token, &trust);
-    let device = eventually("the till enrolled", TIMEOUT, || enrolled_device_id(&data));
-    agent.wait_for_log("Agent running.", TIMEOUT);
-    agent.terminate();
 
     // Its certificate, as if issued 25 of its 30 days ago, by the same CA.
     let seed: [u8; 32] = std::fs::read(data.join("device.key"))

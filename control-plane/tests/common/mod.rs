@@ -138,9 +138,12 @@ impl TestServer {
         }
     }
 
-    /// A channel over TLS trusting the fleet CA, presenting `identity` (a
-    /// device certificate and its key) when given.
-    pub fn tls_channel(&self, identity: Option<(&str, &SigningKey)>) -> Channel {
+    /// TLS trusting the fleet CA, presenting `identity` (a device
+    /// certificate and its key) when given.
+    fn client_config(
+        &self,
+        identity: Option<(&str, &SigningKey)>,
+    ) -> posfleet_pki::rustls::ClientConfig {
         let trusted = self.trusted.as_ref().expect("the server serves TLS");
         let identity = identity.map(|(pem, key)| {
             (
@@ -148,7 +151,13 @@ impl TestServer {
                 posfleet_pki::private_key_der(key).unwrap(),
             )
         });
-        let config = posfleet_pki::client_config(trusted, identity).unwrap();
+        posfleet_pki::client_config(trusted, identity).unwrap()
+    }
+
+    /// A channel over TLS trusting the fleet CA, presenting `identity` (a
+    /// device certificate and its key) when given.
+    pub fn tls_channel(&self, identity: Option<(&str, &SigningKey)>) -> Channel {
+        let config = self.client_config(identity);
         let endpoint = tonic::transport::Endpoint::from_shared(self.grpc_url.clone()).unwrap();
         posfleet_pki::grpc_channel(&endpoint, Some(std::sync::Arc::new(config)))
     }
@@ -171,15 +180,7 @@ impl TestServer {
         path: &str,
         identity: Option<(&str, &SigningKey)>,
     ) -> (u16, String) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let trusted = self.trusted.as_ref().expect("the server serves TLS");
-        let identity = identity.map(|(pem, key)| {
-            (
-                posfleet_pki::certificates_from_pem(pem.as_bytes(), "device certificate").unwrap(),
-                posfleet_pki::private_key_der(key).unwrap(),
-            )
-        });
-        let mut config = posfleet_pki::client_config(trusted, identity).unwrap();
+        let mut config = self.client_config(identity);
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         let socket = tokio::net::TcpStream::connect(self.http_addr)
             .await
@@ -189,43 +190,39 @@ impl TestServer {
             .connect(name, socket)
             .await
             .unwrap();
-        stream
-            .write_all(
-                format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-            )
-            .await
-            .unwrap();
-        let mut response = Vec::new();
-        let _ = stream.read_to_end(&mut response).await;
-        let response = String::from_utf8_lossy(&response).into_owned();
-        let code = response[9..12].parse().unwrap();
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        (code, body)
+        get(&mut stream, path).await
     }
 
     pub async fn http_get(&self, path: &str) -> (u16, String) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut stream = tokio::net::TcpStream::connect(self.http_addr)
             .await
             .unwrap();
-        stream
-            .write_all(
-                format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-            )
-            .await
-            .unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.unwrap();
-        let code = response[9..12].parse().unwrap();
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        (code, body)
+        get(&mut stream, path).await
     }
+}
+
+/// `GET path` over `stream` (HTTP/1.1, closed after): (status, body).
+async fn get<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    stream: &mut S,
+    path: &str,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    // A TLS peer may close without a close_notify: what arrived is kept.
+    let _ = stream.read_to_end(&mut response).await;
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let code = response[9..12].parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
 }
 
 pub fn config(dir: &std::path::Path, db: &TestDb) -> Config {
