@@ -59,6 +59,9 @@ struct DeviceTls {
     certificate: DeviceCertificate,
     channel: posfleet_pki::ClientTls,
     origin: Option<crate::fetch::Origin>,
+    /// The control plane asked for a renewal now (its CA is being rotated
+    /// out).
+    renew_now: bool,
 }
 
 /// Codes that mean the request itself was refused: retrying the same
@@ -146,6 +149,14 @@ impl Agent {
     /// cannot go on at all (no enrollment possible, unusable data dir).
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         tokio::pin!(shutdown);
+        if self.config.insecure_dev && !self.config.tls() {
+            tracing::warn!(
+                server_url = %self.config.server_url,
+                "INSECURE (insecure_dev): talking to the control plane in plaintext. The till's \
+                 credential and its desired state cross the network in clear, and nothing proves \
+                 the server is the fleet's. For a development network only."
+            );
+        }
         let enrollment = tokio::select! {
             result = self.ensure_enrolled() => result?,
             _ = &mut shutdown => return Ok(()),
@@ -382,6 +393,7 @@ impl Agent {
             certificate,
             channel,
             origin,
+            renew_now: false,
         });
         Ok(())
     }
@@ -400,7 +412,7 @@ impl Agent {
             return;
         };
         let lifetime = identity.not_after - identity.not_before;
-        if now < identity.not_before + lifetime * 2 / 3 {
+        if now < identity.not_before + lifetime * 2 / 3 && !device_tls.renew_now {
             return;
         }
         let expired = now >= identity.not_after;
@@ -459,20 +471,47 @@ impl Agent {
         )
         .map_err(|e| e.to_string())?
         .ok_or("the answer holds no certificate")?;
-        let tls = certificate
+        // Saved only if usable with the device key.
+        certificate
             .client_config(&self.key)
             .map_err(|e| e.to_string())?;
         certificate
             .save(&self.config.data_dir)
             .map_err(|e| e.to_string())?;
         let not_after = certificate.identity().map_or(0, |i| i.not_after);
+        self.use_certificate(certificate)?;
+        if let Some(tls) = self.device_tls.as_mut() {
+            tls.renew_now = false;
+        }
+        Ok(not_after)
+    }
+
+    /// Makes new connections (gRPC and `/repo/`) use `certificate` and its
+    /// trust bundle.
+    fn use_certificate(&mut self, certificate: DeviceCertificate) -> Result<(), String> {
+        let tls = certificate
+            .client_config(&self.key)
+            .map_err(|e| e.to_string())?;
         let device_tls = self.device_tls.as_mut().ok_or("no device certificate")?;
         device_tls.channel.replace(tls.clone());
         if let Some(origin) = &device_tls.origin {
             origin.use_tls(tls).map_err(|e| e.to_string())?;
         }
         device_tls.certificate = certificate;
-        Ok(not_after)
+        Ok(())
+    }
+
+    /// Saves and uses a trust bundle the control plane sent.
+    fn update_trust(&mut self, trust_pem: &str) -> Result<(), String> {
+        let device_tls = self.device_tls.as_ref().ok_or("no device certificate")?;
+        let certificate = device_tls
+            .certificate
+            .with_trust(trust_pem)
+            .map_err(|e| e.to_string())?;
+        certificate
+            .save(&self.config.data_dir)
+            .map_err(|e| e.to_string())?;
+        self.use_certificate(certificate)
     }
 
     /// The saved enrollment, or a new one. Retries while the control plane
@@ -612,6 +651,11 @@ impl Agent {
             agent_uptime_seconds: self.started.elapsed().as_secs(),
             p2p_listen_addrs: self.p2p_addrs.clone(),
             store_peers_digest: hex::decode(&self.store_peers.digest).unwrap_or_default(),
+            trust_bundle_sha256: self
+                .device_tls
+                .as_ref()
+                .map(|tls| tls.certificate.trust_digest())
+                .unwrap_or_default(),
         });
         if let Some(authorization) = authorization(enrollment)? {
             request
@@ -621,6 +665,21 @@ impl Agent {
         let mut response = self.client.heartbeat(request).await?.into_inner();
         if let Some(peers) = response.store_peers.take() {
             self.set_store_peers(StorePeers::from_proto(peers)).await;
+        }
+        if !response.trust_bundle_pem.is_empty() {
+            match self.update_trust(&response.trust_bundle_pem) {
+                Ok(()) => tracing::info!(
+                    "New trust bundle from the control plane (a fleet CA was rotated or retired); new connections use it."
+                ),
+                Err(error) => {
+                    tracing::error!(%error, "Cannot take the new trust bundle; keeping the one held.")
+                }
+            }
+        }
+        if response.renew_certificate
+            && let Some(tls) = self.device_tls.as_mut()
+        {
+            tls.renew_now = true;
         }
         // The server configures at most 1 h and quadruples it under load.
         let interval = Duration::from_secs(

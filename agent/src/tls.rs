@@ -118,6 +118,24 @@ impl DeviceCertificate {
         files::write_private(&data_dir.join(TRUST_FILE), self.trust_pem.as_bytes())
     }
 
+    /// SHA-256 of the trust bundle, as handed out: the control plane sends
+    /// a new one when its own differs.
+    pub fn trust_digest(&self) -> Vec<u8> {
+        use sha2::Digest;
+        sha2::Sha256::digest(self.trust_pem.as_bytes()).to_vec()
+    }
+
+    /// The same certificate with a new trust bundle (a fleet CA was rotated
+    /// or retired), which must hold at least one certificate.
+    pub fn with_trust(&self, trust_pem: &str) -> Result<DeviceCertificate, Error> {
+        posfleet_pki::certificates_from_pem(trust_pem.as_bytes(), "the trust bundle")
+            .map_err(|e| Error::EnrollmentAnswer(e.to_string()))?;
+        Ok(DeviceCertificate {
+            chain_pem: self.chain_pem.clone(),
+            trust_pem: trust_pem.to_string(),
+        })
+    }
+
     /// Who the certificate names and when it ends; `None` if it does not
     /// parse (it did when saved).
     pub fn identity(&self) -> Option<posfleet_pki::DeviceIdentity> {
@@ -182,6 +200,7 @@ impl std::fmt::Display for TlsFailure {
                 f,
                 "the control plane's certificate is not from a trusted CA: \
                  ca_cert_path (or trust.pem once enrolled) is not the fleet CA's, \
+                 the fleet CA was retired while this till was away (enroll it again), \
                  or this is not the fleet's control plane"
             ),
             TlsFailure::NotThePinnedCa(detail) => write!(f, "{detail}"),

@@ -112,7 +112,10 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
         tls_server_names: vec!["127.0.0.1".into()],
         ..Config::default()
     };
-    let ca_file = config.data_dir.join("tls").join("fleet-ca.crt");
+    let ca_file = config
+        .data_dir
+        .join("tls")
+        .join(posfleet_control_plane::tls::TRUST_BUNDLE_FILE);
     let control_plane = ControlPlane::open(config)
         .await
         .context("starting the control plane")?;

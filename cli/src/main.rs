@@ -2,6 +2,7 @@
 //! only. Errors are one line on stderr and a non-zero exit code.
 
 mod audit_cmd;
+mod ca_cmd;
 #[cfg(feature = "demo")]
 mod demo;
 mod repo_cmd;
@@ -44,7 +45,7 @@ struct Cli {
     #[arg(long, global = true, env = "POSFLEET_TOKEN_FILE")]
     token_file: Option<PathBuf>,
     /// PEM file of the CA that issued the control plane's certificate (its
-    /// fleet CA: `<data_dir>/tls/fleet-ca.crt`). Without it an `https://`
+    /// fleet CA: `<data_dir>/tls/trust-bundle.pem`). Without it an `https://`
     /// server is checked against the system's roots.
     #[arg(long, global = true, env = "POSFLEET_CA_FILE")]
     ca_file: Option<PathBuf>,
@@ -105,6 +106,9 @@ enum AdminCommand {
     /// Admin API tokens: who may call the control plane.
     #[command(subcommand)]
     Token(token_cmd::AdminTokenCommand),
+    /// The fleet's CAs (over TLS), and their rotation.
+    #[command(subcommand)]
+    Ca(ca_cmd::CaCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -350,7 +354,7 @@ impl Server {
                 let found = rustls_native_certs::load_native_certs();
                 if found.certs.is_empty() {
                     bail!(
-                        "no CA to check {} against: pass --ca-file (the control plane's <data_dir>/tls/fleet-ca.crt) or set POSFLEET_CA_FILE",
+                        "no CA to check {} against: pass --ca-file (the control plane's <data_dir>/tls/trust-bundle.pem) or set POSFLEET_CA_FILE",
                         self.url
                     );
                 }
@@ -685,6 +689,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         AdminCommand::Audit(command) => audit_cmd::run(&mut admin, command, output).await?,
         AdminCommand::Webhook(command) => webhook_cmd::run(&mut admin, command, output).await?,
         AdminCommand::Token(command) => token_cmd::run(&mut admin, command, output).await?,
+        AdminCommand::Ca(command) => ca_cmd::run(&mut admin, command, output).await?,
         AdminCommand::Store(StoreCommand::Create {
             id,
             name,

@@ -329,6 +329,8 @@ pub struct DeviceView {
     /// `expired: enroll the device again`). Empty without one.
     pub certificate_expires_at: String,
     pub certificate_status: String,
+    /// SHA-256 of the CA that issued it; empty if not recorded.
+    pub certificate_ca: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -523,6 +525,7 @@ impl From<v1::Device> for DeviceView {
             revoked_reason: d.revoked_reason,
             certificate_expires_at: time(d.certificate_not_after_unix_ms),
             certificate_status: d.certificate_status,
+            certificate_ca: d.certificate_ca_fingerprint,
         }
     }
 }
@@ -626,6 +629,9 @@ pub fn device_details(d: &DeviceView) -> String {
                 d.certificate_expires_at, d.certificate_status
             ),
         );
+        if !d.certificate_ca.is_empty() {
+            line("Certificate CA", d.certificate_ca.clone());
+        }
     }
     line("Hardware model", d.hardware_model.clone());
     line("Serial number", d.serial_number.clone());

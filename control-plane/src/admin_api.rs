@@ -48,9 +48,68 @@ pub struct AdminApi {
 pub struct AdminTls {
     /// How long device certificates live and may be renewed after.
     pub certificates: crate::tls::CertificatePolicy,
-    /// SHA-256 of the fleet CA certificate, handed out with enrollment
-    /// tokens.
-    pub ca_fingerprint: String,
+    pub tls: Arc<crate::tls::Tls>,
+}
+
+impl AdminTls {
+    /// Certificates that ended before this are past renewal: their tills
+    /// must enroll again whatever CA issued them.
+    fn renewable_after_ms(&self) -> i64 {
+        now_ms() - i64::try_from(self.certificates.grace.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// The CAs, with how many tills hold a certificate from each.
+    async fn authorities(
+        &self,
+        storage: &Storage,
+        devices_to_reenroll: Vec<String>,
+    ) -> Result<v1::CertificateAuthorities, Status> {
+        let authorities = self.tls.authorities();
+        let (bundle, digest) = self.tls.trust_bundle();
+        let counts = storage
+            .certificates_by_ca(self.renewable_after_ms())
+            .await?;
+        let count = |fingerprint: &str, unrecorded_too: bool| -> u64 {
+            counts
+                .iter()
+                .filter(|(ca, _)| ca == fingerprint || (unrecorded_too && ca.is_empty()))
+                .map(|(_, n)| n)
+                .sum()
+        };
+        // Certificates issued before their CA was recorded came from the
+        // CA in force then: the previous one during a rotation.
+        let mut list = vec![(
+            &authorities.active,
+            "active",
+            authorities.previous.is_none(),
+        )];
+        if let Some(previous) = &authorities.previous {
+            list.push((previous, "previous", true));
+        }
+        Ok(v1::CertificateAuthorities {
+            authorities: list
+                .into_iter()
+                .map(|(ca, role, unrecorded)| {
+                    let fingerprint = ca.fingerprint();
+                    v1::CertificateAuthority {
+                        devices: count(&fingerprint, unrecorded),
+                        fingerprint,
+                        subject: ca.subject().to_string(),
+                        not_after_unix_ms: ca.not_after().saturating_mul(1000),
+                        role: role.into(),
+                    }
+                })
+                .collect(),
+            source: match authorities.source {
+                crate::tls::Source::Own { .. } => "data dir",
+                crate::tls::Source::Configured => "configuration",
+            }
+            .into(),
+            trust_bundle_sha256: hex::encode(digest),
+            trust_bundle_pem: bundle.to_string(),
+            devices_to_reenroll,
+        })
+    }
 }
 
 /// Largest bundle accepted for publishing.
@@ -316,10 +375,12 @@ impl AdminService for AdminApi {
         Ok(Response::new(v1::CreateEnrollmentTokenResponse {
             token: Some(convert::enrollment_token(token)),
             secret,
+            // What a till pins: the CA that issued the listeners'
+            // certificate (the previous one during a rotation).
             ca_fingerprint: self
                 .tls
                 .as_ref()
-                .map(|tls| tls.ca_fingerprint.clone())
+                .map(|tls| tls.tls.authorities().server_issuer().fingerprint())
                 .unwrap_or_default(),
         }))
     }
@@ -1000,6 +1061,67 @@ impl AdminService for AdminApi {
             "Admin token revoked."
         );
         Ok(Response::new(admin_token_view(token)))
+    }
+
+    async fn get_certificate_authorities(
+        &self,
+        request: Request<v1::GetCertificateAuthoritiesRequest>,
+    ) -> Result<Response<v1::CertificateAuthorities>, Status> {
+        self.authorize(&request).await?;
+        let tls = self.tls_or_refuse()?;
+        Ok(Response::new(
+            tls.authorities(&self.storage, Vec::new()).await?,
+        ))
+    }
+
+    async fn rotate_certificate_authority(
+        &self,
+        request: Request<v1::RotateCertificateAuthorityRequest>,
+    ) -> Result<Response<v1::CertificateAuthorities>, Status> {
+        let caller = self.authorize(&request).await?;
+        let tls = self.tls_or_refuse()?;
+        let rotated = tls.tls.rotate().await?;
+        tracing::warn!(active = %rotated.active.fingerprint(), by = %caller.name, "Fleet CA rotation started.");
+        Ok(Response::new(
+            tls.authorities(&self.storage, Vec::new()).await?,
+        ))
+    }
+
+    async fn retire_certificate_authority(
+        &self,
+        request: Request<v1::RetireCertificateAuthorityRequest>,
+    ) -> Result<Response<v1::CertificateAuthorities>, Status> {
+        let caller = self.authorize(&request).await?;
+        let tls = self.tls_or_refuse()?;
+        let force = request.into_inner().force;
+        let storage = self.storage.clone();
+        let active = tls.tls.authorities().active.fingerprint();
+        let renewable_after_ms = tls.renewable_after_ms();
+        let (_, stranded) = tls
+            .tls
+            .retire(
+                async || {
+                    storage
+                        .certificate_holders_not_of(&active, renewable_after_ms)
+                        .await
+                },
+                force,
+            )
+            .await?;
+        tracing::warn!(by = %caller.name, stranded = stranded.len(), "Previous fleet CA retired.");
+        Ok(Response::new(
+            tls.authorities(&self.storage, stranded).await?,
+        ))
+    }
+}
+
+impl AdminApi {
+    fn tls_or_refuse(&self) -> Result<&AdminTls, Status> {
+        self.tls.as_ref().ok_or_else(|| {
+            Status::failed_precondition(
+                "this control plane serves plaintext: it has no CA (set tls_server_names)",
+            )
+        })
     }
 }
 

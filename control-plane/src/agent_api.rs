@@ -111,11 +111,10 @@ struct Limits {
 
 /// What the agent API needs when the control plane serves TLS.
 pub struct AgentTls {
-    pub ca: Arc<posfleet_pki::FleetCa>,
+    pub tls: Arc<crate::tls::Tls>,
     /// Lifetime of an issued device certificate, and how long after its
     /// end it may still be renewed.
     pub policy: crate::tls::CertificatePolicy,
-    pub gate: Arc<crate::tls::DeviceGate>,
 }
 
 /// How far a renewal proof's time may be from the control plane's clock.
@@ -312,10 +311,19 @@ impl AgentApi {
             )
         })?;
         let device_id = device.device_id.clone();
-        if tls.gate.is_revoked_id(&device_id) {
-            return Err(Status::permission_denied(format!(
-                "device {device_id} is revoked"
-            )));
+        match tls.tls.admit(device) {
+            Ok(()) => {}
+            Err(crate::tls::Refusal::Revoked) => {
+                return Err(Status::permission_denied(format!(
+                    "device {device_id} is revoked"
+                )));
+            }
+            Err(crate::tls::Refusal::RetiredCa) => {
+                return Err(Status::unavailable(
+                    "this connection's certificate is from a retired CA; the connection is \
+                     closed: reconnect with the renewed certificate",
+                ));
+            }
         }
         let cached = match self.auth_cache.get(&device_id).await {
             Some(cached) => cached,
@@ -381,8 +389,8 @@ impl AgentApi {
         device_id: &str,
         store_id: &str,
     ) -> Result<(String, String), Status> {
-        let issued = tls
-            .ca
+        let ca = tls.tls.authorities().active.clone();
+        let issued = ca
             .issue_device(
                 request,
                 key,
@@ -401,11 +409,14 @@ impl AgentApi {
                 &crate::storage::CertificateRecord {
                     serial: issued.serial.clone(),
                     not_after_ms: issued.not_after.saturating_mul(1000),
+                    ca_fingerprint: ca.fingerprint(),
                 },
             )
             .await?;
+        // Its cached record names the CA of its previous certificate.
+        self.auth_cache.invalidate(device_id).await;
         tracing::info!(%device_id, serial = %issued.serial, "Device certificate issued.");
-        Ok((issued.pem, tls.ca.certificates_pem().to_string()))
+        Ok((issued.pem, tls.tls.trust_bundle().0.to_string()))
     }
 
     /// Which device a renewal is for, and the key it must be for: the one
@@ -436,7 +447,7 @@ impl AgentApi {
                 "unknown device {device_id}: enroll again"
             )));
         };
-        if record.revoked || tls.gate.is_revoked_id(&device_id) {
+        if record.revoked || tls.tls.gate.is_revoked_id(&device_id) {
             return refuse(Status::permission_denied(format!(
                 "device {device_id} is revoked"
             )));
@@ -567,6 +578,12 @@ fn validate_heartbeat(req: &HeartbeatRequest) -> Result<(), Status> {
     for (name, version) in &req.installed_bundles {
         text("installed_bundles", name, true, 128)?;
         text("installed_bundles", version, true, 64)?;
+    }
+    if !req.trust_bundle_sha256.is_empty() && req.trust_bundle_sha256.len() != 32 {
+        return Err(invalid(
+            "trust_bundle_sha256",
+            "must be empty or a SHA-256 digest (32 bytes)",
+        ));
     }
     if req.p2p_listen_addrs.len() > MAX_P2P_ADDRS {
         return Err(invalid(
@@ -959,12 +976,33 @@ impl AgentService for AgentApi {
             return Err(Status::unavailable("the control plane is shutting down"));
         }
         self.metrics.heartbeats.with_label_values(&["ok"]).inc();
+        // A till holding another trust bundle (a CA was rotated or retired)
+        // gets the current one; one whose certificate is not from the
+        // active CA renews it.
+        let (trust_bundle_pem, renew_certificate) = match &self.tls {
+            Some(tls) => {
+                let (bundle, digest) = tls.tls.trust_bundle();
+                let stale = !req.trust_bundle_sha256.is_empty()
+                    && req.trust_bundle_sha256 != digest.as_slice();
+                (
+                    if stale {
+                        bundle.to_string()
+                    } else {
+                        String::new()
+                    },
+                    tls.tls.should_renew(&auth.certificate_ca),
+                )
+            }
+            None => (String::new(), false),
+        };
         Ok(Response::new(HeartbeatResponse {
             next_heartbeat_interval_seconds: interval,
             server_time_unix_ms: now,
             maintenance_window: convert::window(&desired.time_zone, desired.maintenance_window),
             desired_bundles: bundles.into_iter().map(convert::desired_bundle).collect(),
             store_peers,
+            trust_bundle_pem,
+            renew_certificate,
         }))
     }
 

@@ -624,6 +624,7 @@ untargeted!(
     v1::ListWebhooksRequest,
     v1::ListWebhookDeliveriesRequest,
     v1::ListAdminTokensRequest,
+    v1::GetCertificateAuthoritiesRequest,
     // The header comes in the stream: the handler sets the target.
     tonic::Streaming<v1::PublishBundleRequest>,
 );
@@ -753,6 +754,18 @@ impl AuditTarget for v1::CreateAdminTokenRequest {
 impl AuditTarget for v1::RevokeAdminTokenRequest {
     fn audit_target(&self) -> Value {
         json!({"admin_token_id": self.id})
+    }
+}
+
+impl AuditTarget for v1::RotateCertificateAuthorityRequest {
+    fn audit_target(&self) -> Value {
+        json!({})
+    }
+}
+
+impl AuditTarget for v1::RetireCertificateAuthorityRequest {
+    fn audit_target(&self) -> Value {
+        json!({"force": self.force})
     }
 }
 

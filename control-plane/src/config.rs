@@ -43,6 +43,19 @@ pub struct Config {
     /// key. Unset: a fleet CA made at first start in `data_dir/tls`.
     pub tls_ca_cert_path: Option<PathBuf>,
     pub tls_ca_key_path: Option<PathBuf>,
+    /// During a rotation of a CA supplied as files: the CA rotated out
+    /// (certificate and key). Still trusted, and still the issuer of the
+    /// listeners' certificate, until these are removed.
+    pub tls_previous_ca_cert_path: Option<PathBuf>,
+    pub tls_previous_ca_key_path: Option<PathBuf>,
+    /// The listeners' certificate (chain, PEM) and key supplied as files,
+    /// e.g. by the company's PKI or an ACME client, rather than issued from
+    /// the fleet CA. Read again whenever they change.
+    pub tls_server_cert_path: Option<PathBuf>,
+    pub tls_server_key_path: Option<PathBuf>,
+    /// CA certificates (PEM) that issued the supplied server certificate,
+    /// when that is not the fleet CA: added to the trust bundle tills get.
+    pub tls_server_trust_path: Option<PathBuf>,
     /// Lifetime of the certificate issued to a till.
     pub device_cert_validity_days: u32,
     /// How long after its certificate ended a till may still renew it by
@@ -98,6 +111,11 @@ impl Default for Config {
             tls_server_names: Vec::new(),
             tls_ca_cert_path: None,
             tls_ca_key_path: None,
+            tls_previous_ca_cert_path: None,
+            tls_previous_ca_key_path: None,
+            tls_server_cert_path: None,
+            tls_server_key_path: None,
+            tls_server_trust_path: None,
             device_cert_validity_days: 30,
             device_cert_grace_days: 90,
             webhook_timeout_seconds: 10,
@@ -171,6 +189,21 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_ca_key_path: Option<PathBuf>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_previous_ca_cert_path: Option<PathBuf>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_previous_ca_key_path: Option<PathBuf>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_server_cert_path: Option<PathBuf>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_server_key_path: Option<PathBuf>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_server_trust_path: Option<PathBuf>,
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub device_cert_validity_days: Option<u32>,
@@ -261,10 +294,53 @@ impl Config {
                 "tls_ca_cert_path and tls_ca_key_path go together: set both or neither",
             ));
         }
-        if self.tls_ca_cert_path.is_some() && !self.tls() {
+        for (first, second, first_key, second_key) in [
+            (
+                &self.tls_previous_ca_cert_path,
+                &self.tls_previous_ca_key_path,
+                "tls_previous_ca_cert_path",
+                "tls_previous_ca_key_path",
+            ),
+            (
+                &self.tls_server_cert_path,
+                &self.tls_server_key_path,
+                "tls_server_cert_path",
+                "tls_server_key_path",
+            ),
+        ] {
+            if first.is_some() != second.is_some() {
+                return Err(ConfigError::new(
+                    if first.is_some() {
+                        second_key
+                    } else {
+                        first_key
+                    },
+                    format!("{first_key} and {second_key} go together: set both or neither"),
+                ));
+            }
+        }
+        if self.tls_previous_ca_cert_path.is_some() && self.tls_ca_cert_path.is_none() {
+            return Err(ConfigError::new(
+                "tls_previous_ca_cert_path",
+                "a previous CA is only for rotating a CA supplied as files: set tls_ca_cert_path \
+                 and tls_ca_key_path to the new CA",
+            ));
+        }
+        if self.tls_server_trust_path.is_some() && self.tls_server_cert_path.is_none() {
+            return Err(ConfigError::new(
+                "tls_server_trust_path",
+                "only a server certificate supplied as files (tls_server_cert_path) needs it",
+            ));
+        }
+        let tls_files = [
+            &self.tls_ca_cert_path,
+            &self.tls_server_cert_path,
+            &self.tls_server_trust_path,
+        ];
+        if tls_files.iter().any(|path| path.is_some()) && !self.tls() {
             return Err(ConfigError::new(
                 "tls_server_names",
-                "a CA is configured but TLS is off: set the names the server is reached by",
+                "TLS files are configured but TLS is off: set the names the server is reached by",
             ));
         }
         for name in &self.tls_server_names {

@@ -226,6 +226,11 @@ pub fn device(
         revoked_at_unix_ms: d.revoked.as_ref().map_or(0, |r| r.at_ms),
         revoked_reason: d.revoked.map(|r| r.reason).unwrap_or_default(),
         certificate_not_after_unix_ms: d.certificate.as_ref().map_or(0, |c| c.not_after_ms),
+        certificate_ca_fingerprint: d
+            .certificate
+            .as_ref()
+            .map(|c| c.ca_fingerprint.clone())
+            .unwrap_or_default(),
         certificate_status: match (&d.certificate, certificates) {
             (Some(certificate), Some(policy)) => {
                 policy.state(certificate.not_after_ms, now_ms).to_string()

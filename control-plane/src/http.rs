@@ -36,7 +36,7 @@ pub const FLEET_GAUGES_MAX_AGE: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub(crate) struct RepoAccess {
     pub desired: crate::desired::DesiredCache,
-    pub gate: Arc<crate::tls::DeviceGate>,
+    pub tls: Arc<crate::tls::Tls>,
     /// Each published bundle's (name, version) by the hashes of its bytes
     /// and of its chunk list; read again when a hash is not in it (at most
     /// once per `BUNDLES_REREAD`).
@@ -51,13 +51,10 @@ type BundlesByHash = HashMap<String, (String, String)>;
 const BUNDLES_REREAD: Duration = Duration::from_secs(1);
 
 impl RepoAccess {
-    pub fn new(
-        desired: crate::desired::DesiredCache,
-        gate: Arc<crate::tls::DeviceGate>,
-    ) -> RepoAccess {
+    pub fn new(desired: crate::desired::DesiredCache, tls: Arc<crate::tls::Tls>) -> RepoAccess {
         RepoAccess {
             desired,
-            gate,
+            tls,
             bundles: Arc::new(Mutex::new((
                 Instant::now() - BUNDLES_REREAD,
                 Arc::new(HashMap::new()),
@@ -101,8 +98,16 @@ impl RepoAccess {
                 "present the device certificate issued at enrollment: this repository serves enrolled tills only\n".into(),
             );
         };
-        if self.gate.is_revoked_id(&device.device_id) {
-            return forbidden(format!("device {} is revoked\n", device.device_id));
+        match self.tls.admit(device) {
+            Ok(()) => {}
+            Err(crate::tls::Refusal::Revoked) => {
+                return forbidden(format!("device {} is revoked\n", device.device_id));
+            }
+            Err(crate::tls::Refusal::RetiredCa) => {
+                return forbidden(
+                    "this connection's certificate is from a retired CA: reconnect with the renewed one\n".into(),
+                );
+            }
         }
         let hash = hash?;
         let bundle = match self.bundle_of(storage, hash).await {

@@ -79,7 +79,7 @@ pub struct ControlPlane {
     storage: Storage,
     metrics: Metrics,
     repository: Arc<repository::Repository>,
-    tls: Option<tls::Tls>,
+    tls: Option<Arc<tls::Tls>>,
 }
 
 /// The file of a SQLite database URL (`sqlite://path?mode=rwc`,
@@ -253,7 +253,7 @@ impl ControlPlane {
         let desired = desired::DesiredCache::new(storage.clone());
         let repo_access = tls
             .as_ref()
-            .map(|tls| http::RepoAccess::new(desired.clone(), tls.gate.clone()));
+            .map(|tls| http::RepoAccess::new(desired.clone(), tls.clone()));
         // Drives rollouts (on PostgreSQL, on one replica at a time).
         let (engine, engine_task) = rollout::engine::spawn(
             storage.clone(),
@@ -268,9 +268,8 @@ impl ControlPlane {
             desired.clone(),
             &config,
             tls.as_ref().map(|tls| agent_api::AgentTls {
-                ca: tls.ca.clone(),
+                tls: tls.clone(),
                 policy: config.certificate_policy(),
-                gate: tls.gate.clone(),
             }),
         ))
         .max_decoding_message_size(max_message);
@@ -283,7 +282,7 @@ impl ControlPlane {
             gate.clone(),
             tls.as_ref().map(|tls| admin_api::AdminTls {
                 certificates: config.certificate_policy(),
-                ca_fingerprint: tls.ca.fingerprint(),
+                tls: tls.clone(),
             }),
         ))
         // Publishing streams bundles in 1 MiB messages and carries whole
@@ -319,12 +318,24 @@ impl ControlPlane {
         };
 
         if let Some(tls) = &tls {
-            tls.spawn_revocation_refresh(storage.clone(), stop_rx.clone());
+            tls.spawn_refresh(storage.clone(), stop_rx.clone());
         }
-        let grpc = tls::Incoming::start(grpc, tls.as_ref().map(|t| t.grpc.clone()), gate.clone())
+        let grpc =
+            tls::Incoming::start(grpc, tls.as_ref().map(|t| t.grpc_acceptor()), gate.clone())
+                .map_err(Error::Http)?;
+        let http = tls::Incoming::start(http, tls.as_ref().map(|t| t.http_acceptor()), gate)
             .map_err(Error::Http)?;
-        let http = tls::Incoming::start(http, tls.as_ref().map(|t| t.http.clone()), gate)
-            .map_err(Error::Http)?;
+        if tls.is_none() && config.insecure_dev {
+            for listener in [grpc.local_addr(), http.local_addr()] {
+                tracing::warn!(
+                    address = %listener,
+                    "INSECURE (insecure_dev): serving plaintext. Admin tokens, device credentials, \
+                     desired state and every store's bundles cross the network in clear, and \
+                     /repo/ is open to anyone who reaches it. For a development network only: \
+                     set tls_server_names for anything else."
+                );
+            }
+        }
         tracing::info!(address = %grpc.local_addr(), tls = tls.is_some(), "gRPC listening.");
         tracing::info!(address = %http.local_addr(), tls = tls.is_some(), "HTTP listening.");
         let grpc_server = tonic::transport::Server::builder()

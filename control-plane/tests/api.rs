@@ -335,6 +335,7 @@ async fn heartbeats_fill_the_fleet_view(backend: Backend) {
         agent_uptime_seconds: 42,
         p2p_listen_addrs: Vec::new(),
         store_peers_digest: Vec::new(),
+        trust_bundle_sha256: Vec::new(),
         health: Some(v1::Health {
             uptime_seconds: 3600,
             disk_free_bytes: 5 << 30,

@@ -503,3 +503,285 @@ async fn a_till_renews_with_its_certificate_and_after_it_ends_within_the_grace_p
     );
     setup.finish().await;
 }
+
+/// The certificate the gRPC listener presents to a client trusting
+/// `trusted`.
+async fn presented_certificate(
+    setup: &Setup,
+    trusted: &[posfleet_pki::rustls::pki_types::CertificateDer<'static>],
+) -> Vec<u8> {
+    let config = posfleet_pki::client_config(trusted, None).unwrap();
+    let address = setup.server.grpc_url.trim_start_matches("https://");
+    let socket = tokio::net::TcpStream::connect(address).await.unwrap();
+    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(
+            posfleet_pki::rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap(),
+            socket,
+        )
+        .await
+        .unwrap();
+    stream.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+/// A server certificate from `ca` for 127.0.0.1, written (chain, key)
+/// where a renewal tool would put it: a new file renamed over the old.
+fn write_server_certificate(ca: &FleetCa, dir: &std::path::Path) -> Vec<u8> {
+    let issued = ca
+        .issue_server(
+            &["127.0.0.1".into()],
+            Duration::from_secs(86_400),
+            SystemTime::now(),
+        )
+        .unwrap();
+    for (name, pem) in [
+        ("server.crt", &issued.chain_pem),
+        ("server.key", &issued.key_pem),
+    ] {
+        std::fs::write(dir.join(format!("{name}.new")), pem).unwrap();
+        std::fs::rename(dir.join(format!("{name}.new")), dir.join(name)).unwrap();
+    }
+    posfleet_pki::certificates_from_pem(issued.chain_pem.as_bytes(), "chain").unwrap()[0].to_vec()
+}
+
+#[tokio::test]
+async fn a_server_certificate_supplied_as_files_is_served_and_replaced_when_they_change() {
+    let company = tempfile::tempdir().unwrap();
+    let (issuing, _) = FleetCa::create("Example Corp issuing CA", SystemTime::now()).unwrap();
+    let issuing_file = company.path().join("issuing-ca.crt");
+    std::fs::write(&issuing_file, issuing.certificates_pem()).unwrap();
+    let first = write_server_certificate(&issuing, company.path());
+    let dir = company.path().to_path_buf();
+    let setup = setup(Backend::Sqlite, |config| {
+        config.tls_server_names = vec!["127.0.0.1".into()];
+        config.tls_server_cert_path = Some(dir.join("server.crt"));
+        config.tls_server_key_path = Some(dir.join("server.key"));
+        config.tls_server_trust_path = Some(issuing_file.clone());
+    })
+    .await;
+    let company_roots =
+        posfleet_pki::certificates_from_pem(issuing.certificates_pem().as_bytes(), "CA").unwrap();
+    assert_eq!(presented_certificate(&setup, &company_roots).await, first);
+
+    // Tills are handed the company CA with the fleet CA, and enroll and
+    // call with a fleet certificate as before.
+    setup.server.admin().await.store("lyon-01").await;
+    let (key, enrolled) = enroll(&setup, "lyon-01").await;
+    assert!(
+        enrolled
+            .trust_bundle_pem
+            .contains(issuing.certificates_pem().trim()),
+        "the server certificate's issuer is in the trust bundle"
+    );
+    as_device(&setup, &key, &enrolled.device_certificate_pem)
+        .heartbeat(hello())
+        .await
+        .unwrap();
+
+    // Renewed by an outside tool: new connections get the new one, with
+    // no restart.
+    let second = write_server_certificate(&issuing, company.path());
+    assert_ne!(first, second);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while presented_certificate(&setup, &company_roots).await != second {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new certificate files were not taken"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Files that make no usable certificate (a key that is not the
+    // certificate's) are not taken: the one in use stays.
+    let (stranger, _) = FleetCa::create("stranger", SystemTime::now()).unwrap();
+    let other = tempfile::tempdir().unwrap();
+    write_server_certificate(&stranger, other.path());
+    std::fs::copy(
+        other.path().join("server.key"),
+        company.path().join("server.key"),
+    )
+    .unwrap();
+    tokio::time::sleep(posfleet_control_plane::tls::SERVER_CERT_CHECK * 3).await;
+    assert_eq!(presented_certificate(&setup, &company_roots).await, second);
+    as_device(&setup, &key, &enrolled.device_certificate_pem)
+        .heartbeat(hello())
+        .await
+        .unwrap();
+    setup.finish().await;
+}
+
+#[tokio::test]
+async fn a_supplied_server_certificate_tills_would_refuse_stops_the_start() {
+    let company = tempfile::tempdir().unwrap();
+    let (issuing, _) = FleetCa::create("Example Corp issuing CA", SystemTime::now()).unwrap();
+    write_server_certificate(&issuing, company.path());
+    let data = tempfile::tempdir().unwrap();
+    let config = posfleet_control_plane::config::Config {
+        data_dir: data.path().to_path_buf(),
+        // Not a name the certificate is for; and its issuer is not given
+        // as trust either.
+        tls_server_names: vec!["cp.example.net".into()],
+        tls_server_cert_path: Some(company.path().join("server.crt")),
+        tls_server_key_path: Some(company.path().join("server.key")),
+        ..Default::default()
+    };
+    let error = posfleet_control_plane::ControlPlane::open(config)
+        .await
+        .err()
+        .expect("refused");
+    let text = error.to_string();
+    assert!(
+        text.contains("tills would refuse") && text.contains("cp.example.net"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_ca_rotation_renews_tills_from_the_new_ca_and_retiring_the_old_one_cuts_its_certificates()
+{
+    let setup = tls_setup().await;
+    let mut admin = setup.server.admin().await;
+    admin.store("lyon-01").await;
+    let (key, enrolled) = enroll(&setup, "lyon-01").await;
+    let (stale_key, stale) = enroll(&setup, "lyon-01").await;
+    let old_trust = setup.server.trusted.clone().unwrap();
+    let old_digest = {
+        use sha2::Digest;
+        sha2::Sha256::digest(enrolled.trust_bundle_pem.as_bytes()).to_vec()
+    };
+    let mut till = as_device(&setup, &key, &enrolled.device_certificate_pem);
+    let answer = till
+        .heartbeat(v1::HeartbeatRequest {
+            trust_bundle_sha256: old_digest.clone(),
+            ..hello()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(answer.trust_bundle_pem.is_empty() && !answer.renew_certificate);
+
+    let rotated = admin
+        .client
+        .rotate_certificate_authority(admin.req(v1::RotateCertificateAuthorityRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let role = |a: &v1::CertificateAuthorities, role: &str| {
+        a.authorities
+            .iter()
+            .find(|ca| ca.role == role)
+            .cloned()
+            .unwrap()
+    };
+    let (new_ca, old_ca) = (role(&rotated, "active"), role(&rotated, "previous"));
+    assert_eq!(old_ca.devices, 2, "{rotated:?}");
+    assert_eq!(new_ca.devices, 0);
+    // A second rotation waits for the first to end.
+    assert_status(
+        admin
+            .client
+            .rotate_certificate_authority(admin.req(v1::RotateCertificateAuthorityRequest {}))
+            .await,
+        Code::FailedPrecondition,
+        "a rotation is under way",
+    );
+
+    // The till's next heartbeat hands it both CAs and asks for a renewal,
+    // which the new CA answers.
+    let answer = till
+        .heartbeat(v1::HeartbeatRequest {
+            trust_bundle_sha256: old_digest,
+            ..hello()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(answer.renew_certificate);
+    let bundle =
+        posfleet_pki::certificates_from_pem(answer.trust_bundle_pem.as_bytes(), "bundle").unwrap();
+    assert_eq!(bundle.len(), 2);
+    let renewed = till
+        .renew_certificate(v1::RenewCertificateRequest {
+            certificate_request: posfleet_pki::certificate_request(&key).unwrap(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let device = admin
+        .client
+        .get_device(admin.req(v1::GetDeviceRequest {
+            id: enrolled.device_id.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(device.certificate_ca_fingerprint, new_ca.fingerprint);
+
+    // The other till has not renewed: retiring is refused, naming it.
+    assert_status(
+        admin
+            .client
+            .retire_certificate_authority(
+                admin.req(v1::RetireCertificateAuthorityRequest { force: false }),
+            )
+            .await,
+        Code::FailedPrecondition,
+        &stale.device_id,
+    );
+    let retired = admin
+        .client
+        .retire_certificate_authority(
+            admin.req(v1::RetireCertificateAuthorityRequest { force: true }),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(retired.devices_to_reenroll, vec![stale.device_id.clone()]);
+    assert_eq!(retired.authorities.len(), 1);
+
+    // The till's open connection was made with its old certificate: the
+    // next call closes it, and the channel reconnects with the renewed one.
+    till.heartbeat(hello())
+        .await
+        .expect_err("a retired CA's certificate");
+    let new_trust =
+        posfleet_pki::certificates_from_pem(retired.trust_bundle_pem.as_bytes(), "bundle").unwrap();
+    // A client trusting `trust`, presenting `identity` (certificate, key).
+    let client = |trust: &[posfleet_pki::rustls::pki_types::CertificateDer<'static>],
+                  identity: Option<(&str, &SigningKey)>| {
+        let identity = identity.map(|(pem, key)| {
+            (
+                posfleet_pki::certificates_from_pem(pem.as_bytes(), "certificate").unwrap(),
+                posfleet_pki::private_key_der(key).unwrap(),
+            )
+        });
+        let config = posfleet_pki::client_config(trust, identity).unwrap();
+        let endpoint =
+            tonic::transport::Endpoint::from_shared(setup.server.grpc_url.clone()).unwrap();
+        AgentServiceClient::new(posfleet_pki::grpc_channel(
+            &endpoint,
+            Some(std::sync::Arc::new(config)),
+        ))
+    };
+    client(&new_trust, Some((&renewed.device_certificate_pem, &key)))
+        .heartbeat(hello())
+        .await
+        .unwrap();
+    // The listeners' certificate now comes from the new CA: a client
+    // holding only the old one refuses it, and the old CA's certificates
+    // are refused at the handshake.
+    assert_transport_error(
+        client(&old_trust, None).heartbeat(hello()).await,
+        "UnknownIssuer",
+    );
+    assert_transport_error(
+        client(
+            &new_trust,
+            Some((&stale.device_certificate_pem, &stale_key)),
+        )
+        .heartbeat(hello())
+        .await,
+        "UnknownCA",
+    );
+    setup.finish().await;
+}

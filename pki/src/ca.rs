@@ -16,7 +16,7 @@ use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer};
 use time::OffsetDateTime;
 
 use crate::error::Error;
-use crate::identity::{DEVICE_URI_PREFIX, STORE_URI_PREFIX};
+use crate::identity::{DEVICE_URI_PREFIX, DeviceIdentity, STORE_URI_PREFIX};
 use crate::tls::certificates_from_pem;
 
 /// The file names of a CA the control plane made itself, in its folder.
@@ -36,6 +36,12 @@ pub struct FleetCa {
     certificates_pem: String,
     certificate: CertificateDer<'static>,
     issuer: Issuer<'static, KeyPair>,
+    /// Read from the certificate: its subject (DER and as text), its
+    /// subject key identifier, and its end.
+    subject: Vec<u8>,
+    subject_text: String,
+    key_identifier: Option<Vec<u8>>,
+    not_after: i64,
 }
 
 impl std::fmt::Debug for FleetCa {
@@ -87,11 +93,11 @@ impl FleetCa {
         params.not_after = at(now + CA_VALIDITY);
         params.serial_number = Some(random_serial()?);
         let certificate = params.self_signed(&key)?;
-        let ca = FleetCa {
-            certificates_pem: certificate.pem(),
-            certificate: certificate.der().clone(),
-            issuer: Issuer::new(params, key),
-        };
+        let ca = FleetCa::new(
+            certificate.pem(),
+            certificate.der().clone(),
+            Issuer::new(params, key),
+        )?;
         Ok((ca, key_pem))
     }
 
@@ -110,12 +116,72 @@ impl FleetCa {
         })?;
         let issuer = Issuer::from_ca_cert_der(&certificate, key)
             .map_err(|e| Error::Certificate(format!("the CA certificate: {e}")))?;
-        let ca = FleetCa {
-            certificates_pem: certificates_pem.to_string(),
+        let ca = FleetCa::new(certificates_pem.to_string(), certificate, issuer)?;
+        ca.check_key_matches()?;
+        Ok(ca)
+    }
+
+    fn new(
+        certificates_pem: String,
+        certificate: CertificateDer<'static>,
+        issuer: Issuer<'static, KeyPair>,
+    ) -> Result<FleetCa, Error> {
+        use x509_parser::extensions::ParsedExtension;
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let (_, parsed) = X509Certificate::from_der(&certificate)
+            .map_err(|e| Error::Certificate(format!("the CA certificate: {e}")))?;
+        let key_identifier =
+            parsed
+                .extensions()
+                .iter()
+                .find_map(|extension| match extension.parsed_extension() {
+                    ParsedExtension::SubjectKeyIdentifier(id) => Some(id.0.to_vec()),
+                    _ => None,
+                });
+        let subject = parsed.subject().as_raw().to_vec();
+        let subject_text = parsed.subject().to_string();
+        let not_after = parsed.validity().not_after.timestamp();
+        Ok(FleetCa {
+            certificates_pem,
             certificate,
             issuer,
+            subject,
+            subject_text,
+            key_identifier,
+            not_after,
+        })
+    }
+
+    /// The CA in these two PEM files.
+    pub fn load_files(certificate: &Path, key: &Path) -> Result<FleetCa, Error> {
+        let read = |path: &Path| {
+            read_optional(path)?.ok_or_else(|| Error::Read {
+                path: path.to_path_buf(),
+                source: std::io::ErrorKind::NotFound.into(),
+            })
         };
-        ca.check_key_matches()?;
+        FleetCa::from_pem(&read(certificate)?, &read(key)?)
+    }
+
+    /// A new CA, as [`FleetCa::create`], saved to these two files (the key
+    /// first, mode 0600; each written whole or not at all).
+    pub fn create_files(
+        certificate: &Path,
+        key: &Path,
+        common_name: &str,
+        now: SystemTime,
+    ) -> Result<FleetCa, Error> {
+        let (ca, key_pem) = FleetCa::create(common_name, now)?;
+        if let Some(dir) = key.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| Error::Write {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
+        // The key first: a crash between the two leaves a key with no
+        // certificate, which is reported rather than silently replaced.
+        write_private(key, key_pem.as_bytes())?;
+        write_private(certificate, ca.certificates_pem.as_bytes())?;
         Ok(ca)
     }
 
@@ -129,19 +195,10 @@ impl FleetCa {
         let key = read_optional(&key_path)?;
         match (certificate, key) {
             (Some(certificate), Some(key)) => Ok((FleetCa::from_pem(&certificate, &key)?, false)),
-            (None, None) => {
-                let (ca, key_pem) = FleetCa::create("posfleet fleet CA", now)?;
-                std::fs::create_dir_all(dir).map_err(|source| Error::Write {
-                    path: dir.to_path_buf(),
-                    source,
-                })?;
-                // The key first: a crash between the two leaves a key with no
-                // certificate, which the next start reports rather than
-                // silently replacing a CA the tills trust.
-                write_private(&key_path, key_pem.as_bytes())?;
-                write_private(&certificate_path, ca.certificates_pem.as_bytes())?;
-                Ok((ca, true))
-            }
+            (None, None) => Ok((
+                FleetCa::create_files(&certificate_path, &key_path, "posfleet fleet CA", now)?,
+                true,
+            )),
             (Some(_), None) => Err(Error::Certificate(format!(
                 "{} exists but {} does not: restore the CA key, or move the certificate away to make a new CA (every till must then enroll again)",
                 certificate_path.display(),
@@ -169,6 +226,27 @@ impl FleetCa {
     /// given the fingerprint with its enrollment token pins.
     pub fn fingerprint(&self) -> String {
         fingerprint(&self.certificate)
+    }
+
+    /// The CA certificate's subject, as text.
+    pub fn subject(&self) -> &str {
+        &self.subject_text
+    }
+
+    /// When the CA certificate ends, in seconds since the Unix epoch.
+    pub fn not_after(&self) -> i64 {
+        self.not_after
+    }
+
+    /// Whether this CA issued the certificate `device` was read from: the
+    /// certificate's authority key identifier is this CA's subject key
+    /// identifier, or, where either is missing, its issuer is this CA's
+    /// subject. (Only for certificates a TLS verifier already checked.)
+    pub fn issued(&self, device: &DeviceIdentity) -> bool {
+        match (&self.key_identifier, &device.authority_key_id) {
+            (Some(ours), Some(theirs)) => ours == theirs,
+            _ => self.subject == device.issuer,
+        }
     }
 
     /// A server certificate for `names` (host names or IP addresses), with a

@@ -1,7 +1,7 @@
 //! Who a device certificate names: read back from a certificate the fleet
 //! CA issued (and a TLS verifier has already checked).
 
-use x509_parser::extensions::GeneralName;
+use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::error::Error;
@@ -21,6 +21,10 @@ pub struct DeviceIdentity {
     /// Validity, in seconds since the Unix epoch.
     pub not_before: i64,
     pub not_after: i64,
+    /// The issuer's distinguished name (DER), and the key identifier of the
+    /// issuer's key when the certificate names it: which CA issued it.
+    pub issuer: Vec<u8>,
+    pub authority_key_id: Option<Vec<u8>>,
 }
 
 impl DeviceIdentity {
@@ -54,12 +58,23 @@ impl DeviceIdentity {
             }
         };
         let validity = certificate.validity();
+        let authority_key_id =
+            certificate.extensions().iter().find_map(|extension| {
+                match extension.parsed_extension() {
+                    ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                        aki.key_identifier.as_ref().map(|id| id.0.to_vec())
+                    }
+                    _ => None,
+                }
+            });
         Ok(DeviceIdentity {
             device_id: one(DEVICE_URI_PREFIX, "device")?,
             store_id: one(STORE_URI_PREFIX, "store")?,
             serial: hex::encode(certificate.raw_serial()),
             not_before: validity.not_before.timestamp(),
             not_after: validity.not_after.timestamp(),
+            issuer: certificate.issuer().as_raw().to_vec(),
+            authority_key_id,
         })
     }
 }

@@ -28,7 +28,7 @@ pub use request::{certificate_request, private_key_der};
 pub use rustls;
 pub use tls::{
     NotThePinnedCa, Revocations, certificates_from_pem, client_config, parse_fingerprint,
-    pinned_client_config, private_key_from_pem, server_config,
+    pinned_client_config, private_key_from_pem, server_config, verify_server_chain,
 };
 
 /// The one crypto provider posfleet's TLS uses: aws-lc-rs.

@@ -113,6 +113,35 @@ pub fn client_config(
     })
 }
 
+/// Checks that a client trusting `trusted` would accept `chain` (a server
+/// certificate, then its intermediates) for `name` now: the check made on
+/// a server certificate supplied as files, before it is served.
+pub fn verify_server_chain(
+    chain: &[CertificateDer<'static>],
+    trusted: &[CertificateDer<'static>],
+    name: &str,
+) -> Result<(), Error> {
+    let provider = crypto_provider();
+    let verifier = WebPkiServerVerifier::builder_with_provider(roots(trusted)?, provider)
+        .build()
+        .map_err(|e| Error::Certificate(format!("server verifier: {e}")))?;
+    let server_name =
+        ServerName::try_from(name.to_string()).map_err(|_| Error::BadName(name.to_string()))?;
+    let (end_entity, intermediates) = chain
+        .split_first()
+        .ok_or_else(|| Error::Certificate("no certificate in the chain".into()))?;
+    verifier
+        .verify_server_cert(
+            end_entity,
+            intermediates,
+            &server_name,
+            &[],
+            UnixTime::now(),
+        )
+        .map(|_| ())
+        .map_err(|e| Error::Certificate(format!("{e}")))
+}
+
 /// A CA fingerprint as given to a till: SHA-256 of the CA certificate's
 /// DER, 64 hex digits (upper or lower case, `:` between bytes allowed).
 pub fn parse_fingerprint(text: &str) -> Result<[u8; 32], Error> {

@@ -300,7 +300,7 @@ impl ControlPlane {
     /// The fleet CA's certificate, which tills and the CLI trust when the
     /// control plane serves TLS.
     pub fn ca_file(&self) -> PathBuf {
-        self.data_dir.join("tls").join("fleet-ca.crt")
+        self.data_dir.join("tls").join("trust-bundle.pem")
     }
 
     pub fn admin_token_file(&self) -> PathBuf {

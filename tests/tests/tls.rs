@@ -46,9 +46,10 @@ impl TlsFleet {
         }
     }
 
-    /// The fleet CA's certificate, which the control plane wrote.
+    /// The fleet's trust bundle, which the control plane keeps current:
+    /// its fleet CA (and, during a CA rotation, the previous one).
     fn ca_file(&self) -> PathBuf {
-        self.fleet.cp.data_dir.join("tls/fleet-ca.crt")
+        self.fleet.cp.ca_file()
     }
 
     fn ca_certificates(&self) -> Vec<CertificateDer<'static>> {
@@ -268,4 +269,87 @@ fn a_till_renews_its_certificate_once_two_thirds_of_its_life_have_passed() {
         (tls.device(&device).last_seen_unix_ms > before).then_some(())
     });
     assert_eq!(tls.device(&device).certificate_status, "valid");
+}
+
+#[test]
+fn tills_move_to_a_new_fleet_ca_by_themselves_and_the_old_one_is_retired() {
+    let tls = TlsFleet::start(3);
+    let ca_file = tls.ca_file();
+    let trust = ["--ca-cert-path", ca_file.to_str().unwrap()];
+    let till = |name: &str| {
+        let data = tls.fleet.dir.path().join(name);
+        let agent = tls.agent(&data, &tls.token, &trust);
+        let device = eventually("the till enrolled", TIMEOUT, || enrolled_device_id(&data));
+        agent.wait_for_log("Agent running.", TIMEOUT);
+        (data, agent, device)
+    };
+    let (a_data, a, a_id) = till("till-a");
+    let (_, b, b_id) = till("till-b");
+    // Away (switched off) through the whole rotation.
+    let (c_data, mut c, c_id) = till("till-c");
+    c.terminate();
+
+    let rotated = tls.fleet.cp.cli_json(&["ca", "rotate"]);
+    let fingerprint = |answer: &serde_json::Value, role: &str| {
+        answer["authorities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|ca| ca["role"] == role)
+            .map(|ca| ca["fingerprint"].as_str().unwrap().to_string())
+    };
+    let new_ca = fingerprint(&rotated, "active").unwrap();
+    assert!(fingerprint(&rotated, "previous").is_some(), "{rotated}");
+
+    // The online tills take the new trust bundle and renew from the new
+    // CA at their next heartbeat, with nobody touching them.
+    for id in [&a_id, &b_id] {
+        eventually("a till renewed from the new CA", TIMEOUT, || {
+            (tls.device(id).certificate_ca_fingerprint == new_ca).then_some(())
+        });
+    }
+    a.wait_for_log(
+        "New trust bundle from the control plane (a fleet CA was rotated or retired); new connections use it.",
+        TIMEOUT,
+    );
+    let held = std::fs::read(a_data.join("trust.pem")).unwrap();
+    assert_eq!(
+        posfleet_pki::certificates_from_pem(&held, "trust.pem")
+            .unwrap()
+            .len(),
+        2,
+        "the old and the new CA during the rotation"
+    );
+
+    // The switched-off till still holds an old certificate: retiring is
+    // refused, naming it, until forced.
+    let refused = tls.fleet.cp.cli(&["ca", "retire"]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains(&c_id), "{stderr}");
+    let retired = tls.fleet.cp.cli_json(&["ca", "retire", "--force"]);
+    assert_eq!(retired["devices_to_reenroll"], serde_json::json!([c_id]));
+    assert_eq!(fingerprint(&retired, "previous"), None);
+
+    // The online tills carry on: the server's certificate now comes from
+    // the new CA, which they trust, and they call with their new
+    // certificates.
+    let since: Vec<i64> = [&a_id, &b_id]
+        .iter()
+        .map(|id| tls.device(id).last_seen_unix_ms)
+        .collect();
+    for (id, before) in [&a_id, &b_id].iter().zip(since) {
+        eventually("a heartbeat after the retirement", TIMEOUT, || {
+            (tls.device(id).last_seen_unix_ms > before + 1000).then_some(())
+        });
+    }
+    assert_eq!(tls.device(&a_id).certificate_status, "valid");
+
+    // The till that was away cannot reach the control plane any more, and
+    // its log says why.
+    let c = tls.agent(&c_data, "", &trust);
+    let failure = c.wait_for_log("Cannot reach the control plane over TLS.", TIMEOUT);
+    let error = failure["error"].as_str().unwrap_or_default();
+    assert!(error.contains("enroll it again"), "{failure}");
+    drop((a, b));
 }

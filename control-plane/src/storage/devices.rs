@@ -64,6 +64,8 @@ pub struct CertificateRecord {
     /// Serial number, in lowercase hex.
     pub serial: String,
     pub not_after_ms: i64,
+    /// SHA-256 (hex) of the CA that issued it; empty if not recorded.
+    pub ca_fingerprint: String,
 }
 
 /// What renewing a device's certificate is checked against.
@@ -81,6 +83,9 @@ pub struct RenewalRecord {
 pub struct DeviceAuth {
     pub credential_sha256: String,
     pub store_id: String,
+    /// The CA of the certificate last issued to it (see
+    /// [`CertificateRecord::ca_fingerprint`]).
+    pub certificate_ca: String,
 }
 
 /// One device's reported state from one heartbeat.
@@ -128,7 +133,8 @@ const DEVICE_COLUMNS: &str = "d.id, d.store_id, d.hardware_model, d.serial_numbe
     d.enrolled_at_ms, d.last_seen_ms, d.heartbeat_interval_seconds, d.agent_version, \
     d.installed_bundles_json, d.agent_uptime_seconds, d.uptime_seconds, d.disk_free_bytes, \
     d.disk_total_bytes, d.memory_total_bytes, d.memory_available_bytes, d.peripherals_json, \
-    d.revoked_at_ms, d.revoked_reason, d.certificate_serial, d.certificate_not_after_ms";
+    d.revoked_at_ms, d.revoked_reason, d.certificate_serial, d.certificate_not_after_ms, \
+    d.certificate_ca";
 
 fn device_from_row(row: &AnyRow) -> Result<DeviceRecord, Error> {
     let installed: String = row.try_get("installed_bundles_json")?;
@@ -174,6 +180,7 @@ fn certificate_from_row(row: &AnyRow) -> Result<Option<CertificateRecord>, Error
             Ok::<_, sqlx::Error>(CertificateRecord {
                 serial: row.try_get("certificate_serial")?,
                 not_after_ms,
+                ca_fingerprint: row.try_get("certificate_ca")?,
             })
         })
         .transpose()?)
@@ -181,7 +188,7 @@ fn certificate_from_row(row: &AnyRow) -> Result<Option<CertificateRecord>, Error
 
 impl Storage {
     pub async fn device_auth(&self, device_id: &str) -> Result<Option<DeviceAuth>, Error> {
-        sqlx::query("SELECT credential_sha256, store_id FROM devices WHERE id = $1")
+        sqlx::query("SELECT credential_sha256, store_id, certificate_ca FROM devices WHERE id = $1")
             .bind(device_id)
             .fetch_optional(&self.pool)
             .await?
@@ -189,6 +196,7 @@ impl Storage {
                 Ok(DeviceAuth {
                     credential_sha256: row.try_get("credential_sha256")?,
                     store_id: row.try_get("store_id")?,
+                    certificate_ca: row.try_get("certificate_ca")?,
                 })
             })
             .transpose()
@@ -430,10 +438,12 @@ impl Storage {
         certificate: &CertificateRecord,
     ) -> Result<(), Error> {
         sqlx::query(
-            "UPDATE devices SET certificate_serial = $1, certificate_not_after_ms = $2 WHERE id = $3",
+            "UPDATE devices SET certificate_serial = $1, certificate_not_after_ms = $2, \
+             certificate_ca = $3 WHERE id = $4",
         )
         .bind(&certificate.serial)
         .bind(certificate.not_after_ms)
+        .bind(&certificate.ca_fingerprint)
         .bind(device_id)
         .execute(&self.pool)
         .await?;
@@ -444,8 +454,8 @@ impl Storage {
     /// `None` for an unknown device.
     pub async fn device_renewal(&self, device_id: &str) -> Result<Option<RenewalRecord>, Error> {
         sqlx::query(
-            "SELECT store_id, public_key, revoked_at_ms, certificate_serial, certificate_not_after_ms \
-             FROM devices WHERE id = $1",
+            "SELECT store_id, public_key, revoked_at_ms, certificate_serial, certificate_not_after_ms, \
+             certificate_ca FROM devices WHERE id = $1",
         )
         .bind(device_id)
         .fetch_optional(&self.pool)
@@ -459,6 +469,51 @@ impl Storage {
             })
         })
         .transpose()
+    }
+
+    /// How many enrolled, unrevoked devices hold a certificate that is
+    /// still usable (it ends after `usable_after_ms`: renewable at least),
+    /// by the CA that issued it (empty when not recorded).
+    pub async fn certificates_by_ca(
+        &self,
+        usable_after_ms: i64,
+    ) -> Result<Vec<(String, u64)>, Error> {
+        let rows = sqlx::query(
+            "SELECT certificate_ca, COUNT(*) AS devices FROM devices \
+             WHERE revoked_at_ms IS NULL AND certificate_serial <> '' \
+             AND certificate_not_after_ms > $1 GROUP BY certificate_ca",
+        )
+        .bind(usable_after_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|row| {
+                let devices: i64 = row.try_get("devices")?;
+                Ok((row.try_get("certificate_ca")?, devices.max(0) as u64))
+            })
+            .collect::<Result<_, sqlx::Error>>()?)
+    }
+
+    /// The enrolled, unrevoked devices holding a still usable certificate
+    /// (as in [`Storage::certificates_by_ca`]) that CA `ca` did not issue.
+    pub async fn certificate_holders_not_of(
+        &self,
+        ca: &str,
+        usable_after_ms: i64,
+    ) -> Result<Vec<String>, Error> {
+        let rows = sqlx::query(
+            "SELECT id FROM devices WHERE revoked_at_ms IS NULL AND certificate_serial <> '' \
+             AND certificate_not_after_ms > $1 AND certificate_ca <> $2 ORDER BY id",
+        )
+        .bind(usable_after_ms)
+        .bind(ca)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|row| row.try_get("id"))
+            .collect::<Result<_, _>>()?)
     }
 
     /// Every revoked device's id.

@@ -96,9 +96,14 @@ impl TestServer {
             .await
             .expect("open control plane");
         let trusted = config.tls().then(|| {
-            let pem = std::fs::read(config.data_dir.join("tls").join("fleet-ca.crt"))
-                .expect("the fleet CA made at first start");
-            posfleet_pki::certificates_from_pem(&pem, "the fleet CA").unwrap()
+            let pem = std::fs::read(
+                config
+                    .data_dir
+                    .join("tls")
+                    .join(posfleet_control_plane::tls::TRUST_BUNDLE_FILE),
+            )
+            .expect("the trust bundle written at start");
+            posfleet_pki::certificates_from_pem(&pem, "the trust bundle").unwrap()
         });
         let admin_token = std::fs::read_to_string(control_plane.admin_token_path())
             .unwrap()

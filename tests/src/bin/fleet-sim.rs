@@ -176,6 +176,7 @@ impl Sim {
             agent_uptime_seconds: 3600,
             p2p_listen_addrs: Vec::new(),
             store_peers_digest: Vec::new(),
+            trust_bundle_sha256: Vec::new(),
             health: Some(v1::Health {
                 uptime_seconds: 86_400,
                 disk_free_bytes: 20 << 30,

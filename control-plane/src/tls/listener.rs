@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use posfleet_pki::{DeviceIdentity, FleetCa, Revocations};
+use posfleet_pki::{DeviceIdentity, Revocations};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
@@ -27,175 +27,10 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes in progress at once, per listener.
 pub const MAX_HANDSHAKES: usize = 1024;
 
-/// How long the listeners' own certificate is valid; a new one is issued at
-/// every start.
-const SERVER_CERT_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
-/// How often the revoked devices are read again, for revocations made
-/// through another replica.
-const REVOCATION_REFRESH: Duration = Duration::from_secs(5);
-
-/// The control plane's TLS: the CA that issues device certificates, the
-/// listeners' configuration, and the gate that refuses revoked devices.
-pub(crate) struct Tls {
-    pub ca: Arc<FleetCa>,
-    pub grpc: tokio_rustls::TlsAcceptor,
-    pub http: tokio_rustls::TlsAcceptor,
-    pub gate: Arc<DeviceGate>,
-}
-
-impl Tls {
-    /// `None` when the configuration serves plaintext. Loads (or makes) the
-    /// fleet CA, issues the listeners' certificate for `tls_server_names`,
-    /// and reads the revoked devices.
-    pub async fn open(
-        config: &crate::config::Config,
-        storage: &crate::storage::Storage,
-    ) -> Result<Option<Tls>, crate::error::Error> {
-        if !config.tls() {
-            return Ok(None);
-        }
-        let now = std::time::SystemTime::now();
-        let ca = match (&config.tls_ca_cert_path, &config.tls_ca_key_path) {
-            (Some(cert), Some(key)) => {
-                let read = |path: &std::path::Path| {
-                    std::fs::read_to_string(path).map_err(|source| posfleet_pki::Error::Read {
-                        path: path.to_path_buf(),
-                        source,
-                    })
-                };
-                FleetCa::from_pem(&read(cert)?, &read(key)?)?
-            }
-            _ => {
-                let dir = config.data_dir.join("tls");
-                let (ca, created) = FleetCa::load_or_create(&dir, now)?;
-                if created {
-                    tracing::info!(
-                        path = %dir.join(posfleet_pki::ca::CERTIFICATE_FILE).display(),
-                        fingerprint = %ca.fingerprint(),
-                        "Created the fleet CA; tills and operators trust its certificate."
-                    );
-                }
-                ca
-            }
-        };
-        let issued = ca.issue_server(&config.tls_server_names, SERVER_CERT_VALIDITY, now)?;
-        let chain = posfleet_pki::certificates_from_pem(
-            issued.chain_pem.as_bytes(),
-            "the server certificate",
-        )?;
-        let key = posfleet_pki::private_key_from_pem(issued.key_pem.as_bytes(), "the server key")?;
-        let trusted = posfleet_pki::certificates_from_pem(
-            ca.certificates_pem().as_bytes(),
-            "the CA certificate",
-        )?;
-        let gate = Arc::new(DeviceGate::new(storage.revoked_device_ids().await?));
-        let server = posfleet_pki::server_config(chain, key, &trusted, gate.clone())?;
-        let acceptor = |alpn: &[&[u8]]| {
-            let mut config = server.clone();
-            config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-            tokio_rustls::TlsAcceptor::from(Arc::new(config))
-        };
-        tracing::info!(
-            names = ?config.tls_server_names,
-            ca_fingerprint = %ca.fingerprint(),
-            "TLS on: devices enroll for a certificate and call with it."
-        );
-        Ok(Some(Tls {
-            grpc: acceptor(&[b"h2"]),
-            http: acceptor(&[b"http/1.1"]),
-            ca: Arc::new(ca),
-            gate,
-        }))
-    }
-
-    /// Reads the revoked devices every few seconds and cuts any newly
-    /// revoked one, until `stop`.
-    pub fn spawn_revocation_refresh(
-        &self,
-        storage: crate::storage::Storage,
-        mut stop: tokio::sync::watch::Receiver<bool>,
-    ) {
-        let gate = self.gate.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(REVOCATION_REFRESH) => {}
-                    _ = stop.wait_for(|s| *s) => return,
-                }
-                match storage.revoked_device_ids().await {
-                    Ok(ids) => {
-                        for id in ids {
-                            if !gate.is_revoked_id(&id) {
-                                gate.revoke(&id);
-                            }
-                        }
-                    }
-                    Err(error) => tracing::warn!(%error, "Cannot read the revoked devices."),
-                }
-            }
-        });
-    }
-}
-
-/// How long device certificates live and may be renewed after they end.
-#[derive(Debug, Clone, Copy)]
-pub struct CertificatePolicy {
-    pub validity: Duration,
-    /// After its end, a certificate may still be renewed (the device
-    /// proving its key) for this long; then the device must enroll again.
-    pub grace: Duration,
-}
-
-/// Where a device's certificate ending at `not_after_ms` stands at `now_ms`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CertificateState {
-    Valid,
-    /// Less than a third of its lifetime left: the agent renews it now.
-    RenewalDue,
-    /// Ended, but renewable by proving the key until the given moment.
-    ExpiredRenewable {
-        until_ms: i64,
-    },
-    /// Ended longer than the grace period ago.
-    MustReenroll,
-}
-
-impl CertificatePolicy {
-    pub fn state(&self, not_after_ms: i64, now_ms: i64) -> CertificateState {
-        let millis = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
-        if now_ms < not_after_ms {
-            if not_after_ms - now_ms < millis(self.validity) / 3 {
-                CertificateState::RenewalDue
-            } else {
-                CertificateState::Valid
-            }
-        } else {
-            let until_ms = not_after_ms.saturating_add(millis(self.grace));
-            if now_ms < until_ms {
-                CertificateState::ExpiredRenewable { until_ms }
-            } else {
-                CertificateState::MustReenroll
-            }
-        }
-    }
-}
-
-impl std::fmt::Display for CertificateState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            CertificateState::Valid => write!(f, "valid"),
-            CertificateState::RenewalDue => write!(f, "renewal due"),
-            CertificateState::ExpiredRenewable { until_ms } => {
-                write!(
-                    f,
-                    "expired, renewable until {}",
-                    crate::format_ms(*until_ms)
-                )
-            }
-            CertificateState::MustReenroll => write!(f, "expired: enroll the device again"),
-        }
-    }
-}
+/// The listener's current TLS configuration: replaced when the server
+/// certificate or the trusted CAs change; each handshake takes the one
+/// current when it starts.
+pub type Acceptor = tokio::sync::watch::Receiver<tokio_rustls::TlsAcceptor>;
 
 /// The remote address of a gRPC or HTTP request's connection.
 pub(crate) fn remote_address(extensions: &tonic::codegen::http::Extensions) -> Option<SocketAddr> {
@@ -243,6 +78,12 @@ impl DeviceGate {
             .write()
             .expect("never poisoned: no panics while held")
             .insert(device_id.to_string());
+        self.disconnect(device_id);
+    }
+
+    /// Closes every connection the device has open; it may connect again
+    /// (if its certificate still passes the handshake).
+    pub fn disconnect(&self, device_id: &str) {
         if let Some(token) = self
             .open
             .lock()
@@ -380,7 +221,7 @@ impl Incoming {
     /// the connection is plain TCP (development only).
     pub fn start(
         listener: TcpListener,
-        tls: Option<tokio_rustls::TlsAcceptor>,
+        tls: Option<Acceptor>,
         gate: Arc<DeviceGate>,
     ) -> io::Result<Incoming> {
         let local = listener.local_addr()?;
@@ -467,7 +308,7 @@ async fn refuse_plaintext(mut socket: TcpStream, first: u8) {
 
 async fn accept_loop(
     listener: TcpListener,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<Acceptor>,
     gate: Arc<DeviceGate>,
     sender: mpsc::Sender<Connection>,
 ) {
@@ -486,7 +327,7 @@ async fn accept_loop(
             return;
         }
         let _ = socket.set_nodelay(true);
-        let Some(acceptor) = tls.clone() else {
+        let Some(acceptor) = tls.as_ref().map(|current| current.borrow().clone()) else {
             let peer = Peer {
                 address,
                 device: None,
@@ -554,40 +395,6 @@ async fn accept_loop(
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_certificate_is_renewed_in_its_last_third_and_renewable_for_the_grace_period() {
-        let day = 86_400_000;
-        let policy = CertificatePolicy {
-            validity: Duration::from_secs(30 * 86_400),
-            grace: Duration::from_secs(90 * 86_400),
-        };
-        let end = 100 * day;
-        assert_eq!(policy.state(end, end - 20 * day), CertificateState::Valid);
-        assert_eq!(
-            policy.state(end, end - 9 * day),
-            CertificateState::RenewalDue
-        );
-        assert_eq!(
-            policy.state(end, end),
-            CertificateState::ExpiredRenewable {
-                until_ms: end + 90 * day
-            }
-        );
-        assert_eq!(
-            policy.state(end, end + 89 * day),
-            CertificateState::ExpiredRenewable {
-                until_ms: end + 90 * day
-            }
-        );
-        assert_eq!(
-            policy.state(end, end + 90 * day),
-            CertificateState::MustReenroll
-        );
-        assert_eq!(
-            policy.state(end, end + 90 * day).to_string(),
-            "expired: enroll the device again"
-        );
-    }
     use posfleet_pki::rustls::pki_types::{CertificateDer, ServerName};
     use posfleet_pki::{FleetCa, certificates_from_pem, private_key_from_pem};
     use std::time::SystemTime;
@@ -617,7 +424,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let incoming = Incoming::start(
             listener,
-            Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
+            Some(tokio::sync::watch::channel(tokio_rustls::TlsAcceptor::from(Arc::new(config))).1),
             gate.clone(),
         )
         .unwrap();
