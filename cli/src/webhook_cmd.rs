@@ -160,7 +160,11 @@ impl Admin {
         url: String,
         events: Vec<String>,
     ) -> anyhow::Result<v1::AddWebhookResponse> {
-        let request = self.request(v1::AddWebhookRequest { url, events });
+        let request = self.request(v1::AddWebhookRequest {
+            url,
+            events,
+            ..Default::default()
+        });
         let answer = self.client.add_webhook(request).await;
         self.answer(answer)
     }
