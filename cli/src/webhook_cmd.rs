@@ -1,5 +1,8 @@
 //! `posfleet webhook …`: receivers of events, and how deliveries went.
 
+use std::path::PathBuf;
+
+use anyhow::Context;
 use clap::Subcommand;
 use posfleet_proto::v1;
 use serde::Serialize;
@@ -9,14 +12,18 @@ use crate::{Admin, Output, show};
 
 #[derive(Debug, Subcommand)]
 pub enum WebhookCommand {
-    /// Deliver events to an http:// URL as signed JSON POSTs; the signing
-    /// secret is printed once.
+    /// Deliver events to an http:// or https:// URL as signed JSON POSTs;
+    /// the signing secret is printed once.
     Add {
         url: String,
         /// Event kinds (`rollout.paused`) or prefixes (`rollout.*`),
         /// comma-separated; every event when left out.
         #[arg(long, value_delimiter = ',')]
         events: Vec<String>,
+        /// PEM file of a CA to trust for an https:// receiver beside the
+        /// system's roots (a company CA); its certificates only.
+        #[arg(long, value_name = "PATH")]
+        receiver_ca_file: Option<PathBuf>,
     },
     /// List webhooks.
     List,
@@ -41,9 +48,19 @@ pub struct WebhookView {
     /// Empty: every event.
     pub events: Vec<String>,
     pub created_at: String,
+    /// The CA certificates its https:// receiver is checked against beside
+    /// the system's roots; empty: the system's roots only.
+    pub receiver_cas: Vec<CaView>,
     /// Only when just added: the HMAC-SHA256 key, shown once.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub secret: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CaView {
+    pub subject: String,
+    pub sha256_fingerprint: String,
+    pub not_after: String,
 }
 
 impl From<v1::Webhook> for WebhookView {
@@ -53,13 +70,39 @@ impl From<v1::Webhook> for WebhookView {
             url: w.url,
             events: w.events,
             created_at: time(w.created_at_unix_ms),
+            receiver_cas: w
+                .cas
+                .into_iter()
+                .map(|ca| CaView {
+                    subject: ca.subject,
+                    sha256_fingerprint: ca.sha256_fingerprint,
+                    not_after: time(ca.not_after_unix_ms),
+                })
+                .collect(),
             secret: None,
         }
     }
 }
 
+/// The receiver's trust, in a table cell: its own CA by subject and the
+/// start of its fingerprint, or the system's roots.
+fn receiver_ca(w: &WebhookView) -> String {
+    match w.receiver_cas.as_slice() {
+        [] if w.url.starts_with("https://") => "system roots".to_string(),
+        [] => String::new(),
+        [first, rest @ ..] => {
+            let fingerprint: String = first.sha256_fingerprint.chars().take(16).collect();
+            let more = match rest.len() {
+                0 => String::new(),
+                n => format!(" +{n} more"),
+            };
+            format!("{} (sha256 {fingerprint}…){more}", first.subject)
+        }
+    }
+}
+
 pub fn webhooks_table(webhooks: &[WebhookView]) -> comfy_table::Table {
-    let mut t = table(&["WEBHOOK", "URL", "EVENTS", "CREATED"]);
+    let mut t = table(&["WEBHOOK", "URL", "EVENTS", "RECEIVER CA", "CREATED"]);
     for w in webhooks {
         let events = if w.events.is_empty() {
             "all".to_string()
@@ -70,6 +113,7 @@ pub fn webhooks_table(webhooks: &[WebhookView]) -> comfy_table::Table {
             w.id.clone(),
             w.url.clone(),
             events,
+            receiver_ca(w),
             w.created_at.clone(),
         ]);
     }
@@ -159,8 +203,13 @@ impl Admin {
         &mut self,
         url: String,
         events: Vec<String>,
+        ca_pem: String,
     ) -> anyhow::Result<v1::AddWebhookResponse> {
-        let request = self.request(v1::AddWebhookRequest { url, events });
+        let request = self.request(v1::AddWebhookRequest {
+            url,
+            events,
+            ca_pem,
+        });
         let answer = self.client.add_webhook(request).await;
         self.answer(answer)
     }
@@ -190,8 +239,17 @@ impl Admin {
 
 pub async fn run(admin: &mut Admin, command: WebhookCommand, output: Output) -> anyhow::Result<()> {
     match command {
-        WebhookCommand::Add { url, events } => {
-            let added = admin.add_webhook(url, events).await?;
+        WebhookCommand::Add {
+            url,
+            events,
+            receiver_ca_file,
+        } => {
+            let ca_pem = match receiver_ca_file {
+                Some(path) => std::fs::read_to_string(&path)
+                    .with_context(|| format!("cannot read the CA file {}", path.display()))?,
+                None => String::new(),
+            };
+            let added = admin.add_webhook(url, events, ca_pem).await?;
             let mut webhook = WebhookView::from(added.webhook.unwrap_or_default());
             webhook.secret = Some(added.secret.clone());
             show(output, &webhook, || {
@@ -247,6 +305,8 @@ mod tests {
         for ok in [
             "posfleet webhook add http://h/x --events rollout.*,rollout.paused",
             "posfleet webhook add http://h/x",
+            "posfleet webhook add https://h/x --receiver-ca-file ca.pem",
+            "posfleet --ca-file fleet.pem webhook add https://h/x --receiver-ca-file ca.pem",
             "posfleet webhook list",
             "posfleet webhook remove wh-1",
             "posfleet webhook deliveries",
@@ -258,6 +318,7 @@ mod tests {
         }
         for bad in [
             "posfleet webhook add",
+            "posfleet webhook add https://h/x --receiver-ca-file",
             "posfleet webhook remove",
             "posfleet audit list --after x",
         ] {

@@ -890,6 +890,7 @@ impl AdminService for AdminApi {
         let req = request.into_inner();
         let url = webhooks::validate_url(&req.url)?;
         let events = webhooks::validate_events(&req.events)?;
+        let ca_pem = webhooks::tls::validate_ca_pem(&url, &req.ca_pem)?;
         if self.storage.list_webhooks().await?.len() >= webhooks::MAX_WEBHOOKS {
             return Err(Status::resource_exhausted(format!(
                 "at most {} webhooks; remove one first",
@@ -906,23 +907,32 @@ impl AdminService for AdminApi {
             // Events from now on (not the fleet's history).
             after_event_seq: self.storage.last_event_seq().await?,
             created_at_ms: now_ms(),
+            ca_pem,
         };
+        let view = webhooks::webhook_view(webhook.clone());
+        let ca_fingerprints: Vec<&str> = view
+            .cas
+            .iter()
+            .map(|ca| ca.sha256_fingerprint.as_str())
+            .collect();
         self.storage.insert_webhook(&webhook).await?;
         if let Some(caller) = caller {
             caller.set_target(serde_json::json!({
                 "webhook_id": webhook.id,
                 "url": webhook.url,
                 "events": webhook.events,
+                "ca_sha256_fingerprints": ca_fingerprints,
             }));
         }
         tracing::info!(
             webhook_id = %webhook.id,
             url = %webhook.url,
             events = %webhook.events.join(","),
+            ca_sha256_fingerprints = %ca_fingerprints.join(","),
             "Webhook added."
         );
         Ok(Response::new(v1::AddWebhookResponse {
-            webhook: Some(webhooks::webhook_view(webhook)),
+            webhook: Some(view),
             secret,
         }))
     }

@@ -32,7 +32,11 @@
 //! (`<webhook id>-<seq>`, the same on every attempt), `X-Posfleet-Timestamp`
 //! (Unix seconds of the attempt) and `X-Posfleet-Signature:
 //! sha256=<hex HMAC-SHA256(secret, timestamp + "." + body)>`. Any 2xx
-//! answer delivers it; redirects are not followed.
+//! answer delivers it; redirects are not followed. An https:// receiver's
+//! certificate is checked against the system's roots and the webhook's own
+//! CA, if it has one ([`tls`]).
+
+pub mod tls;
 
 use hmac::{Hmac, Mac};
 use posfleet_proto::v1;
@@ -74,10 +78,6 @@ pub const MAX_WEBHOOKS: usize = 100;
 /// Prefix of webhook secrets; the whole string, prefix included, is the
 /// HMAC key.
 pub const SECRET_PREFIX: &str = "pfw_";
-
-/// This build's HTTP client has no TLS: https receivers are refused when
-/// added rather than failing every delivery.
-const HTTPS_SUPPORTED: bool = false;
 
 /// How the dispatcher paces itself.
 #[derive(Debug, Clone)]
@@ -135,6 +135,7 @@ pub fn webhook_view(w: WebhookRecord) -> v1::Webhook {
         url: w.url,
         events: w.events,
         created_at_unix_ms: w.created_at_ms,
+        cas: tls::ca_views(&w.ca_pem),
     }
 }
 
@@ -159,8 +160,8 @@ pub fn delivery_view(d: DeliveryRecord) -> v1::WebhookDelivery {
 
 // ----- validation -----
 
-/// A receiver URL: absolute http (or https when supported), with a host,
-/// without credentials (URLs are listed to every admin).
+/// A receiver URL: absolute http or https, with a host, without
+/// credentials (URLs are listed to every admin).
 pub fn validate_url(url: &str) -> Result<String, Status> {
     if url.is_empty() {
         return Err(invalid("url", "is required"));
@@ -174,14 +175,7 @@ pub fn validate_url(url: &str) -> Result<String, Status> {
     let parsed = reqwest::Url::parse(url)
         .map_err(|e| invalid("url", format!("`{url}` is not a URL: {e}")))?;
     match parsed.scheme() {
-        "http" => {}
-        "https" if HTTPS_SUPPORTED => {}
-        "https" => {
-            return Err(Status::failed_precondition(
-                "this control plane is built without TLS for webhooks: use an http:// receiver \
-                 (behind a TLS-terminating proxy if it crosses an untrusted network)",
-            ));
-        }
+        "http" | "https" => {}
         other => {
             return Err(invalid(
                 "url",
@@ -350,7 +344,9 @@ async fn post(
             }
         }
         Err(error) if error.is_timeout() => Outcome::Timeout(error_chain(&error)),
-        Err(error) => Outcome::NetworkError(error_chain(&error)),
+        Err(error) => Outcome::NetworkError(
+            tls::tls_failure(url, &error).unwrap_or_else(|| error_chain(&error)),
+        ),
     }
 }
 
@@ -364,17 +360,12 @@ pub fn spawn_dispatcher(
     settings: WebhookSettings,
     stop: watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, Error> {
-    let client = reqwest::Client::builder()
-        .timeout(settings.request_timeout)
-        .connect_timeout(settings.request_timeout.min(Duration::from_secs(5)))
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .map_err(|e| Error::WebhookClient(error_chain(&e)))?;
+    let clients = tls::Clients::new(settings.request_timeout).map_err(Error::WebhookClient)?;
     let dispatcher = Dispatcher {
         storage,
         metrics,
         settings,
-        client,
+        clients,
         attempts: JoinSet::new(),
         in_flight: HashMap::new(),
     };
@@ -385,7 +376,8 @@ struct Dispatcher {
     storage: Storage,
     metrics: Metrics,
     settings: WebhookSettings,
-    client: reqwest::Client,
+    /// One per distinct webhook CA.
+    clients: tls::Clients,
     /// Attempts in flight; each yields its webhook's id.
     attempts: JoinSet<String>,
     /// Attempts in flight per webhook.
@@ -457,6 +449,7 @@ impl Dispatcher {
     async fn pass(&mut self) -> Result<(), Error> {
         self.fan_out().await?;
         let webhooks = self.storage.list_webhooks().await?;
+        self.clients.retain(&webhooks);
         for webhook in webhooks {
             let busy = self.in_flight.get(&webhook.id).copied().unwrap_or(0);
             let free = self
@@ -476,6 +469,12 @@ impl Dispatcher {
                 .storage
                 .due_deliveries(&webhook.id, now, free as u32)
                 .await?;
+            if due.is_empty() {
+                continue;
+            }
+            // A CA that cannot be used (it was checked when added) fails
+            // each attempt, on record, like an unreachable receiver.
+            let client = self.clients.for_webhook(&webhook);
             for delivery in due {
                 let until = now + self.settings.claim_duration().as_millis() as i64;
                 if !self
@@ -490,7 +489,7 @@ impl Dispatcher {
                     self.storage.clone(),
                     self.metrics.clone(),
                     self.settings.clone(),
-                    self.client.clone(),
+                    client.clone(),
                     webhook.clone(),
                     delivery,
                 ));
@@ -563,11 +562,14 @@ async fn attempt(
     storage: Storage,
     metrics: Metrics,
     settings: WebhookSettings,
-    client: reqwest::Client,
+    client: Result<reqwest::Client, String>,
     webhook: WebhookRecord,
     delivery: DeliveryRecord,
 ) -> String {
-    let outcome = post(&client, &webhook.url, &webhook.secret, &delivery).await;
+    let outcome = match client {
+        Ok(client) => post(&client, &webhook.url, &webhook.secret, &delivery).await,
+        Err(error) => Outcome::NetworkError(error),
+    };
     metrics
         .webhook_attempts
         .with_label_values(&[outcome.metric_label()])
@@ -666,6 +668,8 @@ mod tests {
         for (url, ok) in [
             ("http://hooks.example.com/posfleet", true),
             ("http://10.0.0.5:8080/x?y=1", true),
+            ("https://hooks.example.com:8443/posfleet", true),
+            ("HTTPS://hooks.example.com/", true),
             ("ftp://example.com/", false),
             ("example.com/hook", false),
             ("http://user:pass@example.com/", false),
@@ -675,11 +679,6 @@ mod tests {
         }
         let too_long = format!("http://example.com/{}", "a".repeat(MAX_URL_CHARS));
         assert!(validate_url(&too_long).is_err());
-        // No TLS in this build: said at once, not at every delivery.
-        assert_eq!(
-            validate_url("https://example.com/").unwrap_err().code(),
-            tonic::Code::FailedPrecondition
-        );
     }
 
     #[test]
@@ -778,6 +777,7 @@ mod tests {
             secret: "s".into(),
             after_event_seq,
             created_at_ms: 0,
+            ca_pem: String::new(),
         };
         let deliveries = deliveries_for(
             std::slice::from_ref(&event),

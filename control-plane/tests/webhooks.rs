@@ -1,7 +1,8 @@
 //! Webhooks as a receiver sees them: every matching event, signed, in order
 //! per rollout, retried until the receiver recovers; a dead receiver delays
-//! no other. Real HTTP receivers on loopback; SQLite and (with --ignored)
-//! PostgreSQL.
+//! no other; an https receiver is trusted through the webhook's own CA and
+//! only so. Real HTTP and HTTPS receivers on loopback; SQLite and (with
+//! --ignored) PostgreSQL.
 
 mod common;
 
@@ -10,13 +11,19 @@ use axum::http::{HeaderMap, StatusCode};
 use common::{Backend, TestDb, TestServer, assert_status, setup};
 use hmac::{Hmac, Mac};
 use posfleet_control_plane::storage::{NewEvent, Storage};
+use posfleet_pki::FleetCa;
+use posfleet_pki::rustls::ServerConfig;
+use posfleet_pki::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use posfleet_proto::v1;
 use serde_json::{Value, json};
 use sha2::Sha256;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 use tonic::Code;
 
 /// One request a receiver got.
@@ -47,21 +54,57 @@ struct Receiver {
     url: String,
     requests: Arc<Mutex<Vec<Received>>>,
     failures_left: Arc<AtomicUsize>,
+    /// TLS handshakes that failed (an https receiver's).
+    failed_handshakes: Arc<AtomicUsize>,
 }
 
 impl Receiver {
     async fn start(fail_first: usize) -> Receiver {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let receiver = Receiver {
-            url: format!("http://{}/hook", listener.local_addr().unwrap()),
-            requests: Arc::default(),
-            failures_left: Arc::new(AtomicUsize::new(fail_first)),
-        };
-        let app = axum::Router::new()
-            .route("/hook", axum::routing::post(receive))
-            .with_state(receiver.clone());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let receiver = Receiver::new("http", &listener, fail_first);
+        let app = receiver.app();
         tokio::spawn(async move { axum::serve(listener, app).await });
         receiver
+    }
+
+    /// An https receiver on 127.0.0.1 presenting a certificate `ca` issued
+    /// for that address.
+    async fn start_https(ca: &FleetCa) -> Receiver {
+        let issued = ca
+            .issue_server(
+                &["127.0.0.1".to_string()],
+                Duration::from_secs(3600),
+                SystemTime::now(),
+            )
+            .unwrap();
+        let chain =
+            posfleet_pki::certificates_from_pem(issued.chain_pem.as_bytes(), "chain").unwrap();
+        let key = posfleet_pki::private_key_from_pem(issued.key_pem.as_bytes(), "key").unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let receiver = Receiver::new("https", &listener, 0);
+        let tls = TlsListener {
+            tcp: listener,
+            acceptor: TlsAcceptor::from(Arc::new(tls_server_config(chain, key))),
+            failed_handshakes: receiver.failed_handshakes.clone(),
+        };
+        let app = receiver.app();
+        tokio::spawn(async move { axum::serve(tls, app).await });
+        receiver
+    }
+
+    fn new(scheme: &str, listener: &TcpListener, fail_first: usize) -> Receiver {
+        Receiver {
+            url: format!("{scheme}://{}/hook", listener.local_addr().unwrap()),
+            requests: Arc::default(),
+            failures_left: Arc::new(AtomicUsize::new(fail_first)),
+            failed_handshakes: Arc::default(),
+        }
+    }
+
+    fn app(&self) -> axum::Router {
+        axum::Router::new()
+            .route("/hook", axum::routing::post(receive))
+            .with_state(self.clone())
     }
 
     fn requests(&self) -> Vec<Received> {
@@ -122,6 +165,50 @@ async fn receive(State(receiver): State<Receiver>, headers: HeaderMap, body: Str
     status
 }
 
+fn tls_server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> ServerConfig {
+    ServerConfig::builder_with_provider(posfleet_pki::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap()
+}
+
+/// A TCP listener whose connections are TLS-terminated, counting the
+/// handshakes that fail (a client that did not trust the certificate).
+struct TlsListener {
+    tcp: TcpListener,
+    acceptor: TlsAcceptor,
+    failed_handshakes: Arc<AtomicUsize>,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((socket, peer)) = self.tcp.accept().await else {
+                continue;
+            };
+            let handshake = self.acceptor.accept(socket);
+            match tokio::time::timeout(Duration::from_secs(5), handshake).await {
+                Ok(Ok(stream)) => return (stream, peer),
+                _ => {
+                    self.failed_handshakes.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
+    }
+}
+
 /// What a receiver does with the secret it was given once.
 fn verify(secret: &str, request: &Received) {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
@@ -143,9 +230,19 @@ async fn add_webhook(
     url: &str,
     events: &[&str],
 ) -> v1::AddWebhookResponse {
+    add_webhook_with_ca(admin, url, events, "").await
+}
+
+async fn add_webhook_with_ca(
+    admin: &mut common::Admin,
+    url: &str,
+    events: &[&str],
+    ca_pem: &str,
+) -> v1::AddWebhookResponse {
     let req = admin.req(v1::AddWebhookRequest {
         url: url.into(),
         events: events.iter().map(|e| e.to_string()).collect(),
+        ca_pem: ca_pem.into(),
     });
     admin.client.add_webhook(req).await.unwrap().into_inner()
 }
@@ -400,34 +497,51 @@ async fn a_dead_receiver_does_not_delay_a_healthy_one(backend: Backend) {
 async fn webhooks_are_validated_listed_and_removed(backend: Backend) {
     let s = setup(backend, |_| {}).await;
     let mut admin = s.server.admin().await;
-    for (url, events, code, fragment) in [
-        ("ftp://example.com/", vec![], Code::InvalidArgument, "url"),
-        ("not a url", vec![], Code::InvalidArgument, "url"),
+    let (ca, ca_key) = FleetCa::create("Example Corp Webhook CA", SystemTime::now()).unwrap();
+    let ca_pem = ca.certificates_pem();
+    let with_key = format!("{ca_pem}{ca_key}");
+    let too_big = format!("{ca_pem}{}", "#".repeat(64 * 1024));
+    for (url, events, ca_pem, fragment) in [
+        ("ftp://example.com/", vec![], "", "url"),
+        ("not a url", vec![], "", "url"),
+        ("http://user:secret@example.com/", vec![], "", "credentials"),
+        ("http://example.com/", vec!["rollout*"], "", "events"),
+        // A CA does nothing for a receiver without TLS.
+        ("http://example.com/", vec![], ca_pem, "ca_pem"),
         (
-            "http://user:secret@example.com/",
+            "https://example.com/",
             vec![],
-            Code::InvalidArgument,
-            "credentials",
+            "not a certificate",
+            "ca_pem",
         ),
         (
             "https://example.com/",
             vec![],
-            Code::FailedPrecondition,
-            "TLS",
+            with_key.as_str(),
+            "private key",
         ),
         (
-            "http://example.com/",
-            vec!["rollout*"],
-            Code::InvalidArgument,
-            "events",
+            "https://example.com/",
+            vec![],
+            too_big.as_str(),
+            "at most 65536 bytes",
         ),
     ] {
         let req = admin.req(v1::AddWebhookRequest {
             url: url.into(),
             events: events.into_iter().map(String::from).collect(),
+            ca_pem: ca_pem.into(),
         });
-        assert_status(admin.client.add_webhook(req).await, code, fragment);
+        assert_status(
+            admin.client.add_webhook(req).await,
+            Code::InvalidArgument,
+            fragment,
+        );
     }
+    let req = admin.req(v1::ListWebhooksRequest {});
+    let listed = admin.client.list_webhooks(req).await.unwrap().into_inner();
+    assert!(listed.webhooks.is_empty(), "{listed:?}");
+
     let added = add_webhook(
         &mut admin,
         "http://hooks.example.com/posfleet",
@@ -438,13 +552,29 @@ async fn webhooks_are_validated_listed_and_removed(backend: Backend) {
     let webhook = added.webhook.unwrap();
     assert!(webhook.id.starts_with("wh-"));
     assert_eq!(webhook.events, ["rollout.*", "rollout.paused"]);
+    assert!(webhook.cas.is_empty());
     let other = add_webhook(&mut admin, "http://other.example.com/", &[]).await;
     assert_ne!(other.secret, added.secret);
+    // https, trusting a company CA beside the system's roots: listed by
+    // subject and fingerprint, the PEM itself not echoed.
+    let secure = add_webhook_with_ca(&mut admin, "https://hooks.example.com/", &[], ca_pem)
+        .await
+        .webhook
+        .unwrap();
+    assert_eq!(secure.cas.len(), 1);
+    assert_eq!(secure.cas[0].subject, "CN=Example Corp Webhook CA");
+    assert_eq!(secure.cas[0].sha256_fingerprint, ca.fingerprint());
+    assert!(secure.cas[0].not_after_unix_ms > chrono::Utc::now().timestamp_millis());
+    // An https receiver needs no CA of its own: the system's roots then.
+    let public = add_webhook(&mut admin, "https://hooks.example.net/", &[]).await;
+    assert!(public.webhook.unwrap().cas.is_empty());
 
     let req = admin.req(v1::ListWebhooksRequest {});
     let listed = admin.client.list_webhooks(req).await.unwrap().into_inner();
-    assert_eq!(listed.webhooks.len(), 2);
+    assert_eq!(listed.webhooks.len(), 4);
     assert_eq!(listed.webhooks[0], webhook);
+    // Read back from the database as it was added.
+    assert_eq!(listed.webhooks[2], secure);
 
     let req = admin.req(v1::ListWebhookDeliveriesRequest {
         webhook_id: "wh-nope".into(),
@@ -470,7 +600,7 @@ async fn webhooks_are_validated_listed_and_removed(backend: Backend) {
     );
     let req = admin.req(v1::ListWebhooksRequest {});
     let listed = admin.client.list_webhooks(req).await.unwrap().into_inner();
-    assert_eq!(listed.webhooks.len(), 1);
+    assert_eq!(listed.webhooks.len(), 3);
 
     // On record, with the id created and never the secret.
     let req = admin.req(v1::ListAuditEntriesRequest::default());
@@ -487,11 +617,103 @@ async fn webhooks_are_validated_listed_and_removed(backend: Backend) {
         .unwrap();
     let target: Value = serde_json::from_str(&add.target_json).unwrap();
     assert_eq!(target["webhook_id"], webhook.id.as_str());
+    let add_secure = log
+        .iter()
+        .find(|e| e.method == "AddWebhook" && e.target_json.contains(&secure.id))
+        .unwrap();
+    let target: Value = serde_json::from_str(&add_secure.target_json).unwrap();
+    assert_eq!(target["ca_sha256_fingerprints"], json!([ca.fingerprint()]));
     assert!(log.iter().all(|e| !e.target_json.contains(&added.secret)));
     assert!(
         log.iter()
             .any(|e| e.method == "RemoveWebhook" && e.result == "NOT_FOUND")
     );
+    s.finish().await;
+}
+
+/// An https receiver whose certificate a company CA issued: a webhook that
+/// carries that CA delivers to it; one that trusts the system's roots only,
+/// or another CA, fails at the handshake, says so in its delivery's last
+/// error, retries, and delivers nothing.
+async fn an_https_receiver_is_trusted_through_the_webhooks_ca(backend: Backend) {
+    let s = setup(backend, fast_retries).await;
+    let storage = Storage::connect(&s.db.url, 2).await.unwrap();
+    let mut admin = s.server.admin().await;
+    let (company_ca, _) = FleetCa::create("Example Corp Webhook CA", SystemTime::now()).unwrap();
+    let (other_ca, _) = FleetCa::create("Some Other CA", SystemTime::now()).unwrap();
+    let receiver = Receiver::start_https(&company_ca).await;
+    assert!(receiver.url.starts_with("https://127.0.0.1:"));
+
+    let trusting = add_webhook_with_ca(
+        &mut admin,
+        &receiver.url,
+        &[],
+        company_ca.certificates_pem(),
+    )
+    .await;
+    let system_only = add_webhook(&mut admin, &receiver.url, &[]).await;
+    let wrong_ca =
+        add_webhook_with_ca(&mut admin, &receiver.url, &[], other_ca.certificates_pem()).await;
+    let trusting_id = trusting.webhook.as_ref().unwrap().id.clone();
+
+    let seqs = emit(
+        &storage,
+        &[("rollout.started", "ro-1"), ("rollout.completed", "ro-1")],
+    )
+    .await;
+    let delivered = receiver
+        .wait_for_deliveries(2, Duration::from_secs(20))
+        .await;
+    for request in &delivered {
+        verify(&trusting.secret, request);
+        assert!(
+            request.delivery.starts_with(&format!("{trusting_id}-")),
+            "{request:?}"
+        );
+    }
+    let kinds: Vec<&str> = delivered.iter().map(|r| r.event.as_str()).collect();
+    assert_eq!(kinds, ["rollout.started", "rollout.completed"]);
+    let listed = deliveries(&mut admin, &trusting_id).await;
+    assert_eq!(listed.len(), 2);
+    assert!(
+        listed
+            .iter()
+            .all(|d| d.state() == v1::DeliveryState::Delivered && d.last_http_status == 200),
+        "{listed:?}"
+    );
+
+    for hook in [&system_only, &wrong_ca] {
+        let id = &hook.webhook.as_ref().unwrap().id;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let first = loop {
+            let listed = deliveries(&mut admin, id).await;
+            let first = listed.into_iter().find(|d| d.event_seq == seqs[0]).unwrap();
+            // Retried: failed at least twice, with more to come.
+            if first.attempts >= 2 {
+                break first;
+            }
+            assert!(Instant::now() < deadline, "{first:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(first.state(), v1::DeliveryState::Pending, "{first:?}");
+        assert_eq!(first.last_http_status, 0);
+        assert!(
+            first
+                .last_error
+                .starts_with("TLS: certificate for 127.0.0.1 is not valid: issued by a CA this"),
+            "{first:?}"
+        );
+        assert!(!first.last_error.contains('\n'), "{first:?}");
+        assert!(first.next_attempt_at_unix_ms > first.last_attempt_at_unix_ms);
+    }
+    // The failures were refused handshakes, and nothing reached the
+    // receiver but the trusting webhook's two deliveries.
+    assert!(
+        receiver.failed_handshakes.load(Ordering::SeqCst) >= 4,
+        "{} failed handshakes",
+        receiver.failed_handshakes.load(Ordering::SeqCst)
+    );
+    assert_eq!(receiver.requests().len(), 2, "{:?}", receiver.requests());
     s.finish().await;
 }
 
@@ -548,4 +770,5 @@ on_both_backends!(
     a_dead_receiver_does_not_delay_a_healthy_one,
     webhooks_are_validated_listed_and_removed,
     a_restart_neither_repeats_nor_loses_deliveries,
+    an_https_receiver_is_trusted_through_the_webhooks_ca,
 );

@@ -364,6 +364,66 @@ fn admin_tokens_are_created_listed_and_revoked_from_the_cli() {
 }
 
 #[test]
+fn an_https_webhook_is_added_with_its_receivers_ca_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start_sqlite(&dir.path().join("cp"));
+    let (ca, key) =
+        posfleet_pki::FleetCa::create("Example Corp Root CA", std::time::SystemTime::now())
+            .unwrap();
+    let ca_file = dir.path().join("corp-ca.pem");
+    std::fs::write(&ca_file, ca.certificates_pem()).unwrap();
+    let ca_file = ca_file.to_str().unwrap();
+    let add = |url: &str, ca: &str| cp.cli(&["webhook", "add", url, "--receiver-ca-file", ca]);
+
+    let table = check_ok(add("https://hooks.corp.example/posfleet", ca_file));
+    assert!(
+        table.contains("CN=Example Corp Root CA")
+            && table.contains(&format!("sha256 {}", &ca.fingerprint()[..16])),
+        "{table}"
+    );
+    check_ok(cp.cli(&["webhook", "add", "https://hooks.example.net/"]));
+    let listed = cp.cli_json(&["webhook", "list"]);
+    assert_eq!(
+        listed[0]["receiver_cas"][0]["sha256_fingerprint"],
+        ca.fingerprint()
+    );
+    assert_eq!(listed[1]["receiver_cas"], serde_json::json!([]));
+    let table = String::from_utf8(cp.cli(&["webhook", "list"]).stdout).unwrap();
+    assert!(table.contains("system roots"), "{table}");
+
+    // Refused, each on one line: a CA for a plaintext receiver, a file that
+    // is no certificate, a key beside the certificate, a missing file.
+    assert_one_line_error(
+        &add("http://hooks.corp.example/", ca_file),
+        1,
+        "invalid argument: ca_pem",
+    );
+    let not_pem = dir.path().join("not-a-ca.pem");
+    std::fs::write(&not_pem, "hello").unwrap();
+    assert_one_line_error(
+        &add("https://h.example/", not_pem.to_str().unwrap()),
+        1,
+        "ca_pem: no certificate in it",
+    );
+    let with_key = dir.path().join("with-key.pem");
+    std::fs::write(&with_key, format!("{}{key}", ca.certificates_pem())).unwrap();
+    assert_one_line_error(
+        &add("https://h.example/", with_key.to_str().unwrap()),
+        1,
+        "private key",
+    );
+    assert_one_line_error(
+        &add("https://h.example/", "/nonexistent/ca.pem"),
+        1,
+        "cannot read the CA file /nonexistent/ca.pem",
+    );
+    assert_eq!(
+        cp.cli_json(&["webhook", "list"]).as_array().unwrap().len(),
+        2
+    );
+}
+
+#[test]
 fn the_cli_checks_a_tls_control_plane_and_says_how_to_fix_what_fails() {
     let dir = tempfile::tempdir().unwrap();
     let cp = ControlPlane::start(

@@ -28,6 +28,9 @@ pub struct WebhookRecord {
     /// It receives the events after this one (the last when it was added).
     pub after_event_seq: u64,
     pub created_at_ms: i64,
+    /// PEM certificates of a CA trusted beside the system's roots for an
+    /// https:// receiver; empty for none.
+    pub ca_pem: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,6 +115,7 @@ fn webhook_from_row(row: &AnyRow) -> Result<WebhookRecord, Error> {
         secret: row.try_get("secret")?,
         after_event_seq: row.try_get::<i64, _>("after_event_seq")?.max(0) as u64,
         created_at_ms: row.try_get("created_at_ms")?,
+        ca_pem: row.try_get("ca_pem")?,
         id,
     })
 }
@@ -140,8 +144,9 @@ impl Storage {
         let events = serde_json::to_string(&webhook.events)
             .map_err(|e| Error::Corrupt(format!("event filter: {e}")))?;
         sqlx::query(
-            "INSERT INTO webhooks (id, url, events_json, secret, after_event_seq, created_at_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO webhooks \
+             (id, url, events_json, secret, after_event_seq, created_at_ms, ca_pem) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(&webhook.id)
         .bind(&webhook.url)
@@ -149,6 +154,7 @@ impl Storage {
         .bind(&webhook.secret)
         .bind(seq_param(webhook.after_event_seq))
         .bind(webhook.created_at_ms)
+        .bind(&webhook.ca_pem)
         .execute(&self.pool)
         .await?;
         Ok(())
