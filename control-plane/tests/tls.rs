@@ -345,6 +345,48 @@ async fn the_repository_serves_each_till_only_what_its_store_is_meant_to_have() 
     assert_eq!(setup.server.https_get(&chunks, me).await.0, 403);
     // Health and metrics need no certificate.
     assert_eq!(setup.server.https_get("/healthz", None).await.0, 200);
+
+    // Revoked, the till gets nothing more, not even its own store's
+    // catalog: its handshake is refused.
+    admin
+        .client
+        .revoke_device(admin.req(v1::RevokeDeviceRequest {
+            device_id: till.device_id.clone(),
+            reason: "stolen".into(),
+        }))
+        .await
+        .unwrap();
+    let mut config = posfleet_pki::client_config(
+        setup.server.trusted.as_ref().unwrap(),
+        Some((
+            posfleet_pki::certificates_from_pem(till.device_certificate_pem.as_bytes(), "c")
+                .unwrap(),
+            posfleet_pki::private_key_der(&till_key).unwrap(),
+        )),
+    )
+    .unwrap();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let socket = tokio::net::TcpStream::connect(setup.server.http_addr)
+        .await
+        .unwrap();
+    let name = posfleet_pki::rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let answer = async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+            .connect(name, socket)
+            .await?;
+        let request = format!(
+            "GET {} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            target_path(&lyon_catalog)
+        );
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        Ok::<_, std::io::Error>(response)
+    }
+    .await;
+    let error = answer.expect_err("no answer for a revoked till");
+    assert!(error.to_string().contains("CertificateRevoked"), "{error}");
     setup.finish().await;
 }
 
