@@ -161,6 +161,12 @@ impl Agent {
             result = self.ensure_enrolled() => result?,
             _ = &mut shutdown => return Ok(()),
         };
+        if self.needs_first_certificate(&enrollment)? {
+            tokio::select! {
+                () = self.obtain_first_certificate(&enrollment) => {}
+                _ = &mut shutdown => return Ok(()),
+            }
+        }
         self.connect_as_device(&enrollment)?;
         tracing::info!(device_id = %enrollment.device_id, store_id = %enrollment.store_id, tls = self.config.tls(), "Agent running.");
         let data_dir = self.config.data_dir.clone();
@@ -442,18 +448,7 @@ impl Agent {
                 .certificate
                 .server_config()
                 .map_err(|e| e.to_string())?;
-            let channel = grpc_channel(&self.config, Some(trust)).map_err(|e| e.to_string())?;
-            let signed_at = chrono::Utc::now().timestamp_millis();
-            let payload =
-                posfleet_proto::renew_signing_payload(&enrollment.device_id, signed_at, &request);
-            AgentServiceClient::new(channel)
-                .renew_certificate(posfleet_proto::v1::RenewCertificateRequest {
-                    certificate_request: request,
-                    device_id: enrollment.device_id.clone(),
-                    signed_at_unix_ms: signed_at,
-                    signature: self.key.sign(&payload).to_bytes().to_vec(),
-                })
-                .await
+            self.prove_key(enrollment, trust, request).await
         } else {
             self.client
                 .renew_certificate(posfleet_proto::v1::RenewCertificateRequest {
@@ -484,6 +479,91 @@ impl Agent {
             tls.renew_now = false;
         }
         Ok(not_after)
+    }
+
+    /// `RenewCertificate` over server-authenticated TLS (trusting `trust`),
+    /// the device proving its key with a signed, timed proof.
+    async fn prove_key(
+        &self,
+        enrollment: &Enrollment,
+        trust: ClientConfig,
+        request: Vec<u8>,
+    ) -> Result<tonic::Response<posfleet_proto::v1::RenewCertificateResponse>, tonic::Status> {
+        let channel = grpc_channel(&self.config, Some(trust))
+            .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        let signed_at = chrono::Utc::now().timestamp_millis();
+        let payload =
+            posfleet_proto::renew_signing_payload(&enrollment.device_id, signed_at, &request);
+        AgentServiceClient::new(channel)
+            .renew_certificate(posfleet_proto::v1::RenewCertificateRequest {
+                certificate_request: request,
+                device_id: enrollment.device_id.clone(),
+                signed_at_unix_ms: signed_at,
+                signature: self.key.sign(&payload).to_bytes().to_vec(),
+            })
+            .await
+    }
+
+    /// A till enrolled over plaintext (it holds a credential and no
+    /// certificate) that is now configured for TLS.
+    fn needs_first_certificate(&self, enrollment: &Enrollment) -> Result<bool, Error> {
+        Ok(self.config.tls()
+            && !enrollment.device_credential.is_empty()
+            && DeviceCertificate::load(&self.config.data_dir)?.is_none())
+    }
+
+    /// Its first certificate, for the key it enrolled with, by proving that
+    /// key (the move from plaintext to TLS needs no new enrollment).
+    /// Retried with backoff until it is issued; the till's installed
+    /// programs keep running meanwhile.
+    async fn obtain_first_certificate(&mut self, enrollment: &Enrollment) {
+        let mut backoff = Backoff::new(
+            BACKOFF_BASE,
+            Duration::from_secs(self.config.max_backoff_seconds),
+        );
+        loop {
+            match self.try_first_certificate(enrollment).await {
+                Ok(()) => {
+                    tracing::info!(
+                        "Device certificate obtained: this till, enrolled over plaintext, calls with mutual TLS from now on."
+                    );
+                    return;
+                }
+                Err(error) => {
+                    let delay = backoff.next_delay();
+                    tracing::error!(%error, retry_in_seconds = delay.as_secs_f64(), "Cannot obtain a device certificate yet.");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    async fn try_first_certificate(&mut self, enrollment: &Enrollment) -> Result<(), String> {
+        let trust = self
+            .config
+            .server_trust()
+            .map_err(|e| e.to_string())?
+            .ok_or("no CA to trust the control plane by: set ca_cert_path or ca_fingerprint")?;
+        let trust = crate::tls::enrollment_config(&trust).map_err(|e| e.to_string())?;
+        let request = posfleet_pki::certificate_request(&self.key).map_err(|e| e.to_string())?;
+        let answer = self
+            .prove_key(enrollment, trust, request)
+            .await
+            .map_err(|status| crate::tls::describe(&status))?
+            .into_inner();
+        let certificate = DeviceCertificate::from_enrollment(
+            &answer.device_certificate_pem,
+            &answer.trust_bundle_pem,
+            &enrollment.device_id,
+        )
+        .map_err(|e| e.to_string())?
+        .ok_or("the answer holds no certificate")?;
+        certificate
+            .client_config(&self.key)
+            .map_err(|e| e.to_string())?;
+        certificate
+            .save(&self.config.data_dir)
+            .map_err(|e| e.to_string())
     }
 
     /// Makes new connections (gRPC and `/repo/`) use `certificate` and its

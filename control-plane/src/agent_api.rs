@@ -456,7 +456,7 @@ impl AgentApi {
             return Ok((device_id, record));
         }
         // No certificate: the device proves its key, and its certificate
-        // must have ended within the grace period.
+        // must have ended within the grace period (or it never had one).
         let now = now_ms();
         match record
             .certificate
@@ -475,11 +475,9 @@ impl AgentApi {
                     "the device's certificate is still valid: call with it",
                 ));
             }
-            None => {
-                return refuse(Status::failed_precondition(format!(
-                    "device {device_id} has no certificate to renew: enroll it again"
-                )));
-            }
+            // Enrolled over plaintext, before this control plane served
+            // TLS: its first certificate, for the key it enrolled with.
+            None => {}
         }
         if (now - req.signed_at_unix_ms).abs() > RENEW_PROOF_WINDOW_MS {
             return refuse(Status::unauthenticated(

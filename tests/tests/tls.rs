@@ -353,3 +353,75 @@ fn tills_move_to_a_new_fleet_ca_by_themselves_and_the_old_one_is_retired() {
     assert!(error.contains("enroll it again"), "{failure}");
     drop((a, b));
 }
+
+#[test]
+fn a_till_enrolled_over_plaintext_moves_to_tls_without_enrolling_again() {
+    use posfleet_e2e::{ControlPlane, check_ok, start_agent};
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("control-plane");
+    let mut plaintext = ControlPlane::start_sqlite(&data_dir);
+    assert!(!plaintext.tls);
+    check_ok(plaintext.cli(&[
+        "store",
+        "create",
+        STORE,
+        "--name",
+        "Lyon",
+        "--time-zone",
+        "UTC",
+    ]));
+    let token = plaintext.cli_json(&["enroll-token", "create", "--store", STORE])["secret"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let till = dir.path().join("till");
+    let mut agent = start_agent(&plaintext.url(), &till, &token, &["--p2p-enabled", "false"]);
+    let device = eventually("the till enrolled", TIMEOUT, || enrolled_device_id(&till));
+    agent.wait_for_log("Agent running.", TIMEOUT);
+    agent.terminate();
+    plaintext.process.terminate();
+
+    // The control plane turns TLS on, on the same data and addresses; the
+    // till is given the fleet CA and the https address.
+    let tls = ControlPlane::start(
+        &data_dir,
+        None,
+        &plaintext.grpc_address,
+        &plaintext.http_address,
+        &[
+            "--heartbeat-interval-seconds",
+            "1",
+            "--tls-server-name",
+            "127.0.0.1",
+        ],
+    );
+    assert!(tls.tls);
+    let ca_file = tls.ca_file();
+    let agent = start_agent(
+        &tls.url(),
+        &till,
+        "",
+        &[
+            "--p2p-enabled",
+            "false",
+            "--ca-cert-path",
+            ca_file.to_str().unwrap(),
+        ],
+    );
+    agent.wait_for_log(
+        "Device certificate obtained: this till, enrolled over plaintext, calls with mutual TLS from now on.",
+        TIMEOUT,
+    );
+    let running = agent.wait_for_log("Agent running.", TIMEOUT);
+    assert_eq!(running["device_id"], device.as_str(), "the same device");
+    assert!(till.join("device.crt").is_file());
+    let before = chrono::Utc::now().timestamp_millis();
+    eventually("a heartbeat over mutual TLS", TIMEOUT, || {
+        let shown = tls.cli_json(&["device", "show", &device]);
+        (shown["last_seen"].as_str().is_some()
+            && shown["certificate_status"] == "valid"
+            && chrono::DateTime::parse_from_rfc3339(shown["last_seen"].as_str().unwrap())
+                .is_ok_and(|seen| seen.timestamp_millis() > before))
+        .then_some(())
+    });
+}
