@@ -37,7 +37,30 @@ pub fn bin_dir() -> PathBuf {
         // PATH; not the compile-time path, which bypasses rustup's choice of
         // toolchain for the nested build.
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let status = Command::new(cargo)
+        let mut command = Command::new(cargo);
+        // What cargo set for this program (`cargo run`, `cargo test`) is not
+        // the nested build's: build scripts that watch these variables (ring
+        // watches CARGO_MANIFEST_DIR and CARGO_PKG_*) would otherwise be
+        // rerun, and everything above them rebuilt, by this build and again
+        // by the next ordinary one.
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            if name.starts_with("CARGO_PKG_")
+                || [
+                    "CARGO_MANIFEST_DIR",
+                    "CARGO_MANIFEST_PATH",
+                    "CARGO_CRATE_NAME",
+                    "CARGO_BIN_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                    "OUT_DIR",
+                ]
+                .contains(&name.as_ref())
+            {
+                command.env_remove(name.as_ref());
+            }
+        }
+        let status = command
             .args(&args)
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()

@@ -7,6 +7,16 @@
 //! till with P2P on, then with P2P off (every till from the origin), and
 //! the figures go to a JSON file.
 //!
+//! The control plane serves TLS for its address (`--tls-server-name
+//! 10.77.0.1`, no `--insecure-dev` anywhere): each till is given the
+//! enrollment token and the fleet CA's fingerprint, enrolls over
+//! server-authenticated TLS for a certificate, and from then on makes every
+//! call and every `/repo/` download with it (mutual TLS). `--plaintext`
+//! runs everything over plaintext with `--insecure-dev` instead, to compare.
+//! A run fails unless every till enrolled (with a certificate, over TLS),
+//! installed the bundle (as its log, the control plane and its disk say) and,
+//! with P2P, the origin sent about one bundle for the whole store.
+//!
 //!     cargo run --release -p posfleet-e2e --bin store-bench   # --tills 20 --wan-mbit 50 --payload-mib 100
 //!
 //! Needs root (`ip netns`, veth, bridge, `tc`). Namespaces are named
@@ -69,12 +79,20 @@ struct Args {
     /// (repeatable; recorded in the JSON).
     #[arg(long, allow_hyphen_values = true)]
     agent_arg: Vec<String>,
+    /// Plaintext gRPC and HTTP, with `--insecure-dev` on the control plane,
+    /// the agents and the CLI (else TLS, and mutual TLS once enrolled).
+    #[arg(long, default_value_t = false)]
+    plaintext: bool,
     #[arg(long, default_value = "benchmarks/store-bench.json")]
     output: PathBuf,
-    /// Internal: print the body of an HTTP GET of this URL and exit (run
-    /// inside the origin namespace to read the control plane's metrics).
+    /// Internal: print the body of a GET of this URL and exit (run inside
+    /// the origin namespace to read the control plane's metrics).
     #[arg(long, hide = true)]
     http_get: Option<String>,
+    /// Internal: with `--http-get` of an https:// URL, the CA certificate
+    /// file to check the server against.
+    #[arg(long, hide = true, requires = "http_get")]
+    http_get_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -365,19 +383,37 @@ fn load_average() -> Vec<f64> {
         .collect()
 }
 
-/// GET `url` (plain HTTP) and return the body.
-fn http_get(url: &str) -> anyhow::Result<String> {
-    let rest = url.strip_prefix("http://").context("only http:// URLs")?;
+/// GET `url` and return the body: `http://`, or `https://` with the server
+/// checked against the CA certificates in `ca_file` (and no client
+/// certificate: `/metrics` needs none).
+fn http_get(url: &str, ca_file: Option<&Path>) -> anyhow::Result<String> {
+    let (tls, rest) = match url.strip_prefix("https://") {
+        Some(rest) => (true, rest),
+        None => (
+            false,
+            url.strip_prefix("http://")
+                .context("only http:// and https:// URLs")?,
+        ),
+    };
     let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let mut stream =
-        std::net::TcpStream::connect(host).with_context(|| format!("connect {host}"))?;
+    let stream = std::net::TcpStream::connect(host).with_context(|| format!("connect {host}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
+    let request = format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    let response = if tls {
+        use posfleet_pki::rustls;
+        let ca_file = ca_file.context("an https:// URL needs the CA file")?;
+        let pem = std::fs::read(ca_file).with_context(|| format!("read {}", ca_file.display()))?;
+        let cas = posfleet_pki::certificates_from_pem(&pem, &ca_file.display().to_string())?;
+        let config = posfleet_pki::client_config(&cas, None)?;
+        let name = host.rsplit_once(':').map_or(host, |(name, _)| name);
+        let name = rustls::pki_types::ServerName::try_from(name.to_string())?;
+        let connection = rustls::ClientConnection::new(std::sync::Arc::new(config), name)?;
+        exchange(rustls::StreamOwned::new(connection, stream), &request)
+    } else {
+        exchange(stream, &request)
+    }
+    .with_context(|| format!("GET {url}"))?;
+    let response = String::from_utf8_lossy(&response);
     let (head, body) = response
         .split_once("\r\n\r\n")
         .context("malformed HTTP response")?;
@@ -386,7 +422,33 @@ fn http_get(url: &str) -> anyhow::Result<String> {
         "GET {url}: {}",
         head.lines().next().unwrap_or_default()
     );
+    // Over TLS a close without close_notify looks like the end: the
+    // length says whether the body is whole.
+    let length = head.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.eq_ignore_ascii_case("content-length")
+            .then(|| value.trim().parse::<usize>().ok())?
+    });
+    if let Some(length) = length {
+        ensure!(
+            body.len() == length,
+            "GET {url}: {} of {length} bytes",
+            body.len()
+        );
+    }
     Ok(body.to_string())
+}
+
+/// Sends `request` and reads the response until the server closes.
+fn exchange(mut stream: impl Read + Write, request: &str) -> std::io::Result<Vec<u8>> {
+    stream.write_all(request.as_bytes())?;
+    let mut response = Vec::new();
+    match stream.read_to_end(&mut response) {
+        Ok(_) => Ok(response),
+        // A TLS peer that closes without close_notify (checked by length).
+        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => Ok(response),
+        Err(error) => Err(error),
+    }
 }
 
 // ---------------------------------------------------------------- the origin
@@ -397,10 +459,12 @@ struct Origin {
     data_dir: PathBuf,
     keys: PathBuf,
     ns_name: String,
+    /// Serving TLS for `ORIGIN_IP` (else plaintext with `--insecure-dev`).
+    tls: bool,
 }
 
 impl Origin {
-    fn start(lan: &Lan, work: &Path) -> anyhow::Result<Origin> {
+    fn start(lan: &Lan, work: &Path, tls: bool) -> anyhow::Result<Origin> {
         let data_dir = work.join("control-plane");
         let mut command = lan.origin.command(&binary("posfleet-control-plane"));
         command
@@ -408,11 +472,16 @@ impl Origin {
             .arg(&data_dir)
             .args(["--grpc-listen-address", &format!("{ORIGIN_IP}:{GRPC_PORT}")])
             .args(["--http-listen-address", &format!("{ORIGIN_IP}:{HTTP_PORT}")])
-            .args(["--insecure-dev", "--heartbeat-interval-seconds", "1"])
+            .args(["--heartbeat-interval-seconds", "1"])
             .args(["--log-format", "json"]);
+        if tls {
+            command.args(["--tls-server-name", ORIGIN_IP]);
+        } else {
+            command.arg("--insecure-dev");
+        }
         let mut process = Process::try_spawn(command).context("cannot start the control plane")?;
         for message in ["gRPC listening.", "HTTP listening."] {
-            wait_for(
+            let listening = wait_for(
                 &format!("the control plane's `{message}`"),
                 Duration::from_secs(60),
                 || {
@@ -420,34 +489,58 @@ impl Origin {
                     Ok(process.first(message))
                 },
             )?;
+            ensure!(
+                listening.1["tls"] == tls,
+                "the control plane logged {}, TLS was {}",
+                listening.1,
+                if tls { "asked for" } else { "not asked for" }
+            );
         }
         let origin = Origin {
             process,
             data_dir,
             keys: work.join("keys"),
             ns_name: lan.origin.name.clone(),
+            tls,
         };
         origin.cli(&["keys", "init", path_str(&origin.keys)?])?;
         Ok(origin)
     }
 
+    fn scheme(&self) -> &'static str {
+        if self.tls { "https" } else { "http" }
+    }
+
     fn grpc_url(&self) -> String {
-        format!("http://{ORIGIN_IP}:{GRPC_PORT}")
+        format!("{}://{ORIGIN_IP}:{GRPC_PORT}", self.scheme())
     }
 
     fn repository_url(&self) -> String {
-        format!("http://{ORIGIN_IP}:{HTTP_PORT}/repo/")
+        format!("{}://{ORIGIN_IP}:{HTTP_PORT}/repo/", self.scheme())
+    }
+
+    /// The fleet CA's certificate, which the control plane wrote at its
+    /// first start: what an operator's CLI trusts.
+    fn ca_file(&self) -> PathBuf {
+        self.data_dir.join("tls").join("fleet-ca.crt")
     }
 
     /// The `posfleet` CLI inside the origin namespace; its stdout.
     fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
         let token = self.data_dir.join("admin-token");
-        let output = Command::new("ip")
+        let mut command = Command::new("ip");
+        command
             .args(["netns", "exec", &self.ns_name])
             .arg(binary("posfleet"))
             .args(["--server", &self.grpc_url()])
             .arg("--token-file")
-            .arg(&token)
+            .arg(&token);
+        if self.tls {
+            command.arg("--ca-file").arg(self.ca_file());
+        } else {
+            command.arg("--insecure-dev");
+        }
+        let output = command
             .args(args)
             .stdin(Stdio::null())
             .output()
@@ -472,18 +565,20 @@ impl Origin {
     /// origin namespace by this program; 0 if absent.
     fn metric(&self, sample: &str) -> anyhow::Result<f64> {
         let me = std::env::current_exe().context("this program's path")?;
-        let url = format!("http://{ORIGIN_IP}:{HTTP_PORT}/metrics");
-        let body = run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &self.ns_name,
-                path_str(&me)?,
-                "--http-get",
-                &url,
-            ],
-        )?;
+        let url = format!("{}://{ORIGIN_IP}:{HTTP_PORT}/metrics", self.scheme());
+        let ca_file = self.ca_file();
+        let mut args = vec![
+            "netns",
+            "exec",
+            &self.ns_name,
+            path_str(&me)?,
+            "--http-get",
+            &url,
+        ];
+        if self.tls {
+            args.extend(["--http-get-ca-file", path_str(&ca_file)?]);
+        }
+        let body = run("ip", &args)?;
         Ok(body
             .lines()
             .filter_map(|line| line.rsplit_once(' '))
@@ -610,7 +705,23 @@ struct RunReport {
     warnings: BTreeMap<String, usize>,
     /// The `posfleet store show` transfer row for the bundle.
     store_show_transfer: Value,
+    /// What was checked after the installs; the run fails unless each is
+    /// the number of tills (certificates: 0 with `--plaintext`).
+    checked: Checked,
     per_till: Vec<TillReport>,
+}
+
+#[derive(Debug, Serialize)]
+struct Checked {
+    /// Tills `posfleet device list --store S` shows with pos-app 1.0.0.
+    control_plane_lists_installed: usize,
+    /// Tills it shows with a valid device certificate.
+    control_plane_lists_valid_certificate: usize,
+    /// Tills whose `device.crt` names the till's own device id.
+    tills_holding_their_certificate: usize,
+    /// Tills whose current slot is 1.0.0 and holds the payload whole (its
+    /// SHA-256 as published).
+    tills_with_payload_whole: usize,
 }
 
 impl<'a> Run<'a> {
@@ -649,6 +760,15 @@ impl<'a> Run<'a> {
             &self.tills.to_string(),
         ])?;
         let secret = token["secret"].as_str().context("no secret in the token")?;
+        // Over TLS a till is given what an operator hands out with the
+        // token: the fleet CA's fingerprint, not the CA file.
+        let fingerprint = token["ca_fingerprint"].as_str();
+        ensure!(
+            fingerprint.is_some() == origin.tls,
+            "`enroll-token create` gave {:?} as the CA fingerprint, TLS is {}",
+            fingerprint,
+            if origin.tls { "on" } else { "off" }
+        );
         for index in 0..self.tills {
             let ns = &self.bench.lan.tills[index];
             let ip = till_ip(index);
@@ -657,8 +777,12 @@ impl<'a> Run<'a> {
                 .work
                 .join(format!("{}-till-{:02}", self.store, index + 1));
             let mut command = ns.command(&binary("posfleet-agent"));
+            command.args(["--server-url", &origin.grpc_url()]);
+            match fingerprint {
+                Some(fingerprint) => command.args(["--ca-fingerprint", fingerprint]),
+                None => command.arg("--insecure-dev"),
+            };
             command
-                .args(["--server-url", &origin.grpc_url(), "--insecure-dev"])
                 .arg("--data-dir")
                 .arg(&data_dir)
                 .args(["--enrollment-token", secret])
@@ -697,8 +821,9 @@ impl<'a> Run<'a> {
     /// membership list and has connected to its peers.
     fn wait_until_ready(&mut self) -> anyhow::Result<()> {
         let tills = self.tills;
+        let tls = self.bench.origin.tls;
         for agent in &mut self.agents {
-            wait_for(
+            let (_, running) = wait_for(
                 &format!("till {} to enroll", agent.ip),
                 Duration::from_secs(120),
                 || {
@@ -706,6 +831,12 @@ impl<'a> Run<'a> {
                     Ok(agent.process.first("Agent running."))
                 },
             )?;
+            ensure!(
+                running["tls"] == tls,
+                "till {} logged {running}, TLS is {}",
+                agent.ip,
+                if tls { "on" } else { "off" }
+            );
             let comm = std::fs::read_to_string(format!("/proc/{}/comm", agent.process.pid()))
                 .unwrap_or_default();
             ensure!(
@@ -879,6 +1010,7 @@ impl<'a> Run<'a> {
             check_interrupted()?;
             transfer()
         })?;
+        let checked = self.check_installed()?;
 
         for agent in &mut self.agents {
             agent.process.stop(Duration::from_secs(10));
@@ -915,9 +1047,163 @@ impl<'a> Run<'a> {
                 .count(),
             warnings,
             store_show_transfer,
+            checked,
             per_till,
         })
     }
+
+    /// Past every till's `Bundle installed.` line: the control plane lists
+    /// pos-app 1.0.0 on each of the store's tills (over TLS, each with a
+    /// valid certificate, and the one in the till's data dir names it),
+    /// and each till's current slot is 1.0.0 with its payload whole. Fails
+    /// otherwise.
+    fn check_installed(&self) -> anyhow::Result<Checked> {
+        let origin = self.bench.origin;
+        let own_ids: Vec<String> = self
+            .agents
+            .iter()
+            .map(|agent| {
+                agent
+                    .process
+                    .first("Agent running.")
+                    .and_then(|(_, v)| v["device_id"].as_str().map(str::to_string))
+                    .with_context(|| format!("till {} logged no device id", agent.ip))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let ids: BTreeSet<String> = own_ids.iter().cloned().collect();
+        ensure!(
+            ids.len() == self.tills,
+            "two tills logged the same device id"
+        );
+        // The tills report the install with their next heartbeats.
+        let mut listed = Vec::new();
+        let installed = |devices: &[Value]| {
+            devices
+                .iter()
+                .filter(|d| d["installed_bundles"]["pos-app"] == "1.0.0")
+                .count()
+        };
+        wait_for(
+            "the control plane to list pos-app 1.0.0 on every till",
+            Duration::from_secs(30),
+            || {
+                let devices = origin.cli_json(&["device", "list", "--store", &self.store])?;
+                listed = devices.as_array().cloned().unwrap_or_default();
+                Ok((installed(&listed) == self.tills).then_some(()))
+            },
+        )
+        .map_err(|e| {
+            anyhow!(
+                "{e}: it lists {} of {} with it",
+                installed(&listed),
+                self.tills
+            )
+        })?;
+        let listed_ids: BTreeSet<String> = listed
+            .iter()
+            .filter_map(|d| d["id"].as_str().map(str::to_string))
+            .collect();
+        ensure!(
+            listed_ids == ids,
+            "`device list --store {}` shows {listed_ids:?}, the tills logged {ids:?}",
+            self.store
+        );
+        let valid_certificates = listed
+            .iter()
+            .filter(|d| d["certificate_status"] == "valid")
+            .count();
+        let certificates = ids.len() * usize::from(origin.tls);
+        ensure!(
+            valid_certificates == certificates,
+            "the control plane lists {valid_certificates} tills with a valid certificate, expected {certificates}"
+        );
+
+        let mut holding_certificate = 0;
+        let mut payload_whole = 0;
+        for (agent, id) in self.agents.iter().zip(&own_ids) {
+            let file = agent.data_dir.join("device.crt");
+            if origin.tls {
+                let pem = std::fs::read(&file).with_context(|| {
+                    format!("till {} has no certificate: {}", agent.ip, file.display())
+                })?;
+                let chain = posfleet_pki::certificates_from_pem(&pem, "device.crt")?;
+                let identity = posfleet_pki::DeviceIdentity::from_certificate(&chain[0])?;
+                ensure!(
+                    &identity.device_id == id,
+                    "till {} is {id}, its certificate names {}",
+                    agent.ip,
+                    identity.device_id
+                );
+                holding_certificate += 1;
+            } else {
+                ensure!(
+                    !file.exists(),
+                    "till {} holds a certificate in plaintext",
+                    agent.ip
+                );
+            }
+            let current = agent.data_dir.join("slots/pos-app/current");
+            let slot = std::fs::canonicalize(&current)
+                .with_context(|| format!("till {}: {}", agent.ip, current.display()))?;
+            ensure!(
+                slot.file_name() == Some("1.0.0".as_ref()),
+                "till {}: the current slot is {}",
+                agent.ip,
+                slot.display()
+            );
+            let expected = std::fs::read_to_string(slot.join("payload.sha256"))?;
+            let actual = sha256_file(&slot.join("payload.bin"))?;
+            ensure!(
+                expected.trim() == actual,
+                "till {}: payload.bin in the current slot is not the published one",
+                agent.ip
+            );
+            payload_whole += 1;
+        }
+        Ok(Checked {
+            control_plane_lists_installed: installed(&listed),
+            control_plane_lists_valid_certificate: valid_certificates,
+            tills_holding_their_certificate: holding_certificate,
+            tills_with_payload_whole: payload_whole,
+        })
+    }
+}
+
+/// SHA-256 of a file, as hex, read 1 MiB at a time.
+fn sha256_file(path: &Path) -> anyhow::Result<String> {
+    use sha2::Digest;
+    let mut file = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buffer = vec![0; MIB as usize];
+    loop {
+        let read = file.read(&mut buffer)?;
+        if read == 0 {
+            return Ok(hex::encode(hasher.finalize()));
+        }
+        hasher.update(&buffer[..read]);
+    }
+}
+
+/// What the origin's byte count must show: with P2P about one bundle for
+/// the whole store (a second whole download would make 2), without it at
+/// least one bundle per till.
+fn check_origin_bytes(run: &RunReport, bundle_bytes: u64) -> anyhow::Result<()> {
+    if run.p2p {
+        ensure!(
+            run.origin_bytes_over_size < 1.5,
+            "P2P on: the origin sent {:.3} x the bundle for {} tills: the store did not share it",
+            run.origin_bytes_over_size,
+            run.tills
+        );
+    } else {
+        ensure!(
+            run.origin_bytes >= run.tills as u64 * bundle_bytes,
+            "P2P off: the origin sent {:.3} x the bundle for {} tills, each fetching it whole",
+            run.origin_bytes_over_size,
+            run.tills
+        );
+    }
+    Ok(())
 }
 
 fn till_report(agent: &Agent, assigned: Instant) -> anyhow::Result<TillReport> {
@@ -987,6 +1273,10 @@ struct Report {
     load_average_before: Vec<f64>,
     load_average_after: Vec<f64>,
     tills: usize,
+    /// The control plane served TLS and the tills spoke mutual TLS once
+    /// enrolled (else plaintext with `--insecure-dev`).
+    tls: bool,
+    transport: &'static str,
     wan_mbit_per_second: u64,
     wan: String,
     lan: &'static str,
@@ -1031,8 +1321,13 @@ impl Targets {
 fn print_summary(report: &Report) {
     println!();
     println!(
-        "store-bench: {} tills, WAN {} Mbit/s (tc tbf), bundle {:.1} MiB, physical limit {:.1} s",
+        "store-bench: {} tills, {}, WAN {} Mbit/s (tc tbf), bundle {:.1} MiB, physical limit {:.1} s",
         report.tills,
+        if report.tls {
+            "mutual TLS"
+        } else {
+            "plaintext"
+        },
         report.wan_mbit_per_second,
         report.bundle_bytes as f64 / MIB as f64,
         report.physical_limit_seconds
@@ -1086,7 +1381,7 @@ fn print_summary(report: &Report) {
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     if let Some(url) = &args.http_get {
-        return match http_get(url) {
+        return match http_get(url, args.http_get_ca_file.as_deref()) {
             Ok(body) => {
                 print!("{body}");
                 std::process::ExitCode::SUCCESS
@@ -1144,7 +1439,7 @@ fn bench(args: &Args) -> anyhow::Result<()> {
         args.wan_mbit, args.tills
     );
     let lan = Lan::create(args.tills, args.wan_mbit)?;
-    let mut origin = Origin::start(&lan, work.path())?;
+    let mut origin = Origin::start(&lan, work.path(), !args.plaintext)?;
     eprintln!(
         "Building and publishing pos-app 1.0.0 with {} MiB of payload...",
         args.payload_mib
@@ -1197,6 +1492,12 @@ fn bench(args: &Args) -> anyhow::Result<()> {
         load_average_before,
         load_average_after: load_average(),
         tills: args.tills,
+        tls: origin.tls,
+        transport: if origin.tls {
+            "TLS: the control plane serves gRPC and HTTP with `--tls-server-name 10.77.0.1`; each till enrolls over server-authenticated TLS with the token and the fleet CA's fingerprint, then every call and /repo/ download is mutual TLS with its certificate"
+        } else {
+            "plaintext gRPC and HTTP, `--insecure-dev` on the control plane, the agents and the CLI"
+        },
         wan_mbit_per_second: args.wan_mbit,
         wan: format!(
             "veth pair origin-store, `tc {}` on both ends",
@@ -1222,5 +1523,8 @@ fn bench(args: &Args) -> anyhow::Result<()> {
     }
     std::fs::write(&args.output, format!("{json}\n"))?;
     println!("Figures written to {}", args.output.display());
+    for run in &report.runs {
+        check_origin_bytes(run, bundle_bytes)?;
+    }
     Ok(())
 }
