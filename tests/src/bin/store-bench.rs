@@ -519,10 +519,10 @@ impl Origin {
         format!("{}://{ORIGIN_IP}:{HTTP_PORT}/repo/", self.scheme())
     }
 
-    /// The fleet CA's certificate, which the control plane wrote at its
-    /// first start: what an operator's CLI trusts.
+    /// The fleet's trust bundle, which the control plane keeps current:
+    /// what an operator's CLI trusts.
     fn ca_file(&self) -> PathBuf {
-        self.data_dir.join("tls").join("fleet-ca.crt")
+        self.data_dir.join("tls").join("trust-bundle.pem")
     }
 
     /// The `posfleet` CLI inside the origin namespace; its stdout.
