@@ -45,6 +45,13 @@
 //!     cargo run --release -p posfleet-e2e --bin fleet-sim -- --devices 10000 \
 //!         --rate 1000 --phase-seconds 20 --enroll-flood
 //!
+//! With `--tls`, none of the above: every simulated till gets a connection
+//! of its own, over plaintext and then over mutual TLS with its own device
+//! certificate, for enrollment, steady heartbeats and a reconnect storm
+//! after a control-plane restart, side by side (see `connections`).
+//!
+//!     cargo run --release -p posfleet-e2e --bin fleet-sim -- --tls --devices 20000
+//!
 //! The simulator enrolls its whole fleet through one address, which no
 //! store does, so it turns the per-address `Enroll` limit off
 //! (`--peer-enroll-calls-per-minute 0`); the limit on refused calls keeps
@@ -1563,7 +1570,7 @@ mod connections {
     enum Identity {
         Credential(String),
         Certificate {
-            key: SigningKey,
+            key: Box<SigningKey>,
             chain_pem: String,
             trust_pem: String,
         },
@@ -1694,7 +1701,7 @@ mod connections {
                     .into_inner();
                 let identity = match transport {
                     Transport::Tls => Identity::Certificate {
-                        key,
+                        key: Box::new(key),
                         chain_pem: answer.device_certificate_pem,
                         trust_pem: answer.trust_bundle_pem,
                     },
