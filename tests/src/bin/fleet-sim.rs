@@ -497,6 +497,29 @@ struct Report {
     commit: Option<String>,
 }
 
+/// The cores this machine has.
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(0, |n| n.get())
+}
+
+/// Writes `report` to `--output`, by default
+/// `benchmarks/fleet-sim-<kind><database>.json`; returns the file.
+fn write_figures(args: &Args, kind: &str, report: &impl Serialize) -> anyhow::Result<PathBuf> {
+    let database = match args.database {
+        Database::Sqlite => "sqlite",
+        Database::Postgres => "postgres",
+    };
+    let output = args
+        .output
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("benchmarks/fleet-sim-{kind}{database}.json")));
+    if let Some(parent) = output.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&output, serde_json::to_string_pretty(report)? + "\n")?;
+    Ok(output)
+}
+
 /// `stores` stores and one enrollment token for `per_store` tills each;
 /// returns the tokens' secrets.
 async fn create_stores(
@@ -759,9 +782,7 @@ async fn main() -> anyhow::Result<()> {
         database: args.database,
         devices: args.devices,
         stores,
-        cores: std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0),
+        cores: cores(),
         connections: args.connections,
         enrollment_seconds,
         enrollments_per_second: args.devices as f64 / enrollment_seconds,
@@ -774,26 +795,14 @@ async fn main() -> anyhow::Result<()> {
         command: posfleet_e2e::command_line(),
         commit: posfleet_e2e::measured_commit(),
     };
-    let output = args.output.unwrap_or_else(|| {
-        PathBuf::from(format!(
-            "benchmarks/fleet-sim-{}{}.json",
-            if args.rollout {
-                "rollout-"
-            } else if args.enroll_flood {
-                "enroll-flood-"
-            } else {
-                ""
-            },
-            match args.database {
-                Database::Sqlite => "sqlite",
-                Database::Postgres => "postgres",
-            }
-        ))
-    });
-    if let Some(parent) = output.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    std::fs::write(&output, serde_json::to_string_pretty(&report)? + "\n")?;
+    let kind = if args.rollout {
+        "rollout-"
+    } else if args.enroll_flood {
+        "enroll-flood-"
+    } else {
+        ""
+    };
+    let output = write_figures(&args, kind, &report)?;
     eprintln!("  figures written to {}", output.display());
     anyhow::ensure!(
         online == args.devices,
@@ -1504,28 +1513,14 @@ mod connections {
             database: args.database,
             devices: args.devices,
             stores,
-            cores: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(0),
+            cores: cores(),
             open_files_limit,
             runs,
             simulator_peak_rss_bytes: peak_rss_bytes("self").unwrap_or(0),
             command: posfleet_e2e::command_line(),
             commit: posfleet_e2e::measured_commit(),
         };
-        let output = args.output.clone().unwrap_or_else(|| {
-            PathBuf::from(format!(
-                "benchmarks/fleet-sim-tls-{}.json",
-                match args.database {
-                    Database::Sqlite => "sqlite",
-                    Database::Postgres => "postgres",
-                }
-            ))
-        });
-        if let Some(parent) = output.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        std::fs::write(&output, serde_json::to_string_pretty(&report)? + "\n")?;
+        let output = write_figures(args, "tls-", &report)?;
         eprintln!(
             "  simulator peak RSS {} MiB; figures written to {}",
             report.simulator_peak_rss_bytes >> 20,
