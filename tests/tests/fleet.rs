@@ -174,3 +174,56 @@ fn sigterm_stops_the_control_plane_cleanly() {
     let stores: Value = cp2.cli_json(&["store", "list"]);
     assert_eq!(stores, Value::Array(vec![]));
 }
+
+/// The fleet simulator's per-till connections, short: 100 tills enroll over
+/// plaintext and over TLS, each opens a connection of its own, heartbeats
+/// at a fixed rate, and all come back after the control plane restarts.
+#[test]
+fn fleet_sim_connects_every_till_on_its_own_connection_over_plaintext_and_mutual_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("figures.json");
+    let tills = 100;
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_fleet-sim"))
+        .args(["--tls", "--devices", &tills.to_string()])
+        .args(["--devices-per-store", "25", "--rate", "50"])
+        .args(["--phase-seconds", "2", "--storm-deadline-seconds", "60"])
+        .arg("--output")
+        .arg(&output)
+        .status()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    let figures: Value = serde_json::from_slice(&std::fs::read(&output).unwrap()).unwrap();
+    let runs = figures["runs"].as_array().unwrap();
+    let transports: Vec<&str> = runs
+        .iter()
+        .map(|r| r["transport"].as_str().unwrap())
+        .collect();
+    assert_eq!(transports, ["plaintext", "tls"]);
+    for run in runs {
+        assert_eq!(run["enrollment"]["errors"], serde_json::json!({}), "{run}");
+        let connect = &run["connect"];
+        assert_eq!(connect["phase"]["ok"], tills, "{run}");
+        // The control plane holds a socket per till: nobody shares.
+        assert!(
+            connect["control_plane_open_files"].as_u64().unwrap() >= tills,
+            "{run}"
+        );
+        assert!(
+            connect["control_plane_rss_per_connection_bytes"]
+                .as_f64()
+                .unwrap()
+                > 0.0
+        );
+        let steady = &run["steady"]["phase"];
+        assert_eq!(steady["sent"], 100, "{run}");
+        assert_eq!(steady["ok"], 100, "{run}");
+        let storm = &run["storm"];
+        assert_eq!(storm["online"], tills, "{run}");
+        assert_eq!(storm["gave_up"], 0, "{run}");
+        assert!(storm["all_online_seconds"].as_f64().unwrap() > 0.0, "{run}");
+        assert!(
+            storm["control_plane_cpu_seconds"].as_f64().unwrap() > 0.0,
+            "{run}"
+        );
+    }
+}

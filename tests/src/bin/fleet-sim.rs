@@ -45,6 +45,13 @@
 //!     cargo run --release -p posfleet-e2e --bin fleet-sim -- --devices 10000 \
 //!         --rate 1000 --phase-seconds 20 --enroll-flood
 //!
+//! With `--tls`, none of the above: every simulated till gets a connection
+//! of its own, over plaintext and then over mutual TLS with its own device
+//! certificate, for enrollment, steady heartbeats and a reconnect storm
+//! after a control-plane restart, side by side (see `connections`).
+//!
+//!     cargo run --release -p posfleet-e2e --bin fleet-sim -- --tls --devices 20000
+//!
 //! The simulator enrolls its whole fleet through one address, which no
 //! store does, so it turns the per-address `Enroll` limit off
 //! (`--peer-enroll-calls-per-minute 0`); the limit on refused calls keeps
@@ -133,6 +140,42 @@ struct Args {
     /// simulated fleet's 127.0.0.1.
     #[arg(long, default_value = "127.0.0.2")]
     flood_source: IpAddr,
+    /// One connection per simulated till, plaintext and mutual TLS side by
+    /// side (see `connections`), instead of the phases above.
+    #[arg(long)]
+    tls: bool,
+    /// With `--tls`: the transports measured, in turn.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Transport::Plaintext, Transport::Tls])]
+    transports: Vec<Transport>,
+    /// With `--tls`: what follows enrollment and connecting.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Scenario::Steady, Scenario::Storm])]
+    scenario: Vec<Scenario>,
+    /// With `--tls`: a till that has not heartbeated this long after the
+    /// restart gives up.
+    #[arg(long, default_value_t = 120)]
+    storm_deadline_seconds: u64,
+    /// With `--tls`: the longest wait between a till's retries (the
+    /// agent's default).
+    #[arg(long, default_value_t = 300)]
+    max_backoff_seconds: u64,
+}
+
+/// How a simulated till reaches the control plane (`--tls`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Transport {
+    Plaintext,
+    Tls,
+}
+
+/// What `--tls` measures once the fleet is connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Scenario {
+    /// Heartbeats at `--rate` over the open connections.
+    Steady,
+    /// A control-plane restart, every till reconnecting at once.
+    Storm,
 }
 
 /// The version the rollout ships; the fleet starts on 1.0.0.
@@ -141,7 +184,9 @@ const RELEASE: &str = "1.1.0";
 const ROLLOUT_DELAY: Duration = Duration::from_secs(5);
 
 struct Device {
-    authorization: MetadataValue<Ascii>,
+    /// `Device <credential>`; none for a till whose certificate is its
+    /// identity (mutual TLS).
+    authorization: Option<MetadataValue<Ascii>>,
     /// Told to have pos-app RELEASE: reports it installed from now on.
     upgraded: AtomicBool,
 }
@@ -191,9 +236,11 @@ impl Sim {
                 }],
             }),
         });
-        request
-            .metadata_mut()
-            .insert(posfleet_proto::AUTHORIZATION, device.authorization.clone());
+        if let Some(authorization) = &device.authorization {
+            request
+                .metadata_mut()
+                .insert(posfleet_proto::AUTHORIZATION, authorization.clone());
+        }
         let mut client = AgentServiceClient::new(self.channels[i % self.channels.len()].clone());
         let response = client
             .heartbeat(request)
@@ -451,29 +498,126 @@ struct Report {
     commit: Option<String>,
 }
 
+/// The cores this machine has.
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(0, |n| n.get())
+}
+
+/// Writes `report` to `--output`, by default
+/// `benchmarks/fleet-sim-<kind><database>.json`; returns the file.
+fn write_figures(args: &Args, kind: &str, report: &impl Serialize) -> anyhow::Result<PathBuf> {
+    let database = match args.database {
+        Database::Sqlite => "sqlite",
+        Database::Postgres => "postgres",
+    };
+    let output = args
+        .output
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("benchmarks/fleet-sim-{kind}{database}.json")));
+    if let Some(parent) = output.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&output, serde_json::to_string_pretty(report)? + "\n")?;
+    Ok(output)
+}
+
+/// `stores` stores and one enrollment token for `per_store` tills each;
+/// returns the tokens' secrets.
+async fn create_stores(
+    admin: &mut AdminServiceClient<Channel>,
+    bearer: &MetadataValue<Ascii>,
+    stores: usize,
+    per_store: usize,
+) -> anyhow::Result<Vec<String>> {
+    let mut tokens = Vec::with_capacity(stores);
+    for s in 0..stores {
+        let id = format!("store-{s:05}");
+        admin
+            .create_store(with_bearer(
+                bearer,
+                v1::CreateStoreRequest {
+                    id: id.clone(),
+                    name: format!("Store {s}"),
+                    time_zone: "Europe/Paris".into(),
+                },
+            ))
+            .await?;
+        let token = admin
+            .create_enrollment_token(with_bearer(
+                bearer,
+                v1::CreateEnrollmentTokenRequest {
+                    store_id: id,
+                    expires_in_seconds: 3600,
+                    uses: per_store as u32,
+                },
+            ))
+            .await?
+            .into_inner()
+            .secret;
+        tokens.push(token);
+    }
+    Ok(tokens)
+}
+
+fn with_bearer<T>(bearer: &MetadataValue<Ascii>, message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request
+        .metadata_mut()
+        .insert(posfleet_proto::AUTHORIZATION, bearer.clone());
+    request
+}
+
+/// An Enroll call signed by `key`, with `certificate_request` (empty when
+/// the control plane serves plaintext).
+fn enroll_request(
+    key: &SigningKey,
+    token: String,
+    serial: String,
+    certificate_request: Vec<u8>,
+) -> v1::EnrollRequest {
+    let public_key = key.verifying_key().to_bytes().to_vec();
+    let payload = posfleet_proto::enroll_signing_payload(&token, &public_key, "sim-pos", &serial);
+    v1::EnrollRequest {
+        enrollment_token: token,
+        signature: key.sign(&payload).to_bytes().to_vec(),
+        public_key,
+        hardware_model: "sim-pos".into(),
+        serial_number: serial,
+        agent_version: "0.1.0".into(),
+        certificate_request,
+    }
+}
+
+/// The control plane's flags in every run: quiet agent calls, a long
+/// heartbeat interval (the simulator sets the pace), and no per-address
+/// Enroll limit (the whole simulated fleet enrolls through one address).
+const QUIET: [&str; 6] = [
+    "--log-level",
+    "info,posfleet_control_plane::agent_api=warn",
+    "--heartbeat-interval-seconds",
+    "300",
+    "--peer-enroll-calls-per-minute",
+    "0",
+];
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let open_files = raise_open_files_limit(2 * args.devices as u64 + 4096)?;
+    if args.tls {
+        return connections::run(&args, open_files).await;
+    }
     let dir = tempfile::tempdir()?;
     let postgres = match args.database {
         Database::Sqlite => None,
         Database::Postgres => Some(PostgresDb::create_on(&args.postgres_url)),
     };
-    let quiet = [
-        "--log-level",
-        "info,posfleet_control_plane::agent_api=warn",
-        "--heartbeat-interval-seconds",
-        "300",
-        // The whole simulated fleet enrolls through one address.
-        "--peer-enroll-calls-per-minute",
-        "0",
-    ];
     let cp = ControlPlane::start(
         &dir.path().join("cp"),
         postgres.as_ref().map(|p| p.url.as_str()),
         "127.0.0.1:0",
         "127.0.0.1:0",
-        &quiet,
+        &QUIET,
     );
     let pid = cp.process.child.id();
     let url = cp.url();
@@ -485,13 +629,6 @@ async fn main() -> anyhow::Result<()> {
         channels.push(Channel::from_shared(url.clone())?.connect().await?);
     }
     let bearer: MetadataValue<Ascii> = format!("Bearer {admin_token}").parse()?;
-    fn with_bearer<T>(bearer: &MetadataValue<Ascii>, message: T) -> Request<T> {
-        let mut request = Request::new(message);
-        request
-            .metadata_mut()
-            .insert(posfleet_proto::AUTHORIZATION, bearer.clone());
-        request
-    }
     let mut admin_client = AdminServiceClient::new(channels[0].clone());
 
     // Stores and one token per store.
@@ -500,33 +637,7 @@ async fn main() -> anyhow::Result<()> {
         "fleet-sim: {} devices in {stores} stores on {:?}",
         args.devices, args.database
     );
-    let mut tokens = Vec::with_capacity(stores);
-    for s in 0..stores {
-        let id = format!("store-{s:05}");
-        admin_client
-            .create_store(with_bearer(
-                &bearer,
-                v1::CreateStoreRequest {
-                    id: id.clone(),
-                    name: format!("Store {s}"),
-                    time_zone: "Europe/Paris".into(),
-                },
-            ))
-            .await?;
-        let token = admin_client
-            .create_enrollment_token(with_bearer(
-                &bearer,
-                v1::CreateEnrollmentTokenRequest {
-                    store_id: id,
-                    expires_in_seconds: 3600,
-                    uses: args.devices_per_store as u32,
-                },
-            ))
-            .await?
-            .into_inner()
-            .secret;
-        tokens.push(token);
-    }
+    let tokens = create_stores(&mut admin_client, &bearer, stores, args.devices_per_store).await?;
 
     // Enrollment: every device its own key, proof of possession, credential.
     let enroll_channels = channels.clone();
@@ -541,20 +652,9 @@ async fn main() -> anyhow::Result<()> {
         let sink = sink.clone();
         async move {
             let key = SigningKey::generate(&mut rand::rngs::OsRng);
-            let public_key = key.verifying_key().to_bytes().to_vec();
-            let serial = format!("SIM-{i:07}");
-            let payload =
-                posfleet_proto::enroll_signing_payload(&token, &public_key, "sim-pos", &serial);
+            let request = enroll_request(&key, token, format!("SIM-{i:07}"), Vec::new());
             let response = AgentServiceClient::new(channel)
-                .enroll(v1::EnrollRequest {
-                    enrollment_token: token,
-                    signature: key.sign(&payload).to_bytes().to_vec(),
-                    public_key,
-                    hardware_model: "sim-pos".into(),
-                    serial_number: serial,
-                    agent_version: "0.1.0".into(),
-                    ..Default::default()
-                })
+                .enroll(request)
                 .await
                 .map_err(|s| s.code())?;
             sink.lock().expect("lock")[i] = response.into_inner().device_credential;
@@ -576,7 +676,7 @@ async fn main() -> anyhow::Result<()> {
         .iter()
         .map(|c| {
             Ok(Device {
-                authorization: format!("Device {c}").parse()?,
+                authorization: Some(format!("Device {c}").parse()?),
                 upgraded: AtomicBool::new(false),
             })
         })
@@ -683,9 +783,7 @@ async fn main() -> anyhow::Result<()> {
         database: args.database,
         devices: args.devices,
         stores,
-        cores: std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0),
+        cores: cores(),
         connections: args.connections,
         enrollment_seconds,
         enrollments_per_second: args.devices as f64 / enrollment_seconds,
@@ -698,26 +796,14 @@ async fn main() -> anyhow::Result<()> {
         command: posfleet_e2e::command_line(),
         commit: posfleet_e2e::measured_commit(),
     };
-    let output = args.output.unwrap_or_else(|| {
-        PathBuf::from(format!(
-            "benchmarks/fleet-sim-{}{}.json",
-            if args.rollout {
-                "rollout-"
-            } else if args.enroll_flood {
-                "enroll-flood-"
-            } else {
-                ""
-            },
-            match args.database {
-                Database::Sqlite => "sqlite",
-                Database::Postgres => "postgres",
-            }
-        ))
-    });
-    if let Some(parent) = output.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    std::fs::write(&output, serde_json::to_string_pretty(&report)? + "\n")?;
+    let kind = if args.rollout {
+        "rollout-"
+    } else if args.enroll_flood {
+        "enroll-flood-"
+    } else {
+        ""
+    };
+    let output = write_figures(&args, kind, &report)?;
     eprintln!("  figures written to {}", output.display());
     anyhow::ensure!(
         online == args.devices,
@@ -849,16 +935,9 @@ async fn rollout_phase(
     bearer: &MetadataValue<Ascii>,
     phases: &mut Vec<Phase>,
 ) -> anyhow::Result<RolloutFigures> {
-    fn with_bearer_of<T>(bearer: &MetadataValue<Ascii>, message: T) -> Request<T> {
-        let mut request = Request::new(message);
-        request
-            .metadata_mut()
-            .insert(posfleet_proto::AUTHORIZATION, bearer.clone());
-        request
-    }
-    let with_bearer = |message| with_bearer_of(bearer, message);
+    let with_bearer = |message| with_bearer(bearer, message);
     let rollout_request = |id: &str| {
-        with_bearer_of(
+        self::with_bearer(
             bearer,
             v1::RolloutRequest {
                 id: id.to_string(),
@@ -1168,17 +1247,7 @@ fn median(mut values: Vec<f64>) -> f64 {
 fn bogus_enroll() -> v1::EnrollRequest {
     let key = SigningKey::generate(&mut rand::rngs::OsRng);
     let token = format!("pfe_{}", hex::encode(rand::random::<[u8; 16]>()));
-    let public_key = key.verifying_key().to_bytes().to_vec();
-    let payload = posfleet_proto::enroll_signing_payload(&token, &public_key, "sim-pos", "FLOOD");
-    v1::EnrollRequest {
-        enrollment_token: token,
-        signature: key.sign(&payload).to_bytes().to_vec(),
-        public_key,
-        hardware_model: "sim-pos".into(),
-        serial_number: "FLOOD".into(),
-        agent_version: "0.1.0".into(),
-        ..Default::default()
-    }
+    enroll_request(&key, token, "FLOOD".into(), Vec::new())
 }
 
 /// Heartbeats at `--rate`, quiet and flooded in turn.
@@ -1288,4 +1357,626 @@ async fn flood_comparison(
         figures.heartbeat_errors
     );
     Ok(figures)
+}
+
+/// Raises this process's limit on open files (its soft limit to the hard
+/// one, and the hard one to `wanted` where allowed), so that one socket per
+/// simulated till fits; the control plane started from here inherits it.
+/// Returns the limit in force.
+fn raise_open_files_limit(wanted: u64) -> anyhow::Result<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if hard < wanted && setrlimit(Resource::RLIMIT_NOFILE, wanted, wanted).is_ok() {
+        return Ok(wanted);
+    }
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    if hard < wanted {
+        eprintln!("fleet-sim: at most {hard} open files (wanted {wanted}); connections may fail");
+    }
+    Ok(hard)
+}
+
+/// `--tls`: every simulated till on a connection of its own, as real tills
+/// are, over plaintext and over mutual TLS side by side.
+///
+/// For each transport, a fresh control plane: the fleet enrolls, each till
+/// over a new connection of its own (over TLS: server-authenticated, with a
+/// certificate request for its own Ed25519 key; the answer's certificate
+/// becomes its identity). The control plane is restarted with nothing
+/// connected, its idle RSS read, and every till opens its connection (one
+/// heartbeat each, `--concurrency` at a time); the RSS again gives the
+/// memory an open connection costs. `steady`: heartbeats at `--rate` for
+/// `--phase-seconds` over those connections, open loop. `storm`: the
+/// control plane is stopped (SIGTERM) and started again on the same data
+/// dir and addresses, and the moment it listens every till heartbeats at
+/// once, retrying on failure as the agent does (waits doubling from 1 s to
+/// `--max-backoff-seconds`, drawn from the upper half), until each has
+/// succeeded once or `--storm-deadline-seconds` have passed (it gave up).
+/// Figures go to `benchmarks/fleet-sim-tls-<database>.json`.
+///
+///     cargo run --release -p posfleet-e2e --bin fleet-sim -- --tls --devices 20000
+mod connections {
+    use super::*;
+    use posfleet_pki::rustls::ClientConfig;
+    use posfleet_pki::rustls::pki_types::CertificateDer;
+
+    /// The agent's own request and connect timeout.
+    const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Enroll calls in flight.
+    const ENROLL_CONCURRENCY: usize = 64;
+    /// How long the control plane has to stop on SIGTERM.
+    const STOP_GRACE: Duration = Duration::from_secs(60);
+
+    #[derive(Serialize)]
+    struct Report {
+        benchmark: &'static str,
+        database: Database,
+        devices: usize,
+        stores: usize,
+        cores: usize,
+        open_files_limit: u64,
+        runs: Vec<Run>,
+        simulator_peak_rss_bytes: u64,
+        command: String,
+        /// The commit measured (`git describe`).
+        commit: Option<String>,
+    }
+
+    /// One transport's figures.
+    #[derive(Serialize)]
+    struct Run {
+        transport: Transport,
+        enrollment: Enrollment,
+        connect: Connect,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        steady: Option<Steady>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        storm: Option<Storm>,
+        control_plane_peak_rss_bytes: u64,
+    }
+
+    #[derive(Serialize)]
+    struct Enrollment {
+        seconds: f64,
+        per_second: f64,
+        in_flight: usize,
+        errors: BTreeMap<String, usize>,
+        control_plane_cpu_cores: f64,
+        simulator_cpu_cores: f64,
+    }
+
+    /// Every till opening its connection, with one heartbeat.
+    #[derive(Serialize)]
+    struct Connect {
+        phase: Phase,
+        control_plane_rss_idle_bytes: u64,
+        control_plane_rss_connected_bytes: u64,
+        /// (connected - idle) / tills.
+        control_plane_rss_per_connection_bytes: f64,
+        /// The control plane's open file descriptors once connected.
+        control_plane_open_files: usize,
+    }
+
+    #[derive(Serialize)]
+    struct Steady {
+        phase: Phase,
+        control_plane_rss_after_bytes: u64,
+    }
+
+    #[derive(Serialize)]
+    struct Storm {
+        /// SIGTERM until the old process exited.
+        stop_seconds: f64,
+        /// The new process's start until it listened.
+        start_seconds: f64,
+        /// From the moment it listened (every till calling at once).
+        all_online_seconds: Option<f64>,
+        online_p50_seconds: f64,
+        online_p99_seconds: f64,
+        online: usize,
+        gave_up: usize,
+        /// Calls that failed and were retried, by code.
+        failed_calls: usize,
+        failed_calls_by_code: BTreeMap<String, usize>,
+        tills_that_retried: usize,
+        /// Connections (over TLS, handshakes) that carried a till's
+        /// successful heartbeat, per second: on average until all were
+        /// online, and in the busiest second.
+        connections_per_second: f64,
+        connections_per_second_peak: usize,
+        /// From listening until all were online (or the deadline).
+        control_plane_cpu_seconds: f64,
+        simulator_cpu_seconds: f64,
+        control_plane_rss_after_bytes: u64,
+        timeline: Vec<StormSample>,
+    }
+
+    #[derive(Serialize)]
+    struct StormSample {
+        seconds: f64,
+        online: usize,
+        control_plane_cpu_cores: f64,
+    }
+
+    pub async fn run(args: &Args, open_files_limit: u64) -> anyhow::Result<()> {
+        let stores = args.devices.div_ceil(args.devices_per_store);
+        eprintln!(
+            "fleet-sim: {} tills in {stores} stores on {:?}, a connection each, over {:?}; open files limit {open_files_limit}",
+            args.devices, args.database, args.transports
+        );
+        let mut runs = Vec::new();
+        for &transport in &args.transports {
+            eprintln!("{transport:?}:");
+            runs.push(run_transport(args, transport).await?);
+        }
+        let report = Report {
+            benchmark: "fleet-sim-connections",
+            database: args.database,
+            devices: args.devices,
+            stores,
+            cores: cores(),
+            open_files_limit,
+            runs,
+            simulator_peak_rss_bytes: peak_rss_bytes("self").unwrap_or(0),
+            command: posfleet_e2e::command_line(),
+            commit: posfleet_e2e::measured_commit(),
+        };
+        let output = write_figures(args, "tls-", &report)?;
+        eprintln!(
+            "  simulator peak RSS {} MiB; figures written to {}",
+            report.simulator_peak_rss_bytes >> 20,
+            output.display()
+        );
+        for run in &report.runs {
+            if let Some(storm) = &run.storm {
+                anyhow::ensure!(
+                    storm.gave_up == 0,
+                    "{:?}: {} tills gave up reconnecting",
+                    run.transport,
+                    storm.gave_up
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// An endpoint set up as the agent sets up its own.
+    fn till_endpoint(url: &str) -> anyhow::Result<Endpoint> {
+        Ok(Endpoint::from_shared(url.to_string())?
+            .connect_timeout(REQUEST_TIMEOUT)
+            .timeout(REQUEST_TIMEOUT)
+            .http2_keep_alive_interval(Duration::from_secs(60))
+            .keep_alive_while_idle(false))
+    }
+
+    /// A new channel (its own connection, made at the first call): over
+    /// TLS with `tls`, else plaintext.
+    fn channel(endpoint: &Endpoint, tls: Option<ClientConfig>) -> Channel {
+        match tls {
+            Some(config) => posfleet_pki::grpc_channel_with(
+                endpoint,
+                Some(posfleet_pki::ClientTls::new(config)),
+            ),
+            None => endpoint.connect_lazy(),
+        }
+    }
+
+    /// What enrollment left a till with: its credential, or its certificate
+    /// and the CAs to trust.
+    enum Identity {
+        Credential(String),
+        Certificate {
+            key: Box<SigningKey>,
+            chain_pem: String,
+            trust_pem: String,
+        },
+    }
+
+    impl Identity {
+        /// The till's own channel and its heartbeat identity.
+        fn connect(self, endpoint: &Endpoint) -> anyhow::Result<(Channel, Device)> {
+            Ok(match self {
+                Identity::Credential(credential) => (
+                    channel(endpoint, None),
+                    Device {
+                        authorization: Some(format!("Device {credential}").parse()?),
+                        upgraded: AtomicBool::new(false),
+                    },
+                ),
+                Identity::Certificate {
+                    key,
+                    chain_pem,
+                    trust_pem,
+                } => {
+                    let chain =
+                        posfleet_pki::certificates_from_pem(chain_pem.as_bytes(), "device.crt")?;
+                    let trusted =
+                        posfleet_pki::certificates_from_pem(trust_pem.as_bytes(), "trust.pem")?;
+                    let config = posfleet_pki::client_config(
+                        &trusted,
+                        Some((chain, posfleet_pki::private_key_der(&key)?)),
+                    )?;
+                    (
+                        channel(endpoint, Some(config)),
+                        Device {
+                            authorization: None,
+                            upgraded: AtomicBool::new(false),
+                        },
+                    )
+                }
+            })
+        }
+    }
+
+    fn rss_bytes(pid: u32) -> u64 {
+        posfleet_e2e::status_kib(pid, "VmRSS:").unwrap_or(0) * 1024
+    }
+
+    fn open_files(pid: u32) -> usize {
+        std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |dir| dir.count())
+    }
+
+    /// Stops `cp` with SIGTERM and starts it again on its data dir and
+    /// addresses; returns the new one, the seconds stopping took and the
+    /// seconds starting took.
+    fn restart(mut cp: ControlPlane, extra: &[&str]) -> (ControlPlane, f64, f64) {
+        let t0 = Instant::now();
+        cp.process.stop(STOP_GRACE);
+        let stop_seconds = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let cp = ControlPlane::start(
+            &cp.data_dir,
+            cp.database_url.as_deref(),
+            &cp.grpc_address,
+            &cp.http_address,
+            extra,
+        );
+        (cp, stop_seconds, t1.elapsed().as_secs_f64())
+    }
+
+    async fn run_transport(args: &Args, transport: Transport) -> anyhow::Result<Run> {
+        let dir = tempfile::tempdir()?;
+        let postgres = match args.database {
+            Database::Sqlite => None,
+            Database::Postgres => Some(PostgresDb::create_on(&args.postgres_url)),
+        };
+        let mut extra = QUIET.to_vec();
+        if transport == Transport::Tls {
+            extra.extend(["--tls-server-name", "127.0.0.1"]);
+        }
+        let cp = ControlPlane::start(
+            &dir.path().join("cp"),
+            postgres.as_ref().map(|p| p.url.as_str()),
+            "127.0.0.1:0",
+            "127.0.0.1:0",
+            &extra,
+        );
+        let endpoint = till_endpoint(&cp.url())?;
+        // Over TLS, operators and enrolling tills trust the fleet CA.
+        let server_auth = if cp.tls {
+            let pem = std::fs::read(cp.ca_file())?;
+            let ca: Vec<CertificateDer<'static>> =
+                posfleet_pki::certificates_from_pem(&pem, "the fleet CA")?;
+            Some(posfleet_pki::client_config(&ca, None)?)
+        } else {
+            None
+        };
+        let admin_token = std::fs::read_to_string(cp.admin_token_file())?;
+        let bearer: MetadataValue<Ascii> = format!("Bearer {}", admin_token.trim()).parse()?;
+        let mut admin = AdminServiceClient::new(channel(&endpoint, server_auth.clone()));
+        let stores = args.devices.div_ceil(args.devices_per_store);
+        let tokens =
+            Arc::new(create_stores(&mut admin, &bearer, stores, args.devices_per_store).await?);
+
+        // Enrollment: each till over a new connection of its own.
+        let per_store = args.devices_per_store;
+        let identities: Arc<std::sync::Mutex<Vec<Option<Identity>>>> = Arc::new(
+            std::sync::Mutex::new((0..args.devices).map(|_| None).collect()),
+        );
+        let sink = identities.clone();
+        let enroll_endpoint = endpoint.clone();
+        let meter = Meter::start(cp.process.child.id());
+        let results = closed_loop(args.devices, ENROLL_CONCURRENCY, None, move |i| {
+            let token = tokens[i / per_store].clone();
+            let sink = sink.clone();
+            let channel = channel(&enroll_endpoint, server_auth.clone());
+            async move {
+                let key = SigningKey::generate(&mut rand::rngs::OsRng);
+                let certificate_request = match transport {
+                    Transport::Tls => {
+                        posfleet_pki::certificate_request(&key).map_err(|_| Code::Internal)?
+                    }
+                    Transport::Plaintext => Vec::new(),
+                };
+                let request =
+                    enroll_request(&key, token, format!("SIM-{i:07}"), certificate_request);
+                let answer = AgentServiceClient::new(channel)
+                    .enroll(request)
+                    .await
+                    .map_err(|s| s.code())?
+                    .into_inner();
+                let identity = match transport {
+                    Transport::Tls => Identity::Certificate {
+                        key: Box::new(key),
+                        chain_pem: answer.device_certificate_pem,
+                        trust_pem: answer.trust_bundle_pem,
+                    },
+                    Transport::Plaintext => Identity::Credential(answer.device_credential),
+                };
+                sink.lock().expect("lock")[i] = Some(identity);
+                Ok(())
+            }
+        })
+        .await;
+        let phase = meter.finish("enrollment", "closed loop", None, results);
+        let enrollment = Enrollment {
+            seconds: phase.seconds,
+            per_second: phase.achieved_per_second,
+            in_flight: ENROLL_CONCURRENCY,
+            errors: phase.errors,
+            control_plane_cpu_cores: phase.control_plane_cpu_cores,
+            simulator_cpu_cores: phase.simulator_cpu_cores,
+        };
+        eprintln!(
+            "  enrolled {} tills in {:.1}s ({:.0}/s), errors {:?}, control plane {:.2} cores",
+            phase.ok,
+            enrollment.seconds,
+            enrollment.per_second,
+            enrollment.errors,
+            enrollment.control_plane_cpu_cores
+        );
+        anyhow::ensure!(
+            enrollment.errors.is_empty(),
+            "enrollments failed: {:?}",
+            enrollment.errors
+        );
+
+        // A restart with nothing connected: the idle footprint.
+        let (cp, _, _) = restart(cp, &extra);
+        let pid = cp.process.child.id();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let control_plane_rss_idle_bytes = rss_bytes(pid);
+
+        let identities = std::mem::take(&mut *identities.lock().expect("lock"));
+        let mut channels = Vec::with_capacity(args.devices);
+        let mut devices = Vec::with_capacity(args.devices);
+        for identity in identities {
+            let identity = identity.ok_or_else(|| anyhow::anyhow!("a till did not enroll"))?;
+            let (channel, device) = identity.connect(&endpoint)?;
+            channels.push(channel);
+            devices.push(device);
+        }
+        let sim = Arc::new(Sim {
+            channels,
+            devices,
+            told_release: AtomicUsize::new(0),
+        });
+
+        let meter = Meter::start(pid);
+        let s = sim.clone();
+        let results = closed_loop(args.devices, args.concurrency, None, move |i| {
+            let s = s.clone();
+            async move { s.heartbeat(i).await }
+        })
+        .await;
+        let phase = meter.finish(
+            "every till connects and heartbeats once",
+            "closed loop",
+            None,
+            results,
+        );
+        print_phase(&phase);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let control_plane_rss_connected_bytes = rss_bytes(pid);
+        let connect = Connect {
+            control_plane_rss_idle_bytes,
+            control_plane_rss_connected_bytes,
+            control_plane_rss_per_connection_bytes: (control_plane_rss_connected_bytes as f64
+                - control_plane_rss_idle_bytes as f64)
+                / args.devices as f64,
+            control_plane_open_files: open_files(pid),
+            phase,
+        };
+        eprintln!(
+            "  control plane RSS {} MiB idle, {} MiB with {} connections ({:.1} KiB each); {} open files",
+            control_plane_rss_idle_bytes >> 20,
+            control_plane_rss_connected_bytes >> 20,
+            args.devices,
+            connect.control_plane_rss_per_connection_bytes / 1024.0,
+            connect.control_plane_open_files
+        );
+
+        let steady = if args.scenario.contains(&Scenario::Steady) {
+            let meter = Meter::start(pid);
+            let results = open_loop(sim.clone(), args.rate, args.phase_seconds, 0).await;
+            let phase = meter.finish(
+                &format!("fixed rate {} heartbeats/s", args.rate),
+                "open loop",
+                Some(args.rate),
+                results,
+            );
+            print_phase(&phase);
+            Some(Steady {
+                phase,
+                control_plane_rss_after_bytes: rss_bytes(pid),
+            })
+        } else {
+            None
+        };
+
+        let (cp, storm) = if args.scenario.contains(&Scenario::Storm) {
+            let (cp, storm) = storm(args, cp, &extra, &sim).await;
+            (cp, Some(storm))
+        } else {
+            (cp, None)
+        };
+        let control_plane_peak_rss_bytes = peak_rss_bytes(cp.process.child.id()).unwrap_or(0);
+        drop(sim);
+        drop(cp);
+        Ok(Run {
+            transport,
+            enrollment,
+            connect,
+            steady,
+            storm,
+            control_plane_peak_rss_bytes,
+        })
+    }
+
+    /// A till's retries after the restart: until its first successful
+    /// heartbeat, or the deadline.
+    struct Reconnect {
+        online_after: Option<Duration>,
+        failures: Vec<Code>,
+    }
+
+    /// The agent's wait before retry `failures + 1`: doubling from 1 s up
+    /// to `max`, drawn from the upper half.
+    fn backoff(failures: usize, max: Duration) -> Duration {
+        let ceiling = Duration::from_secs(1 << failures.min(20)).min(max);
+        ceiling.mul_f64(0.5 + rand::random::<f64>() / 2.0)
+    }
+
+    async fn storm(
+        args: &Args,
+        cp: ControlPlane,
+        extra: &[&str],
+        sim: &Arc<Sim>,
+    ) -> (ControlPlane, Storm) {
+        let (cp, stop_seconds, start_seconds) = restart(cp, extra);
+        let pid = cp.process.child.id();
+        let started = Instant::now();
+        let cp_cpu = cpu_seconds(pid).unwrap_or(0.0);
+        let sim_cpu = cpu_seconds(std::process::id()).unwrap_or(0.0);
+        let deadline = started + Duration::from_secs(args.storm_deadline_seconds);
+        let max_backoff = Duration::from_secs(args.max_backoff_seconds);
+        let online = Arc::new(AtomicUsize::new(0));
+        let mut tills = tokio::task::JoinSet::new();
+        for i in 0..sim.devices.len() {
+            let sim = sim.clone();
+            let online = online.clone();
+            tills.spawn(async move {
+                let mut failures = Vec::new();
+                loop {
+                    match sim.heartbeat(i).await {
+                        Ok(()) => {
+                            online.fetch_add(1, Ordering::Relaxed);
+                            return Reconnect {
+                                online_after: Some(started.elapsed()),
+                                failures,
+                            };
+                        }
+                        Err(code) => failures.push(code),
+                    }
+                    let wait = backoff(failures.len() - 1, max_backoff);
+                    if Instant::now() + wait >= deadline {
+                        return Reconnect {
+                            online_after: None,
+                            failures,
+                        };
+                    }
+                    tokio::time::sleep(wait).await;
+                }
+            });
+        }
+        // One sample a second while the tills reconnect.
+        let total = sim.devices.len();
+        let sampler = {
+            let online = online.clone();
+            tokio::spawn(async move {
+                let mut timeline = Vec::new();
+                let mut last = (started, cp_cpu);
+                loop {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let now = Instant::now();
+                    let cpu = cpu_seconds(pid).unwrap_or(last.1);
+                    let count = online.load(Ordering::Relaxed);
+                    timeline.push(StormSample {
+                        seconds: (now - started).as_secs_f64(),
+                        online: count,
+                        control_plane_cpu_cores: (cpu - last.1)
+                            / (now - last.0).as_secs_f64().max(1e-3),
+                    });
+                    last = (now, cpu);
+                    if count == total || now >= deadline {
+                        return timeline;
+                    }
+                }
+            })
+        };
+        let mut reconnects = Vec::with_capacity(total);
+        while let Some(till) = tills.join_next().await {
+            reconnects.push(till.expect("till task"));
+        }
+        let ended = Instant::now();
+        let control_plane_cpu_seconds = cpu_seconds(pid).unwrap_or(cp_cpu) - cp_cpu;
+        let simulator_cpu_seconds = cpu_seconds(std::process::id()).unwrap_or(sim_cpu) - sim_cpu;
+        let timeline = sampler.await.expect("sampler task");
+
+        let mut times: Vec<f64> = reconnects
+            .iter()
+            .filter_map(|r| r.online_after.map(|d| d.as_secs_f64()))
+            .collect();
+        times.sort_by(f64::total_cmp);
+        let pct = |p: f64| {
+            times
+                .get(((times.len() as f64 * p) as usize).min(times.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(0.0)
+        };
+        let mut per_second: BTreeMap<u64, usize> = BTreeMap::new();
+        for t in &times {
+            *per_second.entry(*t as u64).or_default() += 1;
+        }
+        let mut failed_calls_by_code: BTreeMap<String, usize> = BTreeMap::new();
+        for code in reconnects.iter().flat_map(|r| &r.failures) {
+            *failed_calls_by_code.entry(format!("{code:?}")).or_default() += 1;
+        }
+        let gave_up = reconnects
+            .iter()
+            .filter(|r| r.online_after.is_none())
+            .count();
+        let all_online_seconds = (gave_up == 0).then(|| pct(1.0));
+        let storm = Storm {
+            stop_seconds,
+            start_seconds,
+            all_online_seconds,
+            online_p50_seconds: pct(0.5),
+            online_p99_seconds: pct(0.99),
+            online: times.len(),
+            gave_up,
+            failed_calls: failed_calls_by_code.values().sum(),
+            failed_calls_by_code,
+            tills_that_retried: reconnects.iter().filter(|r| !r.failures.is_empty()).count(),
+            connections_per_second: times.len() as f64
+                / all_online_seconds
+                    .unwrap_or_else(|| (ended - started).as_secs_f64())
+                    .max(1e-3),
+            connections_per_second_peak: per_second.values().copied().max().unwrap_or(0),
+            control_plane_cpu_seconds,
+            simulator_cpu_seconds,
+            control_plane_rss_after_bytes: rss_bytes(pid),
+            timeline,
+        };
+        eprintln!(
+            "  storm: stopped in {:.1}s, listening after {:.1}s; {} of {total} online after {} (p50 {:.1}s, p99 {:.1}s), {} gave up; {} failed calls {:?} from {} tills; {:.0} connections/s (peak {}/s); control plane {:.1} CPU s, simulator {:.1} CPU s",
+            storm.stop_seconds,
+            storm.start_seconds,
+            storm.online,
+            storm
+                .all_online_seconds
+                .map_or("—".to_string(), |s| format!("{s:.1}s")),
+            storm.online_p50_seconds,
+            storm.online_p99_seconds,
+            storm.gave_up,
+            storm.failed_calls,
+            storm.failed_calls_by_code,
+            storm.tills_that_retried,
+            storm.connections_per_second,
+            storm.connections_per_second_peak,
+            storm.control_plane_cpu_seconds,
+            storm.simulator_cpu_seconds,
+        );
+        (cp, storm)
+    }
 }
