@@ -39,15 +39,47 @@ fn main() -> ExitCode {
     }
 }
 
+/// Connections waiting to be accepted, per listener: a fleet reconnecting
+/// at once after a restart (the kernel caps it at `net.core.somaxconn`).
+const LISTEN_BACKLOG: u32 = 8192;
+
 async fn run(config: Config) -> anyhow::Result<()> {
+    raise_open_files_limit();
     let bind = |address: String| async move {
-        tokio::net::TcpListener::bind(&address)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {address}: {e}"))
+        let listen = || -> std::io::Result<tokio::net::TcpListener> {
+            let address: std::net::SocketAddr = address
+                .parse()
+                .map_err(|_| std::io::Error::other("not an address"))?;
+            let socket = if address.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            socket.set_reuseaddr(true)?;
+            socket.bind(address)?;
+            socket.listen(LISTEN_BACKLOG)
+        };
+        listen().map_err(|e| anyhow::anyhow!("cannot listen on {address}: {e}"))
     };
     let grpc = bind(config.grpc_listen_address.clone()).await?;
     let http = bind(config.http_listen_address.clone()).await?;
     let control_plane = ControlPlane::open(config).await?;
     control_plane.serve(grpc, http, shutdown_signal()).await?;
     Ok(())
+}
+
+/// Each till keeps a connection open over TLS: the soft limit on open files
+/// (often 1,024) is raised to the hard one, which the service manager sets
+/// (`LimitNOFILE`).
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(%error, soft, hard, "Cannot raise the open-files limit.");
+            }
+        }
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, "Cannot read the open-files limit."),
+    }
 }

@@ -4,9 +4,10 @@
 //! once rather than at its next handshake.
 //!
 //! One accept loop per listener hands finished handshakes to the gRPC or
-//! HTTP server as [`Connection`]s. Handshakes run concurrently, each within
-//! [`HANDSHAKE_TIMEOUT`], at most [`MAX_HANDSHAKES`] at a time, so a client
-//! that opens sockets and says nothing holds no more than that.
+//! HTTP server as [`Connection`]s. Handshakes run concurrently, at most
+//! [`MAX_HANDSHAKES`] at a time (others wait their turn), each connection
+//! done within [`HANDSHAKE_TIMEOUT`] of its accept, waiting included, so a
+//! client that opens sockets and says nothing holds each for no longer.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -342,25 +343,29 @@ async fn accept_loop(
             }
             continue;
         };
-        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-            // Too many half-open handshakes: drop this one at once.
-            tracing::debug!(%address, "Too many TLS handshakes in progress; closed.");
-            continue;
-        };
         let sender = sender.clone();
         let gate = gate.clone();
+        let handshakes = handshakes.clone();
         tokio::spawn(async move {
+            // Past MAX_HANDSHAKES a connection waits for a turn (a fleet
+            // reconnecting at once after a restart), within the same time
+            // limit: dropping it would cost the till a backoff.
             let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+                let permit = handshakes
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| io::Error::other("the listener is closing"))?;
                 let mut first = [0u8; 1];
                 socket.peek(&mut first).await?;
                 if first[0] != TLS_HANDSHAKE_RECORD {
                     refuse_plaintext(socket, first[0]).await;
                     return Err(io::Error::other("a plaintext client on the TLS port"));
                 }
-                acceptor.accept(socket).await
+                let stream = acceptor.accept(socket).await;
+                drop(permit);
+                stream
             })
             .await;
-            drop(permit);
             let stream = match handshake {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(error)) => {
