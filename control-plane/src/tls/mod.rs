@@ -274,8 +274,9 @@ impl Tls {
     /// Stops trusting the previous CA: the listeners' certificate is issued
     /// from the active one from now on, and connections made with a
     /// certificate from the previous one are closed at their next request.
-    /// `holding` is how many enrolled tills still hold such a certificate;
-    /// unless `force`, any is a refusal.
+    /// `holding` lists the enrolled tills that still hold such a
+    /// certificate; unless `force`, any is a refusal. Answers the CAs now in
+    /// force and the tills that must enroll again.
     pub async fn retire(
         &self,
         holding: impl AsyncFnOnce() -> Result<Vec<String>, Error>,
