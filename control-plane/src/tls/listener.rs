@@ -274,12 +274,39 @@ const PLAINTEXT_ON_TLS_PORT: &str =
 /// Answers a plaintext client in its own protocol, so that it can say why:
 /// an HTTP/2 client (gRPC) gets a GOAWAY carrying the reason, an HTTP/1
 /// client a 400.
+/// Whether what an HTTP/2 client sent (its preface, then frames) holds a
+/// HEADERS frame.
+fn holds_headers(received: &[u8]) -> bool {
+    const PREFACE: usize = 24;
+    const HEADERS: u8 = 0x1;
+    let mut at = PREFACE;
+    while let Some(header) = received.get(at..at + 9) {
+        if header[3] == HEADERS {
+            return true;
+        }
+        let length = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+        at += 9 + length;
+    }
+    false
+}
+
 async fn refuse_plaintext(mut socket: TcpStream, first: u8) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = [0u8; 4096];
     // Take what the client sent, so that closing does not reset the
-    // connection before it reads the answer.
-    let _ = tokio::time::timeout(Duration::from_millis(200), socket.read(&mut buf)).await;
+    // connection before it reads the answer. An HTTP/2 client is answered
+    // once its request is open (a HEADERS frame came): a GOAWAY before that
+    // would only say "connection closed", without the reason.
+    let mut received = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Ok(n) = socket.read(&mut buf).await {
+            received.extend_from_slice(&buf[..n]);
+            if n == 0 || first != b'P' || holds_headers(&received) || received.len() > 65_536 {
+                break;
+            }
+        }
+    })
+    .await;
     let answer = if first == b'P' {
         // The HTTP/2 preface: an empty SETTINGS frame, then GOAWAY
         // (PROTOCOL_ERROR) with the reason as debug data.
@@ -502,6 +529,19 @@ mod tests {
                 .is_err_and(|e| e.to_string().contains("CertificateRevoked")),
             "{refused:?}"
         );
+    }
+
+    #[test]
+    fn an_http2_client_is_answered_once_its_request_headers_came() {
+        let mut sent = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        // SETTINGS with one setting (6 bytes), then WINDOW_UPDATE.
+        sent.extend_from_slice(&[0, 0, 6, 0x4, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 100]);
+        sent.extend_from_slice(&[0, 0, 4, 0x8, 0, 0, 0, 0, 0, 0, 1, 0, 0]);
+        assert!(!holds_headers(&sent));
+        // HEADERS on stream 1, its block cut short.
+        sent.extend_from_slice(&[0, 0, 20, 0x1, 0x4, 0, 0, 0, 1, 0x82]);
+        assert!(holds_headers(&sent));
+        assert!(!holds_headers(b"PRI * HTTP/2.0"));
     }
 
     #[tokio::test]
