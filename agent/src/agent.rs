@@ -459,20 +459,7 @@ impl Agent {
         }
         .map_err(|status| crate::tls::describe(&status))?
         .into_inner();
-        let certificate = DeviceCertificate::from_enrollment(
-            &answer.device_certificate_pem,
-            &answer.trust_bundle_pem,
-            &enrollment.device_id,
-        )
-        .map_err(|e| e.to_string())?
-        .ok_or("the answer holds no certificate")?;
-        // Saved only if usable with the device key.
-        certificate
-            .client_config(&self.key)
-            .map_err(|e| e.to_string())?;
-        certificate
-            .save(&self.config.data_dir)
-            .map_err(|e| e.to_string())?;
+        let certificate = self.save_issued(&answer, enrollment)?;
         let not_after = certificate.identity().map_or(0, |i| i.not_after);
         self.use_certificate(certificate)?;
         if let Some(tls) = self.device_tls.as_mut() {
@@ -551,6 +538,16 @@ impl Agent {
             .await
             .map_err(|status| crate::tls::describe(&status))?
             .into_inner();
+        self.save_issued(&answer, enrollment).map(|_| ())
+    }
+
+    /// Saves the certificate a renewal answered with, and its trust bundle,
+    /// if they are usable with the device key.
+    fn save_issued(
+        &self,
+        answer: &posfleet_proto::v1::RenewCertificateResponse,
+        enrollment: &Enrollment,
+    ) -> Result<DeviceCertificate, String> {
         let certificate = DeviceCertificate::from_enrollment(
             &answer.device_certificate_pem,
             &answer.trust_bundle_pem,
@@ -563,7 +560,8 @@ impl Agent {
             .map_err(|e| e.to_string())?;
         certificate
             .save(&self.config.data_dir)
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        Ok(certificate)
     }
 
     /// Makes new connections (gRPC and `/repo/`) use `certificate` and its
