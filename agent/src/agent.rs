@@ -41,6 +41,9 @@ pub struct Agent {
     p2p: Option<posfleet_p2p::P2p>,
     /// Where `p2p` listens, as reported to the control plane.
     p2p_addrs: Vec<String>,
+    /// Peers banned (`posfleet_p2p::Stats::banned_peers`) as of the last
+    /// acknowledged heartbeat: the next one reports the bans since.
+    bans_reported: u64,
     store_peers: StorePeers,
     repository: Option<RepositoryClient>,
     key: SigningKey,
@@ -129,6 +132,7 @@ impl Agent {
         Ok(Agent {
             p2p: None,
             p2p_addrs: Vec::new(),
+            bans_reported: 0,
             store_peers: StorePeers::load(&config.data_dir),
             repository,
             state: StateDir::new(&config.data_dir),
@@ -719,7 +723,13 @@ impl Agent {
                 tracing::error!(%error, "Cannot read installed bundles; reporting none.");
                 Default::default()
             });
+        let banned = match &self.p2p {
+            Some(p2p) => p2p.stats().await.banned_peers,
+            None => self.bans_reported,
+        };
         let mut request = Request::new(HeartbeatRequest {
+            p2p_peers_banned: u32::try_from(banned.saturating_sub(self.bans_reported))
+                .unwrap_or(u32::MAX),
             agent_version: AGENT_VERSION.into(),
             installed_bundles,
             health: Some(health::collect(
@@ -741,6 +751,7 @@ impl Agent {
                 .insert(posfleet_proto::AUTHORIZATION, authorization);
         }
         let mut response = self.client.heartbeat(request).await?.into_inner();
+        self.bans_reported = banned;
         if let Some(peers) = response.store_peers.take() {
             self.set_store_peers(StorePeers::from_proto(peers)).await;
         }

@@ -28,6 +28,9 @@ const MAX_REPORTED_BUNDLES: usize = 64;
 /// Most P2P listen addresses one till may report, and their longest.
 const MAX_P2P_ADDRS: usize = 16;
 const MAX_P2P_ADDR_LEN: usize = 256;
+/// Most peer bans one heartbeat may add to `posfleet_p2p_peers_banned_total`:
+/// a till has at most a store of peers to ban.
+const MAX_REPORTED_BANS: u32 = 1024;
 
 /// Devices whose credential hash (or absence) is kept in memory, so a
 /// heartbeat normally does not read the database.
@@ -974,6 +977,9 @@ impl AgentService for AgentApi {
             return Err(Status::unavailable("the control plane is shutting down"));
         }
         self.metrics.heartbeats.with_label_values(&["ok"]).inc();
+        self.metrics
+            .p2p_bans
+            .inc_by(req.p2p_peers_banned.min(MAX_REPORTED_BANS).into());
         // A till holding another trust bundle (a CA was rotated or retired)
         // gets the current one; one whose certificate is not from the
         // active CA renews it.
@@ -1067,14 +1073,15 @@ impl AgentService for AgentApi {
             ));
         }
         let (origin, peers) = added_bytes(&before, &statuses);
-        self.metrics
-            .bundle_bytes
-            .with_label_values(&["origin"])
-            .inc_by(origin);
-        self.metrics
-            .bundle_bytes
-            .with_label_values(&["peer"])
-            .inc_by(peers);
+        for (source, bytes) in [("origin", origin), ("peer", peers)] {
+            self.metrics
+                .bundle_bytes
+                .with_label_values(&[source])
+                .inc_by(bytes);
+            self.metrics
+                .fleet
+                .add_store_bytes(&auth.store_id, source, bytes);
+        }
         for record in &statuses {
             // One of BUNDLE_PHASES: validate_report refused any other phase.
             self.metrics

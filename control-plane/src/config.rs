@@ -26,6 +26,8 @@ pub struct Config {
     pub offline_after_missed_heartbeats: u32,
     /// Largest gRPC message accepted from an agent or an operator.
     pub max_message_size_bytes: usize,
+    /// Stores with per-store series on `/metrics` at most.
+    pub metrics_store_series_limit: usize,
     pub database_max_connections: u32,
     pub log_format: LogFormat,
     pub log_level: String,
@@ -104,6 +106,7 @@ impl Default for Config {
             heartbeat_interval_seconds: 30,
             offline_after_missed_heartbeats: 3,
             max_message_size_bytes: 64 * 1024,
+            metrics_store_series_limit: crate::metrics::DEFAULT_STORE_SERIES_LIMIT,
             database_max_connections: 8,
             log_format: LogFormat::Text,
             log_level: "info".into(),
@@ -165,6 +168,9 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_message_size_bytes: Option<usize>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_store_series_limit: Option<usize>,
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub database_max_connections: Option<u32>,
@@ -365,6 +371,15 @@ impl Config {
                 format!(
                     "must be 2 to 100, got {}",
                     self.offline_after_missed_heartbeats
+                ),
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.metrics_store_series_limit) {
+            return Err(ConfigError::new(
+                "metrics_store_series_limit",
+                format!(
+                    "must be 1 to 1000000, got {}",
+                    self.metrics_store_series_limit
                 ),
             ));
         }

@@ -24,10 +24,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use tower::ServiceExt;
 
-/// How old the fleet gauges (`posfleet_devices`, `posfleet_stores`) may be
-/// when a scrape shows them: however often `/metrics` is asked for, the
-/// devices table is counted at most once per this.
+/// How old the fleet gauges (`crate::metrics::fleet`) may be when a scrape
+/// shows them: however often `/metrics` is asked for, the database is read
+/// for them at most once per this.
 pub const FLEET_GAUGES_MAX_AGE: Duration = Duration::from_secs(5);
+/// Longest a refresh of the fleet gauges may take; the scrape then shows
+/// the previous values.
+const FLEET_GAUGES_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Who may read what from `/repo/` when the control plane serves TLS: TUF
 /// metadata any enrolled, unrevoked till; a bundle's bytes and chunk list
@@ -172,11 +175,15 @@ pub fn router(
     stopping: watch::Receiver<bool>,
     access: Option<RepoAccess>,
 ) -> Router {
+    let measured = metrics.clone();
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_handler))
         .route("/repo/{*path}", get(repo_file))
+        .layer(axum::middleware::from_fn(move |request, next| {
+            measure(measured.clone(), request, next)
+        }))
         .with_state(HttpState {
             access,
             storage: repository.storage().clone(),
@@ -216,8 +223,8 @@ async fn metrics_handler(State(state): State<HttpState>) -> impl IntoResponse {
     )
 }
 
-/// Counts devices and stores unless that was done within
-/// `FLEET_GAUGES_MAX_AGE` (a failed count waits as long: a database in
+/// Reads the fleet gauges unless that was done within
+/// `FLEET_GAUGES_MAX_AGE` (a failed read waits as long: a database in
 /// trouble is not asked again by every scrape).
 async fn refresh_fleet_gauges(state: &HttpState) {
     let mut counted_at = state.fleet_counted_at.lock().await;
@@ -225,32 +232,78 @@ async fn refresh_fleet_gauges(state: &HttpState) {
         return;
     }
     *counted_at = Some(Instant::now());
-    let counts = tokio::time::timeout(Duration::from_secs(5), async {
-        let devices = state
+    let metrics = &state.metrics;
+    metrics.observe_pool(&state.storage);
+    if let Some(access) = &state.access {
+        for (certificate, not_after) in access.tls.expiries() {
+            metrics
+                .certificate_expiry
+                .with_label_values(&[certificate])
+                .set(not_after as f64);
+        }
+    }
+    let now = now_ms();
+    let read = tokio::time::timeout(FLEET_GAUGES_TIMEOUT, async {
+        let snapshot = state
             .storage
-            .count_devices(now_ms(), state.offline_after_missed_heartbeats)
+            .fleet_snapshot(now, state.offline_after_missed_heartbeats)
             .await?;
         let stores = state.storage.count_stores().await?;
-        Ok::<_, Error>((devices, stores))
+        Ok::<_, Error>((snapshot, stores))
     })
     .await;
-    match counts {
-        Ok(Ok(((online, total), stores))) => {
-            state
-                .metrics
-                .devices
-                .with_label_values(&["online"])
-                .set(online);
-            state
-                .metrics
-                .devices
-                .with_label_values(&["offline"])
-                .set(total - online);
-            state.metrics.stores.set(stores);
+    match read {
+        Ok(Ok((snapshot, stores))) => {
+            metrics
+                .database_acquire_seconds
+                .observe(snapshot.acquire_wait.as_secs_f64());
+            metrics.fleet.apply(&snapshot, now);
+            metrics.fleet.set_stores(stores);
         }
-        Ok(Err(error)) => tracing::warn!(%error, "Cannot count devices for /metrics."),
-        Err(_) => tracing::warn!("Counting devices for /metrics took over 5s."),
+        Ok(Err(error)) => tracing::warn!(%error, "Cannot read the fleet gauges for /metrics."),
+        Err(_) => tracing::warn!(
+            "Reading the fleet gauges for /metrics took over {}s; the scrape shows older values.",
+            FLEET_GAUGES_TIMEOUT.as_secs()
+        ),
     }
+}
+
+/// The `route` label of a request's path (`crate::metrics::HTTP_ROUTES`).
+fn route_of(path: &str) -> &'static str {
+    match path {
+        "/metrics" => "metrics",
+        "/healthz" => "healthz",
+        "/readyz" => "readyz",
+        p if p.starts_with("/repo/targets/") => "repo_target",
+        p if p.starts_with("/repo/") => "repo_metadata",
+        _ => "other",
+    }
+}
+
+/// Counts and times every HTTP request, by route and status code.
+async fn measure(metrics: Metrics, request: Request, next: axum::middleware::Next) -> Response {
+    /// Counts a request in flight until it is answered or dropped.
+    struct InFlight(prometheus::IntGauge);
+    impl Drop for InFlight {
+        fn drop(&mut self) {
+            self.0.dec();
+        }
+    }
+    let route = route_of(request.uri().path());
+    let in_flight = InFlight(metrics.http_in_flight.with_label_values(&[route]));
+    in_flight.0.inc();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    drop(in_flight);
+    metrics
+        .http_duration
+        .with_label_values(&[route])
+        .observe(started.elapsed().as_secs_f64());
+    metrics
+        .http_requests
+        .with_label_values(&[route, response.status().as_str()])
+        .inc();
+    response
 }
 
 /// What a path under `/repo/` names.

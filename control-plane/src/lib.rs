@@ -156,7 +156,7 @@ impl ControlPlane {
             path: config.data_dir.clone(),
             source,
         })?;
-        let metrics = Metrics::new();
+        let metrics = Metrics::with_store_series_limit(config.metrics_store_series_limit);
         metrics.register_storage(&storage);
         let tls = tls::Tls::open(&config, &storage).await?;
         let control_plane = ControlPlane {
@@ -278,7 +278,7 @@ impl ControlPlane {
             config.offline_after_missed_heartbeats,
             repository.clone(),
             desired.clone(),
-            rollout::Rollouts::new(storage.clone(), desired, engine),
+            rollout::Rollouts::new(storage.clone(), desired, engine, metrics.rollout.clone()),
             gate.clone(),
             tls.as_ref().map(|tls| admin_api::AdminTls {
                 certificates: config.certificate_policy(),
@@ -298,10 +298,18 @@ impl ControlPlane {
         health_reporter
             .set_serving::<AdminServiceServer<admin_api::AdminApi>>()
             .await;
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(posfleet_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(posfleet_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection()
             .build_v1()
+            .expect("the embedded descriptor sets are valid: a unit test decodes them");
+        // The older name, which several GUI clients and Python's reflection
+        // client still ask for.
+        let reflection_v1alpha = reflection()
+            .build_v1alpha()
             .expect("the embedded descriptor sets are valid: a unit test decodes them");
 
         tokio::spawn(async move {
@@ -339,11 +347,14 @@ impl ControlPlane {
         tracing::info!(address = %grpc.local_addr(), tls = tls.is_some(), "gRPC listening.");
         tracing::info!(address = %http.local_addr(), tls = tls.is_some(), "HTTP listening.");
         let grpc_server = tonic::transport::Server::builder()
+            // Outermost: sees every answer, timeouts and refusals included.
+            .layer(metrics::grpc::GrpcMetricsLayer::new(metrics.grpc.clone()))
             // 30 s per call, but an idle timeout for bundle uploads.
             .layer(timeout::RequestTimeoutLayer::new(timeout::REQUEST_TIMEOUT))
             .http2_keepalive_interval(Some(Duration::from_secs(60)))
             .add_service(health_service)
-            .add_service(reflection)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
             .add_service(agent)
             .add_service(admin)
             .serve_with_incoming_shutdown(grpc.into_stream(), stopped(stop_rx.clone()));

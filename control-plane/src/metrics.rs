@@ -1,9 +1,34 @@
-//! Prometheus metrics of the control plane. Label sets are small and fixed.
+//! Prometheus metrics of the control plane. Label sets are small and fixed,
+//! or capped where a value comes from the fleet (see `fleet`); no label
+//! names a device.
+//!
+//! - `grpc`: every gRPC call by service, method and code (a tower layer);
+//! - `fleet`: the gauges read from the database at a scrape;
+//! - here: the counters the request handlers and background tasks keep.
+
+pub mod fleet;
+pub mod grpc;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+/// Per-store series at most, unless configured (`metrics_store_series_limit`).
+pub const DEFAULT_STORE_SERIES_LIMIT: usize = 10_000;
+
+/// Every value of the `route` label of the HTTP metrics.
+pub const HTTP_ROUTES: [&str; 6] = [
+    "repo_metadata",
+    "repo_target",
+    "metrics",
+    "healthz",
+    "readyz",
+    "other",
+];
+
+/// Every value of the `reason` label of `posfleet_rollout_pauses_total`.
+pub const PAUSE_REASONS: [&str; 2] = ["failure_threshold", "operator"];
 
 /// Every value of the `result` label of `posfleet_enrollments_total`.
 pub const ENROLLMENT_RESULTS: [&str; 9] = [
@@ -72,10 +97,28 @@ pub struct Metrics {
     pub heartbeat_flush_rows: Histogram,
     /// Heartbeat batches given up after repeated write failures.
     pub heartbeat_batches_dropped: prometheus::IntCounter,
-    /// Devices by `status` (`online`, `offline`), counted at a scrape at
-    /// most every `FLEET_GAUGES_MAX_AGE`.
-    pub devices: IntGaugeVec,
-    pub stores: IntGauge,
+    /// The gauges read from the database at a scrape, at most every
+    /// `FLEET_GAUGES_MAX_AGE`, and the per-store byte counters.
+    pub fleet: fleet::FleetMetrics,
+    /// Every gRPC call, by service, method and code.
+    pub grpc: grpc::GrpcMetrics,
+    /// HTTP requests answered, by `route` (`HTTP_ROUTES`) and status code.
+    pub http_requests: IntCounterVec,
+    /// Time to an HTTP answer's headers, by `route`.
+    pub http_duration: HistogramVec,
+    pub http_in_flight: IntGaugeVec,
+    /// Peers tills banned for serving bad data, as their heartbeats report.
+    pub p2p_bans: prometheus::IntCounter,
+    /// Pooled database connections by `state` (`in_use`, `idle`).
+    pub database_connections: IntGaugeVec,
+    pub database_connections_max: IntGauge,
+    /// How long the fleet gauges' refresh waited for a pooled connection:
+    /// a sample of the pool's wait at every refresh.
+    pub database_acquire_seconds: Histogram,
+    /// When each certificate of the control plane's expires (`server`,
+    /// `fleet_ca`, `previous_fleet_ca`: `Tls::expiries`), as Unix time;
+    /// absent without TLS.
+    pub certificate_expiry: GaugeVec,
     /// Audit entries that could not be written or completed.
     pub audit_write_failures: prometheus::IntCounter,
     /// Unauthenticated calls over the audit rate limit, counted instead of
@@ -93,6 +136,11 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
+        Metrics::with_store_series_limit(DEFAULT_STORE_SERIES_LIMIT)
+    }
+
+    /// Per-store series for at most `store_series_limit` stores.
+    pub fn with_store_series_limit(store_series_limit: usize) -> Metrics {
         let registry = Registry::new();
         let heartbeats = IntCounterVec::new(
             Opts::new(
@@ -163,13 +211,80 @@ impl Metrics {
             "Heartbeat batches given up after repeated write failures (the devices re-report).",
         )
         .expect("static metric definition is valid");
-        let devices = IntGaugeVec::new(
-            Opts::new("posfleet_devices", "Enrolled devices, by status."),
-            &["status"],
+        let http_requests = IntCounterVec::new(
+            Opts::new(
+                "posfleet_http_requests_total",
+                "HTTP requests answered, by route and status code.",
+            ),
+            &["route", "code"],
         )
         .expect("static metric definition is valid");
-        let stores =
-            IntGauge::new("posfleet_stores", "Stores.").expect("static metric definition is valid");
+        let http_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "posfleet_http_request_duration_seconds",
+                "Time from an HTTP request's arrival to its answer's headers, by route.",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            &["route"],
+        )
+        .expect("static metric definition is valid");
+        let http_in_flight = IntGaugeVec::new(
+            Opts::new(
+                "posfleet_http_requests_in_flight",
+                "HTTP requests being answered, by route.",
+            ),
+            &["route"],
+        )
+        .expect("static metric definition is valid");
+        let p2p_bans = prometheus::IntCounter::new(
+            "posfleet_p2p_peers_banned_total",
+            "Store peers tills banned for serving bad data, as their heartbeats report.",
+        )
+        .expect("static metric definition is valid");
+        let database_connections = IntGaugeVec::new(
+            Opts::new(
+                "posfleet_database_connections",
+                "Open database connections of the pool, by state: in_use or idle.",
+            ),
+            &["state"],
+        )
+        .expect("static metric definition is valid");
+        let database_connections_max = IntGauge::new(
+            "posfleet_database_connections_max",
+            "Database connections the pool may open (database_max_connections).",
+        )
+        .expect("static metric definition is valid");
+        let database_acquire_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "posfleet_database_acquire_duration_seconds",
+                "Time the fleet gauges' refresh waited for a pooled database connection \
+                 (a sample of the pool's wait, taken at every refresh).",
+            )
+            .buckets(prometheus::exponential_buckets(0.0001, 4.0, 9).expect("valid buckets")),
+        )
+        .expect("static metric definition is valid");
+        let certificate_expiry = GaugeVec::new(
+            Opts::new(
+                "posfleet_tls_certificate_expiry_timestamp_seconds",
+                "When a certificate of the control plane's expires (Unix time): the listeners' \
+                 certificate (server), the fleet CA and a CA being rotated out.",
+            ),
+            &["certificate"],
+        )
+        .expect("static metric definition is valid");
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "posfleet_build_info",
+                "1, labelled with the control plane's version.",
+            ),
+            &["version"],
+        )
+        .expect("static metric definition is valid");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         let audit_write_failures = prometheus::IntCounter::new(
             "posfleet_audit_write_failures_total",
             "Audit entries that could not be written or completed.",
@@ -212,8 +327,15 @@ impl Metrics {
             Box::new(heartbeat_flush_seconds.clone()),
             Box::new(heartbeat_flush_rows.clone()),
             Box::new(heartbeat_batches_dropped.clone()),
-            Box::new(devices.clone()),
-            Box::new(stores.clone()),
+            Box::new(http_requests.clone()),
+            Box::new(http_duration.clone()),
+            Box::new(http_in_flight.clone()),
+            Box::new(p2p_bans.clone()),
+            Box::new(database_connections.clone()),
+            Box::new(database_connections_max.clone()),
+            Box::new(database_acquire_seconds.clone()),
+            Box::new(certificate_expiry.clone()),
+            Box::new(build_info),
             Box::new(audit_write_failures.clone()),
             Box::new(audit_suppressed.clone()),
             Box::new(webhook_attempts.clone()),
@@ -224,7 +346,23 @@ impl Metrics {
                 .register(collector)
                 .expect("each metric is registered once");
         }
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("the process collector is registered once");
         let rollout = crate::rollout::RolloutMetrics::register(&registry);
+        let fleet = fleet::FleetMetrics::register(&registry, store_series_limit);
+        let grpc = grpc::GrpcMetrics::register(
+            &registry,
+            &[
+                posfleet_proto::FILE_DESCRIPTOR_SET,
+                tonic_health::pb::FILE_DESCRIPTOR_SET,
+                tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            ],
+        );
         // Every label value exists from the start, so rates work from zero.
         for result in HEARTBEAT_RESULTS {
             heartbeats.with_label_values(&[result]);
@@ -238,8 +376,13 @@ impl Metrics {
         for result in ENROLLMENT_RESULTS {
             enrollments.with_label_values(&[result]);
         }
-        for status in ["online", "offline"] {
-            devices.with_label_values(&[status]);
+        for route in HTTP_ROUTES {
+            http_requests.with_label_values(&[route, "200"]);
+            http_duration.with_label_values(&[route]);
+            http_in_flight.with_label_values(&[route]);
+        }
+        for state in ["in_use", "idle"] {
+            database_connections.with_label_values(&[state]);
         }
         for result in WEBHOOK_ATTEMPT_RESULTS {
             webhook_attempts.with_label_values(&[result]);
@@ -259,8 +402,16 @@ impl Metrics {
             heartbeat_flush_seconds,
             heartbeat_flush_rows,
             heartbeat_batches_dropped,
-            devices,
-            stores,
+            fleet,
+            grpc,
+            http_requests,
+            http_duration,
+            http_in_flight,
+            p2p_bans,
+            database_connections,
+            database_connections_max,
+            database_acquire_seconds,
+            certificate_expiry,
             audit_write_failures,
             audit_suppressed,
             webhook_attempts,
@@ -270,12 +421,28 @@ impl Metrics {
         }
     }
 
-    /// Adds the database's own counters (connection uses).
+    /// Adds the database's own counters (connection uses, rollout events).
     pub fn register_storage(&self, storage: &crate::storage::Storage) {
         // A second registration of the same storage is refused and harmless.
         let _ = self
             .registry
             .register(Box::new(storage.connection_uses().clone()));
+        let _ = self
+            .registry
+            .register(Box::new(storage.rollout_events().clone()));
+    }
+
+    /// Sets the pool gauges from the pool as it is now.
+    pub fn observe_pool(&self, storage: &crate::storage::Storage) {
+        let (open, idle, max) = storage.pool_connections();
+        let idle = idle.min(open);
+        self.database_connections
+            .with_label_values(&["in_use"])
+            .set(i64::from(open - idle));
+        self.database_connections
+            .with_label_values(&["idle"])
+            .set(i64::from(idle));
+        self.database_connections_max.set(i64::from(max));
     }
 
     /// The Prometheus text exposition of every metric.

@@ -336,6 +336,7 @@ async fn heartbeats_fill_the_fleet_view(backend: Backend) {
         p2p_listen_addrs: Vec::new(),
         store_peers_digest: Vec::new(),
         trust_bundle_sha256: Vec::new(),
+        p2p_peers_banned: 0,
         health: Some(v1::Health {
             uptime_seconds: 3600,
             disk_free_bytes: 5 << 30,
@@ -761,6 +762,42 @@ async fn health_and_readiness_endpoints_answer(backend: Backend) {
             names.iter().any(|n| n == expected),
             "{expected} missing from {names:?}"
         );
+    }
+    // The older v1alpha name, which some clients still ask for, answers
+    // the same.
+    {
+        use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+        let mut reflection = ServerReflectionClient::new(s.server.channel().await);
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut responses = reflection
+            .server_reflection_info(tokio_stream::iter(vec![request]))
+            .await
+            .unwrap()
+            .into_inner();
+        let Some(MessageResponse::ListServicesResponse(list)) =
+            responses.message().await.unwrap().unwrap().message_response
+        else {
+            panic!("v1alpha reflection did not list services");
+        };
+        let alpha_names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+        // Each reflection service lists itself; the rest is the same.
+        let served = |list: &[String]| -> Vec<String> {
+            let mut served: Vec<_> = list
+                .iter()
+                .filter(|n| !n.starts_with("grpc.reflection."))
+                .cloned()
+                .collect();
+            served.sort();
+            served
+        };
+        assert_eq!(served(&alpha_names), served(&names));
+        assert!(alpha_names.contains(&"grpc.reflection.v1alpha.ServerReflection".to_string()));
     }
     s.finish().await;
 }

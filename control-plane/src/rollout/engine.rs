@@ -168,9 +168,11 @@ impl Engine {
                     ));
                 }
             }
+            let timer = self.metrics.rollout.tick_seconds.start_timer();
             if let Err(error) = self.tick(crate::now_ms()).await {
                 tracing::warn!(%error, "Rollout engine tick failed; the next one retries.");
             }
+            timer.observe_duration();
         }
     }
 
@@ -429,6 +431,11 @@ impl Engine {
                         json!({ "state": "paused", "reason": reason, "by": "engine", "wave": current }),
                     )])
                     .await?;
+                self.metrics
+                    .rollout
+                    .pauses
+                    .with_label_values(&["failure_threshold"])
+                    .inc();
                 tracing::warn!(rollout_id = %rollout.id, %reason, "Rollout paused by its failure threshold.");
                 Ok(false)
             }

@@ -13,7 +13,7 @@ pub(crate) mod ops;
 
 pub(crate) use ops::Rollouts;
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Every value of the `state` label of
 /// `posfleet_rollout_device_results_total`: how a device's part ended.
@@ -28,6 +28,10 @@ pub struct RolloutMetrics {
     pub device_results: IntCounterVec,
     /// 1 on the replica that runs the engine, 0 on the others.
     pub engine_leader: IntGauge,
+    /// Pauses, by `reason` (`crate::metrics::PAUSE_REASONS`).
+    pub pauses: IntCounterVec,
+    /// Time the engine took per tick (every rollout it looks after).
+    pub tick_seconds: Histogram,
 }
 
 impl RolloutMetrics {
@@ -50,10 +54,28 @@ impl RolloutMetrics {
             "Whether this replica runs the rollout engine (1) or stands by (0).",
         )
         .expect("static metric definition is valid");
+        let pauses = IntCounterVec::new(
+            Opts::new(
+                "posfleet_rollout_pauses_total",
+                "Rollouts paused, by reason: failure_threshold (the engine) or operator.",
+            ),
+            &["reason"],
+        )
+        .expect("static metric definition is valid");
+        let tick_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "posfleet_rollout_engine_tick_duration_seconds",
+                "Time the rollout engine took for one tick over every rollout it drives.",
+            )
+            .buckets(prometheus::exponential_buckets(0.0005, 2.0, 15).expect("valid buckets")),
+        )
+        .expect("static metric definition is valid");
         for collector in [
             Box::new(dispatched.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(device_results.clone()),
             Box::new(engine_leader.clone()),
+            Box::new(pauses.clone()),
+            Box::new(tick_seconds.clone()),
         ] {
             registry
                 .register(collector)
@@ -62,10 +84,15 @@ impl RolloutMetrics {
         for state in DEVICE_RESULTS {
             device_results.with_label_values(&[state]);
         }
+        for reason in crate::metrics::PAUSE_REASONS {
+            pauses.with_label_values(&[reason]);
+        }
         RolloutMetrics {
             dispatched,
             device_results,
             engine_leader,
+            pauses,
+            tick_seconds,
         }
     }
 }

@@ -49,14 +49,21 @@ pub struct Rollouts {
     storage: Storage,
     desired: DesiredCache,
     engine: EngineHandle,
+    metrics: super::RolloutMetrics,
 }
 
 impl Rollouts {
-    pub fn new(storage: Storage, desired: DesiredCache, engine: EngineHandle) -> Rollouts {
+    pub fn new(
+        storage: Storage,
+        desired: DesiredCache,
+        engine: EngineHandle,
+        metrics: super::RolloutMetrics,
+    ) -> Rollouts {
         Rollouts {
             storage,
             desired,
             engine,
+            metrics,
         }
     }
 
@@ -201,14 +208,17 @@ impl Rollouts {
     }
 
     pub async fn pause(&self, req: v1::RolloutRequest, actor: &str) -> Result<v1::Rollout, Status> {
-        self.set_state(
-            req,
-            actor,
-            "pause",
-            &[RolloutState::Running],
-            RolloutState::Paused,
-        )
-        .await
+        let paused = self
+            .set_state(
+                req,
+                actor,
+                "pause",
+                &[RolloutState::Running],
+                RolloutState::Paused,
+            )
+            .await?;
+        self.metrics.pauses.with_label_values(&["operator"]).inc();
+        Ok(paused)
     }
 
     pub async fn resume(

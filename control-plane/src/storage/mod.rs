@@ -25,6 +25,7 @@ mod enrollment;
 mod events;
 mod repository;
 pub mod rollouts;
+mod stats;
 mod stores;
 mod webhooks;
 
@@ -43,6 +44,7 @@ pub use devices::{
 pub use enrollment::{EnrollError, EnrollmentTokenRecord, NewDevice};
 pub use events::{EventRecord, MAX_EVENTS_PER_PAGE, NewEvent};
 pub use repository::{BundleRecord, MetadataRecord};
+pub use stats::{ActiveRollout, FleetSnapshot, StoreCounts};
 pub use stores::{StoreRecord, WindowRecord};
 pub use webhooks::{AttemptRecord, DeliveryRecord, DeliveryState, NewDelivery, WebhookRecord};
 
@@ -145,6 +147,8 @@ pub struct Storage {
     /// Connections given back to the pool: one per statement run outside a
     /// transaction, one per transaction (`posfleet_database_connection_uses_total`).
     uses: prometheus::IntCounter,
+    /// Events committed, by kind (`posfleet_rollout_events_total`).
+    events: prometheus::IntCounterVec,
 }
 
 impl Storage {
@@ -161,6 +165,14 @@ impl Storage {
             "posfleet_database_connection_uses_total",
             "Database connections taken from the pool and given back: one per statement \
              run outside a transaction, one per transaction.",
+        )
+        .expect("static metric definition is valid");
+        let events = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "posfleet_rollout_events_total",
+                "Rollout and store events committed, by kind (rollout.started, rollout.paused, …).",
+            ),
+            &["event"],
         )
         .expect("static metric definition is valid");
         let counted = uses.clone();
@@ -202,12 +214,25 @@ impl Storage {
             pool,
             backend,
             uses,
+            events,
         })
     }
 
     /// The counter of connection uses, for `/metrics`.
     pub fn connection_uses(&self) -> &prometheus::IntCounter {
         &self.uses
+    }
+
+    /// The counter of committed events by kind, for `/metrics`.
+    pub fn rollout_events(&self) -> &prometheus::IntCounterVec {
+        &self.events
+    }
+
+    /// Counts events whose transaction committed.
+    fn count_events(&self, events: &[NewEvent]) {
+        for event in events {
+            self.events.with_label_values(&[&event.kind]).inc();
+        }
     }
 
     /// Closes every connection (waits for queries in flight).

@@ -267,6 +267,7 @@ impl Storage {
         }
         self.append_event(&mut tx, now_ms, event).await?;
         tx.commit().await?;
+        self.count_events(std::slice::from_ref(event));
         self.get_store(store_id).await
     }
 
@@ -306,6 +307,7 @@ impl Storage {
         self.append_event(&mut tx, rollout.created_at_ms, event)
             .await?;
         tx.commit().await?;
+        self.count_events(std::slice::from_ref(event));
         Ok(())
     }
 
@@ -1194,6 +1196,7 @@ impl RolloutWrite {
         let now = self.now_ms;
         let seqs = storage.append_events(&mut self.tx, now, events).await?;
         self.tx.commit().await?;
+        storage.count_events(events);
         Ok(seqs)
     }
 }

@@ -193,6 +193,28 @@ impl Tls {
         })))
     }
 
+    /// When each of the control plane's certificates ends (seconds since
+    /// the Unix epoch), named as `posfleet_tls_certificate_expiry_timestamp_seconds`
+    /// labels them: `server`, `fleet_ca` and, during a rotation,
+    /// `previous_fleet_ca`.
+    pub fn expiries(&self) -> Vec<(&'static str, i64)> {
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let authorities = self.authorities();
+        let mut expiries = vec![("fleet_ca", authorities.active.not_after())];
+        if let Some(previous) = &authorities.previous {
+            expiries.push(("previous_fleet_ca", previous.not_after()));
+        }
+        let server = self.server.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(Ok((_, leaf))) = server
+            .chain
+            .first()
+            .map(|der| X509Certificate::from_der(der))
+        {
+            expiries.push(("server", leaf.validity().not_after.timestamp()));
+        }
+        expiries
+    }
+
     /// The CAs in force now.
     pub fn authorities(&self) -> Arc<Authorities> {
         self.read_trust().authorities.clone()

@@ -222,6 +222,7 @@ impl Sim {
             p2p_listen_addrs: Vec::new(),
             store_peers_digest: Vec::new(),
             trust_bundle_sha256: Vec::new(),
+            p2p_peers_banned: 0,
             health: Some(v1::Health {
                 uptime_seconds: 86_400,
                 disk_free_bytes: 20 << 30,
