@@ -4,23 +4,13 @@
 
 mod common;
 
-use common::{Backend, assert_status, eventually, heartbeat, setup};
+use common::{
+    Backend, assert_metric as assert_sample, assert_status, eventually, heartbeat,
+    metric_sample as sample, setup,
+};
 use posfleet_proto::v1;
 use std::time::Duration;
 use tonic::Code;
-
-/// The value of the series `series` (name and labels, as exposed) in
-/// `text`, if it is there.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|line| {
-        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
-        value.trim().parse().ok()
-    })
-}
-
-fn assert_sample(text: &str, series: &str, expected: f64) {
-    assert_eq!(sample(text, series), Some(expected), "{series} in:\n{text}");
-}
 
 fn beat(agent_version: &str, disk_free: u64, printer: v1::PeripheralState) -> v1::HeartbeatRequest {
     v1::HeartbeatRequest {

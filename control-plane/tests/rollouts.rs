@@ -5,8 +5,8 @@
 mod common;
 
 use common::{
-    Admin, Backend, TestDb, TestServer, assert_status, device_request, enroll_request_for,
-    heartbeat, new_key,
+    Admin, Backend, TestDb, TestServer, assert_metric, assert_status, device_request,
+    enroll_request_for, heartbeat, new_key,
 };
 use ed25519_dalek::SigningKey;
 use posfleet_bundle::manifest::Kind;
@@ -621,6 +621,66 @@ async fn a_broken_release_pauses_in_its_first_wave(backend: Backend) {
     assert_eq!(data(paused)["by"], "engine");
     for till in &sim.tills {
         assert_eq!(till.active.as_deref(), Some("1.1.0"));
+    }
+    // What Grafana sees of it.
+    let (_, text) = s.server.http_get("/metrics").await;
+    let id = &rollout.id;
+    let series = |name: &str, labels: &str| format!("{name}{{{labels}}}");
+    for (name, labels, value) in [
+        (
+            "posfleet_rollout_state",
+            format!(r#"rollout="{id}",state="paused""#),
+            1.0,
+        ),
+        (
+            "posfleet_rollout_info",
+            format!(r#"bundle="{APP}",rollout="{id}",version="1.2.0""#),
+            1.0,
+        ),
+        (
+            "posfleet_rollout_current_wave",
+            format!(r#"rollout="{id}""#),
+            0.0,
+        ),
+        ("posfleet_rollout_waves", format!(r#"rollout="{id}""#), 2.0),
+        (
+            "posfleet_rollout_devices",
+            format!(r#"rollout="{id}",state="failed""#),
+            1.0,
+        ),
+        (
+            "posfleet_rollout_devices",
+            format!(r#"rollout="{id}",state="pending""#),
+            5.0,
+        ),
+        (
+            "posfleet_rollout_wave_devices",
+            format!(r#"rollout="{id}",state="failed",wave="0""#),
+            1.0,
+        ),
+        (
+            "posfleet_rollout_wave_devices",
+            format!(r#"rollout="{id}",state="pending",wave="1""#),
+            4.0,
+        ),
+        (
+            "posfleet_rollout_pauses_total",
+            r#"reason="failure_threshold""#.into(),
+            1.0,
+        ),
+        (
+            "posfleet_rollout_pauses_total",
+            r#"reason="operator""#.into(),
+            0.0,
+        ),
+        (
+            "posfleet_rollout_events_total",
+            r#"event="rollout.paused""#.into(),
+            1.0,
+        ),
+        ("posfleet_rollouts", r#"state="paused""#.into(), 1.0),
+    ] {
+        assert_metric(&text, &series(name, &labels), value);
     }
 
     // Resumed by ops, the canary store's other till gets it, fails too,

@@ -511,6 +511,24 @@ pub fn device_request<T>(credential: &str, message: T) -> Request<T> {
     req
 }
 
+/// The value of the series `series` (name and labels as exposed, labels in
+/// name order) in the `/metrics` text `text`, if it is there.
+pub fn metric_sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        value.trim().parse().ok()
+    })
+}
+
+/// Asserts that `series` has the value `expected` in the `/metrics` text.
+pub fn assert_metric(text: &str, series: &str, expected: f64) {
+    assert_eq!(
+        metric_sample(text, series),
+        Some(expected),
+        "{series} in:\n{text}"
+    );
+}
+
 pub fn heartbeat(credential: &str, request: v1::HeartbeatRequest) -> Request<v1::HeartbeatRequest> {
     device_request(credential, request)
 }
