@@ -452,7 +452,8 @@ struct WriterFigures {
     mean_flush_ms: f64,
 }
 
-async fn writer_figures(http_address: &str) -> anyhow::Result<WriterFigures> {
+/// The control plane's `/metrics` text.
+async fn scrape(http_address: &str) -> anyhow::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(http_address).await?;
     stream
@@ -460,6 +461,11 @@ async fn writer_figures(http_address: &str) -> anyhow::Result<WriterFigures> {
         .await?;
     let mut text = String::new();
     stream.read_to_string(&mut text).await?;
+    Ok(text)
+}
+
+async fn writer_figures(http_address: &str) -> anyhow::Result<WriterFigures> {
+    let text = scrape(http_address).await?;
     let value = |name: &str| {
         text.lines()
             .find_map(|l| {
@@ -476,6 +482,50 @@ async fn writer_figures(http_address: &str) -> anyhow::Result<WriterFigures> {
     })
 }
 
+/// What a Prometheus scrape of the control plane costs at this fleet size.
+#[derive(Debug, Serialize)]
+struct ScrapeFigures {
+    /// Scrapes that read the fleet gauges from the database (the first
+    /// after `FLEET_GAUGES_MAX_AGE`), median of `SCRAPES`.
+    refreshing_scrape_ms_median: f64,
+    /// Scrapes right after one of those (the gauges as they were).
+    cached_scrape_ms_median: f64,
+    body_bytes: usize,
+    /// Samples exposed (lines that are not comments).
+    samples: usize,
+}
+
+const SCRAPES: usize = 5;
+
+async fn scrape_figures(http_address: &str) -> anyhow::Result<ScrapeFigures> {
+    let (mut refreshing, mut cached) = (Vec::new(), Vec::new());
+    let mut text = String::new();
+    for _ in 0..SCRAPES {
+        // Past the gauges' maximum age (5 s): this scrape reads them again.
+        tokio::time::sleep(Duration::from_millis(5_200)).await;
+        let started = Instant::now();
+        text = scrape(http_address).await?;
+        refreshing.push(started.elapsed().as_secs_f64() * 1000.0);
+        let started = Instant::now();
+        scrape(http_address).await?;
+        cached.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    Ok(ScrapeFigures {
+        refreshing_scrape_ms_median: median(refreshing),
+        cached_scrape_ms_median: median(cached),
+        body_bytes: body.len(),
+        samples: body
+            .lines()
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .count(),
+    })
+}
+
 #[derive(Serialize)]
 struct Report {
     benchmark: &'static str,
@@ -489,6 +539,7 @@ struct Report {
     phases: Vec<Phase>,
     control_plane_peak_rss_bytes: u64,
     heartbeat_writer: WriterFigures,
+    metrics_scrape: ScrapeFigures,
     devices_online_after: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     rollout: Option<RolloutFigures>,
@@ -742,6 +793,8 @@ async fn main() -> anyhow::Result<()> {
     let control_plane_peak_rss_bytes = peak_rss_bytes(pid).unwrap_or(0);
     let heartbeat_writer = writer_figures(&cp.http_address).await?;
     eprintln!("  heartbeat writer: {heartbeat_writer:?}");
+    let metrics_scrape = scrape_figures(&cp.http_address).await?;
+    eprintln!("  /metrics: {metrics_scrape:?}");
 
     // Every device must now be online in the fleet view.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -791,6 +844,7 @@ async fn main() -> anyhow::Result<()> {
         phases,
         control_plane_peak_rss_bytes,
         heartbeat_writer,
+        metrics_scrape,
         devices_online_after: online,
         rollout,
         enroll_flood,
