@@ -2,9 +2,11 @@
 //! `posfleet-control-plane`, `posfleet-agent` and `posfleet` binaries and
 //! read what they print, as an operator would.
 
+pub mod dashboards;
 pub mod fleet;
 pub mod kill9;
 pub mod link;
+pub mod prometheus;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
