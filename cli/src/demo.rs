@@ -416,7 +416,7 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
             devices_with_own_catalog,
             transfers_1_1_0,
             grpc_address,
-            http_address,
+            http_address: http_address.clone(),
         };
         println!("{}", serde_json::to_string(&summary)?);
     } else {
@@ -443,10 +443,18 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
     }
 
     if args.keep_running {
+        let prometheus = write_prometheus_config(dir.path(), &http_address, &ca_file)?;
         eprintln!(
             "Running until Ctrl-C. Try: posfleet --server {server_url} --ca-file {} --token-file {} device list",
             ca_file.display(),
             token_path.display()
+        );
+        eprintln!(
+            "Prometheus on it, with the dashboards' rules (then http://127.0.0.1:9090; \
+             Grafana: see dashboards/README.md):\n  prometheus --config.file={} \
+             --storage.tsdb.path={} --web.listen-address=127.0.0.1:9090",
+            prometheus.display(),
+            dir.path().join("prometheus").join("data").display()
         );
         tokio::signal::ctrl_c().await?;
     }
@@ -456,6 +464,54 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
     }
     server.await??;
     Ok(())
+}
+
+/// The recording and alerting rules of `dashboards/rules/`.
+const PROMETHEUS_RULES: [(&str, &str); 2] = [
+    (
+        "posfleet.rules.yml",
+        include_str!("../../dashboards/rules/posfleet.rules.yml"),
+    ),
+    (
+        "posfleet.alerts.yml",
+        include_str!("../../dashboards/rules/posfleet.alerts.yml"),
+    ),
+];
+
+/// Writes a Prometheus configuration scraping the demo's control plane at
+/// `http_address` over TLS (trusting `ca_file`), with the dashboards'
+/// rules beside it, in `dir/prometheus/`. Returns its path.
+fn write_prometheus_config(
+    dir: &std::path::Path,
+    http_address: &str,
+    ca_file: &std::path::Path,
+) -> anyhow::Result<std::path::PathBuf> {
+    let folder = dir.join("prometheus");
+    std::fs::create_dir_all(&folder)?;
+    for (name, rules) in PROMETHEUS_RULES {
+        std::fs::write(folder.join(name), rules)?;
+    }
+    let config = format!(
+        "# Written by `posfleet demo`: dashboards/prometheus.yml for this demo's control plane.
+global:
+  scrape_interval: 5s
+  evaluation_interval: 5s
+rule_files:
+  - posfleet.rules.yml
+  - posfleet.alerts.yml
+scrape_configs:
+  - job_name: posfleet-control-plane
+    scheme: https
+    tls_config:
+      ca_file: {}
+    static_configs:
+      - targets: [\"{http_address}\"]
+",
+        ca_file.display()
+    );
+    let path = folder.join("prometheus.yml");
+    std::fs::write(&path, config)?;
+    Ok(path)
 }
 
 /// True once a heartbeat has arrived (not merely enrolled): every heartbeat
