@@ -707,6 +707,11 @@ mod tests {
                 "server_url",
             ),
             (&["--hardware-model", ""][..], "hardware_model"),
+            (&["--log-paths", "relative/app.log"][..], "log_paths"),
+            (
+                &["--log-store-max-bytes", "1000"][..],
+                "log_store_max_bytes",
+            ),
         ] {
             let err = load(args).expect_err("should be refused");
             assert_eq!(err.key, key, "{err}");
@@ -939,5 +944,27 @@ mod tests {
         let config = load(&["--config", path.to_str().unwrap()]).unwrap();
         assert_eq!(config.peripherals, PeripheralsDriver::Fake);
         assert_eq!(config.fake_peripheral_faults, vec![FakeFault::Printer]);
+    }
+
+    #[test]
+    fn redaction_patterns_come_from_the_file_and_a_bad_one_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        let config = load(&[]).unwrap();
+        assert_eq!(
+            config.log_redact_patterns.len(),
+            crate::logs::DEFAULT_PATTERNS.len()
+        );
+        std::fs::write(&path, "log_redact_patterns = ['loyalty-\\d+']\n").unwrap();
+        let config = load(&["--config", path.to_str().unwrap()]).unwrap();
+        assert_eq!(config.log_redact_patterns, [r"loyalty-\d+"]);
+        std::fs::write(&path, "log_redact_patterns = ['(unclosed']\n").unwrap();
+        let err = load(&["--config", path.to_str().unwrap()]).unwrap_err();
+        assert_eq!(err.key, "log_redact_patterns", "{err}");
+        assert!(
+            err.to_string()
+                .contains("`(unclosed` is not a valid pattern"),
+            "{err}"
+        );
     }
 }

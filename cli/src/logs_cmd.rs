@@ -33,8 +33,9 @@ pub struct LogsArgs {
     /// allows (`log_follow_max_seconds`, 10 minutes by default).
     #[arg(long, conflicts_with = "request")]
     follow: bool,
-    /// How long to wait for the till to start answering: by default 1m for
-    /// an online till, none for an offline one (the request waits for it).
+    /// How long to wait for the till to start answering (at most 1h): by
+    /// default 1m for an online till, none for an offline one (the request
+    /// waits for it).
     #[arg(long, value_parser = humantime::parse_duration)]
     wait: Option<Duration>,
     /// Print the lines of an earlier request (its id was printed when it

@@ -598,6 +598,8 @@ mod tests {
             "peer_enroll_burst_calls",
         );
         check_err(&["--rate-limit-max-peers", "10"], "rate_limit_max_peers");
+        check_err(&["--log-follow-max-seconds", "0"], "log_follow_max_seconds");
+        check_err(&["--log-request-max-bytes", "100"], "log_request_max_bytes");
     }
 
     #[test]

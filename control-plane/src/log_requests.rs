@@ -45,6 +45,8 @@ pub const MAX_LINES_PER_MESSAGE: usize = 1_000;
 const OPEN_REQUESTS_MAX_AGE: Duration = Duration::from_secs(2);
 /// A reader looks for new lines at least this often.
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// Longest a reader waits for a till to start answering.
+pub const MAX_WAIT: Duration = Duration::from_secs(3600);
 /// Lines per message to a reader.
 const LINES_PER_CHUNK: i64 = 500;
 /// An upload may take this long beyond its follow time (stored lines at
@@ -189,7 +191,9 @@ impl LogRequests {
         match open {
             Ok(open) => open.get(device_id).cloned().unwrap_or_default(),
             Err(error) => {
-                tracing::error!(%error, "Cannot read the open log requests.");
+                tracing::error!(%error, "Cannot read the open log requests; handing out none for a while.");
+                // Read again once this entry ends, not at every heartbeat.
+                self.open.insert((), Arc::new(HashMap::new())).await;
                 Vec::new()
             }
         }
@@ -348,7 +352,7 @@ impl LogRequests {
             .ok_or_else(|| unknown_request(&req.request_id))?;
         let (tx, rx) = mpsc::channel(4);
         let this = self.clone();
-        let wait = Duration::from_secs(req.wait_seconds.into());
+        let wait = Duration::from_secs(req.wait_seconds.into()).min(MAX_WAIT);
         tokio::spawn(async move {
             if let Err(status) = this.send_lines(record, wait, &tx).await {
                 let _ = tx.send(Err(status)).await;
