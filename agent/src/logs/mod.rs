@@ -210,3 +210,61 @@ async fn next_captured(captured: &mut Option<Captured>) -> Option<Entry> {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn append(path: &Path, text: &str) {
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path);
+        file.and_then(|mut f| f.write_all(text.as_bytes())).unwrap();
+    }
+
+    /// The texts stored, oldest first, once they are `expected` (the task
+    /// reads files twice a second).
+    async fn stored_eventually(store: &StoreHandle, expected: &[&str]) {
+        let mut texts = Vec::new();
+        for _ in 0..50 {
+            let snapshot = store.subscribe().await.unwrap().snapshot;
+            texts.clear();
+            store::read(&snapshot, |e| texts.push(e.text)).unwrap();
+            if texts == expected {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("stored {texts:?}, expected {expected:?}");
+    }
+
+    #[tokio::test]
+    async fn followed_lines_are_stored_handed_to_follows_and_resumed_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = dir.path().join("app.log");
+        let logs = dir.path().join("logs");
+        append(&app, "one\n");
+        let store = spawn_store(&logs, 1024 * 1024, std::slice::from_ref(&app), None).unwrap();
+        stored_eventually(&store, &["one"]).await;
+        // A line stored after a subscription reaches it, with its source.
+        let mut subscription = store.subscribe().await.unwrap();
+        append(&app, "two\n");
+        let line = tokio::time::timeout(Duration::from_secs(5), subscription.new_lines.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (line.text.as_str(), line.source),
+            ("two", app.display().to_string())
+        );
+        // Stopped (the task saves where the file was read up to), written
+        // to meanwhile, started again: nothing lost, nothing twice.
+        drop((store, subscription));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        append(&app, "three\n");
+        let store = spawn_store(&logs, 1024 * 1024, std::slice::from_ref(&app), None).unwrap();
+        stored_eventually(&store, &["one", "two", "three"]).await;
+    }
+}
