@@ -372,7 +372,8 @@ impl LogRequests {
     ) -> Result<(), Status> {
         let waited_until = Instant::now() + wait;
         let mut cursor = 0;
-        let mut shown: Option<v1::LogRequestInfo> = None;
+        // The state and note last shown to the reader.
+        let mut shown: Option<(LogRequestState, String)> = None;
         loop {
             let woken = self.uploaded.notified();
             let now = now_ms();
@@ -392,22 +393,26 @@ impl LogRequests {
                 && (!state.is_open()
                     || upload_over
                     || (state == LogRequestState::Pending && Instant::now() >= waited_until));
-            let info = self.info_now(&record).await?;
             let changed = shown
                 .as_ref()
-                .is_none_or(|shown| shown.state != info.state || shown.note != info.note);
+                .is_none_or(|(shown, note)| *shown != state || *note != record.note);
             if let Some(line) = lines.last() {
                 cursor = line.seq;
             }
             if changed || last || !lines.is_empty() {
+                let request = if changed || last {
+                    Some(self.info_now(&record).await?)
+                } else {
+                    None
+                };
                 let chunk = v1::DeviceLogsChunk {
-                    request: (changed || last).then(|| info.clone()),
+                    request,
                     lines: lines.into_iter().map(line_view).collect(),
                 };
                 if tx.send(Ok(chunk)).await.is_err() {
                     return Ok(());
                 }
-                shown = Some(info);
+                shown = Some((state, record.note.clone()));
             }
             if last {
                 return Ok(());
