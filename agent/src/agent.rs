@@ -54,6 +54,12 @@ pub struct Agent {
     /// Over TLS once enrolled: what new connections to the control plane
     /// and the repository present, replaced when the certificate is renewed.
     device_tls: Option<DeviceTls>,
+    /// For `UploadLogs`, which lasts as long as a follow: no call deadline.
+    upload_client: AgentServiceClient<Channel>,
+    /// The agent's own log lines, for its log store.
+    captured: Option<crate::logs::Captured>,
+    /// Log requests from heartbeats go there, once the till runs.
+    log_requests: Option<tokio::sync::mpsc::Sender<Vec<posfleet_proto::v1::LogRequest>>>,
     started: Instant,
 }
 
@@ -114,6 +120,10 @@ impl Agent {
             .server_trust()?
             .map(|trust| crate::tls::enrollment_config(&trust))
             .transpose()?;
+        let upload_channel = untimed_channel(
+            &config,
+            enrollment_tls.clone().map(posfleet_pki::ClientTls::new),
+        )?;
         let channel = grpc_channel(&config, enrollment_tls)?;
         let repository = if config.root_json_path.as_os_str().is_empty() {
             None
@@ -141,6 +151,9 @@ impl Agent {
                 None => Slots::open(&config.data_dir)?,
             },
             client: AgentServiceClient::new(channel),
+            upload_client: AgentServiceClient::new(upload_channel),
+            captured: None,
+            log_requests: None,
             device_tls: None,
             config,
             key,
@@ -149,10 +162,29 @@ impl Agent {
         })
     }
 
+    /// Keeps the agent's own log lines (from `logs::capture`'s layer) in
+    /// its log store.
+    pub fn with_log_capture(mut self, captured: crate::logs::Captured) -> Agent {
+        self.captured = Some(captured);
+        self
+    }
+
     /// Runs until `shutdown` completes. Returns an error only when the agent
     /// cannot go on at all (no enrollment possible, unusable data dir).
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         tokio::pin!(shutdown);
+        // Kept from the start, enrolled or not; a store that cannot be
+        // opened turns logs on demand off, nothing else.
+        let log_store = crate::logs::spawn_store(
+            &self.config.data_dir.join("logs"),
+            self.config.log_store_max_bytes,
+            &self.config.log_paths,
+            self.captured.take(),
+        )
+        .inspect_err(
+            |error| tracing::error!(%error, "Cannot open the log store; logs on demand are off."),
+        )
+        .ok();
         if self.config.insecure_dev && !self.config.tls() {
             tracing::warn!(
                 server_url = %self.config.server_url,
@@ -221,12 +253,30 @@ impl Agent {
                 None
             }
         };
+        let device_authorization = authorization(&enrollment).map_err(|_| Error::Corrupt {
+            path: data_dir.join(crate::state::ENROLLMENT_FILE),
+            detail: "the device credential is not ASCII".into(),
+        })?;
+        if let Some(store) = log_store {
+            // Validated with the configuration.
+            match crate::logs::Redactor::new(&self.config.log_redact_patterns) {
+                Ok(redactor) => {
+                    self.log_requests = Some(crate::logs::spawn_uploads(
+                        store,
+                        crate::logs::UploadSettings {
+                            client: self.upload_client.clone(),
+                            authorization: device_authorization.clone(),
+                            redactor: Arc::new(redactor),
+                            bytes_per_second: self.config.log_upload_limit_bytes_per_second,
+                        },
+                    ))
+                }
+                Err(error) => tracing::error!(%error, "Logs on demand are off."),
+            }
+        }
         let reporter = tokio::spawn(report_progress(
             self.client.clone(),
-            authorization(&enrollment).map_err(|_| Error::Corrupt {
-                path: data_dir.join(crate::state::ENROLLMENT_FILE),
-                detail: "the device credential is not ASCII".into(),
-            })?,
+            device_authorization,
             report_rx,
             Duration::from_secs(self.config.max_backoff_seconds),
         ));
@@ -392,6 +442,8 @@ impl Agent {
         let channel = posfleet_pki::ClientTls::new(tls.clone());
         self.client =
             AgentServiceClient::new(grpc_channel_with(&self.config, Some(channel.clone()))?);
+        self.upload_client =
+            AgentServiceClient::new(untimed_channel(&self.config, Some(channel.clone()))?);
         let mut origin = None;
         if let Some(repository) = self.repository.as_mut() {
             repository
@@ -770,6 +822,12 @@ impl Agent {
         {
             tls.renew_now = true;
         }
+        if let Some(uploads) = &self.log_requests
+            && !response.log_requests.is_empty()
+        {
+            // Full: the uploader is busy; the next heartbeat names them again.
+            let _ = uploads.try_send(std::mem::take(&mut response.log_requests));
+        }
         // The server configures at most 1 h and quadruples it under load.
         let interval = Duration::from_secs(
             response
@@ -808,16 +866,32 @@ fn grpc_channel_with(
     tls: Option<posfleet_pki::ClientTls>,
 ) -> Result<Channel, Error> {
     let timeout = Duration::from_secs(config.request_timeout_seconds);
-    let endpoint = Endpoint::from_shared(config.server_url.clone())
+    Ok(lazy_channel(endpoint(config)?.timeout(timeout), tls))
+}
+
+/// As [`grpc_channel_with`], with no deadline per call: for `UploadLogs`,
+/// which lasts as long as the lines take at the bandwidth cap, and a
+/// follow. The control plane ends an idle one.
+fn untimed_channel(
+    config: &AgentConfig,
+    tls: Option<posfleet_pki::ClientTls>,
+) -> Result<Channel, Error> {
+    Ok(lazy_channel(endpoint(config)?, tls))
+}
+
+fn endpoint(config: &AgentConfig) -> Result<Endpoint, Error> {
+    Ok(Endpoint::from_shared(config.server_url.clone())
         .map_err(|e| Error::ServerUrl(e.to_string()))?
-        .connect_timeout(timeout)
-        .timeout(timeout)
+        .connect_timeout(Duration::from_secs(config.request_timeout_seconds))
         .http2_keep_alive_interval(Duration::from_secs(60))
-        .keep_alive_while_idle(false);
-    Ok(match tls {
+        .keep_alive_while_idle(false))
+}
+
+fn lazy_channel(endpoint: Endpoint, tls: Option<posfleet_pki::ClientTls>) -> Channel {
+    match tls {
         Some(tls) => posfleet_pki::grpc_channel_with(&endpoint, Some(tls)),
         None => endpoint.connect_lazy(),
-    })
+    }
 }
 
 /// Sends the bundle statuses whenever they change, at most once a second,

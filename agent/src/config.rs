@@ -105,6 +105,17 @@ pub struct AgentConfig {
     /// The till downloading for the store made no progress for this long:
     /// the next one takes over.
     pub p2p_stall_timeout_seconds: u64,
+    /// Application log files to keep in the log store (followed like
+    /// `tail -F`, across rotation), for `posfleet device logs`.
+    pub log_paths: Vec<PathBuf>,
+    /// Size of the log store (`data_dir/logs`); the oldest lines go first.
+    pub log_store_max_bytes: u64,
+    /// Upload cap of log lines sent to the control plane; 0: unlimited.
+    pub log_upload_limit_bytes_per_second: u64,
+    /// Regular expressions of secrets redacted from log lines before they
+    /// are uploaded (a group named `secret`: only that part). Replaces the
+    /// defaults: card numbers, `password=…`-like pairs, bearer tokens.
+    pub log_redact_patterns: Vec<String>,
 }
 
 /// Every key but the enrollment token, which enrolls a till into its store
@@ -143,6 +154,10 @@ impl std::fmt::Debug for AgentConfig {
             p2p_max_connections,
             p2p_origin_fallback_delay_seconds,
             p2p_stall_timeout_seconds,
+            log_paths,
+            log_store_max_bytes,
+            log_upload_limit_bytes_per_second,
+            log_redact_patterns,
         } = self;
         f.debug_struct("AgentConfig")
             .field("server_url", server_url)
@@ -184,6 +199,13 @@ impl std::fmt::Debug for AgentConfig {
                 p2p_origin_fallback_delay_seconds,
             )
             .field("p2p_stall_timeout_seconds", p2p_stall_timeout_seconds)
+            .field("log_paths", log_paths)
+            .field("log_store_max_bytes", log_store_max_bytes)
+            .field(
+                "log_upload_limit_bytes_per_second",
+                log_upload_limit_bytes_per_second,
+            )
+            .field("log_redact_patterns", log_redact_patterns)
             .finish()
     }
 }
@@ -239,6 +261,13 @@ impl Default for AgentConfig {
             p2p_max_connections: 64,
             p2p_origin_fallback_delay_seconds: 10,
             p2p_stall_timeout_seconds: 10,
+            log_paths: Vec::new(),
+            log_store_max_bytes: 50 * 1024 * 1024,
+            log_upload_limit_bytes_per_second: 64 * 1024,
+            log_redact_patterns: crate::logs::DEFAULT_PATTERNS
+                .iter()
+                .map(|p| p.to_string())
+                .collect(),
         }
     }
 }
@@ -350,6 +379,16 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub p2p_stall_timeout_seconds: Option<u64>,
+    /// Comma-separated application log files to follow.
+    #[arg(long, value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_paths: Option<Vec<PathBuf>>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_store_max_bytes: Option<u64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_upload_limit_bytes_per_second: Option<u64>,
 }
 
 impl AgentConfig {
@@ -552,6 +591,24 @@ impl AgentConfig {
                 "must be at most 128 bytes",
             ));
         }
+        if !(1024 * 1024..=64 * 1024 * 1024 * 1024).contains(&self.log_store_max_bytes) {
+            return Err(ConfigError::new(
+                "log_store_max_bytes",
+                "must be 1048576 (1 MiB) to 68719476736 (64 GiB)",
+            ));
+        }
+        if self
+            .log_paths
+            .iter()
+            .any(|p| p.as_os_str().is_empty() || p.is_relative())
+        {
+            return Err(ConfigError::new(
+                "log_paths",
+                "each path must be absolute, like /var/log/pos/app.log",
+            ));
+        }
+        crate::logs::Redactor::new(&self.log_redact_patterns)
+            .map_err(|e| ConfigError::new("log_redact_patterns", e))?;
         if !(1..=86_400).contains(&self.max_backoff_seconds) {
             return Err(ConfigError::new(
                 "max_backoff_seconds",
@@ -650,6 +707,11 @@ mod tests {
                 "server_url",
             ),
             (&["--hardware-model", ""][..], "hardware_model"),
+            (&["--log-paths", "relative/app.log"][..], "log_paths"),
+            (
+                &["--log-store-max-bytes", "1000"][..],
+                "log_store_max_bytes",
+            ),
         ] {
             let err = load(args).expect_err("should be refused");
             assert_eq!(err.key, key, "{err}");
@@ -882,5 +944,27 @@ mod tests {
         let config = load(&["--config", path.to_str().unwrap()]).unwrap();
         assert_eq!(config.peripherals, PeripheralsDriver::Fake);
         assert_eq!(config.fake_peripheral_faults, vec![FakeFault::Printer]);
+    }
+
+    #[test]
+    fn redaction_patterns_come_from_the_file_and_a_bad_one_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        let config = load(&[]).unwrap();
+        assert_eq!(
+            config.log_redact_patterns.len(),
+            crate::logs::DEFAULT_PATTERNS.len()
+        );
+        std::fs::write(&path, "log_redact_patterns = ['loyalty-\\d+']\n").unwrap();
+        let config = load(&["--config", path.to_str().unwrap()]).unwrap();
+        assert_eq!(config.log_redact_patterns, [r"loyalty-\d+"]);
+        std::fs::write(&path, "log_redact_patterns = ['(unclosed']\n").unwrap();
+        let err = load(&["--config", path.to_str().unwrap()]).unwrap_err();
+        assert_eq!(err.key, "log_redact_patterns", "{err}");
+        assert!(
+            err.to_string()
+                .contains("`(unclosed` is not a valid pattern"),
+            "{err}"
+        );
     }
 }

@@ -14,6 +14,7 @@ mod hooks;
 mod identity;
 pub mod install;
 pub mod lifecycle;
+pub mod logs;
 pub mod repository;
 mod sharing;
 mod state;

@@ -4,7 +4,7 @@
 use clap::Parser;
 use posfleet_agent::Agent;
 use posfleet_agent::config::{AgentConfig, Args};
-use posfleet_runtime::{init_tracing, shutdown_signal};
+use posfleet_runtime::{init_tracing_with, shutdown_signal};
 use std::process::ExitCode;
 
 /// Exit code for a configuration error (EX_USAGE).
@@ -19,7 +19,13 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    init_tracing(&config.log_level, config.log_format);
+    // The agent's own lines also go to its log store (logs on demand).
+    let (capture, captured) = posfleet_agent::logs::capture();
+    init_tracing_with(
+        &config.log_level,
+        config.log_format,
+        Some(Box::new(capture)),
+    );
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -31,7 +37,7 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        let agent = Agent::open(config)?;
+        let agent = Agent::open(config)?.with_log_capture(captured);
         agent.run(shutdown_signal()).await
     });
     match result {

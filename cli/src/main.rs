@@ -5,6 +5,7 @@ mod audit_cmd;
 mod ca_cmd;
 #[cfg(feature = "demo")]
 mod demo;
+mod logs_cmd;
 mod repo_cmd;
 mod rollout_cmd;
 mod token_cmd;
@@ -189,6 +190,11 @@ enum DeviceCommand {
     List(DeviceListArgs),
     /// Show one device.
     Show { id: String },
+    /// A till's logs (its agent's and its applications'), redacted of
+    /// secrets on the till. The till uploads them at its next heartbeat; an
+    /// offline till's request waits for it (`--request ID` prints its lines
+    /// later).
+    Logs(logs_cmd::LogsArgs),
     /// Revoke a device for good (a stolen or retired till): the control
     /// plane refuses it and its store's tills stop talking to it.
     Revoke {
@@ -813,6 +819,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 format!("{}\n", view::devices_table(&devices))
             })?;
         }
+        AdminCommand::Device(DeviceCommand::Logs(args)) => {
+            logs_cmd::run(&mut admin, args, output).await?;
+        }
         AdminCommand::Device(DeviceCommand::Show { id }) => {
             let device = DeviceView::with_bundles(admin.get_device(&id).await?);
             show(output, &device, || view::device_details(&device))?;
@@ -972,6 +981,14 @@ mod tests {
             parse("posfleet device assign --store s1 pos-app@1.1.0 --no-download-ahead").is_ok()
         );
         assert!(parse("posfleet device assign").is_err());
+        assert!(
+            parse("posfleet device logs dev-1 --since 2h --lines 50 --grep x --follow").is_ok()
+        );
+        assert!(parse("posfleet device logs --request log-1 --wait 30s").is_ok());
+        assert!(parse("posfleet device logs").is_err());
+        assert!(parse("posfleet device logs dev-1 --request log-1").is_err());
+        assert!(parse("posfleet device logs --request log-1 --grep x").is_err());
+        assert!(parse("posfleet device logs dev-1 --since soon").is_err());
     }
 
     #[test]

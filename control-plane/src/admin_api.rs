@@ -40,6 +40,7 @@ pub struct AdminApi {
     rollouts: crate::rollout::Rollouts,
     /// Cuts a revoked device's open connections.
     gate: Arc<crate::tls::DeviceGate>,
+    logs: crate::log_requests::LogRequests,
     /// Set when the control plane serves TLS.
     tls: Option<AdminTls>,
 }
@@ -150,6 +151,8 @@ fn bundle_view(b: BundleRecord) -> v1::Bundle {
 }
 
 impl AdminApi {
+    // The services it calls, each built once by `ControlPlane::serve`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         storage: Storage,
         offline_after_missed_heartbeats: u32,
@@ -157,6 +160,7 @@ impl AdminApi {
         desired: DesiredCache,
         rollouts: crate::rollout::Rollouts,
         gate: Arc<crate::tls::DeviceGate>,
+        logs: crate::log_requests::LogRequests,
         tls: Option<AdminTls>,
     ) -> AdminApi {
         AdminApi {
@@ -166,6 +170,7 @@ impl AdminApi {
             desired,
             rollouts,
             gate,
+            logs,
             tls,
         }
     }
@@ -471,6 +476,27 @@ impl AdminService for AdminApi {
         let mut view = self.device(device);
         view.bundles = convert::device_bundles(desired, reported);
         Ok(Response::new(view))
+    }
+
+    async fn request_device_logs(
+        &self,
+        request: Request<v1::RequestDeviceLogsRequest>,
+    ) -> Result<Response<v1::LogRequestInfo>, Status> {
+        let caller = self.authorize(&request).await?;
+        let info = self.logs.create(&caller.name, request.into_inner()).await?;
+        Ok(Response::new(info))
+    }
+
+    type GetDeviceLogsStream =
+        tokio_stream::wrappers::ReceiverStream<Result<v1::DeviceLogsChunk, Status>>;
+
+    async fn get_device_logs(
+        &self,
+        request: Request<v1::GetDeviceLogsRequest>,
+    ) -> Result<Response<Self::GetDeviceLogsStream>, Status> {
+        self.authorize(&request).await?;
+        let stream = self.logs.watch(request.into_inner()).await?;
+        Ok(Response::new(stream))
     }
 
     async fn set_device_labels(

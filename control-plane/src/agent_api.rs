@@ -12,6 +12,7 @@ use tonic::{Code, Request, Response, Status};
 use crate::config::Config;
 use crate::desired::{DesiredCache, DesiredError};
 use crate::heartbeat::{HeartbeatQueue, interval_for_load};
+use crate::log_requests::LogRequests;
 use crate::metrics::Metrics;
 use crate::ratelimit::{HOUSEKEEPING_INTERVAL, Peer, PeerLimit};
 use crate::storage::{
@@ -136,6 +137,7 @@ pub struct AgentApi {
     /// `None` when changes are not limited.
     addr_changes: Option<moka::future::Cache<String, ()>>,
     desired: DesiredCache,
+    logs: LogRequests,
     heartbeat_interval_seconds: u32,
 }
 
@@ -146,6 +148,7 @@ impl AgentApi {
         metrics: Metrics,
         queue: HeartbeatQueue,
         desired: DesiredCache,
+        logs: LogRequests,
         config: &Config,
         tls: Option<AgentTls>,
     ) -> AgentApi {
@@ -186,6 +189,7 @@ impl AgentApi {
             metrics,
             queue,
             desired,
+            logs,
             auth_cache: moka::future::Cache::builder()
                 .max_capacity(AUTH_CACHE_CAPACITY)
                 .time_to_live(AUTH_CACHE_TTL)
@@ -964,6 +968,7 @@ impl AgentService for AgentApi {
         let interval = self.current_interval();
         let now = now_ms();
         let bundles = desired.for_device(&device_id);
+        let log_requests = self.logs.for_heartbeat(&device_id).await;
         let record = HeartbeatRecord {
             device_id,
             seen_at_ms: now,
@@ -1007,6 +1012,7 @@ impl AgentService for AgentApi {
             store_peers,
             trust_bundle_pem,
             renew_certificate,
+            log_requests,
         }))
     }
 
@@ -1097,6 +1103,27 @@ impl AgentService for AgentApi {
             );
         }
         Ok(Response::new(v1::ReportProgressResponse {}))
+    }
+
+    async fn upload_logs(
+        &self,
+        mut request: Request<tonic::Streaming<v1::LogUpload>>,
+    ) -> Result<Response<v1::UploadLogsResponse>, Status> {
+        let (device_id, auth) = self.authenticate(&request).await?;
+        // A revoked till uploads nothing, whatever it was asked before.
+        let desired = self.desired.get(&auth.store_id).await.map_err(|error| {
+            tracing::error!(%error, device_id = %device_id, "Cannot read the desired state.");
+            Status::unavailable("cannot read the desired state; retry later")
+        })?;
+        if let Some(revoked) = desired.revoked.get(&device_id) {
+            self.logs.refused();
+            return Err(revoked_status(&device_id, revoked));
+        }
+        let answer = self
+            .logs
+            .receive_upload(&device_id, request.get_mut())
+            .await?;
+        Ok(Response::new(answer))
     }
 }
 

@@ -625,6 +625,7 @@ untargeted!(
     v1::ListWebhookDeliveriesRequest,
     v1::ListAdminTokensRequest,
     v1::GetCertificateAuthoritiesRequest,
+    v1::GetDeviceLogsRequest,
     // The header comes in the stream: the handler sets the target.
     tonic::Streaming<v1::PublishBundleRequest>,
 );
@@ -664,6 +665,18 @@ impl AuditTarget for v1::SetDeviceLabelsRequest {
 impl AuditTarget for v1::RevokeDeviceRequest {
     fn audit_target(&self) -> Value {
         json!({"device_id": self.device_id, "reason": self.reason})
+    }
+}
+
+impl AuditTarget for v1::RequestDeviceLogsRequest {
+    fn audit_target(&self) -> Value {
+        json!({
+            "device_id": self.device_id,
+            "since_seconds": self.since_seconds,
+            "max_lines": self.max_lines,
+            "grep": self.grep,
+            "follow": self.follow,
+        })
     }
 }
 

@@ -94,6 +94,16 @@ pub struct Config {
     /// A till's new P2P addresses are stored (and sent to its store) at most
     /// once per this interval; a change within it waits for the next one.
     pub p2p_address_change_interval_seconds: u64,
+    /// How long a log request waits for its till (`posfleet device logs`
+    /// on an offline till) before it expires.
+    pub log_request_expiry_seconds: u64,
+    /// How long the lines a till uploaded are kept after its upload ended.
+    pub log_retention_seconds: u64,
+    /// How long `posfleet device logs --follow` keeps streaming new lines.
+    pub log_follow_max_seconds: u64,
+    /// Most bytes of lines stored for one log request; the rest of an
+    /// upload is dropped, saying so.
+    pub log_request_max_bytes: u64,
 }
 
 impl Default for Config {
@@ -131,6 +141,10 @@ impl Default for Config {
             peer_failed_burst_calls: 100,
             rate_limit_max_peers: 100_000,
             p2p_address_change_interval_seconds: 60,
+            log_request_expiry_seconds: 24 * 3600,
+            log_retention_seconds: 24 * 3600,
+            log_follow_max_seconds: 600,
+            log_request_max_bytes: 8 * 1024 * 1024,
         }
     }
 }
@@ -246,6 +260,18 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub p2p_address_change_interval_seconds: Option<u64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_request_expiry_seconds: Option<u64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_retention_seconds: Option<u64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_follow_max_seconds: Option<u64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_request_max_bytes: Option<u64>,
 }
 
 impl Config {
@@ -458,6 +484,26 @@ impl Config {
                 0..=86_400,
             ),
             (
+                "log_request_expiry_seconds",
+                self.log_request_expiry_seconds,
+                1..=30 * 86_400,
+            ),
+            (
+                "log_retention_seconds",
+                self.log_retention_seconds,
+                1..=30 * 86_400,
+            ),
+            (
+                "log_follow_max_seconds",
+                self.log_follow_max_seconds,
+                1..=86_400,
+            ),
+            (
+                "log_request_max_bytes",
+                self.log_request_max_bytes,
+                64 * 1024..=1024 * 1024 * 1024,
+            ),
+            (
                 "device_cert_validity_days",
                 self.device_cert_validity_days.into(),
                 1..=397,
@@ -552,6 +598,8 @@ mod tests {
             "peer_enroll_burst_calls",
         );
         check_err(&["--rate-limit-max-peers", "10"], "rate_limit_max_peers");
+        check_err(&["--log-follow-max-seconds", "0"], "log_follow_max_seconds");
+        check_err(&["--log-request-max-bytes", "100"], "log_request_max_bytes");
     }
 
     #[test]

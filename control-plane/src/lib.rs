@@ -25,6 +25,7 @@ pub mod desired;
 pub mod error;
 mod heartbeat;
 mod http;
+mod log_requests;
 mod metadata_cache;
 mod metrics;
 mod ratelimit;
@@ -261,11 +262,17 @@ impl ControlPlane {
             metrics.clone(),
             stop_rx.clone(),
         );
+        let logs = log_requests::LogRequests::new(
+            storage.clone(),
+            metrics.clone(),
+            log_requests::LogSettings::from_config(&config),
+        );
         let agent = AgentServiceServer::new(agent_api::AgentApi::new(
             storage.clone(),
             metrics.clone(),
             queue,
             desired.clone(),
+            logs.clone(),
             &config,
             tls.as_ref().map(|tls| agent_api::AgentTls {
                 tls: tls.clone(),
@@ -280,6 +287,7 @@ impl ControlPlane {
             desired.clone(),
             rollout::Rollouts::new(storage.clone(), desired, engine, metrics.rollout.clone()),
             gate.clone(),
+            logs,
             tls.as_ref().map(|tls| admin_api::AdminTls {
                 certificates: config.certificate_policy(),
                 tls: tls.clone(),

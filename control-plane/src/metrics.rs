@@ -132,6 +132,8 @@ pub struct Metrics {
     pub webhook_dispatch_errors: prometheus::IntCounter,
     /// The rollout engine's metrics.
     pub rollout: crate::rollout::RolloutMetrics,
+    /// Logs on demand.
+    pub logs: crate::log_requests::LogMetrics,
 }
 
 impl Metrics {
@@ -363,6 +365,7 @@ impl Metrics {
                 tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
             ],
         );
+        let logs = crate::log_requests::LogMetrics::register(&registry);
         // Every label value exists from the start, so rates work from zero.
         for result in HEARTBEAT_RESULTS {
             heartbeats.with_label_values(&[result]);
@@ -418,6 +421,7 @@ impl Metrics {
             webhook_deliveries,
             webhook_dispatch_errors,
             rollout,
+            logs,
         }
     }
 

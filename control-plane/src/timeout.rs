@@ -2,8 +2,9 @@
 //!
 //! A call gets [`REQUEST_TIMEOUT`] from its first byte to its answer, and
 //! is answered `DEADLINE_EXCEEDED` after that. A client-streaming upload
-//! (`PublishBundle`) is exempt: its length grows with the bundle and the
-//! link, so its handler applies an idle timeout instead
+//! (`PublishBundle`, a till's `UploadLogs`) is exempt: its length grows
+//! with what it carries and the link, so its handler applies an idle
+//! timeout instead
 //! ([`STREAM_IDLE_TIMEOUT`] without a message ends it). A deadline the
 //! client sends (`grpc-timeout`) still applies to every call.
 
@@ -19,7 +20,10 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest wait for the next message of a client-streaming upload.
 pub const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Calls that stream their request and so get an idle timeout instead.
-pub const STREAMING_UPLOADS: &[&str] = &["/posfleet.v1.AdminService/PublishBundle"];
+pub const STREAMING_UPLOADS: &[&str] = &[
+    "/posfleet.v1.AdminService/PublishBundle",
+    "/posfleet.v1.AgentService/UploadLogs",
+];
 
 /// Applies [`REQUEST_TIMEOUT`] to every call but [`STREAMING_UPLOADS`].
 #[derive(Clone, Copy, Debug)]

@@ -16,5 +16,5 @@ pub mod signal;
 pub mod window;
 
 pub use error::{ConfigError, WindowError};
-pub use logging::{LogFormat, init_tracing};
+pub use logging::{LogFormat, init_tracing, init_tracing_with};
 pub use signal::shutdown_signal;

@@ -334,6 +334,12 @@ impl ControlPlane {
 
     /// Runs the `posfleet` CLI against this control plane.
     pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_command(args).output().expect("run posfleet")
+    }
+
+    /// The `posfleet` CLI against this control plane, to run as the test
+    /// needs (in the background, say).
+    pub fn cli_command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(binary("posfleet"));
         command.args(["--server", &self.url()]).args([
             "--token-file",
@@ -342,7 +348,8 @@ impl ControlPlane {
         if self.tls {
             command.arg("--ca-file").arg(self.ca_file());
         }
-        command.args(args).output().expect("run posfleet")
+        command.args(args);
+        command
     }
 
     /// Runs the CLI with `--output json`, asserting success, and parses stdout.

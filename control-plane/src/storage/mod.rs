@@ -7,7 +7,8 @@
 //!
 //! One file per table family: `stores`, `enrollment`, `devices`, `desired`
 //! (assignments and reported bundle state), `repository` (signed metadata and
-//! bundles), `events`, `rollouts`, `audit` (with admin tokens), `webhooks`.
+//! bundles), `events`, `rollouts`, `audit` (with admin tokens), `webhooks`, `logs`
+//! (logs on demand).
 //! This one holds the pool, the migrations and the helpers for statements
 //! built at run time; its re-exports are the records' public paths.
 
@@ -23,6 +24,7 @@ mod desired;
 mod devices;
 mod enrollment;
 mod events;
+mod logs;
 mod repository;
 pub mod rollouts;
 mod stats;
@@ -43,6 +45,7 @@ pub use devices::{
 };
 pub use enrollment::{EnrollError, EnrollmentTokenRecord, NewDevice};
 pub use events::{EventRecord, MAX_EVENTS_PER_PAGE, NewEvent};
+pub use logs::{LogLineRecord, LogRequestRecord, LogRequestState, NewLogRequest};
 pub use repository::{BundleRecord, MetadataRecord};
 pub use stats::{ActiveRollout, FleetSnapshot, StoreCounts};
 pub use stores::{StoreRecord, WindowRecord};
