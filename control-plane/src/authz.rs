@@ -348,6 +348,56 @@ mod tests {
         }
     }
 
+    /// The README's permission table, from [`METHODS`].
+    fn readme_table() -> String {
+        use Permission::*;
+        let mut text = String::from("| permission | held by | methods |\n|---|---|---|\n");
+        for permission in [Read, ReadRepository, Publish, Deploy, StoreOps, Admin] {
+            let roles: Vec<&str> = Role::ALL
+                .iter()
+                .filter(|r| r.grants(permission))
+                .map(|r| r.as_str())
+                .collect();
+            let methods: Vec<&str> = METHODS
+                .iter()
+                .filter(|r| r.needs == permission)
+                .map(|r| r.method)
+                .collect();
+            text.push_str(&format!(
+                "| `{permission}` | {} | {} |\n",
+                roles.join(", "),
+                methods.join(", ")
+            ));
+        }
+        let refused: Vec<&str> = METHODS
+            .iter()
+            .filter(|r| r.scoping == Scoping::Refused && r.needs != Admin)
+            .map(|r| r.method)
+            .collect();
+        let fleet: Vec<&str> = METHODS
+            .iter()
+            .filter(|r| r.scoping == Scoping::Fleet)
+            .map(|r| r.method)
+            .collect();
+        text.push_str(&format!(
+            "\nA scoped token is refused the whole-fleet reads ({}) and sees all of \
+             what holds no store's data ({}).\n",
+            refused.join(", "),
+            fleet.join(", ")
+        ));
+        text
+    }
+
+    #[test]
+    fn the_readme_shows_the_permission_table() {
+        let readme = include_str!("../../README.md");
+        let table = readme_table();
+        assert!(
+            readme.contains(&table),
+            "README.md's \"Operators and roles\" must hold this table:\n{table}"
+        );
+    }
+
     #[test]
     fn roles_allow_what_their_job_needs() {
         use Role::*;

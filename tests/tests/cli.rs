@@ -341,7 +341,14 @@ fn admin_tokens_are_created_listed_and_revoked_from_the_cli() {
             .output()
             .unwrap()
     };
-    check_ok(as_ci(&["store", "list"]));
+    // Scoped to region=eu: it sees the stores an admin labelled so.
+    for store in ["eu-1", "us-1"] {
+        cp.create_store(store, "UTC");
+    }
+    let labelled = check_ok(cp.cli(&["store", "label", "eu-1", "region=eu"]));
+    assert!(labelled.contains("region=eu"), "{labelled}");
+    let seen = check_ok(as_ci(&["store", "list"]));
+    assert!(seen.contains("eu-1") && !seen.contains("us-1"), "{seen}");
     assert_one_line_error(
         &as_ci(&["token", "list"]),
         1,
@@ -402,6 +409,9 @@ fn admin_tokens_are_created_listed_and_revoked_from_the_cli() {
         methods,
         [
             "CreateAdminToken",
+            "CreateStore",
+            "CreateStore",
+            "SetStoreLabels",
             "ListAdminTokens",
             "RevokeAdminToken",
             "RevokeAdminToken"
@@ -419,7 +429,7 @@ fn admin_tokens_are_created_listed_and_revoked_from_the_cli() {
             )
         })
         .collect();
-    assert_eq!(roles[1], ("ci-deploy", "deployer", "PERMISSION_DENIED"));
+    assert_eq!(roles[4], ("ci-deploy", "deployer", "PERMISSION_DENIED"));
     assert_eq!(roles[0], ("bootstrap", "admin", "OK"));
     let table = check_ok(cp.cli(&["audit", "list"]));
     assert!(
