@@ -7,7 +7,7 @@ mod common;
 
 use common::{Admin, Backend, assert_status, setup, token_request};
 use posfleet_bundle::manifest::Kind;
-use posfleet_control_plane::authz::{METHODS, Role};
+use posfleet_control_plane::authz::{METHODS, Role, Scoping};
 use posfleet_proto::v1;
 use std::collections::HashMap;
 use tonic::Code;
@@ -81,6 +81,42 @@ async fn every_role_is_refused_exactly_what_the_table_denies(backend: Backend) {
                         rule.method, rule.needs
                     ),
                 );
+            }
+        }
+    }
+    // Scoped tokens: the same, and methods over the whole fleet refused
+    // too. (Their handlers may refuse an empty request's target, but the
+    // layer lets every other method through.)
+    for role in Role::ALL.into_iter().filter(|r| r.may_be_scoped()) {
+        let name = format!("eu-{role}");
+        let caller = admin.with_new_token(scoped(&name, role.as_str())).await;
+        for rule in METHODS {
+            let result = call_empty(&channel, &caller, rule.method).await;
+            let refusal = if !role.grants(rule.needs) {
+                Some(format!(
+                    "token {name} has role {role}; {} needs {}",
+                    rule.method, rule.needs
+                ))
+            } else if rule.scoping == Scoping::Refused {
+                Some(format!(
+                    "token {name} is scoped to stores with region=eu; {} covers the whole fleet",
+                    rule.method
+                ))
+            } else {
+                None
+            };
+            match refusal {
+                Some(message) => assert_status(result, Code::PermissionDenied, &message),
+                None => {
+                    if let Err(status) = result {
+                        assert!(
+                            !status.message().contains("needs")
+                                && !status.message().contains("whole fleet"),
+                            "{role} {}: {status:?}",
+                            rule.method
+                        );
+                    }
+                }
             }
         }
     }
@@ -477,6 +513,34 @@ async fn a_scoped_store_ops_acts_only_on_its_stores(backend: Backend) {
         "store us-1 is outside it",
     );
     ops.token("eu-2", 1, 0).await.unwrap();
+    let theirs = admin.token("us-1", 1, 0).await.unwrap().token.unwrap();
+    let req = ops.req(v1::RevokeEnrollmentTokenRequest {
+        id: theirs.id.clone(),
+    });
+    assert_status(
+        ops.client.revoke_enrollment_token(req).await,
+        Code::PermissionDenied,
+        "store us-1 is outside it",
+    );
+    let req = admin.req(v1::RequestDeviceLogsRequest {
+        device_id: us.clone(),
+        ..Default::default()
+    });
+    let logs = admin
+        .client
+        .request_device_logs(req)
+        .await
+        .unwrap()
+        .into_inner();
+    let req = ops.req(v1::GetDeviceLogsRequest {
+        request_id: logs.id,
+        wait_seconds: 0,
+    });
+    assert_status(
+        ops.client.get_device_logs(req).await,
+        Code::PermissionDenied,
+        &format!("device {us} is in store us-1, outside it"),
+    );
     let req = ops.req(v1::SetMaintenanceWindowRequest {
         store_id: "us-1".into(),
         maintenance_window: None,
