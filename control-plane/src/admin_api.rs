@@ -1112,10 +1112,21 @@ impl AdminService for AdminApi {
         &self,
         request: Request<v1::ListEventsRequest>,
     ) -> Result<Response<v1::ListEventsResponse>, Status> {
-        self.authorize(&request).await?;
+        let caller = self.authorize(&request).await?;
         let req = request.into_inner();
         if !req.rollout_id.is_empty() {
             text("rollout_id", &req.rollout_id, true, 64)?;
+        }
+        // The fleet's events are not narrowed by store: a scoped caller
+        // reads those of one rollout in its scope.
+        if let Some(scope) = &caller.scope
+            && (req.rollout_id.is_empty() || !self.rollout_in_scope(scope, &req.rollout_id).await?)
+        {
+            return Err(out_of_scope(
+                &caller,
+                scope,
+                "it may list the events of one rollout in its scope (rollout_id)",
+            ));
         }
         let limit = match req.limit {
             0 => DEFAULT_EVENTS_PER_PAGE,

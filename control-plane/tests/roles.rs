@@ -419,6 +419,21 @@ async fn a_scoped_deployer_cannot_target_stores_outside_its_scope(backend: Backe
         .map(|r| r.id)
         .collect();
     assert_eq!(listed, [ours.id.as_str()]);
+    let events = |admin: &mut Admin, rollout_id: &str| {
+        let req = admin.req(v1::ListEventsRequest {
+            rollout_id: rollout_id.into(),
+            ..Default::default()
+        });
+        let mut client = admin.client.clone();
+        async move { client.list_events(req).await.map(|r| r.into_inner().events) }
+    };
+    let seen = events(&mut deployer, &ours.id).await.unwrap();
+    assert!(seen.iter().any(|e| e.kind == "rollout.created"), "{seen:?}");
+    assert_status(
+        events(&mut deployer, &theirs.id).await,
+        Code::PermissionDenied,
+        "it may list the events of one rollout in its scope",
+    );
     let req = deployer.req(v1::RolloutRequest {
         id: ours.id.clone(),
         reason: String::new(),
@@ -607,12 +622,20 @@ async fn list_calls_show_only_what_the_scope_covers(backend: Backend) {
         .tokens;
     assert!(tokens.iter().all(|t| t.store_id == "eu-1"), "{tokens:?}");
     assert!(!tokens.is_empty());
-    // Methods over the whole fleet are refused to scoped callers.
+    // Events: only those of one rollout in scope.
     let req = viewer.req(v1::ListEventsRequest::default());
     assert_status(
         viewer.client.list_events(req).await,
         Code::PermissionDenied,
-        "token eu-view is scoped to stores with region=eu; ListEvents covers the whole fleet",
+        "token eu-view is scoped to stores with region=eu; it may list the events of one \
+         rollout in its scope",
+    );
+    // Admin methods cover the whole fleet.
+    let req = viewer.req(v1::ListAuditEntriesRequest::default());
+    assert_status(
+        viewer.client.list_audit_entries(req).await,
+        Code::PermissionDenied,
+        "ListAuditEntries needs admin",
     );
     s.finish().await;
 }
