@@ -28,6 +28,8 @@ pub struct AuditEntryView {
     pub seq: u64,
     pub at: String,
     pub actor: String,
+    /// The role the call was made with; empty when unauthenticated.
+    pub role: String,
     pub method: String,
     /// The call's ids and main arguments.
     pub target: Value,
@@ -41,6 +43,7 @@ impl From<v1::AuditEntry> for AuditEntryView {
             seq: e.seq,
             at: time(e.at_unix_ms),
             actor: e.actor,
+            role: e.role,
             method: e.method,
             target: serde_json::from_str(&e.target_json).unwrap_or(Value::String(e.target_json)),
             peer_address: e.peer_address,
@@ -71,12 +74,15 @@ pub fn compact(target: &Value, max: usize) -> String {
 }
 
 pub fn audit_table(entries: &[AuditEntryView]) -> comfy_table::Table {
-    let mut t = table(&["SEQ", "TIME", "ACTOR", "METHOD", "TARGET", "FROM", "RESULT"]);
+    let mut t = table(&[
+        "SEQ", "TIME", "ACTOR", "ROLE", "METHOD", "TARGET", "FROM", "RESULT",
+    ]);
     for e in entries {
         t.add_row(vec![
             e.seq.to_string(),
             e.at.clone(),
             e.actor.clone(),
+            e.role.clone(),
             e.method.clone(),
             compact(&e.target, 60),
             e.peer_address.clone(),

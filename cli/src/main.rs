@@ -143,6 +143,14 @@ enum StoreCommand {
         #[arg(long, conflicts_with_all = ["start", "duration"])]
         clear: bool,
     },
+    /// Set store labels (`key=value`) and remove them (`key-`). Rollout
+    /// selectors and token scopes (`region=eu`) select stores by them;
+    /// admin only.
+    Label {
+        id: String,
+        #[arg(required = true)]
+        changes: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -509,6 +517,22 @@ impl Admin {
         self.answer(answer)
     }
 
+    /// Sets and removes a store's labels.
+    pub async fn set_store_labels(
+        &mut self,
+        store_id: String,
+        set: HashMap<String, String>,
+        remove: Vec<String>,
+    ) -> anyhow::Result<v1::Store> {
+        let request = self.request(v1::SetStoreLabelsRequest {
+            store_id,
+            set,
+            remove,
+        });
+        let answer = self.client.set_store_labels(request).await;
+        self.answer(answer)
+    }
+
     /// Assigns a published bundle; returns how many devices it now applies to.
     pub async fn assign_bundle(&mut self, request: v1::AssignBundleRequest) -> anyhow::Result<u64> {
         let request = self.request(request);
@@ -728,6 +752,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .into_inner(),
             );
             show(output, &store, || view::store_details(&store))?;
+        }
+        AdminCommand::Store(StoreCommand::Label { id, changes }) => {
+            let (set, remove) = parse_label_changes(&changes)?;
+            let store = StoreView::from(admin.set_store_labels(id, set, remove).await?);
+            show(output, &store, || {
+                format!("{}\n", view::stores_table(std::slice::from_ref(&store)))
+            })?;
         }
         AdminCommand::Store(StoreCommand::Window {
             id,
@@ -973,6 +1004,8 @@ mod tests {
         let parse = |line: &str| Cli::try_parse_from(line.split_whitespace());
         assert!(parse("posfleet store window s1 --start 02:00 --duration 3h").is_ok());
         assert!(parse("posfleet store window s1 --clear").is_ok());
+        assert!(parse("posfleet store label s1 region=eu tier-").is_ok());
+        assert!(parse("posfleet store label s1").is_err());
         assert!(parse("posfleet store window s1").is_err());
         assert!(parse("posfleet store window s1 --start 02:00").is_err());
         assert!(parse("posfleet store window s1 --clear --start 02:00 --duration 1h").is_err());

@@ -17,15 +17,29 @@ pub enum AdminTokenCommand {
         #[arg(long)]
         all: bool,
     },
-    /// Create a token; its secret is printed once.
+    /// Create a token with one role; its secret is printed once. Only an
+    /// admin token may create tokens.
     Create {
-        /// Who holds it, e.g. `ci-deploy` or `alice`: 1 to 64 lowercase
+        /// Who holds it, e.g. `ci-release` or `alice`: 1 to 64 lowercase
         /// letters, digits or '-'. The audit log names its calls by it;
         /// names are never reused.
+        #[arg(long)]
         name: String,
+        /// What it may do: viewer, publisher, deployer, store-ops or admin
+        /// (see the README's "Operators and roles").
+        #[arg(long)]
+        role: String,
+        /// How long it lives, e.g. `90d` or `12h` (at most a year). Required.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires_in: std::time::Duration,
+        /// Confine it to the stores carrying this label, `key=value`
+        /// (repeat for several; a store needs all). Viewer, deployer and
+        /// store-ops tokens only.
+        #[arg(long = "scope", value_parser = crate::parse_label)]
+        scope: Vec<(String, String)>,
     },
     /// Revoke a token: refused from its next call on, on every replica. A
-    /// token may revoke itself; the last live token cannot be revoked.
+    /// token may revoke itself; the last live admin token cannot be revoked.
     Revoke { id: String },
 }
 
@@ -33,6 +47,12 @@ pub enum AdminTokenCommand {
 pub struct AdminTokenView {
     pub id: String,
     pub name: String,
+    pub role: String,
+    /// Empty when it never expires.
+    pub expires_at: String,
+    /// Store labels it is confined to (`region=eu`); empty when unscoped.
+    pub scope: String,
+    pub created_by: String,
     pub created_at: String,
     /// Empty when live.
     pub revoked_at: String,
@@ -43,9 +63,15 @@ pub struct AdminTokenView {
 
 impl From<v1::AdminToken> for AdminTokenView {
     fn from(t: v1::AdminToken) -> Self {
+        let mut scope: Vec<String> = t.scope.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        scope.sort();
         AdminTokenView {
             id: t.id,
             name: t.name,
+            role: t.role,
+            expires_at: time(t.expires_at_unix_ms),
+            scope: scope.join(","),
+            created_by: t.created_by,
             created_at: time(t.created_at_unix_ms),
             revoked_at: time(t.revoked_at_unix_ms),
             secret: None,
@@ -54,11 +80,16 @@ impl From<v1::AdminToken> for AdminTokenView {
 }
 
 pub fn admin_tokens_table(tokens: &[AdminTokenView]) -> comfy_table::Table {
-    let mut t = table(&["TOKEN", "NAME", "CREATED", "REVOKED"]);
+    let mut t = table(&[
+        "TOKEN", "NAME", "ROLE", "EXPIRES", "SCOPE", "CREATED", "REVOKED",
+    ]);
     for token in tokens {
         t.add_row(vec![
             token.id.clone(),
             token.name.clone(),
+            token.role.clone(),
+            token.expires_at.clone(),
+            token.scope.clone(),
             token.created_at.clone(),
             token.revoked_at.clone(),
         ]);
@@ -69,9 +100,9 @@ pub fn admin_tokens_table(tokens: &[AdminTokenView]) -> comfy_table::Table {
 impl Admin {
     pub async fn create_admin_token(
         &mut self,
-        name: String,
+        request: v1::CreateAdminTokenRequest,
     ) -> anyhow::Result<v1::CreateAdminTokenResponse> {
-        let request = self.request(v1::CreateAdminTokenRequest { name });
+        let request = self.request(request);
         let answer = self.client.create_admin_token(request).await;
         self.answer(answer)
     }
@@ -109,8 +140,20 @@ pub async fn run(
                 format!("{}\n", admin_tokens_table(&tokens))
             })
         }
-        AdminTokenCommand::Create { name } => {
-            let created = admin.create_admin_token(name).await?;
+        AdminTokenCommand::Create {
+            name,
+            role,
+            expires_in,
+            scope,
+        } => {
+            let created = admin
+                .create_admin_token(v1::CreateAdminTokenRequest {
+                    name,
+                    role,
+                    expires_in_seconds: expires_in.as_secs(),
+                    scope: scope.into_iter().collect(),
+                })
+                .await?;
             let mut token = AdminTokenView::from(created.token.unwrap_or_default());
             token.secret = Some(created.secret.clone());
             show(output, &token, || {
@@ -143,12 +186,19 @@ mod tests {
         for ok in [
             "posfleet token list",
             "posfleet token list --all",
-            "posfleet token create ci-deploy",
+            "posfleet token create --name ci-release --role publisher --expires-in 90d",
+            "posfleet token create --name eu-ops --role store-ops --expires-in 30d --scope region=eu --scope tier=a",
             "posfleet token revoke adm-abc123",
         ] {
             assert!(parse(ok).is_ok(), "{ok}");
         }
-        for bad in ["posfleet token create", "posfleet token revoke"] {
+        for bad in [
+            "posfleet token create",
+            "posfleet token create --name ci --role publisher",
+            "posfleet token create --name ci --role publisher --expires-in soon",
+            "posfleet token create --name ci --role viewer --expires-in 1d --scope region",
+            "posfleet token revoke",
+        ] {
             assert!(parse(bad).is_err(), "{bad}");
         }
     }

@@ -31,6 +31,8 @@ pub struct StoreView {
     pub created_at: String,
     /// `null`: installs may happen at any time.
     pub maintenance_window: Option<WindowView>,
+    /// Rollout selectors and token scopes pick stores by them.
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -54,6 +56,7 @@ impl From<v1::Store> for StoreView {
                 duration_minutes: w.duration_minutes,
                 time_zone: w.time_zone,
             }),
+            labels: s.labels.into_iter().collect(),
         }
     }
 }
@@ -87,6 +90,7 @@ pub fn stores_table(stores: &[StoreView]) -> Table {
         "TIME ZONE",
         "DEVICES",
         "MAINTENANCE WINDOW",
+        "LABELS",
         "CREATED",
     ]);
     for s in stores {
@@ -96,6 +100,7 @@ pub fn stores_table(stores: &[StoreView]) -> Table {
             s.time_zone.clone(),
             s.devices.to_string(),
             window(s.maintenance_window.as_ref()),
+            labels(&s.labels),
             s.created_at.clone(),
         ]);
     }

@@ -2,15 +2,16 @@
 //! and the bundle repository, for ops.
 
 use posfleet_proto::v1::{self, admin_service_server::AdminService};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use tonic::{Request, Response, Status};
 
 use crate::audit::{self, AuditTarget};
+use crate::authz::{Principal, Role, Scope};
 use crate::desired::DesiredCache;
 use crate::repository::{Repository, Upload};
 use crate::storage::{
-    AdminTokenInfo, AdminTokenRecord, AdminTokenRevocation, AssignTarget, BundleRecord,
-    DesiredBundleRecord, DeviceFilter, DeviceRecord, EnrollmentTokenRecord, StatusFilter, Storage,
+    AdminTokenInfo, AdminTokenRevocation, AssignTarget, BundleRecord, DesiredBundleRecord,
+    DeviceFilter, DeviceRecord, EnrollmentTokenRecord, NewAdminToken, StatusFilter, Storage,
     StoreRecord, WebhookRecord, WindowRecord,
 };
 use crate::timeout::STREAM_IDLE_TIMEOUT;
@@ -31,6 +32,10 @@ const MAX_LABELS_PER_CALL: usize = 64;
 const DEFAULT_EVENTS_PER_PAGE: u32 = 100;
 /// Longest admin token name (lowercase letters, digits and '-').
 pub const MAX_ADMIN_TOKEN_NAME_BYTES: usize = 64;
+/// Longest life of an admin token.
+pub const MAX_ADMIN_TOKEN_LIFETIME_SECONDS: u64 = 365 * 24 * 3600;
+/// Most labels in a token's scope.
+pub const MAX_SCOPE_LABELS: usize = 8;
 
 pub struct AdminApi {
     storage: Storage,
@@ -127,12 +132,63 @@ impl Drop for TempFile {
 }
 
 fn admin_token_view(t: AdminTokenInfo) -> v1::AdminToken {
+    let scope = Scope::from_json(&t.scope_json)
+        .ok()
+        .flatten()
+        .map(|s| s.labels().clone().into_iter().collect())
+        .unwrap_or_default();
     v1::AdminToken {
         id: t.id,
         name: t.name,
         created_at_unix_ms: t.created_at_ms,
         revoked_at_unix_ms: t.revoked_at_ms.unwrap_or(0),
+        role: t.role,
+        expires_at_unix_ms: t.expires_at_ms.unwrap_or(0),
+        scope,
+        created_by: t.created_by,
     }
+}
+
+/// A new token's role, expiry and scope, checked: (role, expires_at_ms,
+/// scope).
+fn token_terms(
+    req: &v1::CreateAdminTokenRequest,
+    now_ms: i64,
+) -> Result<(Role, i64, Option<Scope>), Status> {
+    let role = Role::parse(&req.role).ok_or_else(|| {
+        let known: Vec<&str> = Role::ALL.iter().map(|r| r.as_str()).collect();
+        invalid(
+            "role",
+            format!("unknown role `{}`; one of {}", req.role, known.join(", ")),
+        )
+    })?;
+    let lifetime = match req.expires_in_seconds {
+        0 => return Err(invalid("expires_in_seconds", "is required (e.g. 90 days)")),
+        n if n > MAX_ADMIN_TOKEN_LIFETIME_SECONDS => {
+            return Err(invalid("expires_in_seconds", "must be at most one year"));
+        }
+        n => n as i64,
+    };
+    if req.scope.len() > MAX_SCOPE_LABELS {
+        return Err(invalid(
+            "scope",
+            format!("at most {MAX_SCOPE_LABELS} labels"),
+        ));
+    }
+    for (key, value) in &req.scope {
+        label_key("scope", key)?;
+        text("scope", value, true, 128)?;
+    }
+    let scope = Scope::new(req.scope.clone().into_iter().collect());
+    if scope.is_some() && !role.may_be_scoped() {
+        return Err(invalid(
+            "scope",
+            format!(
+                "{role} tokens cannot be scoped to stores; only viewer, deployer and store-ops tokens can"
+            ),
+        ));
+    }
+    Ok((role, now_ms + lifetime * 1000, scope))
 }
 
 fn bundle_view(b: BundleRecord) -> v1::Bundle {
@@ -186,14 +242,11 @@ impl AdminApi {
         })
     }
 
-    /// The caller's admin token (checked by the audit layer in front of this
-    /// service, `authorization: Bearer <admin API token>`). A mutating call
-    /// is written to the audit log, with what `T` says it is about, before
-    /// this returns: a call that cannot be recorded is refused.
-    async fn authorize<T: AuditTarget>(
-        &self,
-        request: &Request<T>,
-    ) -> Result<AdminTokenRecord, Status> {
+    /// Who calls (authenticated, and checked against the role table, by the
+    /// audit layer in front of this service). A mutating call is written to
+    /// the audit log, with what `T` says it is about, before this returns: a
+    /// call that cannot be recorded is refused.
+    async fn authorize<T: AuditTarget>(&self, request: &Request<T>) -> Result<Principal, Status> {
         match request.extensions().get::<audit::Caller>() {
             Some(caller) => caller.authorize(|| request.get_ref().audit_target()).await,
             None => {
@@ -231,21 +284,153 @@ impl AdminApi {
             .ok_or_else(|| unknown_device(id))
     }
 
-    /// A call that changes a rollout, made in the caller's name: authorized
-    /// (and recorded), then answered with the rollout as `change` left it.
-    async fn change_rollout<T, F>(
+    /// A call that changes rollout `req.id`, made in the caller's name:
+    /// authorized (and recorded), refused if the rollout may reach stores
+    /// outside the caller's scope, then answered with the rollout as
+    /// `change` left it.
+    async fn change_rollout<F>(
         &self,
-        request: Request<T>,
-        change: impl FnOnce(T, String) -> F,
+        request: Request<v1::RolloutRequest>,
+        change: impl FnOnce(v1::RolloutRequest, String) -> F,
     ) -> Result<Response<v1::Rollout>, Status>
     where
-        T: AuditTarget,
         F: std::future::Future<Output = Result<v1::Rollout, Status>>,
     {
         let caller = self.authorize(&request).await?;
-        let rollout = change(request.into_inner(), caller.name).await?;
+        let req = request.into_inner();
+        if let Some(scope) = &caller.scope
+            && !self.rollout_in_scope(scope, &req.id).await?
+        {
+            return Err(out_of_scope(
+                &caller,
+                scope,
+                &format!("rollout {} may select stores outside it", req.id),
+            ));
+        }
+        let rollout = change(req, caller.name).await?;
         Ok(Response::new(rollout))
     }
+
+    // ----- store scopes (see `crate::authz`) -----
+
+    /// The stores a scoped caller sees and acts on; `None` when unscoped.
+    async fn scope_stores(&self, caller: &Principal) -> Result<Option<BTreeSet<String>>, Status> {
+        match &caller.scope {
+            None => Ok(None),
+            Some(scope) => Ok(Some(
+                self.storage.store_ids_with_labels(scope.labels()).await?,
+            )),
+        }
+    }
+
+    /// `PERMISSION_DENIED` if store `store_id` is outside the caller's
+    /// scope.
+    async fn act_on_store(&self, caller: &Principal, store_id: &str) -> Result<(), Status> {
+        let (Some(scope), Some(stores)) = (&caller.scope, self.scope_stores(caller).await?) else {
+            return Ok(());
+        };
+        if stores.contains(store_id) {
+            return Ok(());
+        }
+        Err(out_of_scope(
+            caller,
+            scope,
+            &format!("store {store_id} is outside it"),
+        ))
+    }
+
+    /// Device `id` if it exists and its store is in the caller's scope;
+    /// `PERMISSION_DENIED` if it is outside.
+    async fn act_on_device(&self, caller: &Principal, id: &str) -> Result<DeviceRecord, Status> {
+        text("device_id", id, true, 64)?;
+        let device = self.existing_device(id).await?;
+        if let Some(scope) = &caller.scope
+            && !self.in_scope(caller, &device.store_id).await?
+        {
+            return Err(out_of_scope(
+                caller,
+                scope,
+                &format!("device {id} is in store {}, outside it", device.store_id),
+            ));
+        }
+        Ok(device)
+    }
+
+    /// Whether the caller sees store `store_id` (always, unscoped).
+    async fn in_scope(&self, caller: &Principal, store_id: &str) -> Result<bool, Status> {
+        Ok(match self.scope_stores(caller).await? {
+            None => true,
+            Some(stores) => stores.contains(store_id),
+        })
+    }
+
+    /// Whether rollout `id` can only ever select stores in `scope`: its
+    /// selector requires every label of the scope. (An unknown rollout is
+    /// left to the handler, which answers NOT_FOUND.)
+    async fn rollout_in_scope(&self, scope: &Scope, id: &str) -> Result<bool, Status> {
+        let Some(rollout) = self.storage.get_rollout(id).await? else {
+            return Ok(true);
+        };
+        let selector: crate::rollout::model::Selector =
+            serde_json::from_str(&rollout.selector_json).map_err(|e| {
+                crate::error::Error::Corrupt(format!("rollout {id}'s selector: {e}"))
+            })?;
+        Ok(scope.bounds(&selector.store_labels.into_iter().collect()))
+    }
+
+    /// A scoped caller's new rollout must stay in its scope, now and when
+    /// devices join it later: its selector must require the scope's
+    /// labels, and what it selects now must be in scope (checked on the
+    /// selection itself).
+    async fn rollout_selector_in_scope(
+        &self,
+        caller: &Principal,
+        req: &v1::CreateRolloutRequest,
+    ) -> Result<(), Status> {
+        let Some(scope) = &caller.scope else {
+            return Ok(());
+        };
+        let proto = req.selector.clone().unwrap_or_default();
+        if !scope.bounds(&proto.store_labels) {
+            return Err(out_of_scope(
+                caller,
+                scope,
+                &format!("a rollout's selector must require the store labels {scope}"),
+            ));
+        }
+        let selector = crate::rollout::model::Selector::from_proto(proto);
+        let stores = self.scope_stores(caller).await?.unwrap_or_default();
+        if let Some(outside) = selector.store_ids.iter().find(|id| !stores.contains(*id)) {
+            return Err(out_of_scope(
+                caller,
+                scope,
+                &format!("store {outside} is outside it"),
+            ));
+        }
+        let selected = self
+            .storage
+            .select_devices(&selector, &req.bundle_name, None)
+            .await?;
+        if let Some(outside) = selected.iter().find(|d| !stores.contains(&d.store_id)) {
+            return Err(out_of_scope(
+                caller,
+                scope,
+                &format!(
+                    "the selector reaches device {} in store {}, outside it",
+                    outside.device_id, outside.store_id
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A target outside a scoped caller's stores.
+fn out_of_scope(caller: &Principal, scope: &Scope, why: &str) -> Status {
+    Status::permission_denied(format!(
+        "token {} is scoped to stores with {scope}; {why}",
+        caller.name
+    ))
 }
 
 fn unknown_store(id: &str) -> Status {
@@ -307,7 +492,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<v1::ListStoresRequest>,
     ) -> Result<Response<v1::ListStoresResponse>, Status> {
-        self.authorize(&request).await?;
+        let caller = self.authorize(&request).await?;
         let req = request.into_inner();
         let limit = page_size(req.page_size);
         let stores = self.storage.list_stores(&req.page_token, limit).await?;
@@ -315,8 +500,15 @@ impl AdminService for AdminApi {
             Some(last) if stores.len() as i64 == limit => last.id.clone(),
             _ => String::new(),
         };
+        // A scoped caller's pages may hold fewer stores; the cursor still
+        // walks every store.
+        let visible = self.scope_stores(&caller).await?;
         Ok(Response::new(v1::ListStoresResponse {
-            stores: stores.into_iter().map(convert::store).collect(),
+            stores: stores
+                .into_iter()
+                .filter(|s| visible.as_ref().is_none_or(|v| v.contains(&s.id)))
+                .map(convert::store)
+                .collect(),
             next_page_token,
         }))
     }
@@ -325,9 +517,12 @@ impl AdminService for AdminApi {
         &self,
         request: Request<v1::GetStoreRequest>,
     ) -> Result<Response<v1::StoreDetail>, Status> {
-        self.authorize(&request).await?;
+        let caller = self.authorize(&request).await?;
         let id = request.into_inner().id;
         slug("id", &id, 64)?;
+        if !self.in_scope(&caller, &id).await? {
+            return Err(unknown_store(&id));
+        }
         let store = self
             .storage
             .get_store(&id)
@@ -344,7 +539,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<v1::CreateEnrollmentTokenRequest>,
     ) -> Result<Response<v1::CreateEnrollmentTokenResponse>, Status> {
-        self.authorize(&request).await?;
+        let caller = self.authorize(&request).await?;
         let req = request.into_inner();
         slug("store_id", &req.store_id, 64)?;
         let lifetime = match req.expires_in_seconds {
@@ -362,6 +557,7 @@ impl AdminService for AdminApi {
             n => n,
         };
         self.existing_store(&req.store_id).await?;
+        self.act_on_store(&caller, &req.store_id).await?;
         let secret = secret::generate(secret::ENROLLMENT_TOKEN_PREFIX);
         let now = now_ms();
         let token = EnrollmentTokenRecord {
@@ -394,15 +590,23 @@ impl AdminService for AdminApi {
         &self,
         request: Request<v1::ListEnrollmentTokensRequest>,
     ) -> Result<Response<v1::ListEnrollmentTokensResponse>, Status> {
-        self.authorize(&request).await?;
+        let caller = self.authorize(&request).await?;
         let req = request.into_inner();
         let store = (!req.store_id.is_empty()).then_some(req.store_id.as_str());
+        let visible = self.scope_stores(&caller).await?;
         if let Some(store) = store {
+            if visible.as_ref().is_some_and(|v| !v.contains(store)) {
+                return Err(unknown_store(store));
+            }
             self.existing_store(store).await?;
         }
         let tokens = self.storage.list_enrollment_tokens(store).await?;
         Ok(Response::new(v1::ListEnrollmentTokensResponse {
-            tokens: tokens.into_iter().map(convert::enrollment_token).collect(),
+            tokens: tokens
+                .into_iter()
+                .filter(|t| visible.as_ref().is_none_or(|v| v.contains(&t.store_id)))
+                .map(convert::enrollment_token)
+                .collect(),
         }))
     }
 
@@ -410,9 +614,15 @@ impl AdminService for AdminApi {
         &self,
         request: Request<v1::RevokeEnrollmentTokenRequest>,
     ) -> Result<Response<v1::EnrollmentToken>, Status> {
-        self.authorize(&request).await?;
+        let caller = self.authorize(&request).await?;
         let id = request.into_inner().id;
         text("id", &id, true, 64)?;
+        if caller.scope.is_some() {
+            let tokens = self.storage.list_enrollment_tokens(None).await?;
+            if let Some(token) = tokens.iter().find(|t| t.id == id) {
+                self.act_on_store(&caller, &token.store_id).await?;
+            }
+        }
         let token = self
             .storage
             .revoke_enrollment_token(&id, now_ms())
@@ -426,7 +636,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<v1::ListDevicesRequest>,
     ) -> Result<Response<v1::ListDevicesResponse>, Status> {
-        self.authorize(&request).await?;
+        let caller = self.authorize(&request).await?;
         let req = request.into_inner();
         let status = match v1::DeviceStatus::try_from(req.status) {
             Ok(v1::DeviceStatus::Unspecified) => None,
@@ -451,8 +661,15 @@ impl AdminService for AdminApi {
             Some(last) if devices.len() as i64 == filter.limit => last.id.clone(),
             _ => String::new(),
         };
+        // A scoped caller's pages may hold fewer devices; the cursor still
+        // walks every device.
+        let visible = self.scope_stores(&caller).await?;
         Ok(Response::new(v1::ListDevicesResponse {
-            devices: devices.into_iter().map(|d| self.device(d)).collect(),
+            devices: devices
+                .into_iter()
+                .filter(|d| visible.as_ref().is_none_or(|v| v.contains(&d.store_id)))
+                .map(|d| self.device(d))
+                .collect(),
             next_page_token,
         }))
     }
@@ -461,10 +678,13 @@ impl AdminService for AdminApi {
         &self,
         request: Request<v1::GetDeviceRequest>,
     ) -> Result<Response<v1::Device>, Status> {
-        self.authorize(&request).await?;
+        let caller = self.authorize(&request).await?;
         let id = request.into_inner().id;
         text("id", &id, true, 64)?;
         let device = self.existing_device(&id).await?;
+        if !self.in_scope(&caller, &device.store_id).await? {
+            return Err(unknown_device(&id));
+        }
         // Read afresh, not from the heartbeats' cache.
         let desired = self
             .storage
@@ -483,7 +703,11 @@ impl AdminService for AdminApi {
         request: Request<v1::RequestDeviceLogsRequest>,
     ) -> Result<Response<v1::LogRequestInfo>, Status> {
         let caller = self.authorize(&request).await?;
-        let info = self.logs.create(&caller.name, request.into_inner()).await?;
+        let req = request.into_inner();
+        if caller.scope.is_some() {
+            self.act_on_device(&caller, &req.device_id).await?;
+        }
+        let info = self.logs.create(&caller.name, req).await?;
         Ok(Response::new(info))
     }
 
@@ -494,8 +718,16 @@ impl AdminService for AdminApi {
         &self,
         request: Request<v1::GetDeviceLogsRequest>,
     ) -> Result<Response<Self::GetDeviceLogsStream>, Status> {
-        self.authorize(&request).await?;
-        let stream = self.logs.watch(request.into_inner()).await?;
+        let caller = self.authorize(&request).await?;
+        let req = request.into_inner();
+        if caller.scope.is_some() {
+            text("request_id", &req.request_id, true, 64)?;
+            if let Some(record) = self.storage.log_request(&req.request_id).await? {
+                self.act_on_device(&caller, &record.request.device_id)
+                    .await?;
+            }
+        }
+        let stream = self.logs.watch(req).await?;
         Ok(Response::new(stream))
     }
 
@@ -503,10 +735,13 @@ impl AdminService for AdminApi {
         &self,
         request: Request<v1::SetDeviceLabelsRequest>,
     ) -> Result<Response<v1::Device>, Status> {
-        self.authorize(&request).await?;
+        let caller = self.authorize(&request).await?;
         let req = request.into_inner();
         text("device_id", &req.device_id, true, 64)?;
         label_changes(&req.set, &req.remove)?;
+        if caller.scope.is_some() {
+            self.act_on_device(&caller, &req.device_id).await?;
+        }
         let set: BTreeMap<String, String> = req.set.into_iter().collect();
         let device = self
             .storage
@@ -521,10 +756,13 @@ impl AdminService for AdminApi {
         &self,
         request: Request<v1::RevokeDeviceRequest>,
     ) -> Result<Response<v1::Device>, Status> {
-        self.authorize(&request).await?;
+        let caller = self.authorize(&request).await?;
         let req = request.into_inner();
         text("device_id", &req.device_id, true, 64)?;
         text("reason", &req.reason, false, 256)?;
+        if caller.scope.is_some() {
+            self.act_on_device(&caller, &req.device_id).await?;
+        }
         let store = self
             .storage
             .revoke_device(&req.device_id, &req.reason, now_ms())
@@ -544,7 +782,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<v1::AssignBundleRequest>,
     ) -> Result<Response<v1::AssignBundleResponse>, Status> {
-        self.authorize(&request).await?;
+        let caller = self.authorize(&request).await?;
         let req = request.into_inner();
         let target = match req.target {
             Some(Target::DeviceId(id)) => {
@@ -557,6 +795,12 @@ impl AdminService for AdminApi {
             }
             None => return Err(invalid("target", "set device_id or store_id")),
         };
+        if caller.scope.is_some() {
+            match &target {
+                AssignTarget::Device(id) => self.act_on_device(&caller, id).await.map(|_| ())?,
+                AssignTarget::Store(id) => self.act_on_store(&caller, id).await?,
+            }
+        }
         validate::bundle_name("name", &req.name)?;
         validate::version("version", &req.version, true)?;
         let bundle = self
@@ -633,9 +877,10 @@ impl AdminService for AdminApi {
         &self,
         request: Request<v1::SetMaintenanceWindowRequest>,
     ) -> Result<Response<v1::Store>, Status> {
-        self.authorize(&request).await?;
+        let caller = self.authorize(&request).await?;
         let req = request.into_inner();
         slug("store_id", &req.store_id, 64)?;
+        self.act_on_store(&caller, &req.store_id).await?;
         let window = match req.maintenance_window {
             Some(w) => {
                 validate::maintenance_window(w.start_minute, w.duration_minutes)?;
@@ -775,10 +1020,11 @@ impl AdminService for AdminApi {
         &self,
         request: Request<v1::CreateRolloutRequest>,
     ) -> Result<Response<v1::Rollout>, Status> {
-        self.change_rollout(request, |req, actor| async move {
-            self.rollouts.create(req, &actor).await
-        })
-        .await
+        let caller = self.authorize(&request).await?;
+        let req = request.into_inner();
+        self.rollout_selector_in_scope(&caller, &req).await?;
+        let rollout = self.rollouts.create(req, &caller.name).await?;
+        Ok(Response::new(rollout))
     }
 
     async fn start_rollout(
@@ -835,8 +1081,15 @@ impl AdminService for AdminApi {
         &self,
         request: Request<v1::ListRolloutsRequest>,
     ) -> Result<Response<v1::ListRolloutsResponse>, Status> {
-        self.authorize(&request).await?;
-        let list = self.rollouts.list(request.into_inner()).await?;
+        let caller = self.authorize(&request).await?;
+        let mut list = self.rollouts.list(request.into_inner()).await?;
+        if let Some(scope) = &caller.scope {
+            list.rollouts.retain(|r| {
+                r.selector
+                    .as_ref()
+                    .is_some_and(|s| scope.bounds(&s.store_labels))
+            });
+        }
         Ok(Response::new(list))
     }
 
@@ -844,8 +1097,14 @@ impl AdminService for AdminApi {
         &self,
         request: Request<v1::RolloutRequest>,
     ) -> Result<Response<v1::RolloutDetail>, Status> {
-        self.authorize(&request).await?;
-        let detail = self.rollouts.get(request.into_inner()).await?;
+        let caller = self.authorize(&request).await?;
+        let req = request.into_inner();
+        if let Some(scope) = &caller.scope
+            && !self.rollout_in_scope(scope, &req.id).await?
+        {
+            return Err(Status::not_found(format!("unknown rollout {}", req.id)));
+        }
+        let detail = self.rollouts.get(req).await?;
         Ok(Response::new(detail))
     }
 
@@ -853,10 +1112,21 @@ impl AdminService for AdminApi {
         &self,
         request: Request<v1::ListEventsRequest>,
     ) -> Result<Response<v1::ListEventsResponse>, Status> {
-        self.authorize(&request).await?;
+        let caller = self.authorize(&request).await?;
         let req = request.into_inner();
         if !req.rollout_id.is_empty() {
             text("rollout_id", &req.rollout_id, true, 64)?;
+        }
+        // The fleet's events are not narrowed by store: a scoped caller
+        // reads those of one rollout in its scope.
+        if let Some(scope) = &caller.scope
+            && (req.rollout_id.is_empty() || !self.rollout_in_scope(scope, &req.rollout_id).await?)
+        {
+            return Err(out_of_scope(
+                &caller,
+                scope,
+                "it may list the events of one rollout in its scope (rollout_id)",
+            ));
         }
         let limit = match req.limit {
             0 => DEFAULT_EVENTS_PER_PAGE,
@@ -1020,25 +1290,44 @@ impl AdminService for AdminApi {
         &self,
         request: Request<v1::CreateAdminTokenRequest>,
     ) -> Result<Response<v1::CreateAdminTokenResponse>, Status> {
-        self.authorize(&request).await?;
+        let principal = self.authorize(&request).await?;
         let caller = request.extensions().get::<audit::Caller>().cloned();
-        let name = request.into_inner().name;
-        slug("name", &name, MAX_ADMIN_TOKEN_NAME_BYTES)?;
+        let req = request.into_inner();
+        slug("name", &req.name, MAX_ADMIN_TOKEN_NAME_BYTES)?;
+        let now = now_ms();
+        let (role, expires_at_ms, scope) = token_terms(&req, now)?;
+        // The role table lets only admins here; never grant more than the
+        // caller holds all the same.
+        if !role.permissions().iter().all(|p| principal.role.grants(*p)) {
+            return Err(Status::permission_denied(format!(
+                "token {} has role {}; it cannot create a {role} token",
+                principal.name, principal.role
+            )));
+        }
         let secret = secret::generate(secret::ADMIN_TOKEN_PREFIX);
         let token = AdminTokenInfo {
             id: secret::short_id("adm-", 6),
-            name,
-            created_at_ms: now_ms(),
+            name: req.name,
+            created_at_ms: now,
             revoked_at_ms: None,
+            role: role.as_str().to_string(),
+            expires_at_ms: Some(expires_at_ms),
+            scope_json: scope.as_ref().map(Scope::to_json).unwrap_or_default(),
+            created_by: principal.name.clone(),
         };
+        let hash = secret::hash(&secret);
         let created = self
             .storage
-            .create_admin_token(
-                &token.id,
-                &secret::hash(&secret),
-                &token.name,
-                token.created_at_ms,
-            )
+            .create_admin_token(&NewAdminToken {
+                id: &token.id,
+                secret_sha256: &hash,
+                name: &token.name,
+                created_at_ms: token.created_at_ms,
+                role: &token.role,
+                expires_at_ms: token.expires_at_ms,
+                scope_json: &token.scope_json,
+                created_by: &token.created_by,
+            })
             .await?;
         if !created {
             return Err(Status::already_exists(format!(
@@ -1050,9 +1339,12 @@ impl AdminService for AdminApi {
             caller.set_target(serde_json::json!({
                 "admin_token_id": token.id,
                 "name": token.name,
+                "role": token.role,
+                "expires_at_unix_ms": expires_at_ms,
+                "scope": scope.as_ref().map(|s| s.to_string()).unwrap_or_default(),
             }));
         }
-        tracing::info!(admin_token_id = %token.id, name = %token.name, "Admin token created.");
+        tracing::info!(admin_token_id = %token.id, name = %token.name, role = %token.role, "Admin token created.");
         Ok(Response::new(v1::CreateAdminTokenResponse {
             token: Some(admin_token_view(token)),
             secret,

@@ -13,6 +13,12 @@
 //!   skipped) and only the newest are kept, at most
 //!   [`UNAUTHENTICATED_KEPT`] rows and [`UNAUTHENTICATED_KEPT_BYTES`], so a
 //!   flood cannot fill the disk;
+//! * an expired token is refused the same way, saying when it expired;
+//! * an authenticated call beyond its caller's role (or, for a caller
+//!   confined to some stores, a method over the whole fleet) is answered
+//!   `PERMISSION_DENIED` by the layer, also before its body is read, and
+//!   recorded (whatever its method) with the caller and role; see
+//!   [`crate::authz`];
 //! * an authenticated call reaches its handler with a [`Caller`] request
 //!   extension. Mutating calls (every method but `Get*` and `List*`) are
 //!   recorded:
@@ -56,10 +62,9 @@ use tonic::Status;
 use tonic::codegen::http;
 use tonic::server::NamedService;
 
+use crate::authz::{Principal, Role, Scope};
 use crate::metrics::Metrics;
-use crate::storage::{
-    AUDIT_PENDING, AdminTokenRecord, NewAuditEntry, Storage, UNAUTHENTICATED_ACTOR,
-};
+use crate::storage::{AUDIT_PENDING, NewAuditEntry, Storage, UNAUTHENTICATED_ACTOR};
 use crate::{now_ms, secret};
 
 /// Unauthenticated calls written at once before the rate limit applies.
@@ -91,13 +96,15 @@ pub(crate) fn is_mutating(method: &str) -> bool {
     !(method.starts_with("Get") || method.starts_with("List"))
 }
 
-/// Checks `authorization: Bearer <admin API token>` and returns the token.
-/// Counts refusals in `posfleet_admin_auth_failures_total`.
+/// Checks `authorization: Bearer <admin API token>` (live, not expired at
+/// `now_ms`) and returns who holds it. Counts refusals in
+/// `posfleet_admin_auth_failures_total`.
 pub(crate) async fn authenticate(
     storage: &Storage,
     metrics: &Metrics,
     headers: &http::HeaderMap,
-) -> Result<AdminTokenRecord, Status> {
+    now_ms: i64,
+) -> Result<Principal, Status> {
     let token = headers
         .get(posfleet_proto::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -109,7 +116,35 @@ pub(crate) async fn authenticate(
         ));
     };
     match storage.admin_token_by_hash(&secret::hash(token)).await {
-        Ok(Some(record)) => Ok(record),
+        Ok(Some(record)) => {
+            if let Some(expired) = record.expires_at_ms.filter(|at| *at <= now_ms) {
+                metrics.admin_auth_failures.inc();
+                return Err(Status::unauthenticated(format!(
+                    "admin API token {} expired at {}; ask an admin for a new one",
+                    record.name,
+                    crate::format_ms(expired)
+                )));
+            }
+            // Stored by this code from checked values: a row that does
+            // not parse was changed by hand, and is refused.
+            let role = Role::parse(&record.role);
+            let scope = Scope::from_json(&record.scope_json);
+            match (role, scope) {
+                (Some(role), Ok(scope)) => Ok(Principal {
+                    id: record.id,
+                    name: record.name,
+                    role,
+                    scope,
+                }),
+                _ => {
+                    tracing::error!(admin_token_id = %record.id, role = %record.role, "An admin token has an unknown role or a bad scope.");
+                    Err(Status::permission_denied(format!(
+                        "admin API token {} has an unknown role or scope; see the control plane log",
+                        record.name
+                    )))
+                }
+            }
+        }
         Ok(None) => {
             metrics.admin_auth_failures.inc();
             Err(Status::unauthenticated("admin API token is not valid"))
@@ -129,18 +164,15 @@ pub(crate) trait AuditTarget {
 /// extensions by [`AuditLayer`].
 #[derive(Clone)]
 pub(crate) struct Caller {
-    identity: AdminTokenRecord,
+    identity: Principal,
     /// Set for mutating methods.
     record: Option<Arc<CallRecord>>,
 }
 
 impl Caller {
-    /// The caller's admin token, once the call is in the audit log (written
-    /// ahead, with `target`). Refuses the call if that write fails.
-    pub async fn authorize(
-        &self,
-        target: impl FnOnce() -> Value,
-    ) -> Result<AdminTokenRecord, Status> {
+    /// Who calls, once the call is in the audit log (written ahead, with
+    /// `target`). Refuses the call if that write fails.
+    pub async fn authorize(&self, target: impl FnOnce() -> Value) -> Result<Principal, Status> {
         if let Some(record) = &self.record {
             record.set_target(target());
             record.write_ahead().await?;
@@ -279,6 +311,8 @@ struct CallRecord {
     method: String,
     peer_address: String,
     actor: String,
+    /// The caller's role; empty when unauthenticated.
+    role: String,
     state: Mutex<CallState>,
 }
 
@@ -312,6 +346,7 @@ impl CallRecord {
             target_json: target,
             peer_address: self.peer_address.clone(),
             result: AUDIT_PENDING.to_string(),
+            role: self.role.clone(),
         };
         match self.log.insert(entry).await {
             Some(seq) => {
@@ -388,6 +423,7 @@ impl CallRecord {
                     target_json,
                     peer_address: self.peer_address.clone(),
                     result: result.to_string(),
+                    role: self.role.clone(),
                 };
                 log.insert(entry).await;
                 if prune
@@ -436,6 +472,7 @@ pub(crate) fn entry_view(e: crate::storage::AuditRecord) -> v1::AuditEntry {
         target_json: e.target_json,
         peer_address: e.peer_address,
         result: e.result,
+        role: e.role,
     }
 }
 
@@ -554,17 +591,18 @@ where
         Box::pin(async move {
             let at_ms = now_ms();
             let method = method_of(request.uri().path());
-            let auth = authenticate(&log.storage, &log.metrics, request.headers()).await;
+            let auth = authenticate(&log.storage, &log.metrics, request.headers(), at_ms).await;
             let peer_address = crate::tls::remote_address(request.extensions())
                 .map(|a| a.to_string())
                 .unwrap_or_default();
-            let record = |actor: String| {
+            let record = |actor: String, role: String| {
                 Arc::new(CallRecord {
                     log: log.clone(),
                     at_ms,
                     method: method.clone(),
                     peer_address: peer_address.clone(),
                     actor,
+                    role,
                     state: Mutex::new(CallState::default()),
                 })
             };
@@ -574,14 +612,24 @@ where
                     // Answered here: the body is never read, and the row
                     // names only the method and the peer.
                     if is_mutating(&method) {
-                        record(UNAUTHENTICATED_ACTOR.to_string())
+                        record(UNAUTHENTICATED_ACTOR.to_string(), String::new())
                             .finish(code_name(status.code()))
                             .await;
                     }
                     return Ok(status.into_http());
                 }
             };
-            let record = is_mutating(&method).then(|| record(identity.name.clone()));
+            let role = identity.role.as_str().to_string();
+            if let Err(why) = identity.may_call(&method) {
+                // Also before the body is read; recorded whatever the
+                // method, as the caller is known.
+                log.metrics.admin_permission_denied.inc();
+                record(identity.name.clone(), role)
+                    .finish(code_name(tonic::Code::PermissionDenied))
+                    .await;
+                return Ok(Status::permission_denied(why).into_http());
+            }
+            let record = is_mutating(&method).then(|| record(identity.name.clone(), role));
             request.extensions_mut().insert(Caller {
                 identity,
                 record: record.clone(),
@@ -760,7 +808,12 @@ impl AuditTarget for v1::RemoveWebhookRequest {
 
 impl AuditTarget for v1::CreateAdminTokenRequest {
     fn audit_target(&self) -> Value {
-        json!({"name": self.name})
+        json!({
+            "name": self.name,
+            "role": self.role,
+            "expires_in_seconds": self.expires_in_seconds,
+            "scope": self.scope,
+        })
     }
 }
 

@@ -18,6 +18,7 @@
 mod admin_api;
 mod agent_api;
 pub mod audit;
+pub mod authz;
 pub mod blobs;
 pub mod config;
 mod convert;
@@ -181,7 +182,7 @@ impl ControlPlane {
     }
 
     async fn bootstrap_admin_token(&self) -> Result<(), Error> {
-        if self.storage.admin_token_count().await? > 0 {
+        if self.storage.admin_token_count(now_ms()).await? > 0 {
             return Ok(());
         }
         let token = secret::generate(secret::ADMIN_TOKEN_PREFIX);

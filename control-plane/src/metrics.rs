@@ -92,6 +92,9 @@ pub struct Metrics {
     pub enrollments: IntCounterVec,
     /// Admin calls refused for a missing or unknown API token.
     pub admin_auth_failures: prometheus::IntCounter,
+    /// Admin calls refused because they are beyond the caller's role or
+    /// scope.
+    pub admin_permission_denied: prometheus::IntCounter,
     pub heartbeat_queue_depth: IntGauge,
     pub heartbeat_flush_seconds: Histogram,
     pub heartbeat_flush_rows: Histogram,
@@ -185,6 +188,11 @@ impl Metrics {
         let admin_auth_failures = prometheus::IntCounter::new(
             "posfleet_admin_auth_failures_total",
             "Admin API calls refused for a missing or unknown API token.",
+        )
+        .expect("static metric definition is valid");
+        let admin_permission_denied = prometheus::IntCounter::new(
+            "posfleet_admin_permission_denied_total",
+            "Admin API calls refused as beyond the caller's role or store scope.",
         )
         .expect("static metric definition is valid");
         let heartbeat_queue_depth = IntGauge::new(
@@ -325,6 +333,7 @@ impl Metrics {
             Box::new(target_bytes_sent.clone()),
             Box::new(enrollments.clone()),
             Box::new(admin_auth_failures.clone()),
+            Box::new(admin_permission_denied.clone()),
             Box::new(heartbeat_queue_depth.clone()),
             Box::new(heartbeat_flush_seconds.clone()),
             Box::new(heartbeat_flush_rows.clone()),
@@ -401,6 +410,7 @@ impl Metrics {
             target_bytes_sent,
             enrollments,
             admin_auth_failures,
+            admin_permission_denied,
             heartbeat_queue_depth,
             heartbeat_flush_seconds,
             heartbeat_flush_rows,

@@ -9,7 +9,7 @@ use posfleet_proto::v1;
 use tonic::Code;
 
 async fn create(admin: &mut common::Admin, name: &str) -> v1::CreateAdminTokenResponse {
-    let req = admin.req(v1::CreateAdminTokenRequest { name: name.into() });
+    let req = admin.req(common::token_request(name, "admin"));
     admin
         .client
         .create_admin_token(req)
@@ -166,17 +166,13 @@ async fn a_token_may_revoke_itself_but_not_the_last_one(backend: Backend) {
     assert_eq!(again.revoked_at_unix_ms, revoked.revoked_at_unix_ms);
     assert_status(revoke(&mut admin, "adm-nope").await, Code::NotFound, "");
     // A name is never reused, even once revoked.
-    let req = admin.req(v1::CreateAdminTokenRequest {
-        name: "alice".into(),
-    });
+    let req = admin.req(common::token_request("alice", "admin"));
     assert_status(
         admin.client.create_admin_token(req).await,
         Code::AlreadyExists,
         "alice",
     );
-    let req = admin.req(v1::CreateAdminTokenRequest {
-        name: "Not A Slug".into(),
-    });
+    let req = admin.req(common::token_request("Not A Slug", "admin"));
     assert_status(
         admin.client.create_admin_token(req).await,
         Code::InvalidArgument,

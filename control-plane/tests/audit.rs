@@ -357,9 +357,7 @@ async fn an_oversized_argument_is_refused_and_its_audit_row_is_bounded(backend: 
         Code::InvalidArgument,
         "url: must be at most 2048 characters",
     );
-    let req = admin.req(v1::CreateAdminTokenRequest {
-        name: "n".repeat(65),
-    });
+    let req = admin.req(common::token_request(&"n".repeat(65), "admin"));
     assert_status(
         admin.client.create_admin_token(req).await,
         Code::InvalidArgument,
@@ -410,6 +408,7 @@ async fn unauthenticated_entries_are_pruned_by_rows_and_bytes(backend: Backend) 
         target_json: format!("{{\"x\":\"{}\"}}", "a".repeat(992)),
         peer_address: "127.0.0.1:1".into(),
         result: "UNAUTHENTICATED".into(),
+        role: String::new(),
     };
     for i in 0..50 {
         let actor = if i % 10 == 0 {

@@ -177,15 +177,7 @@ impl Fleet {
 
     /// `posfleet store create`.
     pub fn create_store(&self, store: &str, time_zone: &str) {
-        self.cp.cli_json(&[
-            "store",
-            "create",
-            store,
-            "--name",
-            store,
-            "--time-zone",
-            time_zone,
-        ]);
+        self.cp.create_store(store, time_zone);
     }
 
     /// A new enrollment token for `uses` tills of `store`; returns its secret.

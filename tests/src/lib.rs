@@ -353,6 +353,19 @@ impl ControlPlane {
     }
 
     /// Runs the CLI with `--output json`, asserting success, and parses stdout.
+    /// `posfleet store create`, named after its id.
+    pub fn create_store(&self, store: &str, time_zone: &str) {
+        self.cli_json(&[
+            "store",
+            "create",
+            store,
+            "--name",
+            store,
+            "--time-zone",
+            time_zone,
+        ]);
+    }
+
     pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
         let mut all = vec!["--output", "json"];
         all.extend_from_slice(args);

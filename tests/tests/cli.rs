@@ -303,7 +303,8 @@ fn a_200_mib_bundle_publishes_over_a_4_mib_per_second_link() {
 }
 
 /// `posfleet token`: the first token is listed; a new one works at once
-/// and is refused once revoked; the last live token cannot be revoked.
+/// within its role and is refused once revoked; the last live admin token
+/// cannot be revoked; the audit log names the role of each call.
 #[test]
 fn admin_tokens_are_created_listed_and_revoked_from_the_cli() {
     let dir = tempfile::tempdir().unwrap();
@@ -312,7 +313,24 @@ fn admin_tokens_are_created_listed_and_revoked_from_the_cli() {
     assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
     assert_eq!(listed[0]["name"], "bootstrap");
     let bootstrap = listed[0]["id"].as_str().unwrap().to_string();
-    let created = cp.cli_json(&["token", "create", "ci-deploy"]);
+    assert_eq!(listed[0]["role"], "admin");
+    assert_eq!(listed[0]["expires_at"], "");
+    let created = cp.cli_json(&[
+        "token",
+        "create",
+        "--name",
+        "ci-deploy",
+        "--role",
+        "deployer",
+        "--expires-in",
+        "90d",
+        "--scope",
+        "region=eu",
+    ]);
+    assert_eq!(created["role"], "deployer", "{created}");
+    assert_eq!(created["scope"], "region=eu", "{created}");
+    assert_eq!(created["created_by"], "bootstrap", "{created}");
+    assert_ne!(created["expires_at"], "", "{created}");
     let secret = created["secret"].as_str().unwrap().to_string();
     let id = created["id"].as_str().unwrap().to_string();
     let as_ci = |args: &[&str]| {
@@ -323,10 +341,40 @@ fn admin_tokens_are_created_listed_and_revoked_from_the_cli() {
             .output()
             .unwrap()
     };
-    check_ok(as_ci(&["store", "list"]));
+    // Scoped to region=eu: it sees the stores an admin labelled so.
+    for store in ["eu-1", "us-1"] {
+        cp.create_store(store, "UTC");
+    }
+    let labelled = check_ok(cp.cli(&["store", "label", "eu-1", "region=eu"]));
+    assert!(labelled.contains("region=eu"), "{labelled}");
+    let seen = check_ok(as_ci(&["store", "list"]));
+    assert!(seen.contains("eu-1") && !seen.contains("us-1"), "{seen}");
+    assert_one_line_error(
+        &as_ci(&["token", "list"]),
+        1,
+        "token ci-deploy has role deployer; ListAdminTokens needs admin",
+    );
+    // No expiry: refused by the CLI, which names the flag.
+    let missing = cp.cli(&[
+        "token",
+        "create",
+        "--name",
+        "ci-release",
+        "--role",
+        "publisher",
+    ]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(
+        stderr(&missing).contains("--expires-in"),
+        "{}",
+        stderr(&missing)
+    );
     let table = check_ok(cp.cli(&["token", "list"]));
     assert!(
-        table.contains("ci-deploy") && table.contains("bootstrap"),
+        table.contains("ci-deploy")
+            && table.contains("bootstrap")
+            && table.contains("deployer")
+            && table.contains("region=eu"),
         "{table}"
     );
     assert!(!table.contains(&secret), "{table}");
@@ -359,7 +407,34 @@ fn admin_tokens_are_created_listed_and_revoked_from_the_cli() {
         .collect();
     assert_eq!(
         methods,
-        ["CreateAdminToken", "RevokeAdminToken", "RevokeAdminToken"]
+        [
+            "CreateAdminToken",
+            "CreateStore",
+            "CreateStore",
+            "SetStoreLabels",
+            "ListAdminTokens",
+            "RevokeAdminToken",
+            "RevokeAdminToken"
+        ]
+    );
+    let roles: Vec<(&str, &str, &str)> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["actor"].as_str().unwrap(),
+                e["role"].as_str().unwrap(),
+                e["result"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(roles[4], ("ci-deploy", "deployer", "PERMISSION_DENIED"));
+    assert_eq!(roles[0], ("bootstrap", "admin", "OK"));
+    let table = check_ok(cp.cli(&["audit", "list"]));
+    assert!(
+        table.contains("ROLE") && table.contains("deployer"),
+        "{table}"
     );
 }
 

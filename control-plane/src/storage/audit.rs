@@ -26,11 +26,17 @@ pub const AUDIT_ROW_OVERHEAD_BYTES: i64 = 64;
 /// Actor of calls without a valid admin token.
 pub const UNAUTHENTICATED_ACTOR: &str = "unauthenticated";
 
-/// An admin API token, as callers are identified.
+/// An admin API token, as callers are identified: live (not revoked),
+/// possibly expired.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminTokenRecord {
     pub id: String,
     pub name: String,
+    /// A role name (`crate::authz::Role`).
+    pub role: String,
+    pub expires_at_ms: Option<i64>,
+    /// `crate::authz::Scope` as JSON; empty when unscoped.
+    pub scope_json: String,
 }
 
 /// An admin API token as `posfleet token list` shows it (never its secret,
@@ -41,7 +47,28 @@ pub struct AdminTokenInfo {
     pub name: String,
     pub created_at_ms: i64,
     pub revoked_at_ms: Option<i64>,
+    pub role: String,
+    pub expires_at_ms: Option<i64>,
+    pub scope_json: String,
+    pub created_by: String,
 }
+
+/// A token to create.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewAdminToken<'a> {
+    pub id: &'a str,
+    pub secret_sha256: &'a str,
+    pub name: &'a str,
+    pub created_at_ms: i64,
+    pub role: &'a str,
+    pub expires_at_ms: Option<i64>,
+    pub scope_json: &'a str,
+    pub created_by: &'a str,
+}
+
+/// Columns of [`AdminTokenInfo`].
+const TOKEN_COLUMNS: &str =
+    "id, name, created_at_ms, revoked_at_ms, role, expires_at_ms, scope_json, created_by";
 
 /// What revoking an admin token did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,7 +77,8 @@ pub enum AdminTokenRevocation {
     Revoked(AdminTokenInfo),
     /// No token has this id.
     Unknown,
-    /// It is the last live token: revoking it would lock every operator out.
+    /// It is the last live admin token: revoking it would lock every
+    /// operator out.
     LastLive,
 }
 
@@ -60,6 +88,10 @@ fn admin_token_from_row(row: &AnyRow) -> Result<AdminTokenInfo, Error> {
         name: row.try_get("name")?,
         created_at_ms: row.try_get("created_at_ms")?,
         revoked_at_ms: row.try_get("revoked_at_ms")?,
+        role: row.try_get("role")?,
+        expires_at_ms: row.try_get("expires_at_ms")?,
+        scope_json: row.try_get("scope_json")?,
+        created_by: row.try_get("created_by")?,
     })
 }
 
@@ -73,6 +105,8 @@ pub struct NewAuditEntry {
     pub peer_address: String,
     /// `PENDING` (written ahead of the call), `OK` or a gRPC code name.
     pub result: String,
+    /// The caller's role; empty when unauthenticated.
+    pub role: String,
 }
 
 /// A stored audit entry.
@@ -86,6 +120,7 @@ pub struct AuditRecord {
     pub peer_address: String,
     pub result: String,
     pub finished_at_ms: Option<i64>,
+    pub role: String,
 }
 
 fn audit_from_row(row: &AnyRow) -> Result<AuditRecord, Error> {
@@ -98,17 +133,21 @@ fn audit_from_row(row: &AnyRow) -> Result<AuditRecord, Error> {
         peer_address: row.try_get("peer_address")?,
         result: row.try_get("result")?,
         finished_at_ms: row.try_get("finished_at_ms")?,
+        role: row.try_get("role")?,
     })
 }
 
 impl Storage {
-    pub async fn admin_token_count(&self) -> Result<i64, Error> {
-        Ok(
-            sqlx::query("SELECT COUNT(*) AS n FROM admin_tokens WHERE revoked_at_ms IS NULL")
-                .fetch_one(&self.pool)
-                .await?
-                .try_get("n")?,
+    /// Live admin-role tokens that have not expired at `now_ms`.
+    pub async fn admin_token_count(&self, now_ms: i64) -> Result<i64, Error> {
+        Ok(sqlx::query(
+            "SELECT COUNT(*) AS n FROM admin_tokens WHERE revoked_at_ms IS NULL \
+             AND role = 'admin' AND (expires_at_ms IS NULL OR expires_at_ms > $1)",
         )
+        .bind(now_ms)
+        .fetch_one(&self.pool)
+        .await?
+        .try_get("n")?)
     }
 
     pub async fn insert_admin_token(
@@ -136,7 +175,8 @@ impl Storage {
         secret_sha256: &str,
     ) -> Result<Option<AdminTokenRecord>, Error> {
         sqlx::query(
-            "SELECT id, name FROM admin_tokens WHERE secret_sha256 = $1 AND revoked_at_ms IS NULL",
+            "SELECT id, name, role, expires_at_ms, scope_json FROM admin_tokens \
+             WHERE secret_sha256 = $1 AND revoked_at_ms IS NULL",
         )
         .bind(secret_sha256)
         .fetch_optional(&self.pool)
@@ -145,6 +185,9 @@ impl Storage {
             Ok(AdminTokenRecord {
                 id: row.try_get("id")?,
                 name: row.try_get("name")?,
+                role: row.try_get("role")?,
+                expires_at_ms: row.try_get("expires_at_ms")?,
+                scope_json: row.try_get("scope_json")?,
             })
         })
         .transpose()
@@ -153,22 +196,22 @@ impl Storage {
     /// Adds a live admin token; `Ok(false)` if a token (live or revoked) has
     /// this name already: the audit log names callers by it, so a name is
     /// never reused.
-    pub async fn create_admin_token(
-        &self,
-        id: &str,
-        secret_sha256: &str,
-        name: &str,
-        now_ms: i64,
-    ) -> Result<bool, Error> {
+    pub async fn create_admin_token(&self, token: &NewAdminToken<'_>) -> Result<bool, Error> {
         let done = sqlx::query(
-            "INSERT INTO admin_tokens (id, secret_sha256, name, created_at_ms) \
-             SELECT $1, $2, $3, $4 WHERE NOT EXISTS (SELECT 1 FROM admin_tokens WHERE name = $5)",
+            "INSERT INTO admin_tokens (id, secret_sha256, name, created_at_ms, role, \
+             expires_at_ms, scope_json, created_by) \
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8 \
+             WHERE NOT EXISTS (SELECT 1 FROM admin_tokens WHERE name = $9)",
         )
-        .bind(id)
-        .bind(secret_sha256)
-        .bind(name)
-        .bind(now_ms)
-        .bind(name)
+        .bind(token.id)
+        .bind(token.secret_sha256)
+        .bind(token.name)
+        .bind(token.created_at_ms)
+        .bind(token.role)
+        .bind(token.expires_at_ms)
+        .bind(token.scope_json)
+        .bind(token.created_by)
+        .bind(token.name)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
@@ -179,18 +222,19 @@ impl Storage {
         &self,
         include_revoked: bool,
     ) -> Result<Vec<AdminTokenInfo>, Error> {
-        let sql = if include_revoked {
-            "SELECT id, name, created_at_ms, revoked_at_ms FROM admin_tokens \
-             ORDER BY created_at_ms, id"
+        let filter = if include_revoked {
+            ""
         } else {
-            "SELECT id, name, created_at_ms, revoked_at_ms FROM admin_tokens \
-             WHERE revoked_at_ms IS NULL ORDER BY created_at_ms, id"
+            "WHERE revoked_at_ms IS NULL"
         };
-        let rows = sqlx::query(sql).fetch_all(&self.pool).await?;
+        let sql =
+            format!("SELECT {TOKEN_COLUMNS} FROM admin_tokens {filter} ORDER BY created_at_ms, id");
+        let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
         rows.iter().map(admin_token_from_row).collect()
     }
 
-    /// Revokes a token unless it is the last live one. From the moment this
+    /// Revokes a token unless it is the last live admin token (one that has
+    /// not expired). From the moment this
     /// returns, [`Storage::admin_token_by_hash`] no longer finds it, on every
     /// replica (nothing caches tokens).
     pub async fn revoke_admin_token(
@@ -206,15 +250,17 @@ impl Storage {
         // gets a new one written to the data dir at the next start.)
         let done = sqlx::query(
             "UPDATE admin_tokens SET revoked_at_ms = $1 WHERE id = $2 AND revoked_at_ms IS NULL \
-             AND (SELECT COUNT(*) FROM admin_tokens WHERE revoked_at_ms IS NULL) > 1",
+             AND (role <> 'admin' OR (SELECT COUNT(*) FROM admin_tokens WHERE revoked_at_ms IS NULL \
+             AND role = 'admin' AND (expires_at_ms IS NULL OR expires_at_ms > $3)) > 1)",
         )
         .bind(now_ms)
         .bind(id)
+        .bind(now_ms)
         .execute(&self.pool)
         .await?;
-        let row = sqlx::query(
-            "SELECT id, name, created_at_ms, revoked_at_ms FROM admin_tokens WHERE id = $1",
-        )
+        let row = sqlx::query(&format!(
+            "SELECT {TOKEN_COLUMNS} FROM admin_tokens WHERE id = $1"
+        ))
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
@@ -236,8 +282,8 @@ impl Storage {
             attempt += 1;
             let inserted = sqlx::query(
                 "INSERT INTO audit_log (seq, at_ms, actor, method, target_json, peer_address, \
-                 result, finished_at_ms) \
-                 SELECT COALESCE(MAX(seq), 0) + 1, $1, $2, $3, $4, $5, $6, $7 FROM audit_log \
+                 result, finished_at_ms, role) \
+                 SELECT COALESCE(MAX(seq), 0) + 1, $1, $2, $3, $4, $5, $6, $7, $8 FROM audit_log \
                  RETURNING seq",
             )
             .bind(entry.at_ms)
@@ -247,6 +293,7 @@ impl Storage {
             .bind(&entry.peer_address)
             .bind(&entry.result)
             .bind(finished)
+            .bind(&entry.role)
             .fetch_one(&self.pool)
             .await;
             match inserted {

@@ -33,7 +33,7 @@ mod webhooks;
 
 pub use audit::{
     AUDIT_PENDING, AUDIT_ROW_OVERHEAD_BYTES, AdminTokenInfo, AdminTokenRecord,
-    AdminTokenRevocation, AuditRecord, NewAuditEntry, UNAUTHENTICATED_ACTOR,
+    AdminTokenRevocation, AuditRecord, NewAdminToken, NewAuditEntry, UNAUTHENTICATED_ACTOR,
 };
 pub use desired::{
     AssignTarget, BundleStatusRecord, DesiredBundleRecord, StoreDesiredState, StorePeerRecord,

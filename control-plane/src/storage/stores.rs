@@ -141,3 +141,31 @@ impl Storage {
             .try_get("n")?)
     }
 }
+
+impl Storage {
+    /// The ids of the stores carrying every one of `labels` (a store scope).
+    pub async fn store_ids_with_labels(
+        &self,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<std::collections::BTreeSet<String>, Error> {
+        let mut placeholders = super::Placeholders::new(self.backend);
+        let mut params = Vec::new();
+        let mut sql = "SELECT s.id FROM stores s WHERE 1 = 1".to_string();
+        for (key, value) in labels {
+            let k = placeholders.next();
+            params.push(super::Param::Text(key.clone()));
+            let v = placeholders.next();
+            params.push(super::Param::Text(value.clone()));
+            sql.push_str(&format!(
+                " AND EXISTS (SELECT 1 FROM store_labels l WHERE l.store_id = s.id \
+                 AND l.key = {k} AND l.value = {v})"
+            ));
+        }
+        let rows = super::bind_all(sqlx::query(&sql).persistent(false), params)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| Ok(row.try_get::<String, _>("id")?))
+            .collect()
+    }
+}

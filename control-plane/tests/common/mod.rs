@@ -290,6 +290,16 @@ impl Setup {
     }
 }
 
+/// A request for a token of `role` named `name`, living a day, unscoped.
+pub fn token_request(name: &str, role: &str) -> v1::CreateAdminTokenRequest {
+    v1::CreateAdminTokenRequest {
+        name: name.into(),
+        role: role.into(),
+        expires_in_seconds: 24 * 3600,
+        scope: Default::default(),
+    }
+}
+
 pub fn assert_status<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, fragment: &str) {
     let status = result.expect_err("the call should be refused");
     assert_eq!(status.code(), code, "{status:?}");
@@ -326,6 +336,23 @@ pub struct Admin {
 }
 
 impl Admin {
+    /// Creates a token (this client's must be an admin's) and returns a
+    /// client that calls with it.
+    pub async fn with_new_token(&mut self, request: v1::CreateAdminTokenRequest) -> Admin {
+        let req = self.req(request);
+        let secret = self
+            .client
+            .create_admin_token(req)
+            .await
+            .unwrap()
+            .into_inner()
+            .secret;
+        Admin {
+            client: self.client.clone(),
+            token: Some(secret),
+        }
+    }
+
     pub fn req<T>(&self, message: T) -> Request<T> {
         let mut request = Request::new(message);
         if let Some(token) = &self.token {
