@@ -793,6 +793,56 @@ mod tests {
     }
 
     #[test]
+    fn a_rollout_says_where_it_stands_with_its_approval() {
+        let draft = v1::Rollout {
+            id: "ro-1a2b".into(),
+            bundle_name: "pos-app".into(),
+            bundle_version: "1.2.0".into(),
+            state: v1::RolloutState::Draft as i32,
+            approval_required: true,
+            selected_devices: 150,
+            approval_threshold_devices: 100,
+            ..Default::default()
+        };
+        assert_eq!(
+            RolloutView::from(draft.clone()).state_text(),
+            "draft, awaiting approval (150 devices > threshold 100)"
+        );
+        let emergency = v1::Rollout {
+            strategy: Some(v1::RolloutStrategy {
+                emergency: true,
+                ..Default::default()
+            }),
+            selected_devices: 2,
+            ..draft.clone()
+        };
+        assert_eq!(
+            RolloutView::from(emergency).state_text(),
+            "draft, awaiting approval (emergency)"
+        );
+        let approved = RolloutView::from(v1::Rollout {
+            approved_by: "bob".into(),
+            approved_at_unix_ms: 1_780_000_000_000,
+            ..draft.clone()
+        });
+        assert!(
+            approved
+                .state_text()
+                .starts_with("draft, approved by bob at "),
+            "{}",
+            approved.state_text()
+        );
+        let small = v1::Rollout {
+            approval_required: false,
+            selected_devices: 5,
+            ..draft
+        };
+        assert_eq!(RolloutView::from(small).state_text(), "draft");
+        let approve = ["posfleet", "rollout", "approve", "ro-1a2b"];
+        assert!(<crate::Cli as clap::Parser>::try_parse_from(approve).is_ok());
+    }
+
+    #[test]
     fn states_parse_by_name() {
         assert_eq!(parse_state("paused").unwrap(), v1::RolloutState::Paused);
         assert_eq!(
