@@ -22,6 +22,9 @@ use crate::repo_cmd::{self, RoleKeyCounts};
 use crate::view::{self, DeviceView};
 use crate::{Admin, Output};
 
+/// The second deployer's token, who approves big rollouts.
+const APPROVER: &str = "release-manager";
+
 /// (store id, name, time zone) of the demo stores, in order.
 const STORES: &[(&str, &str, &str)] = &[
     ("paris-01", "Paris Bastille", "Europe/Paris"),
@@ -70,6 +73,9 @@ struct Summary {
     seconds_to_1_1_0: f64,
     /// The 1.1.0 rollout's end state (completed).
     rollout_1_1_0: String,
+    /// Who approved it (the second deployer: it selects every till, more
+    /// than one store's, the demo's approval threshold).
+    rollout_1_1_0_approved_by: String,
     /// The 1.2.0 rollout's state (paused by itself) and why.
     rollout_1_2_0: String,
     rollout_1_2_0_reason: String,
@@ -110,6 +116,9 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
         data_dir: dir.path().join("control-plane"),
         heartbeat_interval_seconds: 2,
         tls_server_names: vec!["127.0.0.1".into()],
+        // One store's tills: the rollout to every store needs a second
+        // person's approval, so the demo shows that step.
+        approval_threshold_devices: args.tills_per_store.into(),
         ..Config::default()
     };
     let ca_file = config
@@ -140,6 +149,21 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
         insecure_dev: false,
     };
     let mut admin = Admin::connect(&address, admin_token.trim()).await?;
+    // A second person, who approves the rollouts the first one creates
+    // when they need it.
+    say(&format!(
+        "posfleet token create --name {APPROVER} --role deployer --expires-in 1d (a second person, to approve big rollouts)"
+    ));
+    let approver_token = admin
+        .create_admin_token(v1::CreateAdminTokenRequest {
+            name: APPROVER.into(),
+            role: "deployer".into(),
+            expires_in_seconds: 86_400,
+            scope: Default::default(),
+        })
+        .await?
+        .secret;
+    let mut approver = Admin::connect(&address, &approver_token).await?;
 
     // Signed bundles: keys, a sample bundle built, signed and published.
     let keys = dir.path().join("keys");
@@ -273,7 +297,16 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
     // one till per store at a time, a short bake between waves.
     say("\nposfleet rollout create --release pos-app@1.1.0 --waves 1,50%,100% --bake 2s --start:");
     let upgrade = Instant::now();
-    let good = start_rollout(&mut admin, "pos-app", "1.1.0", &[], "1,50%,100%", 2).await?;
+    let good = start_rollout(
+        &mut admin,
+        &mut approver,
+        ("pos-app", "1.1.0"),
+        &[],
+        "1,50%,100%",
+        2,
+        &say,
+    )
+    .await?;
     let good = follow_rollout(&mut admin, &good.id, wait, &say).await?;
     let on_1_1_0 = converge(
         &mut admin,
@@ -330,7 +363,16 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
     say(&format!(
         "\nposfleet rollout create --release pos-app@1.2.0 --canary-stores {canary} --waves 100% --start (a bad release):"
     ));
-    let bad = start_rollout(&mut admin, "pos-app", "1.2.0", &[canary], "100%", 0).await?;
+    let bad = start_rollout(
+        &mut admin,
+        &mut approver,
+        ("pos-app", "1.2.0"),
+        &[canary],
+        "100%",
+        0,
+        &say,
+    )
+    .await?;
     let bad = follow_rollout(&mut admin, &bad.id, wait, &say).await?;
     // The tills it reached (one at a time per store) and that failed.
     let canary_ids: Vec<String> = admin
@@ -408,6 +450,7 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
             devices_on_1_1_0: on_1_1_0.len(),
             seconds_to_1_1_0,
             rollout_1_1_0: rollout_state(good.state),
+            rollout_1_1_0_approved_by: good.approved_by.clone(),
             rollout_1_2_0: rollout_state(bad.state),
             rollout_1_2_0_reason: bad.reason.clone(),
             devices_rolled_back_1_2_0,
@@ -557,14 +600,17 @@ fn rollout_state(state: i32) -> String {
         .unwrap_or_default()
 }
 
-/// `posfleet rollout create --release NAME@VERSION --waves W [--canary-stores S] --start`.
+/// `posfleet rollout create --release NAME@VERSION --waves W [--canary-stores S] --start`,
+/// with `posfleet rollout approve ID` by `approver` in between when the
+/// rollout needs it.
 async fn start_rollout(
     admin: &mut Admin,
-    name: &str,
-    version: &str,
+    approver: &mut Admin,
+    (name, version): (&str, &str),
     canary: &[&str],
     waves: &str,
     bake_seconds: u64,
+    say: &impl Fn(&str),
 ) -> anyhow::Result<v1::Rollout> {
     let mut all_waves = Vec::new();
     if !canary.is_empty() {
@@ -593,6 +639,15 @@ async fn start_rollout(
             }),
         })
         .await?;
+    if rollout.approval_required {
+        say(&format!(
+            "  rollout {} awaits approval ({} devices > threshold {}); as {APPROVER}: posfleet rollout approve {}",
+            rollout.id, rollout.selected_devices, rollout.approval_threshold_devices, rollout.id
+        ));
+        approver
+            .rollout_operation("approve", &rollout.id, "")
+            .await?;
+    }
     admin.rollout_operation("start", &rollout.id, "").await
 }
 

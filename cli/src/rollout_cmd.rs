@@ -15,8 +15,14 @@ use crate::{Admin, Output, parse_bundle_ref, parse_label, show};
 pub enum RolloutCommand {
     /// Create a rollout of a published release (a draft until started).
     Create(CreateArgs),
-    /// Start a draft rollout.
+    /// Start a draft rollout (one awaiting approval must be approved first).
     Start(IdArgs),
+    /// Approve a draft that needs a second person's approval: one selecting
+    /// more devices than the control plane's approval_threshold_devices,
+    /// or an emergency. Its creator cannot.
+    Approve {
+        id: String,
+    },
     /// Stop dispatching until resumed.
     Pause(IdArgs),
     Resume(IdArgs),
@@ -267,6 +273,10 @@ pub struct RolloutView {
     pub current_wave: u32,
     pub wave_count: u32,
     pub reason: String,
+    /// "awaiting approval (…)", "approved by …", or empty when it needs
+    /// no approval.
+    pub approval: String,
+    pub approved_by: String,
     pub counts: CountsView,
     pub created_by: String,
     pub created_at: String,
@@ -281,6 +291,8 @@ impl From<v1::Rollout> for RolloutView {
             state: state_name(r.state),
             current_wave: r.current_wave,
             wave_count: r.wave_count,
+            approval: approval_text(&r),
+            approved_by: r.approved_by,
             counts: r.counts.into(),
             created_by: r.created_by,
             created_at: view::time(r.created_at_unix_ms),
@@ -288,6 +300,44 @@ impl From<v1::Rollout> for RolloutView {
             finished_at: view::time(r.finished_at_unix_ms),
             id: r.id,
             reason: r.reason,
+        }
+    }
+}
+
+/// Where a rollout stands with its approval, for people.
+fn approval_text(r: &v1::Rollout) -> String {
+    if !r.approved_by.is_empty() {
+        return format!(
+            "approved by {} at {}",
+            r.approved_by,
+            view::time(r.approved_at_unix_ms)
+        );
+    }
+    if !r.approval_required {
+        return String::new();
+    }
+    let why = if r.strategy.as_ref().is_some_and(|s| s.emergency) {
+        "emergency".to_string()
+    } else {
+        format!(
+            "{} devices > threshold {}",
+            r.selected_devices, r.approval_threshold_devices
+        )
+    };
+    if r.state == v1::RolloutState::Draft as i32 {
+        format!("awaiting approval ({why})")
+    } else {
+        format!("needed approval ({why})")
+    }
+}
+
+impl RolloutView {
+    /// "draft", "draft, awaiting approval (150 devices > threshold 100)".
+    fn state_text(&self) -> String {
+        if self.approval.is_empty() {
+            self.state.clone()
+        } else {
+            format!("{}, {}", self.state, self.approval)
         }
     }
 }
@@ -404,7 +454,7 @@ fn rollouts_table(rollouts: &[RolloutView]) -> comfy_table::Table {
         t.add_row(vec![
             r.id.clone(),
             r.release.clone(),
-            r.state.clone(),
+            r.state_text(),
             format!(
                 "{}/{}",
                 (r.current_wave + 1).min(r.wave_count),
@@ -424,7 +474,7 @@ fn detail_text(d: &RolloutDetailView) -> String {
         "Rollout {} of {}: {}{}\nCreated {} by {}; started {}; finished {}\nDevices: {}\n",
         r.id,
         r.release,
-        r.state,
+        r.state_text(),
         if r.reason.is_empty() {
             String::new()
         } else {
@@ -489,7 +539,7 @@ impl Admin {
         self.answer(answer)
     }
 
-    /// start, pause, resume, abort or rollback.
+    /// start, approve, pause, resume, abort or rollback.
     pub async fn rollout_operation(
         &mut self,
         operation: &str,
@@ -502,6 +552,7 @@ impl Admin {
         });
         let response = match operation {
             "start" => self.client.start_rollout(request).await,
+            "approve" => self.client.approve_rollout(request).await,
             "pause" => self.client.pause_rollout(request).await,
             "resume" => self.client.resume_rollout(request).await,
             "abort" => self.client.abort_rollout(request).await,
@@ -572,12 +623,7 @@ pub async fn run(admin: &mut Admin, command: RolloutCommand, output: Output) -> 
                 rollout = admin.rollout_operation("start", &rollout.id, "").await?;
             }
             let rollout = RolloutView::from(rollout);
-            return show(output, &rollout, || {
-                format!(
-                    "Rollout {} of {}: {}.\n",
-                    rollout.id, rollout.release, rollout.state
-                )
-            });
+            return show_rollout(output, &rollout);
         }
         RolloutCommand::List { state } => {
             let state = match state {
@@ -616,6 +662,13 @@ pub async fn run(admin: &mut Admin, command: RolloutCommand, output: Output) -> 
             });
         }
         RolloutCommand::Start(args) => ("start", args),
+        RolloutCommand::Approve { id } => (
+            "approve",
+            IdArgs {
+                id,
+                reason: String::new(),
+            },
+        ),
         RolloutCommand::Pause(args) => ("pause", args),
         RolloutCommand::Resume(args) => ("resume", args),
         RolloutCommand::Abort(args) => ("abort", args),
@@ -626,10 +679,17 @@ pub async fn run(admin: &mut Admin, command: RolloutCommand, output: Output) -> 
             .rollout_operation(operation, &args.id, &args.reason)
             .await?,
     );
-    show(output, &rollout, || {
+    show_rollout(output, &rollout)
+}
+
+/// "Rollout ro-1a2b of pos-app@1.2.0: draft, awaiting approval (…)."
+fn show_rollout(output: Output, rollout: &RolloutView) -> anyhow::Result<()> {
+    show(output, rollout, || {
         format!(
             "Rollout {} of {}: {}.\n",
-            rollout.id, rollout.release, rollout.state
+            rollout.id,
+            rollout.release,
+            rollout.state_text()
         )
     })
 }
@@ -730,6 +790,56 @@ mod tests {
         }
         assert_eq!(parse_percent("5%"), Ok(5.0));
         assert!(parse_percent("150%").is_err());
+    }
+
+    #[test]
+    fn a_rollout_says_where_it_stands_with_its_approval() {
+        let draft = v1::Rollout {
+            id: "ro-1a2b".into(),
+            bundle_name: "pos-app".into(),
+            bundle_version: "1.2.0".into(),
+            state: v1::RolloutState::Draft as i32,
+            approval_required: true,
+            selected_devices: 150,
+            approval_threshold_devices: 100,
+            ..Default::default()
+        };
+        assert_eq!(
+            RolloutView::from(draft.clone()).state_text(),
+            "draft, awaiting approval (150 devices > threshold 100)"
+        );
+        let emergency = v1::Rollout {
+            strategy: Some(v1::RolloutStrategy {
+                emergency: true,
+                ..Default::default()
+            }),
+            selected_devices: 2,
+            ..draft.clone()
+        };
+        assert_eq!(
+            RolloutView::from(emergency).state_text(),
+            "draft, awaiting approval (emergency)"
+        );
+        let approved = RolloutView::from(v1::Rollout {
+            approved_by: "bob".into(),
+            approved_at_unix_ms: 1_780_000_000_000,
+            ..draft.clone()
+        });
+        assert!(
+            approved
+                .state_text()
+                .starts_with("draft, approved by bob at "),
+            "{}",
+            approved.state_text()
+        );
+        let small = v1::Rollout {
+            approval_required: false,
+            selected_devices: 5,
+            ..draft
+        };
+        assert_eq!(RolloutView::from(small).state_text(), "draft");
+        let approve = ["posfleet", "rollout", "approve", "ro-1a2b"];
+        assert!(<crate::Cli as clap::Parser>::try_parse_from(approve).is_ok());
     }
 
     #[test]

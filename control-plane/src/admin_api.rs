@@ -291,7 +291,7 @@ impl AdminApi {
     async fn change_rollout<F>(
         &self,
         request: Request<v1::RolloutRequest>,
-        change: impl FnOnce(v1::RolloutRequest, String) -> F,
+        change: impl FnOnce(v1::RolloutRequest, Principal) -> F,
     ) -> Result<Response<v1::Rollout>, Status>
     where
         F: std::future::Future<Output = Result<v1::Rollout, Status>>,
@@ -307,7 +307,7 @@ impl AdminApi {
                 &format!("rollout {} may select stores outside it", req.id),
             ));
         }
-        let rollout = change(req, caller.name).await?;
+        let rollout = change(req, caller).await?;
         Ok(Response::new(rollout))
     }
 
@@ -1023,7 +1023,7 @@ impl AdminService for AdminApi {
         let caller = self.authorize(&request).await?;
         let req = request.into_inner();
         self.rollout_selector_in_scope(&caller, &req).await?;
-        let rollout = self.rollouts.create(req, &caller.name).await?;
+        let rollout = self.rollouts.create(req, &caller.name, &caller.id).await?;
         Ok(Response::new(rollout))
     }
 
@@ -1032,7 +1032,17 @@ impl AdminService for AdminApi {
         request: Request<v1::RolloutRequest>,
     ) -> Result<Response<v1::Rollout>, Status> {
         self.change_rollout(request, |req, actor| async move {
-            self.rollouts.start(req, &actor).await
+            self.rollouts.start(req, &actor.name).await
+        })
+        .await
+    }
+
+    async fn approve_rollout(
+        &self,
+        request: Request<v1::RolloutRequest>,
+    ) -> Result<Response<v1::Rollout>, Status> {
+        self.change_rollout(request, |req, actor| async move {
+            self.rollouts.approve(req, &actor.name, &actor.id).await
         })
         .await
     }
@@ -1042,7 +1052,7 @@ impl AdminService for AdminApi {
         request: Request<v1::RolloutRequest>,
     ) -> Result<Response<v1::Rollout>, Status> {
         self.change_rollout(request, |req, actor| async move {
-            self.rollouts.pause(req, &actor).await
+            self.rollouts.pause(req, &actor.name).await
         })
         .await
     }
@@ -1052,7 +1062,7 @@ impl AdminService for AdminApi {
         request: Request<v1::RolloutRequest>,
     ) -> Result<Response<v1::Rollout>, Status> {
         self.change_rollout(request, |req, actor| async move {
-            self.rollouts.resume(req, &actor).await
+            self.rollouts.resume(req, &actor.name).await
         })
         .await
     }
@@ -1062,7 +1072,7 @@ impl AdminService for AdminApi {
         request: Request<v1::RolloutRequest>,
     ) -> Result<Response<v1::Rollout>, Status> {
         self.change_rollout(request, |req, actor| async move {
-            self.rollouts.abort(req, &actor).await
+            self.rollouts.abort(req, &actor.name).await
         })
         .await
     }
@@ -1072,7 +1082,7 @@ impl AdminService for AdminApi {
         request: Request<v1::RolloutRequest>,
     ) -> Result<Response<v1::Rollout>, Status> {
         self.change_rollout(request, |req, actor| async move {
-            self.rollouts.rollback(req, &actor).await
+            self.rollouts.rollback(req, &actor.name).await
         })
         .await
     }

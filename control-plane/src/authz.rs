@@ -179,6 +179,8 @@ pub const METHODS: &[MethodRule] = {
         rule("UpdateRoot", Admin, Refused),
         rule("CreateRollout", Deploy, Stores),
         rule("StartRollout", Deploy, Stores),
+        // Not by the rollout's creator (checked by the call).
+        rule("ApproveRollout", Deploy, Stores),
         rule("PauseRollout", Deploy, Stores),
         rule("ResumeRollout", Deploy, Stores),
         rule("AbortRollout", Deploy, Stores),
@@ -409,6 +411,9 @@ mod tests {
             (Viewer, "PublishBundle", false),
             (Deployer, "CreateRollout", true),
             (Deployer, "RollbackRollout", true),
+            (Deployer, "ApproveRollout", true),
+            (Publisher, "ApproveRollout", false),
+            (Viewer, "ApproveRollout", false),
             (Deployer, "AssignBundle", true),
             (Deployer, "RevokeDevice", false),
             (Deployer, "PublishBundle", false),

@@ -104,6 +104,9 @@ pub struct Config {
     /// Most bytes of lines stored for one log request; the rest of an
     /// upload is dropped, saying so.
     pub log_request_max_bytes: u64,
+    /// A rollout selecting more devices than this needs a second caller's
+    /// approval (`posfleet rollout approve`) before it starts.
+    pub approval_threshold_devices: u64,
 }
 
 impl Default for Config {
@@ -145,6 +148,7 @@ impl Default for Config {
             log_retention_seconds: 24 * 3600,
             log_follow_max_seconds: 600,
             log_request_max_bytes: 8 * 1024 * 1024,
+            approval_threshold_devices: 100,
         }
     }
 }
@@ -272,6 +276,9 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_request_max_bytes: Option<u64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval_threshold_devices: Option<u64>,
 }
 
 impl Config {
@@ -504,6 +511,11 @@ impl Config {
                 64 * 1024..=1024 * 1024 * 1024,
             ),
             (
+                "approval_threshold_devices",
+                self.approval_threshold_devices,
+                1..=10_000_000,
+            ),
+            (
                 "device_cert_validity_days",
                 self.device_cert_validity_days.into(),
                 1..=397,
@@ -600,6 +612,10 @@ mod tests {
         check_err(&["--rate-limit-max-peers", "10"], "rate_limit_max_peers");
         check_err(&["--log-follow-max-seconds", "0"], "log_follow_max_seconds");
         check_err(&["--log-request-max-bytes", "100"], "log_request_max_bytes");
+        check_err(
+            &["--approval-threshold-devices", "0"],
+            "approval_threshold_devices",
+        );
     }
 
     #[test]

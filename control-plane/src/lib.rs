@@ -286,7 +286,13 @@ impl ControlPlane {
             config.offline_after_missed_heartbeats,
             repository.clone(),
             desired.clone(),
-            rollout::Rollouts::new(storage.clone(), desired, engine, metrics.rollout.clone()),
+            rollout::Rollouts::new(
+                storage.clone(),
+                desired,
+                engine,
+                metrics.rollout.clone(),
+                config.approval_threshold_devices,
+            ),
             gate.clone(),
             logs,
             tls.as_ref().map(|tls| admin_api::AdminTls {

@@ -305,21 +305,7 @@ fn scoped(name: &str, role: &str) -> v1::CreateAdminTokenRequest {
 }
 
 fn rollout(selector: v1::RolloutSelector) -> v1::CreateRolloutRequest {
-    v1::CreateRolloutRequest {
-        bundle_name: "pos-app".into(),
-        bundle_version: "1.0.0".into(),
-        selector: Some(selector),
-        strategy: Some(v1::RolloutStrategy {
-            waves: vec![v1::WaveSpec {
-                size: Some(v1::wave_spec::Size::Percent(100.0)),
-            }],
-            wave_unit: v1::WaveUnit::Devices as i32,
-            max_failures_percent: 5.0,
-            min_failures: 1,
-            max_unavailable_per_store: 1,
-            ..Default::default()
-        }),
-    }
+    common::one_wave_rollout("1.0.0", selector)
 }
 
 async fn a_scoped_deployer_cannot_target_stores_outside_its_scope(backend: Backend) {

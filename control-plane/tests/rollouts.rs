@@ -1232,6 +1232,11 @@ async fn a_change_from_a_stale_read_writes_nothing(backend: Backend) {
         started_at_ms: None,
         finished_at_ms: None,
         updated_at_ms: 1,
+        created_by_id: "adm-test".into(),
+        selected_devices: 0,
+        approved_by: String::new(),
+        approved_by_id: String::new(),
+        approved_at_ms: None,
     };
     let event = |kind: &str| NewEvent::new(kind, "ro-test", "", serde_json::json!({}));
     storage

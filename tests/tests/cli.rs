@@ -225,6 +225,7 @@ fn the_demo_rolls_out_in_waves_and_a_bad_release_pauses_itself() {
     );
     assert_eq!(summary["devices_on_1_1_0"], 6);
     assert_eq!(summary["rollout_1_1_0"], "completed");
+    assert_eq!(summary["rollout_1_1_0_approved_by"], "release-manager");
     // The bad release pauses itself in its canary store: the till it
     // reached rolled back, the other store never got it.
     assert_eq!(summary["rollout_1_2_0"], "paused");

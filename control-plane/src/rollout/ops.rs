@@ -50,6 +50,8 @@ pub struct Rollouts {
     desired: DesiredCache,
     engine: EngineHandle,
     metrics: super::RolloutMetrics,
+    /// A rollout selecting more devices needs an approval to start.
+    approval_threshold: u64,
 }
 
 impl Rollouts {
@@ -58,19 +60,23 @@ impl Rollouts {
         desired: DesiredCache,
         engine: EngineHandle,
         metrics: super::RolloutMetrics,
+        approval_threshold: u64,
     ) -> Rollouts {
         Rollouts {
             storage,
             desired,
             engine,
             metrics,
+            approval_threshold,
         }
     }
 
+    /// Creates a draft in the name of token `actor` (id `actor_id`).
     pub async fn create(
         &self,
         req: v1::CreateRolloutRequest,
         actor: &str,
+        actor_id: &str,
     ) -> Result<v1::Rollout, Status> {
         validate::bundle_name("bundle_name", &req.bundle_name)?;
         validate::version("bundle_version", &req.bundle_version, true)?;
@@ -85,7 +91,7 @@ impl Rollouts {
         validate_waves_present(&strategy_proto)?;
         let strategy = Strategy::from_proto(strategy_proto);
         self.validate_strategy(&strategy).await?;
-        self.refuse_overlap(&bundle, &selector, None).await?;
+        let selected = self.refuse_overlap(&bundle, &selector, None).await?;
         let now = crate::now_ms();
         let record = RolloutRecord {
             id: crate::secret::short_id("ro-", 4),
@@ -104,7 +110,13 @@ impl Rollouts {
             started_at_ms: None,
             finished_at_ms: None,
             updated_at_ms: now,
+            created_by_id: actor_id.to_string(),
+            selected_devices: selected.len() as i64,
+            approved_by: String::new(),
+            approved_by_id: String::new(),
+            approved_at_ms: None,
         };
+        let approval = self.approval_needed(strategy.emergency, selected.len());
         let event = NewEvent::new(
             "rollout.created",
             &record.id,
@@ -115,6 +127,8 @@ impl Rollouts {
                 "state": "draft",
                 "by": actor,
                 "waves": record.wave_count,
+                "devices": selected.len(),
+                "approval_required": approval.is_some(),
             }),
         );
         self.storage.insert_rollout(&record, &event).await?;
@@ -155,6 +169,22 @@ impl Rollouts {
                 "rollout {} selects no device that can take {} {} (check the selector, the \
                  bundle's hardware and the installed version)",
                 rollout.id, bundle.name, bundle.version
+            )));
+        }
+        if rollout.approved_by.is_empty()
+            && let Some(why) = self.approval_needed(strategy.emergency, selected.len())
+        {
+            if rollout.selected_devices != selected.len() as i64 {
+                // So that `rollout show` says why it waits.
+                let mut write = self.write(&rollout, crate::now_ms()).await?;
+                write.set_selected_devices(selected.len() as i64).await?;
+                write.commit(&[]).await?;
+            }
+            return Err(Status::failed_precondition(format!(
+                "rollout {} needs approval before it starts ({why}): another person with the \
+                 deployer or admin role must run `posfleet rollout approve {}`; its creator {} \
+                 cannot",
+                rollout.id, rollout.id, rollout.created_by
             )));
         }
         let candidates: Vec<Candidate> = selected
@@ -205,6 +235,96 @@ impl Rollouts {
         tracing::info!(rollout_id = %rollout.id, devices = members.len(), by = actor, "Rollout started.");
         self.engine.wake();
         self.reload(&rollout.id).await
+    }
+
+    /// Approves a draft that needs it, in the name of token `actor` (id
+    /// `actor_id`), who did not create it.
+    pub async fn approve(
+        &self,
+        req: v1::RolloutRequest,
+        actor: &str,
+        actor_id: &str,
+    ) -> Result<v1::Rollout, Status> {
+        retry_conflicts(|| self.approve_once(req.clone(), actor, actor_id)).await
+    }
+
+    async fn approve_once(
+        &self,
+        req: v1::RolloutRequest,
+        actor: &str,
+        actor_id: &str,
+    ) -> Result<v1::Rollout, Status> {
+        let rollout = self.rollout(&req).await?;
+        if rollout.state != RolloutState::Draft {
+            return Err(wrong_state(
+                &rollout,
+                "approve",
+                "only a draft is approved, before it starts",
+            ));
+        }
+        if !rollout.approved_by.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "rollout {} is already approved (by {})",
+                rollout.id, rollout.approved_by
+            )));
+        }
+        if rollout.created_by_id == actor_id {
+            return Err(Status::permission_denied(format!(
+                "token {actor} created rollout {}; another person with the deployer or admin \
+                 role must approve it",
+                rollout.id
+            )));
+        }
+        let bundle = self
+            .published(&rollout.bundle_name, &rollout.bundle_version)
+            .await?;
+        let selector: Selector = from_json(&rollout.id, &rollout.selector_json)?;
+        let strategy: Strategy = from_json(&rollout.id, &rollout.strategy_json)?;
+        let devices = self.selection(&bundle, &selector).await?.len();
+        let Some(why) = self.approval_needed(strategy.emergency, devices) else {
+            return Err(Status::failed_precondition(format!(
+                "rollout {} needs no approval: it selects {devices} devices (the threshold is \
+                 {}) and is not an emergency; start it with `posfleet rollout start {}`",
+                rollout.id, self.approval_threshold, rollout.id
+            )));
+        };
+        let mut write = self.write(&rollout, crate::now_ms()).await?;
+        write.approve(actor, actor_id).await?;
+        write.set_selected_devices(devices as i64).await?;
+        write
+            .commit(&[NewEvent::new(
+                "rollout.approved",
+                &rollout.id,
+                "",
+                json!({
+                    "bundle": rollout.bundle_name,
+                    "version": rollout.bundle_version,
+                    "state": "draft",
+                    "by": actor,
+                    "created_by": rollout.created_by,
+                    "devices": devices,
+                    "emergency": strategy.emergency,
+                    "reason": why,
+                }),
+            )])
+            .await?;
+        tracing::info!(rollout_id = %rollout.id, by = actor, created_by = %rollout.created_by, devices, "Rollout approved.");
+        self.reload(&rollout.id).await
+    }
+
+    /// Why a rollout of `devices` devices needs an approval to start;
+    /// `None` when it needs none.
+    fn approval_needed(&self, emergency: bool, devices: usize) -> Option<String> {
+        if emergency {
+            Some("it is an emergency rollout".into())
+        } else if devices as u64 > self.approval_threshold {
+            Some(format!(
+                "it selects {devices} devices, more than approval_threshold_devices {}",
+                self.approval_threshold
+            ))
+        } else {
+            None
+        }
     }
 
     pub async fn pause(&self, req: v1::RolloutRequest, actor: &str) -> Result<v1::Rollout, Status> {
@@ -459,7 +579,7 @@ impl Rollouts {
                 .into_iter()
                 .map(|r| {
                     let c = counts.get(&r.id).copied().unwrap_or_default();
-                    rollout_view(r, c)
+                    rollout_view(r, c, self.approval_threshold)
                 })
                 .collect::<Result<_, _>>()?,
         })
@@ -501,7 +621,7 @@ impl Rollouts {
                 .collect()
         };
         Ok(v1::RolloutDetail {
-            rollout: Some(rollout_view(rollout, total)?),
+            rollout: Some(rollout_view(rollout, total, self.approval_threshold)?),
             waves,
             stores: store_counts
                 .into_iter()
@@ -550,7 +670,7 @@ impl Rollouts {
             .await?
             .remove(&rollout.id)
             .unwrap_or_default();
-        rollout_view(rollout, counts)
+        rollout_view(rollout, counts, self.approval_threshold)
     }
 
     /// A transaction on the rollout as read; `ABORTED` (retry) if it
@@ -718,19 +838,29 @@ impl Rollouts {
     /// The devices the selector covers now that can take the release; and
     /// FAILED_PRECONDITION if a running or paused rollout of the same bundle
     /// covers any of them.
+    /// The devices `selector` selects now that can take `bundle`, as the
+    /// engine computes them at start.
+    async fn selection(
+        &self,
+        bundle: &BundleRecord,
+        selector: &Selector,
+    ) -> Result<Vec<SelectedDevice>, Status> {
+        Ok(eligible(
+            self.storage
+                .select_devices(selector, &bundle.name, None)
+                .await?,
+            selector,
+            &bundle.hardware,
+        ))
+    }
+
     async fn refuse_overlap(
         &self,
         bundle: &BundleRecord,
         selector: &Selector,
         this: Option<&str>,
     ) -> Result<Vec<SelectedDevice>, Status> {
-        let selected = eligible(
-            self.storage
-                .select_devices(selector, &bundle.name, None)
-                .await?,
-            selector,
-            &bundle.hardware,
-        );
+        let selected = self.selection(bundle, selector).await?;
         let ours: BTreeSet<&str> = selected.iter().map(|d| d.device_id.as_str()).collect();
         for other in self.storage.active_rollouts_of(&bundle.name).await? {
             if Some(other.id.as_str()) == this {
@@ -848,11 +978,22 @@ fn from_json<T: serde::de::DeserializeOwned>(id: &str, json: &str) -> Result<T, 
     serde_json::from_str(json).map_err(|e| Error::Corrupt(format!("rollout {id}: {e}")).into())
 }
 
-/// A stored rollout as the API shows it.
-pub fn rollout_view(r: RolloutRecord, counts: Counts) -> Result<v1::Rollout, Status> {
+/// A stored rollout as the API shows it, with the control plane's
+/// approval threshold.
+pub fn rollout_view(
+    r: RolloutRecord,
+    counts: Counts,
+    approval_threshold: u64,
+) -> Result<v1::Rollout, Status> {
     let selector: Selector = from_json(&r.id, &r.selector_json)?;
     let strategy: Strategy = from_json(&r.id, &r.strategy_json)?;
+    let selected_devices = r.selected_devices.max(0) as u64;
     Ok(v1::Rollout {
+        approval_required: strategy.emergency || selected_devices > approval_threshold,
+        selected_devices,
+        approval_threshold_devices: approval_threshold,
+        approved_by: r.approved_by,
+        approved_at_unix_ms: r.approved_at_ms.unwrap_or(0),
         id: r.id,
         bundle_name: r.bundle_name,
         bundle_version: r.bundle_version,

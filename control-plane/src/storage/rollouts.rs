@@ -45,6 +45,15 @@ pub struct RolloutRecord {
     pub started_at_ms: Option<i64>,
     pub finished_at_ms: Option<i64>,
     pub updated_at_ms: i64,
+    /// The creating token's id, which may not approve it.
+    pub created_by_id: String,
+    /// Devices selected at creation, or at the last start refused for
+    /// want of an approval.
+    pub selected_devices: i64,
+    /// The approving token's name and id; empty until approved.
+    pub approved_by: String,
+    pub approved_by_id: String,
+    pub approved_at_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,6 +164,11 @@ fn rollout_from_row(row: &AnyRow) -> Result<RolloutRecord, Error> {
         started_at_ms: row.try_get("started_at_ms")?,
         finished_at_ms: row.try_get("finished_at_ms")?,
         updated_at_ms: row.try_get("updated_at_ms")?,
+        created_by_id: row.try_get("created_by_id")?,
+        selected_devices: row.try_get("selected_devices")?,
+        approved_by: row.try_get("approved_by")?,
+        approved_by_id: row.try_get("approved_by_id")?,
+        approved_at_ms: row.try_get("approved_at_ms")?,
     })
 }
 
@@ -283,8 +297,10 @@ impl Storage {
         sqlx::query(
             "INSERT INTO rollouts (id, bundle_name, bundle_version, bundle_kind, selector_json, \
              strategy_json, state, current_wave, wave_count, reason, revision, created_by, \
-             created_at_ms, started_at_ms, finished_at_ms, updated_at_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+             created_at_ms, started_at_ms, finished_at_ms, updated_at_ms, created_by_id, \
+             selected_devices) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
+             $17, $18)",
         )
         .bind(&rollout.id)
         .bind(&rollout.bundle_name)
@@ -302,6 +318,8 @@ impl Storage {
         .bind(rollout.started_at_ms)
         .bind(rollout.finished_at_ms)
         .bind(rollout.updated_at_ms)
+        .bind(&rollout.created_by_id)
+        .bind(rollout.selected_devices)
         .execute(&mut *tx)
         .await?;
         self.append_event(&mut tx, rollout.created_at_ms, event)
@@ -823,6 +841,34 @@ impl RolloutWrite {
         .bind(now)
         .execute(self.conn())
         .await?;
+        Ok(())
+    }
+
+    /// Records the approval of token `by` (`by_id`).
+    pub async fn approve(&mut self, by: &str, by_id: &str) -> Result<(), Error> {
+        let now = self.now_ms;
+        let id = self.rollout_id.clone();
+        sqlx::query(
+            "UPDATE rollouts SET approved_by = $2, approved_by_id = $3, approved_at_ms = $4 \
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(by)
+        .bind(by_id)
+        .bind(now)
+        .execute(self.conn())
+        .await?;
+        Ok(())
+    }
+
+    /// Records how many devices the selection holds now.
+    pub async fn set_selected_devices(&mut self, devices: i64) -> Result<(), Error> {
+        let id = self.rollout_id.clone();
+        sqlx::query("UPDATE rollouts SET selected_devices = $2 WHERE id = $1")
+            .bind(id)
+            .bind(devices)
+            .execute(self.conn())
+            .await?;
         Ok(())
     }
 

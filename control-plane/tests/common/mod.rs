@@ -290,6 +290,26 @@ impl Setup {
     }
 }
 
+/// A rollout of pos-app `version` to what `selector` selects, in one
+/// wave of every device.
+pub fn one_wave_rollout(version: &str, selector: v1::RolloutSelector) -> v1::CreateRolloutRequest {
+    v1::CreateRolloutRequest {
+        bundle_name: "pos-app".into(),
+        bundle_version: version.into(),
+        selector: Some(selector),
+        strategy: Some(v1::RolloutStrategy {
+            waves: vec![v1::WaveSpec {
+                size: Some(v1::wave_spec::Size::Percent(100.0)),
+            }],
+            wave_unit: v1::WaveUnit::Devices as i32,
+            max_failures_percent: 5.0,
+            min_failures: 1,
+            max_unavailable_per_store: 1,
+            ..Default::default()
+        }),
+    }
+}
+
 /// A request for a token of `role` named `name`, living a day, unscoped.
 pub fn token_request(name: &str, role: &str) -> v1::CreateAdminTokenRequest {
     v1::CreateAdminTokenRequest {
@@ -397,6 +417,35 @@ impl Admin {
             .unwrap()
             .into_inner()
             .devices
+    }
+
+    /// The audit log, oldest first (its first 1000 entries).
+    pub async fn audit_entries(&mut self) -> Vec<v1::AuditEntry> {
+        let req = self.req(v1::ListAuditEntriesRequest {
+            after_seq: 0,
+            limit: 1000,
+        });
+        self.client
+            .list_audit_entries(req)
+            .await
+            .unwrap()
+            .into_inner()
+            .entries
+    }
+
+    /// The events of rollout `id`, oldest first (its first 1000).
+    pub async fn rollout_events(&mut self, id: &str) -> Vec<v1::Event> {
+        let req = self.req(v1::ListEventsRequest {
+            rollout_id: id.into(),
+            after_seq: 0,
+            limit: 1000,
+        });
+        self.client
+            .list_events(req)
+            .await
+            .unwrap()
+            .into_inner()
+            .events
     }
 
     pub async fn device(&mut self, id: &str) -> Result<v1::Device, Status> {

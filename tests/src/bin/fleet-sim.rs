@@ -641,15 +641,18 @@ fn enroll_request(
 }
 
 /// The control plane's flags in every run: quiet agent calls, a long
-/// heartbeat interval (the simulator sets the pace), and no per-address
-/// Enroll limit (the whole simulated fleet enrolls through one address).
-const QUIET: [&str; 6] = [
+/// heartbeat interval (the simulator sets the pace), no per-address
+/// Enroll limit (the whole simulated fleet enrolls through one address),
+/// and no four-eyes approval (one token creates and starts the rollout).
+const QUIET: [&str; 8] = [
     "--log-level",
     "info,posfleet_control_plane::agent_api=warn",
     "--heartbeat-interval-seconds",
     "300",
     "--peer-enroll-calls-per-minute",
     "0",
+    "--approval-threshold-devices",
+    "10000000",
 ];
 
 #[tokio::main]
