@@ -17,7 +17,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
 use prost::Message;
 use tonic::codegen::http::{self, HeaderMap};
 use tonic::codegen::{Body, Bytes};
@@ -65,12 +68,40 @@ fn status_in(headers: &HeaderMap) -> Option<&'static str> {
 /// `/posfleet.v1.AgentService/Heartbeat` → (`AgentService`, `Heartbeat`).
 type Methods = HashMap<String, (&'static str, &'static str)>;
 
+/// One method's series, resolved once at start so a call does not hash
+/// its label values again (but for a code other than `OK`).
+struct MethodSeries {
+    service: &'static str,
+    method: &'static str,
+    ok: IntCounter,
+    duration: Histogram,
+    in_flight: IntGauge,
+}
+
+impl MethodSeries {
+    fn new(
+        requests: &IntCounterVec,
+        duration: &HistogramVec,
+        in_flight: &IntGaugeVec,
+        (service, method): (&'static str, &'static str),
+    ) -> MethodSeries {
+        MethodSeries {
+            service,
+            method,
+            ok: requests.with_label_values(&[service, method, "OK"]),
+            duration: duration.with_label_values(&[service, method]),
+            in_flight: in_flight.with_label_values(&[service]),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct GrpcMetrics {
     requests: IntCounterVec,
-    duration: HistogramVec,
-    in_flight: IntGaugeVec,
-    methods: Arc<Methods>,
+    /// Each served path's series.
+    served: Arc<HashMap<String, Arc<MethodSeries>>>,
+    /// The series of every other path.
+    other: Arc<MethodSeries>,
 }
 
 impl GrpcMetrics {
@@ -114,23 +145,24 @@ impl GrpcMetrics {
                 .register(collector)
                 .expect("each metric is registered once");
         }
-        let methods = served_methods(descriptor_sets);
         // Every served method exists from the start, so rates work from zero.
-        for (service, method) in methods.values() {
-            requests.with_label_values(&[service, method, "OK"]);
-            duration.with_label_values(&[service, method]);
-            in_flight.with_label_values(&[service]);
-        }
+        let served = served_methods(descriptor_sets)
+            .into_iter()
+            .map(|(path, labels)| {
+                let series = MethodSeries::new(&requests, &duration, &in_flight, labels);
+                (path, Arc::new(series))
+            })
+            .collect();
+        let other = MethodSeries::new(&requests, &duration, &in_flight, (OTHER, OTHER));
         GrpcMetrics {
             requests,
-            duration,
-            in_flight,
-            methods: Arc::new(methods),
+            served: Arc::new(served),
+            other: Arc::new(other),
         }
     }
 
-    fn labels(&self, path: &str) -> (&'static str, &'static str) {
-        self.methods.get(path).copied().unwrap_or((OTHER, OTHER))
+    fn series(&self, path: &str) -> Arc<MethodSeries> {
+        self.served.get(path).unwrap_or(&self.other).clone()
     }
 }
 
@@ -192,9 +224,8 @@ pub struct GrpcMetricsService<S> {
 
 /// One call being measured: recorded once, when dropped.
 struct Call {
-    metrics: GrpcMetrics,
-    service: &'static str,
-    method: &'static str,
+    requests: IntCounterVec,
+    series: Arc<MethodSeries>,
     started: Instant,
     /// The status code, once known.
     code: Option<&'static str>,
@@ -202,12 +233,11 @@ struct Call {
 
 impl Call {
     fn start(metrics: &GrpcMetrics, path: &str) -> Call {
-        let (service, method) = metrics.labels(path);
-        metrics.in_flight.with_label_values(&[service]).inc();
+        let series = metrics.series(path);
+        series.in_flight.inc();
         Call {
-            metrics: metrics.clone(),
-            service,
-            method,
+            requests: metrics.requests.clone(),
+            series,
             started: Instant::now(),
             code: None,
         }
@@ -216,16 +246,17 @@ impl Call {
 
 impl Drop for Call {
     fn drop(&mut self) {
-        let m = &self.metrics;
+        let s = &self.series;
         // Dropped before a status was seen: the client went away.
-        let code = self.code.unwrap_or("CANCELLED");
-        m.requests
-            .with_label_values(&[self.service, self.method, code])
-            .inc();
-        m.duration
-            .with_label_values(&[self.service, self.method])
-            .observe(self.started.elapsed().as_secs_f64());
-        m.in_flight.with_label_values(&[self.service]).dec();
+        match self.code.unwrap_or("CANCELLED") {
+            "OK" => s.ok.inc(),
+            code => self
+                .requests
+                .with_label_values(&[s.service, s.method, code])
+                .inc(),
+        }
+        s.duration.observe(self.started.elapsed().as_secs_f64());
+        s.in_flight.dec();
     }
 }
 
