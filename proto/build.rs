@@ -8,6 +8,7 @@ const PROTOS: &[&str] = &[
     "posfleet/v1/agent.proto",
     "posfleet/v1/rollout.proto",
     "posfleet/v1/admin.proto",
+    "posfleet/v1/session.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

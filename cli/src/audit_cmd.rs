@@ -98,7 +98,11 @@ impl Admin {
         after_seq: u64,
         limit: u32,
     ) -> anyhow::Result<Vec<v1::AuditEntry>> {
-        let request = self.request(v1::ListAuditEntriesRequest { after_seq, limit });
+        let request = self.request(v1::ListAuditEntriesRequest {
+            after_seq,
+            limit,
+            ..Default::default()
+        });
         let answer = self.client.list_audit_entries(request).await;
         self.answer(answer).map(|r| r.entries)
     }

@@ -1401,6 +1401,54 @@ impl AdminService for AdminApi {
         Ok(Response::new(admin_token_view(token)))
     }
 
+    async fn create_user(
+        &self,
+        request: Request<v1::CreateUserRequest>,
+    ) -> Result<Response<v1::CreateUserResponse>, Status> {
+        self.authorize(&request).await?;
+        Err(Status::unimplemented("users are not built yet"))
+    }
+
+    async fn list_users(
+        &self,
+        request: Request<v1::ListUsersRequest>,
+    ) -> Result<Response<v1::ListUsersResponse>, Status> {
+        self.authorize(&request).await?;
+        Err(Status::unimplemented("users are not built yet"))
+    }
+
+    async fn disable_user(
+        &self,
+        request: Request<v1::UserRequest>,
+    ) -> Result<Response<v1::User>, Status> {
+        self.authorize(&request).await?;
+        Err(Status::unimplemented("users are not built yet"))
+    }
+
+    async fn enable_user(
+        &self,
+        request: Request<v1::UserRequest>,
+    ) -> Result<Response<v1::User>, Status> {
+        self.authorize(&request).await?;
+        Err(Status::unimplemented("users are not built yet"))
+    }
+
+    async fn reset_user(
+        &self,
+        request: Request<v1::UserRequest>,
+    ) -> Result<Response<v1::CreateUserResponse>, Status> {
+        self.authorize(&request).await?;
+        Err(Status::unimplemented("users are not built yet"))
+    }
+
+    async fn unlock_user(
+        &self,
+        request: Request<v1::UserRequest>,
+    ) -> Result<Response<v1::User>, Status> {
+        self.authorize(&request).await?;
+        Err(Status::unimplemented("users are not built yet"))
+    }
+
     async fn get_certificate_authorities(
         &self,
         request: Request<v1::GetCertificateAuthoritiesRequest>,

@@ -473,6 +473,7 @@ pub(crate) fn entry_view(e: crate::storage::AuditRecord) -> v1::AuditEntry {
         peer_address: e.peer_address,
         result: e.result,
         role: e.role,
+        ..Default::default()
     }
 }
 
@@ -672,6 +673,7 @@ untargeted!(
     v1::ListWebhooksRequest,
     v1::ListWebhookDeliveriesRequest,
     v1::ListAdminTokensRequest,
+    v1::ListUsersRequest,
     v1::GetCertificateAuthoritiesRequest,
     v1::GetDeviceLogsRequest,
     // The header comes in the stream: the handler sets the target.
@@ -820,6 +822,18 @@ impl AuditTarget for v1::CreateAdminTokenRequest {
 impl AuditTarget for v1::RevokeAdminTokenRequest {
     fn audit_target(&self) -> Value {
         json!({"admin_token_id": self.id})
+    }
+}
+
+impl AuditTarget for v1::CreateUserRequest {
+    fn audit_target(&self) -> Value {
+        json!({"user": self.name, "role": self.role, "scope": self.scope})
+    }
+}
+
+impl AuditTarget for v1::UserRequest {
+    fn audit_target(&self) -> Value {
+        json!({"user": self.name})
     }
 }
 

@@ -83,6 +83,7 @@ async fn a_revoked_admin_token_is_refused_at_once_on_every_replica(backend: Back
     let req = admin.req(v1::ListAuditEntriesRequest {
         after_seq: 0,
         limit: 0,
+        ..Default::default()
     });
     let log = admin
         .client

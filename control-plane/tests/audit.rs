@@ -10,7 +10,11 @@ use serde_json::Value;
 use tonic::Code;
 
 async fn entries(admin: &mut common::Admin, after_seq: u64, limit: u32) -> Vec<v1::AuditEntry> {
-    let req = admin.req(v1::ListAuditEntriesRequest { after_seq, limit });
+    let req = admin.req(v1::ListAuditEntriesRequest {
+        after_seq,
+        limit,
+        ..Default::default()
+    });
     admin
         .client
         .list_audit_entries(req)

@@ -42,6 +42,7 @@ async fn audit(admin: &mut Admin) -> Vec<v1::AuditEntry> {
     let req = admin.req(v1::ListAuditEntriesRequest {
         after_seq: 0,
         limit: 1000,
+        ..Default::default()
     });
     admin
         .client

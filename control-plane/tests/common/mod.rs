@@ -424,6 +424,7 @@ impl Admin {
         let req = self.req(v1::ListAuditEntriesRequest {
             after_seq: 0,
             limit: 1000,
+            ..Default::default()
         });
         self.client
             .list_audit_entries(req)
