@@ -12,6 +12,16 @@ pub enum Error {
     DatabaseOpen { url: String, source: sqlx::Error },
     #[error("cannot migrate the database: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(
+        "the database was migrated by a newer posfleet-control-plane (migration {applied}), \
+         and its schema no longer works with binaries that know fewer than {oldest_compatible} \
+         migrations; this one knows {known}: run a newer version"
+    )]
+    SchemaTooNew {
+        applied: i64,
+        known: i64,
+        oldest_compatible: i64,
+    },
     #[error("database query failed: {0}")]
     Database(#[from] sqlx::Error),
     #[error("cannot create the data dir {path}: {source}")]

@@ -14,7 +14,7 @@
 
 use sqlx::any::AnyPoolOptions;
 use sqlx::migrate::Migrator;
-use sqlx::{AnyPool, Executor};
+use sqlx::{AnyPool, Executor, Row};
 use std::time::Duration;
 
 use crate::error::Error;
@@ -154,8 +154,55 @@ pub struct Storage {
     events: prometheus::IntCounterVec,
 }
 
+/// The newest migration this binary knows.
+pub fn known_migration() -> i64 {
+    MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
+}
+
+/// Runs the migrations the database has not seen yet. A database a newer
+/// binary already migrated further (a rolling upgrade in progress, or one
+/// rolled back) is used as it is when its `schema_compatibility` floor
+/// allows this binary, and refused with [`Error::SchemaTooNew`] when not.
+async fn migrate(pool: &sqlx::AnyPool) -> Result<(), Error> {
+    let known = known_migration();
+    // No table yet: a new database.
+    let applied: i64 = sqlx::query("SELECT MAX(version) FROM _sqlx_migrations")
+        .fetch_one(pool)
+        .await
+        .ok()
+        .and_then(|row| row.try_get::<Option<i64>, _>(0).ok().flatten())
+        .unwrap_or(0);
+    if applied <= known {
+        MIGRATOR.run(pool).await?;
+        return Ok(());
+    }
+    let oldest_compatible: i64 =
+        sqlx::query("SELECT oldest_compatible_migration FROM schema_compatibility WHERE id = 1")
+            .fetch_one(pool)
+            .await?
+            .try_get(0)?;
+    if oldest_compatible > known {
+        return Err(Error::SchemaTooNew {
+            applied,
+            known,
+            oldest_compatible,
+        });
+    }
+    tracing::warn!(
+        applied,
+        known,
+        "The database was migrated by a newer posfleet-control-plane; this one runs on it \
+         (its schema stays compatible) until it is upgraded too."
+    );
+    let mut migrator = sqlx::migrate!("./migrations");
+    migrator.set_ignore_missing(true);
+    migrator.run(pool).await?;
+    Ok(())
+}
+
 impl Storage {
-    /// Opens the database and runs the migrations it has not seen yet.
+    /// Opens the database and runs the migrations it has not seen yet
+    /// (see [`migrate`] for a database a newer binary migrated).
     pub async fn connect(url: &str, max_connections: u32) -> Result<Storage, Error> {
         sqlx::any::install_default_drivers();
         let open_error = |source| Error::DatabaseOpen {
@@ -212,7 +259,7 @@ impl Storage {
             .connect(url)
             .await
             .map_err(open_error)?;
-        MIGRATOR.run(&pool).await?;
+        migrate(&pool).await?;
         Ok(Storage {
             pool,
             backend,
@@ -296,5 +343,82 @@ mod tests {
         }
         drop(conns);
         storage.close().await;
+    }
+
+    /// What in a migration breaks the binaries of the version before it,
+    /// which keep running during a rolling upgrade.
+    fn breaks_older_binaries(sql: &str) -> Vec<String> {
+        let code: String = sql
+            .lines()
+            .map(|line| line.split("--").next().unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join(" ")
+            .to_uppercase();
+        let mut found = Vec::new();
+        for statement in code.split(';') {
+            let words: Vec<&str> = statement.split_whitespace().collect();
+            let text = words.join(" ");
+            for breaking in [
+                "DROP TABLE",
+                "DROP COLUMN",
+                "RENAME",
+                "ALTER COLUMN",
+                "DROP VIEW",
+            ] {
+                if text.contains(breaking) {
+                    found.push(format!("{breaking} in `{text}`"));
+                }
+            }
+            if text.contains("ADD COLUMN") && text.contains("NOT NULL") && !text.contains("DEFAULT")
+            {
+                found.push(format!("a NOT NULL column without a default in `{text}`"));
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn migrations_keep_the_schema_usable_by_the_version_before_or_raise_the_floor() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&dir).expect("migrations dir") {
+            let path = entry.expect("dir entry").path();
+            let sql = std::fs::read_to_string(&path).expect("migration text");
+            let raises_floor = sql.contains("UPDATE schema_compatibility");
+            let breaking = breaks_older_binaries(&sql);
+            assert!(
+                breaking.is_empty() || raises_floor,
+                "{} breaks the binaries of the version before it ({breaking:?}) without \
+                 raising schema_compatibility.oldest_compatible_migration",
+                path.display()
+            );
+            checked += 1;
+        }
+        assert_eq!(
+            checked,
+            MIGRATOR.iter().count(),
+            "every migration is checked"
+        );
+    }
+
+    #[test]
+    fn the_check_finds_what_breaks_older_binaries() {
+        assert!(
+            breaks_older_binaries("ALTER TABLE a ADD COLUMN b TEXT NOT NULL DEFAULT '';")
+                .is_empty()
+        );
+        assert!(
+            breaks_older_binaries("-- DROP TABLE a in a comment\nCREATE TABLE b (c TEXT);")
+                .is_empty()
+        );
+        assert_eq!(
+            breaks_older_binaries("ALTER TABLE a\n  DROP   COLUMN b;").len(),
+            1
+        );
+        assert_eq!(breaks_older_binaries("ALTER TABLE a RENAME TO b;").len(), 1);
+        assert_eq!(
+            breaks_older_binaries("ALTER TABLE a ADD COLUMN b TEXT NOT NULL;").len(),
+            1
+        );
     }
 }
