@@ -768,10 +768,17 @@ impl AdminService for AdminApi {
             .revoke_device(&req.device_id, &req.reason, now_ms())
             .await?
             .ok_or_else(|| unknown_device(&req.device_id))?;
-        // Its own connections are cut now (on other replicas within a few
-        // seconds); its store's tills drop it with their next heartbeat from
-        // here, on other replicas within the cache's lifetime.
+        // Its own connections are cut now, on other replicas when they are
+        // told (PostgreSQL), else within a few seconds; its store's tills
+        // drop it with their next heartbeat.
         self.gate.revoke(&req.device_id);
+        crate::changes::announce(
+            &self.storage,
+            crate::changes::Change::Revoked {
+                device_id: req.device_id.clone(),
+            },
+        )
+        .await;
         self.desired.invalidate(&store).await;
         let device = self.existing_device(&req.device_id).await?;
         tracing::warn!(device_id = %device.id, store_id = %store, reason = %req.reason, "Device revoked.");

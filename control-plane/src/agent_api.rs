@@ -124,6 +124,21 @@ pub struct AgentTls {
 /// How far a renewal proof's time may be from the control plane's clock.
 const RENEW_PROOF_WINDOW_MS: i64 = 5 * 60 * 1000;
 
+/// Devices' credentials as this replica last read them (see
+/// [`crate::changes`]: other replicas' changes drop entries).
+#[derive(Clone)]
+pub(crate) struct CredentialCache(moka::future::Cache<String, Arc<CachedAuth>>);
+
+impl CredentialCache {
+    pub async fn forget(&self, device_id: &str) {
+        self.0.invalidate(device_id).await;
+    }
+
+    pub fn forget_all(&self) {
+        self.0.invalidate_all();
+    }
+}
+
 pub struct AgentApi {
     /// `None` over plaintext: devices then present their credential.
     tls: Option<AgentTls>,
@@ -142,6 +157,23 @@ pub struct AgentApi {
 }
 
 impl AgentApi {
+    /// The credential cache, for other replicas' changes to drop entries of.
+    pub(crate) fn credential_cache(&self) -> CredentialCache {
+        CredentialCache(self.auth_cache.clone())
+    }
+
+    /// Forgets a device's cached credential here and on every replica.
+    async fn credential_changed(&self, device_id: &str) {
+        self.auth_cache.invalidate(device_id).await;
+        crate::changes::announce(
+            &self.storage,
+            crate::changes::Change::Credential {
+                device_id: device_id.to_string(),
+            },
+        )
+        .await;
+    }
+
     /// Starts the rate limits' housekeeping too (it ends with the service).
     pub fn new(
         storage: Storage,
@@ -421,7 +453,7 @@ impl AgentApi {
             )
             .await?;
         // Its cached record names the CA of its previous certificate.
-        self.auth_cache.invalidate(device_id).await;
+        self.credential_changed(device_id).await;
         tracing::info!(%device_id, serial = %issued.serial, "Device certificate issued.");
         Ok((issued.pem, tls.tls.trust_bundle().0.to_string()))
     }
@@ -804,7 +836,7 @@ impl AgentService for AgentApi {
             Ok(device) => {
                 // A retried enrollment replaced the credential of an existing
                 // device; a new one may have been looked up (and not found).
-                self.auth_cache.invalidate(&device.id).await;
+                self.credential_changed(&device.id).await;
                 count("ok");
                 tracing::info!(
                     device_id = %device.id,

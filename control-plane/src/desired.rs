@@ -3,9 +3,10 @@
 //! of one read per heartbeat.
 //!
 //! A change made through this replica (`AssignBundle`, `SetMaintenanceWindow`)
-//! invalidates the store's entry at once; a change made elsewhere (another
-//! replica), or one that lands while this replica is reading the store, shows
-//! within `DESIRED_CACHE_TTL`.
+//! invalidates the store's entry at once; on PostgreSQL every other replica
+//! drops it too when told (`crate::changes`). A change that lands while a
+//! replica is reading the store, or whose notice is lost, shows within
+//! `DESIRED_CACHE_TTL`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,8 +62,26 @@ impl DesiredCache {
             .await
     }
 
-    /// Forgets a store's entry after its desired state changed.
+    /// Forgets a store's entry after its desired state changed, here and
+    /// (on PostgreSQL) on every other replica.
     pub async fn invalidate(&self, store_id: &str) {
+        self.forget(store_id).await;
+        crate::changes::announce(
+            &self.storage,
+            crate::changes::Change::Desired {
+                store_id: store_id.to_string(),
+            },
+        )
+        .await;
+    }
+
+    /// Forgets a store's entry on this replica only.
+    pub async fn forget(&self, store_id: &str) {
         self.cache.invalidate(store_id).await;
+    }
+
+    /// Forgets every store's entry on this replica.
+    pub fn forget_all(&self) {
+        self.cache.invalidate_all();
     }
 }

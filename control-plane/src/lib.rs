@@ -20,6 +20,7 @@ mod agent_api;
 pub mod audit;
 pub mod authz;
 pub mod blobs;
+pub mod changes;
 pub mod config;
 mod convert;
 pub mod desired;
@@ -268,7 +269,7 @@ impl ControlPlane {
             metrics.clone(),
             log_requests::LogSettings::from_config(&config),
         );
-        let agent = AgentServiceServer::new(agent_api::AgentApi::new(
+        let agent_api = agent_api::AgentApi::new(
             storage.clone(),
             metrics.clone(),
             queue,
@@ -279,8 +280,18 @@ impl ControlPlane {
                 tls: tls.clone(),
                 policy: config.certificate_policy(),
             }),
-        ))
-        .max_decoding_message_size(max_message);
+        );
+        // Other replicas' changes drop this one's cached entries at once.
+        let listener = changes::spawn_listener(
+            &storage,
+            changes::Caches {
+                desired: desired.clone(),
+                gate: gate.clone(),
+                credentials: agent_api.credential_cache(),
+            },
+            stop_rx.clone(),
+        );
+        let agent = AgentServiceServer::new(agent_api).max_decoding_message_size(max_message);
         let admin = AdminServiceServer::new(admin_api::AdminApi::new(
             storage.clone(),
             config.offline_after_missed_heartbeats,
@@ -427,6 +438,11 @@ impl ControlPlane {
         }
         if let Err(error) = dispatcher.await {
             tracing::error!(%error, "The webhook dispatcher failed.");
+        }
+        if let Some(listener) = listener
+            && let Err(error) = listener.await
+        {
+            tracing::error!(%error, "The change listener failed.");
         }
         storage.close().await;
         tracing::info!("Stopped.");

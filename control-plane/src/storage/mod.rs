@@ -15,6 +15,7 @@
 use sqlx::any::AnyPoolOptions;
 use sqlx::migrate::Migrator;
 use sqlx::{AnyPool, Executor, Row};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::Error;
@@ -147,6 +148,9 @@ fn is_unique_violation(error: &sqlx::Error) -> bool {
 pub struct Storage {
     pool: AnyPool,
     backend: Backend,
+    /// The database's URL on PostgreSQL, where replicas tell each other of
+    /// changes (`LISTEN`/`NOTIFY`, see `crate::changes`).
+    postgres_url: Option<Arc<str>>,
     /// Connections given back to the pool: one per statement run outside a
     /// transaction, one per transaction (`posfleet_database_connection_uses_total`).
     uses: prometheus::IntCounter,
@@ -263,9 +267,34 @@ impl Storage {
         Ok(Storage {
             pool,
             backend,
+            postgres_url: (backend == Backend::Postgres).then(|| Arc::from(url)),
             uses,
             events,
         })
+    }
+
+    /// Where to `LISTEN` for other replicas' changes: `Some` on PostgreSQL.
+    pub(crate) fn postgres_url(&self) -> Option<&str> {
+        self.postgres_url.as_deref()
+    }
+
+    /// Tells every replica listening on `channel` (PostgreSQL `NOTIFY`;
+    /// nothing to do on SQLite, which one process serves). Sent after the
+    /// change committed; a failure is logged, and the other replicas'
+    /// caches expire by themselves.
+    pub(crate) async fn notify(&self, channel: &str, payload: &str) {
+        if self.backend != Backend::Postgres {
+            return;
+        }
+        // Wrapped: the Any driver cannot decode pg_notify's `void`.
+        let sent = sqlx::query("SELECT 1 FROM (SELECT pg_notify($1, $2)) AS sent")
+            .bind(channel)
+            .bind(payload)
+            .execute(&self.pool)
+            .await;
+        if let Err(error) = sent {
+            tracing::warn!(%error, channel, payload, "Cannot tell the other replicas of a change.");
+        }
     }
 
     /// The counter of connection uses, for `/metrics`.
