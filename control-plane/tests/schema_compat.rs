@@ -68,8 +68,7 @@ async fn an_older_binary_runs_on_a_compatible_newer_schema_and_refuses_an_incomp
     set_floor(&db.url, newer).await;
     let refused = Storage::connect(&db.url, 2)
         .await
-        .err()
-        .expect("an incompatible newer schema is refused");
+        .expect_err("an incompatible newer schema is refused");
     let message = refused.to_string();
     assert!(
         message.contains(&format!("migration {newer}"))
