@@ -107,6 +107,11 @@ pub struct Config {
     /// A rollout selecting more devices than this needs a second caller's
     /// approval (`posfleet rollout approve`) before it starts.
     pub approval_threshold_devices: u64,
+    /// A file (mode 0600) holding 32 random bytes as hex, the same on every
+    /// replica: the repository's online keys are then kept in the database,
+    /// sealed with it, for every replica to sign with. Unset: they are files
+    /// in `data_dir/repository-keys`.
+    pub repository_key_encryption_key_path: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -149,6 +154,7 @@ impl Default for Config {
             log_follow_max_seconds: 600,
             log_request_max_bytes: 8 * 1024 * 1024,
             approval_threshold_devices: 100,
+            repository_key_encryption_key_path: None,
         }
     }
 }
@@ -279,6 +285,9 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub approval_threshold_devices: Option<u64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repository_key_encryption_key_path: Option<PathBuf>,
 }
 
 impl Config {

@@ -48,6 +48,10 @@ pub enum Error {
     EngineLockLost(String),
     #[error("cannot build the webhook HTTP client: {0}")]
     WebhookClient(String),
+    #[error("the bundle repository: {0}")]
+    Repository(String),
+    #[error(transparent)]
+    OnlineKeys(#[from] crate::online_keys::KeyError),
     #[error("TLS: {0}")]
     Tls(#[from] posfleet_pki::Error),
 }

@@ -30,6 +30,7 @@ mod http;
 mod log_requests;
 mod metadata_cache;
 mod metrics;
+pub mod online_keys;
 mod ratelimit;
 pub mod repository;
 pub mod rollout;
@@ -147,18 +148,28 @@ impl ControlPlane {
         }
         let storage = Storage::connect(&url, config.database_max_connections).await?;
         tracing::info!(database = %storage::redact_url(&url), "Database ready.");
-        let repository = (|| {
-            let blobs = blobs::FsBlobStore::open(&config.data_dir.join("blobs"))?;
-            repository::Repository::open(
-                storage.clone(),
-                Arc::new(blobs),
-                &config.data_dir.join("repository-keys"),
-            )
-        })()
-        .map_err(|source| Error::DataDir {
-            path: config.data_dir.clone(),
-            source,
+        let kek = config
+            .repository_key_encryption_key_path
+            .as_deref()
+            .map(online_keys::KeyEncryptionKey::load)
+            .transpose()?;
+        let keys = online_keys::load(
+            &storage,
+            &config.data_dir.join("repository-keys"),
+            kek.as_ref(),
+        )
+        .await?;
+        let blobs = blobs::FsBlobStore::open(&config.data_dir.join("blobs")).map_err(|source| {
+            Error::DataDir {
+                path: config.data_dir.clone(),
+                source,
+            }
         })?;
+        let repository = repository::Repository::open(storage.clone(), Arc::new(blobs), keys);
+        repository
+            .check_online_keys()
+            .await
+            .map_err(|e| Error::Repository(e.to_string()))?;
         let metrics = Metrics::with_store_series_limit(config.metrics_store_series_limit);
         metrics.register_storage(&storage);
         let tls = tls::Tls::open(&config, &storage).await?;

@@ -68,7 +68,7 @@ fn expires_ms(expires: &str) -> Result<i64, RepoError> {
 /// leaves either no key file (the next start generates one; nothing was
 /// signed with the lost key) or a whole one, never a torn file that would
 /// stop every later start.
-fn load_or_create_key(path: &Path) -> std::io::Result<SigningKey> {
+pub(crate) fn load_or_create_key(path: &Path) -> std::io::Result<SigningKey> {
     match std::fs::read(path) {
         Ok(bytes) => {
             let seed: [u8; 32] = hex::decode(String::from_utf8_lossy(&bytes).trim())
@@ -92,9 +92,8 @@ fn load_or_create_key(path: &Path) -> std::io::Result<SigningKey> {
     }
 }
 
-/// Writes `bytes` to `path` (mode 0600, whatever the umask) through a
-/// synced temporary file renamed into place, then syncs the directory so
-/// the rename itself is durable.
+/// The repository: its metadata in the database (served from memory), its
+/// blobs, and the online keys it signs snapshots and timestamps with.
 pub struct Repository {
     storage: Storage,
     /// What `/repo/` serves, from memory.
@@ -111,24 +110,36 @@ pub struct Upload {
 }
 
 impl Repository {
-    /// Loads the online keys from `key_dir`, creating them on first start.
+    /// A repository signing with `keys` (see [`crate::online_keys`]).
     pub fn open(
         storage: Storage,
         blobs: Arc<dyn BlobStore>,
-        key_dir: &Path,
-    ) -> std::io::Result<Repository> {
-        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(key_dir)?;
-        std::fs::set_permissions(key_dir, std::fs::Permissions::from_mode(0o700))?;
-        Ok(Repository {
-            snapshot_key: load_or_create_key(&key_dir.join("snapshot.key"))?,
-            timestamp_key: load_or_create_key(&key_dir.join("timestamp.key"))?,
+        keys: crate::online_keys::OnlineKeys,
+    ) -> Repository {
+        Repository {
+            snapshot_key: keys.snapshot,
+            timestamp_key: keys.timestamp,
             metadata: MetadataCache::new(storage.clone()),
             storage,
             blobs,
+        }
+    }
+
+    /// Refuses to serve with online keys other than the ones an initialized
+    /// repository's root names: everything signed would be refused by the
+    /// tills.
+    pub async fn check_online_keys(&self) -> Result<(), RepoError> {
+        let Some((_, root)) = self.latest(ROOT).await? else {
+            return Ok(());
+        };
+        let root: Root = tuf::parse_envelope(ROOT, root.as_bytes(), u64::MAX)?.decode(ROOT)?;
+        self.check_online_roles(&root).map_err(|_| {
+            RepoError::Refused(
+                "the repository's root names other online keys than this control plane holds: \
+                 replicas must share them (the same repository_key_encryption_key_path on \
+                 every replica, or the same repository-keys files)"
+                    .into(),
+            )
         })
     }
 

@@ -8,6 +8,7 @@ use common::{Backend, TestDb};
 use posfleet_bundle::repo::{self, RootKeys};
 use posfleet_bundle::tuf::{self, Snapshot, TIMESTAMP, Timestamp};
 use posfleet_control_plane::blobs::FsBlobStore;
+use posfleet_control_plane::online_keys;
 use posfleet_control_plane::repository::{RepoError, Repository};
 use posfleet_control_plane::storage::Storage;
 use std::sync::Arc;
@@ -16,10 +17,10 @@ async fn open(backend: Backend, dir: &std::path::Path) -> (Repository, TestDb) {
     let db = TestDb::new(backend, dir).await;
     let storage = Storage::connect(&db.url, 4).await.unwrap();
     let blobs = Arc::new(FsBlobStore::open(&dir.join("blobs")).unwrap());
-    (
-        Repository::open(storage, blobs, &dir.join("keys")).unwrap(),
-        db,
-    )
+    let keys = online_keys::load(&storage, &dir.join("keys"), None)
+        .await
+        .unwrap();
+    (Repository::open(storage, blobs, keys), db)
 }
 
 fn decode<T: serde::de::DeserializeOwned>(role: &str, body: &str) -> T {

@@ -47,7 +47,7 @@ pub use devices::{
 pub use enrollment::{EnrollError, EnrollmentTokenRecord, NewDevice};
 pub use events::{EventRecord, MAX_EVENTS_PER_PAGE, NewEvent};
 pub use logs::{LogLineRecord, LogRequestRecord, LogRequestState, NewLogRequest};
-pub use repository::{BundleRecord, MetadataRecord};
+pub use repository::{BundleRecord, MetadataRecord, SealedKey};
 pub use stats::{ActiveRollout, FleetSnapshot, StoreCounts};
 pub use stores::{StoreRecord, WindowRecord};
 pub use webhooks::{AttemptRecord, DeliveryRecord, DeliveryState, NewDelivery, WebhookRecord};

@@ -1,5 +1,6 @@
-//! The bundle repository: its signed metadata files (`repo_metadata`) and
-//! the published bundles (`bundles`).
+//! The bundle repository: its signed metadata files (`repo_metadata`), the
+//! published bundles (`bundles`) and, for replicas that share them, the
+//! sealed online keys (`repository_online_keys`).
 
 use sqlx::Row;
 use sqlx::any::AnyRow;
@@ -31,6 +32,15 @@ pub struct BundleRecord {
     pub published_at_ms: i64,
 }
 
+/// An online key sealed with a key-encryption key (`crate::online_keys`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedKey {
+    /// Names the key-encryption key.
+    pub kek_id: String,
+    pub nonce_hex: String,
+    pub sealed_hex: String,
+}
+
 fn bundle_from_row(row: &AnyRow) -> Result<BundleRecord, Error> {
     let hardware: String = row.try_get("hardware_json")?;
     Ok(BundleRecord {
@@ -49,6 +59,46 @@ fn bundle_from_row(row: &AnyRow) -> Result<BundleRecord, Error> {
 }
 
 impl Storage {
+    /// The sealed online key of `role` (snapshot or timestamp), if stored.
+    pub async fn sealed_online_key(&self, role: &str) -> Result<Option<SealedKey>, Error> {
+        sqlx::query(
+            "SELECT kek_id, nonce_hex, sealed_hex FROM repository_online_keys WHERE role = $1",
+        )
+        .bind(role)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(|row| {
+            Ok(SealedKey {
+                kek_id: row.try_get("kek_id")?,
+                nonce_hex: row.try_get("nonce_hex")?,
+                sealed_hex: row.try_get("sealed_hex")?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Stores the sealed online key of `role` unless one is: `false` when
+    /// another replica stored its own first.
+    pub async fn insert_sealed_online_key(
+        &self,
+        role: &str,
+        key: &SealedKey,
+        now_ms: i64,
+    ) -> Result<bool, Error> {
+        let inserted = sqlx::query(
+            "INSERT INTO repository_online_keys (role, kek_id, nonce_hex, sealed_hex, created_at_ms) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (role) DO NOTHING",
+        )
+        .bind(role)
+        .bind(&key.kek_id)
+        .bind(&key.nonce_hex)
+        .bind(&key.sealed_hex)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(inserted.rows_affected() == 1)
+    }
+
     /// The newest version of a metadata role and its file.
     pub async fn latest_metadata(&self, role: &str) -> Result<Option<(i64, String)>, Error> {
         sqlx::query(

@@ -87,6 +87,16 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(config: Config) -> TestServer {
+        TestServer::start_with(config, None).await
+    }
+
+    /// Another replica on `of`'s database, with its own data dir: the
+    /// admin token it serves with is `of`'s.
+    pub async fn start_replica(config: Config, of: &TestServer) -> TestServer {
+        TestServer::start_with(config, Some(of.admin_token.clone())).await
+    }
+
+    async fn start_with(config: Config, admin_token: Option<String>) -> TestServer {
         let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let scheme = if config.tls() { "https" } else { "http" };
@@ -105,10 +115,12 @@ impl TestServer {
             .expect("the trust bundle written at start");
             posfleet_pki::certificates_from_pem(&pem, "the trust bundle").unwrap()
         });
-        let admin_token = std::fs::read_to_string(control_plane.admin_token_path())
-            .unwrap()
-            .trim()
-            .to_string();
+        let admin_token = admin_token.unwrap_or_else(|| {
+            std::fs::read_to_string(control_plane.admin_token_path())
+                .unwrap()
+                .trim()
+                .to_string()
+        });
         let (stop, rx) = watch::channel(false);
         let shutdown = async move {
             let mut rx = rx;
