@@ -63,14 +63,12 @@ pub struct AdminTokenView {
 
 impl From<v1::AdminToken> for AdminTokenView {
     fn from(t: v1::AdminToken) -> Self {
-        let mut scope: Vec<String> = t.scope.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        scope.sort();
         AdminTokenView {
             id: t.id,
             name: t.name,
             role: t.role,
             expires_at: time(t.expires_at_unix_ms),
-            scope: scope.join(","),
+            scope: crate::view::scope(&t.scope),
             created_by: t.created_by,
             created_at: time(t.created_at_unix_ms),
             revoked_at: time(t.revoked_at_unix_ms),
@@ -178,28 +176,23 @@ pub async fn run(
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
-
     #[test]
     fn the_commands_parse() {
-        let parse = |line: &str| crate::Cli::try_parse_from(line.split_whitespace());
-        for ok in [
-            "posfleet token list",
-            "posfleet token list --all",
-            "posfleet token create --name ci-release --role publisher --expires-in 90d",
-            "posfleet token create --name eu-ops --role store-ops --expires-in 30d --scope region=eu --scope tier=a",
-            "posfleet token revoke adm-abc123",
-        ] {
-            assert!(parse(ok).is_ok(), "{ok}");
-        }
-        for bad in [
-            "posfleet token create",
-            "posfleet token create --name ci --role publisher",
-            "posfleet token create --name ci --role publisher --expires-in soon",
-            "posfleet token create --name ci --role viewer --expires-in 1d --scope region",
-            "posfleet token revoke",
-        ] {
-            assert!(parse(bad).is_err(), "{bad}");
-        }
+        crate::check_command_lines(
+            &[
+                "posfleet token list",
+                "posfleet token list --all",
+                "posfleet token create --name ci-release --role publisher --expires-in 90d",
+                "posfleet token create --name eu-ops --role store-ops --expires-in 30d --scope region=eu --scope tier=a",
+                "posfleet token revoke adm-abc123",
+            ],
+            &[
+                "posfleet token create",
+                "posfleet token create --name ci --role publisher",
+                "posfleet token create --name ci --role publisher --expires-in soon",
+                "posfleet token create --name ci --role viewer --expires-in 1d --scope region",
+                "posfleet token revoke",
+            ],
+        );
     }
 }
