@@ -46,13 +46,13 @@ pub struct LoginView {
 }
 
 /// A SessionService client for `server`; `token` (a session's) for Logout.
-struct Sessions {
+pub struct Sessions {
     client: SessionServiceClient<Channel>,
     server: String,
 }
 
 impl Sessions {
-    fn connect(server: &Server) -> anyhow::Result<Sessions> {
+    pub fn connect(server: &Server) -> anyhow::Result<Sessions> {
         Ok(Sessions {
             client: SessionServiceClient::new(server.channel()?),
             server: server.url.clone(),
@@ -71,7 +71,7 @@ impl Sessions {
             .map_err(|status| call_error(&self.server, status))
     }
 
-    async fn login(&mut self, request: v1::LoginRequest) -> anyhow::Result<v1::LoginResponse> {
+    pub async fn login(&mut self, request: v1::LoginRequest) -> anyhow::Result<v1::LoginResponse> {
         let request = self.request(request);
         let answer = self.client.login(request).await;
         self.answer(answer)

@@ -691,9 +691,12 @@ impl Credentials {
                 .with_context(|| format!("cannot read the token file {}", path.display()))?;
             return Ok(token.trim().to_string());
         }
-        let config_dir = session_file::config_dir(self.config_dir)?;
-        let stored = session_file::load(&config_dir)?;
-        session_token(stored, server, chrono::Utc::now().timestamp_millis())
+        let now = chrono::Utc::now().timestamp_millis();
+        // No config folder at all (no home): no session either.
+        let Ok(config_dir) = session_file::config_dir(self.config_dir) else {
+            return session_token(None, server, now);
+        };
+        session_token(session_file::load(&config_dir)?, server, now)
     }
 }
 

@@ -52,6 +52,7 @@ pub struct AdminTokenView {
     pub expires_at: String,
     /// Store labels it is confined to (`region=eu`); empty when unscoped.
     pub scope: String,
+    /// The user (or, for older tokens, the token) that created it.
     pub created_by: String,
     pub created_at: String,
     /// Empty when live.
@@ -79,7 +80,14 @@ impl From<v1::AdminToken> for AdminTokenView {
 
 pub fn admin_tokens_table(tokens: &[AdminTokenView]) -> comfy_table::Table {
     let mut t = table(&[
-        "TOKEN", "NAME", "ROLE", "EXPIRES", "SCOPE", "CREATED", "REVOKED",
+        "TOKEN",
+        "NAME",
+        "ROLE",
+        "EXPIRES",
+        "SCOPE",
+        "CREATED BY",
+        "CREATED",
+        "REVOKED",
     ]);
     for token in tokens {
         t.add_row(vec![
@@ -88,6 +96,7 @@ pub fn admin_tokens_table(tokens: &[AdminTokenView]) -> comfy_table::Table {
             token.role.clone(),
             token.expires_at.clone(),
             token.scope.clone(),
+            token.created_by.clone(),
             token.created_at.clone(),
             token.revoked_at.clone(),
         ]);
