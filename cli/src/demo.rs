@@ -22,8 +22,11 @@ use crate::repo_cmd::{self, RoleKeyCounts};
 use crate::view::{self, DeviceView};
 use crate::{Admin, Output};
 
-/// The second deployer's token, who approves big rollouts.
+/// The second person, a deployer, who approves big rollouts.
 const APPROVER: &str = "release-manager";
+
+/// The demo's people's password (a throwaway control plane on loopback).
+const DEMO_PASSWORD: &str = "posfleet demo password";
 
 /// (store id, name, time zone) of the demo stores, in order.
 const STORES: &[(&str, &str, &str)] = &[
@@ -128,9 +131,9 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
     let control_plane = ControlPlane::open(config)
         .await
         .context("starting the control plane")?;
-    let token_path = control_plane.admin_token_path();
-    let admin_token = std::fs::read_to_string(&token_path)
-        .with_context(|| format!("reading {}", token_path.display()))?;
+    let setup_code_path = control_plane.admin_setup_code_path();
+    let setup_code = std::fs::read_to_string(&setup_code_path)
+        .with_context(|| format!("reading {}", setup_code_path.display()))?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
@@ -148,22 +151,45 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
         ca_file: Some(ca_file.clone()),
         insecure_dev: false,
     };
-    let mut admin = Admin::connect(&address, admin_token.trim()).await?;
+    // The first admin sets up (password, TOTP) as a person would at their
+    // first `posfleet login`; their session goes to a file for the CLI.
+    let channel = posfleet_pki::grpc_channel(
+        &tonic::transport::Endpoint::from_shared(server_url.clone())?,
+        address.tls()?,
+    );
+    let first = posfleet_proto::setup::complete_setup(
+        channel.clone(),
+        posfleet_control_plane::FIRST_ADMIN,
+        &setup_code,
+        DEMO_PASSWORD,
+    )
+    .await
+    .context("setting up the first admin")?;
+    let token_path = dir.path().join("admin-session");
+    std::fs::write(&token_path, format!("{}\n", first.session.token))?;
+    say(&format!(
+        "First admin set up from its setup code ({}); session in {}",
+        setup_code_path.display(),
+        token_path.display()
+    ));
+    let mut admin = Admin::connect(&address, &first.session.token).await?;
     // A second person, who approves the rollouts the first one creates
     // when they need it.
     say(&format!(
-        "posfleet token create --name {APPROVER} --role deployer --expires-in 1d (a second person, to approve big rollouts)"
+        "posfleet user create {APPROVER} --role deployer (a second person, to approve big rollouts)"
     ));
-    let approver_token = admin
-        .create_admin_token(v1::CreateAdminTokenRequest {
-            name: APPROVER.into(),
-            role: "deployer".into(),
-            expires_in_seconds: 86_400,
-            scope: Default::default(),
-        })
-        .await?
-        .secret;
-    let mut approver = Admin::connect(&address, &approver_token).await?;
+    let request = admin.request(v1::CreateUserRequest {
+        name: APPROVER.into(),
+        role: "deployer".into(),
+        scope: Default::default(),
+    });
+    let answer = admin.client.create_user(request).await;
+    let approver_code = admin.answer(answer)?.setup_code;
+    let second =
+        posfleet_proto::setup::complete_setup(channel, APPROVER, &approver_code, DEMO_PASSWORD)
+            .await
+            .context("setting up the approver")?;
+    let mut approver = Admin::connect(&address, &second.session.token).await?;
 
     // Signed bundles: keys, a sample bundle built, signed and published.
     let keys = dir.path().join("keys");

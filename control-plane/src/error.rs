@@ -19,8 +19,8 @@ pub enum Error {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot write the admin token file {path}: {source}")]
-    AdminTokenFile {
+    #[error("cannot write the first admin's setup code file {path}: {source}")]
+    AdminSetupCodeFile {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
@@ -38,6 +38,8 @@ pub enum Error {
     EngineLockLost(String),
     #[error("cannot build the webhook HTTP client: {0}")]
     WebhookClient(String),
+    #[error("password hashing failed: {0}")]
+    Password(String),
     #[error("TLS: {0}")]
     Tls(#[from] posfleet_pki::Error),
 }
