@@ -294,12 +294,17 @@ pub fn first_admin_session(
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let done = runtime.block_on(posfleet_proto::setup::complete_setup(
-            posfleet_pki::grpc_channel(&endpoint, tls),
-            "admin",
-            &code,
-            ADMIN_PASSWORD,
-        ))?;
+        // The channel is made inside the runtime: making one needs its
+        // reactor.
+        let done = runtime.block_on(async {
+            posfleet_proto::setup::complete_setup(
+                posfleet_pki::grpc_channel(&endpoint, tls),
+                "admin",
+                &code,
+                ADMIN_PASSWORD,
+            )
+            .await
+        })?;
         Ok(done.session.token)
     })
     .join()
