@@ -64,7 +64,7 @@ const MAX_FIELD_BYTES: usize = 256;
 const STALE_STEPS: u64 = 10;
 
 /// Every value of the `result` label of `posfleet_logins_total`.
-pub const LOGIN_RESULTS: [&str; 14] = [
+pub const LOGIN_RESULTS: [&str; 15] = [
     "ok",
     "setup_started",
     "setup_completed",
@@ -79,6 +79,7 @@ pub const LOGIN_RESULTS: [&str; 14] = [
     "setup_expired",
     "invalid",
     "rate_limited",
+    "error",
 ];
 
 /// The login settings of the control plane's configuration.
@@ -145,7 +146,8 @@ impl Failure {
             Failure::Disabled => "disabled",
             Failure::UnknownUser => "unknown_user",
             Failure::SetupExpired => "setup_expired",
-            Failure::Invalid | Failure::Internal => "invalid",
+            Failure::Invalid => "invalid",
+            Failure::Internal => "error",
         }
     }
 
