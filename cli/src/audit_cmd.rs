@@ -20,6 +20,10 @@ pub enum AuditCommand {
         /// At most this many (the server caps it at 1000).
         #[arg(long, default_value_t = 100)]
         limit: u32,
+        /// Only what this user did: their calls, logins and logouts, and
+        /// the calls of the tokens they created.
+        #[arg(long)]
+        user: Option<String>,
     },
 }
 
@@ -27,7 +31,13 @@ pub enum AuditCommand {
 pub struct AuditEntryView {
     pub seq: u64,
     pub at: String,
+    /// The user's or the token's name.
     pub actor: String,
+    /// `user` (a session), `token`, `session` (a login or logout) or empty
+    /// (unauthenticated).
+    pub actor_kind: String,
+    /// For a token: the user who created it; empty otherwise.
+    pub actor_owner: String,
     /// The role the call was made with; empty when unauthenticated.
     pub role: String,
     pub method: String,
@@ -43,6 +53,8 @@ impl From<v1::AuditEntry> for AuditEntryView {
             seq: e.seq,
             at: time(e.at_unix_ms),
             actor: e.actor,
+            actor_kind: e.actor_kind,
+            actor_owner: e.actor_owner,
             role: e.role,
             method: e.method,
             target: serde_json::from_str(&e.target_json).unwrap_or(Value::String(e.target_json)),
@@ -75,13 +87,15 @@ pub fn compact(target: &Value, max: usize) -> String {
 
 pub fn audit_table(entries: &[AuditEntryView]) -> comfy_table::Table {
     let mut t = table(&[
-        "SEQ", "TIME", "ACTOR", "ROLE", "METHOD", "TARGET", "FROM", "RESULT",
+        "SEQ", "TIME", "ACTOR", "KIND", "OWNER", "ROLE", "METHOD", "TARGET", "FROM", "RESULT",
     ]);
     for e in entries {
         t.add_row(vec![
             e.seq.to_string(),
             e.at.clone(),
             e.actor.clone(),
+            e.actor_kind.clone(),
+            e.actor_owner.clone(),
             e.role.clone(),
             e.method.clone(),
             compact(&e.target, 60),
@@ -97,11 +111,12 @@ impl Admin {
         &mut self,
         after_seq: u64,
         limit: u32,
+        user: String,
     ) -> anyhow::Result<Vec<v1::AuditEntry>> {
         let request = self.request(v1::ListAuditEntriesRequest {
             after_seq,
             limit,
-            ..Default::default()
+            user,
         });
         let answer = self.client.list_audit_entries(request).await;
         self.answer(answer).map(|r| r.entries)
@@ -110,9 +125,13 @@ impl Admin {
 
 pub async fn run(admin: &mut Admin, command: AuditCommand, output: Output) -> anyhow::Result<()> {
     match command {
-        AuditCommand::List { after, limit } => {
+        AuditCommand::List { after, limit, user } => {
+            let more = match &user {
+                Some(user) => format!(" --user {user}"),
+                None => String::new(),
+            };
             let entries: Vec<AuditEntryView> = admin
-                .list_audit_entries(after, limit)
+                .list_audit_entries(after, limit, user.unwrap_or_default())
                 .await?
                 .into_iter()
                 .map(Into::into)
@@ -123,7 +142,7 @@ pub async fn run(admin: &mut Admin, command: AuditCommand, output: Output) -> an
                     && entries.len() as u32 >= limit
                 {
                     text.push_str(&format!(
-                        "More may follow: posfleet audit list --after {}\n",
+                        "More may follow: posfleet audit list --after {}{more}\n",
                         last.seq
                     ));
                 }

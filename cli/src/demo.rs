@@ -1,9 +1,11 @@
 //! `posfleet demo`: a control plane on SQLite in a temporary directory, two
 //! stores with three tills each (real agents speaking gRPC over loopback),
 //! shown coming online, taking the example POS program from 1.0.0 to 1.1.0
-//! with their store's catalog, and rolling back a 1.2.0 whose health
-//! check fails. Everything it does goes through the same APIs an ops
-//! engineer and a till use.
+//! with their store's catalog once a second person approved it, and
+//! rolling back a 1.2.0 whose health check fails. Everything it does goes
+//! through the same APIs an ops engineer and a till use; its two people log
+//! in as `posfleet login` does, the demo computing the TOTP codes their
+//! phones would show.
 
 use anyhow::{Context, bail};
 use clap::Args;
@@ -11,6 +13,7 @@ use posfleet_agent::Agent;
 use posfleet_agent::config::{AgentConfig, PeripheralsDriver};
 use posfleet_control_plane::ControlPlane;
 use posfleet_control_plane::config::Config;
+use posfleet_proto::totp;
 use posfleet_proto::v1;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -20,10 +23,13 @@ use tokio::sync::watch;
 
 use crate::repo_cmd::{self, RoleKeyCounts};
 use crate::view::{self, DeviceView};
-use crate::{Admin, Output};
+use crate::{Admin, Output, login_cmd, session_file};
 
-/// The second deployer's token, who approves big rollouts.
-const APPROVER: &str = "release-manager";
+/// The second person, a deployer, who approves big rollouts.
+const APPROVER: &str = "alice";
+
+/// The demo's people's password (a throwaway control plane on loopback).
+const DEMO_PASSWORD: &str = "posfleet demo password";
 
 /// (store id, name, time zone) of the demo stores, in order.
 const STORES: &[(&str, &str, &str)] = &[
@@ -73,8 +79,9 @@ struct Summary {
     seconds_to_1_1_0: f64,
     /// The 1.1.0 rollout's end state (completed).
     rollout_1_1_0: String,
-    /// Who approved it (the second deployer: it selects every till, more
-    /// than one store's, the demo's approval threshold).
+    /// Who approved it (the second person, user alice, a deployer: it
+    /// selects every till, more than one store's, the demo's approval
+    /// threshold).
     rollout_1_1_0_approved_by: String,
     /// The 1.2.0 rollout's state (paused by itself) and why.
     rollout_1_2_0: String,
@@ -128,9 +135,9 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
     let control_plane = ControlPlane::open(config)
         .await
         .context("starting the control plane")?;
-    let token_path = control_plane.admin_token_path();
-    let admin_token = std::fs::read_to_string(&token_path)
-        .with_context(|| format!("reading {}", token_path.display()))?;
+    let setup_code_path = control_plane.admin_setup_code_path();
+    let setup_code = std::fs::read_to_string(&setup_code_path)
+        .with_context(|| format!("reading {}", setup_code_path.display()))?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
@@ -148,22 +155,39 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
         ca_file: Some(ca_file.clone()),
         insecure_dev: false,
     };
-    let mut admin = Admin::connect(&address, admin_token.trim()).await?;
-    // A second person, who approves the rollouts the first one creates
-    // when they need it.
+    // The first admin sets up (password, TOTP) as a person would at their
+    // first `posfleet login`; their session goes to a file for the CLI.
+    let channel = posfleet_pki::grpc_channel(
+        &tonic::transport::Endpoint::from_shared(server_url.clone())?,
+        address.tls()?,
+    );
+    let first = posfleet_proto::setup::complete_setup(
+        channel.clone(),
+        posfleet_control_plane::FIRST_ADMIN,
+        &setup_code,
+        DEMO_PASSWORD,
+    )
+    .await
+    .context("setting up the first admin")?;
+    // Kept where `posfleet login` keeps a session, for --keep-running.
+    let config_dir = dir.path().join("config");
+    let session_file = session_file::save(
+        &config_dir,
+        &session_file::StoredSession {
+            server: server_url.clone(),
+            user: first.session.user.clone(),
+            role: first.session.role.clone(),
+            token: first.session.token.clone(),
+            expires_at_unix_ms: first.session.expires_at_unix_ms,
+        },
+    )?;
     say(&format!(
-        "posfleet token create --name {APPROVER} --role deployer --expires-in 1d (a second person, to approve big rollouts)"
+        "posfleet login --user admin: the first admin set up from their setup code ({}); session in {}",
+        setup_code_path.display(),
+        session_file.display()
     ));
-    let approver_token = admin
-        .create_admin_token(v1::CreateAdminTokenRequest {
-            name: APPROVER.into(),
-            role: "deployer".into(),
-            expires_in_seconds: 86_400,
-            scope: Default::default(),
-        })
-        .await?
-        .secret;
-    let mut approver = Admin::connect(&address, &approver_token).await?;
+    let mut admin = Admin::connect(&address, &first.session.token).await?;
+    let mut approver = second_person(&mut admin, &address, channel, &say).await?;
 
     // Signed bundles: keys, a sample bundle built, signed and published.
     let keys = dir.path().join("keys");
@@ -464,8 +488,9 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
         println!(
-            "\nRollout {} of pos-app 1.1.0 {}: {} of {expected} tills moved in {seconds_to_1_1_0:.1}s.",
+            "\nRollout {} of pos-app 1.1.0, approved by {}, {}: {} of {expected} tills moved in {seconds_to_1_1_0:.1}s.",
             good.id,
+            good.approved_by,
             rollout_state(good.state),
             on_1_1_0.len(),
         );
@@ -488,9 +513,10 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
     if args.keep_running {
         let prometheus = write_prometheus_config(dir.path(), &http_address, &ca_file)?;
         eprintln!(
-            "Running until Ctrl-C. Try: posfleet --server {server_url} --ca-file {} --token-file {} device list",
+            "Running until Ctrl-C. Try, with the first admin's session: POSFLEET_CONFIG_DIR={} \
+             posfleet --server {server_url} --ca-file {} device list",
+            config_dir.display(),
             ca_file.display(),
-            token_path.display()
         );
         eprintln!(
             "Prometheus on it, with the dashboards' rules (then http://127.0.0.1:9090; \
@@ -507,6 +533,66 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
     }
     server.await??;
     Ok(())
+}
+
+/// The second person, who approves the big rollouts the first one creates:
+/// `posfleet user create`, then her first `posfleet login` (setup code,
+/// password, authenticator app) and an everyday one (password and code),
+/// whose session approves. A phone would show her codes; the demo computes
+/// them from her TOTP secret, as an authenticator app does.
+async fn second_person(
+    admin: &mut Admin,
+    address: &crate::Server,
+    channel: tonic::transport::Channel,
+    say: &impl Fn(&str),
+) -> anyhow::Result<Admin> {
+    let created = admin
+        .create_user(v1::CreateUserRequest {
+            name: APPROVER.into(),
+            role: "deployer".into(),
+            scope: Default::default(),
+        })
+        .await?;
+    say(&format!(
+        "posfleet user create {APPROVER} --role deployer: a second person, to approve big \
+         rollouts; her one-time setup code is {}",
+        created.setup_code
+    ));
+    let setup = posfleet_proto::setup::complete_setup(
+        channel,
+        APPROVER,
+        &created.setup_code,
+        DEMO_PASSWORD,
+    )
+    .await
+    .context("setting up the approver")?;
+    say(&format!(
+        "posfleet login --user {APPROVER} (her first): the setup code, a new password, her \
+         phone's authenticator app enrolled from the QR code (secret {}), {} recovery codes \
+         printed once",
+        setup.totp_secret,
+        setup.recovery_codes.len()
+    ));
+    // The setup spent the current 30-second step's code: her everyday
+    // login takes the next one's (accepted: one step of clock skew).
+    let code = totp::code_at(&setup.totp_secret, totp::unix_now() + totp::STEP_SECONDS)?;
+    let login = login_cmd::Sessions::connect(address)?
+        .login(v1::LoginRequest {
+            user: APPROVER.into(),
+            password: DEMO_PASSWORD.into(),
+            code: code.clone(),
+            session_seconds: 0,
+        })
+        .await?;
+    let Some(v1::login_response::Result::Session(session)) = login.result else {
+        bail!("{APPROVER}'s login gave no session");
+    };
+    say(&format!(
+        "posfleet login --user {APPROVER}: her password and the code her phone shows ({code}, \
+         computed here from her secret as the app would); a session until {}",
+        view::time(session.expires_at_unix_ms)
+    ));
+    Admin::connect(address, &session.token).await
 }
 
 /// The recording and alerting rules of `dashboards/rules/`.

@@ -5,10 +5,14 @@ mod audit_cmd;
 mod ca_cmd;
 #[cfg(feature = "demo")]
 mod demo;
+mod login_cmd;
 mod logs_cmd;
+mod prompt;
 mod repo_cmd;
 mod rollout_cmd;
+mod session_file;
 mod token_cmd;
+mod user_cmd;
 mod view;
 mod webhook_cmd;
 
@@ -38,13 +42,18 @@ struct Cli {
         default_value = "http://127.0.0.1:7400"
     )]
     server: String,
-    /// Admin API token.
+    /// Admin API token (automation). Without it, nor --token-file, the
+    /// session of `posfleet login` is used.
     #[arg(long, global = true, env = "POSFLEET_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// File holding the admin API token (e.g. the control plane's
-    /// `<data_dir>/admin-token`).
+    /// File holding an admin API token.
     #[arg(long, global = true, env = "POSFLEET_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// Folder of the session `posfleet login` stores (session.json); by
+    /// default the platform's config folder + posfleet, e.g.
+    /// `~/.config/posfleet`.
+    #[arg(long, global = true, env = "POSFLEET_CONFIG_DIR")]
+    config_dir: Option<PathBuf>,
     /// PEM file of the CA that issued the control plane's certificate (its
     /// fleet CA: `<data_dir>/tls/trust-bundle.pem`). Without it an `https://`
     /// server is checked against the system's roots.
@@ -71,6 +80,12 @@ pub enum Output {
 enum Command {
     #[command(flatten)]
     Admin(AdminCommand),
+    /// Log in as a person: password and a code from your authenticator app
+    /// (the first time: your setup code, a new password and the app's
+    /// enrolment). The session is stored for the next commands.
+    Login(login_cmd::LoginArgs),
+    /// End the stored session, on the control plane and here.
+    Logout,
     /// Root and targets keys of the bundle repository.
     #[command(subcommand)]
     Keys(repo_cmd::KeysCommand),
@@ -104,9 +119,12 @@ enum AdminCommand {
     /// Receivers of events (signed JSON over HTTP) and their deliveries.
     #[command(subcommand)]
     Webhook(webhook_cmd::WebhookCommand),
-    /// Admin API tokens: who may call the control plane.
+    /// Admin API tokens: what automation calls the control plane with.
     #[command(subcommand)]
     Token(token_cmd::AdminTokenCommand),
+    /// Operators as people, who log in (`posfleet login`).
+    #[command(subcommand)]
+    User(user_cmd::UserCommand),
     /// The fleet's CAs (over TLS), and their rotation.
     #[command(subcommand)]
     Ca(ca_cmd::CaCommand),
@@ -379,6 +397,21 @@ impl Server {
             &trusted, None,
         )?)))
     }
+
+    /// A channel to the control plane, checked as [`Server::tls`] says.
+    fn channel(&self) -> anyhow::Result<Channel> {
+        let tls = self.tls()?;
+        // No deadline on the channel: each unary call gets CALL_TIMEOUT
+        // (`request`), an upload an idle timeout (`publish`). Keepalive
+        // pings notice a server that went away during a long upload.
+        let endpoint = Endpoint::from_shared(self.url.clone())
+            .map_err(|_| anyhow!("`{}` is not a valid server URL", self.url))?
+            .connect_timeout(Duration::from_secs(5))
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_while_idle(true);
+        Ok(posfleet_pki::grpc_channel(&endpoint, tls))
+    }
 }
 
 /// An `AdminService` client that adds the API token to every call.
@@ -390,17 +423,7 @@ pub struct Admin {
 
 impl Admin {
     pub async fn connect(server: &Server, token: &str) -> anyhow::Result<Admin> {
-        let tls = server.tls()?;
-        // No deadline on the channel: each unary call gets CALL_TIMEOUT
-        // (`request`), an upload an idle timeout (`publish`). Keepalive
-        // pings notice a server that went away during a long upload.
-        let endpoint = Endpoint::from_shared(server.url.clone())
-            .map_err(|_| anyhow!("`{}` is not a valid server URL", server.url))?
-            .connect_timeout(Duration::from_secs(5))
-            .http2_keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_timeout(Duration::from_secs(20))
-            .keep_alive_while_idle(true);
-        let channel = posfleet_pki::grpc_channel(&endpoint, tls);
+        let channel = server.channel()?;
         let authorization = format!("Bearer {token}")
             .parse()
             .map_err(|_| anyhow!("the admin API token contains characters that cannot be sent"))?;
@@ -436,21 +459,12 @@ impl Admin {
     }
 
     fn error(&self, status: tonic::Status) -> anyhow::Error {
-        use tonic::Code;
-        // A refused connection or TLS handshake: its cause is at the end of
-        // the error's chain ("transport error" says nothing).
-        let cause = root_cause(&status);
-        match (status.code(), cause) {
-            (_, Some(cause)) => {
-                anyhow!("cannot reach the control plane at {}: {cause}", self.server)
-            }
-            (Code::Unavailable, None) => anyhow!(
-                "cannot reach the control plane at {}: {}",
-                self.server,
-                status.message()
-            ),
-            (code, _) => anyhow!("{}: {}", code_name(code), status.message()),
-        }
+        call_error(&self.server, status)
+    }
+
+    /// The control plane's URL, as given.
+    pub fn server_url(&self) -> &str {
+        &self.server
     }
 
     pub async fn create_store(
@@ -657,19 +671,80 @@ fn show<T: Serialize>(
     Ok(())
 }
 
-fn admin_token(token: Option<String>, token_file: Option<PathBuf>) -> anyhow::Result<String> {
-    if let Some(token) = token {
-        return Ok(token.trim().to_string());
+/// How a call proves who makes it.
+struct Credentials {
+    token: Option<String>,
+    token_file: Option<PathBuf>,
+    config_dir: Option<PathBuf>,
+}
+
+impl Credentials {
+    /// The bearer token for `server`: --token (POSFLEET_TOKEN), else
+    /// --token-file (POSFLEET_TOKEN_FILE), else the stored session, but
+    /// only one the same server issued and only until it expires.
+    fn token_for(self, server: &str) -> anyhow::Result<String> {
+        if let Some(token) = self.token {
+            return Ok(token.trim().to_string());
+        }
+        if let Some(path) = self.token_file {
+            let token = std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read the token file {}", path.display()))?;
+            return Ok(token.trim().to_string());
+        }
+        let now = chrono::Utc::now().timestamp_millis();
+        // No config folder at all (no home): no session either.
+        let Ok(config_dir) = session_file::config_dir(self.config_dir) else {
+            return session_token(None, server, now);
+        };
+        session_token(session_file::load(&config_dir)?, server, now)
     }
-    if let Some(path) = token_file {
-        let token = std::fs::read_to_string(&path)
-            .with_context(|| format!("cannot read the token file {}", path.display()))?;
-        return Ok(token.trim().to_string());
+}
+
+/// The stored session's token, if it may be sent to `server` now.
+fn session_token(
+    stored: Option<session_file::StoredSession>,
+    server: &str,
+    now_unix_ms: i64,
+) -> anyhow::Result<String> {
+    const NONE: &str = "no admin API token: run posfleet login --user NAME, or pass --token or \
+                        --token-file, or set POSFLEET_TOKEN";
+    let Some(stored) = stored else {
+        bail!("{NONE}");
+    };
+    if !stored.is_for(server) {
+        bail!(
+            "{NONE} (the stored session is {}'s on {}, not {server})",
+            stored.user,
+            stored.server
+        );
     }
-    bail!(
-        "no admin API token: pass --token or --token-file, or set POSFLEET_TOKEN \
-         (the first token is in the control plane's data dir, file admin-token)"
-    )
+    if stored.expired(now_unix_ms) {
+        bail!(
+            "your session expired at {}; run posfleet login",
+            view::time(stored.expires_at_unix_ms)
+        );
+    }
+    Ok(stored.token)
+}
+
+/// A failed call's status as one line: why the control plane at `server`
+/// could not be reached, or what it answered (an `UNAUTHENTICATED` answer
+/// says what to do: log in again, use another token).
+pub fn call_error(server: &str, status: tonic::Status) -> anyhow::Error {
+    use tonic::Code;
+    // A refused connection or TLS handshake: its cause is at the end of
+    // the error's chain ("transport error" says nothing).
+    let cause = root_cause(&status);
+    match (status.code(), cause) {
+        (_, Some(cause)) => {
+            anyhow!("cannot reach the control plane at {server}: {cause}")
+        }
+        (Code::Unavailable, None) => anyhow!(
+            "cannot reach the control plane at {server}: {}",
+            status.message()
+        ),
+        (code, _) => anyhow!("{}: {}", code_name(code), status.message()),
+    }
 }
 
 /// The innermost error under a status that came from the connection
@@ -687,6 +762,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         server,
         token,
         token_file,
+        config_dir,
         ca_file,
         insecure_dev,
         output,
@@ -697,28 +773,42 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ca_file,
         insecure_dev,
     };
+    let credentials = Credentials {
+        token,
+        token_file,
+        config_dir,
+    };
     let command = match command {
         #[cfg(feature = "demo")]
         Command::Demo(args) => return demo::run(&args, output).await,
+        Command::Login(args) => {
+            let dir = session_file::config_dir(credentials.config_dir)?;
+            return login_cmd::login(&server, &dir, args, output).await;
+        }
+        Command::Logout => {
+            let dir = session_file::config_dir(credentials.config_dir)?;
+            return login_cmd::logout(&server, &dir).await;
+        }
         Command::Bundle(build @ repo_cmd::BundleCommand::Build { .. }) => {
             return repo_cmd::bundle(None, build, output).await;
         }
         Command::Bundle(command) => {
-            let mut admin = Admin::connect(&server, &admin_token(token, token_file)?).await?;
+            let mut admin = Admin::connect(&server, &credentials.token_for(&server.url)?).await?;
             return repo_cmd::bundle(Some(&mut admin), command, output).await;
         }
         Command::Keys(command) => {
-            let mut admin = Admin::connect(&server, &admin_token(token, token_file)?).await?;
+            let mut admin = Admin::connect(&server, &credentials.token_for(&server.url)?).await?;
             return repo_cmd::keys(&mut admin, command).await;
         }
         Command::Admin(command) => command,
     };
-    let mut admin = Admin::connect(&server, &admin_token(token, token_file)?).await?;
+    let mut admin = Admin::connect(&server, &credentials.token_for(&server.url)?).await?;
     match command {
         AdminCommand::Rollout(command) => rollout_cmd::run(&mut admin, command, output).await?,
         AdminCommand::Audit(command) => audit_cmd::run(&mut admin, command, output).await?,
         AdminCommand::Webhook(command) => webhook_cmd::run(&mut admin, command, output).await?,
         AdminCommand::Token(command) => token_cmd::run(&mut admin, command, output).await?,
+        AdminCommand::User(command) => user_cmd::run(&mut admin, command, output).await?,
         AdminCommand::Ca(command) => ca_cmd::run(&mut admin, command, output).await?,
         AdminCommand::Store(StoreCommand::Create {
             id,
@@ -935,6 +1025,18 @@ fn main() -> ExitCode {
     }
 }
 
+/// Asserts that each line of `ok` parses and each of `bad` does not.
+#[cfg(test)]
+pub fn check_command_lines(ok: &[&str], bad: &[&str]) {
+    let parse = |line: &str| Cli::try_parse_from(line.split_whitespace());
+    for line in ok {
+        assert!(parse(line).is_ok(), "{line}: {:?}", parse(line).err());
+    }
+    for line in bad {
+        assert!(parse(line).is_err(), "{line}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1022,6 +1124,37 @@ mod tests {
         assert!(parse("posfleet device logs dev-1 --request log-1").is_err());
         assert!(parse("posfleet device logs --request log-1 --grep x").is_err());
         assert!(parse("posfleet device logs dev-1 --since soon").is_err());
+    }
+
+    #[test]
+    fn a_stored_session_goes_only_to_its_server_and_only_until_it_expires() {
+        let stored = session_file::StoredSession {
+            server: "https://cp.example:7400".into(),
+            user: "alice".into(),
+            role: "deployer".into(),
+            token: "pfs_secret".into(),
+            expires_at_unix_ms: 1_764_000_000_000,
+        };
+        let token = |server: &str, now| {
+            session_token(Some(stored.clone()), server, now).map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            token("https://cp.example:7400", 1_000).as_deref(),
+            Ok("pfs_secret")
+        );
+        let other = token("https://other.example:7400", 1_000).unwrap_err();
+        assert!(other.contains("no admin API token"), "{other}");
+        assert!(
+            other.contains("alice's on https://cp.example:7400, not https://other.example:7400"),
+            "{other}"
+        );
+        assert!(!other.contains("pfs_secret"), "{other}");
+        assert_eq!(
+            token("https://cp.example:7400", 1_764_000_000_000).unwrap_err(),
+            "your session expired at 2025-11-24T16:00:00Z; run posfleet login"
+        );
+        let none = session_token(None, "https://cp.example:7400", 0).unwrap_err();
+        assert!(none.to_string().contains("run posfleet login --user NAME"));
     }
 
     #[test]

@@ -52,6 +52,7 @@ pub struct AdminTokenView {
     pub expires_at: String,
     /// Store labels it is confined to (`region=eu`); empty when unscoped.
     pub scope: String,
+    /// The user (or, for older tokens, the token) that created it.
     pub created_by: String,
     pub created_at: String,
     /// Empty when live.
@@ -63,14 +64,12 @@ pub struct AdminTokenView {
 
 impl From<v1::AdminToken> for AdminTokenView {
     fn from(t: v1::AdminToken) -> Self {
-        let mut scope: Vec<String> = t.scope.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        scope.sort();
         AdminTokenView {
             id: t.id,
             name: t.name,
             role: t.role,
             expires_at: time(t.expires_at_unix_ms),
-            scope: scope.join(","),
+            scope: crate::view::scope(&t.scope),
             created_by: t.created_by,
             created_at: time(t.created_at_unix_ms),
             revoked_at: time(t.revoked_at_unix_ms),
@@ -81,7 +80,14 @@ impl From<v1::AdminToken> for AdminTokenView {
 
 pub fn admin_tokens_table(tokens: &[AdminTokenView]) -> comfy_table::Table {
     let mut t = table(&[
-        "TOKEN", "NAME", "ROLE", "EXPIRES", "SCOPE", "CREATED", "REVOKED",
+        "TOKEN",
+        "NAME",
+        "ROLE",
+        "EXPIRES",
+        "SCOPE",
+        "CREATED BY",
+        "CREATED",
+        "REVOKED",
     ]);
     for token in tokens {
         t.add_row(vec![
@@ -90,6 +96,7 @@ pub fn admin_tokens_table(tokens: &[AdminTokenView]) -> comfy_table::Table {
             token.role.clone(),
             token.expires_at.clone(),
             token.scope.clone(),
+            token.created_by.clone(),
             token.created_at.clone(),
             token.revoked_at.clone(),
         ]);
@@ -178,28 +185,23 @@ pub async fn run(
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
-
     #[test]
     fn the_commands_parse() {
-        let parse = |line: &str| crate::Cli::try_parse_from(line.split_whitespace());
-        for ok in [
-            "posfleet token list",
-            "posfleet token list --all",
-            "posfleet token create --name ci-release --role publisher --expires-in 90d",
-            "posfleet token create --name eu-ops --role store-ops --expires-in 30d --scope region=eu --scope tier=a",
-            "posfleet token revoke adm-abc123",
-        ] {
-            assert!(parse(ok).is_ok(), "{ok}");
-        }
-        for bad in [
-            "posfleet token create",
-            "posfleet token create --name ci --role publisher",
-            "posfleet token create --name ci --role publisher --expires-in soon",
-            "posfleet token create --name ci --role viewer --expires-in 1d --scope region",
-            "posfleet token revoke",
-        ] {
-            assert!(parse(bad).is_err(), "{bad}");
-        }
+        crate::check_command_lines(
+            &[
+                "posfleet token list",
+                "posfleet token list --all",
+                "posfleet token create --name ci-release --role publisher --expires-in 90d",
+                "posfleet token create --name eu-ops --role store-ops --expires-in 30d --scope region=eu --scope tier=a",
+                "posfleet token revoke adm-abc123",
+            ],
+            &[
+                "posfleet token create",
+                "posfleet token create --name ci --role publisher",
+                "posfleet token create --name ci --role publisher --expires-in soon",
+                "posfleet token create --name ci --role viewer --expires-in 1d --scope region",
+                "posfleet token revoke",
+            ],
+        );
     }
 }

@@ -545,11 +545,19 @@ impl DeviceView {
     }
 }
 
-fn labels(map: &BTreeMap<String, String>) -> String {
-    map.iter()
+/// A scope (store labels a caller is confined to) as `k=v,k2=v2`, sorted;
+/// empty when unscoped.
+pub fn scope<'a>(map: impl IntoIterator<Item = (&'a String, &'a String)>) -> String {
+    let sorted: BTreeMap<&String, &String> = map.into_iter().collect();
+    sorted
+        .iter()
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(",")
+}
+
+fn labels(map: &BTreeMap<String, String>) -> String {
+    scope(map)
 }
 
 fn gib(bytes: u64) -> String {

@@ -11,11 +11,11 @@ use crate::desired::DesiredCache;
 use crate::repository::{Repository, Upload};
 use crate::storage::{
     AdminTokenInfo, AdminTokenRevocation, AssignTarget, BundleRecord, DesiredBundleRecord,
-    DeviceFilter, DeviceRecord, EnrollmentTokenRecord, NewAdminToken, StatusFilter, Storage,
-    StoreRecord, WebhookRecord, WindowRecord,
+    DeviceFilter, DeviceRecord, Disabling, EnrollmentTokenRecord, NewAdminToken, NewUser,
+    StatusFilter, Storage, StoreRecord, UserRecord, WebhookRecord, WindowRecord,
 };
 use crate::timeout::STREAM_IDLE_TIMEOUT;
-use crate::validate::{self, invalid, label_key, slug, text, time_zone};
+use crate::validate::{self, invalid, label_key, slug, text, time_zone, user_name};
 use crate::webhooks;
 use crate::{convert, now_ms, secret};
 use posfleet_proto::v1::assign_bundle_request::Target;
@@ -36,6 +36,10 @@ pub const MAX_ADMIN_TOKEN_NAME_BYTES: usize = 64;
 pub const MAX_ADMIN_TOKEN_LIFETIME_SECONDS: u64 = 365 * 24 * 3600;
 /// Most labels in a token's scope.
 pub const MAX_SCOPE_LABELS: usize = 8;
+/// How long a new (or reset) user's setup code works.
+pub const USER_SETUP_CODE_LIFETIME_MS: i64 = 72 * 3600 * 1000;
+/// Groups of four characters in a setup code (160 random bits).
+const SETUP_CODE_GROUPS: usize = 8;
 
 pub struct AdminApi {
     storage: Storage,
@@ -132,11 +136,7 @@ impl Drop for TempFile {
 }
 
 fn admin_token_view(t: AdminTokenInfo) -> v1::AdminToken {
-    let scope = Scope::from_json(&t.scope_json)
-        .ok()
-        .flatten()
-        .map(|s| s.labels().clone().into_iter().collect())
-        .unwrap_or_default();
+    let scope = scope_map(&t.scope_json);
     v1::AdminToken {
         id: t.id,
         name: t.name,
@@ -149,19 +149,54 @@ fn admin_token_view(t: AdminTokenInfo) -> v1::AdminToken {
     }
 }
 
+/// A role name, checked.
+fn parse_role(name: &str) -> Result<Role, Status> {
+    Role::parse(name).ok_or_else(|| {
+        let known: Vec<&str> = Role::ALL.iter().map(|r| r.as_str()).collect();
+        invalid(
+            "role",
+            format!("unknown role `{name}`; one of {}", known.join(", ")),
+        )
+    })
+}
+
+/// The store labels a token or user of `role` is confined to, checked;
+/// `what` is `tokens` or `users`, for the message.
+fn parse_scope(
+    labels: &std::collections::HashMap<String, String>,
+    role: Role,
+    what: &str,
+) -> Result<Option<Scope>, Status> {
+    if labels.len() > MAX_SCOPE_LABELS {
+        return Err(invalid(
+            "scope",
+            format!("at most {MAX_SCOPE_LABELS} labels"),
+        ));
+    }
+    for (key, value) in labels {
+        label_key("scope", key)?;
+        text("scope", value, true, 128)?;
+    }
+    let scope = Scope::new(labels.clone().into_iter().collect());
+    if scope.is_some() && !role.may_be_scoped() {
+        return Err(invalid(
+            "scope",
+            format!(
+                "{role} {what} cannot be scoped to stores; only viewer, deployer and store-ops \
+                 {what} can"
+            ),
+        ));
+    }
+    Ok(scope)
+}
+
 /// A new token's role, expiry and scope, checked: (role, expires_at_ms,
 /// scope).
 fn token_terms(
     req: &v1::CreateAdminTokenRequest,
     now_ms: i64,
 ) -> Result<(Role, i64, Option<Scope>), Status> {
-    let role = Role::parse(&req.role).ok_or_else(|| {
-        let known: Vec<&str> = Role::ALL.iter().map(|r| r.as_str()).collect();
-        invalid(
-            "role",
-            format!("unknown role `{}`; one of {}", req.role, known.join(", ")),
-        )
-    })?;
+    let role = parse_role(&req.role)?;
     let lifetime = match req.expires_in_seconds {
         0 => return Err(invalid("expires_in_seconds", "is required (e.g. 90 days)")),
         n if n > MAX_ADMIN_TOKEN_LIFETIME_SECONDS => {
@@ -169,26 +204,43 @@ fn token_terms(
         }
         n => n as i64,
     };
-    if req.scope.len() > MAX_SCOPE_LABELS {
-        return Err(invalid(
-            "scope",
-            format!("at most {MAX_SCOPE_LABELS} labels"),
-        ));
-    }
-    for (key, value) in &req.scope {
-        label_key("scope", key)?;
-        text("scope", value, true, 128)?;
-    }
-    let scope = Scope::new(req.scope.clone().into_iter().collect());
-    if scope.is_some() && !role.may_be_scoped() {
-        return Err(invalid(
-            "scope",
-            format!(
-                "{role} tokens cannot be scoped to stores; only viewer, deployer and store-ops tokens can"
-            ),
-        ));
-    }
+    let scope = parse_scope(&req.scope, role, "tokens")?;
     Ok((role, now_ms + lifetime * 1000, scope))
+}
+
+fn scope_map(scope_json: &str) -> std::collections::HashMap<String, String> {
+    Scope::from_json(scope_json)
+        .ok()
+        .flatten()
+        .map(|s| s.labels().clone().into_iter().collect())
+        .unwrap_or_default()
+}
+
+fn user_view(u: UserRecord) -> v1::User {
+    v1::User {
+        setup_pending: u.setup_pending(),
+        scope: scope_map(&u.scope_json),
+        id: u.id,
+        name: u.name,
+        role: u.role,
+        created_at_unix_ms: u.created_at_ms,
+        created_by: u.created_by,
+        disabled_at_unix_ms: u.disabled_at_ms.unwrap_or(0),
+        locked_until_unix_ms: u.locked_until_ms.filter(|t| *t > now_ms()).unwrap_or(0),
+        last_login_unix_ms: u.last_login_at_ms.unwrap_or(0),
+        recovery_codes_left: u32::try_from(u.recovery_codes_left).unwrap_or(0),
+    }
+}
+
+/// A fresh setup code and when it expires: (code, its hash, expiry).
+fn new_setup_code(now_ms: i64) -> (String, String, i64) {
+    let code = secret::grouped_code(SETUP_CODE_GROUPS);
+    let hash = secret::hash(&code);
+    (code, hash, now_ms + USER_SETUP_CODE_LIFETIME_MS)
+}
+
+fn unknown_user(name: &str) -> Status {
+    Status::not_found(format!("unknown user {name}"))
 }
 
 fn bundle_view(b: BundleRecord) -> v1::Bundle {
@@ -428,7 +480,8 @@ impl AdminApi {
 /// A target outside a scoped caller's stores.
 fn out_of_scope(caller: &Principal, scope: &Scope, why: &str) -> Status {
     Status::permission_denied(format!(
-        "token {} is scoped to stores with {scope}; {why}",
+        "{} {} is scoped to stores with {scope}; {why}",
+        caller.kind(),
         caller.name
     ))
 }
@@ -1030,7 +1083,10 @@ impl AdminService for AdminApi {
         let caller = self.authorize(&request).await?;
         let req = request.into_inner();
         self.rollout_selector_in_scope(&caller, &req).await?;
-        let rollout = self.rollouts.create(req, &caller.name, &caller.id).await?;
+        let rollout = self
+            .rollouts
+            .create(req, &caller.name, caller.person_id())
+            .await?;
         Ok(Response::new(rollout))
     }
 
@@ -1049,7 +1105,9 @@ impl AdminService for AdminApi {
         request: Request<v1::RolloutRequest>,
     ) -> Result<Response<v1::Rollout>, Status> {
         self.change_rollout(request, |req, actor| async move {
-            self.rollouts.approve(req, &actor.name, &actor.id).await
+            self.rollouts
+                .approve(req, &actor.name, actor.kind(), actor.person_id())
+                .await
         })
         .await
     }
@@ -1185,9 +1243,13 @@ impl AdminService for AdminApi {
     ) -> Result<Response<v1::ListAuditEntriesResponse>, Status> {
         self.authorize(&request).await?;
         let req = request.into_inner();
+        let user = (!req.user.is_empty()).then_some(req.user.as_str());
+        if let Some(user) = user {
+            user_name("user", user)?;
+        }
         let entries = self
             .storage
-            .list_audit_entries(req.after_seq, list_limit(req.limit))
+            .list_audit_entries(req.after_seq, list_limit(req.limit), user)
             .await?;
         Ok(Response::new(v1::ListAuditEntriesResponse {
             entries: entries.into_iter().map(audit::entry_view).collect(),
@@ -1317,8 +1379,10 @@ impl AdminService for AdminApi {
         // caller holds all the same.
         if !role.permissions().iter().all(|p| principal.role.grants(*p)) {
             return Err(Status::permission_denied(format!(
-                "token {} has role {}; it cannot create a {role} token",
-                principal.name, principal.role
+                "{} {} has role {}; it cannot create a {role} token",
+                principal.kind(),
+                principal.name,
+                principal.role
             )));
         }
         let secret = secret::generate(secret::ADMIN_TOKEN_PREFIX);
@@ -1333,6 +1397,10 @@ impl AdminService for AdminApi {
             created_by: principal.name.clone(),
         };
         let hash = secret::hash(&secret);
+        // The person behind the call owns the token: their own calls and
+        // their tokens' are one person's (four-eyes approval, the audit
+        // log's `user` filter).
+        let owner = principal.person();
         let created = self
             .storage
             .create_admin_token(&NewAdminToken {
@@ -1344,6 +1412,8 @@ impl AdminService for AdminApi {
                 expires_at_ms: token.expires_at_ms,
                 scope_json: &token.scope_json,
                 created_by: &token.created_by,
+                owner_id: owner.as_ref().map_or("", |o| o.id.as_str()),
+                owner: owner.as_ref().map_or("", |o| o.name.as_str()),
             })
             .await?;
         if !created {
@@ -1392,11 +1462,6 @@ impl AdminService for AdminApi {
             AdminTokenRevocation::Unknown => {
                 return Err(Status::not_found(format!("unknown admin token {id}")));
             }
-            AdminTokenRevocation::LastLive => {
-                return Err(Status::failed_precondition(format!(
-                    "{id} is the last live admin token; create another one first"
-                )));
-            }
         };
         tracing::warn!(
             admin_token_id = %token.id,
@@ -1412,8 +1477,55 @@ impl AdminService for AdminApi {
         &self,
         request: Request<v1::CreateUserRequest>,
     ) -> Result<Response<v1::CreateUserResponse>, Status> {
-        self.authorize(&request).await?;
-        Err(Status::unimplemented("users are not built yet"))
+        let caller = self.authorize(&request).await?;
+        let audit = request.extensions().get::<audit::Caller>().cloned();
+        let req = request.into_inner();
+        user_name("name", &req.name)?;
+        let role = parse_role(&req.role)?;
+        let scope = parse_scope(&req.scope, role, "users")?;
+        let now = now_ms();
+        let (code, code_hash, expires_at_ms) = new_setup_code(now);
+        let id = secret::short_id("usr-", 6);
+        let scope_json = scope.as_ref().map(Scope::to_json).unwrap_or_default();
+        let created = self
+            .storage
+            .create_user(&NewUser {
+                id: &id,
+                name: &req.name,
+                role: role.as_str(),
+                scope_json: &scope_json,
+                created_by: &caller.name,
+                created_at_ms: now,
+                setup_code_sha256: &code_hash,
+                setup_code_expires_at_ms: Some(expires_at_ms),
+            })
+            .await?;
+        if !created {
+            return Err(Status::already_exists(format!(
+                "a user named {} exists (names are not reused; `posfleet user reset {}` gives \
+                 them a new setup code)",
+                req.name, req.name
+            )));
+        }
+        if let Some(audit) = audit {
+            audit.set_target(serde_json::json!({
+                "user": req.name,
+                "user_id": id,
+                "role": role.as_str(),
+                "scope": scope.as_ref().map(|s| s.to_string()).unwrap_or_default(),
+            }));
+        }
+        tracing::info!(user = %req.name, user_id = %id, role = %role, by = %caller.name, "User created.");
+        let user = self
+            .storage
+            .user_by_name(&req.name)
+            .await?
+            .ok_or_else(|| unknown_user(&req.name))?;
+        Ok(Response::new(v1::CreateUserResponse {
+            user: Some(user_view(user)),
+            setup_code: code,
+            setup_code_expires_at_unix_ms: expires_at_ms,
+        }))
     }
 
     async fn list_users(
@@ -1421,39 +1533,99 @@ impl AdminService for AdminApi {
         request: Request<v1::ListUsersRequest>,
     ) -> Result<Response<v1::ListUsersResponse>, Status> {
         self.authorize(&request).await?;
-        Err(Status::unimplemented("users are not built yet"))
+        let include_disabled = request.into_inner().include_disabled;
+        let users = self.storage.list_users(include_disabled).await?;
+        Ok(Response::new(v1::ListUsersResponse {
+            users: users.into_iter().map(user_view).collect(),
+        }))
     }
 
     async fn disable_user(
         &self,
         request: Request<v1::UserRequest>,
     ) -> Result<Response<v1::User>, Status> {
-        self.authorize(&request).await?;
-        Err(Status::unimplemented("users are not built yet"))
+        let caller = self.authorize(&request).await?;
+        let name = request.into_inner().name;
+        user_name("name", &name)?;
+        let user = self
+            .storage
+            .user_by_name(&name)
+            .await?
+            .ok_or_else(|| unknown_user(&name))?;
+        // An admin who disables themselves (or whose own token does) ends
+        // their own access by a slip: another admin does it.
+        if caller.person_id() == user.id {
+            return Err(Status::failed_precondition(format!(
+                "{} cannot disable their own user; another admin must",
+                user.name
+            )));
+        }
+        let user = match self.storage.disable_user(&name, now_ms()).await? {
+            Disabling::Disabled(user) => user,
+            Disabling::Unknown => return Err(unknown_user(&name)),
+            Disabling::LastAdmin => {
+                return Err(Status::failed_precondition(format!(
+                    "{name} is the last enabled admin user; create (or enable) another admin \
+                     first"
+                )));
+            }
+        };
+        tracing::warn!(user = %user.name, by = %caller.name, "User disabled; their sessions ended.");
+        Ok(Response::new(user_view(*user)))
     }
 
     async fn enable_user(
         &self,
         request: Request<v1::UserRequest>,
     ) -> Result<Response<v1::User>, Status> {
-        self.authorize(&request).await?;
-        Err(Status::unimplemented("users are not built yet"))
+        let caller = self.authorize(&request).await?;
+        let name = request.into_inner().name;
+        user_name("name", &name)?;
+        let user = self
+            .storage
+            .enable_user(&name)
+            .await?
+            .ok_or_else(|| unknown_user(&name))?;
+        tracing::info!(user = %user.name, by = %caller.name, "User enabled.");
+        Ok(Response::new(user_view(user)))
     }
 
     async fn reset_user(
         &self,
         request: Request<v1::UserRequest>,
     ) -> Result<Response<v1::CreateUserResponse>, Status> {
-        self.authorize(&request).await?;
-        Err(Status::unimplemented("users are not built yet"))
+        let caller = self.authorize(&request).await?;
+        let name = request.into_inner().name;
+        user_name("name", &name)?;
+        let now = now_ms();
+        let (code, code_hash, expires_at_ms) = new_setup_code(now);
+        let user = self
+            .storage
+            .reset_user(&name, &code_hash, Some(expires_at_ms), now)
+            .await?
+            .ok_or_else(|| unknown_user(&name))?;
+        tracing::warn!(user = %user.name, by = %caller.name, "User reset: password, TOTP and sessions gone; a new setup code issued.");
+        Ok(Response::new(v1::CreateUserResponse {
+            user: Some(user_view(user)),
+            setup_code: code,
+            setup_code_expires_at_unix_ms: expires_at_ms,
+        }))
     }
 
     async fn unlock_user(
         &self,
         request: Request<v1::UserRequest>,
     ) -> Result<Response<v1::User>, Status> {
-        self.authorize(&request).await?;
-        Err(Status::unimplemented("users are not built yet"))
+        let caller = self.authorize(&request).await?;
+        let name = request.into_inner().name;
+        user_name("name", &name)?;
+        let user = self
+            .storage
+            .unlock_user(&name)
+            .await?
+            .ok_or_else(|| unknown_user(&name))?;
+        tracing::info!(user = %user.name, by = %caller.name, "User unlocked.");
+        Ok(Response::new(user_view(user)))
     }
 
     async fn get_certificate_authorities(

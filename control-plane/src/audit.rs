@@ -2,7 +2,11 @@
 //! when, from where, and how it ended.
 //!
 //! [`AuditLayer`] wraps the AdminService server. For every call it
-//! authenticates the bearer token first, from the request's headers alone:
+//! authenticates the bearer token first, from the request's headers alone
+//! ([`authenticate`]): a user's session (`pfs_…`, from
+//! `SessionService.Login`) or an admin API token. A row names the caller
+//! (`actor`), what they called with (`actor_kind`: `user` or `token`), for
+//! a token the user it belongs to (`actor_owner`), and their role:
 //!
 //! * a call without a valid token is answered `UNAUTHENTICATED` by the layer
 //!   itself, before its body is read or decoded, so no stranger can make the
@@ -12,8 +16,10 @@
 //!   [`UNAUTHENTICATED_REFILL`]; the next row written says how many were
 //!   skipped) and only the newest are kept, at most
 //!   [`UNAUTHENTICATED_KEPT`] rows and [`UNAUTHENTICATED_KEPT_BYTES`], so a
-//!   flood cannot fill the disk;
-//! * an expired token is refused the same way, saying when it expired;
+//!   flood cannot fill the disk (failed logins for unknown names share
+//!   that bound: [`AuditLog::insert_bounded`]);
+//! * an expired token or session, an ended session, or the session of a
+//!   disabled user is refused the same way, saying why;
 //! * an authenticated call beyond its caller's role (or, for a caller
 //!   confined to some stores, a method over the whole fleet) is answered
 //!   `PERMISSION_DENIED` by the layer, also before its body is read, and
@@ -62,7 +68,7 @@ use tonic::Status;
 use tonic::codegen::http;
 use tonic::server::NamedService;
 
-use crate::authz::{Principal, Role, Scope};
+use crate::authz::{Credential, Owner, Principal, Role, Scope};
 use crate::metrics::Metrics;
 use crate::storage::{AUDIT_PENDING, NewAuditEntry, Storage, UNAUTHENTICATED_ACTOR};
 use crate::{now_ms, secret};
@@ -96,8 +102,10 @@ pub(crate) fn is_mutating(method: &str) -> bool {
     !(method.starts_with("Get") || method.starts_with("List"))
 }
 
-/// Checks `authorization: Bearer <admin API token>` (live, not expired at
-/// `now_ms`) and returns who holds it. Counts refusals in
+/// Checks `authorization: Bearer <credential>` at `now_ms` and returns who
+/// holds it: a user's session (live, the user enabled; their role and scope
+/// read from their row now, so a change applies at the next call), or an
+/// admin API token (live, not expired). Counts refusals in
 /// `posfleet_admin_auth_failures_total`.
 pub(crate) async fn authenticate(
     storage: &Storage,
@@ -105,52 +113,116 @@ pub(crate) async fn authenticate(
     headers: &http::HeaderMap,
     now_ms: i64,
 ) -> Result<Principal, Status> {
-    let token = headers
-        .get(posfleet_proto::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+    let token = bearer(headers);
     let Some(token) = token else {
         metrics.admin_auth_failures.inc();
         return Err(Status::unauthenticated(
-            "missing admin API token: pass --token or set POSFLEET_TOKEN",
+            "missing admin API token: pass --token or set POSFLEET_TOKEN, or log in with \
+             `posfleet login`",
         ));
     };
-    match storage.admin_token_by_hash(&secret::hash(token)).await {
-        Ok(Some(record)) => {
-            if let Some(expired) = record.expires_at_ms.filter(|at| *at <= now_ms) {
-                metrics.admin_auth_failures.inc();
-                return Err(Status::unauthenticated(format!(
-                    "admin API token {} expired at {}; ask an admin for a new one",
-                    record.name,
-                    crate::format_ms(expired)
-                )));
-            }
-            // Stored by this code from checked values: a row that does
-            // not parse was changed by hand, and is refused.
-            let role = Role::parse(&record.role);
-            let scope = Scope::from_json(&record.scope_json);
-            match (role, scope) {
-                (Some(role), Ok(scope)) => Ok(Principal {
-                    id: record.id,
-                    name: record.name,
-                    role,
-                    scope,
-                }),
-                _ => {
-                    tracing::error!(admin_token_id = %record.id, role = %record.role, "An admin token has an unknown role or a bad scope.");
-                    Err(Status::permission_denied(format!(
-                        "admin API token {} has an unknown role or scope; see the control plane log",
-                        record.name
-                    )))
-                }
-            }
-        }
-        Ok(None) => {
-            metrics.admin_auth_failures.inc();
-            Err(Status::unauthenticated("admin API token is not valid"))
-        }
-        Err(e) => Err(e.into()),
+    let principal = if token.starts_with(secret::SESSION_TOKEN_PREFIX) {
+        session_principal(storage, token, now_ms).await
+    } else {
+        token_principal(storage, token, now_ms).await
+    };
+    if matches!(&principal, Err(status) if status.code() == tonic::Code::Unauthenticated) {
+        metrics.admin_auth_failures.inc();
     }
+    principal
+}
+
+/// The token of `authorization: Bearer <token>`.
+pub(crate) fn bearer(headers: &http::HeaderMap) -> Option<&str> {
+    headers
+        .get(posfleet_proto::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+}
+
+/// A stored role and scope, checked: stored by this code from checked
+/// values, so a row that does not parse was changed by hand, and is
+/// refused.
+fn role_and_scope(
+    role: &str,
+    scope_json: &str,
+    what: &str,
+) -> Result<(Role, Option<Scope>), Status> {
+    match (Role::parse(role), Scope::from_json(scope_json)) {
+        (Some(role), Ok(scope)) => Ok((role, scope)),
+        _ => {
+            tracing::error!(caller = %what, role = %role, "A caller has an unknown role or a bad scope.");
+            Err(Status::permission_denied(format!(
+                "{what} has an unknown role or scope; see the control plane log"
+            )))
+        }
+    }
+}
+
+async fn token_principal(storage: &Storage, token: &str, now_ms: i64) -> Result<Principal, Status> {
+    let Some(record) = storage.admin_token_by_hash(&secret::hash(token)).await? else {
+        return Err(Status::unauthenticated("admin API token is not valid"));
+    };
+    if let Some(expired) = record.expires_at_ms.filter(|at| *at <= now_ms) {
+        return Err(Status::unauthenticated(format!(
+            "admin API token {} expired at {}; ask an admin for a new one",
+            record.name,
+            crate::format_ms(expired)
+        )));
+    }
+    let what = format!("admin API token {}", record.name);
+    let (role, scope) = role_and_scope(&record.role, &record.scope_json, &what)?;
+    let owner = (!record.owner_id.is_empty()).then_some(Owner {
+        id: record.owner_id,
+        name: record.owner,
+    });
+    Ok(Principal {
+        id: record.id,
+        name: record.name,
+        role,
+        scope,
+        credential: Credential::Token { owner },
+    })
+}
+
+async fn session_principal(
+    storage: &Storage,
+    token: &str,
+    now_ms: i64,
+) -> Result<Principal, Status> {
+    let Some(session) = storage.session_by_hash(&secret::hash(token)).await? else {
+        return Err(Status::unauthenticated(
+            "session is not valid; run `posfleet login`",
+        ));
+    };
+    if session.revoked_at_ms.is_some() {
+        return Err(Status::unauthenticated(
+            "session ended (logged out or revoked); run `posfleet login`",
+        ));
+    }
+    if session.expires_at_ms <= now_ms {
+        return Err(Status::unauthenticated(format!(
+            "session expired at {}; run `posfleet login`",
+            crate::format_ms(session.expires_at_ms)
+        )));
+    }
+    let user = session.user;
+    if let Some(at) = user.disabled_at_ms {
+        return Err(Status::unauthenticated(format!(
+            "user {} was disabled at {}; ask an admin",
+            user.name,
+            crate::format_ms(at)
+        )));
+    }
+    let what = format!("user {}", user.name);
+    let (role, scope) = role_and_scope(&user.role, &user.scope_json, &what)?;
+    Ok(Principal {
+        id: user.id,
+        name: user.name,
+        role,
+        scope,
+        credential: Credential::Session,
+    })
 }
 
 /// What an audit entry says a call was about: the main ids and arguments of
@@ -233,9 +305,10 @@ pub(crate) fn bounded_target(value: Value) -> Value {
     }
 }
 
-/// The audit log's writer side, shared by every call.
+/// The audit log's writer side, shared by every call (the admin calls'
+/// layer and the session service).
 #[derive(Clone)]
-struct AuditLog {
+pub(crate) struct AuditLog {
     storage: Storage,
     metrics: Metrics,
     limiter: Arc<Mutex<Limiter>>,
@@ -278,12 +351,59 @@ impl Limiter {
 }
 
 impl AuditLog {
+    pub fn new(storage: Storage, metrics: Metrics) -> AuditLog {
+        AuditLog {
+            storage,
+            metrics,
+            limiter: Arc::new(Mutex::new(Limiter::new())),
+        }
+    }
+
+    /// Writes a row anyone can cause (its `bounded` is set): within the
+    /// rate limit (the next row written says how many were skipped), and
+    /// pruning the oldest of such rows now and then.
+    pub async fn insert_bounded(&self, mut entry: NewAuditEntry) {
+        entry.bounded = true;
+        let (admitted, prune) = {
+            let mut limiter = self.limiter.lock().unwrap_or_else(|e| e.into_inner());
+            let admitted = limiter.admit(Instant::now());
+            let prune = admitted.is_some() && limiter.written.is_multiple_of(PRUNE_EVERY);
+            (admitted, prune)
+        };
+        match admitted {
+            None => {
+                self.metrics.audit_suppressed.inc();
+                return;
+            }
+            Some(0) => {}
+            Some(skipped) => {
+                let mut value: Value =
+                    serde_json::from_str(&entry.target_json).unwrap_or_else(|_| json!({}));
+                if let Some(object) = value.as_object_mut() {
+                    object.insert("suppressed_before".into(), json!(skipped));
+                }
+                entry.target_json = value.to_string();
+            }
+        }
+        self.insert(entry).await;
+        if prune
+            && let Err(error) = self
+                .storage
+                .prune_bounded_audit_entries(UNAUTHENTICATED_KEPT, UNAUTHENTICATED_KEPT_BYTES)
+                .await
+        {
+            tracing::warn!(%error, "Cannot prune bounded audit entries.");
+        }
+    }
+
     fn write_failed(&self, error: &crate::error::Error, what: &str, method: &str) {
         self.metrics.audit_write_failures.inc();
         tracing::error!(%error, method, "Cannot {what} an audit entry.");
     }
 
-    async fn insert(&self, entry: NewAuditEntry) -> Option<u64> {
+    /// Writes a row; its seq, or `None` if the write failed (logged and
+    /// counted).
+    pub async fn insert(&self, entry: NewAuditEntry) -> Option<u64> {
         match self.storage.insert_audit_entry(&entry).await {
             Ok(seq) => Some(seq),
             Err(error) => {
@@ -313,6 +433,10 @@ struct CallRecord {
     actor: String,
     /// The caller's role; empty when unauthenticated.
     role: String,
+    /// `user`, `token` or empty (unauthenticated).
+    actor_kind: &'static str,
+    /// For a token: the user it belongs to.
+    actor_owner: String,
     state: Mutex<CallState>,
 }
 
@@ -338,16 +462,7 @@ impl CallRecord {
     }
 
     async fn write_ahead(&self) -> Result<(), Status> {
-        let target = Self::target_json(self.state().target.as_ref());
-        let entry = NewAuditEntry {
-            at_ms: self.at_ms,
-            actor: self.actor.clone(),
-            method: self.method.clone(),
-            target_json: target,
-            peer_address: self.peer_address.clone(),
-            result: AUDIT_PENDING.to_string(),
-            role: self.role.clone(),
-        };
+        let entry = self.entry(AUDIT_PENDING);
         match self.log.insert(entry).await {
             Some(seq) => {
                 let mut state = self.state();
@@ -390,54 +505,30 @@ impl CallRecord {
                 }
             }
             None => {
-                let mut target_json = target.unwrap_or_else(|| "{}".to_string());
-                let unauthenticated = self.actor == UNAUTHENTICATED_ACTOR;
-                let mut prune = false;
-                if unauthenticated {
-                    let admitted = {
-                        let mut limiter = log.limiter.lock().unwrap_or_else(|e| e.into_inner());
-                        let admitted = limiter.admit(Instant::now());
-                        prune = admitted.is_some() && limiter.written.is_multiple_of(PRUNE_EVERY);
-                        admitted
-                    };
-                    match admitted {
-                        None => {
-                            log.metrics.audit_suppressed.inc();
-                            return;
-                        }
-                        Some(0) => {}
-                        Some(skipped) => {
-                            let mut value: Value =
-                                serde_json::from_str(&target_json).unwrap_or_else(|_| json!({}));
-                            if let Some(object) = value.as_object_mut() {
-                                object.insert("suppressed_before".into(), json!(skipped));
-                            }
-                            target_json = value.to_string();
-                        }
-                    }
-                }
-                let entry = NewAuditEntry {
-                    at_ms: self.at_ms,
-                    actor: self.actor.clone(),
-                    method: self.method.clone(),
-                    target_json,
-                    peer_address: self.peer_address.clone(),
-                    result: result.to_string(),
-                    role: self.role.clone(),
-                };
-                log.insert(entry).await;
-                if prune
-                    && let Err(error) = log
-                        .storage
-                        .prune_unauthenticated_audit_entries(
-                            UNAUTHENTICATED_KEPT,
-                            UNAUTHENTICATED_KEPT_BYTES,
-                        )
-                        .await
-                {
-                    tracing::warn!(%error, "Cannot prune unauthenticated audit entries.");
+                let mut entry = self.entry(result);
+                entry.target_json = target.unwrap_or_else(|| "{}".to_string());
+                if self.actor == UNAUTHENTICATED_ACTOR {
+                    log.insert_bounded(entry).await;
+                } else {
+                    log.insert(entry).await;
                 }
             }
+        }
+    }
+
+    /// The row, with `result` and the target as set now.
+    fn entry(&self, result: &str) -> NewAuditEntry {
+        NewAuditEntry {
+            at_ms: self.at_ms,
+            actor: self.actor.clone(),
+            method: self.method.clone(),
+            target_json: Self::target_json(self.state().target.as_ref()),
+            peer_address: self.peer_address.clone(),
+            result: result.to_string(),
+            role: self.role.clone(),
+            actor_kind: self.actor_kind.to_string(),
+            actor_owner: self.actor_owner.clone(),
+            bounded: false,
         }
     }
 }
@@ -473,7 +564,8 @@ pub(crate) fn entry_view(e: crate::storage::AuditRecord) -> v1::AuditEntry {
         peer_address: e.peer_address,
         result: e.result,
         role: e.role,
-        ..Default::default()
+        actor_kind: e.actor_kind,
+        actor_owner: e.actor_owner,
     }
 }
 
@@ -529,14 +621,8 @@ pub(crate) struct AuditLayer {
 }
 
 impl AuditLayer {
-    pub fn new(storage: Storage, metrics: Metrics) -> AuditLayer {
-        AuditLayer {
-            log: AuditLog {
-                storage,
-                metrics,
-                limiter: Arc::new(Mutex::new(Limiter::new())),
-            },
-        }
+    pub fn new(log: AuditLog) -> AuditLayer {
+        AuditLayer { log }
     }
 }
 
@@ -596,14 +682,21 @@ where
             let peer_address = crate::tls::remote_address(request.extensions())
                 .map(|a| a.to_string())
                 .unwrap_or_default();
-            let record = |actor: String, role: String| {
+            let record = |caller: Option<&Principal>| {
                 Arc::new(CallRecord {
                     log: log.clone(),
                     at_ms,
                     method: method.clone(),
                     peer_address: peer_address.clone(),
-                    actor,
-                    role,
+                    actor: caller.map_or(UNAUTHENTICATED_ACTOR.to_string(), |c| c.name.clone()),
+                    role: caller
+                        .map(|c| c.role.as_str().to_string())
+                        .unwrap_or_default(),
+                    actor_kind: caller.map_or("", |c| c.kind()),
+                    actor_owner: caller
+                        .and_then(|c| c.owner())
+                        .map(|owner| owner.name.clone())
+                        .unwrap_or_default(),
                     state: Mutex::new(CallState::default()),
                 })
             };
@@ -613,24 +706,21 @@ where
                     // Answered here: the body is never read, and the row
                     // names only the method and the peer.
                     if is_mutating(&method) {
-                        record(UNAUTHENTICATED_ACTOR.to_string(), String::new())
-                            .finish(code_name(status.code()))
-                            .await;
+                        record(None).finish(code_name(status.code())).await;
                     }
                     return Ok(status.into_http());
                 }
             };
-            let role = identity.role.as_str().to_string();
             if let Err(why) = identity.may_call(&method) {
                 // Also before the body is read; recorded whatever the
                 // method, as the caller is known.
                 log.metrics.admin_permission_denied.inc();
-                record(identity.name.clone(), role)
+                record(Some(&identity))
                     .finish(code_name(tonic::Code::PermissionDenied))
                     .await;
                 return Ok(Status::permission_denied(why).into_http());
             }
-            let record = is_mutating(&method).then(|| record(identity.name.clone(), role));
+            let record = is_mutating(&method).then(|| record(Some(&identity)));
             request.extensions_mut().insert(Caller {
                 identity,
                 record: record.clone(),

@@ -276,35 +276,90 @@ impl fmt::Display for Scope {
     }
 }
 
-/// Who makes a call: today an admin API token; the same for every kind of
-/// credential the audit layer authenticates.
+/// The user an admin API token belongs to: the person whose session (or
+/// whose own token) created it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub id: String,
+    pub name: String,
+}
+
+/// What a caller authenticated with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// A user's session (from `SessionService.Login`).
+    Session,
+    /// An admin API token, and the user it belongs to, if any (tokens made
+    /// before users existed belong to nobody).
+    Token { owner: Option<Owner> },
+}
+
+/// Who makes a call: a user (through a session) or an admin API token, as
+/// the audit layer authenticated it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
-    /// The token's id.
+    /// The user's id (`usr-…`) or the token's (`adm-…`).
     pub id: String,
     /// The name the audit log records.
     pub name: String,
     pub role: Role,
     pub scope: Option<Scope>,
+    pub credential: Credential,
 }
 
 impl Principal {
+    /// `user` or `token`, as the audit log's `actor_kind` says.
+    pub fn kind(&self) -> &'static str {
+        match self.credential {
+            Credential::Session => "user",
+            Credential::Token { .. } => "token",
+        }
+    }
+
+    /// The user a token belongs to; `None` for a user, or a token of
+    /// nobody's.
+    pub fn owner(&self) -> Option<&Owner> {
+        match &self.credential {
+            Credential::Session => None,
+            Credential::Token { owner } => owner.as_ref(),
+        }
+    }
+
+    /// The person behind the call, for rules about people (four-eyes
+    /// approval): the user, the user a token belongs to, or, for a token
+    /// of nobody's, the token itself. User and token ids never collide.
+    pub fn person_id(&self) -> &str {
+        self.owner().map_or(&self.id, |owner| &owner.id)
+    }
+
+    /// The person behind the call as the user a new token belongs to:
+    /// `None` for a token of nobody's.
+    pub fn person(&self) -> Option<Owner> {
+        match &self.credential {
+            Credential::Session => Some(Owner {
+                id: self.id.clone(),
+                name: self.name.clone(),
+            }),
+            Credential::Token { owner } => owner.clone(),
+        }
+    }
+
     /// Whether this principal may call `method`; the refusal says why, for
     /// the operator.
     pub fn may_call(&self, method: &str) -> Result<(), String> {
         let Some(rule) = rule_of(method) else {
             return Err(format!("{method} is not an AdminService method"));
         };
+        let who = format!("{} {}", self.kind(), self.name);
         if !self.role.grants(rule.needs) {
             return Err(format!(
-                "token {} has role {}; {method} needs {}",
-                self.name, self.role, rule.needs
+                "{who} has role {}; {method} needs {}",
+                self.role, rule.needs
             ));
         }
         if let (Some(scope), Scoping::Refused) = (&self.scope, rule.scoping) {
             return Err(format!(
-                "token {} is scoped to stores with {scope}; {method} covers the whole fleet",
-                self.name
+                "{who} is scoped to stores with {scope}; {method} covers the whole fleet"
             ));
         }
         Ok(())
@@ -354,6 +409,7 @@ mod tests {
                 let (k, v) = s.split_once('=').unwrap();
                 Scope::new(BTreeMap::from([(k.to_string(), v.to_string())]))
             }),
+            credential: Credential::Token { owner: None },
         }
     }
 
@@ -460,6 +516,31 @@ mod tests {
             "token ci-release is scoped to stores with region=eu; ListAuditEntries covers the whole fleet"
         );
         assert!(scoped_admin.may_call("ListDevices").is_ok());
+    }
+
+    #[test]
+    fn a_token_stands_for_the_person_who_owns_it() {
+        let mut alice = principal(Role::Deployer, None);
+        alice.id = "usr-a1".into();
+        alice.name = "alice".into();
+        alice.credential = Credential::Session;
+        assert_eq!(alice.kind(), "user");
+        assert_eq!(alice.person_id(), "usr-a1");
+        assert_eq!(
+            alice.may_call("ListAuditEntries").unwrap_err(),
+            "user alice has role deployer; ListAuditEntries needs admin"
+        );
+        let mut token = principal(Role::Deployer, None);
+        token.credential = Credential::Token {
+            owner: alice.person(),
+        };
+        assert_eq!(token.kind(), "token");
+        assert_eq!(token.person_id(), "usr-a1");
+        assert_eq!(token.person(), alice.person());
+        // A token of nobody's is a person of its own.
+        let unowned = principal(Role::Deployer, None);
+        assert_eq!(unowned.person_id(), "adm-1");
+        assert_eq!(unowned.person(), None);
     }
 
     #[test]

@@ -14,7 +14,8 @@ pub use posfleet_runtime::{ConfigError, LogFormat};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Holds the SQLite database (by default) and the first admin token.
+    /// Holds the SQLite database (by default) and the first admin's setup
+    /// code.
     pub data_dir: PathBuf,
     /// `sqlite://…` or `postgres://…`; empty means SQLite in `data_dir`.
     pub database_url: String,
@@ -112,6 +113,18 @@ pub struct Config {
     /// sealed with it, for every replica to sign with. Unset: they are files
     /// in `data_dir/repository-keys`.
     pub repository_key_encryption_key_path: Option<PathBuf>,
+    /// How long a user's session (from `posfleet login`) lasts; a login may
+    /// ask for less.
+    pub session_lifetime_seconds: u64,
+    /// Failed logins in a row (wrong password or code) that lock a user
+    /// out for `login_lockout_seconds`; an admin lifts it with `posfleet
+    /// user unlock`.
+    pub login_max_failures: u32,
+    pub login_lockout_seconds: u64,
+    /// `SessionService` calls (logins, setups, logouts) one source address
+    /// may make per minute, that many at once at most; over it,
+    /// `RESOURCE_EXHAUSTED`. 0 turns the limit off. Per replica.
+    pub login_rate_per_minute: u32,
 }
 
 impl Default for Config {
@@ -155,6 +168,10 @@ impl Default for Config {
             log_request_max_bytes: 8 * 1024 * 1024,
             approval_threshold_devices: 100,
             repository_key_encryption_key_path: None,
+            session_lifetime_seconds: 12 * 3600,
+            login_max_failures: 5,
+            login_lockout_seconds: 900,
+            login_rate_per_minute: 10,
         }
     }
 }
@@ -288,6 +305,18 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub repository_key_encryption_key_path: Option<PathBuf>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_lifetime_seconds: Option<u64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub login_max_failures: Option<u32>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub login_lockout_seconds: Option<u64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub login_rate_per_minute: Option<u32>,
 }
 
 impl Config {
@@ -525,6 +554,26 @@ impl Config {
                 1..=10_000_000,
             ),
             (
+                "session_lifetime_seconds",
+                self.session_lifetime_seconds,
+                1..=30 * 86_400,
+            ),
+            (
+                "login_max_failures",
+                self.login_max_failures.into(),
+                1..=1000,
+            ),
+            (
+                "login_lockout_seconds",
+                self.login_lockout_seconds,
+                1..=30 * 86_400,
+            ),
+            (
+                "login_rate_per_minute",
+                self.login_rate_per_minute.into(),
+                0..=1_000_000,
+            ),
+            (
                 "device_cert_validity_days",
                 self.device_cert_validity_days.into(),
                 1..=397,
@@ -596,6 +645,12 @@ mod tests {
     fn defaults_are_valid() {
         let config = Config::load(&args(&[])).unwrap();
         assert_eq!(config.heartbeat_interval_seconds, 30);
+        assert_eq!(config.session_lifetime_seconds, 43_200);
+        assert_eq!(
+            (config.login_max_failures, config.login_lockout_seconds),
+            (5, 900)
+        );
+        assert_eq!(config.login_rate_per_minute, 10);
         assert!(config.effective_database_url().starts_with("sqlite://"));
     }
 
@@ -625,6 +680,12 @@ mod tests {
             &["--approval-threshold-devices", "0"],
             "approval_threshold_devices",
         );
+        check_err(
+            &["--session-lifetime-seconds", "0"],
+            "session_lifetime_seconds",
+        );
+        check_err(&["--login-max-failures", "0"], "login_max_failures");
+        check_err(&["--login-lockout-seconds", "0"], "login_lockout_seconds");
     }
 
     #[test]

@@ -29,8 +29,8 @@ pub enum Error {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot write the admin token file {path}: {source}")]
-    AdminTokenFile {
+    #[error("cannot write the first admin's setup code file {path}: {source}")]
+    AdminSetupCodeFile {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
@@ -52,6 +52,8 @@ pub enum Error {
     Repository(String),
     #[error(transparent)]
     OnlineKeys(#[from] crate::online_keys::KeyError),
+    #[error("password hashing failed: {0}")]
+    Password(String),
     #[error("TLS: {0}")]
     Tls(#[from] posfleet_pki::Error),
 }

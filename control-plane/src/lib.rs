@@ -1,5 +1,6 @@
 //! The posfleet control plane: holds the fleet (stores, enrollment tokens,
-//! devices), serves `AgentService` and `AdminService` over gRPC and
+//! devices), serves `AgentService`, `AdminService` and `SessionService`
+//! (operators' logins) over gRPC and
 //! `/healthz`, `/readyz`, `/metrics` over HTTP.
 //!
 //! Servers take already-bound listeners and a shutdown future, so tests bind
@@ -31,10 +32,12 @@ mod log_requests;
 mod metadata_cache;
 mod metrics;
 pub mod online_keys;
+mod password;
 mod ratelimit;
 pub mod repository;
 pub mod rollout;
 mod secret;
+mod session_api;
 pub mod storage;
 mod timeout;
 pub mod tls;
@@ -43,6 +46,7 @@ mod webhooks;
 
 use posfleet_proto::v1::admin_service_server::AdminServiceServer;
 use posfleet_proto::v1::agent_service_server::AgentServiceServer;
+use posfleet_proto::v1::session_service_server::SessionServiceServer;
 use std::future::Future;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -57,8 +61,11 @@ use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::storage::Storage;
 
-/// Name of the file, in the data dir, that receives the first admin token.
-pub const ADMIN_TOKEN_FILE: &str = "admin-token";
+/// Name of the file, in the data dir, that receives the first admin's
+/// one-time setup code.
+pub const ADMIN_SETUP_CODE_FILE: &str = "admin-setup-code";
+/// The first admin's user name.
+pub const FIRST_ADMIN: &str = "admin";
 /// Largest AdminService message (bundle upload pieces, metadata files).
 const ADMIN_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 /// Heartbeats that may wait in memory for the database writer.
@@ -125,8 +132,10 @@ impl ControlPlane {
     /// Creates the data dir (mode 0700, also when it existed with another
     /// mode), opens (and migrates) the database (a SQLite file and its WAL
     /// are mode 0600, whatever the umask), and on the very first start
-    /// creates an admin API token, written once to `<data_dir>/admin-token`
-    /// (mode 0600).
+    /// (no user yet) creates the first admin, user `admin`, whose one-time
+    /// setup code is written once to `<data_dir>/admin-setup-code` (mode
+    /// 0600): their first `posfleet login` with it sets their password and
+    /// TOTP authenticator.
     pub async fn open(config: Config) -> Result<ControlPlane, Error> {
         // One crypto provider for every TLS the process makes (the
         // listeners, webhooks), whatever the dependency graph enables.
@@ -180,7 +189,7 @@ impl ControlPlane {
             repository: Arc::new(repository),
             tls,
         };
-        control_plane.bootstrap_admin_token().await?;
+        control_plane.bootstrap_admin_user().await?;
         Ok(control_plane)
     }
 
@@ -188,19 +197,19 @@ impl ControlPlane {
         &self.storage
     }
 
-    /// Where the first admin token is written.
-    pub fn admin_token_path(&self) -> PathBuf {
-        self.config.data_dir.join(ADMIN_TOKEN_FILE)
+    /// Where the first admin's setup code is written.
+    pub fn admin_setup_code_path(&self) -> PathBuf {
+        self.config.data_dir.join(ADMIN_SETUP_CODE_FILE)
     }
 
-    async fn bootstrap_admin_token(&self) -> Result<(), Error> {
-        if self.storage.admin_token_count(now_ms()).await? > 0 {
+    async fn bootstrap_admin_user(&self) -> Result<(), Error> {
+        if self.storage.user_count().await? > 0 {
             return Ok(());
         }
-        let token = secret::generate(secret::ADMIN_TOKEN_PREFIX);
-        let path = self.admin_token_path();
-        // The file is written before the hash is stored: if either step fails
-        // the next start tries again, and nobody is ever locked out.
+        let code = secret::grouped_code(8);
+        let path = self.admin_setup_code_path();
+        // The file is written before the user is stored: if either step
+        // fails the next start tries again, and nobody is ever locked out.
         let write = || -> std::io::Result<()> {
             let mut file = std::fs::OpenOptions::new()
                 .write(true)
@@ -209,24 +218,39 @@ impl ControlPlane {
                 .mode(0o600)
                 .open(&path)?;
             file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-            file.write_all(format!("{token}\n").as_bytes())?;
+            file.write_all(format!("{code}\n").as_bytes())?;
             file.sync_all()
         };
-        write().map_err(|source| Error::AdminTokenFile {
+        write().map_err(|source| Error::AdminSetupCodeFile {
             path: path.clone(),
             source,
         })?;
-        self.storage
-            .insert_admin_token(
-                &secret::short_id("adm-", 6),
-                &secret::hash(&token),
-                "bootstrap",
-                now_ms(),
-            )
+        // The code does not expire: it is readable only by whoever runs
+        // the control plane.
+        let created = self
+            .storage
+            .create_user(&storage::NewUser {
+                id: &secret::short_id("usr-", 6),
+                name: FIRST_ADMIN,
+                role: authz::Role::Admin.as_str(),
+                scope_json: "",
+                created_by: "setup",
+                created_at_ms: now_ms(),
+                setup_code_sha256: &secret::hash(&code),
+                setup_code_expires_at_ms: None,
+            })
             .await?;
+        if !created {
+            // Another replica on the same database made the first admin
+            // first: this code was never stored.
+            let _ = std::fs::remove_file(&path);
+            return Ok(());
+        }
         tracing::info!(
+            user = FIRST_ADMIN,
             path = %path.display(),
-            "Created the first admin API token; it is in this file, readable only by its owner."
+            "Created the first admin; their one-time setup code is in this file, readable only \
+             by its owner: run `posfleet login --user admin` and give it as the password."
         );
         Ok(())
     }
@@ -326,14 +350,23 @@ impl ControlPlane {
         // targets metadata files.
         .max_decoding_message_size(max_message.max(ADMIN_MAX_MESSAGE_BYTES));
         // Authenticates every admin call and records the mutating ones.
-        let admin = tower::Layer::layer(
-            &audit::AuditLayer::new(storage.clone(), metrics.clone()),
-            admin,
-        );
+        let audit_log = audit::AuditLog::new(storage.clone(), metrics.clone());
+        let admin = tower::Layer::layer(&audit::AuditLayer::new(audit_log.clone()), admin);
+        // Logins: no bearer token, small messages.
+        let sessions = SessionServiceServer::new(session_api::SessionApi::new(
+            storage.clone(),
+            metrics.clone(),
+            audit_log,
+            session_api::SessionSettings::from_config(&config),
+        ))
+        .max_decoding_message_size(session_api::MAX_MESSAGE_BYTES);
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter.set_serving::<agent_api::Server>().await;
         health_reporter
             .set_serving::<AdminServiceServer<admin_api::AdminApi>>()
+            .await;
+        health_reporter
+            .set_serving::<SessionServiceServer<session_api::SessionApi>>()
             .await;
         let reflection = || {
             tonic_reflection::server::Builder::configure()
@@ -356,6 +389,9 @@ impl ControlPlane {
             health_reporter.set_not_serving::<agent_api::Server>().await;
             health_reporter
                 .set_not_serving::<AdminServiceServer<admin_api::AdminApi>>()
+                .await;
+            health_reporter
+                .set_not_serving::<SessionServiceServer<session_api::SessionApi>>()
                 .await;
         });
         let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -394,6 +430,7 @@ impl ControlPlane {
             .add_service(reflection_v1alpha)
             .add_service(agent)
             .add_service(admin)
+            .add_service(sessions)
             .serve_with_incoming_shutdown(grpc.into_stream(), stopped(stop_rx.clone()));
         // Re-sign snapshot and timestamp before they expire.
         let refresher = repository.clone();

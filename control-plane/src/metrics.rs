@@ -90,6 +90,8 @@ pub struct Metrics {
     pub target_bytes_sent: prometheus::IntCounter,
     /// Enrollments by result (`ENROLLMENT_RESULTS`).
     pub enrollments: IntCounterVec,
+    /// Login attempts by result (`crate::session_api::LOGIN_RESULTS`).
+    pub logins: IntCounterVec,
     /// Admin calls refused for a missing or unknown API token.
     pub admin_auth_failures: prometheus::IntCounter,
     /// Admin calls refused because they are beyond the caller's role or
@@ -181,6 +183,14 @@ impl Metrics {
             Opts::new(
                 "posfleet_enrollments_total",
                 "Enrollment attempts, by result.",
+            ),
+            &["result"],
+        )
+        .expect("static metric definition is valid");
+        let logins = IntCounterVec::new(
+            Opts::new(
+                "posfleet_logins_total",
+                "SessionService calls (logins, setups, logouts), by result.",
             ),
             &["result"],
         )
@@ -332,6 +342,7 @@ impl Metrics {
             Box::new(bundle_bytes.clone()),
             Box::new(target_bytes_sent.clone()),
             Box::new(enrollments.clone()),
+            Box::new(logins.clone()),
             Box::new(admin_auth_failures.clone()),
             Box::new(admin_permission_denied.clone()),
             Box::new(heartbeat_queue_depth.clone()),
@@ -388,6 +399,9 @@ impl Metrics {
         for result in ENROLLMENT_RESULTS {
             enrollments.with_label_values(&[result]);
         }
+        for result in crate::session_api::LOGIN_RESULTS {
+            logins.with_label_values(&[result]);
+        }
         for route in HTTP_ROUTES {
             http_requests.with_label_values(&[route, "200"]);
             http_duration.with_label_values(&[route]);
@@ -409,6 +423,7 @@ impl Metrics {
             bundle_bytes,
             target_bytes_sent,
             enrollments,
+            logins,
             admin_auth_failures,
             admin_permission_denied,
             heartbeat_queue_depth,

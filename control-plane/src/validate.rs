@@ -11,22 +11,54 @@ pub fn invalid(field: &str, message: impl std::fmt::Display) -> Status {
 
 /// Lowercase letters, digits and '-', starting with a letter or digit.
 pub fn slug(field: &str, value: &str, max_len: usize) -> Result<(), Status> {
+    name_of(
+        field,
+        value,
+        max_len,
+        &['-'],
+        "lowercase letters, digits or '-'",
+    )
+}
+
+/// 1 to `max_len` lowercase ASCII letters, digits and `extra` characters
+/// (`allowed` says which, for the message), starting with a letter or
+/// digit.
+fn name_of(
+    field: &str,
+    value: &str,
+    max_len: usize,
+    extra: &[char],
+    allowed: &str,
+) -> Result<(), Status> {
+    let plain = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
     let ok = !value.is_empty()
         && value.len() <= max_len
-        && value.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && value
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        && value.starts_with(plain)
+        && value.chars().all(|c| plain(c) || extra.contains(&c));
     if ok {
         Ok(())
     } else {
         Err(invalid(
             field,
-            format!(
-                "`{value}` must be 1 to {max_len} lowercase letters, digits or '-', starting with a letter or digit"
-            ),
+            format!("`{value}` must be 1 to {max_len} {allowed}, starting with a letter or digit"),
         ))
     }
+}
+
+/// Longest user name.
+pub const MAX_USER_NAME_BYTES: usize = 64;
+
+/// A user name: lowercase letters, digits, '-', '_' and '.', starting with
+/// a letter or digit (what a token name may be, plus '_' and '.', so
+/// `first.last` works).
+pub fn user_name(field: &str, value: &str) -> Result<(), Status> {
+    name_of(
+        field,
+        value,
+        MAX_USER_NAME_BYTES,
+        &['-', '_', '.'],
+        "lowercase letters, digits, '-', '_' or '.'",
+    )
 }
 
 /// Printable text without control characters, within a length limit.
@@ -205,6 +237,21 @@ mod tests {
             assert_eq!(slug("id", value, 64).is_ok(), *ok, "{value}");
         }
         assert!(slug("id", &"a".repeat(65), 64).is_err());
+        for (value, ok) in [
+            ("alice", true),
+            ("jean.dupont", true),
+            ("ops_1", true),
+            ("b-2", true),
+            ("Alice", false),
+            (".alice", false),
+            ("_x", false),
+            ("a b", false),
+            ("a@b", false),
+            ("", false),
+        ] {
+            assert_eq!(user_name("name", value).is_ok(), ok, "{value}");
+        }
+        assert!(user_name("name", &"a".repeat(65)).is_err());
         assert!(time_zone("tz", "Europe/Paris").is_ok());
         assert!(time_zone("tz", "Mars/Olympus").is_err());
         assert!(label_key("k", "ring/canary").is_ok());

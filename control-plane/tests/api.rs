@@ -689,7 +689,7 @@ async fn the_fleet_survives_a_restart(backend: Backend) {
     let server = TestServer::start(config).await;
     assert_eq!(
         server.admin_token, admin_token,
-        "the first admin token is kept"
+        "the first admin's session is kept"
     );
     let mut admin = server.admin().await;
     let device = admin.device(&enrolled.device_id).await.unwrap();

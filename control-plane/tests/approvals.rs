@@ -93,10 +93,8 @@ fn running(rollout: &v1::Rollout) -> bool {
 
 async fn a_big_rollout_starts_once_another_deployer_approved_it(backend: Backend) {
     let (s, mut admin) = fleet(backend, &[("s1", 4)]).await;
-    let mut alice = admin
-        .with_new_token(token_request("alice", "deployer"))
-        .await;
-    let mut bob = admin.with_new_token(token_request("bob", "deployer")).await;
+    let (mut alice, _) = admin.with_new_user("alice", "deployer", &[]).await;
+    let (mut bob, _) = admin.with_new_user("bob", "deployer", &[]).await;
     let mut viewer = admin
         .with_new_token(token_request("help-desk", "viewer"))
         .await;
@@ -124,7 +122,7 @@ async fn a_big_rollout_starts_once_another_deployer_approved_it(backend: Backend
     assert_status(
         approve(&mut alice, &created.id).await,
         Code::PermissionDenied,
-        &format!("token alice created rollout {}", created.id),
+        &format!("user alice created rollout {}", created.id),
     );
     for refused in [&mut viewer, &mut ci] {
         assert_status(
@@ -177,7 +175,7 @@ async fn a_big_rollout_starts_once_another_deployer_approved_it(backend: Backend
             ("help-desk", "PERMISSION_DENIED"),
             ("ci-release", "PERMISSION_DENIED"),
             ("bob", "OK"),
-            ("bootstrap", "FAILED_PRECONDITION"),
+            ("admin", "FAILED_PRECONDITION"),
             ("bob", "FAILED_PRECONDITION"),
         ]
     );
@@ -186,9 +184,7 @@ async fn a_big_rollout_starts_once_another_deployer_approved_it(backend: Backend
 
 async fn a_small_rollout_needs_no_approval_and_an_emergency_one_does(backend: Backend) {
     let (s, mut admin) = fleet(backend, &[("s1", 1), ("s2", 1)]).await;
-    let mut alice = admin
-        .with_new_token(token_request("alice", "deployer"))
-        .await;
+    let (mut alice, _) = admin.with_new_user("alice", "deployer", &[]).await;
 
     let small = create(&mut alice, rollout(&["s1"], false)).await;
     assert!(!small.approval_required);
@@ -211,7 +207,7 @@ async fn a_small_rollout_needs_no_approval_and_an_emergency_one_does(backend: Ba
             .await
             .unwrap()
             .approved_by,
-        "bootstrap"
+        "admin"
     );
     assert!(running(&start(&mut alice, &emergency.id).await.unwrap()));
     s.finish().await;
@@ -219,9 +215,7 @@ async fn a_small_rollout_needs_no_approval_and_an_emergency_one_does(backend: Ba
 
 async fn a_selection_grown_past_the_threshold_after_creation_needs_approval(backend: Backend) {
     let (s, mut admin) = fleet(backend, &[("s1", 3)]).await;
-    let mut alice = admin
-        .with_new_token(token_request("alice", "deployer"))
-        .await;
+    let (mut alice, _) = admin.with_new_user("alice", "deployer", &[]).await;
     let created = create(&mut alice, rollout(&[], false)).await;
     assert!(!created.approval_required);
     assert_eq!(created.selected_devices, 3);
@@ -240,7 +234,43 @@ async fn a_selection_grown_past_the_threshold_after_creation_needs_approval(back
     s.finish().await;
 }
 
+/// Four eyes are two people: a user and a token of theirs are one. The
+/// rollout a user's session creates is not approved by their token, nor
+/// the other way round; another person approves either.
+async fn a_user_and_their_own_token_are_one_person(backend: Backend) {
+    let (s, mut admin) = fleet(backend, &[("s1", 4), ("s2", 4)]).await;
+    let (mut maria, _) = admin.with_new_user("maria", "admin", &[]).await;
+    let mut maria_bot = maria
+        .with_new_token(token_request("maria-bot", "deployer"))
+        .await;
+    let by_session = create(&mut maria, rollout(&["s1"], false)).await;
+    assert!(by_session.approval_required);
+    assert_status(
+        approve(&mut maria_bot, &by_session.id).await,
+        Code::PermissionDenied,
+        &format!(
+            "token maria-bot belongs to the person who created rollout {} (as maria); another \
+             person",
+            by_session.id
+        ),
+    );
+    let by_token = create(&mut maria_bot, rollout(&["s2"], false)).await;
+    assert_status(
+        approve(&mut maria, &by_token.id).await,
+        Code::PermissionDenied,
+        &format!(
+            "user maria belongs to the person who created rollout {} (as maria-bot)",
+            by_token.id
+        ),
+    );
+    for id in [&by_session.id, &by_token.id] {
+        assert_eq!(approve(&mut admin, id).await.unwrap().approved_by, "admin");
+    }
+    s.finish().await;
+}
+
 on_both_backends!(
+    a_user_and_their_own_token_are_one_person,
     a_big_rollout_starts_once_another_deployer_approved_it,
     a_small_rollout_needs_no_approval_and_an_emergency_one_does,
     a_selection_grown_past_the_threshold_after_creation_needs_approval,

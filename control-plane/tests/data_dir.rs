@@ -34,8 +34,8 @@ fn start_with_open_umask(data_dir: &Path) -> Child {
 
 /// Everything the control plane keeps secret, once it has started: the
 /// database (a power cut or a stolen backup aside, it holds every device's
-/// credential hash), its WAL, the online repository keys, the first admin
-/// token.
+/// credential hash), its WAL, the online repository keys, the first
+/// admin's setup code.
 #[test]
 fn the_data_dir_and_its_secrets_are_private_whatever_the_umask() {
     let dir = tempfile::tempdir().unwrap();
@@ -45,7 +45,7 @@ fn the_data_dir_and_its_secrets_are_private_whatever_the_umask() {
     std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
     let mut server = start_with_open_umask(&data);
     let wanted = [
-        "admin-token",
+        "admin-setup-code",
         "posfleet.db",
         "posfleet.db-wal",
         "posfleet.db-shm",
@@ -75,7 +75,7 @@ fn the_data_dir_and_its_secrets_are_private_whatever_the_umask() {
         [
             ("", 0o700),
             ("repository-keys", 0o700),
-            ("admin-token", 0o600),
+            ("admin-setup-code", 0o600),
             ("posfleet.db", 0o600),
             ("posfleet.db-wal", 0o600),
             ("posfleet.db-shm", 0o600),
@@ -104,7 +104,7 @@ fn an_existing_world_readable_database_is_made_private() {
     std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
     let mut server = start_with_open_umask(&data);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !data.join("admin-token").exists() {
+    while !data.join("admin-setup-code").exists() {
         assert!(server.try_wait().unwrap().is_none(), "exited");
         assert!(Instant::now() < deadline, "did not start");
         std::thread::sleep(Duration::from_millis(100));

@@ -444,7 +444,7 @@ async fn a_good_release_completes_wave_by_wave(backend: Backend) {
         .unwrap();
     assert_eq!(rollout.state(), v1::RolloutState::Draft);
     assert_eq!(rollout.wave_count, 3);
-    assert_eq!(rollout.created_by, "bootstrap");
+    assert_eq!(rollout.created_by, "admin");
     let started = start(&mut admin, &rollout.id).await.unwrap();
     assert_eq!(started.state(), v1::RolloutState::Running);
     assert_eq!(started.counts.unwrap().pending, 12);
@@ -724,7 +724,7 @@ async fn abort_stops_dispatching(backend: Backend) {
     let req = admin.req(rollout_request(&rollout.id, "wrong release"));
     let aborted = admin.client.abort_rollout(req).await.unwrap().into_inner();
     assert_eq!(aborted.state(), v1::RolloutState::Aborted);
-    assert_eq!(aborted.reason, "aborted by bootstrap: wrong release");
+    assert_eq!(aborted.reason, "aborted by admin: wrong release");
     assert!(aborted.finished_at_unix_ms > 0);
     // The dispatched tills finish; nobody else is dispatched.
     for _ in 0..30 {
@@ -780,7 +780,7 @@ async fn rollback_puts_the_previous_version_back(backend: Backend) {
         .unwrap()
         .into_inner();
     assert_eq!(rolled.state(), v1::RolloutState::RolledBack);
-    assert_eq!(rolled.reason, "rolled back by bootstrap: tills slow");
+    assert_eq!(rolled.reason, "rolled back by admin: tills slow");
     assert_eq!(rolled.counts.unwrap().rolled_back, 5);
     let ids: Vec<String> = sim.tills.iter().map(|t| t.id.clone()).collect();
     for id in &ids {

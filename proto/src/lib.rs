@@ -7,6 +7,9 @@ pub mod v1 {
     tonic::include_proto!("posfleet.v1");
 }
 
+pub mod setup;
+pub mod totp;
+
 /// The encoded `FileDescriptorSet` of the API, for the gRPC reflection service.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/posfleet_descriptor.bin"));
@@ -91,5 +94,6 @@ mod tests {
             .collect();
         assert!(services.contains(&"AgentService".to_string()));
         assert!(services.contains(&"AdminService".to_string()));
+        assert!(services.contains(&"SessionService".to_string()));
     }
 }

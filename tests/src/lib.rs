@@ -260,6 +260,71 @@ impl Drop for Process {
     }
 }
 
+/// The password the first admin sets at the first start.
+pub const ADMIN_PASSWORD: &str = "first admin's password";
+
+/// Sets the first admin up through the real flow (`setup_code`, then
+/// [`ADMIN_PASSWORD`] and a TOTP code from `posfleet_proto::totp`) against
+/// the control plane at `url` (trusting `ca_file` over TLS), from inside
+/// network namespace `netns` when given; returns their session token.
+pub fn first_admin_session(
+    url: &str,
+    ca_file: Option<&Path>,
+    setup_code: &str,
+    netns: Option<&str>,
+) -> anyhow::Result<String> {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())?;
+    let tls = match ca_file {
+        Some(path) => {
+            let pem = std::fs::read(path)?;
+            let ca = posfleet_pki::certificates_from_pem(&pem, "the trust bundle")?;
+            Some(Arc::new(posfleet_pki::client_config(&ca, None)?))
+        }
+        None => None,
+    };
+    let code = setup_code.to_string();
+    let netns = netns.map(|n| format!("/run/netns/{n}"));
+    // On a thread of its own: the caller may be inside a runtime, and a
+    // namespace is entered by one thread only.
+    std::thread::spawn(move || -> anyhow::Result<String> {
+        if let Some(path) = netns {
+            let file = std::fs::File::open(&path)?;
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        // The channel is made inside the runtime: making one needs its
+        // reactor.
+        let done = runtime.block_on(async {
+            posfleet_proto::setup::complete_setup(
+                posfleet_pki::grpc_channel(&endpoint, tls),
+                "admin",
+                &code,
+                ADMIN_PASSWORD,
+            )
+            .await
+        })?;
+        Ok(done.session.token)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the setup thread panicked"))?
+}
+
+/// Writes `text` to a file only its owner may read.
+pub fn write_private(path: &Path, text: &str) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    file.write_all(text.as_bytes()).expect("write the file");
+}
+
 /// A `posfleet-control-plane` process.
 pub struct ControlPlane {
     pub process: Process,
@@ -302,14 +367,35 @@ impl ControlPlane {
                 .as_str()
                 .expect("address field")
                 .to_string();
-        ControlPlane {
+        let control_plane = ControlPlane {
             process,
             grpc_address,
             http_address,
             data_dir: data_dir.to_path_buf(),
             database_url: database_url.map(str::to_string),
             tls,
+        };
+        control_plane.set_up_first_admin();
+        control_plane
+    }
+
+    /// At the first start on a data dir: sets the first admin up through
+    /// the real flow (their setup code, [`ADMIN_PASSWORD`], a TOTP code)
+    /// and keeps their session in [`ControlPlane::admin_token_file`]. A
+    /// later start on the same data dir keeps that session.
+    fn set_up_first_admin(&self) {
+        let session_file = self.admin_token_file();
+        if session_file.exists() {
+            return;
         }
+        let Ok(code) = std::fs::read_to_string(self.data_dir.join("admin-setup-code")) else {
+            // A replica on a database another control plane set up.
+            return;
+        };
+        let ca_file = self.tls.then(|| self.ca_file());
+        let token = first_admin_session(&self.url(), ca_file.as_deref(), &code, None)
+            .expect("set up the first admin");
+        write_private(&session_file, &format!("{token}\n"));
     }
 
     /// A control plane on SQLite in `data_dir`, on any free ports.
@@ -328,8 +414,12 @@ impl ControlPlane {
         self.data_dir.join("tls").join("trust-bundle.pem")
     }
 
+    /// A session token of the first admin, for `--token-file`: written by
+    /// the harness at the first start, beside the data dir.
     pub fn admin_token_file(&self) -> PathBuf {
-        self.data_dir.join("admin-token")
+        let mut name = self.data_dir.as_os_str().to_owned();
+        name.push(".admin-session");
+        name.into()
     }
 
     /// Runs the `posfleet` CLI against this control plane.

@@ -3,7 +3,11 @@
 
 use posfleet_e2e::link::PacedLink;
 use posfleet_e2e::{ControlPlane, binary, check_ok, pos_app_source};
-use std::process::Command;
+use posfleet_proto::totp;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn stderr(output: &std::process::Output) -> String {
@@ -95,16 +99,17 @@ fn bad_configuration_exits_64_naming_the_key_before_binding() {
 fn refused_calls_are_one_line_and_fail() {
     let dir = tempfile::tempdir().unwrap();
     let cp = ControlPlane::start_sqlite(&dir.path().join("cp"));
+    // No token, and no session: a config folder of its own, empty.
     let cli = |args: &[&str]| {
-        Command::new(binary("posfleet"))
-            .args(["--server", &cp.url()])
-            .args(args)
-            .env_remove("POSFLEET_TOKEN")
-            .env_remove("POSFLEET_TOKEN_FILE")
+        as_person(&cp, &dir.path().join("no-session"), args)
             .output()
             .unwrap()
     };
-    assert_one_line_error(&cli(&["store", "list"]), 1, "no admin API token");
+    assert_one_line_error(
+        &cli(&["store", "list"]),
+        1,
+        "no admin API token: run posfleet login --user NAME",
+    );
     assert_one_line_error(
         &cli(&["--token", "pfa_wrong", "store", "list"]),
         1,
@@ -225,7 +230,7 @@ fn the_demo_rolls_out_in_waves_and_a_bad_release_pauses_itself() {
     );
     assert_eq!(summary["devices_on_1_1_0"], 6);
     assert_eq!(summary["rollout_1_1_0"], "completed");
-    assert_eq!(summary["rollout_1_1_0_approved_by"], "release-manager");
+    assert_eq!(summary["rollout_1_1_0_approved_by"], "alice");
     // The bad release pauses itself in its canary store: the till it
     // reached rolled back, the other store never got it.
     assert_eq!(summary["rollout_1_2_0"], "paused");
@@ -303,19 +308,15 @@ fn a_200_mib_bundle_publishes_over_a_4_mib_per_second_link() {
     assert_eq!(bundle["length"], size);
 }
 
-/// `posfleet token`: the first token is listed; a new one works at once
-/// within its role and is refused once revoked; the last live admin token
-/// cannot be revoked; the audit log names the role of each call.
+/// `posfleet token`: a new token works at once within its role and is
+/// refused once revoked; the audit log names the role of each call.
 #[test]
 fn admin_tokens_are_created_listed_and_revoked_from_the_cli() {
     let dir = tempfile::tempdir().unwrap();
     let cp = ControlPlane::start_sqlite(&dir.path().join("cp"));
+    // The first admin is a user; there is no token yet.
     let listed = cp.cli_json(&["token", "list"]);
-    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
-    assert_eq!(listed[0]["name"], "bootstrap");
-    let bootstrap = listed[0]["id"].as_str().unwrap().to_string();
-    assert_eq!(listed[0]["role"], "admin");
-    assert_eq!(listed[0]["expires_at"], "");
+    assert_eq!(listed.as_array().unwrap().len(), 0, "{listed}");
     let created = cp.cli_json(&[
         "token",
         "create",
@@ -330,7 +331,7 @@ fn admin_tokens_are_created_listed_and_revoked_from_the_cli() {
     ]);
     assert_eq!(created["role"], "deployer", "{created}");
     assert_eq!(created["scope"], "region=eu", "{created}");
-    assert_eq!(created["created_by"], "bootstrap", "{created}");
+    assert_eq!(created["created_by"], "admin", "{created}");
     assert_ne!(created["expires_at"], "", "{created}");
     let secret = created["secret"].as_str().unwrap().to_string();
     let id = created["id"].as_str().unwrap().to_string();
@@ -373,7 +374,7 @@ fn admin_tokens_are_created_listed_and_revoked_from_the_cli() {
     let table = check_ok(cp.cli(&["token", "list"]));
     assert!(
         table.contains("ci-deploy")
-            && table.contains("bootstrap")
+            && table.contains("admin")
             && table.contains("deployer")
             && table.contains("region=eu"),
         "{table}"
@@ -386,36 +387,27 @@ fn admin_tokens_are_created_listed_and_revoked_from_the_cli() {
         1,
         "unauthenticated: admin API token is not valid",
     );
-    assert_eq!(cp.cli_json(&["token", "list"]).as_array().unwrap().len(), 1);
+    assert_eq!(cp.cli_json(&["token", "list"]).as_array().unwrap().len(), 0);
     assert_eq!(
         cp.cli_json(&["token", "list", "--all"])
             .as_array()
             .unwrap()
             .len(),
-        2
-    );
-    assert_one_line_error(
-        &cp.cli(&["token", "revoke", &bootstrap]),
-        1,
-        "failed precondition",
+        1
     );
     let audit = cp.cli_json(&["audit", "list"]);
-    let methods: Vec<&str> = audit
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["method"].as_str().unwrap())
-        .collect();
+    // The first admin's setup (the harness's), then the CLI's calls.
     assert_eq!(
-        methods,
+        methods(&audit),
         [
+            "Login",
+            "CompleteSetup",
             "CreateAdminToken",
             "CreateStore",
             "CreateStore",
             "SetStoreLabels",
             "ListAdminTokens",
             "RevokeAdminToken",
-            "RevokeAdminToken"
         ]
     );
     let roles: Vec<(&str, &str, &str)> = audit
@@ -430,8 +422,8 @@ fn admin_tokens_are_created_listed_and_revoked_from_the_cli() {
             )
         })
         .collect();
-    assert_eq!(roles[4], ("ci-deploy", "deployer", "PERMISSION_DENIED"));
-    assert_eq!(roles[0], ("bootstrap", "admin", "OK"));
+    assert_eq!(roles[6], ("ci-deploy", "deployer", "PERMISSION_DENIED"));
+    assert_eq!(roles[2], ("admin", "admin", "OK"));
     let table = check_ok(cp.cli(&["audit", "list"]));
     assert!(
         table.contains("ROLE") && table.contains("deployer"),
@@ -587,4 +579,488 @@ fn the_cli_checks_a_tls_control_plane_and_says_how_to_fix_what_fails() {
         "refusing to send the admin token in clear",
     );
     check_ok(cli(&["--server", &https, "--ca-file", ca, "store", "list"]));
+}
+
+/// `posfleet` at a person's workstation: no admin token, their own config
+/// folder (where `posfleet login` keeps the session).
+fn as_person(cp: &ControlPlane, config: &Path, args: &[&str]) -> Command {
+    as_person_calling(&cp.url(), cp, config, args)
+}
+
+/// [`as_person`] with `--server URL`, `cp` under another name.
+fn as_person_calling(url: &str, cp: &ControlPlane, config: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new(binary("posfleet"));
+    command
+        .args(["--server", url])
+        .arg("--config-dir")
+        .arg(config)
+        .args(args)
+        .env_remove("POSFLEET_TOKEN")
+        .env_remove("POSFLEET_TOKEN_FILE")
+        .env_remove("POSFLEET_CONFIG_DIR");
+    if cp.tls {
+        command.arg("--ca-file").arg(cp.ca_file());
+    }
+    command
+}
+
+/// Runs `command` with `answers` on its stdin, one per line (as a script
+/// answers `posfleet login`).
+fn answered(mut command: Command, answers: &[&str]) -> std::process::Output {
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    for answer in answers {
+        writeln!(stdin, "{answer}").unwrap();
+    }
+    drop(stdin);
+    child.wait_with_output().unwrap()
+}
+
+/// A user's first `posfleet login`, answered as a person with an
+/// authenticator app would: the setup code, a new password twice, then the
+/// code the app computes from the secret the CLI prints. Returns the TOTP
+/// secret and what the CLI printed.
+fn first_login(
+    cp: &ControlPlane,
+    config: &Path,
+    user: &str,
+    setup_code: &str,
+    password: &str,
+) -> (String, String) {
+    let mut child = as_person(cp, config, &["login", "--user", user])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, "{setup_code}\n{password}\n{password}").unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut printed = String::new();
+    let secret = loop {
+        let mut line = String::new();
+        if stdout.read_line(&mut line).unwrap() == 0 {
+            let output = child.wait_with_output().unwrap();
+            panic!("no TOTP secret in:\n{printed}\n{}", stderr(&output));
+        }
+        printed.push_str(&line);
+        if let Some(secret) = line.trim_end().strip_prefix("Or type in the secret: ") {
+            break secret.replace(' ', "");
+        }
+    };
+    // What the phone shows.
+    writeln!(stdin, "{}", totp::code_now(&secret).unwrap()).unwrap();
+    drop(stdin);
+    stdout.read_to_string(&mut printed).unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "{printed}\n{}", stderr(&output));
+    (secret, printed)
+}
+
+/// The TOTP code of the step after the current one: accepted (one step of
+/// clock skew) and later than any code used so far in this test.
+fn next_code(secret: &str) -> String {
+    totp::code_at(secret, totp::unix_now() + totp::STEP_SECONDS).unwrap()
+}
+
+/// A 6-digit code that is none of the codes accepted now.
+fn wrong_code(secret: &str) -> String {
+    let now = totp::unix_now();
+    let accepted: Vec<String> = [now - totp::STEP_SECONDS, now, now + totp::STEP_SECONDS]
+        .iter()
+        .map(|t| totp::code_at(secret, *t).unwrap())
+        .collect();
+    (0..)
+        .map(|n| format!("{:06}", n * 111_111 % 1_000_000))
+        .find(|c| !accepted.contains(c))
+        .unwrap()
+}
+
+/// The setup code `posfleet user create` (or `reset`) printed for `user`.
+fn setup_code_in(printed: &str, user: &str) -> String {
+    let mut lines = printed.lines();
+    lines
+        .find(|l| l.to_lowercase().contains(&format!("setup code for {user}")))
+        .unwrap_or_else(|| panic!("no setup code in {printed}"));
+    lines.next().unwrap().trim().to_string()
+}
+
+/// The user named `name` in `user list --output json`.
+fn user_named(listed: &serde_json::Value, name: &str) -> serde_json::Value {
+    listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no {name} in {listed}"))
+}
+
+/// The methods of `audit list --output json`'s entries, in order.
+fn methods(audit: &serde_json::Value) -> Vec<&str> {
+    audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["method"].as_str().unwrap())
+        .collect()
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// Starts a control plane whose login rate limit is off (a test logs in
+/// many times from one address), with `extra` flags.
+fn start_for_logins(dir: &Path, extra: &[&str]) -> ControlPlane {
+    let mut flags = vec!["--login-rate-per-minute", "0"];
+    flags.extend_from_slice(extra);
+    ControlPlane::start(dir, None, "127.0.0.1:0", "127.0.0.1:0", &flags)
+}
+
+/// A person's life at the command line: created by an admin, set up from
+/// the setup code (password, authenticator, recovery codes), logged in
+/// with password and code, commands run with the stored session alone,
+/// logged out, refused after.
+#[test]
+fn a_user_sets_up_logs_in_works_without_a_token_and_logs_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = start_for_logins(&dir.path().join("cp"), &[]);
+    cp.create_store("s1", "Europe/Paris");
+    let created = check_ok(cp.cli(&["user", "create", "alice", "--role", "deployer"]));
+    assert!(
+        created.contains("posfleet login --user alice") && created.contains("shown once"),
+        "{created}"
+    );
+    let setup_code = setup_code_in(&created, "alice");
+    let listed = cp.cli_json(&["user", "list"]);
+    let alice = |listed: &serde_json::Value| user_named(listed, "alice");
+    assert_eq!(alice(&listed)["setup_pending"], true, "{listed}");
+    assert_eq!(alice(&listed)["status"], "enabled", "{listed}");
+    assert_eq!(alice(&listed)["last_login"], "", "{listed}");
+
+    let config = dir.path().join("home").join(".config").join("posfleet");
+    let password = "alice's long password";
+    let (secret, printed) = first_login(&cp, &config, "alice", &setup_code, password);
+    // The enrolment: a QR code, the otpauth URI with the secret, then the
+    // recovery codes once, with what to do with them.
+    assert!(printed.contains('\u{2588}'), "a QR code: {printed}");
+    assert!(
+        printed.contains(&format!("otpauth://totp/posfleet:alice?secret={secret}")),
+        "{printed}"
+    );
+    assert!(printed.contains("store these now"), "{printed}");
+    let recovery: Vec<&str> = printed
+        .lines()
+        .filter_map(|l| l.strip_prefix("  "))
+        .filter(|l| l.len() == 24 && l.split('-').count() == 5)
+        .collect();
+    assert_eq!(recovery.len(), 10, "{printed}");
+    assert!(printed.contains("Logged in to"), "{printed}");
+    let session_file = config.join("session.json");
+    assert_eq!(mode(&session_file), 0o600);
+    assert_eq!(mode(&config), 0o700);
+
+    // The session alone: no token anywhere.
+    let stores = check_ok(
+        as_person(&cp, &config, &["store", "list"])
+            .output()
+            .unwrap(),
+    );
+    assert!(stores.contains("s1"), "{stores}");
+    let listed = cp.cli_json(&["user", "list"]);
+    assert_eq!(alice(&listed)["setup_pending"], false, "{listed}");
+    assert_eq!(alice(&listed)["recovery_codes_left"], 10, "{listed}");
+    assert_ne!(alice(&listed)["last_login"], "", "{listed}");
+    let table = check_ok(cp.cli(&["user", "list"]));
+    assert!(
+        table.contains("alice") && table.contains("deployer") && table.contains("RECOVERY CODES"),
+        "{table}"
+    );
+
+    // Logged out: ended on the server, the file gone, the next command
+    // refused with what to do.
+    let token = std::fs::read_to_string(&session_file).unwrap();
+    let out = check_ok(as_person(&cp, &config, &["logout"]).output().unwrap());
+    assert!(out.contains("the session is ended"), "{out}");
+    assert!(!session_file.exists());
+    assert_one_line_error(
+        &as_person(&cp, &config, &["store", "list"])
+            .output()
+            .unwrap(),
+        1,
+        "no admin API token: run posfleet login",
+    );
+    // The ended session's token is refused by the server too.
+    let token: serde_json::Value = serde_json::from_str(&token).unwrap();
+    assert_one_line_error(
+        &as_person(
+            &cp,
+            &config,
+            &["--token", token["token"].as_str().unwrap(), "store", "list"],
+        )
+        .output()
+        .unwrap(),
+        1,
+        "unauthenticated: session ended",
+    );
+
+    // Later: password and a code from the app, with a shorter session; the
+    // user is remembered from no file now, so named.
+    let login = answered(
+        as_person(
+            &cp,
+            &config,
+            &[
+                "--output",
+                "json",
+                "login",
+                "--user",
+                "alice",
+                "--session-hours",
+                "1",
+            ],
+        ),
+        &[password, &next_code(&secret)],
+    );
+    assert!(login.status.success(), "{}", stderr(&login));
+    let session: serde_json::Value = serde_json::from_slice(&login.stdout).unwrap();
+    assert_eq!(session["user"], "alice", "{session}");
+    assert_eq!(session["role"], "deployer", "{session}");
+    let expires =
+        chrono::DateTime::parse_from_rfc3339(session["expires_at"].as_str().unwrap()).unwrap();
+    let left = expires.signed_duration_since(chrono::Utc::now());
+    assert!(
+        left <= chrono::Duration::hours(1) && left > chrono::Duration::minutes(55),
+        "{session}"
+    );
+    assert_eq!(mode(&session_file), 0o600);
+    check_ok(
+        as_person(&cp, &config, &["rollout", "list"])
+            .output()
+            .unwrap(),
+    );
+
+    // A recovery code stands in for the app's code, once; `login` without
+    // --user logs in the stored session's user again.
+    let login = answered(
+        as_person(&cp, &config, &["login"]),
+        &[password, recovery[0]],
+    );
+    assert!(login.status.success(), "{}", stderr(&login));
+    let listed = cp.cli_json(&["user", "list"]);
+    assert_eq!(alice(&listed)["recovery_codes_left"], 9, "{listed}");
+    assert_one_line_error(
+        &answered(
+            as_person(&cp, &config, &["login"]),
+            &[password, recovery[0]],
+        ),
+        1,
+        "unauthenticated: wrong code",
+    );
+
+    // Everything she did, and only that, under her name.
+    let audit = cp.cli_json(&["audit", "list", "--user", "alice"]);
+    let entries = audit.as_array().unwrap();
+    assert_eq!(
+        methods(&audit),
+        [
+            "Login",
+            "CompleteSetup",
+            "Logout",
+            "Login",
+            "Login",
+            "Login"
+        ],
+        "{audit}"
+    );
+    assert!(entries.iter().all(|e| e["actor"] == "alice"), "{audit}");
+    assert_eq!(entries[0]["actor_kind"], "session", "{audit}");
+    let table = check_ok(cp.cli(&["audit", "list", "--user", "alice"]));
+    assert!(
+        table.contains("KIND") && table.contains("session") && table.contains("CompleteSetup"),
+        "{table}"
+    );
+}
+
+/// Wrong passwords and codes say so; enough of them in a row lock the
+/// user, even with the right ones, until an admin unlocks them.
+#[test]
+fn wrong_passwords_and_codes_are_refused_and_lock_the_user_until_unlocked() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = start_for_logins(&dir.path().join("cp"), &["--login-max-failures", "3"]);
+    let created = cp.cli_json(&["user", "create", "bob", "--role", "viewer"]);
+    let code = created["setup_code"].as_str().unwrap();
+    assert_ne!(created["setup_code_expires_at"], "", "{created}");
+    let config = dir.path().join("bob");
+    let password = "bob's long password";
+    let (secret, _) = first_login(&cp, &config, "bob", code, password);
+
+    // The setup code works once.
+    assert_one_line_error(
+        &answered(
+            as_person(&cp, &config, &["login", "--user", "bob"]),
+            &[code],
+        ),
+        1,
+        "unauthenticated: wrong user name or password",
+    );
+    let login = |password: &str, code: &str| {
+        answered(
+            as_person(&cp, &config, &["login", "--user", "bob"]),
+            &[password, code],
+        )
+    };
+    assert_one_line_error(
+        &login("not bob's password", &next_code(&secret)),
+        1,
+        "unauthenticated: wrong user name or password",
+    );
+    // The third failure in a row (the spent setup code counted) locks him.
+    assert_one_line_error(
+        &login(password, &wrong_code(&secret)),
+        1,
+        "unauthenticated: wrong code",
+    );
+    // Stdin that ends early says which answer is missing.
+    assert_one_line_error(
+        &answered(
+            as_person(&cp, &config, &["login", "--user", "bob"]),
+            &[password],
+        ),
+        1,
+        "stdin ended before the answer to `Code from your authenticator app",
+    );
+    // Locked: even the right password and code are refused, saying how
+    // it is lifted.
+    assert_one_line_error(
+        &login(password, &next_code(&secret)),
+        1,
+        "posfleet user unlock bob",
+    );
+    let listed = cp.cli_json(&["user", "list"]);
+    assert_ne!(user_named(&listed, "bob")["locked_until"], "", "{listed}");
+    let unlocked = cp.cli_json(&["user", "unlock", "bob"]);
+    assert_eq!(unlocked["locked_until"], "", "{unlocked}");
+    let ok = login(password, &next_code(&secret));
+    assert!(ok.status.success(), "{}", stderr(&ok));
+
+    // A lost phone: the admin resets him; his session ends and he sets up
+    // again from a new setup code.
+    let reset = check_ok(cp.cli(&["user", "reset", "bob"]));
+    let new_code = setup_code_in(&reset, "bob");
+    assert_one_line_error(
+        &as_person(&cp, &config, &["store", "list"])
+            .output()
+            .unwrap(),
+        1,
+        "unauthenticated",
+    );
+    first_login(&cp, &config, "bob", &new_code, "bob's new long password");
+    check_ok(
+        as_person(&cp, &config, &["store", "list"])
+            .output()
+            .unwrap(),
+    );
+}
+
+/// The stored session goes only to the server that issued it, only until
+/// it expires, and not once its user is disabled.
+#[test]
+fn a_stored_session_is_for_its_server_only_until_it_expires_or_its_user_is_disabled() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = start_for_logins(&dir.path().join("cp"), &[]);
+    let code = cp.cli_json(&["user", "create", "carol", "--role", "viewer"])["setup_code"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let config = dir.path().join("carol");
+    let password = "carol's long password";
+    let (secret, _) = first_login(&cp, &config, "carol", &code, password);
+    check_ok(
+        as_person(&cp, &config, &["store", "list"])
+            .output()
+            .unwrap(),
+    );
+
+    // The same control plane under another name is another server as far
+    // as the session knows: it is not sent (were it sent, the call would
+    // succeed).
+    let elsewhere = cp.url().replace("127.0.0.1", "localhost");
+    assert_one_line_error(
+        &as_person_calling(&elsewhere, &cp, &config, &["store", "list"])
+            .output()
+            .unwrap(),
+        1,
+        &format!(
+            "the stored session is carol's on {}, not {elsewhere}",
+            cp.url()
+        ),
+    );
+
+    // Disabled: the stored session is refused at its next call, and so is
+    // a login; enabled again, a login works.
+    let disabled = cp.cli_json(&["user", "disable", "carol"]);
+    assert_eq!(disabled["status"], "disabled", "{disabled}");
+    assert_one_line_error(
+        &as_person(&cp, &config, &["store", "list"])
+            .output()
+            .unwrap(),
+        1,
+        "unauthenticated: session ended",
+    );
+    let login = |code: &str| {
+        answered(
+            as_person(&cp, &config, &["login", "--user", "carol"]),
+            &[password, code],
+        )
+    };
+    assert_one_line_error(
+        &login(&next_code(&secret)),
+        1,
+        "unauthenticated: carol was disabled at",
+    );
+    assert!(
+        cp.cli_json(&["user", "list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|u| u["name"] != "carol")
+    );
+    let all = cp.cli_json(&["user", "list", "--all"]);
+    assert!(
+        all.as_array()
+            .unwrap()
+            .iter()
+            .any(|u| u["name"] == "carol" && u["status"] == "disabled"),
+        "{all}"
+    );
+    cp.cli_json(&["user", "enable", "carol"]);
+    let ok = login(&next_code(&secret));
+    assert!(ok.status.success(), "{}", stderr(&ok));
+
+    // An expired session is not sent; the CLI says when it ended.
+    let session_file = config.join("session.json");
+    let mut stored: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&session_file).unwrap()).unwrap();
+    stored["expires_at_unix_ms"] = 1_764_000_000_000i64.into();
+    std::fs::write(&session_file, stored.to_string()).unwrap();
+    assert_one_line_error(
+        &as_person(&cp, &config, &["store", "list"])
+            .output()
+            .unwrap(),
+        1,
+        "your session expired at 2025-11-24T16:00:00Z; run posfleet login",
+    );
+    // Logging out of it still removes it, saying why nothing was ended.
+    let out = check_ok(as_person(&cp, &config, &["logout"]).output().unwrap());
+    assert!(out.contains("the session had expired at"), "{out}");
+    assert!(!session_file.exists());
+    let out = check_ok(as_person(&cp, &config, &["logout"]).output().unwrap());
+    assert!(out.contains("Not logged in"), "{out}");
 }

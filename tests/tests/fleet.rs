@@ -158,19 +158,15 @@ fn sigterm_stops_the_control_plane_cleanly() {
     let status = cp.process.terminate();
     assert!(status.success(), "{status:?}");
     cp.process.wait_for_log("Stopped.", Duration::from_secs(5));
-    // The first admin token is written once, readable by its owner only.
+    // The first admin's setup code is written once, readable by its owner
+    // only; a restart neither rewrites it nor ends the admin's session.
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(cp.admin_token_file())
-        .unwrap()
-        .permissions()
-        .mode();
+    let setup_code = dir.path().join("cp").join("admin-setup-code");
+    let mode = std::fs::metadata(&setup_code).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
-    let token = std::fs::read_to_string(cp.admin_token_file()).unwrap();
+    let code = std::fs::read_to_string(&setup_code).unwrap();
     let cp2 = ControlPlane::start_sqlite(&dir.path().join("cp"));
-    assert_eq!(
-        std::fs::read_to_string(cp2.admin_token_file()).unwrap(),
-        token
-    );
+    assert_eq!(std::fs::read_to_string(&setup_code).unwrap(), code);
     let stores: Value = cp2.cli_json(&["store", "list"]);
     assert_eq!(stores, Value::Array(vec![]));
 }

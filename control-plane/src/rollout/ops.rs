@@ -71,7 +71,8 @@ impl Rollouts {
         }
     }
 
-    /// Creates a draft in the name of token `actor` (id `actor_id`).
+    /// Creates a draft in the name of `actor`, whose person (the user, or
+    /// the user a token belongs to, or a token of nobody's) is `actor_id`.
     pub async fn create(
         &self,
         req: v1::CreateRolloutRequest,
@@ -237,21 +238,24 @@ impl Rollouts {
         self.reload(&rollout.id).await
     }
 
-    /// Approves a draft that needs it, in the name of token `actor` (id
-    /// `actor_id`), who did not create it.
+    /// Approves a draft that needs it, in the name of `actor` (whose kind,
+    /// `user` or `token`, is `actor_kind`), whose person is `actor_id`: not
+    /// the person who created it.
     pub async fn approve(
         &self,
         req: v1::RolloutRequest,
         actor: &str,
+        actor_kind: &str,
         actor_id: &str,
     ) -> Result<v1::Rollout, Status> {
-        retry_conflicts(|| self.approve_once(req.clone(), actor, actor_id)).await
+        retry_conflicts(|| self.approve_once(req.clone(), actor, actor_kind, actor_id)).await
     }
 
     async fn approve_once(
         &self,
         req: v1::RolloutRequest,
         actor: &str,
+        actor_kind: &str,
         actor_id: &str,
     ) -> Result<v1::Rollout, Status> {
         let rollout = self.rollout(&req).await?;
@@ -269,10 +273,16 @@ impl Rollouts {
             )));
         }
         if rollout.created_by_id == actor_id {
+            let who = if rollout.created_by == actor {
+                format!("{actor_kind} {actor} created rollout {}", rollout.id)
+            } else {
+                format!(
+                    "{actor_kind} {actor} belongs to the person who created rollout {} (as {})",
+                    rollout.id, rollout.created_by
+                )
+            };
             return Err(Status::permission_denied(format!(
-                "token {actor} created rollout {}; another person with the deployer or admin \
-                 role must approve it",
-                rollout.id
+                "{who}; another person with the deployer or admin role must approve it"
             )));
         }
         let bundle = self

@@ -1,5 +1,5 @@
 //! The audit log (`audit_log`) and the admin API tokens (`admin_tokens`)
-//! whose names it records.
+//! whose names it records (users are in `users.rs`).
 //!
 //! `seq` is the previous largest plus one, taken by the insert itself. On
 //! PostgreSQL two inserts racing for the same number collide on the primary
@@ -37,6 +37,9 @@ pub struct AdminTokenRecord {
     pub expires_at_ms: Option<i64>,
     /// `crate::authz::Scope` as JSON; empty when unscoped.
     pub scope_json: String,
+    /// The user it belongs to (id and name); empty for nobody's.
+    pub owner_id: String,
+    pub owner: String,
 }
 
 /// An admin API token as `posfleet token list` shows it (never its secret,
@@ -64,6 +67,9 @@ pub struct NewAdminToken<'a> {
     pub expires_at_ms: Option<i64>,
     pub scope_json: &'a str,
     pub created_by: &'a str,
+    /// The user it belongs to; empty for nobody's.
+    pub owner_id: &'a str,
+    pub owner: &'a str,
 }
 
 /// Columns of [`AdminTokenInfo`].
@@ -77,9 +83,6 @@ pub enum AdminTokenRevocation {
     Revoked(AdminTokenInfo),
     /// No token has this id.
     Unknown,
-    /// It is the last live admin token: revoking it would lock every
-    /// operator out.
-    LastLive,
 }
 
 fn admin_token_from_row(row: &AnyRow) -> Result<AdminTokenInfo, Error> {
@@ -107,6 +110,14 @@ pub struct NewAuditEntry {
     pub result: String,
     /// The caller's role; empty when unauthenticated.
     pub role: String,
+    /// `user`, `token`, `session` (logins, logouts) or empty
+    /// (unauthenticated).
+    pub actor_kind: String,
+    /// For a token: the user it belongs to; else empty.
+    pub actor_owner: String,
+    /// A row anyone can cause (an unauthenticated call, a failed login
+    /// for an unknown name): rate-limited, and only the newest kept.
+    pub bounded: bool,
 }
 
 /// A stored audit entry.
@@ -121,6 +132,8 @@ pub struct AuditRecord {
     pub result: String,
     pub finished_at_ms: Option<i64>,
     pub role: String,
+    pub actor_kind: String,
+    pub actor_owner: String,
 }
 
 fn audit_from_row(row: &AnyRow) -> Result<AuditRecord, Error> {
@@ -134,48 +147,19 @@ fn audit_from_row(row: &AnyRow) -> Result<AuditRecord, Error> {
         result: row.try_get("result")?,
         finished_at_ms: row.try_get("finished_at_ms")?,
         role: row.try_get("role")?,
+        actor_kind: row.try_get("actor_kind")?,
+        actor_owner: row.try_get("actor_owner")?,
     })
 }
 
 impl Storage {
-    /// Live admin-role tokens that have not expired at `now_ms`.
-    pub async fn admin_token_count(&self, now_ms: i64) -> Result<i64, Error> {
-        Ok(sqlx::query(
-            "SELECT COUNT(*) AS n FROM admin_tokens WHERE revoked_at_ms IS NULL \
-             AND role = 'admin' AND (expires_at_ms IS NULL OR expires_at_ms > $1)",
-        )
-        .bind(now_ms)
-        .fetch_one(&self.pool)
-        .await?
-        .try_get("n")?)
-    }
-
-    pub async fn insert_admin_token(
-        &self,
-        id: &str,
-        secret_sha256: &str,
-        name: &str,
-        now_ms: i64,
-    ) -> Result<(), Error> {
-        sqlx::query(
-            "INSERT INTO admin_tokens (id, secret_sha256, name, created_at_ms) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(id)
-        .bind(secret_sha256)
-        .bind(name)
-        .bind(now_ms)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
     /// The live admin token with this hash, if any.
     pub async fn admin_token_by_hash(
         &self,
         secret_sha256: &str,
     ) -> Result<Option<AdminTokenRecord>, Error> {
         sqlx::query(
-            "SELECT id, name, role, expires_at_ms, scope_json FROM admin_tokens \
+            "SELECT id, name, role, expires_at_ms, scope_json, owner_id, owner FROM admin_tokens \
              WHERE secret_sha256 = $1 AND revoked_at_ms IS NULL",
         )
         .bind(secret_sha256)
@@ -188,6 +172,8 @@ impl Storage {
                 role: row.try_get("role")?,
                 expires_at_ms: row.try_get("expires_at_ms")?,
                 scope_json: row.try_get("scope_json")?,
+                owner_id: row.try_get("owner_id")?,
+                owner: row.try_get("owner")?,
             })
         })
         .transpose()
@@ -199,9 +185,9 @@ impl Storage {
     pub async fn create_admin_token(&self, token: &NewAdminToken<'_>) -> Result<bool, Error> {
         let done = sqlx::query(
             "INSERT INTO admin_tokens (id, secret_sha256, name, created_at_ms, role, \
-             expires_at_ms, scope_json, created_by) \
-             SELECT $1, $2, $3, $4, $5, $6, $7, $8 \
-             WHERE NOT EXISTS (SELECT 1 FROM admin_tokens WHERE name = $9)",
+             expires_at_ms, scope_json, created_by, owner_id, owner) \
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10 \
+             WHERE NOT EXISTS (SELECT 1 FROM admin_tokens WHERE name = $11)",
         )
         .bind(token.id)
         .bind(token.secret_sha256)
@@ -211,6 +197,8 @@ impl Storage {
         .bind(token.expires_at_ms)
         .bind(token.scope_json)
         .bind(token.created_by)
+        .bind(token.owner_id)
+        .bind(token.owner)
         .bind(token.name)
         .execute(&self.pool)
         .await?;
@@ -233,29 +221,20 @@ impl Storage {
         rows.iter().map(admin_token_from_row).collect()
     }
 
-    /// Revokes a token unless it is the last live admin token (one that has
-    /// not expired). From the moment this
-    /// returns, [`Storage::admin_token_by_hash`] no longer finds it, on every
-    /// replica (nothing caches tokens).
+    /// Revokes a token. From the moment this returns,
+    /// [`Storage::admin_token_by_hash`] no longer finds it, on every
+    /// replica (nothing caches tokens). (Operators are users: the last
+    /// enabled admin *user* is what cannot be disabled.)
     pub async fn revoke_admin_token(
         &self,
         id: &str,
         now_ms: i64,
     ) -> Result<AdminTokenRevocation, Error> {
-        // One statement: the count of live tokens is taken by the update
-        // itself, so two callers cannot each revoke one of the last two.
-        // (On PostgreSQL's READ COMMITTED two such updates can still both
-        // see two live tokens; the row lock of the first makes the second
-        // re-check only its own row. An operator left without a live token
-        // gets a new one written to the data dir at the next start.)
-        let done = sqlx::query(
-            "UPDATE admin_tokens SET revoked_at_ms = $1 WHERE id = $2 AND revoked_at_ms IS NULL \
-             AND (role <> 'admin' OR (SELECT COUNT(*) FROM admin_tokens WHERE revoked_at_ms IS NULL \
-             AND role = 'admin' AND (expires_at_ms IS NULL OR expires_at_ms > $3)) > 1)",
+        sqlx::query(
+            "UPDATE admin_tokens SET revoked_at_ms = $1 WHERE id = $2 AND revoked_at_ms IS NULL",
         )
         .bind(now_ms)
         .bind(id)
-        .bind(now_ms)
         .execute(&self.pool)
         .await?;
         let row = sqlx::query(&format!(
@@ -267,11 +246,7 @@ impl Storage {
         let Some(row) = row else {
             return Ok(AdminTokenRevocation::Unknown);
         };
-        let token = admin_token_from_row(&row)?;
-        if done.rows_affected() == 0 && token.revoked_at_ms.is_none() {
-            return Ok(AdminTokenRevocation::LastLive);
-        }
-        Ok(AdminTokenRevocation::Revoked(token))
+        Ok(AdminTokenRevocation::Revoked(admin_token_from_row(&row)?))
     }
 
     /// Appends an entry and returns its seq.
@@ -282,9 +257,9 @@ impl Storage {
             attempt += 1;
             let inserted = sqlx::query(
                 "INSERT INTO audit_log (seq, at_ms, actor, method, target_json, peer_address, \
-                 result, finished_at_ms, role) \
-                 SELECT COALESCE(MAX(seq), 0) + 1, $1, $2, $3, $4, $5, $6, $7, $8 FROM audit_log \
-                 RETURNING seq",
+                 result, finished_at_ms, role, actor_kind, actor_owner, bounded) \
+                 SELECT COALESCE(MAX(seq), 0) + 1, $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11 \
+                 FROM audit_log RETURNING seq",
             )
             .bind(entry.at_ms)
             .bind(&entry.actor)
@@ -294,6 +269,9 @@ impl Storage {
             .bind(&entry.result)
             .bind(finished)
             .bind(&entry.role)
+            .bind(&entry.actor_kind)
+            .bind(&entry.actor_owner)
+            .bind(i64::from(entry.bounded))
             .fetch_one(&self.pool)
             .await;
             match inserted {
@@ -327,40 +305,61 @@ impl Storage {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Entries with `seq > after_seq`, oldest first, at most `limit`.
+    /// Entries with `seq > after_seq`, oldest first, at most `limit`; with
+    /// `user`, only that user's: their own calls, their logins and logouts
+    /// (and failed attempts under their name), and the calls of the tokens
+    /// that belong to them.
     pub async fn list_audit_entries(
         &self,
         after_seq: u64,
         limit: u32,
+        user: Option<&str>,
     ) -> Result<Vec<AuditRecord>, Error> {
-        let rows = sqlx::query("SELECT * FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2")
-            .bind(i64::try_from(after_seq).unwrap_or(i64::MAX))
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
+        let after = i64::try_from(after_seq).unwrap_or(i64::MAX);
+        let rows = match user {
+            None => {
+                sqlx::query("SELECT * FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2")
+                    .bind(after)
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            Some(user) => {
+                sqlx::query(
+                    "SELECT * FROM audit_log WHERE seq > $1 AND ((actor = $2 AND actor_kind IN \
+                     ('user', 'session')) OR (actor_owner = $3 AND actor_kind = 'token')) \
+                     ORDER BY seq LIMIT $4",
+                )
+                .bind(after)
+                .bind(user)
+                .bind(user)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
         rows.iter().map(audit_from_row).collect()
     }
 
-    /// Deletes the entries of unauthenticated calls but the newest ones, at
-    /// most `keep_rows` of them and at most `keep_bytes` (the length of
-    /// their text columns plus [`AUDIT_ROW_OVERHEAD_BYTES`] each); returns
-    /// how many went.
-    pub async fn prune_unauthenticated_audit_entries(
+    /// Deletes the bounded entries (unauthenticated calls, failed logins
+    /// for unknown names) but the newest ones, at most `keep_rows` of them
+    /// and at most `keep_bytes` (the length of their text columns plus
+    /// [`AUDIT_ROW_OVERHEAD_BYTES`] each); returns how many went.
+    pub async fn prune_bounded_audit_entries(
         &self,
         keep_rows: u32,
         keep_bytes: u64,
     ) -> Result<u64, Error> {
         let done = sqlx::query(
-            "DELETE FROM audit_log WHERE actor = $1 AND seq <= ( \
+            "DELETE FROM audit_log WHERE bounded = 1 AND seq <= ( \
              SELECT MAX(seq) FROM ( \
              SELECT seq, ROW_NUMBER() OVER (ORDER BY seq DESC) AS n, \
              SUM(LENGTH(target_json) + LENGTH(method) + LENGTH(peer_address) + LENGTH(result) \
-             + LENGTH(actor) + $2) OVER (ORDER BY seq DESC) AS bytes \
-             FROM audit_log WHERE actor = $3) AS newest WHERE n > $4 OR bytes > $5)",
+             + LENGTH(actor) + LENGTH(role) + LENGTH(actor_kind) + $1) \
+             OVER (ORDER BY seq DESC) AS bytes \
+             FROM audit_log WHERE bounded = 1) AS newest WHERE n > $2 OR bytes > $3)",
         )
-        .bind(UNAUTHENTICATED_ACTOR)
         .bind(AUDIT_ROW_OVERHEAD_BYTES)
-        .bind(UNAUTHENTICATED_ACTOR)
         .bind(i64::from(keep_rows))
         .bind(i64::try_from(keep_bytes).unwrap_or(i64::MAX))
         .execute(&self.pool)

@@ -7,8 +7,8 @@
 //!
 //! One file per table family: `stores`, `enrollment`, `devices`, `desired`
 //! (assignments and reported bundle state), `repository` (signed metadata and
-//! bundles), `events`, `rollouts`, `audit` (with admin tokens), `webhooks`, `logs`
-//! (logs on demand).
+//! bundles), `events`, `rollouts`, `audit` (with admin tokens), `users` (with
+//! their sessions), `webhooks`, `logs` (logs on demand).
 //! This one holds the pool, the migrations and the helpers for statements
 //! built at run time; its re-exports are the records' public paths.
 
@@ -30,6 +30,7 @@ mod repository;
 pub mod rollouts;
 mod stats;
 mod stores;
+mod users;
 mod webhooks;
 
 pub use audit::{
@@ -50,6 +51,7 @@ pub use logs::{LogLineRecord, LogRequestRecord, LogRequestState, NewLogRequest};
 pub use repository::{BundleRecord, MetadataRecord, SealedKey};
 pub use stats::{ActiveRollout, FleetSnapshot, StoreCounts};
 pub use stores::{StoreRecord, WindowRecord};
+pub use users::{Disabling, FinishedSetup, NewSession, NewUser, SessionRecord, UserRecord};
 pub use webhooks::{AttemptRecord, DeliveryRecord, DeliveryState, NewDelivery, WebhookRecord};
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations");

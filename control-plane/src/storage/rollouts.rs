@@ -45,12 +45,15 @@ pub struct RolloutRecord {
     pub started_at_ms: Option<i64>,
     pub finished_at_ms: Option<i64>,
     pub updated_at_ms: i64,
-    /// The creating token's id, which may not approve it.
+    /// The id of the person who created it, who may not approve it: a
+    /// user's id, the id of the user a token belongs to, or (a token of
+    /// nobody's, and rows made before users existed) the token's id.
     pub created_by_id: String,
     /// Devices selected at creation, or at the last start refused for
     /// want of an approval.
     pub selected_devices: i64,
-    /// The approving token's name and id; empty until approved.
+    /// The approver's name and their person's id (as `created_by_id`);
+    /// empty until approved.
     pub approved_by: String,
     pub approved_by_id: String,
     pub approved_at_ms: Option<i64>,

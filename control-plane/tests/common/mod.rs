@@ -79,6 +79,9 @@ pub struct TestServer {
     /// The fleet CA's certificates, when the server serves TLS.
     pub trusted: Option<Vec<CertificateDer<'static>>>,
     pub http_addr: SocketAddr,
+    /// A session of the first admin (user `admin`), set up through the real
+    /// flow at the first start ([`ADMIN_PASSWORD`], a TOTP code from the
+    /// shared module), saved beside the data dir for the starts after.
     pub admin_token: String,
     pub config: Config,
     stop: watch::Sender<bool>,
@@ -115,27 +118,55 @@ impl TestServer {
             .expect("the trust bundle written at start");
             posfleet_pki::certificates_from_pem(&pem, "the trust bundle").unwrap()
         });
-        let admin_token = admin_token.unwrap_or_else(|| {
-            std::fs::read_to_string(control_plane.admin_token_path())
-                .unwrap()
-                .trim()
-                .to_string()
-        });
+        let setup_code_path = control_plane.admin_setup_code_path();
         let (stop, rx) = watch::channel(false);
         let shutdown = async move {
             let mut rx = rx;
             let _ = rx.wait_for(|s| *s).await;
         };
         let handle = tokio::spawn(control_plane.serve(grpc, http, shutdown));
-        TestServer {
+        let mut server = TestServer {
             grpc_url,
             trusted,
             http_addr,
-            admin_token,
+            admin_token: String::new(),
             config,
             stop,
             handle,
+        };
+        server.admin_token = match admin_token {
+            Some(token) => token,
+            None => server.first_admin_session(&setup_code_path).await,
+        };
+        server
+    }
+
+    /// Where a session of the first admin is kept between starts on one
+    /// data dir (beside it, not in it).
+    fn admin_session_file(&self) -> std::path::PathBuf {
+        let mut name = self.config.data_dir.as_os_str().to_owned();
+        name.push(".admin-session");
+        name.into()
+    }
+
+    /// The first admin's session: the one saved by an earlier start, or a
+    /// new one from the setup code the control plane wrote.
+    async fn first_admin_session(&self, setup_code_path: &std::path::Path) -> String {
+        let saved = self.admin_session_file();
+        if let Ok(token) = std::fs::read_to_string(&saved) {
+            return token.trim().to_string();
         }
+        let code = std::fs::read_to_string(setup_code_path).expect("the first admin's setup code");
+        let done = posfleet_proto::setup::complete_setup(
+            self.channel().await,
+            posfleet_control_plane::FIRST_ADMIN,
+            &code,
+            ADMIN_PASSWORD,
+        )
+        .await
+        .expect("set up the first admin");
+        std::fs::write(&saved, &done.session.token).unwrap();
+        done.session.token
     }
 
     /// Graceful stop; returns once every queued heartbeat is written.
@@ -180,8 +211,10 @@ impl TestServer {
     }
 
     pub async fn admin(&self) -> Admin {
+        let channel = self.channel().await;
         Admin {
-            client: AdminServiceClient::new(self.channel().await),
+            client: AdminServiceClient::new(channel.clone()),
+            channel,
             token: Some(self.admin_token.clone()),
         }
     }
@@ -242,11 +275,20 @@ async fn get<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     (code, body)
 }
 
+/// The password users made by [`Admin::with_new_user`] set.
+pub const NEW_USER_PASSWORD: &str = "a new user's password";
+
+/// The password the first admin sets at the first start.
+pub const ADMIN_PASSWORD: &str = "first admin's password";
+
 pub fn config(dir: &std::path::Path, db: &TestDb) -> Config {
     Config {
         data_dir: dir.join("data"),
         database_url: db.url.clone(),
         log_level: "warn".into(),
+        // Tests log many users in from one address; the limit's own test
+        // sets it low.
+        login_rate_per_minute: 10_000,
         ..Config::default()
     }
 }
@@ -364,6 +406,8 @@ pub async fn eventually(
 /// An AdminService client that sends `token` (or none).
 pub struct Admin {
     pub client: AdminServiceClient<Channel>,
+    /// The channel under `client`, for the SessionService.
+    pub channel: Channel,
     pub token: Option<String>,
 }
 
@@ -381,8 +425,70 @@ impl Admin {
             .secret;
         Admin {
             client: self.client.clone(),
+            channel: self.channel.clone(),
             token: Some(secret),
         }
+    }
+
+    /// Creates user `name` with `role` (this client's must be an admin's),
+    /// sets them up as they would ([`NEW_USER_PASSWORD`], a TOTP code) and
+    /// returns a client calling with their session, and their setup.
+    pub async fn with_new_user(
+        &mut self,
+        name: &str,
+        role: &str,
+        scope: &[(&str, &str)],
+    ) -> (Admin, posfleet_proto::setup::CompletedSetup) {
+        let code = self.create_user(name, role, scope).await.setup_code;
+        let done = posfleet_proto::setup::complete_setup(
+            self.channel.clone(),
+            name,
+            &code,
+            NEW_USER_PASSWORD,
+        )
+        .await
+        .unwrap();
+        let user = Admin {
+            client: self.client.clone(),
+            channel: self.channel.clone(),
+            token: Some(done.session.token.clone()),
+        };
+        (user, done)
+    }
+
+    /// Creates user `name` with `role` (this client's must be an admin's),
+    /// pending setup.
+    pub async fn create_user(
+        &mut self,
+        name: &str,
+        role: &str,
+        scope: &[(&str, &str)],
+    ) -> v1::CreateUserResponse {
+        let req = self.req(v1::CreateUserRequest {
+            name: name.into(),
+            role: role.into(),
+            scope: scope
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        });
+        self.client.create_user(req).await.unwrap().into_inner()
+    }
+
+    /// The audit log from its start (its first 1000 entries); with `user`,
+    /// that user's entries only.
+    pub async fn audit_entries_of(&mut self, user: &str) -> Vec<v1::AuditEntry> {
+        let req = self.req(v1::ListAuditEntriesRequest {
+            after_seq: 0,
+            limit: 1000,
+            user: user.into(),
+        });
+        self.client
+            .list_audit_entries(req)
+            .await
+            .unwrap()
+            .into_inner()
+            .entries
     }
 
     pub fn req<T>(&self, message: T) -> Request<T> {
@@ -433,17 +539,7 @@ impl Admin {
 
     /// The audit log, oldest first (its first 1000 entries).
     pub async fn audit_entries(&mut self) -> Vec<v1::AuditEntry> {
-        let req = self.req(v1::ListAuditEntriesRequest {
-            after_seq: 0,
-            limit: 1000,
-            ..Default::default()
-        });
-        self.client
-            .list_audit_entries(req)
-            .await
-            .unwrap()
-            .into_inner()
-            .entries
+        self.audit_entries_of("").await
     }
 
     /// The events of rollout `id`, oldest first (its first 1000).

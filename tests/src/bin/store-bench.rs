@@ -503,6 +503,16 @@ impl Origin {
             ns_name: lan.origin.name.clone(),
             tls,
         };
+        let code = std::fs::read_to_string(origin.data_dir.join("admin-setup-code"))
+            .context("cannot read the first admin's setup code")?;
+        let token = posfleet_e2e::first_admin_session(
+            &origin.grpc_url(),
+            tls.then(|| origin.ca_file()).as_deref(),
+            &code,
+            Some(&origin.ns_name),
+        )
+        .context("cannot set up the first admin")?;
+        posfleet_e2e::write_private(&origin.session_file(), &format!("{token}\n"));
         origin.cli(&["keys", "init", path_str(&origin.keys)?])?;
         Ok(origin)
     }
@@ -525,9 +535,14 @@ impl Origin {
         self.data_dir.join("tls").join("trust-bundle.pem")
     }
 
+    /// The first admin's session, for the CLI's `--token-file`.
+    fn session_file(&self) -> PathBuf {
+        self.data_dir.with_file_name("admin-session")
+    }
+
     /// The `posfleet` CLI inside the origin namespace; its stdout.
     fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
-        let token = self.data_dir.join("admin-token");
+        let token = self.session_file();
         let mut command = Command::new("ip");
         command
             .args(["netns", "exec", &self.ns_name])
