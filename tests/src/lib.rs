@@ -294,12 +294,16 @@ pub fn first_admin_session(
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let done = runtime.block_on(posfleet_proto::setup::complete_setup(
-            posfleet_pki::grpc_channel(&endpoint, tls),
-            "admin",
-            &code,
-            ADMIN_PASSWORD,
-        ))?;
+        // The channel spawns its connection task: made inside the runtime.
+        let done = runtime.block_on(async {
+            posfleet_proto::setup::complete_setup(
+                posfleet_pki::grpc_channel(&endpoint, tls),
+                "admin",
+                &code,
+                ADMIN_PASSWORD,
+            )
+            .await
+        })?;
         Ok(done.session.token)
     })
     .join()

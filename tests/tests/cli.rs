@@ -368,10 +368,7 @@ fn admin_tokens_are_created_listed_and_revoked_from_the_cli() {
     );
     let table = check_ok(cp.cli(&["token", "list"]));
     assert!(
-        table.contains("ci-deploy")
-            && table.contains("admin")
-            && table.contains("deployer")
-            && table.contains("region=eu"),
+        table.contains("ci-deploy") && table.contains("deployer") && table.contains("region=eu"),
         "{table}"
     );
     assert!(!table.contains(&secret), "{table}");
