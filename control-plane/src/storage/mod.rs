@@ -53,6 +53,12 @@ pub use webhooks::{AttemptRecord, DeliveryRecord, DeliveryState, NewDelivery, We
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
+/// The newest migration this binary has: the schema version of a database
+/// it has started on, and the newest a backup it restores may have.
+pub fn known_schema_version() -> i64 {
+    MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Sqlite,
