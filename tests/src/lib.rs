@@ -332,6 +332,22 @@ impl ControlPlane {
         self.data_dir.join("admin-token")
     }
 
+    /// `posfleet-control-plane backup --to DIR` with this control plane's
+    /// data dir and database, while it serves; asserts success.
+    pub fn backup(&self, to: &Path) -> String {
+        check_ok(
+            control_plane_command(
+                &self.data_dir,
+                self.database_url.as_deref(),
+                "backup",
+                "--to",
+                to,
+            )
+            .output()
+            .expect("run posfleet-control-plane backup"),
+        )
+    }
+
     /// Runs the `posfleet` CLI against this control plane.
     pub fn cli(&self, args: &[&str]) -> Output {
         self.cli_command(args).output().expect("run posfleet")
@@ -377,6 +393,35 @@ impl ControlPlane {
         );
         serde_json::from_slice(&output.stdout).expect("JSON output")
     }
+}
+
+/// `posfleet-control-plane restore --from DIR` into `data_dir` and the
+/// database at `database_url` (SQLite in `data_dir` if `None`); asserts
+/// success.
+pub fn restore(data_dir: &Path, database_url: Option<&str>, from: &Path) -> String {
+    check_ok(
+        control_plane_command(data_dir, database_url, "restore", "--from", from)
+            .output()
+            .expect("run posfleet-control-plane restore"),
+    )
+}
+
+/// `posfleet-control-plane` on `data_dir` and `database_url`, running
+/// `command` with `flag` `path`.
+fn control_plane_command(
+    data_dir: &Path,
+    database_url: Option<&str>,
+    command: &str,
+    flag: &str,
+    path: &Path,
+) -> Command {
+    let mut cp = Command::new(binary("posfleet-control-plane"));
+    cp.arg("--data-dir").arg(data_dir);
+    if let Some(url) = database_url {
+        cp.args(["--database-url", url]);
+    }
+    cp.args(["--log-level", "warn", command, flag]).arg(path);
+    cp
 }
 
 /// Starts a `posfleet-agent` process.
@@ -513,6 +558,17 @@ impl PostgresDb {
             server,
             name,
         }
+    }
+}
+
+impl PostgresDb {
+    /// Drops everything in the database, leaving it empty (as lost data
+    /// would).
+    pub fn wipe(&self) {
+        psql(
+            &self.url,
+            "DROP SCHEMA public CASCADE; CREATE SCHEMA public",
+        );
     }
 }
 
