@@ -2,6 +2,7 @@
 //! `posfleet-control-plane`, `posfleet-agent` and `posfleet` binaries and
 //! read what they print, as an operator would.
 
+pub mod backup;
 pub mod dashboards;
 pub mod fleet;
 pub mod kill9;
@@ -508,6 +509,16 @@ pub fn status_kib(pid: impl std::fmt::Display, field: &str) -> Option<u64> {
         .lines()
         .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// The median of `values` (0 for none).
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
 }
 
 /// Polls `check` every 100 ms until it returns `Some`, or panics.
