@@ -184,14 +184,18 @@ impl Default for Config {
     about = "The posfleet control plane."
 )]
 pub struct Args {
+    /// Without a command: serve.
+    #[command(subcommand)]
+    #[serde(skip)]
+    pub command: Option<Command>,
     /// TOML configuration file.
-    #[arg(long, env = "POSFLEET_CONFIG")]
+    #[arg(long, env = "POSFLEET_CONFIG", global = true)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    #[arg(long)]
+    #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
-    #[arg(long)]
+    #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub database_url: Option<String>,
     #[arg(long)]
@@ -317,6 +321,38 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub login_rate_per_minute: Option<u32>,
+}
+
+/// What the program does besides serving; both read the server's
+/// configuration (its data dir and database).
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Back up the database, the data dir's keys and CA and the local
+    /// bundle blobs into a new folder, while the control plane serves.
+    Backup {
+        /// The new folder the backup is written to.
+        #[arg(long)]
+        to: PathBuf,
+        #[command(flatten)]
+        postgres: PostgresTools,
+    },
+    /// Restore a backup into an empty data dir and an empty database.
+    Restore {
+        /// The backup's folder.
+        #[arg(long)]
+        from: PathBuf,
+        #[command(flatten)]
+        postgres: PostgresTools,
+    },
+}
+
+/// Where PostgreSQL's client tools are, for a PostgreSQL database.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct PostgresTools {
+    /// The folder holding `pg_dump` and `pg_restore` (the server's major
+    /// version or newer, e.g. /usr/lib/postgresql/16/bin); default: PATH.
+    #[arg(long, env = "POSFLEET_PG_BIN_DIR")]
+    pub pg_bin_dir: Option<PathBuf>,
 }
 
 impl Config {

@@ -20,6 +20,7 @@ mod admin_api;
 mod agent_api;
 pub mod audit;
 pub mod authz;
+pub mod backup;
 pub mod blobs;
 pub mod changes;
 pub mod config;
@@ -95,7 +96,7 @@ pub struct ControlPlane {
 
 /// The file of a SQLite database URL (`sqlite://path?mode=rwc`,
 /// `sqlite:path`); `None` for other databases and in-memory ones.
-fn sqlite_path(url: &str) -> Option<PathBuf> {
+pub(crate) fn sqlite_path(url: &str) -> Option<PathBuf> {
     let rest = url
         .strip_prefix("sqlite://")
         .or_else(|| url.strip_prefix("sqlite:"))?;

@@ -1,9 +1,10 @@
 //! `posfleet-control-plane`: parses the configuration, sets up logging, binds
-//! the listeners and serves until SIGTERM or SIGINT.
+//! the listeners and serves until SIGTERM or SIGINT; or, with a command,
+//! backs the control plane up or restores it.
 
 use clap::Parser;
-use posfleet_control_plane::ControlPlane;
-use posfleet_control_plane::config::{Args, Config};
+use posfleet_control_plane::config::{Args, Command, Config};
+use posfleet_control_plane::{ControlPlane, backup};
 use posfleet_runtime::{init_tracing, shutdown_signal};
 use std::process::ExitCode;
 
@@ -27,6 +28,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(command) = args.command {
+        return match runtime.block_on(run_command(&config, command)) {
+            Ok(summary) => {
+                println!("{summary}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("posfleet-control-plane: {error}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match runtime.block_on(run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -66,6 +79,40 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let control_plane = ControlPlane::open(config).await?;
     control_plane.serve(grpc, http, shutdown_signal()).await?;
     Ok(())
+}
+
+/// Runs a backup or a restore; returns what to tell the operator.
+async fn run_command(config: &Config, command: Command) -> Result<String, backup::BackupError> {
+    let started = std::time::Instant::now();
+    match command {
+        Command::Backup { to, postgres } => {
+            let manifest = backup::backup(config, &to, &postgres).await?;
+            Ok(format!(
+                "Backed up to {} in {}: {}",
+                to.display(),
+                backup::seconds(started.elapsed()),
+                backup::describe(&manifest)
+            ))
+        }
+        Command::Restore { from, postgres } => {
+            let manifest = backup::restore(config, &from, &postgres).await?;
+            let mut summary = format!(
+                "Restored {} into {} in {}: {}",
+                from.display(),
+                config.data_dir.display(),
+                backup::seconds(started.elapsed()),
+                backup::describe(&manifest)
+            );
+            let known = posfleet_control_plane::storage::known_schema_version();
+            if manifest.schema_version < known {
+                summary.push_str(&format!(
+                    "\nThe database is at schema {}; the next start migrates it to {known}.",
+                    manifest.schema_version
+                ));
+            }
+            Ok(summary)
+        }
+    }
 }
 
 /// Each till keeps a connection open over TLS: the soft limit on open files

@@ -5,13 +5,13 @@
 mod common;
 
 use common::{Backend, TestDb};
-use posfleet_control_plane::storage::{Storage, known_migration};
+use posfleet_control_plane::storage::{Storage, known_schema_version};
 use sqlx::Executor;
 
 /// Makes the database look migrated by a binary that knows one migration
 /// more than this one.
 async fn apply_a_newer_migration(backend: Backend, url: &str) -> i64 {
-    let newer = known_migration() + 1;
+    let newer = known_schema_version() + 1;
     let checksum = match backend {
         Backend::Sqlite => "x'00'",
         Backend::Postgres => "decode('00', 'hex')",

@@ -2,6 +2,7 @@
 //! `posfleet-control-plane`, `posfleet-agent` and `posfleet` binaries and
 //! read what they print, as an operator would.
 
+pub mod backup;
 pub mod dashboards;
 pub mod fleet;
 pub mod kill9;
@@ -422,6 +423,22 @@ impl ControlPlane {
         name.into()
     }
 
+    /// `posfleet-control-plane backup --to DIR` with this control plane's
+    /// data dir and database, while it serves; asserts success.
+    pub fn backup(&self, to: &Path) -> String {
+        check_ok(
+            control_plane_command(
+                &self.data_dir,
+                self.database_url.as_deref(),
+                "backup",
+                "--to",
+                to,
+            )
+            .output()
+            .expect("run posfleet-control-plane backup"),
+        )
+    }
+
     /// Runs the `posfleet` CLI against this control plane.
     pub fn cli(&self, args: &[&str]) -> Output {
         self.cli_command(args).output().expect("run posfleet")
@@ -467,6 +484,35 @@ impl ControlPlane {
         );
         serde_json::from_slice(&output.stdout).expect("JSON output")
     }
+}
+
+/// `posfleet-control-plane restore --from DIR` into `data_dir` and the
+/// database at `database_url` (SQLite in `data_dir` if `None`); asserts
+/// success.
+pub fn restore(data_dir: &Path, database_url: Option<&str>, from: &Path) -> String {
+    check_ok(
+        control_plane_command(data_dir, database_url, "restore", "--from", from)
+            .output()
+            .expect("run posfleet-control-plane restore"),
+    )
+}
+
+/// `posfleet-control-plane` on `data_dir` and `database_url`, running
+/// `command` with `flag` `path`.
+fn control_plane_command(
+    data_dir: &Path,
+    database_url: Option<&str>,
+    command: &str,
+    flag: &str,
+    path: &Path,
+) -> Command {
+    let mut cp = Command::new(binary("posfleet-control-plane"));
+    cp.arg("--data-dir").arg(data_dir);
+    if let Some(url) = database_url {
+        cp.args(["--database-url", url]);
+    }
+    cp.args(["--log-level", "warn", command, flag]).arg(path);
+    cp
 }
 
 /// Starts a `posfleet-agent` process.
@@ -555,6 +601,16 @@ pub fn status_kib(pid: impl std::fmt::Display, field: &str) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+/// The median of `values` (0 for none).
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
 /// Polls `check` every 100 ms until it returns `Some`, or panics.
 pub fn eventually<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
@@ -603,6 +659,17 @@ impl PostgresDb {
             server,
             name,
         }
+    }
+}
+
+impl PostgresDb {
+    /// Drops everything in the database, leaving it empty (as lost data
+    /// would).
+    pub fn wipe(&self) {
+        psql(
+            &self.url,
+            "DROP SCHEMA public CASCADE; CREATE SCHEMA public",
+        );
     }
 }
 

@@ -56,6 +56,12 @@ pub use webhooks::{AttemptRecord, DeliveryRecord, DeliveryState, NewDelivery, We
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
+/// The newest migration this binary has: the schema version of a database
+/// it has started on, and the newest a backup it restores may have.
+pub fn known_schema_version() -> i64 {
+    MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Sqlite,
@@ -160,17 +166,12 @@ pub struct Storage {
     events: prometheus::IntCounterVec,
 }
 
-/// The newest migration this binary knows.
-pub fn known_migration() -> i64 {
-    MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
-}
-
 /// Runs the migrations the database has not seen yet. A database a newer
 /// binary already migrated further (a rolling upgrade in progress, or one
 /// rolled back) is used as it is when its `schema_compatibility` floor
 /// allows this binary, and refused with [`Error::SchemaTooNew`] when not.
 async fn migrate(pool: &sqlx::AnyPool) -> Result<(), Error> {
-    let known = known_migration();
+    let known = known_schema_version();
     // No table yet: a new database.
     let applied: i64 = sqlx::query("SELECT MAX(version) FROM _sqlx_migrations")
         .fetch_one(pool)

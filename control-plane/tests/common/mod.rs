@@ -99,6 +99,12 @@ impl TestServer {
         TestServer::start_with(config, Some(of.admin_token.clone())).await
     }
 
+    /// A control plane whose database already has an admin (restored, say),
+    /// called with `admin_token`.
+    pub async fn start_as(config: Config, admin_token: String) -> TestServer {
+        TestServer::start_with(config, Some(admin_token)).await
+    }
+
     async fn start_with(config: Config, admin_token: Option<String>) -> TestServer {
         let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -45,6 +45,14 @@
 //!     cargo run --release -p posfleet-e2e --bin fleet-sim -- --devices 10000 \
 //!         --rate 1000 --phase-seconds 20 --enroll-flood
 //!
+//! With `--backup`, the fixed-rate and max-throughput phases give way to
+//! `posfleet-control-plane backup` run 3 times beside the serving control
+//! plane, each backup restored (`restore`) into a fresh data dir and, on
+//! PostgreSQL, a fresh database: times, their medians and the backup's size
+//! go to `benchmarks/fleet-sim-backup-<database>.json`.
+//!
+//!     cargo run --release -p posfleet-e2e --bin fleet-sim -- --devices 100000 --backup
+//!
 //! With `--tls`, none of the above: every simulated till gets a connection
 //! of its own, over plaintext and then over mutual TLS with its own device
 //! certificate, for enrollment, steady heartbeats and a reconnect storm
@@ -59,7 +67,7 @@
 
 use clap::{Parser, ValueEnum};
 use ed25519_dalek::{Signer, SigningKey};
-use posfleet_e2e::{ControlPlane, PostgresDb, cpu_seconds, peak_rss_bytes, pos_app_source};
+use posfleet_e2e::{ControlPlane, PostgresDb, cpu_seconds, median, peak_rss_bytes, pos_app_source};
 use posfleet_proto::v1;
 use posfleet_proto::v1::admin_service_client::AdminServiceClient;
 use posfleet_proto::v1::agent_service_client::AgentServiceClient;
@@ -140,6 +148,10 @@ struct Args {
     /// simulated fleet's 127.0.0.1.
     #[arg(long, default_value = "127.0.0.2")]
     flood_source: IpAddr,
+    /// Time backup and restore (see the header), instead of the
+    /// fixed-rate and max-throughput phases.
+    #[arg(long)]
+    backup: bool,
     /// One connection per simulated till, plaintext and mutual TLS side by
     /// side (see `connections`), instead of the phases above.
     #[arg(long)]
@@ -545,6 +557,8 @@ struct Report {
     rollout: Option<RolloutFigures>,
     #[serde(skip_serializing_if = "Option::is_none")]
     enroll_flood: Option<FloodFigures>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backup: Option<posfleet_e2e::backup::BackupFigures>,
     command: String,
     /// The commit measured (`git describe`).
     commit: Option<String>,
@@ -764,7 +778,7 @@ async fn main() -> anyhow::Result<()> {
         None
     };
 
-    if !args.skip_heartbeat_phases && !args.enroll_flood {
+    if !args.skip_heartbeat_phases && !args.enroll_flood && !args.backup {
         let meter = Meter::start(pid);
         let results = open_loop(sim.clone(), args.rate, args.phase_seconds, 0).await;
         phases.push(meter.finish(
@@ -793,6 +807,12 @@ async fn main() -> anyhow::Result<()> {
     } else {
         None
     };
+    let backup = args.backup.then(|| {
+        let postgres_server = postgres.as_ref().map(|_| args.postgres_url.as_str());
+        tokio::task::block_in_place(|| {
+            posfleet_e2e::backup::measure(&cp, dir.path(), postgres_server, 3)
+        })
+    });
     let control_plane_peak_rss_bytes = peak_rss_bytes(pid).unwrap_or(0);
     let heartbeat_writer = writer_figures(&cp.http_address).await?;
     eprintln!("  heartbeat writer: {heartbeat_writer:?}");
@@ -851,6 +871,7 @@ async fn main() -> anyhow::Result<()> {
         devices_online_after: online,
         rollout,
         enroll_flood,
+        backup,
         command: posfleet_e2e::command_line(),
         commit: posfleet_e2e::measured_commit(),
     };
@@ -858,6 +879,8 @@ async fn main() -> anyhow::Result<()> {
         "rollout-"
     } else if args.enroll_flood {
         "enroll-flood-"
+    } else if args.backup {
+        "backup-"
     } else {
         ""
     };
@@ -1290,15 +1313,6 @@ struct FloodFigures {
     median_flooded_p99_ms: f64,
     dropped_batches: u64,
     heartbeat_errors: usize,
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    match values.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => values[n / 2],
-        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
-    }
 }
 
 /// A validly signed Enroll call with a token nobody issued.
