@@ -34,7 +34,8 @@ pub enum UserCommand {
         #[arg(long)]
         all: bool,
     },
-    /// Refuse a user's logins, and their live sessions from their next call.
+    /// Refuse a user's logins, and their live sessions and their tokens from
+    /// their next call.
     Disable { name: String },
     /// Let a disabled user log in again.
     Enable { name: String },

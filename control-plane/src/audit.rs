@@ -105,7 +105,7 @@ pub(crate) fn is_mutating(method: &str) -> bool {
 /// Checks `authorization: Bearer <credential>` at `now_ms` and returns who
 /// holds it: a user's session (live, the user enabled; their role and scope
 /// read from their row now, so a change applies at the next call), or an
-/// admin API token (live, not expired). Counts refusals in
+/// admin API token (live, not expired, its owner not disabled). Counts refusals in
 /// `posfleet_admin_auth_failures_total`.
 pub(crate) async fn authenticate(
     storage: &Storage,
@@ -168,6 +168,15 @@ async fn token_principal(storage: &Storage, token: &str, now_ms: i64) -> Result<
             "admin API token {} expired at {}; ask an admin for a new one",
             record.name,
             crate::format_ms(expired)
+        )));
+    }
+    if let Some(at) = record.owner_disabled_at_ms {
+        return Err(Status::unauthenticated(format!(
+            "admin API token {} belongs to user {}, who was disabled at {}; an admin makes a \
+             new token if it is still needed",
+            record.name,
+            record.owner,
+            crate::format_ms(at)
         )));
     }
     let what = format!("admin API token {}", record.name);
@@ -758,6 +767,7 @@ untargeted!(
     v1::GetRepositoryRequest,
     v1::ListBundlesRequest,
     v1::ListRolloutsRequest,
+    v1::ListHeldAssignmentsRequest,
     v1::ListEventsRequest,
     v1::ListAuditEntriesRequest,
     v1::ListWebhooksRequest,
@@ -838,6 +848,12 @@ impl AuditTarget for v1::AssignBundleRequest {
             object.insert(key.into(), json!(id));
         }
         target
+    }
+}
+
+impl AuditTarget for v1::HeldAssignmentRequest {
+    fn audit_target(&self) -> Value {
+        json!({"assignment_id": self.id})
     }
 }
 

@@ -614,7 +614,8 @@ async fn the_last_admin_and_oneself_cannot_be_disabled(backend: Backend) {
         "hana cannot disable their own user",
     );
     // The first admin's token, then Hana disables the first admin: she is
-    // the last enabled admin, whom the token cannot disable.
+    // the last enabled admin, and the disabled admin's token stops working
+    // with them (so it cannot disable her either); enabled again, it works.
     let req = admin.req(token_request("admin-bot", "admin"));
     let admin_bot = admin
         .client
@@ -628,9 +629,14 @@ async fn the_last_admin_and_oneself_cannot_be_disabled(backend: Backend) {
     let req = admin_bot.req(user_request("hana"));
     assert_status(
         admin_bot.client.disable_user(req).await,
-        Code::FailedPrecondition,
-        "hana is the last enabled admin user",
+        Code::Unauthenticated,
+        "admin API token admin-bot belongs to user admin, who was disabled at",
     );
+    let req = hana.client.req(user_request("admin"));
+    hana.client.client.enable_user(req).await.unwrap();
+    list_stores(&mut admin_bot).await.unwrap();
+    let req = hana.client.req(user_request("admin"));
+    hana.client.client.disable_user(req).await.unwrap();
     let req = hana.client.req(user_request("nobody"));
     assert_status(
         hana.client.client.enable_user(req).await,

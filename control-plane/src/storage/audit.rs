@@ -40,6 +40,8 @@ pub struct AdminTokenRecord {
     /// The user it belongs to (id and name); empty for nobody's.
     pub owner_id: String,
     pub owner: String,
+    /// When the user it belongs to was disabled, if they are.
+    pub owner_disabled_at_ms: Option<i64>,
 }
 
 /// An admin API token as `posfleet token list` shows it (never its secret,
@@ -159,8 +161,10 @@ impl Storage {
         secret_sha256: &str,
     ) -> Result<Option<AdminTokenRecord>, Error> {
         sqlx::query(
-            "SELECT id, name, role, expires_at_ms, scope_json, owner_id, owner FROM admin_tokens \
-             WHERE secret_sha256 = $1 AND revoked_at_ms IS NULL",
+            "SELECT t.id, t.name, t.role, t.expires_at_ms, t.scope_json, t.owner_id, t.owner, \
+             u.disabled_at_ms AS owner_disabled_at_ms FROM admin_tokens t \
+             LEFT JOIN users u ON u.id = t.owner_id \
+             WHERE t.secret_sha256 = $1 AND t.revoked_at_ms IS NULL",
         )
         .bind(secret_sha256)
         .fetch_optional(&self.pool)
@@ -174,6 +178,7 @@ impl Storage {
                 scope_json: row.try_get("scope_json")?,
                 owner_id: row.try_get("owner_id")?,
                 owner: row.try_get("owner")?,
+                owner_disabled_at_ms: row.try_get("owner_disabled_at_ms")?,
             })
         })
         .transpose()
