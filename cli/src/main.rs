@@ -1,6 +1,7 @@
 //! `posfleet`, the ops CLI. It talks to the control plane's `AdminService`
 //! only. Errors are one line on stderr and a non-zero exit code.
 
+mod assignment_cmd;
 mod audit_cmd;
 mod ca_cmd;
 #[cfg(feature = "demo")]
@@ -113,6 +114,10 @@ enum AdminCommand {
     /// Staged rollouts of a release: waves, bake times, failure thresholds.
     #[command(subcommand)]
     Rollout(rollout_cmd::RolloutCommand),
+    /// Emergency assignments (`device assign --emergency`), held until a
+    /// second person approves them.
+    #[command(subcommand)]
+    Assignment(assignment_cmd::AssignmentCommand),
     /// The audit log: every mutating admin call.
     #[command(subcommand)]
     Audit(audit_cmd::AuditCommand),
@@ -250,7 +255,9 @@ enum DeviceCommand {
         /// bundle is downloaded at once and installed inside the window).
         #[arg(long)]
         no_download_ahead: bool,
-        /// Install at once, ignoring the maintenance window.
+        /// Install at once, ignoring the maintenance window. Held until
+        /// another deployer or admin approves it (`posfleet assignment
+        /// approve`).
         #[arg(long)]
         emergency: bool,
     },
@@ -547,11 +554,15 @@ impl Admin {
         self.answer(answer)
     }
 
-    /// Assigns a published bundle; returns how many devices it now applies to.
-    pub async fn assign_bundle(&mut self, request: v1::AssignBundleRequest) -> anyhow::Result<u64> {
+    /// Assigns a published bundle: how many devices it now applies to, or
+    /// the held assignment awaiting approval (an emergency one).
+    pub async fn assign_bundle(
+        &mut self,
+        request: v1::AssignBundleRequest,
+    ) -> anyhow::Result<v1::AssignBundleResponse> {
         let request = self.request(request);
         let answer = self.client.assign_bundle(request).await;
-        self.answer(answer).map(|r| r.devices_assigned)
+        self.answer(answer)
     }
 
     pub async fn create_token(
@@ -739,8 +750,10 @@ pub fn call_error(server: &str, status: tonic::Status) -> anyhow::Error {
         (_, Some(cause)) => {
             anyhow!("cannot reach the control plane at {server}: {cause}")
         }
+        // Said by the server itself (draining, or something it depends on
+        // is down): it was reached.
         (Code::Unavailable, None) => anyhow!(
-            "cannot reach the control plane at {server}: {}",
+            "the control plane at {server} is unavailable: {}",
             status.message()
         ),
         (code, _) => anyhow!("{}: {}", code_name(code), status.message()),
@@ -805,6 +818,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut admin = Admin::connect(&server, &credentials.token_for(&server.url)?).await?;
     match command {
         AdminCommand::Rollout(command) => rollout_cmd::run(&mut admin, command, output).await?,
+        AdminCommand::Assignment(command) => {
+            assignment_cmd::run(&mut admin, command, output).await?
+        }
         AdminCommand::Audit(command) => audit_cmd::run(&mut admin, command, output).await?,
         AdminCommand::Webhook(command) => webhook_cmd::run(&mut admin, command, output).await?,
         AdminCommand::Token(command) => token_cmd::run(&mut admin, command, output).await?,
@@ -961,11 +977,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 download_ahead: Some(!no_download_ahead),
                 emergency,
             };
-            let devices_assigned = admin.assign_bundle(request.clone()).await?;
-            let assignment = AssignmentView::new(request, devices_assigned);
-            show(output, &assignment, || {
-                view::assignment_summary(&assignment)
-            })?;
+            let answer = admin.assign_bundle(request.clone()).await?;
+            if let Some(held) = answer.held {
+                let held = assignment_cmd::HeldAssignmentView::from(held);
+                show(output, &held, || assignment_cmd::held_summary(&held))?;
+            } else {
+                let assignment = AssignmentView::new(request, answer.devices_assigned);
+                show(output, &assignment, || {
+                    view::assignment_summary(&assignment)
+                })?;
+            }
         }
         AdminCommand::Device(DeviceCommand::Revoke { id, reason }) => {
             let request = admin.request(v1::RevokeDeviceRequest {

@@ -10,8 +10,7 @@ use crate::{Admin, Output, show};
 
 #[derive(Debug, Subcommand)]
 pub enum AdminTokenCommand {
-    /// Live admin tokens (the first one, made at first start, is named
-    /// `bootstrap`).
+    /// Live admin tokens.
     List {
         /// Revoked tokens too.
         #[arg(long)]

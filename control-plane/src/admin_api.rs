@@ -23,6 +23,8 @@ use posfleet_proto::v1::publish_bundle_request::Part;
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 
+mod held;
+
 const DEFAULT_PAGE_SIZE: u32 = 500;
 const MAX_PAGE_SIZE: u32 = 1000;
 const DEFAULT_TOKEN_LIFETIME_SECONDS: u64 = 24 * 3600;
@@ -52,6 +54,8 @@ pub struct AdminApi {
     logs: crate::log_requests::LogRequests,
     /// Set when the control plane serves TLS.
     tls: Option<AdminTls>,
+    /// How long an emergency assignment waits for approval.
+    held_assignment_expiry_ms: i64,
 }
 
 /// What the admin API shows of the control plane's TLS.
@@ -270,6 +274,7 @@ impl AdminApi {
         gate: Arc<crate::tls::DeviceGate>,
         logs: crate::log_requests::LogRequests,
         tls: Option<AdminTls>,
+        held_assignment_expiry: std::time::Duration,
     ) -> AdminApi {
         AdminApi {
             storage,
@@ -280,6 +285,8 @@ impl AdminApi {
             gate,
             logs,
             tls,
+            held_assignment_expiry_ms: i64::try_from(held_assignment_expiry.as_millis())
+                .unwrap_or(i64::MAX),
         }
     }
 
@@ -334,6 +341,17 @@ impl AdminApi {
             .get_device(id)
             .await?
             .ok_or_else(|| unknown_device(id))
+    }
+
+    /// The caller of a call about one user, and the user's name, checked.
+    async fn user_call(
+        &self,
+        request: Request<v1::UserRequest>,
+    ) -> Result<(Principal, String), Status> {
+        let caller = self.authorize(&request).await?;
+        let name = request.into_inner().name;
+        user_name("name", &name)?;
+        Ok((caller, name))
     }
 
     /// A call that changes rollout `req.id`, made in the caller's name:
@@ -909,6 +927,15 @@ impl AdminService for AdminApi {
             emergency: req.emergency,
             rollback: false,
         };
+        if assignment.emergency {
+            let held = self
+                .hold_assignment(&caller, &target, &store_id, &assignment)
+                .await?;
+            return Ok(Response::new(v1::AssignBundleResponse {
+                devices_assigned: 0,
+                held: Some(held),
+            }));
+        }
         let assigned = self
             .storage
             .assign_bundle(&target, &assignment, now_ms())
@@ -930,7 +957,35 @@ impl AdminService for AdminApi {
         );
         Ok(Response::new(v1::AssignBundleResponse {
             devices_assigned: assigned.max(0) as u64,
+            held: None,
         }))
+    }
+
+    async fn list_held_assignments(
+        &self,
+        request: Request<v1::ListHeldAssignmentsRequest>,
+    ) -> Result<Response<v1::ListHeldAssignmentsResponse>, Status> {
+        let caller = self.authorize(&request).await?;
+        let list = self.list_held(&caller, request.into_inner()).await?;
+        Ok(Response::new(list))
+    }
+
+    async fn approve_assignment(
+        &self,
+        request: Request<v1::HeldAssignmentRequest>,
+    ) -> Result<Response<v1::HeldAssignment>, Status> {
+        let caller = self.authorize(&request).await?;
+        let held = self.approve_held(&caller, request.into_inner()).await?;
+        Ok(Response::new(held))
+    }
+
+    async fn cancel_assignment(
+        &self,
+        request: Request<v1::HeldAssignmentRequest>,
+    ) -> Result<Response<v1::HeldAssignment>, Status> {
+        let caller = self.authorize(&request).await?;
+        let held = self.cancel_held(&caller, request.into_inner()).await?;
+        Ok(Response::new(held))
     }
 
     async fn set_maintenance_window(
@@ -1544,9 +1599,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<v1::UserRequest>,
     ) -> Result<Response<v1::User>, Status> {
-        let caller = self.authorize(&request).await?;
-        let name = request.into_inner().name;
-        user_name("name", &name)?;
+        let (caller, name) = self.user_call(request).await?;
         let user = self
             .storage
             .user_by_name(&name)
@@ -1578,9 +1631,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<v1::UserRequest>,
     ) -> Result<Response<v1::User>, Status> {
-        let caller = self.authorize(&request).await?;
-        let name = request.into_inner().name;
-        user_name("name", &name)?;
+        let (caller, name) = self.user_call(request).await?;
         let user = self
             .storage
             .enable_user(&name)
@@ -1594,9 +1645,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<v1::UserRequest>,
     ) -> Result<Response<v1::CreateUserResponse>, Status> {
-        let caller = self.authorize(&request).await?;
-        let name = request.into_inner().name;
-        user_name("name", &name)?;
+        let (caller, name) = self.user_call(request).await?;
         let now = now_ms();
         let (code, code_hash, expires_at_ms) = new_setup_code(now);
         let user = self
@@ -1616,9 +1665,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<v1::UserRequest>,
     ) -> Result<Response<v1::User>, Status> {
-        let caller = self.authorize(&request).await?;
-        let name = request.into_inner().name;
-        user_name("name", &name)?;
+        let (caller, name) = self.user_call(request).await?;
         let user = self
             .storage
             .unlock_user(&name)

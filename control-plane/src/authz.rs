@@ -171,7 +171,12 @@ pub const METHODS: &[MethodRule] = {
         rule("RevokeDevice", StoreOps, Stores),
         rule("RequestDeviceLogs", StoreOps, Stores),
         rule("GetDeviceLogs", StoreOps, Stores),
+        // An emergency one is held for a second person's approval.
         rule("AssignBundle", Deploy, Stores),
+        rule("ListHeldAssignments", Read, Stores),
+        // Not by the person who asked for it (checked by the call).
+        rule("ApproveAssignment", Deploy, Stores),
+        rule("CancelAssignment", Deploy, Stores),
         rule("GetRepository", ReadRepository, Fleet),
         rule("ListBundles", ReadRepository, Fleet),
         rule("PublishBundle", Publish, Fleet),

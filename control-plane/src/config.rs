@@ -108,6 +108,9 @@ pub struct Config {
     /// A rollout selecting more devices than this needs a second caller's
     /// approval (`posfleet rollout approve`) before it starts.
     pub approval_threshold_devices: u64,
+    /// How long an emergency assignment (`posfleet device assign
+    /// --emergency`) waits for a second person's approval before it lapses.
+    pub held_assignment_expiry_seconds: u64,
     /// A file (mode 0600) holding 32 random bytes as hex, the same on every
     /// replica: the repository's online keys are then kept in the database,
     /// sealed with it, for every replica to sign with. Unset: they are files
@@ -167,6 +170,7 @@ impl Default for Config {
             log_follow_max_seconds: 600,
             log_request_max_bytes: 8 * 1024 * 1024,
             approval_threshold_devices: 100,
+            held_assignment_expiry_seconds: 24 * 3600,
             repository_key_encryption_key_path: None,
             session_lifetime_seconds: 12 * 3600,
             login_max_failures: 5,
@@ -306,6 +310,9 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub approval_threshold_devices: Option<u64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held_assignment_expiry_seconds: Option<u64>,
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub repository_key_encryption_key_path: Option<PathBuf>,
@@ -590,6 +597,11 @@ impl Config {
                 1..=10_000_000,
             ),
             (
+                "held_assignment_expiry_seconds",
+                self.held_assignment_expiry_seconds,
+                1..=7 * 86_400,
+            ),
+            (
                 "session_lifetime_seconds",
                 self.session_lifetime_seconds,
                 1..=30 * 86_400,
@@ -715,6 +727,10 @@ mod tests {
         check_err(
             &["--approval-threshold-devices", "0"],
             "approval_threshold_devices",
+        );
+        check_err(
+            &["--held-assignment-expiry-seconds", "0"],
+            "held_assignment_expiry_seconds",
         );
         check_err(
             &["--session-lifetime-seconds", "0"],

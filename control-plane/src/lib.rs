@@ -346,6 +346,7 @@ impl ControlPlane {
                 certificates: config.certificate_policy(),
                 tls: tls.clone(),
             }),
+            Duration::from_secs(config.held_assignment_expiry_seconds),
         ))
         // Publishing streams bundles in 1 MiB messages and carries whole
         // targets metadata files.

@@ -127,14 +127,22 @@ async fn bundles_are_assigned_to_devices_and_stores(backend: Backend) {
             .unwrap(),
         2
     );
-    // One device gets its own version, flags as given.
+    // One device gets its own version, flags as given: an emergency,
+    // so it applies once a second person approved it.
     let own = assign(
         Target::DeviceId(a.clone()),
         "pos-app@1.1.0",
         Some(false),
         true,
     );
-    assert_eq!(assigned(&mut admin, own).await.unwrap(), 1);
+    let req = admin.req(own);
+    let held = admin.client.assign_bundle(req).await.unwrap().into_inner();
+    assert_eq!(held.devices_assigned, 0);
+    let held = held.held.expect("an emergency assignment is held");
+    let (mut bob, _) = admin.with_new_user("bob", "deployer", &[]).await;
+    let req = bob.req(v1::HeldAssignmentRequest { id: held.id });
+    let approved = bob.client.approve_assignment(req).await.unwrap();
+    assert_eq!(approved.into_inner().devices_assigned, 1);
 
     let software = v1::BundleKind::Software;
     let catalog = v1::BundleKind::Catalog;

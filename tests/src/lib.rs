@@ -274,6 +274,19 @@ pub fn first_admin_session(
     setup_code: &str,
     netns: Option<&str>,
 ) -> anyhow::Result<String> {
+    person_session(url, ca_file, "admin", setup_code, netns)
+}
+
+/// Sets user `user` up through the real flow (their `setup_code`, then
+/// [`ADMIN_PASSWORD`] and a TOTP code) as [`first_admin_session`] does;
+/// returns their session token.
+pub fn person_session(
+    url: &str,
+    ca_file: Option<&Path>,
+    user: &str,
+    setup_code: &str,
+    netns: Option<&str>,
+) -> anyhow::Result<String> {
     let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())?;
     let tls = match ca_file {
         Some(path) => {
@@ -284,6 +297,7 @@ pub fn first_admin_session(
         None => None,
     };
     let code = setup_code.to_string();
+    let user = user.to_string();
     let netns = netns.map(|n| format!("/run/netns/{n}"));
     // On a thread of its own: the caller may be inside a runtime, and a
     // namespace is entered by one thread only.
@@ -300,7 +314,7 @@ pub fn first_admin_session(
         let done = runtime.block_on(async {
             posfleet_proto::setup::complete_setup(
                 posfleet_pki::grpc_channel(&endpoint, tls),
-                "admin",
+                &user,
                 &code,
                 ADMIN_PASSWORD,
             )
@@ -447,11 +461,37 @@ impl ControlPlane {
     /// The `posfleet` CLI against this control plane, to run as the test
     /// needs (in the background, say).
     pub fn cli_command(&self, args: &[&str]) -> Command {
+        self.cli_command_as(&self.admin_token_file(), args)
+    }
+
+    /// Creates user `name` with `role` (as the first admin), sets them up
+    /// as a person would, and returns the file holding their session: a
+    /// second person, for four-eyes approvals ([`ControlPlane::cli_as`]).
+    pub fn second_person(&self, name: &str, role: &str) -> PathBuf {
+        let created = self.cli_json(&["user", "create", name, "--role", role]);
+        let code = created["setup_code"].as_str().expect("a setup code");
+        let ca_file = self.tls.then(|| self.ca_file());
+        let token = person_session(&self.url(), ca_file.as_deref(), name, code, None)
+            .unwrap_or_else(|e| panic!("set up user {name}: {e:#}"));
+        let mut file = self.data_dir.as_os_str().to_owned();
+        file.push(format!(".{name}-session"));
+        let file = PathBuf::from(file);
+        write_private(&file, &format!("{token}\n"));
+        file
+    }
+
+    /// Runs the `posfleet` CLI with the session or token in `token_file`.
+    pub fn cli_as(&self, token_file: &Path, args: &[&str]) -> Output {
+        self.cli_command_as(token_file, args)
+            .output()
+            .expect("run posfleet")
+    }
+
+    fn cli_command_as(&self, token_file: &Path, args: &[&str]) -> Command {
         let mut command = Command::new(binary("posfleet"));
-        command.args(["--server", &self.url()]).args([
-            "--token-file",
-            self.admin_token_file().to_str().expect("utf-8 path"),
-        ]);
+        command
+            .args(["--server", &self.url()])
+            .args(["--token-file", token_file.to_str().expect("utf-8 path")]);
         if self.tls {
             command.arg("--ca-file").arg(self.ca_file());
         }

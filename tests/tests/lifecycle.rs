@@ -168,17 +168,37 @@ fn an_install_outside_the_window_waits_for_the_clock_to_enter_it() {
     assert_eq!(running_version(data), "1.0.0");
 
     // An emergency release ignores the window: out of it again, 1.0.1
-    // marked emergency installs at once.
+    // marked emergency installs at once, once a second person approved it.
     std::fs::write(&clock, "2026-06-02T12:00:00Z").unwrap();
     store.publish("1.0.1", true, 0);
-    check_ok(store.cp.cli(&[
+    let held = store.cp.cli_json(&[
         "device",
         "assign",
         "--store",
         "lyon-02",
         "pos-app@1.0.1",
         "--emergency",
-    ]));
+    ]);
+    assert_eq!(held["state"], "awaiting-approval", "{held}");
+    let id = held["id"].as_str().unwrap();
+    let listed = store.cp.cli(&["assignment", "list"]);
+    assert!(check_ok(listed).contains(id), "assignment list shows {id}");
+    // Nothing moves while it waits, and its requester cannot approve it.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(store.pos_app_statuses()[0]["target_version"], "1.0.0");
+    let refused = store.cp.cli(&["assignment", "approve", id]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("another person"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let bob = store.cp.second_person("bob", "deployer");
+    let approved = check_ok(store.cp.cli_as(&bob, &["assignment", "approve", id]));
+    assert!(
+        approved.contains("Approved emergency assignment"),
+        "{approved}"
+    );
     store.wait_for_all("installed", "1.0.1");
     assert_eq!(running_version(data), "1.0.1");
 }

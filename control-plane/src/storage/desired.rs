@@ -161,6 +161,49 @@ fn status_from_row(row: &AnyRow) -> Result<BundleStatusRecord, Error> {
     })
 }
 
+/// [`Storage::assign_bundle`] inside the caller's transaction.
+pub(super) async fn write_assignment(
+    conn: &mut sqlx::AnyConnection,
+    target: &AssignTarget,
+    bundle: &DesiredBundleRecord,
+    now_ms: i64,
+) -> Result<i64, Error> {
+    let (table, column, id) = match target {
+        AssignTarget::Device(id) => ("device_desired_bundles", "device_id", id),
+        AssignTarget::Store(id) => ("store_desired_bundles", "store_id", id),
+    };
+    sqlx::query(&format!(
+        "INSERT INTO {table} ({column}, name, version, kind, download_ahead, emergency, \
+         rollback, assigned_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+         ON CONFLICT ({column}, name) DO UPDATE SET version = excluded.version, \
+         kind = excluded.kind, download_ahead = excluded.download_ahead, \
+         emergency = excluded.emergency, rollback = excluded.rollback, \
+         assigned_at_ms = excluded.assigned_at_ms"
+    ))
+    .bind(id)
+    .bind(&bundle.name)
+    .bind(&bundle.version)
+    .bind(&bundle.kind)
+    .bind(i64::from(bundle.download_ahead))
+    .bind(i64::from(bundle.emergency))
+    .bind(i64::from(bundle.rollback))
+    .bind(now_ms)
+    .execute(&mut *conn)
+    .await?;
+    Ok(match target {
+        AssignTarget::Device(_) => 1,
+        AssignTarget::Store(store_id) => sqlx::query(
+            "SELECT COUNT(*) AS n FROM devices d WHERE d.store_id = $1 AND NOT EXISTS \
+             (SELECT 1 FROM device_desired_bundles o WHERE o.device_id = d.id AND o.name = $2)",
+        )
+        .bind(store_id)
+        .bind(&bundle.name)
+        .fetch_one(&mut *conn)
+        .await?
+        .try_get("n")?,
+    })
+}
+
 impl Storage {
     /// Sets the desired version of a bundle for a device or a store, and
     /// returns how many devices it now applies to: 1 for a device; for a
@@ -172,41 +215,8 @@ impl Storage {
         bundle: &DesiredBundleRecord,
         now_ms: i64,
     ) -> Result<i64, Error> {
-        let (table, column, id) = match target {
-            AssignTarget::Device(id) => ("device_desired_bundles", "device_id", id),
-            AssignTarget::Store(id) => ("store_desired_bundles", "store_id", id),
-        };
         let mut tx = self.pool.begin().await?;
-        sqlx::query(&format!(
-            "INSERT INTO {table} ({column}, name, version, kind, download_ahead, emergency, \
-             rollback, assigned_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-             ON CONFLICT ({column}, name) DO UPDATE SET version = excluded.version, \
-             kind = excluded.kind, download_ahead = excluded.download_ahead, \
-             emergency = excluded.emergency, rollback = excluded.rollback, \
-             assigned_at_ms = excluded.assigned_at_ms"
-        ))
-        .bind(id)
-        .bind(&bundle.name)
-        .bind(&bundle.version)
-        .bind(&bundle.kind)
-        .bind(i64::from(bundle.download_ahead))
-        .bind(i64::from(bundle.emergency))
-        .bind(i64::from(bundle.rollback))
-        .bind(now_ms)
-        .execute(&mut *tx)
-        .await?;
-        let assigned = match target {
-            AssignTarget::Device(_) => 1,
-            AssignTarget::Store(store_id) => sqlx::query(
-                "SELECT COUNT(*) AS n FROM devices d WHERE d.store_id = $1 AND NOT EXISTS \
-                 (SELECT 1 FROM device_desired_bundles o WHERE o.device_id = d.id AND o.name = $2)",
-            )
-            .bind(store_id)
-            .bind(&bundle.name)
-            .fetch_one(&mut *tx)
-            .await?
-            .try_get("n")?,
-        };
+        let assigned = write_assignment(&mut tx, target, bundle, now_ms).await?;
         tx.commit().await?;
         Ok(assigned)
     }

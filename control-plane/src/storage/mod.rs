@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use crate::error::Error;
 
+mod assignments;
 mod audit;
 mod desired;
 mod devices;
@@ -33,6 +34,7 @@ mod stores;
 mod users;
 mod webhooks;
 
+pub use assignments::{Decision, HeldAssignmentRecord, HeldState, NewHeldAssignment};
 pub use audit::{
     AUDIT_PENDING, AUDIT_ROW_OVERHEAD_BYTES, AdminTokenInfo, AdminTokenRecord,
     AdminTokenRevocation, AuditRecord, NewAdminToken, NewAuditEntry, UNAUTHENTICATED_ACTOR,
