@@ -101,6 +101,9 @@ pub struct Repository {
     blobs: Arc<dyn BlobStore>,
     snapshot_key: SigningKey,
     timestamp_key: SigningKey,
+    /// Held by this replica's task signing online metadata (with the
+    /// database's lock for other replicas, see [`Repository::signed_alone`]).
+    signing: tokio::sync::Mutex<()>,
 }
 
 /// A finished upload: the temporary file and what it holds.
@@ -122,7 +125,23 @@ impl Repository {
             metadata: MetadataCache::new(storage.clone()),
             storage,
             blobs,
+            signing: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Runs `sign_and_store` while no other task of this replica, nor (on
+    /// PostgreSQL) any other replica, signs online metadata: the snapshot
+    /// and timestamp versions it reads are still the latest when it stores
+    /// the next ones, so replicas never race for a version number.
+    async fn signed_alone<T, F>(&self, sign_and_store: impl FnOnce() -> F) -> Result<T, RepoError>
+    where
+        F: std::future::Future<Output = Result<T, RepoError>>,
+    {
+        let _this_replica = self.signing.lock().await;
+        let every_replica = self.storage.lock_online_signing().await?;
+        let result = sign_and_store().await;
+        every_replica.release().await;
+        result
     }
 
     /// Refuses to serve with online keys other than the ones an initialized
@@ -298,12 +317,16 @@ impl Repository {
             record(ROOT, 1, root_bytes, &root.expires)?,
             record(TARGETS, 1, targets_bytes, &targets.expires)?,
         ];
-        files.extend(self.sign_online(1, targets_bytes, now).await?);
-        if !self
-            .storage
-            .insert_metadata(&files, None, now.timestamp_millis())
-            .await?
-        {
+        let stored = self
+            .signed_alone(|| async {
+                files.extend(self.sign_online(1, targets_bytes, now).await?);
+                Ok(self
+                    .storage
+                    .insert_metadata(&files, None, now.timestamp_millis())
+                    .await?)
+            })
+            .await?;
+        if !stored {
             return Err(RepoError::AlreadyInitialized);
         }
         self.metadata.stored();
@@ -394,12 +417,18 @@ impl Repository {
             bundle = Some(self.store_upload(upload, &new, now).await?);
         }
         let mut files = vec![record(TARGETS, new.version, targets_bytes, &new.expires)?];
-        files.extend(self.sign_online(new.version, targets_bytes, now).await?);
-        if !self
-            .storage
-            .insert_metadata(&files, bundle.as_ref(), now.timestamp_millis())
-            .await?
-        {
+        let stored = self
+            .signed_alone(|| async {
+                files.extend(self.sign_online(new.version, targets_bytes, now).await?);
+                Ok(self
+                    .storage
+                    .insert_metadata(&files, bundle.as_ref(), now.timestamp_millis())
+                    .await?)
+            })
+            .await?;
+        // Only another publish of the same targets version gets here: the
+        // caller's targets metadata is stale.
+        if !stored {
             return Err(RepoError::Conflict);
         }
         self.metadata.stored();
@@ -473,6 +502,10 @@ impl Repository {
     /// Re-signs the snapshot (and timestamp) or the timestamp alone when half
     /// of its lifetime is gone. Returns true when something was signed.
     pub async fn refresh(&self, now: DateTime<Utc>) -> Result<bool, RepoError> {
+        self.signed_alone(|| self.refresh_alone(now)).await
+    }
+
+    async fn refresh_alone(&self, now: DateTime<Utc>) -> Result<bool, RepoError> {
         let Some((_, timestamp)) = self.latest(TIMESTAMP).await? else {
             return Ok(false);
         };
@@ -507,7 +540,7 @@ impl Repository {
         } else {
             return Ok(false);
         };
-        // Another replica may have signed first; that is fine.
+        // Signed alone, so only a database edited by hand refuses it.
         let signed = self
             .storage
             .insert_metadata(&files, None, now.timestamp_millis())

@@ -162,7 +162,44 @@ async fn replicas_share_the_online_keys_sealed_in_the_database(backend: Backend)
     db.cleanup().await;
 }
 
+/// Replicas sign online metadata one at a time: while one holds the
+/// signing lock another waits for it, and a holder that goes away without
+/// releasing it (a cancelled call) lets the next one in.
+async fn online_signing_is_one_replica_at_a_time(backend: Backend) {
+    use posfleet_control_plane::storage::Storage;
+    let s = setup(backend, |_| {}).await;
+    let first = Storage::connect(&s.db.url, 2).await.unwrap();
+    let second = Storage::connect(&s.db.url, 2).await.unwrap();
+    let held = first.lock_online_signing().await.unwrap();
+    let mut waiting = tokio::spawn(async move { second.lock_online_signing().await.unwrap() });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut waiting)
+            .await
+            .is_err(),
+        "a second replica took the lock while the first held it"
+    );
+    drop(held);
+    let taken = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("a dropped lock is released")
+        .unwrap();
+    taken.release().await;
+    tokio::time::timeout(Duration::from_secs(5), first.lock_online_signing())
+        .await
+        .expect("a released lock is free")
+        .unwrap()
+        .release()
+        .await;
+    s.finish().await;
+}
+
 mod postgres_only {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs PostgreSQL: set POSFLEET_TEST_POSTGRES_URL and pass --ignored (.ci/run does)"]
+    async fn online_signing_is_one_replica_at_a_time() {
+        super::online_signing_is_one_replica_at_a_time(super::Backend::Postgres).await
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[ignore = "needs PostgreSQL: set POSFLEET_TEST_POSTGRES_URL and pass --ignored (.ci/run does)"]
     async fn a_device_revoked_through_one_replica_is_refused_by_the_other_within_a_second() {

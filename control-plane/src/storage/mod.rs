@@ -50,7 +50,7 @@ pub use devices::{
 pub use enrollment::{EnrollError, EnrollmentTokenRecord, NewDevice};
 pub use events::{EventRecord, MAX_EVENTS_PER_PAGE, NewEvent};
 pub use logs::{LogLineRecord, LogRequestRecord, LogRequestState, NewLogRequest};
-pub use repository::{BundleRecord, MetadataRecord, SealedKey};
+pub use repository::{BundleRecord, MetadataRecord, OnlineSigningLock, SealedKey};
 pub use stats::{ActiveRollout, FleetSnapshot, StoreCounts};
 pub use stores::{StoreRecord, WindowRecord};
 pub use users::{Disabling, FinishedSetup, NewSession, NewUser, SessionRecord, UserRecord};

@@ -5,8 +5,28 @@
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::Storage;
+use super::{Backend, Storage};
 use crate::error::Error;
+
+/// Key of the PostgreSQL advisory lock held while a replica signs and
+/// stores online metadata ("posfrepo" in ASCII).
+const ONLINE_SIGNING_LOCK_KEY: i64 = 0x706f_7366_7265_706f;
+
+/// Held while online metadata is signed and stored (see
+/// [`Storage::lock_online_signing`]).
+pub struct OnlineSigningLock {
+    tx: Option<sqlx::Transaction<'static, sqlx::Any>>,
+}
+
+impl OnlineSigningLock {
+    /// Releases the lock (dropping it would too, when its connection goes
+    /// back to the pool and its transaction is rolled back).
+    pub async fn release(self) {
+        if let Some(tx) = self.tx {
+            let _ = tx.commit().await;
+        }
+    }
+}
 
 /// One signed metadata file of the bundle repository.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,6 +144,24 @@ impl Storage {
     /// Stores metadata files (and the bundle they publish) in one
     /// transaction. `Ok(false)` when one of the versions exists already:
     /// another change got there first, and nothing was written.
+    /// Makes replicas sign online metadata one at a time: on PostgreSQL a
+    /// transaction-level advisory lock, taken by a transaction of its own
+    /// that holds it until the returned lock is released or dropped (a
+    /// cancelled call cannot leave it held); on SQLite, which one process
+    /// serves, nothing.
+    pub async fn lock_online_signing(&self) -> Result<OnlineSigningLock, Error> {
+        if self.backend == Backend::Sqlite {
+            return Ok(OnlineSigningLock { tx: None });
+        }
+        let mut tx = self.pool.begin().await?;
+        // Wrapped: the Any driver cannot decode the lock function's `void`.
+        sqlx::query("SELECT 1 FROM (SELECT pg_advisory_xact_lock($1)) AS locked")
+            .bind(ONLINE_SIGNING_LOCK_KEY)
+            .execute(&mut *tx)
+            .await?;
+        Ok(OnlineSigningLock { tx: Some(tx) })
+    }
+
     pub async fn insert_metadata(
         &self,
         files: &[MetadataRecord],
