@@ -45,6 +45,21 @@ pub enum UserCommand {
     Reset { name: String },
     /// Lift the lockout that failed logins put on a user.
     Unlock { name: String },
+    /// Change a user's role or scope: it applies from their next call. A
+    /// user who is no longer an admin loses the tokens they made.
+    Update {
+        name: String,
+        /// The new role: viewer, publisher, deployer, store-ops or admin.
+        #[arg(long)]
+        role: Option<String>,
+        /// Confine them to the stores carrying this label, `key=value`
+        /// (repeat for several), instead of their current scope.
+        #[arg(long = "scope", value_parser = crate::parse_label, conflicts_with = "unscoped")]
+        scope: Vec<(String, String)>,
+        /// Confine them to no stores any more.
+        #[arg(long)]
+        unscoped: bool,
+    },
 }
 
 #[derive(Debug, Serialize)]
@@ -248,6 +263,30 @@ pub async fn run(admin: &mut Admin, command: UserCommand, output: Output) -> any
             .await
         }
         UserCommand::Enable { name } => one_user(admin, "enable", name, output, "Enabled").await,
+        UserCommand::Update {
+            name,
+            role,
+            scope,
+            unscoped,
+        } => {
+            if role.is_none() && scope.is_empty() && !unscoped {
+                anyhow::bail!("nothing to change: give --role, --scope or --unscoped");
+            }
+            let request = admin.request(v1::UpdateUserRequest {
+                name,
+                role: role.unwrap_or_default(),
+                scope: scope.into_iter().collect(),
+                clear_scope: unscoped,
+            });
+            let answer = admin.client.update_user(request).await;
+            let user = UserView::new(admin.answer(answer)?, now_unix_ms());
+            show(output, &user, || {
+                format!(
+                    "Updated (from their next call):\n{}\n",
+                    users_table(std::slice::from_ref(&user))
+                )
+            })
+        }
         UserCommand::Unlock { name } => one_user(admin, "unlock", name, output, "Unlocked").await,
     }
 }
@@ -282,6 +321,9 @@ mod tests {
                 "posfleet user enable alice",
                 "posfleet user reset alice",
                 "posfleet user unlock alice",
+                "posfleet user update alice --role admin",
+                "posfleet user update bob --scope region=us",
+                "posfleet user update bob --role viewer --unscoped",
                 "posfleet audit list --user alice",
             ],
             &[
@@ -290,6 +332,7 @@ mod tests {
                 "posfleet user create alice --role viewer --scope region",
                 "posfleet user disable",
                 "posfleet user reset",
+                "posfleet user update bob --scope region=us --unscoped",
                 "posfleet audit list --user",
             ],
         );

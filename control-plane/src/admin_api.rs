@@ -11,8 +11,8 @@ use crate::desired::DesiredCache;
 use crate::repository::{Repository, Upload};
 use crate::storage::{
     AdminTokenInfo, AdminTokenRevocation, AssignTarget, BundleRecord, DesiredBundleRecord,
-    DeviceFilter, DeviceRecord, Disabling, EnrollmentTokenRecord, NewAdminToken, NewUser,
-    StatusFilter, Storage, StoreRecord, UserRecord, WebhookRecord, WindowRecord,
+    DeviceFilter, DeviceRecord, EnrollmentTokenRecord, NewAdminToken, NewUser, StatusFilter,
+    Storage, StoreRecord, UserChange, UserRecord, WebhookRecord, WindowRecord,
 };
 use crate::timeout::STREAM_IDLE_TIMEOUT;
 use crate::validate::{self, invalid, label_key, slug, text, time_zone, user_name};
@@ -1614,9 +1614,9 @@ impl AdminService for AdminApi {
             )));
         }
         let user = match self.storage.disable_user(&name, now_ms()).await? {
-            Disabling::Disabled(user) => user,
-            Disabling::Unknown => return Err(unknown_user(&name)),
-            Disabling::LastAdmin => {
+            UserChange::Changed(user) => user,
+            UserChange::Unknown => return Err(unknown_user(&name)),
+            UserChange::LastAdmin => {
                 return Err(Status::failed_precondition(format!(
                     "{name} is the last enabled admin user; create (or enable) another admin \
                      first"
@@ -1673,6 +1673,74 @@ impl AdminService for AdminApi {
             .ok_or_else(|| unknown_user(&name))?;
         tracing::info!(user = %user.name, by = %caller.name, "User unlocked.");
         Ok(Response::new(user_view(user)))
+    }
+
+    async fn update_user(
+        &self,
+        request: Request<v1::UpdateUserRequest>,
+    ) -> Result<Response<v1::User>, Status> {
+        let caller = self.authorize(&request).await?;
+        let req = request.into_inner();
+        user_name("name", &req.name)?;
+        let user = self
+            .storage
+            .user_by_name(&req.name)
+            .await?
+            .ok_or_else(|| unknown_user(&req.name))?;
+        // An admin who demotes themselves (or whose own token does) loses
+        // the right to undo it: another admin does it.
+        if caller.person_id() == user.id {
+            return Err(Status::failed_precondition(format!(
+                "{} cannot change their own role or scope; another admin must",
+                user.name
+            )));
+        }
+        let role = match req.role.as_str() {
+            "" => parse_role(&user.role)?,
+            name => parse_role(name)?,
+        };
+        if !req.scope.is_empty() && req.clear_scope {
+            return Err(invalid("scope", "give a scope or clear it, not both"));
+        }
+        let scope_json = if req.clear_scope {
+            String::new()
+        } else if req.scope.is_empty() {
+            user.scope_json.clone()
+        } else {
+            parse_scope(&req.scope, role, "users")?
+                .as_ref()
+                .map(Scope::to_json)
+                .unwrap_or_default()
+        };
+        // A kept scope must still suit the new role.
+        let kept = Scope::from_json(&scope_json)
+            .map_err(|_| Status::internal("a stored scope does not parse"))?;
+        if kept.is_some() && !role.may_be_scoped() {
+            return Err(invalid(
+                "scope",
+                format!(
+                    "{role} users cannot be scoped to stores; clear {}'s scope (--unscoped) to \
+                     make them {role}",
+                    user.name
+                ),
+            ));
+        }
+        let user = match self
+            .storage
+            .update_user(&req.name, role.as_str(), &scope_json)
+            .await?
+        {
+            UserChange::Changed(user) => user,
+            UserChange::Unknown => return Err(unknown_user(&req.name)),
+            UserChange::LastAdmin => {
+                return Err(Status::failed_precondition(format!(
+                    "{} is the last enabled admin user; create (or enable) another admin first",
+                    req.name
+                )));
+            }
+        };
+        tracing::warn!(user = %user.name, role = %user.role, by = %caller.name, "User's role or scope changed.");
+        Ok(Response::new(user_view(*user)))
     }
 
     async fn get_certificate_authorities(

@@ -105,7 +105,7 @@ pub(crate) fn is_mutating(method: &str) -> bool {
 /// Checks `authorization: Bearer <credential>` at `now_ms` and returns who
 /// holds it: a user's session (live, the user enabled; their role and scope
 /// read from their row now, so a change applies at the next call), or an
-/// admin API token (live, not expired, its owner not disabled). Counts refusals in
+/// admin API token (live, not expired, its owner an enabled admin). Counts refusals in
 /// `posfleet_admin_auth_failures_total`.
 pub(crate) async fn authenticate(
     storage: &Storage,
@@ -177,6 +177,19 @@ async fn token_principal(storage: &Storage, token: &str, now_ms: i64) -> Result<
             record.name,
             record.owner,
             crate::format_ms(at)
+        )));
+    }
+    // Only admins make tokens: one whose maker is no longer an admin goes
+    // with the role.
+    if record
+        .owner_role
+        .as_deref()
+        .is_some_and(|role| role != Role::Admin.as_str())
+    {
+        return Err(Status::unauthenticated(format!(
+            "admin API token {} belongs to user {}, who is no longer an admin; an admin makes \
+             a new token if it is still needed",
+            record.name, record.owner
         )));
     }
     let what = format!("admin API token {}", record.name);
@@ -940,6 +953,17 @@ impl AuditTarget for v1::CreateUserRequest {
 impl AuditTarget for v1::UserRequest {
     fn audit_target(&self) -> Value {
         json!({"user": self.name})
+    }
+}
+
+impl AuditTarget for v1::UpdateUserRequest {
+    fn audit_target(&self) -> Value {
+        json!({
+            "user": self.name,
+            "role": self.role,
+            "scope": self.scope,
+            "clear_scope": self.clear_scope,
+        })
     }
 }
 

@@ -206,6 +206,7 @@ pub const METHODS: &[MethodRule] = {
         rule("CreateUser", Admin, Refused),
         rule("ListUsers", Admin, Refused),
         rule("DisableUser", Admin, Refused),
+        rule("UpdateUser", Admin, Refused),
         rule("EnableUser", Admin, Refused),
         rule("ResetUser", Admin, Refused),
         rule("UnlockUser", Admin, Refused),

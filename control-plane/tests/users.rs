@@ -809,11 +809,8 @@ async fn logins_are_rate_limited_per_source(backend: Backend) {
     s.finish().await;
 }
 
-/// A user confined to stores labelled region=eu sees and acts on those
-/// only.
-async fn a_scoped_user_stays_in_their_stores(backend: Backend) {
-    let s = setup(backend, |_| {}).await;
-    let mut admin = s.server.admin().await;
+/// Stores eu-1 (region=eu) and us-1 (region=us).
+async fn two_regions(admin: &mut Admin) {
     for (store, region) in [("eu-1", "eu"), ("us-1", "us")] {
         admin.store(store).await;
         let req = admin.req(v1::SetStoreLabelsRequest {
@@ -823,6 +820,116 @@ async fn a_scoped_user_stays_in_their_stores(backend: Backend) {
         });
         admin.client.set_store_labels(req).await.unwrap();
     }
+}
+
+async fn update(
+    admin: &mut Admin,
+    name: &str,
+    role: &str,
+    scope: &[(&str, &str)],
+    clear_scope: bool,
+) -> Result<v1::User, Status> {
+    let req = admin.req(v1::UpdateUserRequest {
+        name: name.into(),
+        role: role.into(),
+        scope: common::labels(scope),
+        clear_scope,
+    });
+    admin.client.update_user(req).await.map(|r| r.into_inner())
+}
+
+async fn store_ids(admin: &mut Admin) -> Vec<String> {
+    let stores = list_stores(admin).await.unwrap();
+    stores.into_iter().map(|s| s.id).collect()
+}
+
+/// An admin changes another user's role and scope: their live session
+/// works with the new ones from its next call, and the tokens they made as
+/// an admin stop once they are not one.
+async fn a_users_role_and_scope_change_from_their_next_call(backend: Backend) {
+    let s = setup(backend, |_| {}).await;
+    let mut admin = s.server.admin().await;
+    two_regions(&mut admin).await;
+    let mut lee = User::new(&mut admin, "lee", "viewer", &[]).await;
+    assert_status(
+        create_store(&mut lee.client, "lee-1").await,
+        Code::PermissionDenied,
+        "CreateStore needs admin",
+    );
+
+    let promoted = update(&mut admin, "lee", "admin", &[], false)
+        .await
+        .unwrap();
+    assert_eq!(promoted.role, "admin");
+    create_store(&mut lee.client, "lee-1").await.unwrap();
+    let req = lee.client.req(token_request("lee-bot", "admin"));
+    let bot = lee.client.client.create_admin_token(req).await.unwrap();
+    let mut bot = lee.with_token(&bot.into_inner().secret);
+    list_stores(&mut bot).await.unwrap();
+
+    // A deployer in region=eu: her session sees eu-1 only, her token stops.
+    let moved = update(&mut admin, "lee", "deployer", &[("region", "eu")], false)
+        .await
+        .unwrap();
+    assert_eq!((moved.role.as_str(), moved.scope.len()), ("deployer", 1));
+    assert_eq!(store_ids(&mut lee.client).await, ["eu-1"]);
+    assert_status(
+        list_stores(&mut bot).await,
+        Code::Unauthenticated,
+        "admin API token lee-bot belongs to user lee, who is no longer an admin",
+    );
+    // Unscoped again, role kept.
+    let unscoped = update(&mut admin, "lee", "", &[], true).await.unwrap();
+    assert_eq!(
+        (unscoped.role.as_str(), unscoped.scope.len()),
+        ("deployer", 0)
+    );
+    assert_eq!(store_ids(&mut lee.client).await.len(), 3);
+
+    // Refused: an admin with a scope, a scope kept for an admin, both a
+    // scope and clearing it, oneself, and an unknown user.
+    assert_status(
+        update(&mut admin, "lee", "admin", &[("region", "eu")], false).await,
+        Code::InvalidArgument,
+        "admin users cannot be scoped to stores",
+    );
+    update(&mut admin, "lee", "", &[("region", "eu")], false)
+        .await
+        .unwrap();
+    assert_status(
+        update(&mut admin, "lee", "admin", &[], false).await,
+        Code::InvalidArgument,
+        "clear lee's scope (--unscoped) to make them admin",
+    );
+    assert_status(
+        update(&mut admin, "lee", "", &[("region", "eu")], true).await,
+        Code::InvalidArgument,
+        "give a scope or clear it, not both",
+    );
+    assert_status(
+        update(&mut admin, "admin", "viewer", &[], false).await,
+        Code::FailedPrecondition,
+        "admin cannot change their own role or scope; another admin must",
+    );
+    assert_status(
+        update(&mut admin, "nobody", "viewer", &[], false).await,
+        Code::NotFound,
+        "unknown user nobody",
+    );
+    assert_status(
+        update(&mut lee.client, "admin", "viewer", &[], false).await,
+        Code::PermissionDenied,
+        "UpdateUser needs admin",
+    );
+    s.finish().await;
+}
+
+/// A user confined to stores labelled region=eu sees and acts on those
+/// only.
+async fn a_scoped_user_stays_in_their_stores(backend: Backend) {
+    let s = setup(backend, |_| {}).await;
+    let mut admin = s.server.admin().await;
+    two_regions(&mut admin).await;
     let mut kim = User::new(&mut admin, "kim", "deployer", &[("region", "eu")]).await;
     assert_eq!(
         kim.setup.session.scope.get("region").map(String::as_str),
@@ -965,6 +1072,7 @@ on_both_backends!(
     failed_logins_lock_the_user_until_an_admin_unlocks_them,
     sessions_end_by_expiry_logout_or_disabling,
     the_last_admin_and_oneself_cannot_be_disabled,
+    a_users_role_and_scope_change_from_their_next_call,
     a_reset_user_sets_up_again_and_setup_codes_work_once,
     expired_or_unknown_setups_are_refused,
     logins_are_rate_limited_per_source,

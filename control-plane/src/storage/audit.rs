@@ -42,6 +42,8 @@ pub struct AdminTokenRecord {
     pub owner: String,
     /// When the user it belongs to was disabled, if they are.
     pub owner_disabled_at_ms: Option<i64>,
+    /// The role the user it belongs to has now; `None` for nobody's.
+    pub owner_role: Option<String>,
 }
 
 /// An admin API token as `posfleet token list` shows it (never its secret,
@@ -162,7 +164,7 @@ impl Storage {
     ) -> Result<Option<AdminTokenRecord>, Error> {
         sqlx::query(
             "SELECT t.id, t.name, t.role, t.expires_at_ms, t.scope_json, t.owner_id, t.owner, \
-             u.disabled_at_ms AS owner_disabled_at_ms FROM admin_tokens t \
+             u.disabled_at_ms AS owner_disabled_at_ms, u.role AS owner_role FROM admin_tokens t \
              LEFT JOIN users u ON u.id = t.owner_id \
              WHERE t.secret_sha256 = $1 AND t.revoked_at_ms IS NULL",
         )
@@ -179,6 +181,7 @@ impl Storage {
                 owner_id: row.try_get("owner_id")?,
                 owner: row.try_get("owner")?,
                 owner_disabled_at_ms: row.try_get("owner_disabled_at_ms")?,
+                owner_role: row.try_get("owner_role")?,
             })
         })
         .transpose()

@@ -53,7 +53,7 @@ pub use logs::{LogLineRecord, LogRequestRecord, LogRequestState, NewLogRequest};
 pub use repository::{BundleRecord, MetadataRecord, OnlineSigningLock, SealedKey};
 pub use stats::{ActiveRollout, FleetSnapshot, StoreCounts};
 pub use stores::{StoreRecord, WindowRecord};
-pub use users::{Disabling, FinishedSetup, NewSession, NewUser, SessionRecord, UserRecord};
+pub use users::{FinishedSetup, NewSession, NewUser, SessionRecord, UserChange, UserRecord};
 pub use webhooks::{AttemptRecord, DeliveryRecord, DeliveryState, NewDelivery, WebhookRecord};
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations");

@@ -107,13 +107,15 @@ pub struct FinishedSetup<'a> {
     pub session: NewSession<'a>,
 }
 
-/// What disabling a user did.
+/// What disabling or updating a user did.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Disabling {
-    /// Disabled now, or already disabled (unchanged); their sessions ended.
-    Disabled(Box<UserRecord>),
+pub enum UserChange {
+    /// Done (or already so), as the user is now. Disabled: their sessions
+    /// ended.
+    Changed(Box<UserRecord>),
     Unknown,
-    /// The last enabled admin: disabling them would lock every operator out.
+    /// The last enabled admin: disabling them, or taking their admin role,
+    /// would lock every operator out. Nothing changed.
     LastAdmin,
 }
 
@@ -226,7 +228,7 @@ impl Storage {
 
     /// Disables user `name` and ends their sessions, unless they are the
     /// last enabled admin.
-    pub async fn disable_user(&self, name: &str, now_ms: i64) -> Result<Disabling, Error> {
+    pub async fn disable_user(&self, name: &str, now_ms: i64) -> Result<UserChange, Error> {
         let mut tx = self.pool.begin().await?;
         // One statement: the count of enabled admins is taken by the
         // update itself.
@@ -249,9 +251,39 @@ impl Storage {
         .await?;
         tx.commit().await?;
         Ok(match self.user_by_name(name).await? {
-            None => Disabling::Unknown,
-            Some(user) if user.disabled_at_ms.is_none() => Disabling::LastAdmin,
-            Some(user) => Disabling::Disabled(Box::new(user)),
+            None => UserChange::Unknown,
+            Some(user) if user.disabled_at_ms.is_none() => UserChange::LastAdmin,
+            Some(user) => UserChange::Changed(Box::new(user)),
+        })
+    }
+
+    /// Sets user `name`'s role and scope, unless that takes the admin role
+    /// from the last enabled admin ([`UserChange::LastAdmin`], nothing
+    /// changed).
+    pub async fn update_user(
+        &self,
+        name: &str,
+        role: &str,
+        scope_json: &str,
+    ) -> Result<UserChange, Error> {
+        // One statement: the count of enabled admins is taken by the
+        // update itself.
+        sqlx::query(
+            "UPDATE users SET role = $1, scope_json = $2 WHERE name = $3 AND ($1 = 'admin' \
+             OR role <> 'admin' OR disabled_at_ms IS NOT NULL OR (SELECT COUNT(*) FROM users \
+             WHERE role = 'admin' AND disabled_at_ms IS NULL) > 1)",
+        )
+        .bind(role)
+        .bind(scope_json)
+        .bind(name)
+        .execute(&self.pool)
+        .await?;
+        Ok(match self.user_by_name(name).await? {
+            None => UserChange::Unknown,
+            Some(user) if user.role != role || user.scope_json != scope_json => {
+                UserChange::LastAdmin
+            }
+            Some(user) => UserChange::Changed(Box::new(user)),
         })
     }
 

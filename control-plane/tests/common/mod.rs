@@ -473,10 +473,7 @@ impl Admin {
         let req = self.req(v1::CreateUserRequest {
             name: name.into(),
             role: role.into(),
-            scope: scope
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            scope: labels(scope),
         });
         self.client.create_user(req).await.unwrap().into_inner()
     }
@@ -718,6 +715,14 @@ pub fn assert_metric(text: &str, series: &str, expected: f64) {
         Some(expected),
         "{series} in:\n{text}"
     );
+}
+
+/// `key=value` pairs as a request's label map.
+pub fn labels(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 pub fn heartbeat(credential: &str, request: v1::HeartbeatRequest) -> Request<v1::HeartbeatRequest> {
