@@ -261,6 +261,28 @@ async fn deliveries(admin: &mut common::Admin, webhook_id: &str) -> Vec<v1::Webh
         .deliveries
 }
 
+/// The webhook's deliveries once `count` of them are on record as
+/// delivered: a receiver has the request before the dispatcher records
+/// its answer.
+async fn settled_deliveries(
+    admin: &mut common::Admin,
+    webhook_id: &str,
+    count: usize,
+) -> Vec<v1::WebhookDelivery> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let listed = deliveries(admin, webhook_id).await;
+        let done = listed
+            .iter()
+            .filter(|d| d.state() == v1::DeliveryState::Delivered)
+            .count();
+        if done >= count || Instant::now() > deadline {
+            return listed;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Commits events (kind, rollout id) in one transaction, the way the engine
 /// does; returns their seqs.
 async fn emit(storage: &Storage, events: &[(&str, &str)]) -> Vec<u64> {
@@ -349,7 +371,7 @@ async fn deliveries_are_retried_until_the_receiver_recovers(backend: Backend) {
     assert_eq!(flaky.requests().len(), 6 + 4);
 
     // The attempts are on record.
-    let listed = deliveries(&mut admin, &webhook_id).await;
+    let listed = settled_deliveries(&mut admin, &webhook_id, 6).await;
     assert_eq!(listed.len(), 6);
     let attempts: u32 = listed.iter().map(|d| d.attempts).sum();
     assert_eq!(attempts, 6 + 4);
@@ -673,7 +695,7 @@ async fn an_https_receiver_is_trusted_through_the_webhooks_ca(backend: Backend) 
     }
     let kinds: Vec<&str> = delivered.iter().map(|r| r.event.as_str()).collect();
     assert_eq!(kinds, ["rollout.started", "rollout.completed"]);
-    let listed = deliveries(&mut admin, &trusting_id).await;
+    let listed = settled_deliveries(&mut admin, &trusting_id, 2).await;
     assert_eq!(listed.len(), 2);
     assert!(
         listed
