@@ -8,11 +8,17 @@ use posfleet_e2e::{PostgresDb, Process, eventually, pos_app_source, psql_rows, s
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const STORES: [&str; 2] = ["lyon-01", "nice-01"];
 const TILLS_PER_STORE: usize = 3;
 const TIMEOUT: Duration = Duration::from_secs(120);
+/// What a revoked till logs when a replica refuses it (at the handshake,
+/// or per request on a connection opened before).
+const REFUSED: [&str; 2] = [
+    "This till's certificate is revoked: the control plane refuses it. Retrying with backoff.",
+    "Heartbeat refused.",
+];
 /// How long a killed replica stays down, and how long it serves again
 /// before the next one is killed.
 const DOWN_FOR: Duration = Duration::from_millis(1000);
@@ -345,6 +351,54 @@ fn three_replicas_on_postgres_behind_haproxy_survive_kill9_during_heartbeats_pub
             );
         }
     }
+
+    // A till revoked through HAProxy (so through one replica) is refused
+    // soon: within a second every replica knows, and the till's next
+    // heartbeats (1 s apart, each on a loaded machine) meet the refusal or
+    // a closed connection. From then on every replica refuses it:
+    // it retries on a new connection each time, spread over all of them,
+    // and none acknowledges it again.
+    let stolen = &tills[0];
+    let device = posfleet_e2e::enrolled_device_id(&stolen.data).unwrap();
+    operator.json(&["device", "revoke", &device, "--reason", "stolen"]);
+    let revoked_at = Instant::now();
+    let refused = eventually("the revoked till refused", TIMEOUT, || {
+        stolen.process.with_log(|log| {
+            log.iter()
+                .find(|l| {
+                    l.at >= revoked_at
+                        && REFUSED.contains(&l.value["message"].as_str().unwrap_or_default())
+                })
+                .map(|l| l.at)
+        })
+    });
+    assert!(
+        refused - revoked_at <= Duration::from_secs(4),
+        "refused {:?} after the revocation",
+        refused - revoked_at
+    );
+    let after_refusal = || -> Vec<String> {
+        stolen.process.with_log(|log| {
+            log.iter()
+                .filter(|l| l.at > refused)
+                .map(|l| l.text.clone())
+                .collect()
+        })
+    };
+    let refusals = |lines: &[String]| {
+        lines
+            .iter()
+            .filter(|l| REFUSED.iter().any(|r| l.contains(r)))
+            .count()
+    };
+    let within = eventually("three more refusals", TIMEOUT, || {
+        let lines = after_refusal();
+        (refusals(&lines) >= 3).then_some(lines)
+    });
+    assert!(
+        !within.iter().any(|l| l.contains("Heartbeat acknowledged.")),
+        "a replica served the revoked till: {within:#?}"
+    );
 
     // Nothing a till was told was acknowledged is missing: once the tills
     // stop, the database holds each one's last acknowledged heartbeat and
