@@ -457,20 +457,25 @@ impl ControlPlane {
     /// Runs the CLI with `--output json`, asserting success, and parses stdout.
     /// `posfleet store create`, named after its id.
     pub fn create_store(&self, store: &str, time_zone: &str) {
-        self.cli_json(&[
-            "store",
-            "create",
-            store,
-            "--name",
-            store,
-            "--time-zone",
-            time_zone,
-        ]);
+        self.cli_json(&create_store_args(store, time_zone));
     }
 
     pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
         cli_json(self.cli_command(&[]), args)
     }
+}
+
+/// `posfleet store create` of a store named after its id, in `time_zone`.
+pub fn create_store_args<'a>(store: &'a str, time_zone: &'a str) -> [&'a str; 7] {
+    [
+        "store",
+        "create",
+        store,
+        "--name",
+        store,
+        "--time-zone",
+        time_zone,
+    ]
 }
 
 /// The `posfleet` CLI against the control plane at `url` (trusting

@@ -184,15 +184,7 @@ fn three_replicas_on_postgres_behind_haproxy_survive_kill9_during_heartbeats_pub
     let agent_args: Vec<&str> = agent_args.iter().map(String::as_str).collect();
     let mut tills = Vec::new();
     for store in STORES {
-        operator.json(&[
-            "store",
-            "create",
-            store,
-            "--name",
-            store,
-            "--time-zone",
-            "UTC",
-        ]);
+        operator.json(&posfleet_e2e::create_store_args(store, "UTC"));
         let token = operator.json(&[
             "enroll-token",
             "create",
