@@ -779,6 +779,11 @@ impl Agent {
             Some(p2p) => p2p.stats().await.banned_peers,
             None => self.bans_reported,
         };
+        // What this heartbeat tells, logged (at debug) once acknowledged.
+        let told: std::collections::BTreeMap<String, String> = installed_bundles
+            .iter()
+            .map(|(name, version)| (name.clone(), version.clone()))
+            .collect();
         let mut request = Request::new(HeartbeatRequest {
             p2p_peers_banned: u32::try_from(banned.saturating_sub(self.bans_reported))
                 .unwrap_or(u32::MAX),
@@ -803,6 +808,7 @@ impl Agent {
                 .insert(posfleet_proto::AUTHORIZATION, authorization);
         }
         let mut response = self.client.heartbeat(request).await?.into_inner();
+        tracing::debug!(installed = ?told, "Heartbeat acknowledged.");
         self.bans_reported = banned;
         if let Some(peers) = response.store_peers.take() {
             self.set_store_peers(StorePeers::from_proto(peers)).await;
@@ -913,8 +919,18 @@ async fn report_progress(
                     .metadata_mut()
                     .insert(posfleet_proto::AUTHORIZATION, authorization.clone());
             }
+            let sent = request.get_ref().bundles.clone();
             match client.report_progress(request).await {
                 Ok(_) => {
+                    for bundle in sent {
+                        tracing::debug!(
+                            bundle = %bundle.name,
+                            target_version = %bundle.target_version,
+                            phase = ?bundle.phase(),
+                            updated_at_unix_ms = bundle.updated_at_unix_ms,
+                            "Bundle progress acknowledged."
+                        );
+                    }
                     backoff.reset();
                     break;
                 }

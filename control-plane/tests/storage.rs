@@ -153,6 +153,49 @@ async fn a_heartbeat_for_an_unknown_device_changes_nothing(backend: Backend) {
     db.cleanup().await;
 }
 
+/// Two replicas write a device's heartbeats: the one that received the
+/// older heartbeat writes its batch last (it was stopping, or retrying
+/// its write). The newer heartbeat stays.
+async fn a_late_batch_from_another_replica_leaves_a_newer_heartbeat(backend: Backend) {
+    let (storage, db, _dir) = open(backend).await;
+    let secret = token(&storage, 1).await;
+    storage.enroll_device(&secret, &device(1), 1).await.unwrap();
+    let record = |seen_at_ms: i64, version: &str| HeartbeatRecord {
+        device_id: "dev-000001".into(),
+        seen_at_ms,
+        heartbeat_interval_seconds: 30,
+        agent_version: "2.0".into(),
+        installed_bundles: BTreeMap::from([("pos-app".to_string(), version.to_string())]),
+        agent_uptime_seconds: 0,
+        health: Default::default(),
+    };
+    storage
+        .record_heartbeats(&[record(9_000, "1.1.0")])
+        .await
+        .unwrap();
+    storage
+        .record_heartbeats(&[record(8_000, "1.0.0")])
+        .await
+        .unwrap();
+    let seen = storage.get_device("dev-000001").await.unwrap().unwrap();
+    assert_eq!(seen.last_seen_ms, 9_000);
+    assert_eq!(seen.installed_bundles["pos-app"], "1.1.0");
+    // The same heartbeat written twice, and a newer one, are taken.
+    storage
+        .record_heartbeats(&[record(9_000, "1.1.0")])
+        .await
+        .unwrap();
+    storage
+        .record_heartbeats(&[record(10_000, "1.2.0")])
+        .await
+        .unwrap();
+    let seen = storage.get_device("dev-000001").await.unwrap().unwrap();
+    assert_eq!(seen.last_seen_ms, 10_000);
+    assert_eq!(seen.installed_bundles["pos-app"], "1.2.0");
+    storage.close().await;
+    db.cleanup().await;
+}
+
 async fn bundle_reports_keep_the_newest_and_ties_go_to_the_later(backend: Backend) {
     let (storage, db, _dir) = open(backend).await;
     let secret = token(&storage, 1).await;
@@ -350,6 +393,7 @@ on_both_backends!(
     concurrent_enrollments_spend_exactly_the_tokens_uses,
     heartbeat_batches_span_several_statements,
     a_heartbeat_for_an_unknown_device_changes_nothing,
+    a_late_batch_from_another_replica_leaves_a_newer_heartbeat,
     bundle_reports_keep_the_newest_and_ties_go_to_the_later,
     the_desired_state_merges_device_and_store_rows,
     the_membership_list_follows_enrollments_addresses_and_revocations,

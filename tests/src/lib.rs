@@ -8,6 +8,7 @@ pub mod fleet;
 pub mod kill9;
 pub mod link;
 pub mod prometheus;
+pub mod replicas;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -488,42 +489,64 @@ impl ControlPlane {
     }
 
     fn cli_command_as(&self, token_file: &Path, args: &[&str]) -> Command {
-        let mut command = Command::new(binary("posfleet"));
-        command
-            .args(["--server", &self.url()])
-            .args(["--token-file", token_file.to_str().expect("utf-8 path")]);
-        if self.tls {
-            command.arg("--ca-file").arg(self.ca_file());
-        }
+        let ca_file = self.tls.then(|| self.ca_file());
+        let mut command = cli_command_at(&self.url(), token_file, ca_file.as_deref());
         command.args(args);
         command
     }
 
-    /// Runs the CLI with `--output json`, asserting success, and parses stdout.
     /// `posfleet store create`, named after its id.
     pub fn create_store(&self, store: &str, time_zone: &str) {
-        self.cli_json(&[
-            "store",
-            "create",
-            store,
-            "--name",
-            store,
-            "--time-zone",
-            time_zone,
-        ]);
+        self.cli_json(&create_store_args(store, time_zone));
     }
 
+    /// Runs the CLI with `--output json`, asserting success, and parses stdout.
     pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
-        let mut all = vec!["--output", "json"];
-        all.extend_from_slice(args);
-        let output = self.cli(&all);
-        assert!(
-            output.status.success(),
-            "posfleet {args:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        serde_json::from_slice(&output.stdout).expect("JSON output")
+        cli_json(self.cli_command(&[]), args)
     }
+}
+
+/// `posfleet store create` of a store named after its id, in `time_zone`.
+pub fn create_store_args<'a>(store: &'a str, time_zone: &'a str) -> [&'a str; 7] {
+    [
+        "store",
+        "create",
+        store,
+        "--name",
+        store,
+        "--time-zone",
+        time_zone,
+    ]
+}
+
+/// The `posfleet` CLI against the control plane at `url` (trusting
+/// `ca_file` over TLS), with the session in `token_file`.
+pub fn cli_command_at(url: &str, token_file: &Path, ca_file: Option<&Path>) -> Command {
+    let mut command = Command::new(binary("posfleet"));
+    command
+        .args(["--server", url])
+        .arg("--token-file")
+        .arg(token_file);
+    if let Some(ca_file) = ca_file {
+        command.arg("--ca-file").arg(ca_file);
+    }
+    command
+}
+
+/// Runs `command` (the CLI, see [`cli_command_at`]) with `--output json`
+/// and `args`, asserting success, and parses stdout.
+pub fn cli_json(mut command: Command, args: &[&str]) -> serde_json::Value {
+    let output = command
+        .args(["--output", "json"])
+        .args(args)
+        .output()
+        .expect("run posfleet");
+    assert!(
+        output.status.success(),
+        "posfleet {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("JSON output")
 }
 
 /// `posfleet-control-plane restore --from DIR` into `data_dir` and the
@@ -729,6 +752,32 @@ fn psql(url: &str, sql: &str) {
         .status()
         .expect("run psql");
     assert!(status.success(), "psql {sql} failed");
+}
+
+/// The rows `sql` returns from the database at `url`, each a list of
+/// its columns as text (read with `psql`, as an operator would).
+pub fn psql_rows(url: &str, sql: &str) -> Vec<Vec<String>> {
+    let out = check_ok(
+        Command::new("psql")
+            .args([
+                url,
+                "-q",
+                "-A",
+                "-t",
+                "-F",
+                "\t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                sql,
+            ])
+            .output()
+            .expect("run psql"),
+    );
+    out.lines()
+        .filter(|line| !line.is_empty())
+        .map(|line| line.split('\t').map(str::to_string).collect())
+        .collect()
 }
 
 /// Asserts a command succeeded and returns its stdout.

@@ -103,6 +103,20 @@ impl Failure {
     }
 }
 
+/// A download cut off because neither the control plane nor the store's
+/// peers answered (a control-plane replica killed under it, the WAN down)
+/// waits and is tried again from where it stopped: that is not the
+/// release's fault, and a rollout must not count it as a failure. Any
+/// other error (a piece that does not verify, a refusal) fails it.
+fn download_failure(target: &str, error: RepoError) -> Failure {
+    let message = format!("download of {target} failed: {error}");
+    if error.is_unreachable() {
+        Failure::waiting(message)
+    } else {
+        Failure::retry(message)
+    }
+}
+
 /// Free bytes of the filesystem holding `path`.
 fn free_bytes(path: &Path) -> Option<u64> {
     nix::sys::statvfs::statvfs(path)
@@ -515,7 +529,10 @@ impl Run {
         }
         self.publish(false);
         let fetcher = self.lifecycle.fetcher.clone();
-        let list = fetcher.chunk_list(target).await.map_err(Failure::retry)?;
+        let list = fetcher
+            .chunk_list(target)
+            .await
+            .map_err(|e| download_failure(target.name(), e))?;
         let done = Arc::new(AtomicU64::new(0));
         let progress = {
             let done = done.clone();
@@ -543,8 +560,7 @@ impl Run {
         if let Some(status) = self.statuses.get_mut(&desired.name) {
             status.bytes_done = done.load(Ordering::Relaxed);
         }
-        let received = result
-            .map_err(|e| Failure::retry(format!("download of {} failed: {e}", target.name())))?;
+        let received = result.map_err(|e| download_failure(target.name(), e))?;
         if let Some(status) = self.statuses.get_mut(&desired.name) {
             status.bytes_from_origin += received.from_origin;
             status.bytes_from_peers += received.from_peers;
@@ -667,5 +683,48 @@ fn humanize(d: chrono::TimeDelta) -> String {
         format!("{}h{:02}m", minutes / 60, minutes % 60)
     } else {
         format!("{minutes}m")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unreachable_origin_makes_a_download_wait_and_anything_else_fail_it() {
+        let url = || "https://cp.example:7401/repo/chunks/ab".to_string();
+        for (error, waiting) in [
+            (
+                RepoError::Unreachable {
+                    url: url(),
+                    message: "connection reset".into(),
+                },
+                true,
+            ),
+            (
+                RepoError::Timeout {
+                    url: url(),
+                    seconds: 30,
+                },
+                true,
+            ),
+            (
+                RepoError::Fetch {
+                    url: url(),
+                    message: "HTTP 404".into(),
+                },
+                false,
+            ),
+            (
+                RepoError::Refused(posfleet_bundle::Error::ChunkListMismatch),
+                false,
+            ),
+        ] {
+            let text = error.to_string();
+            let failure = download_failure("pos-app/1.1.0", error);
+            assert_eq!(failure.waiting, waiting, "{text}");
+            assert!(!failure.permanent, "{text}");
+            assert!(failure.message.contains(&text), "{}", failure.message);
+        }
     }
 }

@@ -202,8 +202,9 @@ impl Storage {
             .transpose()
     }
 
-    /// Writes a batch of heartbeats in a few multi-row statements. The caller
-    /// keeps at most one heartbeat per device in a batch.
+    /// Writes a batch of heartbeats in a few multi-row statements, each
+    /// unless the device was seen later already. The caller keeps at most
+    /// one heartbeat per device in a batch.
     pub async fn record_heartbeats(&self, batch: &[HeartbeatRecord]) -> Result<(), Error> {
         for chunk in batch.chunks(HEARTBEAT_ROWS_PER_STATEMENT) {
             let mut sql = String::from(
@@ -243,7 +244,12 @@ impl Storage {
                     Param::Text(peripherals),
                 ]);
             }
-            sql.push_str(") AS v WHERE devices.id = v.column1");
+            // A batch another replica wrote later may hold a newer
+            // heartbeat of the device (it reconnected there while this
+            // replica was stopping, or retrying its write): that one stays.
+            sql.push_str(
+                ") AS v WHERE devices.id = v.column1 AND devices.last_seen_ms <= v.column2",
+            );
             bind_all(sqlx::query(&sql).persistent(false), params)
                 .execute(&self.pool)
                 .await?;

@@ -60,6 +60,13 @@
 //!
 //!     cargo run --release -p posfleet-e2e --bin fleet-sim -- --tls --devices 20000
 //!
+//! With `--replicas N`, none of the above: N control-plane replicas on one
+//! PostgreSQL database behind HAProxy, heartbeats measured through it to
+//! one, two, … N of them in one run (see `replicas`).
+//!
+//!     cargo run --release -p posfleet-e2e --bin fleet-sim -- --replicas 3 \
+//!         --database postgres --devices 10000 --connections 6 --phase-seconds 15
+//!
 //! The simulator enrolls its whole fleet through one address, which no
 //! store does, so it turns the per-address `Enroll` limit off
 //! (`--peer-enroll-calls-per-minute 0`); the limit on refused calls keeps
@@ -170,6 +177,11 @@ struct Args {
     /// agent's default).
     #[arg(long, default_value_t = 300)]
     max_backoff_seconds: u64,
+    /// Heartbeats through HAProxy to one, two, … this many replicas on one
+    /// PostgreSQL database, side by side (see `replicas`), instead of the
+    /// phases above.
+    #[arg(long, default_value_t = 0)]
+    replicas: usize,
 }
 
 /// How a simulated till reaches the control plane (`--tls`).
@@ -393,6 +405,35 @@ where
         all.extend(worker.expect("worker task"));
     }
     all
+}
+
+/// One heartbeat from every device, `concurrency` in flight.
+async fn every_device_once(
+    sim: &Arc<Sim>,
+    concurrency: usize,
+) -> Vec<(Result<(), Code>, Duration)> {
+    let s = sim.clone();
+    closed_loop(sim.devices.len(), concurrency, None, move |i| {
+        let s = s.clone();
+        async move { s.heartbeat(i).await }
+    })
+    .await
+}
+
+/// Heartbeats as fast as they are answered, `concurrency` in flight, for
+/// `seconds`.
+async fn saturate(
+    sim: &Arc<Sim>,
+    concurrency: usize,
+    seconds: u64,
+) -> Vec<(Result<(), Code>, Duration)> {
+    let s = sim.clone();
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    closed_loop(usize::MAX, concurrency, Some(deadline), move |i| {
+        let s = s.clone();
+        async move { s.heartbeat(i).await }
+    })
+    .await
 }
 
 /// `rate` requests per second for `seconds`, each timed from when it was due.
@@ -676,6 +717,9 @@ async fn main() -> anyhow::Result<()> {
     if args.tls {
         return connections::run(&args, open_files).await;
     }
+    if args.replicas > 0 {
+        return replicas::run(&args).await;
+    }
     let dir = tempfile::tempdir()?;
     let postgres = match args.database {
         Database::Sqlite => None,
@@ -708,48 +752,8 @@ async fn main() -> anyhow::Result<()> {
     );
     let tokens = create_stores(&mut admin_client, &bearer, stores, args.devices_per_store).await?;
 
-    // Enrollment: every device its own key, proof of possession, credential.
-    let enroll_channels = channels.clone();
-    let tokens = Arc::new(tokens);
-    let per_store = args.devices_per_store;
-    let credentials = Arc::new(std::sync::Mutex::new(vec![String::new(); args.devices]));
-    let sink = credentials.clone();
-    let started = Instant::now();
-    let results = closed_loop(args.devices, 64, None, move |i| {
-        let channel = enroll_channels[i % enroll_channels.len()].clone();
-        let token = tokens[i / per_store].clone();
-        let sink = sink.clone();
-        async move {
-            let key = SigningKey::generate(&mut rand::rngs::OsRng);
-            let request = enroll_request(&key, token, format!("SIM-{i:07}"), Vec::new());
-            let response = AgentServiceClient::new(channel)
-                .enroll(request)
-                .await
-                .map_err(|s| s.code())?;
-            sink.lock().expect("lock")[i] = response.into_inner().device_credential;
-            Ok(())
-        }
-    })
-    .await;
-    let enrollment_seconds = started.elapsed().as_secs_f64();
-    let failed = results.iter().filter(|(r, _)| r.is_err()).count();
-    anyhow::ensure!(failed == 0, "{failed} enrollments failed");
-    eprintln!(
-        "  enrolled {} devices in {enrollment_seconds:.1}s ({:.0}/s)",
-        args.devices,
-        args.devices as f64 / enrollment_seconds
-    );
-    let devices = credentials
-        .lock()
-        .expect("lock")
-        .iter()
-        .map(|c| {
-            Ok(Device {
-                authorization: Some(format!("Device {c}").parse()?),
-                upgraded: AtomicBool::new(false),
-            })
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (devices, enrollment_seconds) =
+        enroll_fleet(&channels, tokens, args.devices, args.devices_per_store).await?;
     let sim = Arc::new(Sim {
         channels: channels.clone(),
         devices,
@@ -758,12 +762,7 @@ async fn main() -> anyhow::Result<()> {
 
     let mut phases = Vec::new();
     let meter = Meter::start(pid);
-    let s = sim.clone();
-    let results = closed_loop(args.devices, args.concurrency, None, move |i| {
-        let s = s.clone();
-        async move { s.heartbeat(i).await }
-    })
-    .await;
+    let results = every_device_once(&sim, args.concurrency).await;
     phases.push(meter.finish(
         "first heartbeat of every device (cold cache)",
         "closed loop",
@@ -790,13 +789,7 @@ async fn main() -> anyhow::Result<()> {
         print_phase(phases.last().expect("pushed"));
 
         let meter = Meter::start(pid);
-        let s = sim.clone();
-        let deadline = Instant::now() + Duration::from_secs(args.phase_seconds);
-        let results = closed_loop(usize::MAX, args.concurrency, Some(deadline), move |i| {
-            let s = s.clone();
-            async move { s.heartbeat(i).await }
-        })
-        .await;
+        let results = saturate(&sim, args.concurrency, args.phase_seconds).await;
         phases.push(meter.finish("max throughput", "closed loop", None, results));
         print_phase(phases.last().expect("pushed"));
     }
@@ -907,6 +900,62 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Enrolls `count` simulated devices over `channels`, 64 at a time, each
+/// with its own key (proof of possession) and `tokens[i / per_store]`;
+/// returns them with their credentials, and the seconds it took.
+async fn enroll_fleet(
+    channels: &[Channel],
+    tokens: Vec<String>,
+    count: usize,
+    per_store: usize,
+) -> anyhow::Result<(Vec<Device>, f64)> {
+    let enroll_channels = channels.to_vec();
+    let tokens = Arc::new(tokens);
+    let credentials = Arc::new(std::sync::Mutex::new(vec![String::new(); count]));
+    let sink = credentials.clone();
+    let started = Instant::now();
+    let results = closed_loop(count, 64, None, move |i| {
+        let channel = enroll_channels[i % enroll_channels.len()].clone();
+        let token = tokens[i / per_store].clone();
+        let sink = sink.clone();
+        async move {
+            let key = SigningKey::generate(&mut rand::rngs::OsRng);
+            let request = enroll_request(&key, token, format!("SIM-{i:07}"), Vec::new());
+            let response = AgentServiceClient::new(channel)
+                .enroll(request)
+                .await
+                .map_err(|s| s.code())?;
+            sink.lock().expect("lock")[i] = response.into_inner().device_credential;
+            Ok(())
+        }
+    })
+    .await;
+    let enrollment_seconds = started.elapsed().as_secs_f64();
+    let mut failed: BTreeMap<String, usize> = BTreeMap::new();
+    for (result, _) in &results {
+        if let Err(code) = result {
+            *failed.entry(format!("{code:?}")).or_default() += 1;
+        }
+    }
+    anyhow::ensure!(failed.is_empty(), "enrollments failed: {failed:?}");
+    eprintln!(
+        "  enrolled {count} devices in {enrollment_seconds:.1}s ({:.0}/s)",
+        count as f64 / enrollment_seconds
+    );
+    let devices = credentials
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|c| {
+            Ok(Device {
+                authorization: Some(format!("Device {c}").parse()?),
+                upgraded: AtomicBool::new(false),
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok((devices, enrollment_seconds))
 }
 
 /// Latency of a set of heartbeats.
@@ -1447,6 +1496,9 @@ fn raise_open_files_limit(wanted: u64) -> anyhow::Result<u64> {
     }
     Ok(hard)
 }
+
+#[path = "fleet-sim/replicas.rs"]
+mod replicas;
 
 /// `--tls`: every simulated till on a connection of its own, as real tills
 /// are, over plaintext and over mutual TLS side by side.
