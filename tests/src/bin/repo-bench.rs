@@ -60,8 +60,13 @@ struct SourceFigures {
 
 #[derive(Debug, Serialize)]
 struct Figures {
+    benchmark: &'static str,
     command: String,
+    /// The commit measured (`git describe`).
+    commit: Option<String>,
+    /// The build the binaries are (`release` or `debug`).
     profile: &'static str,
+    moto_version: Option<String>,
     target_bytes: u64,
     runs: usize,
     sources: BTreeMap<&'static str, SourceFigures>,
@@ -175,7 +180,7 @@ fn main() -> anyhow::Result<()> {
     };
     let dir = tempfile::tempdir()?;
     let d = dir.path();
-    let moto = Moto::start_program(program);
+    let moto = Moto::start_program(program.clone());
     let moto_pid = moto.process.pid();
 
     let configs = [
@@ -278,7 +283,10 @@ fn main() -> anyhow::Result<()> {
     }
 
     let figures = Figures {
+        benchmark: "repo-bench",
         command: command_line(),
+        commit: posfleet_e2e::measured_commit(),
+        moto_version: moto_version(&program),
         profile: if cfg!(debug_assertions) {
             "debug"
         } else {
@@ -312,6 +320,16 @@ fn main() -> anyhow::Result<()> {
         .with_context(|| format!("cannot write {}", args.output.display()))?;
     println!("{}", serde_json::to_string_pretty(&figures)?);
     Ok(())
+}
+
+/// moto's version, asked of the Python beside `moto_server` (a venv's).
+fn moto_version(program: &Path) -> Option<String> {
+    let out = std::process::Command::new(program.parent()?.join("python"))
+        .args(["-c", "import moto; print(moto.__version__)"])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (out.status.success() && !text.is_empty()).then_some(text)
 }
 
 fn path_str(path: &Path) -> anyhow::Result<&str> {
