@@ -63,6 +63,30 @@ pub(crate) fn verified_prefix(file: &mut std::fs::File, list: &ChunkList) -> std
     Ok(have)
 }
 
+/// Redirects are followed (a control plane with
+/// `repo_redirect_to_object_store` sends blob requests to presigned URLs of
+/// its object store; the bytes are verified against the signed chunk list
+/// wherever they come from), at most `MAX_REDIRECTS` of them, never from
+/// https to plain http. The target is reached with the same TLS settings:
+/// on a TLS fleet it must present a certificate the till trusts.
+fn redirect_policy() -> reqwest::redirect::Policy {
+    const MAX_REDIRECTS: usize = 5;
+    reqwest::redirect::Policy::custom(|attempt| {
+        let downgrade = attempt
+            .previous()
+            .first()
+            .is_some_and(|first| first.scheme() == "https")
+            && attempt.url().scheme() != "https";
+        if downgrade {
+            attempt.error("refused a redirect from https to plain http")
+        } else if attempt.previous().len() > MAX_REDIRECTS {
+            attempt.error("too many redirects")
+        } else {
+            attempt.follow()
+        }
+    })
+}
+
 /// The control plane's `/repo/` over HTTP, with Range resumption. Clones
 /// share one HTTP client, so a renewed certificate reaches them all.
 #[derive(Clone)]
@@ -126,7 +150,8 @@ impl Origin {
     ) -> Result<reqwest::Client, RepoError> {
         let builder = reqwest::Client::builder()
             .connect_timeout(timeouts.metadata)
-            .read_timeout(timeouts.stall);
+            .read_timeout(timeouts.stall)
+            .redirect(redirect_policy());
         let builder = match tls {
             Some(mut tls) => {
                 tls.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -307,6 +332,14 @@ impl Origin {
         match response.status() {
             reqwest::StatusCode::PARTIAL_CONTENT if !whole => {}
             reqwest::StatusCode::OK if whole => {}
+            // A gateway, or the control plane's object store, is down:
+            // the store's peers may help, else a later try.
+            status if matches!(status.as_u16(), 502..=504) => {
+                return Err(RepoError::Unreachable {
+                    url: url.clone(),
+                    message: format!("HTTP {status}"),
+                });
+            }
             status => {
                 return Err(RepoError::Fetch {
                     url: url.clone(),

@@ -128,6 +128,39 @@ pub struct Config {
     /// may make per minute, that many at once at most; over it,
     /// `RESOURCE_EXHAUSTED`. 0 turns the limit off. Per replica.
     pub login_rate_per_minute: u32,
+    /// Where bundle blobs are kept: empty for `data_dir/blobs`, or
+    /// `s3://bucket/prefix` for any S3-compatible object store (the
+    /// bucket must exist).
+    pub blob_store_url: String,
+    /// The S3 API's address when it is not AWS's (MinIO, Ceph, a test
+    /// server), e.g. `https://s3.example:9000`. Empty: AWS, or `AWS_ENDPOINT`.
+    pub blob_store_endpoint: String,
+    /// Empty: `AWS_REGION` / `AWS_DEFAULT_REGION`, else `us-east-1`.
+    pub blob_store_region: String,
+    /// Empty: `AWS_ACCESS_KEY_ID` (or the instance's role).
+    pub blob_store_access_key_id: String,
+    /// Empty: `AWS_SECRET_ACCESS_KEY`. Kept out of logs.
+    pub blob_store_secret_access_key: Secret,
+    /// Allow an `http://` endpoint: credentials are signed, not sent, but
+    /// bundles cross the network in clear. For a test server.
+    pub blob_store_allow_http: bool,
+    /// `/repo/` answers a request for a bundle's bytes or chunk list with a
+    /// redirect to a short-lived presigned URL of the object store, which
+    /// tills must then reach and trust (see the README).
+    pub repo_redirect_to_object_store: bool,
+    /// How long a presigned URL of a redirect is valid.
+    pub repo_redirect_expiry_seconds: u64,
+}
+
+/// A setting that is never printed (`Debug` shows whether it is set).
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"***\"" })
+    }
 }
 
 impl Default for Config {
@@ -176,6 +209,14 @@ impl Default for Config {
             login_max_failures: 5,
             login_lockout_seconds: 900,
             login_rate_per_minute: 10,
+            blob_store_url: String::new(),
+            blob_store_endpoint: String::new(),
+            blob_store_region: String::new(),
+            blob_store_access_key_id: String::new(),
+            blob_store_secret_access_key: Secret::default(),
+            blob_store_allow_http: false,
+            repo_redirect_to_object_store: false,
+            repo_redirect_expiry_seconds: 300,
         }
     }
 }
@@ -328,6 +369,29 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub login_rate_per_minute: Option<u32>,
+    /// `s3://bucket/prefix`; the secret key only from the file or
+    /// `POSFLEET_BLOB_STORE_SECRET_ACCESS_KEY` / `AWS_SECRET_ACCESS_KEY`.
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blob_store_url: Option<String>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blob_store_endpoint: Option<String>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blob_store_region: Option<String>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blob_store_access_key_id: Option<String>,
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub blob_store_allow_http: bool,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub repo_redirect_to_object_store: bool,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repo_redirect_expiry_seconds: Option<u64>,
 }
 
 /// What the program does besides serving; both read the server's
@@ -639,10 +703,84 @@ impl Config {
                 ));
             }
         }
+        self.validate_blob_store()?;
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::new("data_dir", "must not be empty"));
         }
         posfleet_runtime::logging::check_log_level(&self.log_level)?;
+        Ok(())
+    }
+
+    /// `blob_store_url` and the settings that go with it.
+    fn validate_blob_store(&self) -> Result<(), ConfigError> {
+        let location = crate::blobs::Location::parse(&self.blob_store_url)
+            .map_err(|message| ConfigError::new("blob_store_url", message))?;
+        let s3 = matches!(location, crate::blobs::Location::S3 { .. });
+        let s3_settings = [
+            ("blob_store_endpoint", !self.blob_store_endpoint.is_empty()),
+            ("blob_store_region", !self.blob_store_region.is_empty()),
+            (
+                "blob_store_access_key_id",
+                !self.blob_store_access_key_id.is_empty(),
+            ),
+            (
+                "blob_store_secret_access_key",
+                !self.blob_store_secret_access_key.0.is_empty(),
+            ),
+            ("blob_store_allow_http", self.blob_store_allow_http),
+            (
+                "repo_redirect_to_object_store",
+                self.repo_redirect_to_object_store,
+            ),
+        ];
+        if let Some((key, _)) = s3_settings.iter().find(|(_, set)| *set && !s3) {
+            return Err(ConfigError::new(
+                key,
+                "is for an object store: set blob_store_url = \"s3://bucket/prefix\" too",
+            ));
+        }
+        let endpoint = &self.blob_store_endpoint;
+        if !endpoint.is_empty() {
+            let (scheme, host) = endpoint.split_once("://").unwrap_or(("", ""));
+            if !matches!(scheme, "http" | "https") || host.is_empty() {
+                return Err(ConfigError::new(
+                    "blob_store_endpoint",
+                    format!("`{endpoint}` is not a URL like https://s3.example:9000"),
+                ));
+            }
+            if scheme == "http" && !self.blob_store_allow_http {
+                return Err(ConfigError::new(
+                    "blob_store_endpoint",
+                    format!(
+                        "`{endpoint}` is plain HTTP: bundles would cross the network in clear; \
+                         use https, or set blob_store_allow_http = true for a test server"
+                    ),
+                ));
+            }
+        }
+        if self.blob_store_access_key_id.is_empty()
+            != self.blob_store_secret_access_key.0.is_empty()
+        {
+            return Err(ConfigError::new(
+                if self.blob_store_access_key_id.is_empty() {
+                    "blob_store_access_key_id"
+                } else {
+                    "blob_store_secret_access_key"
+                },
+                "blob_store_access_key_id and blob_store_secret_access_key go together: set \
+                 both, or neither to use the AWS_* variables",
+            ));
+        }
+        // S3 presigned URLs are valid for a week at most.
+        if !(10..=7 * 86_400).contains(&self.repo_redirect_expiry_seconds) {
+            return Err(ConfigError::new(
+                "repo_redirect_expiry_seconds",
+                format!(
+                    "must be 10 to 604800, got {}",
+                    self.repo_redirect_expiry_seconds
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -821,6 +959,82 @@ mod tests {
             err.to_string().contains("POSFLEET_WEBHOOK_MAX_ATTEMPTS"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn blob_store_settings_are_checked() {
+        let config = Config::load(&args(&[
+            "--blob-store-url",
+            "s3://posfleet-blobs/prod",
+            "--blob-store-endpoint",
+            "http://127.0.0.1:9000",
+            "--blob-store-allow-http",
+            "--repo-redirect-to-object-store",
+        ]))
+        .unwrap();
+        assert_eq!(config.blob_store_url, "s3://posfleet-blobs/prod");
+        assert!(config.repo_redirect_to_object_store);
+        check_err(
+            &["--blob-store-url", "gs://posfleet-blobs"],
+            "blob_store_url",
+        );
+        check_err(&["--blob-store-url", "s3://"], "blob_store_url");
+        check_err(&["--blob-store-url", "s3:///prefix"], "blob_store_url");
+        check_err(
+            &["--repo-redirect-to-object-store"],
+            "repo_redirect_to_object_store",
+        );
+        check_err(
+            &["--blob-store-endpoint", "https://s3.example"],
+            "blob_store_endpoint",
+        );
+        check_err(
+            &[
+                "--blob-store-url",
+                "s3://posfleet-blobs",
+                "--blob-store-endpoint",
+                "http://127.0.0.1:9000",
+            ],
+            "blob_store_endpoint",
+        );
+        check_err(
+            &[
+                "--blob-store-url",
+                "s3://posfleet-blobs",
+                "--blob-store-endpoint",
+                "s3.example",
+            ],
+            "blob_store_endpoint",
+        );
+        check_err(
+            &[
+                "--blob-store-url",
+                "s3://posfleet-blobs",
+                "--blob-store-access-key-id",
+                "AKIA",
+            ],
+            "blob_store_secret_access_key",
+        );
+        check_err(
+            &["--repo-redirect-expiry-seconds", "0"],
+            "repo_redirect_expiry_seconds",
+        );
+        let from_env = Config::load_from(
+            &args(&["--blob-store-url", "s3://posfleet-blobs"]),
+            [
+                (
+                    OsString::from("POSFLEET_BLOB_STORE_ACCESS_KEY_ID"),
+                    OsString::from("AKIA"),
+                ),
+                (
+                    OsString::from("POSFLEET_BLOB_STORE_SECRET_ACCESS_KEY"),
+                    OsString::from("s3cr3t"),
+                ),
+            ],
+        )
+        .unwrap();
+        assert_eq!(from_env.blob_store_secret_access_key.0, "s3cr3t");
+        assert!(!format!("{from_env:?}").contains("s3cr3t"));
     }
 
     #[test]

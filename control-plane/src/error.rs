@@ -40,6 +40,8 @@ pub enum Error {
     Http(std::io::Error),
     #[error("cannot read or store a bundle blob: {0}")]
     Blob(std::io::Error),
+    #[error("bundle blobs: {0}")]
+    BlobStore(#[from] crate::blobs::BlobError),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
     #[error("a concurrent change got there first: {0}")]
@@ -56,6 +58,23 @@ pub enum Error {
     Password(String),
     #[error("TLS: {0}")]
     Tls(#[from] posfleet_pki::Error),
+}
+
+/// An error and its causes on one line, each cause that adds something
+/// after a colon: a client library's top-level message ("Generic S3
+/// error", "error sending request") rarely says what went wrong.
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Storage errors become INTERNAL without leaking SQL to callers; the detail

@@ -22,7 +22,6 @@ use axum::response::Response;
 use posfleet_bundle::tuf::{ROOT, SNAPSHOT, TARGETS, TIMESTAMP};
 use std::collections::HashMap;
 use std::sync::Arc;
-use tower::ServiceExt;
 
 /// How old the fleet gauges (`crate::metrics::fleet`) may be when a scrape
 /// shows them: however often `/metrics` is asked for, the database is read
@@ -161,17 +160,23 @@ struct HttpState {
     storage: Storage,
     metrics: Metrics,
     offline_after_missed_heartbeats: i64,
+    /// Set: requests for blobs are redirected to presigned URLs of the
+    /// object store, valid this long.
+    redirect_expiry: Option<Duration>,
     stopping: watch::Receiver<bool>,
     /// When the fleet gauges were last counted; held while counting, so
     /// concurrent scrapes share one count.
     fleet_counted_at: Arc<Mutex<Option<Instant>>>,
 }
 
-/// `stopping` turns true at the shutdown signal; `/readyz` then answers 503.
+/// `stopping` turns true at the shutdown signal; `/readyz` then answers
+/// 503. With `redirect_expiry`, `/repo/` redirects blob requests to
+/// presigned URLs of the object store valid that long.
 pub fn router(
     repository: Arc<Repository>,
     metrics: Metrics,
     offline_after_missed_heartbeats: u32,
+    redirect_expiry: Option<Duration>,
     stopping: watch::Receiver<bool>,
     access: Option<RepoAccess>,
 ) -> Router {
@@ -190,6 +195,7 @@ pub fn router(
             repository,
             metrics,
             offline_after_missed_heartbeats: offline_after_missed_heartbeats.into(),
+            redirect_expiry,
             stopping,
             fleet_counted_at: Arc::new(Mutex::new(None)),
         })
@@ -393,35 +399,136 @@ async fn repo_file(
     }
 }
 
-/// A blob from the store, with `Range` support; a bundle's bytes are
-/// counted as they are handed to the connection (what the stores' WAN links
-/// carry).
+/// Blobs never change under their name: any cache may keep them.
+const BLOB_CACHE_CONTROL: &str = "public, max-age=31536000, immutable";
+/// How long a till is asked to wait when the object store does not answer.
+const BLOB_RETRY_AFTER_SECONDS: u64 = 10;
+
+/// What part of a blob a request gets.
+#[derive(Debug, PartialEq, Eq)]
+enum BlobRange {
+    Whole,
+    Part(std::ops::Range<u64>),
+    Unsatisfiable,
+}
+
+/// The part of a blob of `size` bytes (whose ETag is `etag`) that the
+/// `Range` and `If-Range` headers ask for. One range at most, as tower-http's
+/// file server serves.
+fn blob_range(range: Option<&str>, if_range: Option<&str>, etag: &str, size: u64) -> BlobRange {
+    let Some(range) = range else {
+        return BlobRange::Whole;
+    };
+    // The copy the client has is not this one: it gets the whole.
+    if if_range.is_some_and(|tag| tag != etag) {
+        return BlobRange::Whole;
+    }
+    match http_range_header::parse_range_header(range).and_then(|r| r.validate(size)) {
+        Ok(ranges) if ranges.len() == 1 => BlobRange::Part(*ranges[0].start()..ranges[0].end() + 1),
+        _ => BlobRange::Unsatisfiable,
+    }
+}
+
+/// A blob from the store, streamed, with `Range` support (so downloads
+/// resume) and immutable caching; or, with `repo_redirect_to_object_store`,
+/// a redirect to a short-lived presigned URL of the object store. An object
+/// store that does not answer gets the till a 503 with `Retry-After`, never
+/// a 404. A bundle's bytes are counted as they are handed to the connection
+/// (what the stores' WAN links carry); redirected ones are not.
 async fn serve_blob(state: &HttpState, hash: &str, request: Request, counted: bool) -> Response {
-    let Some(file) = state.repository.blobs().local_path(hash) else {
-        return (StatusCode::NOT_FOUND, "not found\n").into_response();
+    let blobs = state.repository.blobs();
+    let failed = |error: crate::blobs::BlobError| {
+        tracing::error!(%error, sha256 = %hash, "Cannot serve a blob.");
+        match error {
+            crate::blobs::BlobError::Disk { .. } => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "cannot read the blob\n").into_response()
+            }
+            _ => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::RETRY_AFTER, BLOB_RETRY_AFTER_SECONDS.to_string())],
+                "the bundle store is unavailable; retry later\n",
+            )
+                .into_response(),
+        }
     };
-    let response = match tower_http::services::ServeFile::new(file)
-        .oneshot(request)
-        .await
+    let size = match blobs.head(hash).await {
+        Ok(Some(info)) => info.size,
+        Ok(None) => return (StatusCode::NOT_FOUND, "not found\n").into_response(),
+        Err(error) => return failed(error),
+    };
+    if let Some(expiry) = state.redirect_expiry {
+        match blobs.presigned_url(hash, expiry).await {
+            Ok(Some(url)) => {
+                return (
+                    StatusCode::TEMPORARY_REDIRECT,
+                    // The URL expires: no cache may keep the redirect.
+                    [
+                        (header::LOCATION, url),
+                        (header::CACHE_CONTROL, "no-store".into()),
+                    ],
+                )
+                    .into_response();
+            }
+            Ok(None) => {}
+            Err(error) => return failed(error),
+        }
+    }
+    let etag = format!("\"{hash}\"");
+    let headers = request.headers();
+    let text = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &header::HeaderValue| v.to_str().ok())
+    };
+    let common = [
+        (header::CACHE_CONTROL, BLOB_CACHE_CONTROL.to_string()),
+        (header::ETAG, etag.clone()),
+        (header::ACCEPT_RANGES, "bytes".to_string()),
+    ];
+    if text(header::IF_NONE_MATCH).is_some_and(|tags| tags.split(',').any(|t| t.trim() == etag)) {
+        return (StatusCode::NOT_MODIFIED, common).into_response();
+    }
+    let (status, range) = match blob_range(text(header::RANGE), text(header::IF_RANGE), &etag, size)
     {
-        Ok(response) => response.map(axum::body::Body::new),
-        Err(never) => match never {},
+        BlobRange::Whole => (StatusCode::OK, 0..size),
+        BlobRange::Part(range) => (StatusCode::PARTIAL_CONTENT, range),
+        BlobRange::Unsatisfiable => {
+            return (
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                [(header::CONTENT_RANGE, format!("bytes */{size}"))],
+            )
+                .into_response();
+        }
     };
-    if !counted {
+    let mut response = (status, common).into_response();
+    let response_headers = response.headers_mut();
+    response_headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/octet-stream"),
+    );
+    response_headers.insert(header::CONTENT_LENGTH, (range.end - range.start).into());
+    if status == StatusCode::PARTIAL_CONTENT {
+        let value = format!("bytes {}-{}/{size}", range.start, range.end - 1);
+        if let Ok(value) = header::HeaderValue::try_from(value) {
+            response_headers.insert(header::CONTENT_RANGE, value);
+        }
+    }
+    if request.method() == axum::http::Method::HEAD || range.is_empty() {
         return response;
     }
-    let sent = state.metrics.target_bytes_sent.clone();
-    response.map(|body| {
-        axum::body::Body::from_stream(tokio_stream::StreamExt::map(
-            body.into_data_stream(),
-            move |chunk| {
-                if let Ok(bytes) = &chunk {
-                    sent.inc_by(bytes.len() as u64);
-                }
-                chunk
-            },
-        ))
-    })
+    let stream = match blobs.read(hash, range).await {
+        Ok(stream) => stream,
+        Err(error) => return failed(error),
+    };
+    let sent = counted.then(|| state.metrics.target_bytes_sent.clone());
+    let counted_stream = tokio_stream::StreamExt::map(stream, move |chunk| {
+        if let (Some(sent), Ok(bytes)) = (&sent, &chunk) {
+            sent.inc_by(bytes.len() as u64);
+        }
+        chunk
+    });
+    let (parts, _) = response.into_parts();
+    Response::from_parts(parts, axum::body::Body::from_stream(counted_stream))
 }
 
 #[cfg(test)]
@@ -459,6 +566,31 @@ mod tests {
         ];
         for (path, expected) in &cases {
             assert_eq!(parse_repo_path(path), *expected, "{path}");
+        }
+    }
+
+    #[test]
+    fn blob_ranges() {
+        let etag = "\"abc\"";
+        let cases = [
+            (None, None, BlobRange::Whole),
+            (Some("bytes=0-99"), None, BlobRange::Part(0..100)),
+            (Some("bytes=100-"), None, BlobRange::Part(100..1000)),
+            (Some("bytes=-10"), None, BlobRange::Part(990..1000)),
+            (Some("bytes=900-5000"), None, BlobRange::Part(900..1000)),
+            (Some("bytes=999-999"), None, BlobRange::Part(999..1000)),
+            (Some("bytes=1000-"), None, BlobRange::Unsatisfiable),
+            (Some("bytes=0-1,5-9"), None, BlobRange::Unsatisfiable),
+            (Some("pieces=1-2"), None, BlobRange::Unsatisfiable),
+            (Some("bytes=5-9"), Some(etag), BlobRange::Part(5..10)),
+            (Some("bytes=5-9"), Some("\"other\""), BlobRange::Whole),
+        ];
+        for (range, if_range, expected) in cases {
+            assert_eq!(
+                blob_range(range, if_range, etag, 1000),
+                expected,
+                "{range:?} {if_range:?}"
+            );
         }
     }
 }

@@ -111,6 +111,35 @@ pub(crate) fn sqlite_path(url: &str) -> Option<PathBuf> {
 /// it empty with mode 0600 if it does not exist (SQLite gives its `-wal` and
 /// `-shm` files the database file's mode), and sets 0600 on the files of an
 /// existing one.
+/// Asks an object store whether it answers, at start. Refused (a missing
+/// bucket, bad credentials) stops the start: nothing could be published or
+/// served. Unreachable is logged as an error and the control plane serves
+/// anyway: heartbeats and rollouts do not need blobs, tills get a
+/// retryable 503 for bundle bytes, and operators a publish error naming the
+/// store, until it answers.
+async fn check_blob_store(blobs: &blobs::BlobStore) -> Result<(), Error> {
+    if blobs.local_root().is_some() {
+        tracing::info!(path = %blobs.name(), "Bundle blobs are in the data dir.");
+        return Ok(());
+    }
+    match blobs.check().await {
+        Ok(()) => {
+            tracing::info!(store = %blobs.name(), "Bundle blobs are in the object store.");
+            Ok(())
+        }
+        Err(error) if error.is_unavailable() => {
+            tracing::error!(
+                store = %blobs.name(),
+                %error,
+                "The object store is unreachable: bundles can be neither published nor \
+                 downloaded until it answers; serving everything else."
+            );
+            Ok(())
+        }
+        Err(error) => Err(Error::BlobStore(error)),
+    }
+}
+
 fn private_sqlite_files(path: &std::path::Path) -> std::io::Result<()> {
     std::fs::OpenOptions::new()
         .write(true)
@@ -169,12 +198,8 @@ impl ControlPlane {
             kek.as_ref(),
         )
         .await?;
-        let blobs = blobs::FsBlobStore::open(&config.data_dir.join("blobs")).map_err(|source| {
-            Error::DataDir {
-                path: config.data_dir.clone(),
-                source,
-            }
-        })?;
+        let blobs = blobs::BlobStore::open(&config).map_err(Error::BlobStore)?;
+        check_blob_store(&blobs).await?;
         let repository = repository::Repository::open(storage.clone(), Arc::new(blobs), keys);
         repository
             .check_online_keys()
@@ -454,6 +479,9 @@ impl ControlPlane {
                 repository.clone(),
                 metrics,
                 config.offline_after_missed_heartbeats,
+                config
+                    .repo_redirect_to_object_store
+                    .then(|| Duration::from_secs(config.repo_redirect_expiry_seconds)),
                 stop_rx.clone(),
                 repo_access,
             )

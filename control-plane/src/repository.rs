@@ -14,7 +14,7 @@ use posfleet_bundle::{Error as BundleError, repo};
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::blobs::BlobStore;
+use crate::blobs::{BlobError, BlobStore, Committed};
 use crate::metadata_cache::MetadataCache;
 use crate::storage::{BundleRecord, MetadataRecord, Storage};
 
@@ -34,6 +34,13 @@ pub enum RepoError {
     Refused(String),
     #[error("the repository changed meanwhile; fetch it and sign again")]
     Conflict,
+    /// The bundle's bytes could not be put in the object store; nothing
+    /// was published.
+    #[error("{0}; nothing was published: publish again once it answers")]
+    BlobStoreUnavailable(String),
+    /// The object store refused (credentials, permissions, bucket).
+    #[error("{0}; nothing was published: the control plane's blob store settings need fixing")]
+    BlobStoreRefused(String),
     #[error(transparent)]
     Internal(#[from] crate::error::Error),
 }
@@ -51,7 +58,27 @@ impl From<RepoError> for tonic::Status {
             RepoError::AlreadyInitialized => tonic::Status::already_exists(e.to_string()),
             RepoError::Refused(m) => tonic::Status::invalid_argument(m),
             RepoError::Conflict => tonic::Status::aborted(e.to_string()),
+            RepoError::BlobStoreUnavailable(_) => tonic::Status::unavailable(e.to_string()),
+            RepoError::BlobStoreRefused(_) => tonic::Status::failed_precondition(e.to_string()),
             RepoError::Internal(e) => e.into(),
+        }
+    }
+}
+
+impl From<BlobError> for RepoError {
+    fn from(e: BlobError) -> Self {
+        match e {
+            BlobError::Unavailable { .. } => {
+                tracing::error!(error = %e, "Cannot store a bundle in the object store.");
+                RepoError::BlobStoreUnavailable(e.to_string())
+            }
+            BlobError::Refused { .. } => {
+                tracing::error!(error = %e, "The object store refused a bundle.");
+                RepoError::BlobStoreRefused(e.to_string())
+            }
+            BlobError::Disk { source, .. } => {
+                RepoError::Internal(crate::error::Error::Blob(source))
+            }
         }
     }
 }
@@ -98,7 +125,7 @@ pub struct Repository {
     storage: Storage,
     /// What `/repo/` serves, from memory.
     metadata: MetadataCache,
-    blobs: Arc<dyn BlobStore>,
+    blobs: Arc<BlobStore>,
     snapshot_key: SigningKey,
     timestamp_key: SigningKey,
     /// Held by this replica's task signing online metadata (with the
@@ -116,7 +143,7 @@ impl Repository {
     /// A repository signing with `keys` (see [`crate::online_keys`]).
     pub fn open(
         storage: Storage,
-        blobs: Arc<dyn BlobStore>,
+        blobs: Arc<BlobStore>,
         keys: crate::online_keys::OnlineKeys,
     ) -> Repository {
         Repository {
@@ -162,8 +189,8 @@ impl Repository {
         })
     }
 
-    pub fn blobs(&self) -> &dyn BlobStore {
-        self.blobs.as_ref()
+    pub fn blobs(&self) -> &BlobStore {
+        &self.blobs
     }
 
     pub fn storage(&self) -> &Storage {
@@ -365,8 +392,37 @@ impl Repository {
         upload: Option<Upload>,
         now: DateTime<Utc>,
     ) -> Result<Option<BundleRecord>, RepoError> {
-        self.publish_inner(targets_bytes, upload.as_ref(), now)
-            .await
+        let mut stored = Vec::new();
+        let published = self
+            .publish_inner(targets_bytes, upload.as_ref(), now, &mut stored)
+            .await;
+        if published.is_err() {
+            self.discard_unpublished(&stored).await;
+        }
+        published
+    }
+
+    /// Removes the blobs a failed publish stored, unless a published bundle
+    /// names them (one published meanwhile with the same bytes).
+    async fn discard_unpublished(&self, stored: &[String]) {
+        if stored.is_empty() {
+            return;
+        }
+        let named: std::collections::HashSet<String> = match self.storage.list_bundles(None).await {
+            Ok(bundles) => bundles
+                .into_iter()
+                .flat_map(|b| [b.sha256, b.chunks_sha256])
+                .collect(),
+            Err(error) => {
+                tracing::warn!(%error, "Cannot list the bundles; the blobs of a failed publish stay.");
+                return;
+            }
+        };
+        for sha256 in stored.iter().filter(|s| !named.contains(*s)) {
+            if let Err(error) = self.blobs.discard(sha256).await {
+                tracing::warn!(%error, %sha256, "Cannot remove a blob of a failed publish; nothing names it.");
+            }
+        }
     }
 
     async fn publish_inner(
@@ -374,6 +430,7 @@ impl Repository {
         targets_bytes: &[u8],
         upload: Option<&Upload>,
         now: DateTime<Utc>,
+        stored: &mut Vec<String>,
     ) -> Result<Option<BundleRecord>, RepoError> {
         let (trusted, _) = self.trusted_root().await?;
         let root = trusted.root();
@@ -414,7 +471,7 @@ impl Repository {
         }
         let mut bundle = None;
         if let Some(upload) = upload {
-            bundle = Some(self.store_upload(upload, &new, now).await?);
+            bundle = Some(self.store_upload(upload, &new, now, stored).await?);
         }
         let mut files = vec![record(TARGETS, new.version, targets_bytes, &new.expires)?];
         let stored = self
@@ -439,12 +496,14 @@ impl Repository {
     }
 
     /// Checks the uploaded bytes against their signed target entry, then
-    /// stores them and their chunk list.
+    /// stores them and their chunk list, adding to `stored` the blobs that
+    /// were not there before.
     async fn store_upload(
         &self,
         upload: &Upload,
         targets: &Targets,
         now: DateTime<Utc>,
+        stored: &mut Vec<String>,
     ) -> Result<BundleRecord, RepoError> {
         let name = &upload.target;
         let file = &targets.targets[name];
@@ -479,9 +538,18 @@ impl Repository {
         let chunks_sha256 = hex::encode(digest.chunks.digest());
         let io = |e: std::io::Error| RepoError::Internal(crate::error::Error::Blob(e));
         let list_temp = self.blobs.temp_path();
-        std::fs::write(&list_temp, digest.chunks.encode()).map_err(io)?;
-        self.blobs.commit(&list_temp, &chunks_sha256).map_err(io)?;
-        self.blobs.commit(&upload.temp, &sha256).map_err(io)?;
+        tokio::fs::write(&list_temp, digest.chunks.encode())
+            .await
+            .map_err(io)?;
+        for (temp, hash) in [(&list_temp, &chunks_sha256), (&upload.temp, &sha256)] {
+            let committed = self.blobs.commit(temp, hash).await;
+            if committed.is_err() {
+                let _ = tokio::fs::remove_file(&list_temp).await;
+            }
+            if committed? == Committed::New {
+                stored.push(hash.clone());
+            }
+        }
         Ok(BundleRecord {
             target: name.clone(),
             name: bundle_name.into(),

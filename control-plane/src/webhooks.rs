@@ -293,19 +293,9 @@ impl Outcome {
     }
 }
 
-/// An error and its causes, on one line.
+/// An error and its causes, on one line of at most 500 characters.
 fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text.chars().take(500).collect()
+    crate::error::error_chain(error).chars().take(500).collect()
 }
 
 async fn post(

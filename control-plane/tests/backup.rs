@@ -619,3 +619,25 @@ async fn without_pg_dump_a_postgres_backup_says_what_to_install() {
     assert!(!to.exists());
     fleet.setup.finish().await;
 }
+
+/// Blobs on an object store are listed in the manifest with their sizes,
+/// not copied: the store keeps its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_lists_object_store_blobs_without_copying_them() {
+    let fleet = fleet(Backend::Sqlite).await;
+    let dir = tempfile::tempdir().unwrap();
+    let to = dir.path().join("backup");
+    let mut config = fleet.config().clone();
+    config.blob_store_url = "s3://posfleet-blobs/prod".into();
+    let manifest = backup::backup(&config, &to, &tools()).await.unwrap();
+    assert_eq!(manifest.blobs.len(), 2, "{manifest:?}");
+    assert!(manifest.blobs.iter().all(|b| !b.copied), "{manifest:?}");
+    assert!(
+        manifest
+            .blobs
+            .iter()
+            .any(|b| b.sha256 == fleet.bundle.sha256 && b.size_bytes == fleet.bundle.length)
+    );
+    assert!(!to.join("blobs").exists());
+    fleet.setup.finish().await;
+}

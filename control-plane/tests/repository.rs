@@ -7,7 +7,7 @@ use chrono::{Duration, Utc};
 use common::{Backend, TestDb};
 use posfleet_bundle::repo::{self, RootKeys};
 use posfleet_bundle::tuf::{self, Snapshot, TIMESTAMP, Timestamp};
-use posfleet_control_plane::blobs::FsBlobStore;
+use posfleet_control_plane::blobs::BlobStore;
 use posfleet_control_plane::online_keys;
 use posfleet_control_plane::repository::{RepoError, Repository};
 use posfleet_control_plane::storage::Storage;
@@ -16,7 +16,7 @@ use std::sync::Arc;
 async fn open(backend: Backend, dir: &std::path::Path) -> (Repository, TestDb) {
     let db = TestDb::new(backend, dir).await;
     let storage = Storage::connect(&db.url, 4).await.unwrap();
-    let blobs = Arc::new(FsBlobStore::open(&dir.join("blobs")).unwrap());
+    let blobs = Arc::new(BlobStore::open_local(&dir.join("blobs")).unwrap());
     let keys = online_keys::load(&storage, &dir.join("keys"), None)
         .await
         .unwrap();

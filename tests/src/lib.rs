@@ -7,6 +7,7 @@ pub mod dashboards;
 pub mod fleet;
 pub mod kill9;
 pub mod link;
+pub mod moto;
 pub mod prometheus;
 pub mod replicas;
 
@@ -791,6 +792,16 @@ pub fn check_ok(output: Output) -> String {
     String::from_utf8(output.stdout).expect("UTF-8 output")
 }
 
+/// Runs `future` to completion on a runtime of its own (a test calling
+/// the agent's async client from a plain `#[test]`).
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+        .block_on(future)
+}
+
 /// `len` incompressible bytes, the same for the same `seed` (xorshift64).
 pub fn pseudo_random_bytes(seed: u64, len: usize) -> Vec<u8> {
     let mut state = seed.max(1);
@@ -865,10 +876,9 @@ impl ControlPlane {
         check_ok(self.cli(&["keys", "init", keys.to_str().expect("utf-8 path")]));
     }
 
-    /// Builds `src` with `posfleet bundle build` and publishes it signed
-    /// with `keys`; returns the bundle file.
-    pub fn publish(&self, src: &Path, keys: &Path) -> PathBuf {
-        let file = src.with_extension("bundle");
+    /// Builds the bundle source `src` into `file` with `posfleet bundle
+    /// build`; returns `file`.
+    pub fn build_bundle(&self, src: &Path, file: &Path) -> PathBuf {
         check_ok(self.cli(&[
             "bundle",
             "build",
@@ -876,6 +886,13 @@ impl ControlPlane {
             "-o",
             file.to_str().expect("utf-8 path"),
         ]));
+        file.to_path_buf()
+    }
+
+    /// Builds `src` with `posfleet bundle build` and publishes it signed
+    /// with `keys`; returns the bundle file.
+    pub fn publish(&self, src: &Path, keys: &Path) -> PathBuf {
+        let file = self.build_bundle(src, &src.with_extension("bundle"));
         check_ok(self.cli(&[
             "bundle",
             "publish",

@@ -4,7 +4,7 @@
 
 use posfleet_agent::repository::{RepositoryClient, Timeouts};
 use posfleet_bundle::client::Limits;
-use posfleet_e2e::{ControlPlane, PostgresDb, pseudo_random_bytes};
+use posfleet_e2e::{ControlPlane, PostgresDb, block_on, pseudo_random_bytes};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -68,14 +68,6 @@ fn get_range(address: &str, path: &str, range: &str) -> (u16, Vec<u8>) {
         .parse()
         .unwrap();
     (status, response[split + 4..].to_vec())
-}
-
-fn block_on<F: std::future::Future>(future: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(future)
 }
 
 fn repository_client(cp: &ControlPlane, pinned: &Path, data: &Path) -> RepositoryClient {

@@ -257,7 +257,11 @@ pub fn check_compatible(manifest: &Manifest, known_schema: i64) -> Result<(), Ba
 /// elsewhere (object storage) is durable on its own: a backup lists its
 /// blobs without copying them.
 fn local_blob_dir(config: &Config) -> Option<PathBuf> {
-    Some(config.data_dir.join(BLOBS_DIR))
+    matches!(
+        crate::blobs::Location::parse(&config.blob_store_url),
+        Ok(crate::blobs::Location::DataDir)
+    )
+    .then(|| config.data_dir.join(BLOBS_DIR))
 }
 
 fn blob_path(root: &Path, sha256: &str) -> PathBuf {

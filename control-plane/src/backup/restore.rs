@@ -254,6 +254,17 @@ pub async fn restore(
         if staged_root.exists() {
             moves.push((staged_root, root));
         }
+    } else {
+        let copied = manifest.blobs.iter().filter(|b| b.copied).count();
+        if copied > 0 {
+            tracing::warn!(
+                blobs = copied,
+                store = %config.blob_store_url,
+                "The backup's blobs are from a data dir, and this control plane keeps blobs in \
+                 an object store: copy the backup's blobs/ folder into the store (same keys, \
+                 sha256/<2 hex>/<hash>, under its prefix) before serving."
+            );
+        }
     }
     for name in &top {
         moves.push((staging.path.join(name), data_dir.join(name)));
