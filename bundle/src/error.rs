@@ -24,6 +24,9 @@ pub enum Error {
     MissingManifest,
     #[error("the archive is malformed: {0}")]
     Archive(String),
+    /// A delta that does not fit its base or does not decode.
+    #[error("the delta cannot be applied: {0}")]
+    Delta(String),
     #[error("cannot unpack into {path}: {message}")]
     UnpackDestination { path: PathBuf, message: String },
     #[error("archive entry `{path}` is an absolute path")]

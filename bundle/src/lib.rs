@@ -2,6 +2,7 @@
 //!
 //! - `manifest`, `archive`: the bundle format (a directory with
 //!   `posfleet-bundle.toml`, packed reproducibly as tar + zstd).
+//! - `delta`: rebuilding a version's tar from the one before and a delta.
 //! - `chunks`: the SHA-256 of every 1 MiB piece, so each piece is verified on
 //!   its own, whoever served it.
 //! - `tuf`: TUF 1.0 metadata in canonical JSON, signed with Ed25519.
@@ -21,6 +22,7 @@
 pub mod archive;
 pub mod chunks;
 pub mod client;
+pub mod delta;
 pub mod error;
 mod hash;
 pub mod manifest;

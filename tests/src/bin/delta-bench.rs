@@ -16,6 +16,11 @@
 //! - `zstd-patch`: zstd with the earlier tar as a reference prefix
 //!   (`zstd --patch-from`), level 19, long-distance matching, a window
 //!   covering both;
+//! - `zstd-segments`: `posfleet_bundle::delta`, the same in pieces: the
+//!   new tar cut into 4 MiB segments, each a zstd frame (level 19) against
+//!   the 8 MiB of the earlier tar around where its bytes were, so a till
+//!   holds one region and one segment at a time, reading the earlier tar
+//!   from disk;
 //! - `cdc-16k`, `cdc-2k`: content-defined chunks (FastCDC 2020, average
 //!   16 KiB or 2 KiB): the delta holds the new version's recipe (SHA-256 and
 //!   length of each chunk) and, compressed together, the chunks the earlier
@@ -68,7 +73,7 @@ enum Step {
     /// What a till does (run by the benchmark): rebuild a bundle from the
     /// earlier bundle and a delta, or decompress a full bundle.
     Apply {
-        /// zstd-patch, cdc or full.
+        /// zstd-patch, zstd-segments, cdc or full.
         method: String,
         /// The earlier bundle (unused for `full`).
         base: PathBuf,
@@ -297,6 +302,7 @@ fn apply(
             decoder.window_log_max(31)?;
             Some(pack(&mut decoder, out)?)
         }
+        "zstd-segments" => Some(apply_segments(base, delta, out)?),
         "cdc" => Some(apply_cdc(base, delta, out)?),
         other => bail!("unknown method {other}"),
     };
@@ -311,16 +317,44 @@ fn apply(
     Ok(())
 }
 
+/// The earlier bundle's tar, written beside `out`; returns its path.
+fn base_tar_file(base: &Path, out: &Path) -> anyhow::Result<PathBuf> {
+    let dir = out.parent().context("out has a folder")?;
+    let path = dir.join("base.tar");
+    let mut file = BufWriter::new(File::create(&path)?);
+    std::io::copy(&mut zstd::Decoder::new(File::open(base)?)?, &mut file)?;
+    file.flush()?;
+    Ok(path)
+}
+
+/// Rebuilds with `posfleet_bundle::delta::apply`, the earlier tar on
+/// disk, packing as it goes.
+fn apply_segments(base: &Path, delta: &Path, out: &Path) -> anyhow::Result<String> {
+    let base_tar_path = base_tar_file(base, out)?;
+    let mut base_tar = File::open(&base_tar_path)?;
+    let length = base_tar.metadata()?.len();
+    let mut hashing = HashingWriter {
+        inner: BufWriter::new(File::create(out)?),
+        hash: Sha256::new(),
+    };
+    let mut encoder = zstd::Encoder::new(&mut hashing, BUNDLE_ZSTD_LEVEL)?;
+    posfleet_bundle::delta::apply(
+        &mut base_tar,
+        length,
+        &mut BufReader::new(File::open(delta)?),
+        &mut encoder,
+    )?;
+    encoder.finish()?;
+    hashing.inner.flush()?;
+    std::fs::remove_file(base_tar_path)?;
+    Ok(hex::encode(hashing.hash.finalize()))
+}
+
 /// Rebuilds with the earlier tar on disk and an index of its chunks in
 /// memory (offset and length by SHA-256), streaming both.
 fn apply_cdc(base: &Path, delta: &Path, out: &Path) -> anyhow::Result<String> {
     let dir = out.parent().context("out has a folder")?;
-    let base_tar_path = dir.join("base.tar");
-    {
-        let mut file = BufWriter::new(File::create(&base_tar_path)?);
-        std::io::copy(&mut zstd::Decoder::new(File::open(base)?)?, &mut file)?;
-        file.flush()?;
-    }
+    let base_tar_path = base_tar_file(base, out)?;
     let mut delta = BufReader::new(File::open(delta)?);
     let mut word = [0u8; 4];
     delta.read_exact(&mut word)?;
@@ -463,12 +497,14 @@ fn measure(
     let mut methods = Vec::new();
     for (method, apply_as) in [
         ("zstd-patch", "zstd-patch"),
+        ("zstd-segments", "zstd-segments"),
         ("cdc-16k", "cdc"),
         ("cdc-2k", "cdc"),
     ] {
         let start = Instant::now();
         let delta = match method {
             "zstd-patch" => zstd_patch(&base_tar, &new_tar)?,
+            "zstd-segments" => posfleet_bundle::delta::make(&base_tar, &new_tar)?,
             "cdc-16k" => cdc_delta(&base_tar, &new_tar, 16 * 1024)?,
             _ => cdc_delta(&base_tar, &new_tar, 2048)?,
         };
