@@ -19,6 +19,19 @@
 //! smallest is found by bisection over values, counting differences at or
 //! below a value with two sorted lists in `O(n + m)`.
 //!
+//! # Decisions
+//!
+//! A signal tolerates a shift of `margin = effect × |median of the
+//! control|` toward its bad direction. It fails when a shift beyond the
+//! margin is shown: the Mann–Whitney test of the canary's values moved
+//! back by the margin against the control's rejects "no worse" at the
+//! look's level (a release exactly at the margin fails with probability
+//! at most that level; one within it, less). It passes when the
+//! interval's end toward the bad direction is within the margin: a shift
+//! beyond it is ruled out at the same level. Both errors are therefore
+//! bounded by `α` (for continuous signals `β` is not used; the interval
+//! is two-sided at `1 − 2α/K`).
+//!
 //! # Repeated looks
 //!
 //! A rank test is not sequential: judged every minute it would fail a good
@@ -231,11 +244,13 @@ pub struct RankEvidence {
     pub control_samples: usize,
     pub canary_median: Option<f64>,
     pub control_median: Option<f64>,
-    /// Mann–Whitney U (pairs where the canary is larger, ties one half).
+    /// Mann–Whitney U of the canary's values moved back by the margin
+    /// against the control's (pairs where the canary is larger, ties one
+    /// half).
     pub u: Option<f64>,
-    /// Continuity-corrected z, toward the bad direction.
+    /// Its continuity-corrected z, toward the bad direction.
     pub z: Option<f64>,
-    /// One-sided p-value toward the bad direction.
+    /// One-sided p-value of "worse by more than the margin".
     pub p_value: Option<f64>,
     /// The level each look is judged at: α per signal over the looks.
     pub alpha_per_look: f64,

@@ -4,7 +4,7 @@
 use super::*;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand_distr::{Distribution, Poisson};
+use rand_distr::{Distribution, LogNormal, Poisson};
 
 const POLICY: &str = r#"
 on_fail = "rollback"
@@ -428,7 +428,7 @@ fn judgements_serialize_and_summarize() {
 /// Simulated waves of one store with 5 canary and 5 control tills, a
 /// crash rate of 0.5 per till-hour tripled over a two-hour lunch
 /// rush, judged every minute for up to 12 hours.
-fn simulate(ratio: f64, waves: u64) -> (u64, Vec<u32>) {
+fn simulate_counts(ratio: f64, waves: u64) -> (u64, Vec<u32>) {
     let p = policy("max_observation_minutes = 720\n[signals.crashes]\nkind = \"count\"\n");
     let signal = &p.signals["crashes"];
     let mut fails = 0;
@@ -473,7 +473,7 @@ fn simulated_false_alarms_stay_under_alpha() {
     // 600 waves of a release as good as the old one, looked at every
     // minute: at most α = 5% may fail (with room for chance: 600
     // waves at 5% would fail 30 ± 5.3).
-    let (fails, _) = simulate(1.0, 600);
+    let (fails, _) = simulate_counts(1.0, 600);
     assert!(fails <= 40, "{fails} of 600 good waves failed");
 }
 
@@ -481,11 +481,76 @@ fn simulated_false_alarms_stay_under_alpha() {
 fn simulated_triple_crash_rate_is_caught() {
     // A release with three times the crash rate: the test is built
     // to catch twice the rate 80% of the time.
-    let (fails, minutes) = simulate(3.0, 300);
+    let (fails, minutes) = simulate_counts(3.0, 300);
     assert!(fails >= 270, "only {fails} of 300 bad waves failed");
     let median = minutes[minutes.len() / 2];
     assert!(
         (20..=300).contains(&median),
         "median {median} minutes to fail"
+    );
+}
+
+/// Simulated waves of a continuous signal: two health-check latencies
+/// per minute from each group, log-normal with a median of 100 ms, the
+/// canary's moved up by `shift_ms`, judged every ten minutes for up to
+/// four hours (between looks a rank test's answer cannot change: see
+/// `rank_looks_cut_the_data_at_the_look`). The margin is 20% of the
+/// control's median, about 20 ms. Returns the waves that failed and those
+/// that passed.
+fn simulate_ranks(shift_ms: f64, waves: u64) -> (u64, u64) {
+    let p = policy("[signals.latency_ms]\nkind = \"continuous\"\neffect = 0.2\n");
+    let latency = LogNormal::new(100f64.ln(), 0.5).unwrap();
+    let (mut fails, mut passes) = (0, 0);
+    for seed in 0..waves {
+        let mut rng = StdRng::seed_from_u64(1_000_000 + seed);
+        let buckets: Vec<SampleBucket> = (0..240)
+            .map(|minute| SampleBucket {
+                minute,
+                canary: (0..2)
+                    .map(|_| latency.sample(&mut rng) + shift_ms)
+                    .collect(),
+                control: (0..2).map(|_| latency.sample(&mut rng)).collect(),
+            })
+            .collect();
+        for elapsed in (10..=240).step_by(10) {
+            let signal = SignalData::Samples(buckets.clone());
+            match judge_wave(&p, &wave(elapsed, vec![("latency_ms", signal)])).verdict {
+                Verdict::Fail => fails += 1,
+                Verdict::Pass => passes += 1,
+                Verdict::Observing => continue,
+                Verdict::Inconclusive => {}
+            }
+            break;
+        }
+    }
+    (fails, passes)
+}
+
+#[test]
+fn simulated_rank_false_alarms_stay_under_alpha() {
+    // A release slower by exactly the margin is the hardest not to fail:
+    // looked at eight times, each at 5%, the rank test would fail it far
+    // more often than 5%; split over the looks, at most 5% (200 waves at
+    // 5% would fail 10 ± 3.1).
+    let (fails, _) = simulate_ranks(20.0, 200);
+    assert!(fails <= 15, "{fails} of 200 waves at the margin failed");
+    // A release no slower passes, and never fails.
+    let (fails, passes) = simulate_ranks(0.0, 200);
+    assert_eq!(fails, 0, "{fails} of 200 good waves failed");
+    assert!(passes >= 190, "only {passes} of 200 good waves passed");
+}
+
+#[test]
+fn simulated_slower_release_is_caught() {
+    // 50 ms slower, against a margin of about 20 ms: caught.
+    let (fails, _) = simulate_ranks(50.0, 50);
+    assert_eq!(fails, 50, "{fails} of 50 slow waves failed");
+    // 10 ms slower is within the margin: never failed, and mostly passed
+    // within the four hours.
+    let (fails, passes) = simulate_ranks(10.0, 50);
+    assert_eq!(fails, 0, "{fails} of 50 waves within the margin failed");
+    assert!(
+        passes >= 30,
+        "only {passes} of 50 waves within the margin passed"
     );
 }
