@@ -250,7 +250,7 @@ fn simulate_wave(
         .collect();
 
     let (name, signal) = policy
-        .signals
+        .signals()
         .iter()
         .next()
         .expect("the policy has one signal");

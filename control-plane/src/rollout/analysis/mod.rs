@@ -18,35 +18,10 @@
 //!
 //! # The policy file
 //!
-//! ```toml
-//! # How long each wave is watched.
-//! min_observation_minutes = 30     # no Pass before this (default 30)
-//! max_observation_minutes = 240    # undecided by then: Inconclusive (default 240)
-//! min_canary_till_hours = 1.0      # count signals pass only after this much canary time (default 1)
+//! A rollout's analysis policy is a file like this one
+//! (`example-policy.toml` beside this module, which its tests read):
 //!
-//! # Error rates, each strictly between 0 and 0.5.
-//! alpha = 0.05   # chance a wave of an equally good release fails, all signals and looks together (default 0.05)
-//! beta = 0.2     # chance a signal misses a change of exactly its effect size (default 0.2)
-//!
-//! on_fail = "rollback"         # "pause" (default) or "rollback"
-//! on_inconclusive = "pause"    # "pause" (default) or "continue"
-//!
-//! # One table per signal, named as the tills report it
-//! # (1 to 64 lowercase letters, digits and underscores).
-//! [signals.crashes]
-//! kind = "count"          # events per till per minute, judged per till-hour
-//! bad = "increase"        # "increase" (default) or "decrease"
-//! effect = 1.0            # fail on a rate 1 + 1.0 = 2 times the control's (default 1.0)
-//!
-//! [signals.failed_tenders]
-//! kind = "count"
-//! effect = 0.5            # 1.5 times
-//!
-//! [signals.checkout_seconds]
-//! kind = "continuous"     # values, compared by rank
-//! effect = 0.2            # tolerate a shift of 20% of the control's median (default 0.25)
-//! min_samples = 30        # values per group before it may decide (default 20, at least 8)
-//! ```
+#![doc = concat!("```toml\n", include_str!("example-policy.toml"), "```")]
 //!
 //! With `bad = "decrease"` (sales completed, say), `effect` must be below
 //! 1: a count fails on a rate `1 − effect` times the control's.

@@ -128,11 +128,11 @@ pub struct SignalPolicy {
     /// Continuous: the tolerated shift is `effect` times the control's
     /// median. Defaults: 1.0 for counts (a doubled rate), 0.25 for
     /// continuous signals (a quarter of the median).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub effect: Option<f64>,
     /// Continuous signals: samples needed in each group before the rank
     /// test may decide (default 20).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_samples: Option<u32>,
 }
 
@@ -191,169 +191,207 @@ fn default_on_inconclusive() -> OnInconclusive {
     OnInconclusive::Pause
 }
 
-/// A rollout's analysis policy. Built only by `from_toml`, which validates
-/// it (or by deserializing one a rollout stored, which was validated when
-/// it was created: call `validate` again after reading one back).
+/// A policy file as written, before validation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct AnalysisPolicy {
+struct PolicyFile {
     /// A wave cannot pass before it has been watched this long.
     #[serde(default = "default_min_observation")]
-    pub min_observation_minutes: u32,
+    min_observation_minutes: u32,
     /// A wave still undecided after this long is inconclusive.
     #[serde(default = "default_max_observation")]
-    pub max_observation_minutes: u32,
+    max_observation_minutes: u32,
     /// A count signal cannot pass before the canary tills have been online
     /// this many till-hours.
     #[serde(default = "default_till_hours")]
-    pub min_canary_till_hours: f64,
+    min_canary_till_hours: f64,
     /// Chance that a wave of a release no worse than the old one fails,
     /// over the whole wave, all looks and all signals (split evenly among
     /// the signals).
     #[serde(default = "default_alpha")]
-    pub alpha: f64,
+    alpha: f64,
     /// Chance that a signal misses a change of exactly its effect size.
     #[serde(default = "default_beta")]
-    pub beta: f64,
+    beta: f64,
     #[serde(default = "default_on_fail")]
-    pub on_fail: OnFail,
+    on_fail: OnFail,
     #[serde(default = "default_on_inconclusive")]
-    pub on_inconclusive: OnInconclusive,
+    on_inconclusive: OnInconclusive,
     /// The watched signals by name, as the agents report them.
     #[serde(default)]
-    pub signals: BTreeMap<String, SignalPolicy>,
+    signals: BTreeMap<String, SignalPolicy>,
+}
+
+/// A rollout's analysis policy, validated: it is only ever built by
+/// `from_toml` or by deserializing (a policy a rollout stored, say), and
+/// both check every range, so a policy in hand is a valid one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "PolicyFile", into = "PolicyFile")]
+pub struct AnalysisPolicy {
+    file: PolicyFile,
+}
+
+impl TryFrom<PolicyFile> for AnalysisPolicy {
+    type Error = PolicyError;
+
+    fn try_from(file: PolicyFile) -> Result<AnalysisPolicy, PolicyError> {
+        validate(&file)?;
+        Ok(AnalysisPolicy { file })
+    }
+}
+
+impl From<AnalysisPolicy> for PolicyFile {
+    fn from(policy: AnalysisPolicy) -> PolicyFile {
+        policy.file
+    }
 }
 
 impl AnalysisPolicy {
     /// Reads and validates a policy file's text.
     pub fn from_toml(text: &str) -> Result<AnalysisPolicy, PolicyError> {
-        let policy: AnalysisPolicy = toml::from_str(text)?;
-        policy.validate()?;
-        Ok(policy)
+        let file: PolicyFile = toml::from_str(text)?;
+        AnalysisPolicy::try_from(file)
     }
 
-    /// Checks every range; the first problem found is returned.
-    pub fn validate(&self) -> Result<(), PolicyError> {
-        for (field, value) in [("alpha", self.alpha), ("beta", self.beta)] {
-            if !(value > 0.0 && value < 0.5) {
-                return Err(PolicyError::ErrorRate { field, value });
-            }
-        }
-        if self.min_observation_minutes < 1 {
-            return Err(PolicyError::MinObservation {
-                value: self.min_observation_minutes,
-            });
-        }
-        if self.max_observation_minutes > MAX_OBSERVATION_MINUTES {
-            return Err(PolicyError::MaxObservation {
-                value: self.max_observation_minutes,
-            });
-        }
-        if self.min_observation_minutes > self.max_observation_minutes {
-            return Err(PolicyError::ObservationOrder {
-                min: self.min_observation_minutes,
-                max: self.max_observation_minutes,
-            });
-        }
-        if !(self.min_canary_till_hours >= 0.0 && self.min_canary_till_hours.is_finite()) {
-            return Err(PolicyError::TillHours {
-                value: self.min_canary_till_hours,
-            });
-        }
-        if self.signals.is_empty() {
-            return Err(PolicyError::NoSignals);
-        }
-        if self.signals.len() > MAX_SIGNALS {
-            return Err(PolicyError::TooManySignals {
-                count: self.signals.len(),
-            });
-        }
-        for (name, signal) in &self.signals {
-            let name_ok = (1..=64).contains(&name.len())
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-            if !name_ok {
-                return Err(PolicyError::SignalName { name: name.clone() });
-            }
-            let effect = signal.effect();
-            let (ok, range) = match signal.bad {
-                Direction::Increase => (
-                    effect > 0.0 && effect <= MAX_INCREASE_EFFECT,
-                    "above 0 and at most 10",
-                ),
-                Direction::Decrease => (effect > 0.0 && effect < 1.0, "strictly between 0 and 1"),
-            };
-            if !ok {
-                return Err(PolicyError::Effect {
-                    signal: name.clone(),
-                    value: effect,
-                    bad: signal.bad,
-                    range,
-                });
-            }
-            match signal.kind {
-                SignalKind::Count if signal.min_samples.is_some() => {
-                    return Err(PolicyError::MinSamplesOnCount {
-                        signal: name.clone(),
-                    });
-                }
-                SignalKind::Continuous if signal.min_samples() < MIN_RANK_SAMPLES => {
-                    return Err(PolicyError::MinSamples {
-                        signal: name.clone(),
-                        value: signal.min_samples(),
-                    });
-                }
-                _ => {}
-            }
-        }
-        Ok(())
+    /// A wave cannot pass before it has been watched this long.
+    pub fn min_observation_minutes(&self) -> u32 {
+        self.file.min_observation_minutes
+    }
+
+    /// A wave still undecided after this long is inconclusive.
+    pub fn max_observation_minutes(&self) -> u32 {
+        self.file.max_observation_minutes
+    }
+
+    /// Canary till-hours a count signal needs before it may pass.
+    pub fn min_canary_till_hours(&self) -> f64 {
+        self.file.min_canary_till_hours
+    }
+
+    /// The wave's false-alarm rate, all signals and looks together.
+    pub fn alpha(&self) -> f64 {
+        self.file.alpha
+    }
+
+    /// A signal's miss rate at its effect size.
+    pub fn beta(&self) -> f64 {
+        self.file.beta
+    }
+
+    pub fn on_fail(&self) -> OnFail {
+        self.file.on_fail
+    }
+
+    pub fn on_inconclusive(&self) -> OnInconclusive {
+        self.file.on_inconclusive
+    }
+
+    /// The watched signals, by name.
+    pub fn signals(&self) -> &BTreeMap<String, SignalPolicy> {
+        &self.file.signals
     }
 
     /// The false-alarm rate each signal is allowed: `alpha` split evenly,
     /// so that the wave's chance of failing a good release stays at most
     /// `alpha` however many signals are watched (a union bound).
     pub fn alpha_per_signal(&self) -> f64 {
-        self.alpha / self.signals.len().max(1) as f64
+        self.file.alpha / self.file.signals.len().max(1) as f64
     }
 
     /// The minutes since the wave started at which rank tests look: every
     /// `min_observation_minutes`, and at `max_observation_minutes`.
     pub fn rank_looks(&self) -> u32 {
-        self.max_observation_minutes
-            .div_ceil(self.min_observation_minutes.max(1))
+        self.file
+            .max_observation_minutes
+            .div_ceil(self.file.min_observation_minutes.max(1))
             .max(1)
     }
+}
+
+/// Checks every range of a policy file; the first problem found is returned.
+fn validate(file: &PolicyFile) -> Result<(), PolicyError> {
+    for (field, value) in [("alpha", file.alpha), ("beta", file.beta)] {
+        if !(value > 0.0 && value < 0.5) {
+            return Err(PolicyError::ErrorRate { field, value });
+        }
+    }
+    if file.min_observation_minutes < 1 {
+        return Err(PolicyError::MinObservation {
+            value: file.min_observation_minutes,
+        });
+    }
+    if file.max_observation_minutes > MAX_OBSERVATION_MINUTES {
+        return Err(PolicyError::MaxObservation {
+            value: file.max_observation_minutes,
+        });
+    }
+    if file.min_observation_minutes > file.max_observation_minutes {
+        return Err(PolicyError::ObservationOrder {
+            min: file.min_observation_minutes,
+            max: file.max_observation_minutes,
+        });
+    }
+    if !(file.min_canary_till_hours >= 0.0 && file.min_canary_till_hours.is_finite()) {
+        return Err(PolicyError::TillHours {
+            value: file.min_canary_till_hours,
+        });
+    }
+    if file.signals.is_empty() {
+        return Err(PolicyError::NoSignals);
+    }
+    if file.signals.len() > MAX_SIGNALS {
+        return Err(PolicyError::TooManySignals {
+            count: file.signals.len(),
+        });
+    }
+    for (name, signal) in &file.signals {
+        let name_ok = (1..=64).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if !name_ok {
+            return Err(PolicyError::SignalName { name: name.clone() });
+        }
+        let effect = signal.effect();
+        let (ok, range) = match signal.bad {
+            Direction::Increase => (
+                effect > 0.0 && effect <= MAX_INCREASE_EFFECT,
+                "above 0 and at most 10",
+            ),
+            Direction::Decrease => (effect > 0.0 && effect < 1.0, "strictly between 0 and 1"),
+        };
+        if !ok {
+            return Err(PolicyError::Effect {
+                signal: name.clone(),
+                value: effect,
+                bad: signal.bad,
+                range,
+            });
+        }
+        match signal.kind {
+            SignalKind::Count if signal.min_samples.is_some() => {
+                return Err(PolicyError::MinSamplesOnCount {
+                    signal: name.clone(),
+                });
+            }
+            SignalKind::Continuous if signal.min_samples() < MIN_RANK_SAMPLES => {
+                return Err(PolicyError::MinSamples {
+                    signal: name.clone(),
+                    value: signal.min_samples(),
+                });
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// The documented example in the module's docs, parsed.
-    const EXAMPLE: &str = r#"
-min_observation_minutes = 30
-max_observation_minutes = 240
-min_canary_till_hours = 1.0
-alpha = 0.05
-beta = 0.2
-on_fail = "rollback"
-on_inconclusive = "pause"
-
-[signals.crashes]
-kind = "count"
-bad = "increase"
-effect = 1.0
-
-[signals.failed_tenders]
-kind = "count"
-effect = 0.5
-
-[signals.checkout_seconds]
-kind = "continuous"
-effect = 0.2
-min_samples = 30
-"#;
+    /// The example in the module's docs.
+    const EXAMPLE: &str = include_str!("example-policy.toml");
 
     /// Parses `text`; `Ok(())` expected, or an error whose message holds
     /// `expected`.
@@ -372,31 +410,48 @@ min_samples = 30
     #[test]
     fn the_documented_example_reads_as_written() {
         let p = AnalysisPolicy::from_toml(EXAMPLE).unwrap();
-        assert_eq!(p.on_fail, OnFail::Rollback);
-        assert_eq!(p.on_inconclusive, OnInconclusive::Pause);
+        assert_eq!(p.on_fail(), OnFail::Rollback);
+        assert_eq!(p.on_inconclusive(), OnInconclusive::Pause);
         assert_eq!(
-            p.signals.keys().collect::<Vec<_>>(),
+            p.signals().keys().collect::<Vec<_>>(),
             ["checkout_seconds", "crashes", "failed_tenders"]
         );
-        assert_eq!(p.signals["failed_tenders"].alternative_ratio(), 1.5);
-        assert_eq!(p.signals["checkout_seconds"].min_samples(), 30);
+        assert_eq!(p.signals()["failed_tenders"].alternative_ratio(), 1.5);
+        assert_eq!(p.signals()["checkout_seconds"].min_samples(), 30);
         // 0.05 split over three signals; 240/30 = 8 rank looks.
         assert!((p.alpha_per_signal() - 0.05 / 3.0).abs() < 1e-12);
         assert_eq!(p.rank_looks(), 8);
     }
 
     #[test]
+    fn a_stored_policy_reads_back_only_if_valid() {
+        // As a rollout would store it (JSON) and read it back.
+        let p = AnalysisPolicy::from_toml(EXAMPLE).unwrap();
+        let json = serde_json::to_string(&p).unwrap();
+        let back: AnalysisPolicy = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, p);
+        // A stored policy with a range broken is refused on reading.
+        let broken = json.replace("\"alpha\":0.05", "\"alpha\":0.7");
+        assert_ne!(broken, json);
+        let error = serde_json::from_str::<AnalysisPolicy>(&broken).unwrap_err();
+        assert!(
+            error.to_string().contains("alpha = 0.7 is out of range"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn defaults_are_the_safe_ones() {
         let p = AnalysisPolicy::from_toml("[signals.crashes]\nkind = \"count\"\n").unwrap();
-        assert_eq!((p.alpha, p.beta), (0.05, 0.2));
+        assert_eq!((p.alpha(), p.beta()), (0.05, 0.2));
         assert_eq!(
-            (p.min_observation_minutes, p.max_observation_minutes),
+            (p.min_observation_minutes(), p.max_observation_minutes()),
             (30, 240)
         );
-        assert_eq!(p.min_canary_till_hours, 1.0);
-        assert_eq!(p.on_fail, OnFail::Pause);
-        assert_eq!(p.on_inconclusive, OnInconclusive::Pause);
-        let crashes = &p.signals["crashes"];
+        assert_eq!(p.min_canary_till_hours(), 1.0);
+        assert_eq!(p.on_fail(), OnFail::Pause);
+        assert_eq!(p.on_inconclusive(), OnInconclusive::Pause);
+        let crashes = &p.signals()["crashes"];
         assert_eq!(crashes.bad, Direction::Increase);
         assert_eq!(crashes.alternative_ratio(), 2.0);
         let p = AnalysisPolicy::from_toml(
@@ -404,9 +459,9 @@ min_samples = 30
              [signals.latency_ms]\nkind = \"continuous\"\n",
         )
         .unwrap();
-        assert!((p.signals["sales"].alternative_ratio() - 0.7).abs() < 1e-12);
-        assert_eq!(p.signals["latency_ms"].effect(), 0.25);
-        assert_eq!(p.signals["latency_ms"].min_samples(), 20);
+        assert!((p.signals()["sales"].alternative_ratio() - 0.7).abs() < 1e-12);
+        assert_eq!(p.signals()["latency_ms"].effect(), 0.25);
+        assert_eq!(p.signals()["latency_ms"].min_samples(), 20);
         // 250 minutes in steps of 30: looks at 30, 60, …, 240 and 250.
         let p = AnalysisPolicy::from_toml(
             "max_observation_minutes = 250\n[signals.crashes]\nkind = \"count\"\n",

@@ -83,7 +83,7 @@ fn check(
         got.reason
     );
     assert_eq!(got.action(policy), action, "{}", got.summary());
-    assert_eq!(got.signals.len(), policy.signals.len());
+    assert_eq!(got.signals.len(), policy.signals().len());
 }
 
 #[test]
@@ -430,7 +430,7 @@ fn judgements_serialize_and_summarize() {
 /// rush, judged every minute for up to 12 hours.
 fn simulate_counts(ratio: f64, waves: u64) -> (u64, Vec<u32>) {
     let p = policy("max_observation_minutes = 720\n[signals.crashes]\nkind = \"count\"\n");
-    let signal = &p.signals["crashes"];
+    let signal = &p.signals()["crashes"];
     let mut fails = 0;
     let mut minutes_to_fail = vec![];
     for seed in 0..waves {

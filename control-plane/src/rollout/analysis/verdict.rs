@@ -204,11 +204,11 @@ impl Judgement {
         match self.verdict {
             Verdict::Observing => Action::Wait,
             Verdict::Pass => Action::Proceed,
-            Verdict::Fail => match policy.on_fail {
+            Verdict::Fail => match policy.on_fail() {
                 OnFail::Pause => Action::Pause,
                 OnFail::Rollback => Action::Rollback,
             },
-            Verdict::Inconclusive => match policy.on_inconclusive {
+            Verdict::Inconclusive => match policy.on_inconclusive() {
                 OnInconclusive::Pause => Action::Pause,
                 OnInconclusive::Continue => Action::Proceed,
             },
@@ -244,7 +244,7 @@ impl Judgement {
 /// the same judgement, on any replica, at any time.
 pub fn judge_wave(policy: &AnalysisPolicy, wave: &WaveObservation) -> Judgement {
     let signals = policy
-        .signals
+        .signals()
         .iter()
         .map(
             |(name, signal)| match (signal.kind, wave.signals.get(name)) {
@@ -295,7 +295,7 @@ pub fn count_test(policy: &AnalysisPolicy, signal: &SignalPolicy) -> CountTest {
     CountTest::new(
         signal.alternative_ratio(),
         policy.alpha_per_signal(),
-        policy.beta,
+        policy.beta(),
     )
 }
 
@@ -330,12 +330,13 @@ pub fn judge_count(
         )
     } else if e.canary_till_hours == 0.0 {
         (SignalStatus::Undecided, "no canary till online".to_string())
-    } else if e.canary_till_hours < policy.min_canary_till_hours {
+    } else if e.canary_till_hours < policy.min_canary_till_hours() {
         (
             SignalStatus::Undecided,
             format!(
                 "not enough till-hours: {:.2} of {:.2} on the canary",
-                e.canary_till_hours, policy.min_canary_till_hours
+                e.canary_till_hours,
+                policy.min_canary_till_hours()
             ),
         )
     } else if test.accepts_no_change() {
@@ -343,7 +344,8 @@ pub fn judge_count(
             SignalStatus::Pass,
             format!(
                 "no change of a factor of {} (miss rate {})",
-                e.tested_ratio, policy.beta
+                e.tested_ratio,
+                policy.beta()
             ),
         )
     } else if e.informative_events == 0 {
@@ -370,10 +372,10 @@ pub fn judge_rank(
     elapsed_minutes: u32,
     buckets: &[SampleBucket],
 ) -> SignalEvidence {
-    let step = policy.min_observation_minutes;
+    let step = policy.min_observation_minutes();
     let looks = policy.rank_looks();
-    let (look, look_minute) = if elapsed_minutes >= policy.max_observation_minutes {
-        (looks, policy.max_observation_minutes)
+    let (look, look_minute) = if elapsed_minutes >= policy.max_observation_minutes() {
+        (looks, policy.max_observation_minutes())
     } else {
         let k = elapsed_minutes / step;
         (k, k * step)
@@ -504,12 +506,12 @@ pub fn combine(
     let failed = names(SignalStatus::Fail);
     let (verdict, reason) = if !failed.is_empty() {
         (Verdict::Fail, format!("worse on the canary: {failed}"))
-    } else if elapsed_minutes < policy.min_observation_minutes {
+    } else if elapsed_minutes < policy.min_observation_minutes() {
         (
             Verdict::Observing,
             format!(
                 "watched {elapsed_minutes} of at least {} minutes",
-                policy.min_observation_minutes
+                policy.min_observation_minutes()
             ),
         )
     } else if signals.iter().any(|s| s.test != TestEvidence::NoData)
@@ -522,7 +524,7 @@ pub fn combine(
         )
     } else if signals.iter().all(|s| s.status == SignalStatus::Pass) {
         (Verdict::Pass, "every signal passed".to_string())
-    } else if elapsed_minutes >= policy.max_observation_minutes {
+    } else if elapsed_minutes >= policy.max_observation_minutes() {
         let why: Vec<String> = signals
             .iter()
             .filter(|s| s.status == SignalStatus::Undecided)
@@ -532,7 +534,7 @@ pub fn combine(
             Verdict::Inconclusive,
             format!(
                 "undecided after the maximum {} minutes ({})",
-                policy.max_observation_minutes,
+                policy.max_observation_minutes(),
                 why.join("; ")
             ),
         )
