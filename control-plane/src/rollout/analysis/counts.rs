@@ -53,7 +53,11 @@ pub struct GroupCount {
     /// Events reported by the group's tills in the bucket's minute.
     pub events: u64,
     /// Sum over the group's tills of the part of the minute each was
-    /// online and reporting (a till online all minute adds 1).
+    /// online and reporting (a till online all minute adds 1). Any
+    /// exposure the event rate is proportional to will do instead, with
+    /// the same unit for both groups: for failed tenders, the number of
+    /// tenders tried makes a busy lane comparable with a quiet one (the
+    /// rates shown are then per 60 of that unit, not per till-hour).
     pub till_minutes: f64,
 }
 

@@ -519,7 +519,8 @@ pub fn combine(
     {
         (
             Verdict::Inconclusive,
-            "no concurrent control tills: every till of the wave's stores runs the release"
+            "no concurrent control tills: none of the wave's stores had a till without the \
+             release online and reporting"
                 .to_string(),
         )
     } else if signals.iter().all(|s| s.status == SignalStatus::Pass) {
