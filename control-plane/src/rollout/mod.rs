@@ -4,8 +4,11 @@
 //! - `model`: states, selector and strategy;
 //! - `decide`: the engine's decisions as pure functions, unit-tested;
 //! - `engine`: the one task that applies them (`EngineHandle` wakes it);
-//! - `ops`: the operations behind `AdminService`.
+//! - `ops`: the operations behind `AdminService`;
+//! - `analysis`: canary analysis, judging a wave's tills against the
+//!   control tills of the same stores (pure, like `decide`).
 
+pub mod analysis;
 pub(crate) mod decide;
 pub(crate) mod engine;
 pub mod model;
