@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::manifest::{MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest};
 
 /// zstd level: a fixed level keeps archives reproducible.
-const ZSTD_LEVEL: i32 = 9;
+pub(crate) const ZSTD_LEVEL: i32 = 9;
 
 /// Files and directories of `src`, relative, sorted, refusing what a bundle
 /// cannot carry (symlinks, devices, sockets, non-UTF-8 names).

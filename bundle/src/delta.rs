@@ -26,11 +26,14 @@
 //! in order.
 
 use std::collections::HashMap;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::manifest::Manifest;
 
 const MAGIC: &[u8; 8] = b"PFDELTA1";
 
@@ -308,6 +311,125 @@ impl<W: Write> Write for WriteOnly<'_, W> {
     }
 }
 
+/// A delta made from two bundle files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Made {
+    pub base: Manifest,
+    pub result: Manifest,
+    pub delta_bytes: u64,
+    pub result_bundle_bytes: u64,
+}
+
+/// The tar inside a bundle file, whole.
+fn read_tar(bundle: &Path) -> Result<Vec<u8>> {
+    let read = |source| Error::Read {
+        path: bundle.to_path_buf(),
+        source,
+    };
+    let mut decoder = zstd::Decoder::new(File::open(bundle).map_err(read)?).map_err(read)?;
+    let mut tar = Vec::new();
+    decoder.read_to_end(&mut tar).map_err(read)?;
+    Ok(tar)
+}
+
+fn manifest_of(bundle: &Path) -> Result<Manifest> {
+    let file = File::open(bundle).map_err(|source| Error::Read {
+        path: bundle.to_path_buf(),
+        source,
+    })?;
+    crate::archive::read_manifest(BufReader::new(file))
+}
+
+/// Makes the delta from bundle file `base` to bundle file `result` (two
+/// versions of one bundle, the result newer) into `out`. The publisher's
+/// side: both tars are held in memory.
+pub fn make_from_bundles(base: &Path, result: &Path, out: &Path) -> Result<Made> {
+    let (base_manifest, result_manifest) = (manifest_of(base)?, manifest_of(result)?);
+    if base_manifest.name != result_manifest.name || base_manifest.kind != result_manifest.kind {
+        return Err(malformed(format!(
+            "{} and {} are not versions of one bundle",
+            base_manifest.target_name(),
+            result_manifest.target_name()
+        )));
+    }
+    if base_manifest.version >= result_manifest.version {
+        return Err(malformed(format!(
+            "{} is not older than {}",
+            base_manifest.target_name(),
+            result_manifest.target_name()
+        )));
+    }
+    let delta = make(&read_tar(base)?, &read_tar(result)?)?;
+    std::fs::write(out, &delta).map_err(|source| Error::Write {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    let result_bundle_bytes = std::fs::metadata(result)
+        .map_err(|source| Error::Read {
+            path: result.to_path_buf(),
+            source,
+        })?
+        .len();
+    Ok(Made {
+        base: base_manifest,
+        result: result_manifest,
+        delta_bytes: delta.len() as u64,
+        result_bundle_bytes,
+    })
+}
+
+/// The till's side: rebuilds the newer bundle file `out` from bundle file
+/// `base` and `delta`, the old tar written to `scratch` (a file, removed
+/// after) and read from there in regions, the rebuilt tar packed as
+/// [`crate::archive::build`] packs it. The caller checks `out` against the
+/// signed target before anyone uses it: this trusts nothing and checks
+/// nothing but the delta's shape.
+pub fn rebuild_bundle(base: &Path, delta: &Path, scratch: &Path, out: &Path) -> Result<()> {
+    let write = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::Write {
+            path: path.clone(),
+            source,
+        }
+    };
+    let read = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::Read {
+            path: path.clone(),
+            source,
+        }
+    };
+    let base_tar_length = {
+        let mut decoder =
+            zstd::Decoder::new(File::open(base).map_err(read(base))?).map_err(read(base))?;
+        let mut tar = BufWriter::new(File::create(scratch).map_err(write(scratch))?);
+        let length = std::io::copy(&mut decoder, &mut tar).map_err(read(base))?;
+        tar.flush().map_err(write(scratch))?;
+        length
+    };
+    let rebuilt = (|| {
+        let mut base_tar = File::open(scratch).map_err(read(scratch))?;
+        let mut delta_file = BufReader::new(File::open(delta).map_err(read(delta))?);
+        let file = BufWriter::new(File::create(out).map_err(write(out))?);
+        let mut encoder =
+            zstd::Encoder::new(file, crate::archive::ZSTD_LEVEL).map_err(write(out))?;
+        apply(
+            &mut base_tar,
+            base_tar_length,
+            &mut delta_file,
+            &mut encoder,
+        )?;
+        let mut file = encoder.finish().map_err(write(out))?;
+        file.flush().map_err(write(out))?;
+        file.into_inner()
+            .map_err(|e| write(out)(e.into_error()))?
+            .sync_all()
+            .map_err(write(out))
+    })();
+    let _ = std::fs::remove_file(scratch);
+    rebuilt
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -473,5 +595,61 @@ mod tests {
                 Err(other) => panic!("{what}: {other}"),
             }
         }
+    }
+
+    /// Two versions of a small bundle, packed as ops pack them.
+    fn bundles(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+        let source = |version: &str, price: u32| {
+            let src = dir.join(format!("src-{version}"));
+            std::fs::create_dir_all(src.join("data")).unwrap();
+            std::fs::write(
+                src.join("posfleet-bundle.toml"),
+                format!(
+                    "name = \"catalog-eu\"\nversion = \"{version}\"\nkind = \"catalog\"\nhardware = [\"*\"]\n"
+                ),
+            )
+            .unwrap();
+            let rows = catalog(30_000, |row| row as u32 + u32::from(row % 100 == 3) * price);
+            std::fs::write(src.join("data/products.csv"), rows).unwrap();
+            let out = dir.join(format!("catalog-{version}.bundle"));
+            crate::archive::build(&src, &out).unwrap();
+            out
+        };
+        (source("1.0.0", 0), source("1.1.0", 7))
+    }
+
+    #[test]
+    fn a_bundle_rebuilt_from_its_predecessor_and_a_delta_is_byte_for_byte_the_bundle() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, new) = bundles(dir.path());
+        let delta = dir.path().join("1.1.0-from-1.0.0.delta");
+        let made = make_from_bundles(&old, &new, &delta).unwrap();
+        assert_eq!(made.base.target_name(), "catalog-eu/1.0.0");
+        assert_eq!(made.result.target_name(), "catalog-eu/1.1.0");
+        assert_eq!(made.delta_bytes, std::fs::metadata(&delta).unwrap().len());
+        assert!(made.delta_bytes * 20 < made.result_bundle_bytes, "{made:?}");
+
+        let out = dir.path().join("rebuilt.bundle");
+        let scratch = dir.path().join("base.tar");
+        rebuild_bundle(&old, &delta, &scratch, &out).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&new).unwrap());
+        assert!(!scratch.exists(), "the old tar is removed");
+
+        // Against the wrong base: refused, and the scratch file goes too.
+        let err = rebuild_bundle(&new, &delta, &scratch, &out).unwrap_err();
+        assert!(matches!(err, Error::Delta(_)), "{err}");
+        assert!(!scratch.exists());
+    }
+
+    #[test]
+    fn deltas_go_forward_between_versions_of_one_bundle() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, new) = bundles(dir.path());
+        let delta = dir.path().join("d");
+        let err = make_from_bundles(&new, &old, &delta).unwrap_err();
+        assert!(err.to_string().contains("is not older than"), "{err}");
+        let err = make_from_bundles(&old, &old, &delta).unwrap_err();
+        assert!(err.to_string().contains("is not older than"), "{err}");
+        assert!(!delta.exists());
     }
 }

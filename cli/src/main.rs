@@ -802,8 +802,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let dir = session_file::config_dir(credentials.config_dir)?;
             return login_cmd::logout(&server, &dir).await;
         }
-        Command::Bundle(build @ repo_cmd::BundleCommand::Build { .. }) => {
-            return repo_cmd::bundle(None, build, output).await;
+        Command::Bundle(
+            offline @ (repo_cmd::BundleCommand::Build { .. }
+            | repo_cmd::BundleCommand::Delta { .. }),
+        ) => {
+            return repo_cmd::bundle(None, offline, output).await;
         }
         Command::Bundle(command) => {
             let mut admin = Admin::connect(&server, &credentials.token_for(&server.url)?).await?;

@@ -1,5 +1,5 @@
 //! Keys and bundles: `posfleet keys init|rotate`, `posfleet bundle
-//! build|publish|list`. Root and targets keys stay with ops (root offline);
+//! build|delta|publish|list`. Root and targets keys stay with ops (root offline);
 //! the control plane only ever sees signed metadata.
 
 use anyhow::{Context, anyhow, bail};
@@ -62,6 +62,15 @@ pub enum BundleCommand {
     Build {
         src: PathBuf,
         /// The bundle file to write.
+        #[arg(short = 'o', long = "out", value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Make the delta that rebuilds bundle TO from the earlier version
+    /// FROM, and say how much smaller it is than TO.
+    Delta {
+        from: PathBuf,
+        to: PathBuf,
+        /// The delta file to write.
         #[arg(short = 'o', long = "out", value_name = "FILE")]
         out: PathBuf,
     },
@@ -360,6 +369,18 @@ pub async fn bundle(
                 manifest.target_name(),
                 digest.length,
                 hex::encode(digest.sha256),
+                out.display()
+            );
+        }
+        BundleCommand::Delta { from, to, out } => {
+            let made = posfleet_bundle::delta::make_from_bundles(&from, &to, &out)?;
+            println!(
+                "Made the delta from {} to {}: {} bytes, {:.4} of the bundle's {} bytes, into {}",
+                made.base.target_name(),
+                made.result.target_name(),
+                made.delta_bytes,
+                made.delta_bytes as f64 / made.result_bundle_bytes.max(1) as f64,
+                made.result_bundle_bytes,
                 out.display()
             );
         }

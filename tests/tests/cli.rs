@@ -1064,3 +1064,67 @@ fn a_stored_session_is_for_its_server_only_until_it_expires_or_its_user_is_disab
     let out = check_ok(as_person(&cp, &config, &["logout"]).output().unwrap());
     assert!(out.contains("Not logged in"), "{out}");
 }
+
+/// `posfleet bundle delta` between two releases of the example POS program
+/// that share a 2 MiB library: a small delta, the saving printed; and a
+/// delta backwards is refused in one line.
+#[test]
+fn a_delta_between_two_releases_is_made_offline_and_says_what_it_saves() {
+    let dir = tempfile::tempdir().unwrap();
+    let library = posfleet_e2e::pseudo_random_bytes(7, 2 << 20);
+    let bundle = |version: &str| {
+        let src = pos_app_source(&dir.path().join(format!("src-{version}")), version, true, 0);
+        std::fs::write(src.join("libpos.so"), &library).unwrap();
+        let out = dir.path().join(format!("pos-app-{version}.bundle"));
+        check_ok(
+            Command::new(binary("posfleet"))
+                .args(["bundle", "build"])
+                .arg(&src)
+                .arg("-o")
+                .arg(&out)
+                .output()
+                .unwrap(),
+        );
+        out
+    };
+    let (old, new) = (bundle("1.0.0"), bundle("1.1.0"));
+    let delta = dir.path().join("pos-app-1.1.0-from-1.0.0.delta");
+    let printed = check_ok(
+        Command::new(binary("posfleet"))
+            .args(["bundle", "delta"])
+            .args([&old, &new])
+            .arg("-o")
+            .arg(&delta)
+            .output()
+            .unwrap(),
+    );
+    assert!(
+        printed.contains("from pos-app/1.0.0 to pos-app/1.1.0"),
+        "{printed}"
+    );
+    let (delta_bytes, bundle_bytes) = (
+        std::fs::metadata(&delta).unwrap().len(),
+        std::fs::metadata(&new).unwrap().len(),
+    );
+    assert!(
+        printed.contains(&format!("{delta_bytes} bytes")),
+        "{printed}"
+    );
+    assert!(
+        delta_bytes * 100 < bundle_bytes,
+        "{delta_bytes} of {bundle_bytes}"
+    );
+
+    let backwards = Command::new(binary("posfleet"))
+        .args(["bundle", "delta"])
+        .args([&new, &old])
+        .arg("-o")
+        .arg(dir.path().join("backwards.delta"))
+        .output()
+        .unwrap();
+    assert_one_line_error(
+        &backwards,
+        1,
+        "pos-app/1.1.0 is not older than pos-app/1.0.0",
+    );
+}
