@@ -44,6 +44,32 @@ impl Default for Limits {
     }
 }
 
+/// A delta the repository vouches for: its file, fetched and verified like
+/// any target, and the bundle it applies to. Only
+/// [`TrustedMetadata::delta_to`] builds one, for a till holding that bundle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedDelta {
+    file: VerifiedTarget,
+    base: String,
+    base_sha256: [u8; 32],
+}
+
+impl VerifiedDelta {
+    /// The delta file as a target (fetch it, verify it, as any target).
+    pub fn file(&self) -> &VerifiedTarget {
+        &self.file
+    }
+
+    /// The bundle target it applies to.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    pub fn base_sha256(&self) -> &[u8; 32] {
+        &self.base_sha256
+    }
+}
+
 /// A target the repository vouches for, with its posfleet fields. Only
 /// [`TrustedMetadata::bundle`] builds one, from metadata it verified and
 /// that has not expired; its fields are private.
@@ -518,7 +544,8 @@ impl TrustedMetadata {
 
     /// A target the trusted targets metadata lists, for `hardware_model`,
     /// if that metadata is current at `now` ([`Self::check_current`]).
-    /// Anything not listed is refused: no extraneous bundle gets in.
+    /// Anything not listed is refused: no extraneous bundle gets in; nor is
+    /// a delta a bundle ([`Self::delta_to`]).
     pub fn bundle(
         &self,
         name: &str,
@@ -532,6 +559,66 @@ impl TrustedMetadata {
             .get(name)
             .ok_or_else(|| Error::UnknownTarget(name.into()))?;
         let info = target.bundle_info(name)?;
+        if info.delta.is_some() {
+            return Err(Error::Malformed {
+                role: TARGETS.into(),
+                message: format!("target {name} is a delta, not a bundle"),
+            });
+        }
+        self.verified(name, target, info, hardware_model)
+    }
+
+    /// The smallest delta the trusted targets metadata lists that rebuilds
+    /// `result` from the bundle whose SHA-256 is `have` (the copy a till
+    /// holds), if that metadata is current at `now`. `None` when there
+    /// is none: the till fetches `result` whole.
+    pub fn delta_to(
+        &self,
+        result: &VerifiedTarget,
+        have: &[u8; 32],
+        hardware_model: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<VerifiedDelta>> {
+        self.check_current(now)?;
+        let (result_sha256, base_sha256) = (result.sha256_hex(), hex::encode(have));
+        let mut best: Option<VerifiedDelta> = None;
+        for (name, target) in &self.targets()?.targets {
+            // Another target's malformed fields are not this one's concern.
+            let Ok(info) = target.bundle_info(name) else {
+                continue;
+            };
+            let Some(delta) = info.delta.clone() else {
+                continue;
+            };
+            if delta.result != result.name
+                || delta.result_sha256 != result_sha256
+                || delta.base_sha256 != base_sha256
+            {
+                continue;
+            }
+            let Ok(file) = self.verified(name, target, info, hardware_model) else {
+                continue;
+            };
+            if best.as_ref().is_none_or(|b| file.length < b.file.length) {
+                best = Some(VerifiedDelta {
+                    file,
+                    base: delta.base,
+                    base_sha256: *have,
+                });
+            }
+        }
+        Ok(best)
+    }
+
+    /// `target` (named `name`, with its posfleet fields `info`) as a
+    /// verified target, if its fields hold up and it is for `hardware_model`.
+    fn verified(
+        &self,
+        name: &str,
+        target: &TargetFile,
+        info: crate::tuf::BundleInfo,
+        hardware_model: &str,
+    ) -> Result<VerifiedTarget> {
         if info.chunk_size == 0 || info.chunk_size > crate::chunks::MAX_CHUNK_SIZE {
             return Err(Error::Malformed {
                 role: TARGETS.into(),

@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use crate::chunks::FileDigest;
 use crate::manifest::Manifest;
 use crate::tuf::{
-    self, BundleInfo, Key, MetaFile, ROOT, RoleKeys, SNAPSHOT, SPEC_VERSION, Snapshot, TARGETS,
-    TIMESTAMP, TargetFile, Targets, Timestamp, format_time, sha256_hex,
+    self, BundleInfo, DeltaInfo, Key, MetaFile, ROOT, RoleKeys, SNAPSHOT, SPEC_VERSION, Snapshot,
+    TARGETS, TIMESTAMP, TargetFile, Targets, Timestamp, format_time, sha256_hex,
 };
 
 /// The public keys and thresholds of each role of a root.
@@ -62,12 +62,50 @@ pub fn root(keys: &RootKeys, version: u64, expires: DateTime<Utc>) -> tuf::Root 
 
 /// The target entry of a bundle file.
 pub fn target_file(manifest: &Manifest, digest: &FileDigest) -> TargetFile {
+    entry(manifest, digest, None)
+}
+
+/// The target name of the delta rebuilding `result` from `base` (two
+/// versions of one bundle): `<name>/<version>/from-<base version>.delta`,
+/// beside the bundle's `<name>/<version>`.
+pub fn delta_target_name(result: &Manifest, base: &Manifest) -> String {
+    format!("{}/from-{}.delta", result.target_name(), base.version)
+}
+
+/// The target entry of a delta file (`digest`) rebuilding the bundle
+/// `result` (published as `result_target`) from the bundle published as
+/// `base_target`.
+pub fn delta_target_file(
+    result: &Manifest,
+    digest: &FileDigest,
+    base_target: (&str, &TargetFile),
+    result_target: (&str, &TargetFile),
+) -> crate::Result<TargetFile> {
+    let sha256 = |(name, file): (&str, &TargetFile)| {
+        file.sha256()
+            .map(str::to_string)
+            .ok_or_else(|| crate::Error::Malformed {
+                role: TARGETS.into(),
+                message: format!("target {name} has no sha256"),
+            })
+    };
+    let delta = DeltaInfo {
+        base: base_target.0.to_string(),
+        base_sha256: sha256(base_target)?,
+        result: result_target.0.to_string(),
+        result_sha256: sha256(result_target)?,
+    };
+    Ok(entry(result, digest, Some(delta)))
+}
+
+fn entry(manifest: &Manifest, digest: &FileDigest, delta: Option<DeltaInfo>) -> TargetFile {
     let info = BundleInfo {
         kind: manifest.kind,
         version: manifest.version.to_string(),
         hardware: manifest.hardware.clone(),
         chunk_size: digest.chunks.chunk_size(),
         chunks_sha256: hex::encode(digest.chunks.digest()),
+        delta,
     };
     TargetFile {
         length: digest.length,

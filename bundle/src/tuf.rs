@@ -129,7 +129,9 @@ pub struct Snapshot {
     pub meta: BTreeMap<String, MetaFile>,
 }
 
-/// posfleet's fields in a target's `custom` object.
+/// posfleet's fields in a target's `custom` object. A delta's `kind`,
+/// `version` and `hardware` are those of the bundle it rebuilds; its chunk
+/// fields, length and hashes are the delta file's own.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BundleInfo {
     pub kind: Kind,
@@ -137,6 +139,22 @@ pub struct BundleInfo {
     pub hardware: Vec<String>,
     pub chunk_size: u32,
     pub chunks_sha256: String,
+    /// Set on a delta target: what it rebuilds, from what.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<DeltaInfo>,
+}
+
+/// What a delta target rebuilds (`posfleet_bundle::delta`): the bundle
+/// target `result` from the bundle target `base`, each named with its
+/// SHA-256 so a till knows its copy of the base is the right one and the
+/// rebuilt bundle is checked against the result's signed hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeltaInfo {
+    pub base: String,
+    pub base_sha256: String,
+    pub result: String,
+    pub result_sha256: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

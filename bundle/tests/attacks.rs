@@ -652,3 +652,101 @@ fn an_upload_that_is_not_the_signed_bundle_is_refused() {
         "{err}"
     );
 }
+
+impl Repo {
+    /// Adds a delta target of `len` bytes rebuilding `result` from `base`
+    /// (both added already).
+    fn add_delta(&mut self, base: &str, result: &str, len: usize, hardware: &[&str]) -> String {
+        let (bundle, version) = result.split_once('/').unwrap();
+        let (_, base_version) = base.split_once('/').unwrap();
+        let manifest = |version: &str| Manifest {
+            name: bundle.into(),
+            version: version.parse().unwrap(),
+            kind: Kind::Software,
+            hardware: hardware.iter().map(|h| h.to_string()).collect(),
+            pre_activate: None,
+            health_check: None,
+        };
+        let (result_manifest, base_manifest) = (manifest(version), manifest(base_version));
+        let data = vec![len as u8; len];
+        let digest = chunks::digest_reader(&data[..]).unwrap();
+        let name = repo::delta_target_name(&result_manifest, &base_manifest);
+        let file = repo::delta_target_file(
+            &result_manifest,
+            &digest,
+            (base, &self.entries[base]),
+            (result, &self.entries[result]),
+        )
+        .unwrap();
+        self.entries.insert(name.clone(), file);
+        self.bundles.insert(name.clone(), (data, digest.chunks));
+        name
+    }
+}
+
+/// A till holding 1.0.0 gets the smallest delta to 1.1.0 from 1.0.0, and
+/// none from a base it does not hold, nor for another hardware; a delta is
+/// never handed out as a bundle to install.
+#[test]
+fn a_delta_is_offered_only_for_the_base_a_till_holds_and_never_as_a_bundle() {
+    let mut repo = sample();
+    repo.add("pos-app/0.9.0", &["pos-x1"], vec![5u8; 2 * 1024 * 1024]);
+    repo.add("pos-app/1.1.0", &["pos-x1"], vec![8u8; 3 * 1024 * 1024]);
+    let from_1_0 = repo.add_delta("pos-app/1.0.0", "pos-app/1.1.0", 5000, &["pos-x1"]);
+    repo.add_delta("pos-app/0.9.0", "pos-app/1.1.0", 9000, &["pos-x1"]);
+    assert_eq!(from_1_0, "pos-app/1.1.0/from-1.0.0.delta");
+    repo.publish();
+    let mut client = repo.client();
+    refresh(&mut client, &repo, now()).unwrap();
+
+    let result = client.bundle("pos-app/1.1.0", "pos-x1", now()).unwrap();
+    let held = client.bundle("pos-app/1.0.0", "pos-x1", now()).unwrap();
+    let delta = client
+        .delta_to(&result, held.sha256(), "pos-x1", now())
+        .unwrap()
+        .expect("a delta from 1.0.0");
+    assert_eq!(delta.file().name(), from_1_0);
+    assert_eq!(delta.file().length(), 5000);
+    assert_eq!(delta.base(), "pos-app/1.0.0");
+    assert_eq!(delta.base_sha256(), held.sha256());
+    let (data, list) = &repo.bundles[&from_1_0];
+    let fetched = delta.file().decode_chunk_list(&list.encode()).unwrap();
+    fetched.verify_reader(&data[..]).unwrap();
+
+    // A base the till does not hold (a corrupt copy of 1.0.0, say).
+    assert_eq!(
+        client
+            .delta_to(&result, &[0u8; 32], "pos-x1", now())
+            .unwrap(),
+        None
+    );
+    // Another model: the delta is for pos-x1 only.
+    let other = {
+        let mut repo = sample();
+        repo.add("pos-app/1.1.0", &["*"], vec![8u8; 3 * 1024 * 1024]);
+        repo.add_delta("pos-app/1.0.0", "pos-app/1.1.0", 5000, &["pos-x1"]);
+        repo.publish();
+        let mut client = repo.client();
+        refresh(&mut client, &repo, now()).unwrap();
+        let result = client.bundle("pos-app/1.1.0", "pos-x9", now()).unwrap();
+        let held: [u8; 32] = hex::decode(repo.entries["pos-app/1.0.0"].sha256().unwrap())
+            .unwrap()
+            .try_into()
+            .unwrap();
+        client.delta_to(&result, &held, "pos-x9", now()).unwrap()
+    };
+    assert_eq!(other, None);
+    // A delta is not a bundle.
+    let err = client.bundle(&from_1_0, "pos-x1", now()).unwrap_err();
+    assert!(
+        err.to_string().contains("is a delta, not a bundle"),
+        "{err}"
+    );
+    // Expired metadata offers nothing.
+    let later = now() + Duration::days(31);
+    assert!(
+        client
+            .delta_to(&result, held.sha256(), "pos-x1", later)
+            .is_err()
+    );
+}

@@ -74,13 +74,19 @@ pub enum BundleCommand {
         #[arg(short = 'o', long = "out", value_name = "FILE")]
         out: PathBuf,
     },
-    /// Sign a bundle with the targets keys in DIR and publish it.
+    /// Sign a bundle with the targets keys in DIR and publish it, then a
+    /// delta to it from each earlier version given (tills holding one of
+    /// those fetch the delta instead of the bundle).
     Publish {
         file: PathBuf,
         #[arg(long)]
         keys: PathBuf,
         #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
         targets_expires_in: Duration,
+        /// Bundle files of earlier, published versions, comma-separated.
+        /// With the bundle already published, only the deltas are.
+        #[arg(long, value_delimiter = ',', value_name = "FILE")]
+        delta_from: Vec<PathBuf>,
     },
     /// List published bundles.
     List {
@@ -388,10 +394,17 @@ pub async fn bundle(
             file,
             keys,
             targets_expires_in,
+            delta_from,
         } => {
             let admin = admin.ok_or_else(|| anyhow!("publishing needs the control plane"))?;
-            let bundle = publish(admin, &file, &keys, targets_expires_in).await?;
-            print_bundles(&[bundle], output)?;
+            let mut published = Vec::new();
+            if delta_from.is_empty() || !published_already(admin, &file).await? {
+                published.push(publish(admin, &file, &keys, targets_expires_in).await?);
+            }
+            for base in &delta_from {
+                published.push(publish_delta(admin, base, &file, &keys, targets_expires_in).await?);
+            }
+            print_bundles(&published, output)?;
         }
         BundleCommand::List { name } => {
             let admin = admin.ok_or_else(|| anyhow!("listing needs the control plane"))?;
@@ -402,33 +415,51 @@ pub async fn bundle(
     Ok(())
 }
 
-/// Signs `file` into the next targets metadata and uploads both.
-pub async fn publish(
-    admin: &mut Admin,
-    file: &Path,
-    keys: &Path,
-    targets_expires_in: Duration,
-) -> anyhow::Result<v1::Bundle> {
-    let open =
-        || std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()));
-    let manifest = archive::read_manifest(open()?)?;
-    let digest = chunks::digest_reader(open()?)?;
-    let signers = read_keys(keys, TARGETS)?;
-    if signers.is_empty() {
-        bail!("no targets-*.key in {}", keys.display());
-    }
+fn open(file: &Path) -> anyhow::Result<std::fs::File> {
+    std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))
+}
+
+/// The published targets metadata.
+async fn current_targets(admin: &mut Admin) -> anyhow::Result<Targets> {
     let repository = admin.repository().await?;
     if repository.targets_json.is_empty() {
         bail!("the repository is not initialized; run `posfleet keys init`");
     }
-    let current: Targets =
-        tuf::parse_envelope(TARGETS, &repository.targets_json, u64::MAX)?.decode(TARGETS)?;
+    Ok(tuf::parse_envelope(TARGETS, &repository.targets_json, u64::MAX)?.decode(TARGETS)?)
+}
+
+/// Whether bundle `file` is published already, these very bytes; a bundle
+/// of that name and version with other bytes is an error.
+async fn published_already(admin: &mut Admin, file: &Path) -> anyhow::Result<bool> {
+    let manifest = archive::read_manifest(open(file)?)?;
+    let sha256 = hex::encode(chunks::digest_reader(open(file)?)?.sha256);
     let name = manifest.target_name();
-    if current.targets.contains_key(&name) {
-        bail!("{name} is already published; bump the version in posfleet-bundle.toml");
+    match current_targets(admin).await?.targets.get(&name) {
+        None => Ok(false),
+        Some(entry) if entry.sha256() == Some(sha256.as_str()) => Ok(true),
+        Some(_) => bail!(
+            "{name} is published with other bytes than {}; bump the version in posfleet-bundle.toml",
+            file.display()
+        ),
+    }
+}
+
+/// Signs the next targets metadata, the current one plus `entry` named
+/// `name`, and uploads it with `file`.
+async fn publish_entry(
+    admin: &mut Admin,
+    keys: &Path,
+    targets_expires_in: Duration,
+    current: Targets,
+    (name, entry): (String, tuf::TargetFile),
+    file: &Path,
+) -> anyhow::Result<v1::Bundle> {
+    let signers = read_keys(keys, TARGETS)?;
+    if signers.is_empty() {
+        bail!("no targets-*.key in {}", keys.display());
     }
     let mut entries = current.targets;
-    entries.insert(name.clone(), repo::target_file(&manifest, &digest));
+    entries.insert(name.clone(), entry);
     let targets = repo::targets(
         current.version + 1,
         Utc::now() + chrono_duration(targets_expires_in),
@@ -438,6 +469,83 @@ pub async fn publish(
     admin
         .publish(targets_json, Some((name, file.to_path_buf())))
         .await
+}
+
+/// Signs `file` into the next targets metadata and uploads both.
+pub async fn publish(
+    admin: &mut Admin,
+    file: &Path,
+    keys: &Path,
+    targets_expires_in: Duration,
+) -> anyhow::Result<v1::Bundle> {
+    let manifest = archive::read_manifest(open(file)?)?;
+    let digest = chunks::digest_reader(open(file)?)?;
+    let current = current_targets(admin).await?;
+    let name = manifest.target_name();
+    if current.targets.contains_key(&name) {
+        bail!("{name} is already published; bump the version in posfleet-bundle.toml");
+    }
+    let entry = repo::target_file(&manifest, &digest);
+    publish_entry(
+        admin,
+        keys,
+        targets_expires_in,
+        current,
+        (name, entry),
+        file,
+    )
+    .await
+}
+
+/// Makes the delta from `base` (an earlier version's bundle file, as
+/// published) to `file` (published) and publishes it, signed.
+pub async fn publish_delta(
+    admin: &mut Admin,
+    base: &Path,
+    file: &Path,
+    keys: &Path,
+    targets_expires_in: Duration,
+) -> anyhow::Result<v1::Bundle> {
+    let current = current_targets(admin).await?;
+    let published = |path: &Path, targets: &Targets| -> anyhow::Result<(String, tuf::TargetFile)> {
+        let name = archive::read_manifest(open(path)?)?.target_name();
+        let sha256 = hex::encode(chunks::digest_reader(open(path)?)?.sha256);
+        let entry = targets.targets.get(&name).ok_or_else(|| {
+            anyhow!("{name} is not published: publish it before a delta from or to it")
+        })?;
+        if entry.sha256() != Some(sha256.as_str()) {
+            bail!(
+                "{} is not the published {name}: its SHA-256 differs",
+                path.display()
+            );
+        }
+        Ok((name, entry.clone()))
+    };
+    let base_target = published(base, &current)?;
+    let result_target = published(file, &current)?;
+    let made_in = tempfile::tempdir().context("cannot make a folder for the delta")?;
+    let delta_file = made_in.path().join("bundle.delta");
+    let made = posfleet_bundle::delta::make_from_bundles(base, file, &delta_file)?;
+    let name = repo::delta_target_name(&made.result, &made.base);
+    if current.targets.contains_key(&name) {
+        bail!("{name} is already published");
+    }
+    let digest = chunks::digest_reader(open(&delta_file)?)?;
+    let entry = repo::delta_target_file(
+        &made.result,
+        &digest,
+        (&base_target.0, &base_target.1),
+        (&result_target.0, &result_target.1),
+    )?;
+    publish_entry(
+        admin,
+        keys,
+        targets_expires_in,
+        current,
+        (name, entry),
+        &delta_file,
+    )
+    .await
 }
 
 pub fn print_bundles(bundles: &[v1::Bundle], output: Output) -> anyhow::Result<()> {
@@ -450,6 +558,9 @@ pub fn print_bundles(bundles: &[v1::Bundle], output: Output) -> anyhow::Result<(
         sha256: &'a str,
         targets_version: u64,
         published_at: String,
+        /// On a delta: the version it rebuilds the bundle from.
+        #[serde(skip_serializing_if = "str::is_empty")]
+        delta_from: &'a str,
     }
     let views: Vec<View> = bundles
         .iter()
@@ -461,6 +572,7 @@ pub fn print_bundles(bundles: &[v1::Bundle], output: Output) -> anyhow::Result<(
             sha256: &b.sha256,
             targets_version: b.targets_version,
             published_at: crate::view::time(b.published_at_unix_ms),
+            delta_from: &b.delta_from,
         })
         .collect();
     if output == Output::Json {

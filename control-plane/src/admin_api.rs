@@ -259,6 +259,7 @@ fn bundle_view(b: BundleRecord) -> v1::Bundle {
         chunks_sha256: b.chunks_sha256,
         targets_version: b.targets_version.max(0) as u64,
         published_at_unix_ms: b.published_at_ms,
+        delta_from: b.delta_from,
     }
 }
 

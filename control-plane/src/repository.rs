@@ -508,7 +508,16 @@ impl Repository {
         let name = &upload.target;
         let file = &targets.targets[name];
         let info = file.bundle_info(name)?;
-        let (bundle_name, version) = name
+        let delta_from = match &info.delta {
+            Some(delta) => Some(Self::check_delta(name, &info, delta, targets)?),
+            None => None,
+        };
+        // A delta's name and version are the bundle's it rebuilds.
+        let bundle_target = info
+            .delta
+            .as_ref()
+            .map_or(name.as_str(), |d| d.result.as_str());
+        let (bundle_name, version) = bundle_target
             .split_once('/')
             .ok_or_else(|| RepoError::Refused(format!("target {name} is not <name>/<version>")))?;
         if version != info.version || semver::Version::parse(version).is_err() {
@@ -564,7 +573,74 @@ impl Repository {
             chunks_sha256,
             targets_version: targets.version as i64,
             published_at_ms: now.timestamp_millis(),
+            delta_from: delta_from.unwrap_or_default(),
         })
+    }
+
+    /// Checks a delta target `name` against the targets metadata it is
+    /// published in: named `<name>/<version>/from-<base>.delta` after the
+    /// bundle it rebuilds and the one it applies to, both published with
+    /// the SHA-256 the delta names, the base older, and its kind, version
+    /// and hardware the rebuilt bundle's. Returns the base's version. The
+    /// delta's bytes are not applied here: a till checks what it rebuilds
+    /// against the bundle's signed hash, and fetches the bundle whole when
+    /// that fails.
+    fn check_delta(
+        name: &str,
+        info: &posfleet_bundle::tuf::BundleInfo,
+        delta: &posfleet_bundle::tuf::DeltaInfo,
+        targets: &Targets,
+    ) -> Result<String, RepoError> {
+        let refused = |why: String| RepoError::Refused(format!("delta {name}: {why}"));
+        let published =
+            |target: &str, sha256: &str| -> Result<posfleet_bundle::tuf::BundleInfo, RepoError> {
+                let file = targets
+                    .targets
+                    .get(target)
+                    .ok_or_else(|| refused(format!("{target} is not published")))?;
+                if file.sha256() != Some(sha256) {
+                    return Err(refused(format!(
+                        "it names {target} with SHA-256 {sha256}, which is not the published one"
+                    )));
+                }
+                let info = file.bundle_info(target)?;
+                if info.delta.is_some() {
+                    return Err(refused(format!("{target} is a delta, not a bundle")));
+                }
+                Ok(info)
+            };
+        let result = published(&delta.result, &delta.result_sha256)?;
+        let base = published(&delta.base, &delta.base_sha256)?;
+        let (result_name, _) = delta.result.split_once('/').unwrap_or_default();
+        let (base_name, base_version) = delta.base.split_once('/').unwrap_or_default();
+        let expected = format!("{}/from-{base_version}.delta", delta.result);
+        if name != expected || base_name != result_name {
+            return Err(refused(format!(
+                "it must be named {expected}, after the bundle it rebuilds and one of its earlier versions"
+            )));
+        }
+        let older = match (
+            semver::Version::parse(&base.version),
+            semver::Version::parse(&result.version),
+        ) {
+            (Ok(base), Ok(result)) => base < result,
+            _ => false,
+        };
+        if !older {
+            return Err(refused(format!(
+                "it must rebuild a newer version than {}",
+                delta.base
+            )));
+        }
+        if (info.kind, &info.version, &info.hardware)
+            != (result.kind, &result.version, &result.hardware)
+        {
+            return Err(refused(format!(
+                "its kind, version and hardware must be those of {}",
+                delta.result
+            )));
+        }
+        Ok(base.version)
     }
 
     /// Re-signs the snapshot (and timestamp) or the timestamp alone when half

@@ -1128,3 +1128,91 @@ fn a_delta_between_two_releases_is_made_offline_and_says_what_it_saves() {
         "pos-app/1.1.0 is not older than pos-app/1.0.0",
     );
 }
+
+/// `posfleet bundle publish NEW --delta-from OLD`: the new release and a
+/// signed delta to it from the published earlier one, listed together; a
+/// delta from a file that is not the published earlier release, or one
+/// published already, is refused in one line.
+#[test]
+fn a_release_is_published_with_a_delta_from_the_one_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start_sqlite(&dir.path().join("cp"));
+    let keys = dir.path().join("keys");
+    cp.init_repository(&keys);
+    let library = posfleet_e2e::pseudo_random_bytes(11, 2 << 20);
+    let bundle = |version: &str, conf: &str| {
+        let src = pos_app_source(
+            &dir.path().join(format!("src-{version}-{conf}")),
+            version,
+            true,
+            0,
+        );
+        std::fs::write(src.join("libpos.so"), &library).unwrap();
+        std::fs::write(src.join("store.conf"), conf).unwrap();
+        cp.build_bundle(
+            &src,
+            &dir.path().join(format!("pos-app-{version}-{conf}.bundle")),
+        )
+    };
+    let old = bundle("1.0.0", "lanes=4");
+    let new = bundle("1.1.0", "lanes=4");
+    let keys_arg = keys.to_str().unwrap();
+    check_ok(cp.cli(&[
+        "bundle",
+        "publish",
+        old.to_str().unwrap(),
+        "--keys",
+        keys_arg,
+    ]));
+
+    // `bundle publish NEW --delta-from BASE`, with `extra` arguments.
+    let publish_from = |base: &std::path::Path, extra: &[&str]| {
+        let mut args = extra.to_vec();
+        args.extend([
+            "bundle",
+            "publish",
+            new.to_str().unwrap(),
+            "--keys",
+            keys_arg,
+        ]);
+        args.extend(["--delta-from", base.to_str().unwrap()]);
+        cp.cli(&args)
+    };
+    let published: serde_json::Value =
+        serde_json::from_str(&check_ok(publish_from(&old, &["--output", "json"]))).unwrap();
+    let targets: Vec<&str> = published
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["target"].as_str().unwrap())
+        .collect();
+    assert_eq!(targets, ["pos-app/1.1.0", "pos-app/1.1.0/from-1.0.0.delta"]);
+    let listed = cp.cli_json(&["bundle", "list"]);
+    let delta = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["target"] == "pos-app/1.1.0/from-1.0.0.delta")
+        .expect("the delta is listed");
+    assert_eq!(delta["delta_from"], "1.0.0");
+    let (delta_bytes, bundle_bytes) = (
+        delta["length"].as_u64().unwrap(),
+        std::fs::metadata(&new).unwrap().len(),
+    );
+    assert!(
+        delta_bytes * 100 < bundle_bytes,
+        "{delta_bytes} of {bundle_bytes}"
+    );
+
+    // The delta again: already published.
+    let again = publish_from(&old, &[]);
+    assert_one_line_error(
+        &again,
+        1,
+        "pos-app/1.1.0/from-1.0.0.delta is already published",
+    );
+    // A 1.0.0 built from other sources is not the one tills hold.
+    let other = bundle("1.0.0", "lanes=6");
+    let refused = publish_from(&other, &[]);
+    assert_one_line_error(&refused, 1, "is not the published pos-app/1.0.0");
+}

@@ -310,7 +310,7 @@ impl Storage {
              SUM(st.bytes_from_origin) AS origin, SUM(st.bytes_from_peers) AS peers, \
              MAX(b.length) AS size \
              FROM device_bundle_status st JOIN devices d ON d.id = st.device_id \
-             LEFT JOIN bundles b ON b.name = st.name AND b.version = st.target_version \
+             LEFT JOIN bundles b ON b.name = st.name AND b.version = st.target_version AND b.delta_from = '' \
              WHERE d.store_id = $1 AND st.target_version <> '' \
              GROUP BY st.name, st.target_version ORDER BY st.name, st.target_version",
         )

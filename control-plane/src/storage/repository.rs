@@ -50,6 +50,10 @@ pub struct BundleRecord {
     pub chunks_sha256: String,
     pub targets_version: i64,
     pub published_at_ms: i64,
+    /// On a delta: the version it rebuilds `version` from (`name`, `version`,
+    /// `kind` and `hardware` are then the rebuilt bundle's; `length` and the
+    /// hashes the delta file's). Empty for a bundle.
+    pub delta_from: String,
 }
 
 /// An online key sealed with a key-encryption key (`crate::online_keys`).
@@ -75,6 +79,7 @@ fn bundle_from_row(row: &AnyRow) -> Result<BundleRecord, Error> {
         chunks_sha256: row.try_get("chunks_sha256")?,
         targets_version: row.try_get("targets_version")?,
         published_at_ms: row.try_get("published_at_ms")?,
+        delta_from: row.try_get("delta_from")?,
     })
 }
 
@@ -191,8 +196,8 @@ impl Storage {
                 serde_json::to_string(&b.hardware).expect("a list of strings serializes");
             let inserted = sqlx::query(
                 "INSERT INTO bundles (target, name, version, kind, hardware_json, length, sha256, \
-                 chunks_sha256, targets_version, published_at_ms) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (target) DO NOTHING",
+                 chunks_sha256, targets_version, published_at_ms, delta_from) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (target) DO NOTHING",
             )
             .bind(&b.target)
             .bind(&b.name)
@@ -204,6 +209,7 @@ impl Storage {
             .bind(&b.chunks_sha256)
             .bind(b.targets_version)
             .bind(b.published_at_ms)
+            .bind(&b.delta_from)
             .execute(&mut *tx)
             .await?;
             if inserted.rows_affected() == 0 {
@@ -215,6 +221,7 @@ impl Storage {
         Ok(true)
     }
 
+    /// The published bundles (of `name`) and their deltas.
     pub async fn list_bundles(&self, name: Option<&str>) -> Result<Vec<BundleRecord>, Error> {
         let query = match name {
             Some(name) => sqlx::query(

@@ -185,7 +185,7 @@ impl Storage {
         for row in sqlx::query(
             "SELECT d.store_id, CAST(SUM(s.bytes_from_origin) AS BIGINT) AS origin, MAX(b.length) AS length \
              FROM device_bundle_status s JOIN devices d ON d.id = s.device_id \
-             JOIN bundles b ON b.name = s.name AND b.version = s.target_version \
+             JOIN bundles b ON b.name = s.name AND b.version = s.target_version AND b.delta_from = '' \
              WHERE s.bytes_from_origin > 0 AND b.length > 0 \
              GROUP BY d.store_id, s.name, s.target_version",
         )

@@ -618,6 +618,25 @@ impl Admin {
         };
         let bytes: Vec<u8> = format!("{name} {version} ").repeat(300).into_bytes();
         let digest = posfleet_bundle::chunks::digest_reader(bytes.as_slice()).unwrap();
+        let entry = repo::target_file(&manifest, &digest);
+        self.publish_entry(targets_key, &manifest.target_name(), entry, bytes)
+            .await
+            .unwrap()
+    }
+
+    /// The published bundles (and deltas) of `name`.
+    pub async fn list_bundles(&mut self, name: &str) -> Vec<v1::Bundle> {
+        let req = self.req(v1::ListBundlesRequest { name: name.into() });
+        self.client
+            .list_bundles(req)
+            .await
+            .unwrap()
+            .into_inner()
+            .bundles
+    }
+
+    /// The published targets metadata.
+    pub async fn current_targets(&mut self) -> Targets {
         let current = self
             .client
             .get_repository(self.req(v1::GetRepositoryRequest {}))
@@ -625,15 +644,24 @@ impl Admin {
             .unwrap()
             .into_inner()
             .targets_json;
-        let current: Targets = tuf::parse_envelope(TARGETS, &current, u64::MAX)
+        tuf::parse_envelope(TARGETS, &current, u64::MAX)
             .unwrap()
             .decode(TARGETS)
-            .unwrap();
+            .unwrap()
+    }
+
+    /// Signs the next targets metadata, adding `entry` as `name`, and
+    /// publishes it with `bytes`.
+    pub async fn publish_entry(
+        &mut self,
+        targets_key: &SigningKey,
+        name: &str,
+        entry: posfleet_bundle::tuf::TargetFile,
+        bytes: Vec<u8>,
+    ) -> Result<v1::Bundle, Status> {
+        let current = self.current_targets().await;
         let mut entries = current.targets;
-        entries.insert(
-            manifest.target_name(),
-            repo::target_file(&manifest, &digest),
-        );
+        entries.insert(name.to_string(), entry);
         let targets = repo::targets(
             current.version + 1,
             chrono::Utc::now() + chrono::Duration::days(30),
@@ -644,7 +672,7 @@ impl Admin {
             v1::PublishBundleRequest {
                 part: Some(Part::Header(v1::PublishBundleHeader {
                     targets_json: tuf::sign(&targets, &[targets_key]),
-                    target: manifest.target_name(),
+                    target: name.to_string(),
                 })),
             },
             v1::PublishBundleRequest {
@@ -654,8 +682,7 @@ impl Admin {
         self.client
             .publish_bundle(self.req(tokio_stream::iter(messages)))
             .await
-            .unwrap()
-            .into_inner()
+            .map(|r| r.into_inner())
     }
 }
 
