@@ -309,7 +309,10 @@ impl Fleet {
     }
 
     /// Waits until every till of `store` holds a membership list naming
-    /// `count` tills, and gives them a moment to connect.
+    /// `count` tills and has been connected to each of the others (members
+    /// are dialed as soon as the list arrives; on a loaded machine that
+    /// takes a while, and tills that cannot see each other yet each fetch
+    /// from the origin, as they should).
     pub fn wait_for_membership(&self, store: &str, count: usize) {
         for till in self.tills.iter().filter(|t| t.store == store) {
             eventually("the store's membership list", TIMEOUT, || {
@@ -319,8 +322,16 @@ impl Fleet {
                     .map(|_| ())
             });
         }
-        // Members are dialed as soon as the list arrives.
-        std::thread::sleep(Duration::from_secs(2));
+        for till in self.tills.iter().filter(|t| t.store == store) {
+            eventually("connections to the store's other tills", TIMEOUT, || {
+                let peers: std::collections::HashSet<String> =
+                    logged(&till.process, "Store peer connected.")
+                        .iter()
+                        .filter_map(|v| v["peer_id"].as_str().map(str::to_string))
+                        .collect();
+                (peers.len() + 1 >= count).then_some(())
+            });
+        }
     }
 }
 
