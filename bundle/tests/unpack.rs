@@ -176,6 +176,27 @@ fn round_trip_keeps_bytes_and_modes() {
     sandbox.assert_nothing_outside();
 }
 
+/// What a bundle unpacked to packs again into the very same bytes (what a
+/// till relies on to rebuild the base of a delta from its installed copy),
+/// and a file changed since does not.
+#[test]
+fn a_bundle_packed_again_from_what_it_unpacked_to_is_the_same_bytes() {
+    let (_src, bytes) = built();
+    let sandbox = Sandbox::new();
+    sandbox.unpack(&bytes).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let again = out.path().join("again.bundle");
+    build(&sandbox.dest, &again).unwrap();
+    assert!(
+        std::fs::read(&again).unwrap() == bytes,
+        "packed again differently"
+    );
+
+    std::fs::write(sandbox.dest.join("share/empty-file"), b"written since").unwrap();
+    build(&sandbox.dest, &again).unwrap();
+    assert!(std::fs::read(&again).unwrap() != bytes);
+}
+
 #[test]
 fn setuid_and_other_mode_bits_are_dropped() {
     let sandbox = Sandbox::new();
