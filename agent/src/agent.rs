@@ -20,6 +20,7 @@ use crate::health::{self, FakePeripherals, NoPeripherals, Peripherals};
 use crate::install::Slots;
 use crate::lifecycle::{self, Clock, DesiredState, Lifecycle, Report};
 use crate::repository::{RepositoryClient, Timeouts};
+use crate::selfupdate::{AgentRoot, Launched, SelfUpdate};
 use crate::sharing::{StoreFetcher, StorePeers};
 use crate::state::{Enrollment, StateDir};
 use crate::tls::{DeviceCertificate, TlsFailure};
@@ -49,6 +50,8 @@ pub struct Agent {
     key: SigningKey,
     state: StateDir,
     slots: Slots,
+    /// The user bundle hooks run as (`hook_user`), for the installs.
+    hook_user: Option<crate::hooks::HookUser>,
     peripherals: Box<dyn Peripherals>,
     client: AgentServiceClient<Channel>,
     /// Over TLS once enrolled: what new connections to the control plane
@@ -61,6 +64,8 @@ pub struct Agent {
     /// Log requests from heartbeats go there, once the till runs.
     log_requests: Option<tokio::sync::mpsc::Sender<Vec<posfleet_proto::v1::LogRequest>>>,
     started: Instant,
+    /// What its launcher told the agent, when one started it.
+    launched: Option<Launched>,
 }
 
 /// The till's mutual TLS, shared with the channel and the repository.
@@ -150,6 +155,7 @@ impl Agent {
                 Some(user) => Slots::open(&config.data_dir)?.with_hook_user(user)?,
                 None => Slots::open(&config.data_dir)?,
             },
+            hook_user: config.hook_user()?,
             client: AgentServiceClient::new(channel),
             upload_client: AgentServiceClient::new(upload_channel),
             captured: None,
@@ -159,6 +165,7 @@ impl Agent {
             key,
             peripherals,
             started: Instant::now(),
+            launched: None,
         })
     }
 
@@ -166,6 +173,13 @@ impl Agent {
     /// its log store.
     pub fn with_log_capture(mut self, captured: crate::logs::Captured) -> Agent {
         self.captured = Some(captured);
+        self
+    }
+
+    /// Started by `posfleet-agent-launcher` (see `selfupdate`): the agent
+    /// may install agent bundles, and confirms itself when on trial.
+    pub fn with_launcher(mut self, launched: Option<Launched>) -> Agent {
+        self.launched = launched;
         self
     }
 
@@ -239,6 +253,11 @@ impl Agent {
                     check_interval: Duration::from_secs(self.config.install_check_interval_seconds),
                     refresh_interval: Duration::from_secs(self.config.repository_refresh_seconds),
                     min_free_disk_bytes: self.config.min_free_disk_bytes,
+                    hook_user: self.hook_user.clone(),
+                    self_update: SelfUpdate {
+                        launched: self.launched.clone(),
+                        confirm: Duration::from_secs(self.config.agent_update_confirm_seconds),
+                    },
                 };
                 Some(tokio::spawn(lifecycle.run(
                     desired_rx,
@@ -274,6 +293,8 @@ impl Agent {
                 Err(error) => tracing::error!(%error, "Logs on demand are off."),
             }
         }
+        let latest_report = report_rx.clone();
+        let report_authorization = device_authorization.clone();
         let reporter = tokio::spawn(report_progress(
             self.client.clone(),
             device_authorization,
@@ -293,6 +314,12 @@ impl Agent {
                         online = true;
                     }
                     backoff.reset();
+                    let lifecycle_running =
+                        lifecycle.as_ref().is_none_or(|task| !task.is_finished());
+                    if self.confirm_if_on_trial(lifecycle_running) {
+                        // The lifecycle reports the new version installed.
+                        desired_tx.send_modify(|_| ());
+                    }
                     self.renew_certificate_if_due(&enrollment).await;
                     if *desired_tx.borrow() != desired {
                         tracing::info!(bundles = desired.bundles.len(), "New desired state.");
@@ -357,6 +384,16 @@ impl Agent {
         }
         if let Some(task) = lifecycle {
             match task.await {
+                Ok(Err(switched @ Error::AgentSwitched { .. })) => {
+                    // `installing` reaches the control plane before the new
+                    // agent starts on trial: it may never report itself.
+                    let request =
+                        progress_request(&latest_report.borrow(), report_authorization.as_ref());
+                    if let Err(status) = self.client.report_progress(request).await {
+                        tracing::warn!(code = ?status.code(), error = %crate::tls::describe(&status), "Cannot report the switch; the next agent reports it.");
+                    }
+                    return Err(switched);
+                }
                 Ok(Err(error)) => {
                     tracing::error!(%error, "Bundle lifecycle stopped.");
                     return Err(error);
@@ -367,6 +404,35 @@ impl Agent {
         }
         tracing::info!("Agent stopped.");
         Ok(())
+    }
+
+    /// A new agent version on trial confirms itself once the control plane
+    /// answered its heartbeat and its own work (the bundle lifecycle) runs,
+    /// so its launcher keeps it. Returns whether it confirmed now.
+    fn confirm_if_on_trial(&self, lifecycle_running: bool) -> bool {
+        let Some(version) = self.launched.as_ref().and_then(|l| l.version.as_ref()) else {
+            return false;
+        };
+        let root = AgentRoot::new(&self.config.data_dir);
+        if root.on_trial().as_ref() != Some(version) {
+            return false;
+        }
+        if !lifecycle_running {
+            tracing::warn!(version = %version, "Not confirming this agent version: its bundle lifecycle stopped.");
+            return false;
+        }
+        match root.confirm(version) {
+            Ok(confirmed) => {
+                if confirmed {
+                    tracing::info!(version = %version, "Agent version confirmed: the control plane answered and the agent is healthy.");
+                }
+                confirmed
+            }
+            Err(error) => {
+                tracing::error!(%error, "Cannot confirm this agent version.");
+                false
+            }
+        }
     }
 
     /// Starts sharing bundles with the store's tills. A till that cannot
@@ -775,6 +841,13 @@ impl Agent {
                 tracing::error!(%error, "Cannot read installed bundles; reporting none.");
                 Default::default()
             });
+        let mut installed_bundles = installed_bundles;
+        if let Some(version) = AgentRoot::new(&self.config.data_dir).confirmed() {
+            installed_bundles.insert(
+                posfleet_bundle::manifest::AGENT_BUNDLE_NAME.to_string(),
+                version.to_string(),
+            );
+        }
         let banned = match &self.p2p {
             Some(p2p) => p2p.stats().await.banned_peers,
             None => self.bans_reported,
@@ -912,13 +985,7 @@ async fn report_progress(
     let mut backoff = Backoff::new(BACKOFF_BASE, max_backoff);
     while statuses.changed().await.is_ok() {
         loop {
-            let bundles = statuses.borrow_and_update().values().cloned().collect();
-            let mut request = Request::new(ReportProgressRequest { bundles });
-            if let Some(authorization) = &authorization {
-                request
-                    .metadata_mut()
-                    .insert(posfleet_proto::AUTHORIZATION, authorization.clone());
-            }
+            let request = progress_request(&statuses.borrow_and_update(), authorization.as_ref());
             let sent = request.get_ref().bundles.clone();
             match client.report_progress(request).await {
                 Ok(_) => {
@@ -943,6 +1010,21 @@ async fn report_progress(
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+/// A `ReportProgress` call with every status of `report`.
+fn progress_request(
+    report: &Report,
+    authorization: Option<&tonic::metadata::AsciiMetadataValue>,
+) -> Request<ReportProgressRequest> {
+    let bundles = report.values().cloned().collect();
+    let mut request = Request::new(ReportProgressRequest { bundles });
+    if let Some(authorization) = authorization {
+        request
+            .metadata_mut()
+            .insert(posfleet_proto::AUTHORIZATION, authorization.clone());
+    }
+    request
 }
 
 /// The machine id, else the host name, else "unknown".

@@ -116,6 +116,10 @@ pub struct AgentConfig {
     /// are uploaded (a group named `secret`: only that part). Replaces the
     /// defaults: card numbers, `password=…`-like pairs, bearer tokens.
     pub log_redact_patterns: Vec<String>,
+    /// How long a new agent version has, from its switch on, to reach the
+    /// control plane and report healthy before its launcher switches back
+    /// to the version before it.
+    pub agent_update_confirm_seconds: u64,
 }
 
 /// Every key but the enrollment token, which enrolls a till into its store
@@ -158,6 +162,7 @@ impl std::fmt::Debug for AgentConfig {
             log_store_max_bytes,
             log_upload_limit_bytes_per_second,
             log_redact_patterns,
+            agent_update_confirm_seconds,
         } = self;
         f.debug_struct("AgentConfig")
             .field("server_url", server_url)
@@ -206,8 +211,21 @@ impl std::fmt::Debug for AgentConfig {
                 log_upload_limit_bytes_per_second,
             )
             .field("log_redact_patterns", log_redact_patterns)
+            .field("agent_update_confirm_seconds", agent_update_confirm_seconds)
             .finish()
     }
+}
+
+/// The range of `agent_update_confirm_seconds`, checked by the agent and
+/// by its launcher alike.
+pub fn check_confirm_seconds(seconds: u64) -> Result<(), ConfigError> {
+    if !(5..=86_400).contains(&seconds) {
+        return Err(ConfigError::new(
+            "agent_update_confirm_seconds",
+            "must be 5 to 86400",
+        ));
+    }
+    Ok(())
 }
 
 /// A secret as `Debug` shows it: whether it is set, never what it is.
@@ -268,6 +286,7 @@ impl Default for AgentConfig {
                 .iter()
                 .map(|p| p.to_string())
                 .collect(),
+            agent_update_confirm_seconds: 300,
         }
     }
 }
@@ -389,6 +408,9 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_upload_limit_bytes_per_second: Option<u64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_update_confirm_seconds: Option<u64>,
 }
 
 impl AgentConfig {
@@ -622,6 +644,7 @@ impl AgentConfig {
             ));
         }
         posfleet_runtime::logging::check_log_level(&self.log_level)?;
+        check_confirm_seconds(self.agent_update_confirm_seconds)?;
         self.hook_user()?;
         if self.p2p_enabled {
             self.p2p_config()?;
@@ -711,6 +734,10 @@ mod tests {
             (
                 &["--log-store-max-bytes", "1000"][..],
                 "log_store_max_bytes",
+            ),
+            (
+                &["--agent-update-confirm-seconds", "4"][..],
+                "agent_update_confirm_seconds",
             ),
         ] {
             let err = load(args).expect_err("should be refused");

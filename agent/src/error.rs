@@ -39,4 +39,10 @@ pub enum Error {
     Repository(String),
     #[error("cannot install bundle {name}: {detail}")]
     Install { name: String, detail: String },
+    #[error("launcher: {detail}")]
+    Launcher { detail: String },
+    /// Not a failure: the agent switched to agent `version` and stops so
+    /// that its launcher starts it.
+    #[error("switched to agent {version}; its launcher starts it")]
+    AgentSwitched { version: semver::Version },
 }

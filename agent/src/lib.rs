@@ -16,6 +16,7 @@ pub mod install;
 pub mod lifecycle;
 pub mod logs;
 pub mod repository;
+pub mod selfupdate;
 mod sharing;
 mod state;
 mod tls;

@@ -2,8 +2,9 @@
 //! agent until SIGTERM or SIGINT.
 
 use clap::Parser;
-use posfleet_agent::Agent;
 use posfleet_agent::config::{AgentConfig, Args};
+use posfleet_agent::selfupdate::{self, EXIT_SWITCHED, Launched};
+use posfleet_agent::{Agent, Error};
 use posfleet_runtime::{init_tracing_with, shutdown_signal};
 use std::process::ExitCode;
 
@@ -18,6 +19,19 @@ fn main() -> ExitCode {
             eprintln!("posfleet-agent: {error}");
             return ExitCode::from(EXIT_CONFIG);
         }
+    };
+    // Started by posfleet-agent-launcher: die with it, and wait for any
+    // agent still holding the agent root to end.
+    let launched = Launched::from_env();
+    let _agent_lock = match &launched {
+        Some(launched) => match selfupdate::attach_to_launcher(launched, &config.data_dir) {
+            Ok(lock) => Some(lock),
+            Err(error) => {
+                eprintln!("posfleet-agent: {error}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
     };
     // The agent's own lines also go to its log store (logs on demand).
     let (capture, captured) = posfleet_agent::logs::capture();
@@ -37,11 +51,17 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        let agent = Agent::open(config)?.with_log_capture(captured);
+        let agent = Agent::open(config)?
+            .with_log_capture(captured)
+            .with_launcher(launched);
         agent.run(shutdown_signal()).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(Error::AgentSwitched { version }) => {
+            tracing::info!(version = %version, "Switched to a new agent version; exiting so that the launcher starts it.");
+            ExitCode::from(EXIT_SWITCHED)
+        }
         Err(error) => {
             tracing::error!(error = %error, "The agent stopped.");
             ExitCode::FAILURE

@@ -13,7 +13,7 @@
 //! error stands (a peer can only have what the origin served before).
 
 use chrono::Utc;
-use posfleet_bundle::client::{Limits, TrustedMetadata, VerifiedTarget};
+use posfleet_bundle::client::{Limits, TrustedMetadata, VerifiedDelta, VerifiedTarget};
 use posfleet_p2p::{P2p, PeerId};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -392,6 +392,20 @@ impl RepositoryClient {
     /// not be refreshed in time) starts nothing.
     pub fn target(&self, name: &str, hardware_model: &str) -> Result<VerifiedTarget, RepoError> {
         Ok(self.trusted.bundle(name, hardware_model, Utc::now())?)
+    }
+
+    /// The smallest delta the trusted metadata lists that rebuilds `result`
+    /// from the bundle whose SHA-256 is `have`, for this hardware model,
+    /// while that metadata is current; `None` when there is none.
+    pub fn delta(
+        &self,
+        result: &VerifiedTarget,
+        have: &[u8; 32],
+        hardware_model: &str,
+    ) -> Result<Option<VerifiedDelta>, RepoError> {
+        Ok(self
+            .trusted
+            .delta_to(result, have, hardware_model, Utc::now())?)
     }
 
     /// Downloads a bundle from the origin into `dest` (see [`Origin`]).

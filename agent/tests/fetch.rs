@@ -31,15 +31,7 @@ struct Served {
 }
 
 fn bundle_bytes() -> Vec<u8> {
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    (0..5 * PIECE + 123_456)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
+    common::noise(0x2545_f491_4f6c_dd1d, 5 * PIECE + 123_456)
 }
 
 /// The target for `data` as a till gets it: signed in a repository built

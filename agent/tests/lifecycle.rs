@@ -3,16 +3,13 @@
 
 use chrono::Utc;
 use posfleet_agent::fetch::{Download, Fetcher, Received};
-use posfleet_agent::lifecycle::{Clock, Desired, DesiredState, Lifecycle, Report};
 use posfleet_agent::repository::{RepoError, RepositoryClient, Timeouts};
 use posfleet_bundle::chunks::ChunkList;
 use posfleet_bundle::client::{Limits, VerifiedTarget};
-use posfleet_bundle::manifest::Kind;
 use posfleet_proto::v1;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
-use tokio::sync::watch;
 
 mod common;
 
@@ -69,50 +66,11 @@ async fn expired_trust_does_not_start_a_download_while_the_origin_is_unreachable
     }
 
     let fetcher = Arc::new(CountingFetcher::default());
-    let lifecycle = Lifecycle {
-        data_dir: data_dir.clone(),
-        hardware_model: "pos-x1".into(),
-        repository,
-        fetcher: fetcher.clone(),
-        clock: Clock::System,
-        check_interval: Duration::from_millis(100),
-        refresh_interval: Duration::from_secs(3600),
-        min_free_disk_bytes: 0,
-    };
-    let desired = DesiredState {
-        bundles: vec![Desired {
-            name: "pos-app".into(),
-            version: "1.1.0".parse().unwrap(),
-            kind: Kind::Software,
-            download_ahead: true,
-            emergency: true,
-            rollback: false,
-        }],
-        window: None,
-    };
-    let (_desired_tx, desired_rx) = watch::channel(desired);
-    let (report_tx, mut report_rx) = watch::channel(Report::new());
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(lifecycle.run(desired_rx, report_tx, async {
-        let _ = stop_rx.await;
-    }));
-
-    let status = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            if let Some(s) = report_rx.borrow_and_update().get("pos-app")
-                && !s.error.is_empty()
-            {
-                return s.clone();
-            }
-            report_rx.changed().await.unwrap();
-        }
-    })
-    .await
-    .expect("a status for pos-app");
+    let mut running = common::Running::start(&data_dir, repository, fetcher.clone(), "1.1.0", true);
+    let status = running.status_where(10, |s| !s.error.is_empty()).await;
     // A few more passes, to see that none of them starts a download.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let _ = stop_tx.send(());
-    task.await.unwrap().unwrap();
+    running.stop().await;
 
     assert_eq!(fetcher.calls.load(Ordering::SeqCst), 0, "{status:?}");
     assert!(

@@ -8,6 +8,11 @@ use crate::error::{Error, Result};
 pub const MANIFEST_FILE: &str = "posfleet-bundle.toml";
 /// Largest manifest read from an archive.
 pub const MAX_MANIFEST_BYTES: u64 = 64 * 1024;
+/// The one name of an `agent` bundle: a till runs one agent.
+pub const AGENT_BUNDLE_NAME: &str = "posfleet-agent";
+/// Where an `agent` bundle holds the agent's executable, relative to its
+/// root.
+pub const AGENT_EXECUTABLE: &str = "bin/posfleet-agent";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -16,6 +21,19 @@ pub enum Kind {
     Software,
     /// Product, price and promotion data of one store.
     Catalog,
+    /// The agent itself (`posfleet-agent`), run by its launcher.
+    Agent,
+}
+
+impl Kind {
+    /// The word the manifest, the TUF target and the control plane use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Software => "software",
+            Kind::Catalog => "catalog",
+            Kind::Agent => "agent",
+        }
+    }
 }
 
 /// A command the agent runs, with a time limit.
@@ -86,6 +104,22 @@ impl Manifest {
                 "a catalog bundle is data and carries no hooks (pre_activate, health_check)".into(),
             ));
         }
+        // An agent confirms itself (it reaches the control plane and reports
+        // healthy); nothing else of it runs, and a till runs one agent.
+        if manifest.kind == Kind::Agent {
+            if manifest.pre_activate.is_some() || manifest.health_check.is_some() {
+                return Err(error(
+                    "an agent bundle confirms itself and carries no hooks (pre_activate, health_check)"
+                        .into(),
+                ));
+            }
+            if manifest.name != AGENT_BUNDLE_NAME {
+                return Err(error(format!(
+                    "an agent bundle is named `{AGENT_BUNDLE_NAME}`, not `{}`",
+                    manifest.name
+                )));
+            }
+        }
         for (field, hook) in [
             ("pre_activate", &manifest.pre_activate),
             ("health_check", &manifest.health_check),
@@ -149,6 +183,25 @@ mod tests {
             good.replace("retries = 2", "retries = 2\nshell = true"),
         ] {
             assert!(parse(&bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn agent_bundles_are_named_posfleet_agent_and_carry_no_hooks() {
+        let agent = "name = \"posfleet-agent\"\nversion = \"2.0.0\"\nkind = \"agent\"\nhardware = [\"*\"]\n";
+        let m = parse(agent).unwrap();
+        assert_eq!((m.kind, m.kind.as_str()), (Kind::Agent, "agent"));
+        for bad in [
+            agent.replace("posfleet-agent", "pos-app"),
+            format!("{agent}[health_check]\ncommand = [\"x\"]\ntimeout_seconds = 5\n"),
+            format!("{agent}[pre_activate]\ncommand = [\"x\"]\ntimeout_seconds = 5\n"),
+        ] {
+            assert!(parse(&bad).is_err(), "{bad}");
+        }
+        // Every kind's word is the one serde reads and writes.
+        for kind in [Kind::Software, Kind::Catalog, Kind::Agent] {
+            let word = serde_json::to_value(kind).unwrap();
+            assert_eq!(word, kind.as_str());
         }
     }
 }

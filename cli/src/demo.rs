@@ -1,7 +1,8 @@
 //! `posfleet demo`: a control plane on SQLite in a temporary directory, two
 //! stores with three tills each (real agents speaking gRPC over loopback),
 //! shown coming online, taking the example POS program from 1.0.0 to 1.1.0
-//! with their store's catalog once a second person approved it, and
+//! (as a delta from 1.0.0, the bytes it saved reported) with their store's
+//! catalog once a second person approved it, and
 //! rolling back a 1.2.0 whose health check fails. Everything it does goes
 //! through the same APIs an ops engineer and a till use; its two people log
 //! in as `posfleet login` does, the demo computing the TOTP codes their
@@ -65,6 +66,16 @@ struct TransferSummary {
 }
 
 #[derive(Serialize)]
+struct DeltaSummary {
+    delta_bytes: u64,
+    bundle_bytes: u64,
+    /// Tills that rebuilt 1.1.0 from the delta.
+    devices_rebuilt: usize,
+    /// Bundle bytes they did not download, summed.
+    bytes_saved: u64,
+}
+
+#[derive(Serialize)]
 struct Summary {
     bundles_published: Vec<String>,
     devices_online: usize,
@@ -93,9 +104,11 @@ struct Summary {
     rollback_reasons: Vec<String>,
     /// Tills holding their own store's catalog and no other.
     devices_with_own_catalog: usize,
-    /// Per store, where its tills got pos-app 1.1.0: the origin once, the
-    /// rest from each other.
+    /// Per store, where its tills got pos-app 1.1.0 (the delta from 1.0.0):
+    /// the origin once, the rest from each other.
     transfers_1_1_0: BTreeMap<String, TransferSummary>,
+    /// What the delta from 1.0.0 did for the 1.1.0 rollout.
+    delta_1_1_0: DeltaSummary,
     grpc_address: String,
     http_address: String,
 }
@@ -200,10 +213,15 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
     let day = Duration::from_secs(86_400);
     repo_cmd::init(&mut admin, &keys, one_each, 30 * day, 7 * day).await?;
     let mut published = Vec::new();
-    for (version, healthy) in [("1.0.0", true), ("1.1.0", true), ("1.2.0", false)] {
-        let bundle = build_pos_app(dir.path(), version, healthy)?;
-        published.push(repo_cmd::publish(&mut admin, &bundle, &keys, 7 * day).await?);
-    }
+    let base = build_pos_app(dir.path(), "1.0.0", true)?;
+    published.push(repo_cmd::publish(&mut admin, &base, &keys, 7 * day).await?);
+    let point = build_pos_app(dir.path(), "1.1.0", true)?;
+    published.push(repo_cmd::publish(&mut admin, &point, &keys, 7 * day).await?);
+    // 1.1.0 also as a delta from 1.0.0: tills holding 1.0.0 fetch that.
+    let delta = repo_cmd::publish_delta(&mut admin, &base, &point, &keys, 7 * day).await?;
+    published.push(delta.clone());
+    let bad = build_pos_app(dir.path(), "1.2.0", false)?;
+    published.push(repo_cmd::publish(&mut admin, &bad, &keys, 7 * day).await?);
     for &(store_id, name, _) in &STORES[..args.stores as usize] {
         let bundle = build_catalog(dir.path(), store_id, name)?;
         published.push(repo_cmd::publish(&mut admin, &bundle, &keys, 7 * day).await?);
@@ -343,6 +361,27 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
     )
     .await?;
     let seconds_to_1_1_0 = upgrade.elapsed().as_secs_f64();
+    let delta_1_1_0 = DeltaSummary {
+        delta_bytes: delta.length,
+        bundle_bytes: published
+            .iter()
+            .find(|b| b.target == "pos-app/1.1.0")
+            .map_or(0, |b| b.length),
+        devices_rebuilt: on_1_1_0
+            .iter()
+            .filter(|s| s.bytes_saved_by_delta > 0)
+            .count(),
+        bytes_saved: on_1_1_0.iter().map(|s| s.bytes_saved_by_delta).sum(),
+    };
+    say(&format!(
+        "{} of {} tills rebuilt pos-app 1.1.0 from the {:.1} KiB delta from 1.0.0 instead of \
+         fetching the {:.1} MiB bundle: {:.1} MiB not downloaded (posfleet device show, DELTA).",
+        delta_1_1_0.devices_rebuilt,
+        on_1_1_0.len(),
+        delta_1_1_0.delta_bytes as f64 / 1024.0,
+        mib(delta_1_1_0.bundle_bytes),
+        mib(delta_1_1_0.bytes_saved)
+    ));
     // Each store's tills shared the release: the origin sent it about once
     // per store.
     let mut transfers_1_1_0 = BTreeMap::new();
@@ -362,11 +401,11 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
             .find(|t| t.bundle == "pos-app" && t.version == "1.1.0")
         {
             say(&format!(
-                "Store {store_id}: pos-app 1.1.0 is {:.1} MiB; its {} tills got {:.1} MiB from the origin and {:.1} MiB from each other.",
+                "Store {store_id}: pos-app 1.1.0 is {:.1} MiB; its {} tills got {} from the origin and {} from each other.",
                 mib(t.size_bytes),
                 t.tills,
-                mib(t.bytes_from_origin),
-                mib(t.bytes_from_peers)
+                amount(t.bytes_from_origin),
+                amount(t.bytes_from_peers)
             ));
             transfers_1_1_0.insert(
                 store_id.to_string(),
@@ -482,6 +521,7 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
             rollback_reasons,
             devices_with_own_catalog,
             transfers_1_1_0,
+            delta_1_1_0,
             grpc_address,
             http_address: http_address.clone(),
         };
@@ -885,12 +925,12 @@ fn build_pos_app(
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(*mode))?;
     }
     // Product images: enough bytes (8 pieces) for the store's tills to
-    // share, different in every version.
-    let seed = version.bytes().fold(0x2545_f491_4f6c_dd1du64, |s, b| {
-        s.rotate_left(7) ^ u64::from(b)
-    });
+    // share; a point release leaves them alone, so its delta is small.
     std::fs::create_dir_all(src.join("assets"))?;
-    std::fs::write(src.join("assets/images.bin"), noise(seed, 8 << 20))?;
+    std::fs::write(
+        src.join("assets/images.bin"),
+        noise(0x2545_f491_4f6c_dd1d, 8 << 20),
+    )?;
     let bundle = dir.join(format!("pos-app-{version}.bundle"));
     posfleet_bundle::archive::build(&src, &bundle)?;
     Ok(bundle)
@@ -911,6 +951,15 @@ fn noise(mut seed: u64, len: usize) -> Vec<u8> {
 
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1u64 << 20) as f64
+}
+
+/// `3.2 KiB` below a MiB, `8.0 MiB` above.
+fn amount(bytes: u64) -> String {
+    if bytes < 1 << 20 {
+        format!("{:.1} KiB", bytes as f64 / 1024.0)
+    } else {
+        format!("{:.1} MiB", mib(bytes))
+    }
 }
 
 /// A store's product and price catalog, as a catalog bundle.

@@ -23,7 +23,7 @@ use posfleet_proto::v1;
 use posfleet_proto::v1::admin_service_client::AdminServiceClient;
 use serde::Serialize;
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 use tonic::Request;
@@ -647,6 +647,27 @@ impl Admin {
             answer = call => self.answer(answer),
             stalled = progress.stalled(UPLOAD_IDLE_TIMEOUT, UPLOAD_ANSWER_TIMEOUT) => Err(stalled),
         }
+    }
+
+    /// Writes the published `target`'s bytes into `dest` (a new file).
+    pub async fn download_bundle(&mut self, target: &str, dest: &Path) -> anyhow::Result<()> {
+        use std::io::Write;
+        let request = self.streaming_request(v1::DownloadBundleRequest {
+            target: target.to_string(),
+        });
+        let answer = self.client.download_bundle(request).await;
+        let mut stream = self.answer(answer)?;
+        let mut file = std::io::BufWriter::new(
+            std::fs::File::create_new(dest)
+                .with_context(|| format!("cannot create {}", dest.display()))?,
+        );
+        while let Some(chunk) = stream.message().await.map_err(|s| self.error(s))? {
+            file.write_all(&chunk.data)
+                .with_context(|| format!("cannot write {}", dest.display()))?;
+        }
+        file.flush()
+            .with_context(|| format!("cannot write {}", dest.display()))?;
+        Ok(())
     }
 
     pub async fn list_bundles(&mut self, name: String) -> anyhow::Result<Vec<v1::Bundle>> {

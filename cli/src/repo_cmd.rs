@@ -75,8 +75,10 @@ pub enum BundleCommand {
         out: PathBuf,
     },
     /// Sign a bundle with the targets keys in DIR and publish it, then a
-    /// delta to it from each earlier version given (tills holding one of
-    /// those fetch the delta instead of the bundle).
+    /// delta to it from earlier versions (tills holding one of those fetch
+    /// the delta instead of the bundle): by default from the versions tills
+    /// run (the most run first, at most three), fetched from the control
+    /// plane; or from the bundle files given with --delta-from.
     Publish {
         file: PathBuf,
         #[arg(long)]
@@ -85,8 +87,16 @@ pub enum BundleCommand {
         targets_expires_in: Duration,
         /// Bundle files of earlier, published versions, comma-separated.
         /// With the bundle already published, only the deltas are.
-        #[arg(long, value_delimiter = ',', value_name = "FILE")]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            value_name = "FILE",
+            conflicts_with = "no_deltas"
+        )]
         delta_from: Vec<PathBuf>,
+        /// Publish the bundle alone, no delta.
+        #[arg(long)]
+        no_deltas: bool,
     },
     /// List published bundles.
     List {
@@ -395,6 +405,7 @@ pub async fn bundle(
             keys,
             targets_expires_in,
             delta_from,
+            no_deltas,
         } => {
             let admin = admin.ok_or_else(|| anyhow!("publishing needs the control plane"))?;
             let mut published = Vec::new();
@@ -403,6 +414,10 @@ pub async fn bundle(
             }
             for base in &delta_from {
                 published.push(publish_delta(admin, base, &file, &keys, targets_expires_in).await?);
+            }
+            if delta_from.is_empty() && !no_deltas {
+                let deltas = publish_fleet_deltas(admin, &file, &keys, targets_expires_in).await?;
+                published.extend(deltas);
             }
             print_bundles(&published, output)?;
         }
@@ -497,6 +512,65 @@ pub async fn publish(
     .await
 }
 
+/// At most this many deltas are made by default: from the versions most
+/// tills run.
+const FLEET_DELTA_BASES: usize = 3;
+
+/// Publishes deltas to `file` (published) from the earlier versions of it
+/// that tills run, most run first, at most [`FLEET_DELTA_BASES`], each
+/// fetched from the control plane (`DownloadBundle`) into a temporary
+/// folder; versions that have one already are left out. A delta that
+/// cannot be made is reported and skipped: tills then fetch the bundle.
+async fn publish_fleet_deltas(
+    admin: &mut Admin,
+    file: &Path,
+    keys: &Path,
+    targets_expires_in: Duration,
+) -> anyhow::Result<Vec<v1::Bundle>> {
+    let manifest = archive::read_manifest(open(file)?)?;
+    let listed = admin.list_bundles(manifest.name.clone()).await?;
+    let version = manifest.version.to_string();
+    let mut bases: Vec<&v1::Bundle> = listed
+        .iter()
+        .filter(|b| b.delta_from.is_empty() && b.active_devices > 0)
+        .filter(|b| semver::Version::parse(&b.version).is_ok_and(|v| v < manifest.version))
+        .filter(|b| {
+            !listed
+                .iter()
+                .any(|d| d.version == version && d.delta_from == b.version)
+        })
+        .collect();
+    bases.sort_by_key(|b| std::cmp::Reverse(b.active_devices));
+    bases.truncate(FLEET_DELTA_BASES);
+    let dir = tempfile::tempdir()?;
+    let mut published = Vec::new();
+    for base in bases {
+        let path = dir
+            .path()
+            .join(format!("{}-{}.bundle", base.name, base.version));
+        let made = async {
+            admin.download_bundle(&base.target, &path).await?;
+            publish_delta(admin, &path, file, keys, targets_expires_in).await
+        }
+        .await;
+        match made {
+            Ok(delta) => {
+                eprintln!(
+                    "Published a delta from {} ({} tills run it): {} bytes.",
+                    base.target, base.active_devices, delta.length
+                );
+                published.push(delta);
+            }
+            Err(error) => eprintln!(
+                "No delta from {} ({} tills run it; they will fetch the whole bundle): {error:#}",
+                base.target, base.active_devices
+            ),
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+    Ok(published)
+}
+
 /// Makes the delta from `base` (an earlier version's bundle file, as
 /// published) to `file` (published) and publishes it, signed.
 pub async fn publish_delta(
@@ -530,6 +604,14 @@ pub async fn publish_delta(
     if current.targets.contains_key(&name) {
         bail!("{name} is already published");
     }
+    if made.delta_bytes > made.result_bundle_bytes / 2 {
+        bail!(
+            "{name} would be {} bytes, more than half the bundle's {}: \
+             not worth a till's rebuild, not published",
+            made.delta_bytes,
+            made.result_bundle_bytes
+        );
+    }
     let digest = chunks::digest_reader(open(&delta_file)?)?;
     let entry = repo::delta_target_file(
         &made.result,
@@ -561,6 +643,8 @@ pub fn print_bundles(bundles: &[v1::Bundle], output: Output) -> anyhow::Result<(
         /// On a delta: the version it rebuilds the bundle from.
         #[serde(skip_serializing_if = "str::is_empty")]
         delta_from: &'a str,
+        /// Devices whose confirmed version this is.
+        active_devices: u64,
     }
     let views: Vec<View> = bundles
         .iter()
@@ -573,6 +657,7 @@ pub fn print_bundles(bundles: &[v1::Bundle], output: Output) -> anyhow::Result<(
             targets_version: b.targets_version,
             published_at: crate::view::time(b.published_at_unix_ms),
             delta_from: &b.delta_from,
+            active_devices: b.active_devices,
         })
         .collect();
     if output == Output::Json {
@@ -589,6 +674,7 @@ pub fn print_bundles(bundles: &[v1::Bundle], output: Output) -> anyhow::Result<(
             "BYTES",
             "SHA256",
             "PUBLISHED",
+            "ACTIVE ON",
         ]);
     for v in &views {
         table.add_row(vec![
@@ -598,6 +684,10 @@ pub fn print_bundles(bundles: &[v1::Bundle], output: Output) -> anyhow::Result<(
             v.length.to_string(),
             v.sha256.chars().take(16).collect::<String>(),
             v.published_at.clone(),
+            match v.delta_from.is_empty() {
+                true => format!("{} devices", v.active_devices),
+                false => "-".into(),
+            },
         ]);
     }
     println!("{table}");

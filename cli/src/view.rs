@@ -366,6 +366,10 @@ pub struct BundleStatusView {
     /// the store's other tills.
     pub bytes_from_origin: u64,
     pub bytes_from_peers: u64,
+    /// Bytes of target_version not downloaded thanks to a delta.
+    pub bytes_saved_by_delta: u64,
+    /// Why a delta offered for target_version was not used.
+    pub delta_error: String,
     pub error: String,
     pub updated_at: String,
 }
@@ -392,6 +396,8 @@ impl From<v1::DeviceBundle> for DeviceBundleView {
                 bytes_total: s.bytes_total,
                 bytes_from_origin: s.bytes_from_origin,
                 bytes_from_peers: s.bytes_from_peers,
+                bytes_saved_by_delta: s.bytes_saved_by_delta,
+                delta_error: s.delta_error,
                 error: s.error,
                 updated_at: time(s.updated_at_unix_ms),
             }),
@@ -426,6 +432,18 @@ pub fn progress(s: &BundleStatusView) -> String {
     )
 }
 
+/// What a delta did for the version a till works towards: the bytes it
+/// saved, why it was not used, or `-`.
+pub fn delta(s: &BundleStatusView) -> String {
+    if s.bytes_saved_by_delta > 0 {
+        format!("saved {} MiB", mib(s.bytes_saved_by_delta))
+    } else if !s.delta_error.is_empty() {
+        format!("not used: {}", one_line(&s.delta_error, 60))
+    } else {
+        "-".into()
+    }
+}
+
 /// An agent's error on one line, cut to `max` characters.
 fn one_line(text: &str, max: usize) -> String {
     let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
@@ -438,7 +456,7 @@ fn one_line(text: &str, max: usize) -> String {
 
 pub fn bundles_table(bundles: &[DeviceBundleView]) -> Table {
     let mut t = table(&[
-        "BUNDLE", "DESIRED", "ACTIVE", "PHASE", "PROGRESS", "ERROR", "UPDATED",
+        "BUNDLE", "DESIRED", "ACTIVE", "PHASE", "PROGRESS", "DELTA", "ERROR", "UPDATED",
     ]);
     for b in bundles {
         let desired = match &b.desired {
@@ -463,6 +481,7 @@ pub fn bundles_table(bundles: &[DeviceBundleView]) -> Table {
                 dash(&s.active_version),
                 s.phase.clone(),
                 progress(s),
+                delta(s),
                 dash(&one_line(&s.error, 90)),
                 s.updated_at.clone(),
             ],
@@ -471,6 +490,7 @@ pub fn bundles_table(bundles: &[DeviceBundleView]) -> Table {
                 desired,
                 "-".into(),
                 "not reported".into(),
+                "-".into(),
                 "-".into(),
                 "-".into(),
                 "-".into(),
@@ -723,9 +743,29 @@ mod tests {
             bytes_total: total,
             bytes_from_origin: 0,
             bytes_from_peers: 0,
+            bytes_saved_by_delta: 0,
+            delta_error: String::new(),
             error: String::new(),
             updated_at: String::new(),
         }
+    }
+
+    #[test]
+    fn the_delta_column_says_what_a_delta_saved_or_why_it_was_not_used() {
+        let saved = BundleStatusView {
+            bytes_saved_by_delta: 19 << 20,
+            ..status("downloaded", 0, 0)
+        };
+        assert_eq!(delta(&saved), "saved 19.0 MiB");
+        let failed = BundleStatusView {
+            delta_error: "pos-app/1.0.0 as installed does not pack into its signed bundle".into(),
+            ..status("downloading", 0, 0)
+        };
+        assert_eq!(
+            delta(&failed),
+            "not used: pos-app/1.0.0 as installed does not pack into its signed bu…"
+        );
+        assert_eq!(delta(&status("installed", 0, 0)), "-");
     }
 
     #[test]

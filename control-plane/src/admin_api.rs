@@ -247,6 +247,19 @@ fn unknown_user(name: &str) -> Status {
     Status::not_found(format!("unknown user {name}"))
 }
 
+/// The largest message of `DownloadBundle`.
+const DOWNLOAD_CHUNK_BYTES: usize = 1 << 20;
+
+/// A blob store failure as the caller sees it: a store that is down is
+/// worth retrying, anything else is not.
+fn blob_status(target: &str, error: crate::blobs::BlobError) -> Status {
+    if error.is_unavailable() {
+        Status::unavailable(format!("cannot read {target} now: {error}"))
+    } else {
+        Status::internal(format!("cannot read {target}: {error}"))
+    }
+}
+
 fn bundle_view(b: BundleRecord) -> v1::Bundle {
     v1::Bundle {
         target: b.target,
@@ -260,6 +273,7 @@ fn bundle_view(b: BundleRecord) -> v1::Bundle {
         targets_version: b.targets_version.max(0) as u64,
         published_at_unix_ms: b.published_at_ms,
         delta_from: b.delta_from,
+        active_devices: 0,
     }
 }
 
@@ -1123,13 +1137,73 @@ impl AdminService for AdminApi {
     ) -> Result<Response<v1::ListBundlesResponse>, Status> {
         self.authorize(&request).await?;
         let name = request.into_inner().name;
-        let bundles = self
+        let name = (!name.is_empty()).then_some(name.as_str());
+        let bundles = self.storage.list_bundles(name).await?;
+        let active = self.storage.active_devices(name).await?;
+        let bundles = bundles
+            .into_iter()
+            .map(|b| {
+                let devices = match b.delta_from.is_empty() {
+                    true => active.get(&(b.name.clone(), b.version.clone())),
+                    false => None,
+                };
+                v1::Bundle {
+                    active_devices: devices.copied().unwrap_or(0).max(0) as u64,
+                    ..bundle_view(b)
+                }
+            })
+            .collect();
+        Ok(Response::new(v1::ListBundlesResponse { bundles }))
+    }
+
+    type DownloadBundleStream =
+        tokio_stream::wrappers::ReceiverStream<Result<v1::DownloadBundleChunk, Status>>;
+
+    async fn download_bundle(
+        &self,
+        request: Request<v1::DownloadBundleRequest>,
+    ) -> Result<Response<Self::DownloadBundleStream>, Status> {
+        use futures::StreamExt;
+        self.authorize(&request).await?;
+        let target = request.into_inner().target;
+        text("target", &target, true, 256)?;
+        let bundle = self
             .storage
-            .list_bundles((!name.is_empty()).then_some(name.as_str()))
-            .await?;
-        Ok(Response::new(v1::ListBundlesResponse {
-            bundles: bundles.into_iter().map(bundle_view).collect(),
-        }))
+            .bundle_by_target(&target)
+            .await?
+            .ok_or_else(|| Status::not_found(format!("{target} is not published")))?;
+        let length = bundle.length.max(0) as u64;
+        let mut stream = self
+            .repository
+            .blobs()
+            .read(&bundle.sha256, 0..length)
+            .await
+            .map_err(|e| blob_status(&target, e))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            while let Some(piece) = stream.next().await {
+                let bytes = match piece {
+                    Ok(bytes) => bytes,
+                    Err(error) => {
+                        let message = format!("reading {target} failed: {error}");
+                        let _ = tx.send(Err(Status::unavailable(message))).await;
+                        return;
+                    }
+                };
+                for data in bytes.chunks(DOWNLOAD_CHUNK_BYTES) {
+                    let chunk = v1::DownloadBundleChunk {
+                        data: data.to_vec(),
+                    };
+                    if tx.send(Ok(chunk)).await.is_err() {
+                        // The caller went away.
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
     }
 
     async fn create_rollout(

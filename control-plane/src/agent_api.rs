@@ -701,6 +701,7 @@ fn validate_report(
             ("bytes_total", status.bytes_total),
             ("bytes_from_origin", status.bytes_from_origin),
             ("bytes_from_peers", status.bytes_from_peers),
+            ("bytes_saved_by_delta", status.bytes_saved_by_delta),
         ] {
             if value > validate::MAX_REPORTED_BYTES {
                 return Err(invalid(
@@ -729,6 +730,8 @@ fn validate_report(
             updated_at_ms: status.updated_at_unix_ms.min(now_ms),
             bytes_from_origin: convert::signed(status.bytes_from_origin),
             bytes_from_peers: convert::signed(status.bytes_from_peers),
+            bytes_saved_by_delta: convert::signed(status.bytes_saved_by_delta),
+            delta_error: validate::reported_error(&status.delta_error),
             name: status.name,
         };
         match by_name.get(&record.name) {
@@ -741,27 +744,50 @@ fn validate_report(
     Ok(by_name.into_values().collect())
 }
 
-/// Bytes from the origin and from peers that `reported` adds to what was
-/// stored (`before`): the whole count for a new target version, the growth
-/// for the same one, nothing for a report older than the stored one. The
-/// sums saturate: whatever is stored, they cannot overflow.
-fn added_bytes(before: &[BundleStatusRecord], reported: &[BundleStatusRecord]) -> (u64, u64) {
-    let mut origin = 0u64;
-    let mut peers = 0u64;
+/// What a progress report adds to the fleet's byte counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Added {
+    origin: u64,
+    peers: u64,
+    saved_by_delta: u64,
+    /// Bundles whose delta failed, newly reported.
+    delta_fallbacks: u64,
+}
+
+/// What `reported` adds to what was stored (`before`): for the byte
+/// counts, the whole count for a new target version, the growth for the
+/// same one, nothing for a report older than the stored one; a delta
+/// failure once per target version and reason. The sums saturate: whatever
+/// is stored, they cannot overflow.
+fn added(before: &[BundleStatusRecord], reported: &[BundleStatusRecord]) -> Added {
+    let mut sum = Added::default();
     for new in reported {
         let old = before.iter().find(|b| b.name == new.name);
-        let (from_origin, from_peers) = match old {
-            Some(old) if old.updated_at_ms > new.updated_at_ms => (0, 0),
-            Some(old) if old.target_version == new.target_version => (
-                new.bytes_from_origin.saturating_sub(old.bytes_from_origin),
-                new.bytes_from_peers.saturating_sub(old.bytes_from_peers),
-            ),
-            _ => (new.bytes_from_origin, new.bytes_from_peers),
+        let counts = |r: &BundleStatusRecord| {
+            [
+                r.bytes_from_origin,
+                r.bytes_from_peers,
+                r.bytes_saved_by_delta,
+            ]
         };
-        origin = origin.saturating_add(from_origin.max(0).unsigned_abs());
-        peers = peers.saturating_add(from_peers.max(0).unsigned_abs());
+        let (growth, fallback) = match old {
+            Some(old) if old.updated_at_ms > new.updated_at_ms => ([0; 3], false),
+            Some(old) if old.target_version == new.target_version => {
+                let (was, is) = (counts(old), counts(new));
+                (
+                    [0, 1, 2].map(|i| is[i].saturating_sub(was[i])),
+                    !new.delta_error.is_empty() && new.delta_error != old.delta_error,
+                )
+            }
+            _ => (counts(new), !new.delta_error.is_empty()),
+        };
+        let [origin, peers, saved] = growth.map(|n| n.max(0).unsigned_abs());
+        sum.origin = sum.origin.saturating_add(origin);
+        sum.peers = sum.peers.saturating_add(peers);
+        sum.saved_by_delta = sum.saved_by_delta.saturating_add(saved);
+        sum.delta_fallbacks += u64::from(fallback);
     }
-    (origin, peers)
+    sum
 }
 
 fn revoked_status(device_id: &str, revoked: &RevokedRecord) -> Status {
@@ -1110,8 +1136,10 @@ impl AgentService for AgentApi {
                 "cannot store the progress report; retry later",
             ));
         }
-        let (origin, peers) = added_bytes(&before, &statuses);
-        for (source, bytes) in [("origin", origin), ("peer", peers)] {
+        let added = added(&before, &statuses);
+        self.metrics.delta_bytes_saved.inc_by(added.saved_by_delta);
+        self.metrics.delta_fallbacks.inc_by(added.delta_fallbacks);
+        for (source, bytes) in [("origin", added.origin), ("peer", added.peers)] {
             self.metrics
                 .bundle_bytes
                 .with_label_values(&[source])
@@ -1179,6 +1207,8 @@ mod tests {
             updated_at_ms: at,
             bytes_from_origin: origin,
             bytes_from_peers: peers,
+            bytes_saved_by_delta: 0,
+            delta_error: String::new(),
         }
     }
 
@@ -1212,8 +1242,46 @@ mod tests {
                 (0, 0),
             ),
         ] {
+            let added = added(&before, std::slice::from_ref(&reported));
             assert_eq!(
-                added_bytes(&before, std::slice::from_ref(&reported)),
+                (added.origin, added.peers),
+                expected,
+                "{before:?} then {reported:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn delta_savings_count_once_and_each_failed_delta_once() {
+        let with = |at: i64, saved: i64, delta_error: &str| BundleStatusRecord {
+            bytes_saved_by_delta: saved,
+            delta_error: delta_error.into(),
+            ..status("1.1.0", at, 0, 0)
+        };
+        let failed = "the bundle rebuilt from the delta does not match its signed hash";
+        for (before, reported, expected) in [
+            (vec![], with(10, 900, ""), (900, 0)),
+            // Reported again, with the same saving: nothing more.
+            (vec![with(10, 900, "")], with(11, 900, ""), (0, 0)),
+            // A delta failed: one fallback, however often it is reported.
+            (vec![], with(10, 0, failed), (0, 1)),
+            (vec![with(10, 0, "")], with(11, 0, failed), (0, 1)),
+            (vec![with(10, 0, failed)], with(11, 0, failed), (0, 0)),
+            // The same failure for a new version is a new fallback.
+            (
+                vec![with(10, 0, failed)],
+                BundleStatusRecord {
+                    target_version: "1.2.0".into(),
+                    ..with(11, 0, failed)
+                },
+                (0, 1),
+            ),
+            // An old report adds nothing.
+            (vec![with(10, 0, "")], with(9, 900, failed), (0, 0)),
+        ] {
+            let added = added(&before, std::slice::from_ref(&reported));
+            assert_eq!(
+                (added.saved_by_delta, added.delta_fallbacks),
                 expected,
                 "{before:?} then {reported:?}"
             );

@@ -779,6 +779,7 @@ untargeted!(
     v1::GetDeviceRequest,
     v1::GetRepositoryRequest,
     v1::ListBundlesRequest,
+    v1::DownloadBundleRequest,
     v1::ListRolloutsRequest,
     v1::ListHeldAssignmentsRequest,
     v1::ListEventsRequest,

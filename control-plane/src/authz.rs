@@ -179,6 +179,8 @@ pub const METHODS: &[MethodRule] = {
         rule("CancelAssignment", Deploy, Stores),
         rule("GetRepository", ReadRepository, Fleet),
         rule("ListBundles", ReadRepository, Fleet),
+        // The published bytes, to make deltas from (what a till may fetch).
+        rule("DownloadBundle", Publish, Fleet),
         rule("PublishBundle", Publish, Fleet),
         rule("InitRepository", Admin, Refused),
         rule("UpdateRoot", Admin, Refused),

@@ -36,6 +36,7 @@ pub fn kind_name(kind: v1::BundleKind) -> &'static str {
         v1::BundleKind::Unspecified => "",
         v1::BundleKind::Software => "software",
         v1::BundleKind::Catalog => "catalog",
+        v1::BundleKind::Agent => "agent",
     }
 }
 
@@ -43,6 +44,7 @@ pub fn kind_from_name(name: &str) -> v1::BundleKind {
     match name {
         "software" => v1::BundleKind::Software,
         "catalog" => v1::BundleKind::Catalog,
+        "agent" => v1::BundleKind::Agent,
         _ => v1::BundleKind::Unspecified,
     }
 }
@@ -98,6 +100,8 @@ pub fn bundle_status(s: BundleStatusRecord) -> v1::BundleStatus {
         updated_at_unix_ms: s.updated_at_ms,
         bytes_from_origin: unsigned(s.bytes_from_origin),
         bytes_from_peers: unsigned(s.bytes_from_peers),
+        bytes_saved_by_delta: unsigned(s.bytes_saved_by_delta),
+        delta_error: s.delta_error,
     }
 }
 
@@ -275,5 +279,25 @@ pub fn transfer(t: storage::TransferRecord) -> v1::StoreTransfer {
         tills: unsigned(t.tills),
         bytes_from_origin: unsigned(t.bytes_from_origin),
         bytes_from_peers: unsigned(t.bytes_from_peers),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_bundle_kind_is_stored_as_the_word_the_bundle_uses() {
+        use posfleet_bundle::manifest::Kind;
+        for (proto, kind) in [
+            (v1::BundleKind::Software, Kind::Software),
+            (v1::BundleKind::Catalog, Kind::Catalog),
+            (v1::BundleKind::Agent, Kind::Agent),
+        ] {
+            assert_eq!(kind_name(proto), kind.as_str());
+            assert_eq!(kind_from_name(kind.as_str()), proto);
+        }
+        assert_eq!(kind_from_name("firmware"), v1::BundleKind::Unspecified);
+        assert_eq!(kind_name(v1::BundleKind::Unspecified), "");
     }
 }

@@ -88,6 +88,11 @@ pub struct Metrics {
     /// Bundle bytes the repository sent (`/repo/targets/…`), counted as
     /// they are handed to the connection.
     pub target_bytes_sent: prometheus::IntCounter,
+    /// Bundle bytes tills did not download because they rebuilt the bundle
+    /// from a delta, as they reported them.
+    pub delta_bytes_saved: prometheus::IntCounter,
+    /// Deltas tills could not use (they fetched the whole bundle instead).
+    pub delta_fallbacks: prometheus::IntCounter,
     /// Enrollments by result (`ENROLLMENT_RESULTS`).
     pub enrollments: IntCounterVec,
     /// Login attempts by result (`crate::session_api::LOGIN_RESULTS`).
@@ -177,6 +182,18 @@ impl Metrics {
         let target_bytes_sent = prometheus::IntCounter::new(
             "posfleet_repository_target_bytes_sent_total",
             "Bundle bytes sent by the repository to tills: the load on the stores' WAN links.",
+        )
+        .expect("static metric definition is valid");
+        let delta_bytes_saved = prometheus::IntCounter::new(
+            "posfleet_delta_bytes_saved_total",
+            "Bundle bytes tills did not download because they rebuilt the bundle from a delta \
+             against the version they had, as they reported them.",
+        )
+        .expect("static metric definition is valid");
+        let delta_fallbacks = prometheus::IntCounter::new(
+            "posfleet_delta_fallbacks_total",
+            "Deltas tills were offered but could not use (changed base, bad delta), \
+             after which they fetched the whole bundle.",
         )
         .expect("static metric definition is valid");
         let enrollments = IntCounterVec::new(
@@ -341,6 +358,8 @@ impl Metrics {
             Box::new(bundle_reports.clone()),
             Box::new(bundle_bytes.clone()),
             Box::new(target_bytes_sent.clone()),
+            Box::new(delta_bytes_saved.clone()),
+            Box::new(delta_fallbacks.clone()),
             Box::new(enrollments.clone()),
             Box::new(logins.clone()),
             Box::new(admin_auth_failures.clone()),
@@ -422,6 +441,8 @@ impl Metrics {
             bundle_reports,
             bundle_bytes,
             target_bytes_sent,
+            delta_bytes_saved,
+            delta_fallbacks,
             enrollments,
             logins,
             admin_auth_failures,

@@ -10,6 +10,7 @@ use ed25519_dalek::SigningKey;
 use posfleet_bundle::chunks;
 use posfleet_bundle::manifest::{Kind, Manifest};
 use posfleet_bundle::repo;
+use posfleet_proto::v1;
 use tonic::Code;
 
 fn manifest(version: &str, kind: Kind) -> Manifest {
@@ -175,7 +176,48 @@ async fn a_delta_that_names_anything_but_published_versions_is_refused(backend: 
     assert_eq!(admin.current_targets().await.targets.len(), 3);
 }
 
+/// What a publisher makes deltas from: a published bundle's bytes, whole
+/// and exact, over several messages; an unknown target is not found.
+async fn a_published_bundle_downloads_as_it_was_published(backend: Backend) {
+    let s = setup(backend, |_| {}).await;
+    let mut admin = s.server.admin().await;
+    let key = admin.init_repository().await;
+    // 3 MiB and a bit: more than one message.
+    let bytes: Vec<u8> = (0..(3 << 20) + 17).map(|i: u32| (i % 251) as u8).collect();
+    let digest = chunks::digest_reader(bytes.as_slice()).unwrap();
+    let entry = repo::target_file(&manifest("1.0.0", Kind::Software), &digest);
+    admin
+        .publish_entry(&key, "pos-app/1.0.0", entry, bytes.clone())
+        .await
+        .unwrap();
+    let download = |target: &str| {
+        let req = admin.req(v1::DownloadBundleRequest {
+            target: target.into(),
+        });
+        let mut client = admin.client.clone();
+        async move {
+            let mut stream = client.download_bundle(req).await?.into_inner();
+            let (mut got, mut messages) = (Vec::new(), 0);
+            while let Some(chunk) = stream.message().await? {
+                assert!(chunk.data.len() <= 1 << 20);
+                got.extend_from_slice(&chunk.data);
+                messages += 1;
+            }
+            Ok::<_, tonic::Status>((got, messages))
+        }
+    };
+    let (got, messages) = download("pos-app/1.0.0").await.unwrap();
+    assert!(got == bytes, "{} bytes back of {}", got.len(), bytes.len());
+    assert!(messages >= 4, "{messages} messages");
+    assert_status(
+        download("pos-app/9.9.9").await,
+        Code::NotFound,
+        "pos-app/9.9.9 is not published",
+    );
+}
+
 on_both_backends!(
     a_delta_is_published_beside_its_bundles,
     a_delta_that_names_anything_but_published_versions_is_refused,
+    a_published_bundle_downloads_as_it_was_published,
 );

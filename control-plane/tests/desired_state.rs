@@ -384,8 +384,7 @@ fn status(name: &str, phase: v1::BundlePhase, updated_at_unix_ms: i64) -> v1::Bu
         bytes_total: 0,
         error: String::new(),
         updated_at_unix_ms,
-        bytes_from_origin: 0,
-        bytes_from_peers: 0,
+        ..Default::default()
     }
 }
 
@@ -455,6 +454,51 @@ async fn progress_reports_show_in_get_device(backend: Backend) {
     ] {
         assert!(metrics.contains(expected), "{expected} in {metrics}");
     }
+    s.finish().await;
+}
+
+async fn agent_bundles_are_assigned_and_reported_as_agents(backend: Backend) {
+    let s = setup(backend, |_| {}).await;
+    let mut admin = s.server.admin().await;
+    admin.store("s1").await;
+    let key = admin.init_repository().await;
+    admin
+        .publish(&key, "posfleet-agent", "2.0.0", Kind::Agent, &["*"])
+        .await;
+    let (id, credential) = s.enrolled_device("s1").await;
+    assert_eq!(
+        assigned(&mut admin, to_store("s1", "posfleet-agent@2.0.0"))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        desired(&beat(&s, &credential).await),
+        vec![row(
+            "posfleet-agent",
+            "2.0.0",
+            v1::BundleKind::Agent,
+            true,
+            false
+        )]
+    );
+    // A new agent its launcher reverted, as the agent before it reports it.
+    let reverted = v1::BundleStatus {
+        kind: v1::BundleKind::Agent as i32,
+        target_version: "2.0.0".into(),
+        error: "agent 2.0.0 did not reach the control plane and report healthy within 300 s".into(),
+        ..status("posfleet-agent", v1::BundlePhase::RolledBack, now_ms())
+    };
+    report(&s, &credential, vec![reverted.clone()])
+        .await
+        .unwrap();
+    let device = admin.device(&id).await.unwrap();
+    let bundle = &device.bundles[0];
+    assert_eq!(
+        bundle.desired.as_ref().unwrap().kind(),
+        v1::BundleKind::Agent
+    );
+    assert_eq!(bundle.status, Some(reverted));
     s.finish().await;
 }
 
@@ -712,6 +756,7 @@ async fn another_replica_answers_with_a_change_within_the_cache_ttl(backend: Bac
 
 on_both_backends!(
     bundles_are_assigned_to_devices_and_stores,
+    agent_bundles_are_assigned_and_reported_as_agents,
     assignments_need_a_published_bundle_a_known_target_and_the_right_hardware,
     maintenance_windows_are_validated_set_and_cleared,
     progress_reports_show_in_get_device,

@@ -64,8 +64,7 @@ impl Sim {
             bytes_total: 0,
             error: error.into(),
             updated_at_unix_ms: now_ms(),
-            bytes_from_origin: 0,
-            bytes_from_peers: 0,
+            ..Default::default()
         };
         self.agent
             .report_progress(device_request(

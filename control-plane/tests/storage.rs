@@ -213,6 +213,8 @@ async fn bundle_reports_keep_the_newest_and_ties_go_to_the_later(backend: Backen
         updated_at_ms,
         bytes_from_origin: 0,
         bytes_from_peers: 0,
+        bytes_saved_by_delta: 0,
+        delta_error: String::new(),
     };
     let phase = || async {
         let statuses = storage.bundle_statuses(id).await.unwrap();

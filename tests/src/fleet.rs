@@ -268,6 +268,50 @@ impl Fleet {
         std::fs::metadata(file).expect("bundle file").len()
     }
 
+    /// Publishes pos-app `version` as the release `base` (published with
+    /// [`Fleet::publish`]) with only its version changed, and a signed delta
+    /// to it from `base`: with `base_file`, from the base's bundle file
+    /// (`bundle publish --delta-from`), else as `bundle publish` makes them
+    /// by default (from the versions tills run, fetched from the control
+    /// plane). Returns the new bundle's size and the delta's.
+    pub fn publish_with_delta(&self, version: &str, base: &str, base_file: bool) -> (u64, u64) {
+        let base_src = self.dir.path().join(format!("pos-app-{base}"));
+        let src = self.dir.path().join(format!("pos-app-{version}"));
+        crate::copy_tree(&base_src, &src);
+        let manifest = src.join("posfleet-bundle.toml");
+        let text = std::fs::read_to_string(&manifest).expect("read manifest");
+        let text = text.replace(
+            &format!("version = \"{base}\""),
+            &format!("version = \"{version}\""),
+        );
+        std::fs::write(&manifest, text).expect("write manifest");
+        let file = self.cp.build_bundle(&src, &src.with_extension("bundle"));
+        let path = |p: &Path| p.to_str().expect("utf-8 path").to_string();
+        let mut args = vec![
+            "bundle".to_string(),
+            "publish".into(),
+            path(&file),
+            "--keys".into(),
+            path(&self.keys),
+        ];
+        if base_file {
+            args.extend([
+                "--delta-from".into(),
+                path(&base_src.with_extension("bundle")),
+            ]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        check_ok(self.cp.cli(&args));
+        let delta = format!("pos-app/{version}/from-{base}.delta");
+        let listed = self.cp.cli_json(&["bundle", "list"]);
+        let length = listed
+            .as_array()
+            .and_then(|l| l.iter().find(|b| b["target"] == delta.as_str()))
+            .and_then(|b| b["length"].as_u64())
+            .unwrap_or_else(|| panic!("{delta} is not listed: {listed}"));
+        (std::fs::metadata(&file).expect("bundle file").len(), length)
+    }
+
     /// `posfleet device assign --store STORE RELEASE` (`name@version`).
     pub fn assign(&self, store: &str, release: &str) {
         check_ok(

@@ -10,6 +10,7 @@ pub mod link;
 pub mod moto;
 pub mod prometheus;
 pub mod replicas;
+pub mod selfupdate;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -101,6 +102,17 @@ pub fn command_line() -> String {
         .chain(args)
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// Writes a benchmark's figures to `path` as pretty JSON (making its
+/// folder) and returns the JSON.
+pub fn write_figures(path: &Path, figures: &impl serde::Serialize) -> anyhow::Result<String> {
+    let json = serde_json::to_string_pretty(figures)?;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(path, format!("{json}\n"))?;
+    Ok(json)
 }
 
 /// A line a process printed on stderr, with the moment it arrived.
@@ -828,7 +840,7 @@ pub fn pos_app_example() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/pos-app")
 }
 
-fn copy_tree(from: &Path, to: &Path) {
+pub fn copy_tree(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).expect("create dir");
     for entry in std::fs::read_dir(from).expect("read dir") {
         let entry = entry.expect("dir entry");
@@ -890,7 +902,8 @@ impl ControlPlane {
     }
 
     /// Builds `src` with `posfleet bundle build` and publishes it signed
-    /// with `keys`; returns the bundle file.
+    /// with `keys`, without deltas (tests of deltas make them themselves);
+    /// returns the bundle file.
     pub fn publish(&self, src: &Path, keys: &Path) -> PathBuf {
         let file = self.build_bundle(src, &src.with_extension("bundle"));
         check_ok(self.cli(&[
@@ -899,6 +912,7 @@ impl ControlPlane {
             file.to_str().expect("utf-8 path"),
             "--keys",
             keys.to_str().expect("utf-8 path"),
+            "--no-deltas",
         ]));
         file
     }

@@ -46,6 +46,8 @@ fn publish_command(cp: &ControlPlane, file: &Path, keys: &Path) -> Command {
         file.to_str().unwrap(),
         "--keys",
         keys.to_str().unwrap(),
+        // Deltas are tested in deltas.rs.
+        "--no-deltas",
     ])
 }
 

@@ -225,6 +225,7 @@ fn the_demo_rolls_out_in_waves_and_a_bad_release_pauses_itself() {
             "catalog-paris-01/2026.11.1",
             "pos-app/1.0.0",
             "pos-app/1.1.0",
+            "pos-app/1.1.0/from-1.0.0.delta",
             "pos-app/1.2.0"
         ])
     );
@@ -237,22 +238,34 @@ fn the_demo_rolls_out_in_waves_and_a_bad_release_pauses_itself() {
     assert!(summary["devices_rolled_back_1_2_0"].as_u64() >= Some(1));
     assert_eq!(summary["devices_never_offered_1_2_0"], 3);
     assert_eq!(summary["devices_with_own_catalog"], 6);
+    // Every till rebuilt 1.1.0 from the delta from 1.0.0 it held.
+    let delta = &summary["delta_1_1_0"];
+    let (delta_bytes, bundle_bytes) = (
+        delta["delta_bytes"].as_u64().unwrap(),
+        delta["bundle_bytes"].as_u64().unwrap(),
+    );
+    assert!(delta_bytes * 20 < bundle_bytes, "{delta}");
+    assert_eq!(delta["devices_rebuilt"], 6, "{delta}");
+    assert_eq!(
+        delta["bytes_saved"],
+        6 * (bundle_bytes - delta_bytes),
+        "{delta}"
+    );
     // Each store reports what its tills took from the origin and from
-    // each other, next to the bundle's size.
+    // each other (the delta), next to the bundle's size.
     let transfers = summary["transfers_1_1_0"].as_object().unwrap();
     assert_eq!(transfers.len(), 2, "{transfers:?}");
     for (store, t) in transfers {
         let field = |name: &str| t[name].as_u64().unwrap();
-        let size = field("size_bytes");
-        assert!(size > 0, "{store}: {t}");
+        assert_eq!(field("size_bytes"), bundle_bytes, "{store}: {t}");
         assert_eq!(field("tills"), 3, "{store}: {t}");
         assert!(
-            field("bytes_from_origin") + field("bytes_from_peers") >= 3 * size,
+            field("bytes_from_origin") + field("bytes_from_peers") >= 3 * delta_bytes,
             "{store}: {t}"
         );
         // Once per store, give or take a piece.
         assert!(
-            field("bytes_from_origin") <= size + (1 << 20),
+            field("bytes_from_origin") <= delta_bytes + (1 << 20),
             "{store}: {t}"
         );
     }

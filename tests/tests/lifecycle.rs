@@ -305,31 +305,39 @@ fn each_till_gets_its_own_store_catalog_and_no_other() {
     assert!(stderr.contains("per store"), "{stderr}");
 }
 
-#[test]
-fn a_hook_sees_none_of_the_agents_secrets() {
-    let fleet = Fleet::builder().start();
-    fleet.create_store(STORE, "UTC");
-    let secret = fleet.enrollment_token(STORE, 1);
-    // A bundle whose pre_activate hook writes its environment into its slot.
-    let src = fleet.dir.path().join("env-probe");
+/// Publishes bundle `name` 1.0.0, whose pre_activate hook is the shell
+/// script `script`.
+fn publish_hook_probe(fleet: &Fleet, name: &str, script: &str) {
+    let src = fleet.dir.path().join(name);
     std::fs::create_dir_all(src.join("bin")).unwrap();
     std::fs::write(
         src.join("posfleet-bundle.toml"),
-        "name = \"env-probe\"\nversion = \"1.0.0\"\nkind = \"software\"\nhardware = [\"*\"]\n\
-         [pre_activate]\ncommand = [\"bin/record\"]\ntimeout_seconds = 10\n",
+        format!(
+            "name = \"{name}\"\nversion = \"1.0.0\"\nkind = \"software\"\nhardware = [\"*\"]\n\
+             [pre_activate]\ncommand = [\"bin/probe\"]\ntimeout_seconds = 10\n"
+        ),
     )
     .unwrap();
-    let record = src.join("bin/record");
-    std::fs::write(
-        &record,
-        "#!/bin/sh\nenv > \"$POSFLEET_SLOT_DIR/hook.env\"\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(&record, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let probe = src.join("bin/probe");
+    std::fs::write(&probe, format!("#!/bin/sh\n{script}\n")).unwrap();
+    std::fs::set_permissions(&probe, std::fs::Permissions::from_mode(0o755)).unwrap();
     fleet.cp.publish(&src, &fleet.keys);
+}
 
-    // The agent's enrollment token and a secret its service manager passes
-    // come from its environment.
+/// A till started by [`install_hook_probe`].
+struct ProbeTill {
+    data: PathBuf,
+    /// What it reported of the probe once it stopped working on it.
+    status: Value,
+    /// The enrollment token it was given (in its environment).
+    secret: String,
+    _agent: Process,
+}
+
+/// Starts a till of `STORE` with `args` and the environment `env`, gives it
+/// bundle `name` 1.0.0 and waits until it is `installed` or `failed`.
+fn install_hook_probe(fleet: &Fleet, name: &str, args: &[&str], env: &[(&str, &str)]) -> ProbeTill {
+    let secret = fleet.enrollment_token(STORE, 1);
     let data = fleet.dir.path().join("till");
     let mut command = std::process::Command::new(binary("posfleet-agent"));
     command
@@ -337,19 +345,46 @@ fn a_hook_sees_none_of_the_agents_secrets() {
         .args(["--data-dir", data.to_str().unwrap()])
         .args(["--log-format", "json", "--max-backoff-seconds", "2"])
         .args(["--p2p-enabled", "false"])
-        .args(fleet.agent_args(None, &[]))
+        .args(fleet.agent_args(None, args))
         .env("POSFLEET_ENROLLMENT_TOKEN", &secret)
-        .env("PAYMENT_GATEWAY_KEY", "sk_live_do_not_leak");
-    let _agent = Process::spawn(command);
-    fleet.assign(STORE, "env-probe@1.0.0");
+        .envs(env.iter().copied());
+    let agent = Process::spawn(command);
+    fleet.assign(STORE, &format!("{name}@1.0.0"));
     let device = eventually("the till enrolled", TIMEOUT, || enrolled_device_id(&data));
-    eventually("env-probe installed", TIMEOUT, || {
-        (fleet.cp.bundle_status(&device, "env-probe")["phase"] == "installed").then_some(())
+    let status = eventually(&format!("{name} installed or failed"), TIMEOUT, || {
+        let status = fleet.cp.bundle_status(&device, name);
+        ["installed", "failed"]
+            .contains(&status["phase"].as_str().unwrap_or_default())
+            .then_some(status)
     });
+    ProbeTill {
+        data,
+        status,
+        secret,
+        _agent: agent,
+    }
+}
+
+#[test]
+fn a_hook_sees_none_of_the_agents_secrets() {
+    let fleet = Fleet::builder().start();
+    fleet.create_store(STORE, "UTC");
+    // A bundle whose pre_activate hook writes its environment into its slot.
+    publish_hook_probe(&fleet, "env-probe", "env > \"$POSFLEET_SLOT_DIR/hook.env\"");
+    // The agent's enrollment token and a secret its service manager passes
+    // come from its environment.
+    let till = install_hook_probe(
+        &fleet,
+        "env-probe",
+        &[],
+        &[("PAYMENT_GATEWAY_KEY", "sk_live_do_not_leak")],
+    );
+    assert_eq!(till.status["phase"], "installed", "{}", till.status);
+    let (data, secret) = (&till.data, till.secret.as_str());
 
     let recorded = std::fs::read_to_string(data.join("slots/env-probe/1.0.0/hook.env")).unwrap();
     assert!(!recorded.contains("sk_live_do_not_leak"), "{recorded}");
-    assert!(!recorded.contains(&secret), "{recorded}");
+    assert!(!recorded.contains(secret), "{recorded}");
     let mut names: Vec<&str> = recorded
         .lines()
         .filter_map(|l| l.split_once('=').map(|(k, _)| k))
@@ -367,4 +402,25 @@ fn a_hook_sees_none_of_the_agents_secrets() {
         ],
         "{recorded}"
     );
+}
+
+/// With `hook_user`, a bundle's hooks run as that user, not as the agent's
+/// (root here: the test needs it to switch users at all).
+#[test]
+fn hooks_run_as_the_configured_hook_user() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: switching to another user needs root");
+        return;
+    }
+    let fleet = Fleet::builder().start();
+    fleet.create_store(STORE, "UTC");
+    // The user must reach the slots: the fleet's folder is traversable.
+    std::fs::set_permissions(fleet.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    publish_hook_probe(
+        &fleet,
+        "user-probe",
+        "u=$(id -un); [ \"$u\" = nobody ] || { echo \"ran as $u\" >&2; exit 1; }",
+    );
+    let till = install_hook_probe(&fleet, "user-probe", &["--hook-user", "nobody"], &[]);
+    assert_eq!(till.status["phase"], "installed", "{}", till.status);
 }

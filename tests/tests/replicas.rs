@@ -61,6 +61,8 @@ fn publish(operator: &Operator, file: &Path, keys: &Path) -> Result<Value, Strin
         file.to_str().unwrap(),
         "--keys",
         keys.to_str().unwrap(),
+        // Deltas are tested in deltas.rs.
+        "--no-deltas",
     ])
 }
 

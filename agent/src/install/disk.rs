@@ -18,20 +18,20 @@ use crate::files;
 /// The slots' directory in the data dir.
 pub(super) const SLOTS_DIR: &str = "slots";
 /// The link naming a bundle's active version.
-pub(super) const CURRENT_LINK: &str = "current";
+pub(crate) const CURRENT_LINK: &str = "current";
 /// A bundle's install journal.
 pub(super) const JOURNAL_FILE: &str = "journal.json";
 /// The temporary name of the next `current` link.
-const CURRENT_TMP: &str = ".current.tmp";
-pub(super) const STAGING_PREFIX: &str = ".staging-";
-const TRASH_PREFIX: &str = ".trash-";
+pub(crate) const CURRENT_TMP: &str = ".current.tmp";
+pub(crate) const STAGING_PREFIX: &str = ".staging-";
+pub(crate) const TRASH_PREFIX: &str = ".trash-";
 
 /// `text` as a version, if it is one written the way slots are named.
-pub(super) fn parse_version(text: &str) -> Option<Version> {
+pub(crate) fn parse_version(text: &str) -> Option<Version> {
     Version::parse(text).ok().filter(|v| v.to_string() == text)
 }
 
-pub(super) fn write_error(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+pub(crate) fn write_error(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
     move |source| Error::Write {
         path: path.to_path_buf(),
         source,
@@ -49,14 +49,14 @@ pub(super) fn is_disk_full(error: &Error) -> bool {
     )
 }
 
-pub(super) fn sync_dir(dir: &Path) -> Result<(), Error> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), Error> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(write_error(dir))
 }
 
 /// Removes a file, link or directory tree; absent is fine.
-pub(super) fn remove_any(path: &Path) -> Result<(), Error> {
+pub(crate) fn remove_any(path: &Path) -> Result<(), Error> {
     let result = match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(path),
         Ok(_) => std::fs::remove_file(path),
@@ -67,12 +67,23 @@ pub(super) fn remove_any(path: &Path) -> Result<(), Error> {
 }
 
 pub(super) fn read_current(dir: &Path) -> Result<Link, Error> {
-    let path = dir.join(CURRENT_LINK);
+    read_link(&dir.join(CURRENT_LINK), "")
+}
+
+/// Where the link at `path` points: to `<prefix><version>`, or broken.
+pub(crate) fn read_link(path: &Path, prefix: &str) -> Result<Link, Error> {
+    let path = path.to_path_buf();
     match std::fs::read_link(&path) {
-        Ok(target) => Ok(match target.to_str().and_then(parse_version) {
-            Some(v) => Link::To(v),
-            None => Link::Broken(format!("pointed to `{}`", target.display())),
-        }),
+        Ok(target) => Ok(
+            match target
+                .to_str()
+                .and_then(|t| t.strip_prefix(prefix))
+                .and_then(parse_version)
+            {
+                Some(v) => Link::To(v),
+                None => Link::Broken(format!("pointed to `{}`", target.display())),
+            },
+        ),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Link::Missing),
         Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
             Ok(Link::Broken("was not a symbolic link".into()))
@@ -130,21 +141,27 @@ pub(super) fn write_journal(dir: &Path, journal: &Journal) -> Result<(), Error> 
 
 /// Points `current` at `version`: a new link renamed over the old one.
 pub(super) fn switch_link(dir: &Path, version: &Version) -> Result<(), Error> {
+    replace_link(dir, &version.to_string())
+}
+
+/// Points `dir/current` at `target` (relative to `dir`): a new link
+/// renamed over the old one, the folder synced.
+pub(crate) fn replace_link(dir: &Path, target: &str) -> Result<(), Error> {
     let tmp = dir.join(CURRENT_TMP);
     remove_any(&tmp)?;
-    std::os::unix::fs::symlink(version.to_string(), &tmp).map_err(write_error(&tmp))?;
+    std::os::unix::fs::symlink(target, &tmp).map_err(write_error(&tmp))?;
     let current = dir.join(CURRENT_LINK);
     std::fs::rename(&tmp, &current).map_err(write_error(&current))?;
     sync_dir(dir)
 }
 
-pub(super) fn remove_link(dir: &Path) -> Result<(), Error> {
+pub(crate) fn remove_link(dir: &Path) -> Result<(), Error> {
     remove_any(&dir.join(CURRENT_LINK))?;
     sync_dir(dir)
 }
 
 /// Removes a slot: renamed away first, so it is never seen half removed.
-pub(super) fn remove_slot(dir: &Path, version: &Version) -> Result<(), Error> {
+pub(crate) fn remove_slot(dir: &Path, version: &Version) -> Result<(), Error> {
     let slot = dir.join(version.to_string());
     if std::fs::symlink_metadata(&slot).is_err() {
         return Ok(());
@@ -162,7 +179,7 @@ pub(super) fn remove_slot(dir: &Path, version: &Version) -> Result<(), Error> {
 
 /// Unpacks `archive` into a new `staging` dir. A failure is its reason in
 /// words, and whether the disk is full (worth retrying once space is freed).
-pub(super) async fn unpack_into(
+pub(crate) async fn unpack_into(
     name: &str,
     version: &Version,
     archive: &Path,

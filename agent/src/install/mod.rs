@@ -23,10 +23,11 @@
 //! - `slots`: the A/B slot model, installs and rollbacks. With the
 //!   `test-hooks` feature, crash tests stop installs at `CrashPoint`s.
 
-mod disk;
+pub(crate) mod disk;
 mod recovery;
 mod slots;
 
+pub(crate) use recovery::{Link, LinkChange};
 pub use recovery::{Recovery, RecoveryAction};
 #[cfg(feature = "test-hooks")]
 pub use slots::CrashPoint;

@@ -53,9 +53,9 @@ pub(super) enum Journal {
     },
 }
 
-/// Where `current` points.
+/// Where a `current` link points.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Link {
+pub(crate) enum Link {
     Missing,
     To(Version),
     /// Not a symbolic link, or not to a version.
@@ -70,7 +70,7 @@ pub(super) struct Disk {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum LinkChange {
+pub(crate) enum LinkChange {
     Keep,
     Point(Version),
     Remove,

@@ -96,13 +96,6 @@ fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
-fn kind_name(kind: Kind) -> &'static str {
-    match kind {
-        Kind::Software => "software",
-        Kind::Catalog => "catalog",
-    }
-}
-
 fn check_manifest(
     manifest: &Manifest,
     name: &str,
@@ -116,8 +109,8 @@ fn check_manifest(
         "the archive holds {} {} ({}), not {name} {version} ({})",
         manifest.name,
         manifest.version,
-        kind_name(manifest.kind),
-        kind_name(kind)
+        manifest.kind.as_str(),
+        kind.as_str()
     ))
 }
 
@@ -270,6 +263,13 @@ impl Slots {
     /// Whether this till keeps a slot of `name` `version` (active or not).
     pub fn has_slot(&self, name: &str, version: &Version) -> bool {
         valid_name(name) && self.root.join(name).join(version.to_string()).is_dir()
+    }
+
+    /// The folder of `name` `version`, if this till keeps that slot: the
+    /// bundle as it was unpacked (what a delta's base is rebuilt from).
+    pub fn slot_dir(&self, name: &str, version: &Version) -> Option<PathBuf> {
+        self.has_slot(name, version)
+            .then(|| self.root.join(name).join(version.to_string()))
     }
 
     /// The active version of `name`, if any. A broken `current` link is an

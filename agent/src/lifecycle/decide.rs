@@ -100,6 +100,8 @@ mod tests {
             interrupted: 0,
             bytes_from_origin: 0,
             bytes_from_peers: 0,
+            bytes_saved_by_delta: 0,
+            delta_error: String::new(),
         }
     }
 

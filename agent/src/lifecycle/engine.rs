@@ -4,7 +4,8 @@
 //! and the staged downloads (`downloads/<sha256>.{part,bundle}`).
 
 use chrono::{DateTime, Utc};
-use posfleet_bundle::client::VerifiedTarget;
+use posfleet_bundle::client::{VerifiedDelta, VerifiedTarget};
+use posfleet_bundle::manifest::{AGENT_BUNDLE_NAME, Kind};
 use semver::Version;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,10 +15,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::error::Error;
-use crate::fetch::{Download, Fetcher};
+use crate::fetch::{Download, Fetcher, Received};
 use crate::files;
 use crate::install::{Outcome, RecoveryAction, Slots};
 use crate::repository::{RepoError, RepositoryClient};
+use crate::selfupdate::{self, AgentRoot, SelfUpdate};
 
 use super::decide::{Step, decide};
 use super::model::{Desired, DesiredState, Phase, Report, Status};
@@ -63,6 +65,10 @@ pub struct Lifecycle {
     pub check_interval: Duration,
     pub refresh_interval: Duration,
     pub min_free_disk_bytes: u64,
+    /// The user bundle hooks run as; `None`: the agent's.
+    pub hook_user: Option<crate::hooks::HookUser>,
+    /// Agent bundles: what the launcher said and the confirm window.
+    pub self_update: SelfUpdate,
 }
 
 /// What the report says when the trusted repository metadata has expired
@@ -101,6 +107,47 @@ impl Failure {
             waiting: true,
         }
     }
+}
+
+/// Why a delta was not used: the download stops with this failure (the
+/// network is down: it waits and resumes; the rebuilt bundle could not be
+/// staged: it is retried), or the till fetches the whole bundle instead
+/// (anything about the base or the delta).
+enum DeltaFailure {
+    Stop(Failure),
+    Fallback(String),
+}
+
+/// What applying a delta writes beside the downloads and removes when it
+/// is done: a base bundle packed from its slot, its tar, the bundle being
+/// rebuilt. Left by a stop in the middle, they are only disk used: every
+/// attempt writes them anew.
+const DELTA_SCRATCH: [&str; 3] = ["base", "tar", "rebuilt"];
+
+/// Removes the scratch files of delta applies a stop cut short.
+fn remove_delta_scratch(downloads: &Path) {
+    let Ok(entries) = std::fs::read_dir(downloads) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let scratch = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| DELTA_SCRATCH.contains(&e));
+        if scratch && let Err(error) = std::fs::remove_file(&path) {
+            tracing::warn!(path = %path.display(), %error, "Cannot remove a delta's scratch file.");
+        }
+    }
+}
+
+/// Runs `work` on a blocking thread (packing, hashing, applying deltas).
+async fn blocking(
+    work: impl FnOnce() -> Result<(), String> + Send + 'static,
+) -> Result<(), String> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|e| Err(format!("stopped: {e}")))
 }
 
 /// A download cut off because neither the control plane nor the store's
@@ -154,6 +201,10 @@ struct Run {
     statuses: BTreeMap<String, Status>,
     report: watch::Sender<Report>,
     next_refresh: Instant,
+    agent: AgentRoot,
+    /// Set once a new agent version is switched on: the task ends so that
+    /// the agent exits and its launcher starts that version.
+    switched: Option<Version>,
 }
 
 impl Lifecycle {
@@ -167,7 +218,10 @@ impl Lifecycle {
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), Error> {
         tokio::pin!(shutdown);
-        let slots = Slots::open(&self.data_dir)?;
+        let slots = match &self.hook_user {
+            Some(user) => Slots::open(&self.data_dir)?.with_hook_user(user.clone())?,
+            None => Slots::open(&self.data_dir)?,
+        };
         let mut statuses: BTreeMap<String, Status> = load(&self.data_dir.join(STATUS_FILE));
         for recovery in slots.recover()? {
             tracing::warn!(bundle = %recovery.name, reason = %recovery.reason, "Recovered an interrupted install.");
@@ -194,20 +248,28 @@ impl Lifecycle {
                 status.updated_at_ms = Utc::now().timestamp_millis();
             }
         }
+        let agent = AgentRoot::new(&self.data_dir);
+        note_agent_revert(&agent, &mut statuses);
         for (name, status) in statuses.iter_mut() {
-            status.active_version = slots.confirmed(name)?;
+            status.active_version = match status.kind {
+                Kind::Agent => agent.confirmed(),
+                Kind::Software | Kind::Catalog => slots.confirmed(name)?,
+            };
         }
         let downloads = self.data_dir.join(DOWNLOADS_DIR);
         std::fs::create_dir_all(&downloads).map_err(|source| Error::DataDir {
             path: downloads.clone(),
             source,
         })?;
+        remove_delta_scratch(&downloads);
         let mut run = Run {
             lifecycle: self,
             slots,
             statuses,
             report,
             next_refresh: Instant::now(),
+            agent,
+            switched: None,
         };
         run.publish(true);
         loop {
@@ -216,6 +278,9 @@ impl Lifecycle {
                 pause = run.pass(&state) => pause,
                 _ = &mut shutdown => return Ok(()),
             };
+            if let Some(version) = run.switched.take() {
+                return Err(Error::AgentSwitched { version });
+            }
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
                 changed = desired.changed() => {
@@ -251,25 +316,14 @@ impl Run {
         // Reports carry real time (the control plane orders them by it),
         // whatever clock windows are judged by.
         let now = Utc::now().timestamp_millis();
-        let active = self.slots.confirmed(&desired.name).ok().flatten();
+        let active = match desired.kind {
+            Kind::Agent => self.agent.confirmed(),
+            Kind::Software | Kind::Catalog => self.slots.confirmed(&desired.name).ok().flatten(),
+        };
         let status = self
             .statuses
             .entry(desired.name.clone())
-            .or_insert_with(|| Status {
-                name: desired.name.clone(),
-                kind: desired.kind,
-                active_version: None,
-                target_version: None,
-                phase,
-                bytes_done: 0,
-                bytes_total: 0,
-                error: String::new(),
-                updated_at_ms: now,
-                given_up: false,
-                interrupted: 0,
-                bytes_from_origin: 0,
-                bytes_from_peers: 0,
-            });
+            .or_insert_with(|| Status::new(&desired.name, desired.kind, phase, now));
         let changed = status.phase != phase
             || status.error != error
             || status.target_version.as_ref() != Some(&desired.version)
@@ -281,6 +335,8 @@ impl Run {
             status.interrupted = 0;
             status.bytes_from_origin = 0;
             status.bytes_from_peers = 0;
+            status.bytes_saved_by_delta = 0;
+            status.delta_error = String::new();
         }
         status.kind = desired.kind;
         status.active_version = active;
@@ -309,6 +365,9 @@ impl Run {
         let mut pause = self.lifecycle.check_interval;
         for desired in &state.bundles {
             self.advance(state, desired).await;
+            if self.switched.is_some() {
+                return Duration::ZERO;
+            }
         }
         let now = self.lifecycle.clock.now();
         if let Some(window) = &state.window
@@ -326,16 +385,25 @@ impl Run {
     async fn advance(&mut self, state: &DesiredState, desired: &Desired) {
         loop {
             let now = self.lifecycle.clock.now();
-            let active = match self.slots.active(&desired.name) {
-                Ok(active) => active,
-                Err(error) => {
-                    self.set(desired, Phase::Failed, error.to_string());
-                    return;
+            let (active, kept) = match desired.kind {
+                // The new agent on trial confirms itself (`agent.rs`).
+                Kind::Agent if self.agent.on_trial().as_ref() == Some(&desired.version) => {
+                    return self.set(desired, Phase::Installing, String::new());
                 }
+                Kind::Agent => (
+                    self.agent.confirmed(),
+                    self.agent.has_version(&desired.version),
+                ),
+                Kind::Software | Kind::Catalog => match self.slots.active(&desired.name) {
+                    Ok(active) => (active, self.slots.has_slot(&desired.name, &desired.version)),
+                    Err(error) => {
+                        self.set(desired, Phase::Failed, error.to_string());
+                        return;
+                    }
+                },
             };
             let window_open = state.window_open(now);
             // What can be decided without the signed target (offline).
-            let kept = self.slots.has_slot(&desired.name, &desired.version);
             match decide(
                 desired,
                 active.as_ref(),
@@ -511,6 +579,9 @@ impl Run {
 
     /// Fetches the target into `<sha256>.part`, resuming, then checks the
     /// whole file against its signed hash and renames it to `staged`.
+    /// Before a whole download starts, a delta from the version this till
+    /// has is tried ([`Run::download_delta`]); if it cannot be used, the
+    /// reason is reported and the whole bundle is fetched.
     async fn download(
         &mut self,
         desired: &Desired,
@@ -523,44 +594,27 @@ impl Run {
         let length = target.length();
         self.check_space(desired, length.saturating_sub(have) + length)?;
         self.set(desired, Phase::Downloading, String::new());
-        if let Some(status) = self.statuses.get_mut(&desired.name) {
-            status.bytes_total = length;
-            status.bytes_done = have.min(length);
-        }
-        self.publish(false);
-        let fetcher = self.lifecycle.fetcher.clone();
-        let list = fetcher
-            .chunk_list(target)
-            .await
-            .map_err(|e| download_failure(target.name(), e))?;
-        let done = Arc::new(AtomicU64::new(0));
-        let progress = {
-            let done = done.clone();
-            move |n: u64| done.store(n, Ordering::Relaxed)
-        };
-        let fetch = fetcher.fetch(Download {
-            target,
-            list: &list,
-            dest: &part,
-            progress: &progress,
-        });
-        tokio::pin!(fetch);
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        let result = loop {
-            tokio::select! {
-                result = &mut fetch => break result,
-                _ = tick.tick() => {
+        if have == 0 {
+            match self.download_delta(desired, target, staged).await {
+                Ok(true) => {
+                    self.set(desired, Phase::Downloaded, String::new());
+                    return Ok(());
+                }
+                Ok(false) => {}
+                Err(DeltaFailure::Stop(failure)) => return Err(failure),
+                Err(DeltaFailure::Fallback(reason)) => {
+                    tracing::warn!(bundle = %desired.name, version = %desired.version, %reason, "Cannot use the delta; fetching the whole bundle.");
                     if let Some(status) = self.statuses.get_mut(&desired.name) {
-                        status.bytes_done = done.load(Ordering::Relaxed);
+                        status.delta_error = reason;
                     }
-                    self.publish(false);
+                    self.publish(true);
                 }
             }
-        };
-        if let Some(status) = self.statuses.get_mut(&desired.name) {
-            status.bytes_done = done.load(Ordering::Relaxed);
         }
-        let received = result.map_err(|e| download_failure(target.name(), e))?;
+        let received = self
+            .fetch(desired, target, &part)
+            .await
+            .map_err(|e| download_failure(target.name(), e))?;
         if let Some(status) = self.statuses.get_mut(&desired.name) {
             status.bytes_from_origin += received.from_origin;
             status.bytes_from_peers += received.from_peers;
@@ -585,6 +639,193 @@ impl Run {
         Ok(())
     }
 
+    /// Brings `dest` to the whole `target` (from the store's peers or the
+    /// origin, resuming what is there), publishing the progress as
+    /// `bytes_done` of `bytes_total`.
+    async fn fetch(
+        &mut self,
+        desired: &Desired,
+        target: &VerifiedTarget,
+        dest: &Path,
+    ) -> Result<Received, RepoError> {
+        let have = std::fs::metadata(dest).map(|m| m.len()).unwrap_or(0);
+        if let Some(status) = self.statuses.get_mut(&desired.name) {
+            status.bytes_total = target.length();
+            status.bytes_done = have.min(target.length());
+        }
+        self.publish(false);
+        let fetcher = self.lifecycle.fetcher.clone();
+        let list = fetcher.chunk_list(target).await?;
+        let done = Arc::new(AtomicU64::new(0));
+        let progress = {
+            let done = done.clone();
+            move |n: u64| done.store(n, Ordering::Relaxed)
+        };
+        let fetch = fetcher.fetch(Download {
+            target,
+            list: &list,
+            dest,
+            progress: &progress,
+        });
+        tokio::pin!(fetch);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let result = loop {
+            tokio::select! {
+                result = &mut fetch => break result,
+                _ = tick.tick() => {
+                    if let Some(status) = self.statuses.get_mut(&desired.name) {
+                        status.bytes_done = done.load(Ordering::Relaxed);
+                    }
+                    self.publish(false);
+                }
+            }
+        };
+        if let Some(status) = self.statuses.get_mut(&desired.name) {
+            status.bytes_done = done.load(Ordering::Relaxed);
+        }
+        result
+    }
+
+    /// Rebuilds `target` into `staged` from a delta, when the repository
+    /// signed one from the exact bundle this till has confirmed: that
+    /// bundle is packed again from its slot (a bundle packed from what it
+    /// unpacked to is the same bytes) and must match its signed hash, the
+    /// delta is fetched like any target (from the store's peers when they
+    /// have it), and the rebuilt bundle must match the target's signed
+    /// hash. `Ok(false)` when there is no delta to try (none published, no
+    /// base, already failed for this version, no room for it).
+    async fn download_delta(
+        &mut self,
+        desired: &Desired,
+        target: &VerifiedTarget,
+        staged: &Path,
+    ) -> Result<bool, DeltaFailure> {
+        let failed_before = self
+            .statuses
+            .get(&desired.name)
+            .is_some_and(|s| !s.delta_error.is_empty());
+        if failed_before {
+            return Ok(false);
+        }
+        let Some((base, base_dir, delta)) = self.offered_delta(desired, target) else {
+            return Ok(false);
+        };
+        let file = delta.file().clone();
+        // The base bundle, its tar, the delta and the rebuilt bundle side
+        // by side, and room to unpack the result.
+        let need = base.length() + 2 * target.length() + file.length() + target.length();
+        if self.check_space(desired, need).is_err() {
+            return Ok(false);
+        }
+        let downloads = self.lifecycle.data_dir.join(DOWNLOADS_DIR);
+        let base_file = downloads.join(format!("{}.base", base.sha256_hex()));
+        let scratch = downloads.join(format!("{}.tar", target.sha256_hex()));
+        let rebuilt = downloads.join(format!("{}.rebuilt", target.sha256_hex()));
+        let delta_part = downloads.join(format!("{}.part", file.sha256_hex()));
+        let started = Instant::now();
+        let packed = {
+            let (base, base_dir, base_file) = (base.clone(), base_dir, base_file.clone());
+            blocking(move || {
+                posfleet_bundle::archive::build(&base_dir, &base_file)
+                    .map_err(|e| e.to_string())?;
+                base.verify_file(&base_file).map_err(|e| e.to_string())
+            })
+            .await
+        };
+        if let Err(error) = packed {
+            let _ = std::fs::remove_file(&base_file);
+            return Err(DeltaFailure::Fallback(format!(
+                "{} as installed does not pack into its signed bundle, so the delta {} cannot apply ({error})",
+                base.name(),
+                file.name()
+            )));
+        }
+        let received = match self.fetch(desired, &file, &delta_part).await {
+            Ok(received) => received,
+            Err(error) => {
+                let _ = std::fs::remove_file(&base_file);
+                let failure = download_failure(file.name(), error);
+                if failure.waiting {
+                    // Resumed from where it stopped next time.
+                    return Err(DeltaFailure::Stop(failure));
+                }
+                let _ = std::fs::remove_file(&delta_part);
+                return Err(DeltaFailure::Fallback(failure.message));
+            }
+        };
+        if let Some(status) = self.statuses.get_mut(&desired.name) {
+            status.bytes_from_origin += received.from_origin;
+            status.bytes_from_peers += received.from_peers;
+        }
+        let applied = {
+            let (target, base_file, delta_part) =
+                (target.clone(), base_file.clone(), delta_part.clone());
+            let (scratch, rebuilt) = (scratch.clone(), rebuilt.clone());
+            blocking(move || {
+                check_length(&file, &delta_part).map_err(|f| f.message)?;
+                posfleet_bundle::delta::rebuild_bundle(&base_file, &delta_part, &scratch, &rebuilt)
+                    .map_err(|e| e.to_string())?;
+                target.verify_file(&rebuilt).map_err(|e| e.to_string())
+            })
+            .await
+        };
+        for path in [&base_file, &scratch, &delta_part] {
+            let _ = std::fs::remove_file(path);
+        }
+        if let Err(error) = applied {
+            let _ = std::fs::remove_file(&rebuilt);
+            return Err(DeltaFailure::Fallback(format!(
+                "the delta {} does not rebuild {} ({error})",
+                delta.file().name(),
+                target.name()
+            )));
+        }
+        std::fs::rename(&rebuilt, staged).map_err(|e| {
+            DeltaFailure::Stop(Failure::retry(format!(
+                "cannot stage {}: {e}",
+                staged.display()
+            )))
+        })?;
+        let saved = target.length().saturating_sub(delta.file().length());
+        if let Some(status) = self.statuses.get_mut(&desired.name) {
+            status.bytes_saved_by_delta = saved;
+            status.bytes_done = status.bytes_total;
+        }
+        tracing::info!(
+            bundle = %desired.name,
+            version = %desired.version,
+            base = %delta.base(),
+            delta_bytes = delta.file().length(),
+            saved_bytes = saved,
+            from_origin = received.from_origin,
+            from_peers = received.from_peers,
+            seconds = started.elapsed().as_secs_f64(),
+            "Bundle rebuilt from a delta and verified."
+        );
+        Ok(true)
+    }
+
+    /// The delta the repository offers from the version of `desired` this
+    /// till has confirmed to `target`: that version's signed target, its
+    /// slot and the delta.
+    fn offered_delta(
+        &self,
+        desired: &Desired,
+        target: &VerifiedTarget,
+    ) -> Option<(VerifiedTarget, PathBuf, VerifiedDelta)> {
+        let active = self.slots.confirmed(&desired.name).ok().flatten()?;
+        if active >= desired.version {
+            return None;
+        }
+        let base_dir = self.slots.slot_dir(&desired.name, &active)?;
+        let (repository, model) = (&self.lifecycle.repository, &self.lifecycle.hardware_model);
+        let base = repository
+            .target(&format!("{}/{active}", desired.name), model)
+            .ok()?;
+        let delta = repository.delta(target, base.sha256(), model).ok()??;
+        Some((base, base_dir, delta))
+    }
+
     /// Installs the staged target, after checking it again: bytes on disk
     /// are not trusted either.
     async fn install(
@@ -600,6 +841,9 @@ impl Run {
         self.check_space(desired, target.length())?;
         self.set(desired, Phase::Installing, String::new());
         tracing::info!(bundle = %desired.name, version = %desired.version, "Installing.");
+        if desired.kind == Kind::Agent {
+            return self.install_agent(desired, staged).await;
+        }
         let outcome = self
             .slots
             .install(&desired.name, &desired.version, desired.kind, staged)
@@ -623,6 +867,67 @@ impl Run {
             }
         }
     }
+}
+
+impl Run {
+    /// Installs a new agent beside the one running and switches to it; the
+    /// task then ends, the agent exits and its launcher starts the new one
+    /// on trial. The phase stays `installing` until the new agent confirms
+    /// itself and reports `installed`, or the launcher reverts it and the
+    /// agent before it reports `rolled_back`.
+    async fn install_agent(&mut self, desired: &Desired, staged: &Path) -> Result<(), Failure> {
+        let self_update = &self.lifecycle.self_update;
+        let Some(launched) = &self_update.launched else {
+            return Err(Failure::permanent(
+                "this agent was not started by posfleet-agent-launcher, so nothing would start a new version; run it under the launcher to update it",
+            ));
+        };
+        let outcome = self
+            .agent
+            .install(
+                launched.version.as_ref(),
+                &desired.version,
+                staged,
+                self_update.confirm,
+            )
+            .await
+            .map_err(Failure::retry)?;
+        match outcome {
+            selfupdate::Outcome::Switched => {
+                let _ = std::fs::remove_file(staged);
+                tracing::info!(bundle = %desired.name, version = %desired.version, confirm_seconds = self_update.confirm.as_secs(), "New agent switched on; restarting into it.");
+                self.switched = Some(desired.version.clone());
+                Ok(())
+            }
+            selfupdate::Outcome::Failed { reason } => Err(Failure::permanent(reason)),
+        }
+    }
+}
+
+/// The agent that runs after its launcher reverted a new version reports
+/// that version rolled back, with the launcher's reason, and never tries it
+/// again.
+fn note_agent_revert(agent: &AgentRoot, statuses: &mut BTreeMap<String, Status>) {
+    let Some((version, reason)) = agent.reverted() else {
+        return;
+    };
+    let name = AGENT_BUNDLE_NAME;
+    let now = Utc::now().timestamp_millis();
+    let status = statuses
+        .entry(name.to_string())
+        .or_insert_with(|| Status::new(name, Kind::Agent, Phase::RolledBack, now));
+    if status.target_version.as_ref() == Some(&version)
+        && status.phase == Phase::RolledBack
+        && status.given_up
+    {
+        return;
+    }
+    tracing::warn!(bundle = %name, version = %version, %reason, "The launcher reverted a new agent version.");
+    status.target_version = Some(version);
+    status.phase = Phase::RolledBack;
+    status.error = format!("{reason}; reverted by the launcher, not retried");
+    status.given_up = true;
+    status.updated_at_ms = now;
 }
 
 /// The file at `path` has the signed target's length.
@@ -689,6 +994,23 @@ fn humanize(d: chrono::TimeDelta) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_delta_cut_short_leaves_nothing_behind_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = ["aa.base", "bb.tar", "bb.rebuilt", "bb.bundle", "cc.part"];
+        for name in names {
+            std::fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        remove_delta_scratch(dir.path());
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        // Staged bundles and resumable downloads are kept.
+        assert_eq!(left, ["bb.bundle", "cc.part"]);
+    }
 
     #[test]
     fn an_unreachable_origin_makes_a_download_wait_and_anything_else_fail_it() {

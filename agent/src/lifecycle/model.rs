@@ -44,6 +44,7 @@ impl DesiredState {
                 let kind = match v1::BundleKind::try_from(d.kind) {
                     Ok(v1::BundleKind::Software) => Some(Kind::Software),
                     Ok(v1::BundleKind::Catalog) => Some(Kind::Catalog),
+                    Ok(v1::BundleKind::Agent) => Some(Kind::Agent),
                     _ => None,
                 };
                 let valid_name = !d.name.is_empty()
@@ -123,9 +124,38 @@ pub struct Status {
     pub bytes_from_origin: u64,
     #[serde(default)]
     pub bytes_from_peers: u64,
+    /// Bytes of the target version not downloaded because it was rebuilt
+    /// from a delta against the version this till had.
+    #[serde(default)]
+    pub bytes_saved_by_delta: u64,
+    /// Why the delta offered for the target version was not used (the
+    /// whole bundle is fetched instead, and the delta not tried again).
+    #[serde(default)]
+    pub delta_error: String,
 }
 
 impl Status {
+    /// A bundle's first status: nothing active or done yet.
+    pub fn new(name: &str, kind: Kind, phase: Phase, updated_at_ms: i64) -> Status {
+        Status {
+            name: name.to_string(),
+            kind,
+            active_version: None,
+            target_version: None,
+            phase,
+            bytes_done: 0,
+            bytes_total: 0,
+            error: String::new(),
+            updated_at_ms,
+            given_up: false,
+            interrupted: 0,
+            bytes_from_origin: 0,
+            bytes_from_peers: 0,
+            bytes_saved_by_delta: 0,
+            delta_error: String::new(),
+        }
+    }
+
     pub fn to_proto(&self) -> v1::BundleStatus {
         let phase = match self.phase {
             Phase::Pending => v1::BundlePhase::Pending,
@@ -141,6 +171,7 @@ impl Status {
             kind: match self.kind {
                 Kind::Software => v1::BundleKind::Software,
                 Kind::Catalog => v1::BundleKind::Catalog,
+                Kind::Agent => v1::BundleKind::Agent,
             } as i32,
             active_version: version_string(&self.active_version),
             target_version: version_string(&self.target_version),
@@ -151,6 +182,8 @@ impl Status {
             updated_at_unix_ms: self.updated_at_ms,
             bytes_from_origin: self.bytes_from_origin,
             bytes_from_peers: self.bytes_from_peers,
+            bytes_saved_by_delta: self.bytes_saved_by_delta,
+            delta_error: self.delta_error.clone(),
         }
     }
 }

@@ -15,6 +15,115 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+/// The manifest of software target `name` (`<bundle>/<version>`), for
+/// any hardware.
+fn software(name: &str) -> Manifest {
+    let (bundle, version) = name.split_once('/').unwrap();
+    Manifest {
+        name: bundle.into(),
+        version: version.parse().unwrap(),
+        kind: Kind::Software,
+        hardware: vec!["*".into()],
+        pre_activate: None,
+        health_check: None,
+    }
+}
+
+/// `len` bytes that do not compress, the same for the same `seed`.
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+/// A lifecycle task working towards pos-app `version` (software, no
+/// window) with `repository` and `fetcher`, its reports in `report`.
+pub struct Running {
+    pub report: tokio::sync::watch::Receiver<posfleet_agent::lifecycle::Report>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), posfleet_agent::Error>>,
+}
+
+impl Running {
+    pub fn start(
+        data_dir: &Path,
+        repository: posfleet_agent::repository::RepositoryClient,
+        fetcher: Arc<dyn posfleet_agent::fetch::Fetcher>,
+        version: &str,
+        emergency: bool,
+    ) -> Running {
+        use posfleet_agent::lifecycle::{Clock, Desired, DesiredState, Lifecycle, Report};
+        use std::time::Duration;
+        let lifecycle = Lifecycle {
+            data_dir: data_dir.to_path_buf(),
+            hardware_model: "pos-x1".into(),
+            repository,
+            fetcher,
+            clock: Clock::System,
+            check_interval: Duration::from_millis(100),
+            refresh_interval: Duration::from_secs(3600),
+            min_free_disk_bytes: 0,
+            hook_user: None,
+            self_update: posfleet_agent::selfupdate::SelfUpdate {
+                launched: None,
+                confirm: Duration::from_secs(300),
+            },
+        };
+        let desired = DesiredState {
+            bundles: vec![Desired {
+                name: "pos-app".into(),
+                version: version.parse().unwrap(),
+                kind: Kind::Software,
+                download_ahead: true,
+                emergency,
+                rollback: false,
+            }],
+            window: None,
+        };
+        let (desired_tx, desired_rx) = tokio::sync::watch::channel(desired);
+        let (report_tx, report) = tokio::sync::watch::channel(Report::new());
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(lifecycle.run(desired_rx, report_tx, async move {
+            let _ = stop_rx.await;
+            drop(desired_tx);
+        }));
+        Running { report, stop, task }
+    }
+
+    /// The first status of pos-app that `wanted` accepts, within `seconds`.
+    pub async fn status_where(
+        &mut self,
+        seconds: u64,
+        wanted: impl Fn(&posfleet_proto::v1::BundleStatus) -> bool,
+    ) -> posfleet_proto::v1::BundleStatus {
+        let wait = async {
+            loop {
+                if let Some(s) = self.report.borrow_and_update().get("pos-app")
+                    && wanted(s)
+                {
+                    return s.clone();
+                }
+                self.report.changed().await.unwrap();
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(seconds), wait)
+            .await
+            .expect("the status waited for")
+    }
+
+    /// Stops the task; it must have ended without an error.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap().unwrap();
+    }
+}
+
 /// One key for every role: what matters here is the client, not the key
 /// layout.
 pub fn key() -> SigningKey {
@@ -99,18 +208,26 @@ impl TestRepo {
 
     /// Lists `data` as target `name` (`<bundle>/<version>`), for any hardware.
     pub fn add(&mut self, name: &str, data: &[u8]) {
-        let (bundle, version) = name.split_once('/').unwrap();
-        let manifest = Manifest {
-            name: bundle.into(),
-            version: version.parse().unwrap(),
-            kind: Kind::Software,
-            hardware: vec!["*".into()],
-            pre_activate: None,
-            health_check: None,
-        };
+        let manifest = software(name);
         let digest = chunks::digest_reader(data).unwrap();
         self.entries
             .insert(name.into(), repo::target_file(&manifest, &digest));
+        self.chunk_lists.insert(name.into(), digest.chunks);
+    }
+
+    /// Lists `data` as the delta `name` that rebuilds target `result` from
+    /// target `base` (both listed already).
+    pub fn add_delta(&mut self, name: &str, base: &str, result: &str, data: &[u8]) {
+        let manifest = software(result);
+        let digest = chunks::digest_reader(data).unwrap();
+        let entry = repo::delta_target_file(
+            &manifest,
+            &digest,
+            (base, &self.entries[base]),
+            (result, &self.entries[result]),
+        )
+        .unwrap();
+        self.entries.insert(name.into(), entry);
         self.chunk_lists.insert(name.into(), digest.chunks);
     }
 

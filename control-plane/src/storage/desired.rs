@@ -126,6 +126,11 @@ pub struct BundleStatusRecord {
     /// the store's other tills.
     pub bytes_from_origin: i64,
     pub bytes_from_peers: i64,
+    /// Bytes of target_version not downloaded thanks to a delta.
+    pub bytes_saved_by_delta: i64,
+    /// Why a delta offered for target_version was not used; empty if none
+    /// failed.
+    pub delta_error: String,
 }
 
 /// Keeps, per bundle name, the device's own row over its store's. `rows`
@@ -158,6 +163,8 @@ fn status_from_row(row: &AnyRow) -> Result<BundleStatusRecord, Error> {
         updated_at_ms: row.try_get("updated_at_ms")?,
         bytes_from_origin: row.try_get("bytes_from_origin")?,
         bytes_from_peers: row.try_get("bytes_from_peers")?,
+        bytes_saved_by_delta: row.try_get("bytes_saved_by_delta")?,
+        delta_error: row.try_get("delta_error")?,
     })
 }
 
@@ -343,7 +350,7 @@ impl Storage {
             return Ok(());
         }
         let mut placeholders = Placeholders::new(self.backend);
-        let mut params = Vec::with_capacity(statuses.len() * 12);
+        let mut params = Vec::with_capacity(statuses.len() * 14);
         let rows: Vec<String> = statuses
             .iter()
             .map(|st| {
@@ -360,22 +367,26 @@ impl Storage {
                     Param::Int(st.updated_at_ms),
                     Param::Int(st.bytes_from_origin),
                     Param::Int(st.bytes_from_peers),
+                    Param::Int(st.bytes_saved_by_delta),
+                    Param::Text(st.delta_error.clone()),
                 ]);
-                let row: Vec<String> = (0..12).map(|_| placeholders.next()).collect();
+                let row: Vec<String> = (0..14).map(|_| placeholders.next()).collect();
                 format!("({})", row.join(", "))
             })
             .collect();
         let sql = format!(
             "INSERT INTO device_bundle_status (device_id, name, kind, active_version, \
              target_version, phase, bytes_done, bytes_total, error, updated_at_ms, \
-             bytes_from_origin, bytes_from_peers) VALUES {} \
+             bytes_from_origin, bytes_from_peers, bytes_saved_by_delta, delta_error) VALUES {} \
              ON CONFLICT (device_id, name) DO UPDATE SET kind = excluded.kind, \
              active_version = excluded.active_version, target_version = excluded.target_version, \
              phase = excluded.phase, bytes_done = excluded.bytes_done, \
              bytes_total = excluded.bytes_total, error = excluded.error, \
              updated_at_ms = excluded.updated_at_ms, \
              bytes_from_origin = excluded.bytes_from_origin, \
-             bytes_from_peers = excluded.bytes_from_peers \
+             bytes_from_peers = excluded.bytes_from_peers, \
+             bytes_saved_by_delta = excluded.bytes_saved_by_delta, \
+             delta_error = excluded.delta_error \
              WHERE device_bundle_status.updated_at_ms <= excluded.updated_at_ms",
             rows.join(", ")
         );

@@ -4,6 +4,7 @@
 
 use sqlx::Row;
 use sqlx::any::AnyRow;
+use std::collections::HashMap;
 
 use super::{Backend, Storage};
 use crate::error::Error;
@@ -244,12 +245,46 @@ impl Storage {
         name: &str,
         version: &str,
     ) -> Result<Option<BundleRecord>, Error> {
+        self.bundle_by_target(&format!("{name}/{version}")).await
+    }
+
+    /// The published bundle or delta whose target is `target`, if any.
+    pub async fn bundle_by_target(&self, target: &str) -> Result<Option<BundleRecord>, Error> {
         sqlx::query("SELECT * FROM bundles WHERE target = $1")
-            .bind(format!("{name}/{version}"))
+            .bind(target.to_string())
             .fetch_optional(&self.pool)
             .await?
             .as_ref()
             .map(bundle_from_row)
             .transpose()
+    }
+
+    /// Per bundle name and version (of `name`), the devices that last
+    /// reported it as their confirmed version, revoked ones left out.
+    pub async fn active_devices(
+        &self,
+        name: Option<&str>,
+    ) -> Result<HashMap<(String, String), i64>, Error> {
+        let select = "SELECT st.name, st.active_version, COUNT(*) AS devices \
+                      FROM device_bundle_status st JOIN devices d ON d.id = st.device_id \
+                      WHERE st.active_version <> '' AND d.revoked_at_ms IS NULL";
+        let group = "GROUP BY st.name, st.active_version";
+        let sql = match name {
+            Some(_) => format!("{select} AND st.name = $1 {group}"),
+            None => format!("{select} {group}"),
+        };
+        let mut query = sqlx::query(&sql).persistent(false);
+        if let Some(name) = name {
+            query = query.bind(name.to_string());
+        }
+        let rows = query.fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    (row.try_get("name")?, row.try_get("active_version")?),
+                    row.try_get("devices")?,
+                ))
+            })
+            .collect()
     }
 }

@@ -36,12 +36,7 @@ fn main() -> anyhow::Result<()> {
         health_seconds: args.health_seconds,
         seed: args.seed,
     });
-    let json = serde_json::to_string_pretty(&report)?;
-    if let Some(parent) = args.output.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    std::fs::write(&args.output, format!("{json}\n"))?;
-    println!("{json}");
+    println!("{}", posfleet_e2e::write_figures(&args.output, &report)?);
     anyhow::ensure!(
         report.torn == 0 && report.converged == report.trials,
         "{} of {} trials failed",

@@ -83,6 +83,11 @@ struct Args {
     /// the agents and the CLI (else TLS, and mutual TLS once enrolled).
     #[arg(long, default_value_t = false)]
     plaintext: bool,
+    /// After the P2P run installs 1.0.0, publish 1.1.0 (the same program and
+    /// payload, its version changed) with a signed delta from 1.0.0 and
+    /// give it to the same tills: the origin should send the delta once.
+    #[arg(long, default_value_t = false)]
+    delta: bool,
     #[arg(long, default_value = "benchmarks/store-bench.json")]
     output: PathBuf,
     /// Internal: print the body of a GET of this URL and exit (run inside
@@ -603,24 +608,69 @@ impl Origin {
     }
 
     /// Builds pos-app `version` with `payload` bytes and publishes it;
-    /// returns the bundle's size.
-    fn publish(&self, work: &Path, version: &str, payload: u64) -> anyhow::Result<u64> {
+    /// returns the bundle's size. With `keep`, its source and bundle file
+    /// stay in `work` (a point release is made from them).
+    fn publish(&self, work: &Path, version: &str, payload: u64, keep: bool) -> anyhow::Result<u64> {
         let src = work.join(format!("pos-app-{version}"));
         pos_app_source(&src, version, true, payload as usize);
+        let file = self.build_and_publish(&src, &[])?;
+        let size = std::fs::metadata(&file)?.len();
+        if !keep {
+            std::fs::remove_dir_all(&src)?;
+            std::fs::remove_file(&file)?;
+        }
+        Ok(size)
+    }
+
+    /// Builds the bundle source `src` into `<src>.bundle` and publishes it
+    /// with `extra` flags; returns the bundle file.
+    fn build_and_publish(&self, src: &Path, extra: &[&str]) -> anyhow::Result<PathBuf> {
         let file = src.with_extension("bundle");
-        self.cli(&["bundle", "build", path_str(&src)?, "-o", path_str(&file)?])?;
+        self.cli(&["bundle", "build", path_str(src)?, "-o", path_str(&file)?])?;
         check_interrupted()?;
-        self.cli(&[
+        let mut args = vec![
             "bundle",
             "publish",
             path_str(&file)?,
             "--keys",
             path_str(&self.keys)?,
-        ])?;
+        ];
+        args.extend_from_slice(extra);
+        self.cli(&args)?;
+        Ok(file)
+    }
+
+    /// Publishes pos-app `version`: release `base` (kept by
+    /// [`Origin::publish`]) with its version changed, and a delta to it
+    /// from `base`. Returns the bundle's size and the delta's.
+    fn publish_point_release(
+        &self,
+        work: &Path,
+        version: &str,
+        base: &str,
+    ) -> anyhow::Result<(u64, u64)> {
+        let base_src = work.join(format!("pos-app-{base}"));
+        let src = work.join(format!("pos-app-{version}"));
+        run("cp", &["-a", path_str(&base_src)?, path_str(&src)?])?;
+        let manifest = src.join("posfleet-bundle.toml");
+        let text = std::fs::read_to_string(&manifest)?.replace(
+            &format!("version = \"{base}\""),
+            &format!("version = \"{version}\""),
+        );
+        std::fs::write(&manifest, text)?;
+        let base_file = base_src.with_extension("bundle");
+        let file = self.build_and_publish(&src, &["--delta-from", path_str(&base_file)?])?;
+        let delta = format!("pos-app/{version}/from-{base}.delta");
+        let listed = self.cli_json(&["bundle", "list", "--name", "pos-app"])?;
+        let delta_bytes = listed
+            .as_array()
+            .and_then(|l| l.iter().find(|b| b["target"] == delta.as_str()))
+            .and_then(|b| b["length"].as_u64())
+            .with_context(|| format!("{delta} is not listed"))?;
         let size = std::fs::metadata(&file)?.len();
         std::fs::remove_dir_all(&src)?;
         std::fs::remove_file(&file)?;
-        Ok(size)
+        Ok((size, delta_bytes))
     }
 }
 
@@ -687,9 +737,41 @@ struct TillReport {
     peak_rss_mib: f64,
 }
 
+/// A point release rebuilt from a delta by the tills holding the release
+/// before it.
+#[derive(Debug, Serialize)]
+struct DeltaReport {
+    bundle_bytes: u64,
+    delta_bytes: u64,
+    delta_over_bundle: f64,
+    /// What the origin sent from the assignment to the last install.
+    origin_bytes: u64,
+    origin_bytes_over_delta: f64,
+    /// What the tills reported they did not download
+    /// (`posfleet_delta_bytes_saved_total`).
+    bytes_saved_reported: u64,
+    seconds_to_last_installed: f64,
+    /// The same tills' last install of the whole 1.0.0 in this run.
+    full_seconds_to_last_installed: f64,
+    /// Per till, from the start of the delta step to the rebuilt bundle
+    /// verified (packing the base from its slot, fetching the delta,
+    /// applying it, hashing the result): median and largest.
+    rebuild_seconds_median: f64,
+    rebuild_seconds_max: f64,
+    tills_rebuilt: usize,
+    tills_with_payload_whole: usize,
+    /// The agents' peak RSS (VmHWM) once they rebuilt it: their peak over
+    /// both installs, the whole bundle's and the delta's.
+    peak_rss_max_mib: f64,
+}
+
 #[derive(Debug, Serialize)]
 struct RunReport {
     p2p: bool,
+    /// With `--delta`, the point release the same tills then rebuilt from
+    /// a delta (P2P run only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delta: Option<DeltaReport>,
     tills: usize,
     /// Set when the P2P-off run uses fewer tills than asked for.
     tills_reduced_from: Option<usize>,
@@ -1026,6 +1108,15 @@ impl<'a> Run<'a> {
             transfer()
         })?;
         let checked = self.check_installed()?;
+        let delta = if self.p2p && bench.args.delta {
+            let full = per_till
+                .iter()
+                .map(|t| t.seconds_to_installed)
+                .fold(0.0, f64::max);
+            Some(self.deliver_delta(full)?)
+        } else {
+            None
+        };
 
         for agent in &mut self.agents {
             agent.process.stop(Duration::from_secs(10));
@@ -1041,6 +1132,7 @@ impl<'a> Run<'a> {
         let size = bench.bundle_bytes as f64;
         Ok(RunReport {
             p2p: self.p2p,
+            delta,
             tills: self.tills,
             tills_reduced_from: reduced_from.as_ref().map(|r| r.0),
             tills_reduced_why: reduced_from.map(|r| r.1),
@@ -1065,6 +1157,113 @@ impl<'a> Run<'a> {
             checked,
             per_till,
         })
+    }
+
+    /// Publishes pos-app 1.1.0 with a delta from 1.0.0, which every till
+    /// holds, gives it to the store and waits until every till installed
+    /// it; fails unless each rebuilt it from the delta and holds its
+    /// payload whole. `full` is the last whole install's time, to compare.
+    fn deliver_delta(&mut self, full: f64) -> anyhow::Result<DeltaReport> {
+        const SAVED: &str = "posfleet_delta_bytes_saved_total";
+        const REBUILT: &str = "Bundle rebuilt from a delta and verified.";
+        let origin = self.bench.origin;
+        eprintln!(
+            "{}: publishing pos-app 1.1.0 with a delta from 1.0.0...",
+            self.label()
+        );
+        let (bundle_bytes, delta_bytes) =
+            origin.publish_point_release(self.bench.work, "1.1.0", "1.0.0")?;
+        let before = origin.metric(SENT)?;
+        let saved_before = origin.metric(SAVED)?;
+        let assigned = Instant::now();
+        origin.cli(&["device", "assign", "--store", &self.store, "pos-app@1.1.0"])?;
+        wait_for(
+            "every till to install 1.1.0",
+            Duration::from_secs(300),
+            || {
+                let mut installed = 0;
+                for agent in &mut self.agents {
+                    agent.check_running()?;
+                    installed += usize::from(
+                        agent
+                            .process
+                            .first_since("Bundle installed.", assigned)
+                            .is_some(),
+                    );
+                }
+                Ok((installed == self.tills).then_some(()))
+            },
+        )?;
+        let last = self
+            .agents
+            .iter()
+            .filter_map(|a| a.process.first_since("Bundle installed.", assigned))
+            .map(|at| (at - assigned).as_secs_f64())
+            .fold(0.0, f64::max);
+        let origin_bytes = (origin.metric(SENT)? - before) as u64;
+        let mut rebuild: Vec<f64> = self
+            .agents
+            .iter()
+            .filter_map(|a| {
+                a.process.with_log(|log| {
+                    log.iter()
+                        .filter(|l| l.at >= assigned && l.value["message"] == REBUILT)
+                        .find_map(|l| l.value["seconds"].as_f64())
+                })
+            })
+            .collect();
+        let tills_rebuilt = rebuild.len();
+        let mut peak_rss_max_mib = 0.0f64;
+        for agent in &self.agents {
+            let kib = status_kib(agent.process.pid(), "VmHWM:").context("the process is gone")?;
+            peak_rss_max_mib = peak_rss_max_mib.max(kib as f64 / 1024.0);
+        }
+        let mut whole = 0;
+        for agent in &self.agents {
+            let slot = std::fs::canonicalize(agent.data_dir.join("slots/pos-app/current"))?;
+            let expected = std::fs::read_to_string(slot.join("payload.sha256"))?;
+            if slot.file_name() == Some("1.1.0".as_ref())
+                && expected.trim() == sha256_file(&slot.join("payload.bin"))?
+            {
+                whole += 1;
+            }
+        }
+        let saved = wait_for(
+            "the tills to report what the delta saved",
+            Duration::from_secs(15),
+            || {
+                let saved = (origin.metric(SAVED)? - saved_before) as u64;
+                let want = self.tills as u64 * bundle_bytes.saturating_sub(delta_bytes);
+                Ok((saved >= want).then_some(saved))
+            },
+        )
+        .or_else(|_| Ok::<_, anyhow::Error>((origin.metric(SAVED)? - saved_before) as u64))?;
+        let report = DeltaReport {
+            bundle_bytes,
+            delta_bytes,
+            delta_over_bundle: delta_bytes as f64 / bundle_bytes as f64,
+            origin_bytes,
+            origin_bytes_over_delta: origin_bytes as f64 / delta_bytes.max(1) as f64,
+            bytes_saved_reported: saved,
+            seconds_to_last_installed: last,
+            full_seconds_to_last_installed: full,
+            rebuild_seconds_median: median(&mut rebuild),
+            rebuild_seconds_max: rebuild.iter().copied().fold(0.0, f64::max),
+            tills_rebuilt,
+            tills_with_payload_whole: whole,
+            peak_rss_max_mib,
+        };
+        ensure!(
+            tills_rebuilt == self.tills && whole == self.tills,
+            "{tills_rebuilt} of {} tills rebuilt 1.1.0 from the delta, {whole} hold it whole",
+            self.tills
+        );
+        ensure!(
+            report.origin_bytes_over_delta < 1.5,
+            "the origin sent {:.2} x the delta for one store",
+            report.origin_bytes_over_delta
+        );
+        Ok(report)
     }
 
     /// Past every till's `Bundle installed.` line: the control plane lists
@@ -1379,6 +1578,23 @@ fn print_summary(report: &Report) {
         if !run.warnings.is_empty() {
             println!("         warnings: {:?}", run.warnings);
         }
+        if let Some(d) = &run.delta {
+            println!(
+                "         then 1.1.0 as a delta: {} of {} bytes ({:.4}); origin sent {:.2} x the delta; \
+                 last install after {:.1} s (whole bundle: {:.1} s); rebuild median {:.2} s, max {:.2} s; \
+                 {:.1} MiB saved as reported; peak RSS {:.1} MiB",
+                d.delta_bytes,
+                d.bundle_bytes,
+                d.delta_over_bundle,
+                d.origin_bytes_over_delta,
+                d.seconds_to_last_installed,
+                d.full_seconds_to_last_installed,
+                d.rebuild_seconds_median,
+                d.rebuild_seconds_max,
+                d.bytes_saved_reported as f64 / MIB as f64,
+                d.peak_rss_max_mib
+            );
+        }
     }
     if let Some(t) = &report.targets {
         let mark = |met: bool| if met { "met" } else { "NOT met" };
@@ -1459,7 +1675,7 @@ fn bench(args: &Args) -> anyhow::Result<()> {
         "Building and publishing pos-app 1.0.0 with {} MiB of payload...",
         args.payload_mib
     );
-    let bundle_bytes = origin.publish(work.path(), "1.0.0", args.payload_mib * MIB)?;
+    let bundle_bytes = origin.publish(work.path(), "1.0.0", args.payload_mib * MIB, args.delta)?;
     let bench = Bench {
         args,
         lan: &lan,
