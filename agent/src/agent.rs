@@ -874,6 +874,8 @@ impl Agent {
                 .as_ref()
                 .map(|tls| tls.certificate.trust_digest())
                 .unwrap_or_default(),
+            signal_minutes: Vec::new(),
+            signals_dropped: 0,
         });
         if let Some(authorization) = authorization(enrollment)? {
             request

@@ -750,6 +750,7 @@ async fn start_rollout(
     let rollout = admin
         .create_rollout(v1::CreateRolloutRequest {
             bundle_name: name.into(),
+            analysis_policy: String::new(),
             bundle_version: version.into(),
             selector: Some(v1::RolloutSelector::default()),
             strategy: Some(v1::RolloutStrategy {

@@ -172,6 +172,7 @@ fn create_request(args: CreateArgs) -> anyhow::Result<v1::CreateRolloutRequest> 
     waves.extend(parse_waves(&args.waves)?);
     Ok(v1::CreateRolloutRequest {
         bundle_name,
+        analysis_policy: String::new(),
         bundle_version,
         selector: Some(v1::RolloutSelector {
             store_ids: args.stores,

@@ -315,6 +315,7 @@ fn request(
     strategy: v1::RolloutStrategy,
 ) -> v1::CreateRolloutRequest {
     v1::CreateRolloutRequest {
+        analysis_policy: String::new(),
         bundle_name: APP.into(),
         bundle_version: version.into(),
         selector: Some(selector),
@@ -917,6 +918,7 @@ async fn rollouts_are_validated_and_overlaps_refused(backend: Backend) {
         (
             v1::CreateRolloutRequest {
                 bundle_name: "catalog-s1".into(),
+                analysis_policy: String::new(),
                 ..request("2026.1.0", all(), strategy(vec![percent(100.0)]))
             },
             Code::FailedPrecondition,

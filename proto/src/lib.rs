@@ -8,6 +8,7 @@ pub mod v1 {
 }
 
 pub mod setup;
+pub mod signals;
 pub mod totp;
 
 /// The encoded `FileDescriptorSet` of the API, for the gRPC reflection service.

@@ -626,6 +626,7 @@ impl Rollouts {
                         started_at_unix_ms: w.started_at_ms.unwrap_or(0),
                         finished_at_unix_ms: w.finished_at_ms.unwrap_or(0),
                         bake_until_unix_ms: w.bake_until_ms.unwrap_or(0),
+                        analysis: None,
                     }
                 })
                 .collect()
@@ -1018,6 +1019,7 @@ pub fn rollout_view(
         started_at_unix_ms: r.started_at_ms.unwrap_or(0),
         finished_at_unix_ms: r.finished_at_ms.unwrap_or(0),
         created_by: r.created_by,
+        analysis_policy: String::new(),
     })
 }
 

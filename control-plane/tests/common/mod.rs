@@ -354,6 +354,7 @@ impl Setup {
 /// wave of every device.
 pub fn one_wave_rollout(version: &str, selector: v1::RolloutSelector) -> v1::CreateRolloutRequest {
     v1::CreateRolloutRequest {
+        analysis_policy: String::new(),
         bundle_name: "pos-app".into(),
         bundle_version: version.into(),
         selector: Some(selector),

@@ -247,6 +247,8 @@ impl Sim {
             store_peers_digest: Vec::new(),
             trust_bundle_sha256: Vec::new(),
             p2p_peers_banned: 0,
+            signal_minutes: Vec::new(),
+            signals_dropped: 0,
             health: Some(v1::Health {
                 uptime_seconds: 86_400,
                 disk_free_bytes: 20 << 30,
@@ -1085,6 +1087,7 @@ async fn rollout_phase(
     let created = admin
         .create_rollout(with_bearer(v1::CreateRolloutRequest {
             bundle_name: "pos-app".into(),
+            analysis_policy: String::new(),
             bundle_version: RELEASE.into(),
             selector: Some(v1::RolloutSelector::default()),
             strategy: Some(v1::RolloutStrategy {

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// A policy file holds at most this many signals.
-pub const MAX_SIGNALS: usize = 32;
+pub const MAX_SIGNALS: usize = posfleet_proto::signals::MAX_NAMES;
 /// Longest observation of one wave: a week.
 pub const MAX_OBSERVATION_MINUTES: u32 = 7 * 24 * 60;
 /// Largest tolerated increase: 10 (a rate 11 times the control's).
@@ -27,7 +27,7 @@ pub enum PolicyError {
     #[error("the analysis policy names {count} signals; at most {MAX_SIGNALS} are allowed")]
     TooManySignals { count: usize },
     #[error(
-        "signal name {name:?} is not allowed: use 1 to 64 lowercase letters, digits and underscores"
+        "signal name {name:?} is not allowed: use 1 to 64 lowercase letters, digits and underscores, starting with a letter"
     )]
     SignalName { name: String },
     #[error("{field} = {value} is out of range: it must lie strictly between 0 and 0.5")]
@@ -345,11 +345,7 @@ fn validate(file: &PolicyFile) -> Result<(), PolicyError> {
         });
     }
     for (name, signal) in &file.signals {
-        let name_ok = (1..=64).contains(&name.len())
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-        if !name_ok {
+        if !posfleet_proto::signals::valid_name(name) {
             return Err(PolicyError::SignalName { name: name.clone() });
         }
         let effect = signal.effect();
