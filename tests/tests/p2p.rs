@@ -179,9 +179,10 @@ fn the_store_completes_when_its_origin_fetcher_is_killed_halfway() {
     // was receiving, the pieces it had not passed on, and what sat in its
     // socket's kernel buffers (several MiB once TCP has grown them, more
     // when a loaded machine is slow to read). Measured at 1.00 to 1.09 of
-    // the bundle; a second download of the whole would be 1.5 or more.
+    // the bundle on a quiet machine and 1.155 with a build running beside
+    // it; a second download of the whole would be 1.5 or more.
     assert!(
-        crossed as f64 <= 1.15 * size as f64,
+        crossed as f64 <= 1.25 * size as f64,
         "{crossed} bytes crossed the WAN link for a bundle of {size}"
     );
     for till in &fleet.tills {
