@@ -14,7 +14,7 @@ use crate::{Admin, Output, parse_bundle_ref, parse_label, show};
 #[derive(Debug, Subcommand)]
 pub enum RolloutCommand {
     /// Create a rollout of a published release (a draft until started).
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// Start a draft rollout (one awaiting approval must be approved first).
     Start(IdArgs),
     /// Approve a draft that needs a second person's approval: one selecting
@@ -114,9 +114,31 @@ pub struct CreateArgs {
     /// Install at once, ignoring maintenance windows.
     #[arg(long)]
     emergency: bool,
+    /// Judge each wave but the last by canary analysis, with the policy in
+    /// this TOML file (see the README's "Canary analysis").
+    #[arg(long, value_name = "FILE")]
+    analysis: Option<std::path::PathBuf>,
     /// Start it at once.
     #[arg(long)]
     start: bool,
+}
+
+/// Largest analysis policy file the CLI reads (the control plane's limit).
+const MAX_ANALYSIS_POLICY_BYTES: u64 = 64 * 1024;
+
+/// The policy file's text.
+fn read_policy(path: &std::path::Path) -> anyhow::Result<String> {
+    let len = std::fs::metadata(path)
+        .map_err(|e| anyhow!("cannot read the analysis policy {}: {e}", path.display()))?
+        .len();
+    if len > MAX_ANALYSIS_POLICY_BYTES {
+        bail!(
+            "the analysis policy {} is {len} bytes; at most {MAX_ANALYSIS_POLICY_BYTES} are allowed",
+            path.display()
+        );
+    }
+    std::fs::read_to_string(path)
+        .map_err(|e| anyhow!("cannot read the analysis policy {}: {e}", path.display()))
 }
 
 /// `5%` or `5` → 5.0.
@@ -170,9 +192,13 @@ fn create_request(args: CreateArgs) -> anyhow::Result<v1::CreateRolloutRequest> 
         });
     }
     waves.extend(parse_waves(&args.waves)?);
+    let analysis_policy = match &args.analysis {
+        Some(path) => read_policy(path)?,
+        None => String::new(),
+    };
     Ok(v1::CreateRolloutRequest {
         bundle_name,
-        analysis_policy: String::new(),
+        analysis_policy,
         bundle_version,
         selector: Some(v1::RolloutSelector {
             store_ids: args.stores,
@@ -283,6 +309,8 @@ pub struct RolloutView {
     pub created_at: String,
     pub started_at: String,
     pub finished_at: String,
+    /// Whether waves are judged by canary analysis.
+    pub analysis: bool,
 }
 
 impl From<v1::Rollout> for RolloutView {
@@ -299,6 +327,7 @@ impl From<v1::Rollout> for RolloutView {
             created_at: view::time(r.created_at_unix_ms),
             started_at: view::time(r.started_at_unix_ms),
             finished_at: view::time(r.finished_at_unix_ms),
+            analysis: !r.analysis_policy.is_empty(),
             id: r.id,
             reason: r.reason,
         }
@@ -360,6 +389,30 @@ pub struct WaveView {
     pub started_at: String,
     pub finished_at: String,
     pub bake_until: String,
+    pub analysis: Option<AnalysisView>,
+}
+
+/// A wave's latest canary analysis.
+#[derive(Debug, Serialize)]
+pub struct AnalysisView {
+    pub verdict: String,
+    pub summary: String,
+    pub elapsed_minutes: u32,
+    pub judged_at: String,
+    /// Per-signal evidence, as the control plane recorded it.
+    pub signals: serde_json::Value,
+}
+
+impl From<v1::WaveAnalysis> for AnalysisView {
+    fn from(a: v1::WaveAnalysis) -> Self {
+        AnalysisView {
+            verdict: a.verdict,
+            summary: a.summary,
+            elapsed_minutes: a.elapsed_minutes,
+            judged_at: view::time(a.judged_at_unix_ms),
+            signals: serde_json::from_str(&a.evidence_json).unwrap_or(serde_json::Value::Null),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -411,6 +464,7 @@ impl From<v1::RolloutDetail> for RolloutDetailView {
                     started_at: view::time(w.started_at_unix_ms),
                     finished_at: view::time(w.finished_at_unix_ms),
                     bake_until: view::time(w.bake_until_unix_ms),
+                    analysis: w.analysis.map(AnalysisView::from),
                 })
                 .collect(),
             stores: d
@@ -494,8 +548,15 @@ fn detail_text(d: &RolloutDetailView) -> String {
         "STARTED",
         "FINISHED",
         "BAKE UNTIL",
+        "ANALYSIS",
     ]);
     for w in &d.waves {
+        let analysis = match &w.analysis {
+            Some(a) => format!("{} ({} min)", a.verdict, a.elapsed_minutes),
+            None if r.analysis && w.index + 1 == r.wave_count => "not judged (last)".into(),
+            None if r.analysis => "-".into(),
+            None => String::new(),
+        };
         waves.add_row(vec![
             (w.index + 1).to_string(),
             w.devices.to_string(),
@@ -503,9 +564,20 @@ fn detail_text(d: &RolloutDetailView) -> String {
             w.started_at.clone(),
             w.finished_at.clone(),
             w.bake_until.clone(),
+            analysis,
         ]);
     }
     out.push_str(&format!("{waves}\n"));
+    for w in &d.waves {
+        if let Some(a) = &w.analysis {
+            out.push_str(&format!(
+                "Wave {} canary analysis, {}: {}\n",
+                w.index + 1,
+                a.judged_at,
+                a.summary
+            ));
+        }
+    }
     let mut stores = table(&["STORE", "PROGRESS"]);
     for s in &d.stores {
         stores.add_row(vec![s.store_id.clone(), counts_cell(&s.counts)]);
@@ -619,7 +691,7 @@ pub async fn run(admin: &mut Admin, command: RolloutCommand, output: Output) -> 
     let (operation, args) = match command {
         RolloutCommand::Create(args) => {
             let start = args.start;
-            let mut rollout = admin.create_rollout(create_request(args)?).await?;
+            let mut rollout = admin.create_rollout(create_request(*args)?).await?;
             if start {
                 rollout = admin.rollout_operation("start", &rollout.id, "").await?;
             }

@@ -11,12 +11,14 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::config::Config;
 use crate::desired::{DesiredCache, DesiredError};
-use crate::heartbeat::{HeartbeatQueue, interval_for_load};
+use crate::heartbeat::{Beat, HeartbeatQueue, interval_for_load};
 use crate::log_requests::LogRequests;
 use crate::metrics::Metrics;
 use crate::ratelimit::{HOUSEKEEPING_INTERVAL, Peer, PeerLimit};
+use crate::signals::AnalysedStores;
 use crate::storage::{
-    BundleStatusRecord, DeviceAuth, EnrollError, HeartbeatRecord, NewDevice, RevokedRecord, Storage,
+    BundleStatusRecord, DeviceAuth, DeviceSignals, EnrollError, HeartbeatRecord, NewDevice,
+    RevokedRecord, Storage,
 };
 use crate::validate::{self, invalid, text};
 use crate::{convert, now_ms, secret};
@@ -154,6 +156,7 @@ pub struct AgentApi {
     desired: DesiredCache,
     logs: LogRequests,
     heartbeat_interval_seconds: u32,
+    analysed: AnalysedStores,
 }
 
 impl AgentApi {
@@ -215,6 +218,7 @@ impl AgentApi {
                 ))
                 .build()
         });
+        let analysed = AnalysedStores::spawn(storage.clone());
         AgentApi {
             tls,
             storage,
@@ -233,7 +237,35 @@ impl AgentApi {
             limits,
             addr_changes,
             heartbeat_interval_seconds: config.heartbeat_interval_seconds,
+            analysed,
         }
+    }
+
+    /// The minutes of a heartbeat to keep: those in range, from a till of a
+    /// store under canary analysis.
+    fn signal_minutes(
+        &self,
+        device_id: &str,
+        store_id: &str,
+        minutes: Vec<v1::SignalMinute>,
+        now_ms: i64,
+    ) -> Option<DeviceSignals> {
+        if minutes.is_empty() {
+            return None;
+        }
+        let counter = |result: &str| self.metrics.signal_minutes.with_label_values(&[result]);
+        if !self.analysed.contains(store_id) {
+            counter("unobserved").inc_by(minutes.len() as u64);
+            return None;
+        }
+        let (kept, outside) = crate::signals::in_range(minutes, now_ms);
+        counter("out_of_range").inc_by(outside);
+        counter("stored").inc_by(kept.len() as u64);
+        Some(DeviceSignals {
+            device_id: device_id.to_string(),
+            store_id: store_id.to_string(),
+            minutes: kept,
+        })
     }
 
     fn current_interval(&self) -> u32 {
@@ -606,6 +638,7 @@ fn validate_enroll(req: &EnrollRequest) -> Result<VerifyingKey, Status> {
 
 fn validate_heartbeat(req: &HeartbeatRequest) -> Result<(), Status> {
     text("agent_version", &req.agent_version, false, 64)?;
+    crate::signals::validate(&req.signal_minutes)?;
     if req.installed_bundles.len() > MAX_INSTALLED_BUNDLES {
         return Err(invalid(
             "installed_bundles",
@@ -1027,6 +1060,8 @@ impl AgentService for AgentApi {
         let now = now_ms();
         let bundles = desired.for_device(&device_id);
         let log_requests = self.logs.for_heartbeat(&device_id).await;
+        let signals = self.signal_minutes(&device_id, &auth.store_id, req.signal_minutes, now);
+        self.metrics.signals_dropped.inc_by(req.signals_dropped);
         let record = HeartbeatRecord {
             device_id,
             seen_at_ms: now,
@@ -1036,7 +1071,7 @@ impl AgentService for AgentApi {
             agent_uptime_seconds: convert::signed(req.agent_uptime_seconds),
             health: convert::health_from_proto(req.health.unwrap_or_default()),
         };
-        if self.queue.push(record).await.is_err() {
+        if self.queue.push(Beat { record, signals }).await.is_err() {
             return Err(Status::unavailable("the control plane is shutting down"));
         }
         self.metrics.heartbeats.with_label_values(&["ok"]).inc();

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 use crate::metrics::Metrics;
-use crate::storage::{HeartbeatRecord, Storage};
+use crate::storage::{DeviceSignals, HeartbeatRecord, Storage};
 
 /// Most heartbeats written in one batch.
 const MAX_BATCH: usize = 2000;
@@ -30,10 +30,18 @@ pub fn interval_for_load(base_seconds: u32, queued: usize, capacity: usize) -> u
     base_seconds.saturating_mul(factor)
 }
 
+/// A heartbeat as queued: what is written to the device's row, and the
+/// signal minutes to keep (only for a store under canary analysis).
+#[derive(Debug, Clone)]
+pub struct Beat {
+    pub record: HeartbeatRecord,
+    pub signals: Option<DeviceSignals>,
+}
+
 /// The sending side, held by the AgentService.
 #[derive(Clone)]
 pub struct HeartbeatQueue {
-    tx: mpsc::Sender<HeartbeatRecord>,
+    tx: mpsc::Sender<Beat>,
 }
 
 impl HeartbeatQueue {
@@ -46,8 +54,8 @@ impl HeartbeatQueue {
     }
 
     /// Queues a heartbeat, waiting while the queue is full (backpressure).
-    pub async fn push(&self, record: HeartbeatRecord) -> Result<(), HeartbeatRecord> {
-        self.tx.send(record).await.map_err(|e| e.0)
+    pub async fn push(&self, beat: Beat) -> Result<(), Beat> {
+        self.tx.send(beat).await.map_err(|e| e.0)
     }
 }
 
@@ -69,7 +77,7 @@ pub fn spawn_writer(
 async fn write_loop(
     storage: Storage,
     metrics: Metrics,
-    mut rx: mpsc::Receiver<HeartbeatRecord>,
+    mut rx: mpsc::Receiver<Beat>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut buf = Vec::with_capacity(MAX_BATCH);
@@ -99,7 +107,7 @@ async fn write_loop(
             .await;
         }
         metrics.heartbeat_queue_depth.set(rx.len() as i64);
-        let batch = latest_per_device(std::mem::take(&mut buf));
+        let (batch, signals) = latest_per_device(std::mem::take(&mut buf));
         let timer = metrics.heartbeat_flush_seconds.start_timer();
         metrics.heartbeat_flush_rows.observe(batch.len() as f64);
         let mut attempt = 0;
@@ -114,14 +122,35 @@ async fn write_loop(
             tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
         }
         timer.observe_duration();
+        // Each minute was acknowledged to its till: a failed write loses
+        // it (canary analysis then sees that till-minute as missing, on
+        // whichever side the till is).
+        let mut attempt = 0;
+        while !signals.is_empty() {
+            let Err(error) = storage.record_signal_minutes(&signals).await else {
+                break;
+            };
+            attempt += 1;
+            if attempt >= 3 {
+                tracing::error!(%error, devices = signals.len(), "Dropping a batch of signal minutes.");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+        }
     }
 }
 
-/// Keeps the newest heartbeat of each device, in arrival order.
-fn latest_per_device(batch: Vec<HeartbeatRecord>) -> Vec<HeartbeatRecord> {
+/// Keeps the newest heartbeat of each device, in arrival order, and every
+/// signal minute of them all (each heartbeat brought other minutes).
+fn latest_per_device(batch: Vec<Beat>) -> (Vec<HeartbeatRecord>, Vec<DeviceSignals>) {
     let mut index: HashMap<String, usize> = HashMap::with_capacity(batch.len());
     let mut out: Vec<HeartbeatRecord> = Vec::with_capacity(batch.len());
-    for record in batch {
+    let mut signals: Vec<DeviceSignals> = Vec::new();
+    for Beat {
+        record,
+        signals: minutes,
+    } in batch
+    {
         match index.get(&record.device_id) {
             Some(&i) => out[i] = record,
             None => {
@@ -129,8 +158,11 @@ fn latest_per_device(batch: Vec<HeartbeatRecord>) -> Vec<HeartbeatRecord> {
                 out.push(record);
             }
         }
+        if let Some(minutes) = minutes.filter(|m| !m.minutes.is_empty()) {
+            signals.push(minutes);
+        }
     }
-    out
+    (out, signals)
 }
 
 #[cfg(test)]
@@ -158,16 +190,31 @@ mod tests {
 
     #[test]
     fn a_batch_keeps_the_newest_heartbeat_per_device() {
-        let hb = |id: &str, at| HeartbeatRecord {
-            device_id: id.into(),
-            seen_at_ms: at,
-            heartbeat_interval_seconds: 30,
-            agent_version: String::new(),
-            installed_bundles: Default::default(),
-            agent_uptime_seconds: 0,
-            health: Default::default(),
+        let hb = |id: &str, at| Beat {
+            record: HeartbeatRecord {
+                device_id: id.into(),
+                seen_at_ms: at,
+                heartbeat_interval_seconds: 30,
+                agent_version: String::new(),
+                installed_bundles: Default::default(),
+                agent_uptime_seconds: 0,
+                health: Default::default(),
+            },
+            signals: Some(DeviceSignals {
+                device_id: id.into(),
+                store_id: "s".into(),
+                minutes: vec![crate::storage::SignalMinuteRecord {
+                    minute: at,
+                    ..Default::default()
+                }],
+            }),
         };
-        let out = latest_per_device(vec![hb("a", 1), hb("b", 2), hb("a", 3)]);
+        let (out, signals) = latest_per_device(vec![hb("a", 1), hb("b", 2), hb("a", 3)]);
+        let minutes: Vec<_> = signals
+            .iter()
+            .map(|s| (s.device_id.as_str(), s.minutes[0].minute))
+            .collect();
+        assert_eq!(minutes, vec![("a", 1), ("b", 2), ("a", 3)]);
         let seen: Vec<_> = out
             .iter()
             .map(|r| (r.device_id.as_str(), r.seen_at_ms))

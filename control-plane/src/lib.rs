@@ -39,6 +39,7 @@ pub mod repository;
 pub mod rollout;
 mod secret;
 mod session_api;
+mod signals;
 pub mod storage;
 mod timeout;
 pub mod tls;

@@ -28,7 +28,15 @@ pub const HTTP_ROUTES: [&str; 6] = [
 ];
 
 /// Every value of the `reason` label of `posfleet_rollout_pauses_total`.
-pub const PAUSE_REASONS: [&str; 2] = ["failure_threshold", "operator"];
+pub const PAUSE_REASONS: [&str; 4] = [
+    "failure_threshold",
+    "analysis_fail",
+    "analysis_inconclusive",
+    "operator",
+];
+
+/// Every value of the `result` label of `posfleet_signal_minutes_total`.
+pub const SIGNAL_MINUTE_RESULTS: [&str; 3] = ["stored", "unobserved", "out_of_range"];
 
 /// Every value of the `result` label of `posfleet_enrollments_total`.
 pub const ENROLLMENT_RESULTS: [&str; 9] = [
@@ -119,6 +127,11 @@ pub struct Metrics {
     pub http_in_flight: IntGaugeVec,
     /// Peers tills banned for serving bad data, as their heartbeats report.
     pub p2p_bans: prometheus::IntCounter,
+    /// Tills' signal minutes, by `result` (`SIGNAL_MINUTE_RESULTS`).
+    pub signal_minutes: IntCounterVec,
+    /// Signal reports tills dropped (malformed, over a cap), as their
+    /// heartbeats report.
+    pub signals_dropped: prometheus::IntCounter,
     /// Pooled database connections by `state` (`in_use`, `idle`).
     pub database_connections: IntGaugeVec,
     pub database_connections_max: IntGauge,
@@ -280,6 +293,20 @@ impl Metrics {
             "Store peers tills banned for serving bad data, as their heartbeats report.",
         )
         .expect("static metric definition is valid");
+        let signal_minutes = IntCounterVec::new(
+            Opts::new(
+                "posfleet_signal_minutes_total",
+                "Minutes of signals tills reported, by result: stored (the store is under \
+                 canary analysis), unobserved (it is not), out_of_range (too old or in the future).",
+            ),
+            &["result"],
+        )
+        .expect("static metric definition is valid");
+        let signals_dropped = prometheus::IntCounter::new(
+            "posfleet_signals_dropped_total",
+            "Signal reports tills dropped (malformed or over a cap), as their heartbeats report.",
+        )
+        .expect("static metric definition is valid");
         let database_connections = IntGaugeVec::new(
             Opts::new(
                 "posfleet_database_connections",
@@ -372,6 +399,8 @@ impl Metrics {
             Box::new(http_duration.clone()),
             Box::new(http_in_flight.clone()),
             Box::new(p2p_bans.clone()),
+            Box::new(signal_minutes.clone()),
+            Box::new(signals_dropped.clone()),
             Box::new(database_connections.clone()),
             Box::new(database_connections_max.clone()),
             Box::new(database_acquire_seconds.clone()),
@@ -418,6 +447,9 @@ impl Metrics {
         for result in ENROLLMENT_RESULTS {
             enrollments.with_label_values(&[result]);
         }
+        for result in SIGNAL_MINUTE_RESULTS {
+            signal_minutes.with_label_values(&[result]);
+        }
         for result in crate::session_api::LOGIN_RESULTS {
             logins.with_label_values(&[result]);
         }
@@ -457,6 +489,8 @@ impl Metrics {
             http_duration,
             http_in_flight,
             p2p_bans,
+            signal_minutes,
+            signals_dropped,
             database_connections,
             database_connections_max,
             database_acquire_seconds,

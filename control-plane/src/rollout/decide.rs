@@ -348,6 +348,8 @@ pub struct WaveView {
     pub finished: bool,
     pub bake_until_ms: Option<i64>,
     pub failures_acknowledged: u64,
+    /// Canary analysis has not yet let the next wave start.
+    pub analysis_pending: bool,
 }
 
 /// What a rollout does next.
@@ -427,6 +429,7 @@ pub fn next_step(
     }
     match wave.bake_until_ms {
         Some(until) if now_ms < until => Step::Wait,
+        _ if wave.analysis_pending => Step::Wait,
         _ => Step::StartWave { wave: current + 1 },
     }
 }
@@ -917,6 +920,7 @@ mod tests {
             finished,
             bake_until_ms: bake,
             failures_acknowledged: 0,
+            analysis_pending: false,
         }
     }
 
@@ -983,6 +987,20 @@ mod tests {
                     next,
                 ],
                 Step::StartWave { wave: 1 },
+            ),
+            // Baked, but its canary analysis has not passed yet.
+            (
+                RolloutState::Running,
+                0,
+                vec![
+                    WaveView {
+                        bake_until_ms: Some(now),
+                        analysis_pending: true,
+                        ..baked
+                    },
+                    next,
+                ],
+                Step::Wait,
             ),
             // An empty wave needs no bake.
             (

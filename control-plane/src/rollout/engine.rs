@@ -23,6 +23,8 @@ use serde_json::json;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use super::analysis::{Action, AnalysisPolicy, OnInconclusive, Verdict};
+use super::canary;
 use super::decide::{self, Reported, Step, StoreWindow, WaveView};
 use super::model::{DeviceState, RolloutState, Selector, Strategy};
 use crate::desired::DesiredCache;
@@ -43,6 +45,8 @@ pub const LOCK_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often running rollouts look for devices that joined their selection
 /// (also whenever a wave starts).
 pub const JOIN_INTERVAL: Duration = Duration::from_secs(10);
+/// How often signal minutes past their retention are deleted.
+pub const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
 /// Devices dispatched per transaction. On SQLite a transaction holds the
 /// one write lock: heartbeats wait for at most one batch.
 pub const DISPATCH_BATCH: usize = 20_000;
@@ -75,6 +79,8 @@ pub fn spawn(
         desired,
         metrics,
         last_join: HashMap::new(),
+        last_judged: HashMap::new(),
+        last_prune: None,
     };
     (
         EngineHandle { wake: tx },
@@ -93,6 +99,10 @@ struct Engine {
     metrics: Metrics,
     /// When each rollout last looked for devices that joined.
     last_join: HashMap<String, Instant>,
+    /// The minute (since the epoch) each rollout's analysis last looked.
+    last_judged: HashMap<String, i64>,
+    /// When old signal minutes were last deleted.
+    last_prune: Option<Instant>,
 }
 
 impl Engine {
@@ -181,6 +191,23 @@ impl Engine {
         let rollouts = self.storage.engine_rollouts().await?;
         let live: BTreeSet<&str> = rollouts.iter().map(|r| r.id.as_str()).collect();
         self.last_join.retain(|id, _| live.contains(id.as_str()));
+        self.last_judged.retain(|id, _| live.contains(id.as_str()));
+        if self
+            .last_prune
+            .is_none_or(|at| at.elapsed() >= PRUNE_INTERVAL)
+        {
+            self.last_prune = Some(Instant::now());
+            let before = canary::minute_of(now_ms) - crate::signals::RETENTION_MINUTES;
+            match self.storage.prune_signal_minutes(before).await {
+                Ok(0) => {}
+                Ok(rows) => {
+                    tracing::info!(rows, "Deleted signal minutes older than the retention.")
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "Cannot delete old signal minutes; trying again later.")
+                }
+            }
+        }
         for rollout in &rollouts {
             if let Err(error) = self.tick_rollout(rollout, now_ms).await {
                 tracing::warn!(rollout_id = %rollout.id, %error, "Rollout step failed; the next tick retries.");
@@ -202,6 +229,9 @@ impl Engine {
         };
         if join_due {
             self.join_devices(&rollout.id, now_ms).await?;
+        }
+        if rollout.state == RolloutState::Running && !rollout.analysis_policy.is_empty() {
+            self.analyse(rollout, &strategy, now_ms).await?;
         }
         // A few steps per tick, so empty waves and finished ones move on
         // without waiting a tick each.
@@ -385,6 +415,7 @@ impl Engine {
         };
         let waves = self.storage.rollout_waves(&rollout.id).await?;
         let counts = self.storage.wave_counts(&rollout.id).await?;
+        let policy = analysis_policy(&rollout)?;
         let views: Vec<WaveView> = waves
             .iter()
             .map(|w| WaveView {
@@ -393,6 +424,10 @@ impl Engine {
                 finished: w.finished_at_ms.is_some(),
                 bake_until_ms: w.bake_until_ms,
                 failures_acknowledged: w.failures_acknowledged.max(0) as u64,
+                analysis_pending: policy.as_ref().is_some_and(|p| {
+                    w.wave < rollout.wave_count - 1
+                        && !analysis_done(p, w.analysis_verdict.as_deref())
+                }),
             })
             .collect();
         let current = rollout.current_wave.max(0) as usize;
@@ -520,6 +555,127 @@ impl Engine {
                 Ok(false)
             }
         }
+    }
+
+    /// Judges the current wave once a minute and acts on its verdict: a
+    /// Fail pauses or rolls back, an Inconclusive pauses or lets the next
+    /// wave start, a Pass lets it start (see `decide::next_step`).
+    async fn analyse(
+        &mut self,
+        rollout: &RolloutRecord,
+        strategy: &Strategy,
+        now_ms: i64,
+    ) -> Result<(), Error> {
+        let minute = canary::minute_of(now_ms);
+        if self.last_judged.get(&rollout.id) == Some(&minute) {
+            return Ok(());
+        }
+        let Some(policy) = analysis_policy(rollout)? else {
+            return Ok(());
+        };
+        let wave = rollout.current_wave;
+        if wave >= rollout.wave_count - 1 {
+            return Ok(());
+        }
+        let waves = self.storage.rollout_waves(&rollout.id).await?;
+        let Some(record) = waves.iter().find(|w| w.wave == wave) else {
+            return Ok(());
+        };
+        let Some(started_ms) = record.started_at_ms else {
+            return Ok(());
+        };
+        if record
+            .analysis_verdict
+            .as_deref()
+            .is_some_and(|v| v != "observing")
+        {
+            return Ok(());
+        }
+        let judgement =
+            canary::judge(&self.storage, rollout, &policy, wave, started_ms, now_ms).await?;
+        let action = judgement.action(&policy);
+        let verdict = judgement.verdict.to_string().to_lowercase();
+        let summary = judgement.summary();
+        let Some(mut write) = self
+            .storage
+            .write_rollout(&rollout.id, rollout.revision, now_ms)
+            .await?
+        else {
+            return Ok(());
+        };
+        let judgement_json = serde_json::to_string(&judgement)
+            .map_err(|e| Error::Corrupt(format!("analysis judgement: {e}")))?;
+        write
+            .set_wave_analysis(wave, &verdict, &judgement_json)
+            .await?;
+        let mut events = Vec::new();
+        let mut stores = std::collections::BTreeSet::new();
+        if judgement.verdict != Verdict::Observing {
+            events.push(NewEvent::new(
+                "rollout.analysis",
+                &rollout.id,
+                "",
+                json!({
+                    "bundle": rollout.bundle_name,
+                    "version": rollout.bundle_version,
+                    "wave": wave,
+                    "verdict": verdict,
+                    "summary": summary,
+                    "elapsed_minutes": judgement.elapsed_minutes,
+                    "signals": judgement.signals,
+                }),
+            ));
+            let reason = format!("analysis_{verdict}: {summary}");
+            match action {
+                Action::Wait | Action::Proceed => {}
+                Action::Pause => {
+                    write
+                        .set_state(RolloutState::Paused, &reason, false)
+                        .await?;
+                    events.push(NewEvent::new(
+                        "rollout.paused",
+                        &rollout.id,
+                        "",
+                        json!({
+                            "bundle": rollout.bundle_name,
+                            "version": rollout.bundle_version,
+                            "state": "paused",
+                            "reason": reason,
+                            "by": "engine",
+                            "wave": wave,
+                        }),
+                    ));
+                }
+                Action::Rollback => {
+                    let (rolled_back, touched) =
+                        super::ops::roll_back(&mut write, rollout, strategy, &reason, "engine")
+                            .await?;
+                    events.extend(rolled_back);
+                    stores = touched;
+                }
+            }
+        }
+        write.commit(&events).await?;
+        self.last_judged.insert(rollout.id.clone(), minute);
+        for store in &stores {
+            self.desired.invalidate(store).await;
+        }
+        if judgement.verdict != Verdict::Observing {
+            self.metrics
+                .rollout
+                .analysis_verdicts
+                .with_label_values(&[&verdict])
+                .inc();
+            if action == Action::Pause {
+                self.metrics
+                    .rollout
+                    .pauses
+                    .with_label_values(&[&format!("analysis_{verdict}")])
+                    .inc();
+            }
+            tracing::warn!(rollout_id = %rollout.id, wave, %summary, ?action, "Canary analysis reached a verdict.");
+        }
+        Ok(())
     }
 
     async fn start_wave(
@@ -684,6 +840,25 @@ async fn sleep_or_stop(duration: Duration, stop: &mut watch::Receiver<bool>) -> 
         _ = stop.wait_for(|s| *s) => true,
     };
     stopped || *stop.borrow()
+}
+
+/// The rollout's analysis policy, if it has one.
+fn analysis_policy(rollout: &RolloutRecord) -> Result<Option<AnalysisPolicy>, Error> {
+    if rollout.analysis_policy.is_empty() {
+        return Ok(None);
+    }
+    AnalysisPolicy::from_toml(&rollout.analysis_policy)
+        .map(Some)
+        .map_err(|e| Error::Corrupt(format!("rollout {}: analysis policy: {e}", rollout.id)))
+}
+
+/// Whether a wave's analysis lets the next wave start.
+fn analysis_done(policy: &AnalysisPolicy, verdict: Option<&str>) -> bool {
+    match verdict {
+        Some("pass" | "accepted") => true,
+        Some("inconclusive") => policy.on_inconclusive() == OnInconclusive::Continue,
+        _ => false,
+    }
 }
 
 fn parse<T: serde::de::DeserializeOwned>(id: &str, what: &str, json: &str) -> Result<T, Error> {

@@ -9,6 +9,7 @@
 //!   control tills of the same stores (pure, like `decide`).
 
 pub mod analysis;
+pub(crate) mod canary;
 pub(crate) mod decide;
 pub(crate) mod engine;
 pub mod model;
@@ -35,7 +36,13 @@ pub struct RolloutMetrics {
     pub pauses: IntCounterVec,
     /// Time the engine took per tick (every rollout it looks after).
     pub tick_seconds: Histogram,
+    /// Canary analysis verdicts reached, by `verdict` (`ANALYSIS_VERDICTS`).
+    pub analysis_verdicts: IntCounterVec,
 }
+
+/// Every value of the `verdict` label of
+/// `posfleet_rollout_analysis_verdicts_total`.
+pub const ANALYSIS_VERDICTS: [&str; 3] = ["pass", "fail", "inconclusive"];
 
 impl RolloutMetrics {
     pub fn register(registry: &Registry) -> RolloutMetrics {
@@ -60,7 +67,8 @@ impl RolloutMetrics {
         let pauses = IntCounterVec::new(
             Opts::new(
                 "posfleet_rollout_pauses_total",
-                "Rollouts paused, by reason: failure_threshold (the engine) or operator.",
+                "Rollouts paused, by reason: failure_threshold (the engine), analysis_fail or \
+                 analysis_inconclusive (canary analysis), or operator.",
             ),
             &["reason"],
         )
@@ -73,12 +81,21 @@ impl RolloutMetrics {
             .buckets(prometheus::exponential_buckets(0.0005, 2.0, 15).expect("valid buckets")),
         )
         .expect("static metric definition is valid");
+        let analysis_verdicts = IntCounterVec::new(
+            Opts::new(
+                "posfleet_rollout_analysis_verdicts_total",
+                "Waves whose canary analysis reached a verdict, by verdict.",
+            ),
+            &["verdict"],
+        )
+        .expect("static metric definition is valid");
         for collector in [
             Box::new(dispatched.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(device_results.clone()),
             Box::new(engine_leader.clone()),
             Box::new(pauses.clone()),
             Box::new(tick_seconds.clone()),
+            Box::new(analysis_verdicts.clone()),
         ] {
             registry
                 .register(collector)
@@ -90,7 +107,11 @@ impl RolloutMetrics {
         for reason in crate::metrics::PAUSE_REASONS {
             pauses.with_label_values(&[reason]);
         }
+        for verdict in ANALYSIS_VERDICTS {
+            analysis_verdicts.with_label_values(&[verdict]);
+        }
         RolloutMetrics {
+            analysis_verdicts,
             dispatched,
             device_results,
             engine_leader,

@@ -7,12 +7,13 @@ use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use tonic::{Code, Status};
 
+use super::analysis::{AnalysisPolicy, Judgement};
 use super::decide::{self, Candidate};
 use super::engine::{EngineHandle, eligible};
-use super::model::{Counts, DeviceState, RolloutState, Selector, Strategy, WaveSize};
+use super::model::{Counts, DeviceState, RolloutState, Selector, Strategy, WaveSize, WaveUnit};
 use crate::desired::DesiredCache;
 use crate::error::Error;
-use crate::storage::rollouts::{NewRolloutDevice, RolloutRecord, SelectedDevice};
+use crate::storage::rollouts::{NewRolloutDevice, RolloutRecord, RolloutWrite, SelectedDevice};
 use crate::storage::{BundleRecord, DesiredBundleRecord, NewEvent, Storage};
 use crate::validate::{self, invalid, label_key, slug, text};
 
@@ -92,6 +93,7 @@ impl Rollouts {
         validate_waves_present(&strategy_proto)?;
         let strategy = Strategy::from_proto(strategy_proto);
         self.validate_strategy(&strategy).await?;
+        validate_analysis(&req.analysis_policy, &strategy)?;
         let selected = self.refuse_overlap(&bundle, &selector, None).await?;
         let now = crate::now_ms();
         let record = RolloutRecord {
@@ -116,6 +118,7 @@ impl Rollouts {
             approved_by: String::new(),
             approved_by_id: String::new(),
             approved_at_ms: None,
+            analysis_policy: req.analysis_policy,
         };
         let approval = self.approval_needed(strategy.emergency, selected.len());
         let event = NewEvent::new(
@@ -130,6 +133,7 @@ impl Rollouts {
                 "waves": record.wave_count,
                 "devices": selected.len(),
                 "approval_required": approval.is_some(),
+                "analysis": !record.analysis_policy.is_empty(),
             }),
         );
         self.storage.insert_rollout(&record, &event).await?;
@@ -437,6 +441,9 @@ impl Rollouts {
             )
             .await?;
         write.acknowledge_failures(&acknowledged).await?;
+        if to == RolloutState::Running {
+            write.accept_analyses().await?;
+        }
         let kind = match to {
             RolloutState::Paused => "rollout.paused",
             RolloutState::Running => "rollout.resumed",
@@ -495,79 +502,13 @@ impl Rollouts {
         let reason = who_and_why("rolled back", actor, &req.reason);
         let now = crate::now_ms();
         let mut write = self.write(&rollout, now).await?;
-        let touched = write.dispatched_devices().await?;
-        let release = DesiredBundleRecord {
-            name: rollout.bundle_name.clone(),
-            version: rollout.bundle_version.clone(),
-            kind: rollout.bundle_kind.clone(),
-            download_ahead: strategy.download_ahead,
-            emergency: strategy.emergency,
-            rollback: true,
-        };
-        let restore: Vec<(String, String)> = touched
-            .iter()
-            .map(|d| {
-                (
-                    d.device_id.clone(),
-                    d.previous_version.clone().unwrap_or_default(),
-                )
-            })
-            .filter(|(_, previous)| *previous != rollout.bundle_version)
-            .collect();
-        write.restore_desired(&release, &restore).await?;
-        let changes: Vec<crate::storage::rollouts::DeviceChange> = touched
-            .iter()
-            .filter(|d| d.state != DeviceState::RolledBack)
-            .map(|d| crate::storage::rollouts::DeviceChange {
-                device_id: d.device_id.clone(),
-                from: d.state,
-                to: DeviceState::RolledBack,
-                reason: reason.clone(),
-            })
-            .collect();
-        write.change_devices(&changes).await?;
-        write
-            .set_state(RolloutState::RolledBack, &reason, true)
-            .await?;
-        let mut events: Vec<NewEvent> = touched
-            .iter()
-            .filter(|d| d.state != DeviceState::RolledBack)
-            .map(|d| {
-                NewEvent::new(
-                    "rollout.device_rolled_back",
-                    &rollout.id,
-                    &d.device_id,
-                    json!({
-                        "store_id": d.store_id,
-                        "wave": d.wave,
-                        "state": "rolled_back",
-                        "previous_state": d.state.as_str(),
-                        "reason": reason,
-                        "version": d.previous_version.clone().unwrap_or_default(),
-                    }),
-                )
-            })
-            .collect();
-        events.push(NewEvent::new(
-            "rollout.rolled_back",
-            &rollout.id,
-            "",
-            json!({
-                "bundle": rollout.bundle_name,
-                "version": rollout.bundle_version,
-                "state": "rolled_back",
-                "previous_state": rollout.state.as_str(),
-                "reason": reason,
-                "by": actor,
-                "devices": touched.len(),
-            }),
-        ));
+        let (events, stores) = roll_back(&mut write, &rollout, &strategy, &reason, actor).await?;
+        let devices = events.len().saturating_sub(1);
         write.commit(&events).await?;
-        let stores: BTreeSet<&str> = touched.iter().map(|d| d.store_id.as_str()).collect();
         for store in stores {
-            self.desired.invalidate(store).await;
+            self.desired.invalidate(&store).await;
         }
-        tracing::info!(rollout_id = %rollout.id, devices = touched.len(), by = actor, "Rollout rolled back.");
+        tracing::info!(rollout_id = %rollout.id, devices, by = actor, "Rollout rolled back.");
         self.engine.wake();
         self.reload(&rollout.id).await
     }
@@ -626,7 +567,7 @@ impl Rollouts {
                         started_at_unix_ms: w.started_at_ms.unwrap_or(0),
                         finished_at_unix_ms: w.finished_at_ms.unwrap_or(0),
                         bake_until_unix_ms: w.bake_until_ms.unwrap_or(0),
-                        analysis: None,
+                        analysis: wave_analysis(w),
                     }
                 })
                 .collect()
@@ -927,6 +868,147 @@ impl Rollouts {
     }
 }
 
+/// Rolls `rollout` back within `write`: every device it dispatched goes
+/// back to the version it had (a desired row flagged as a rollback), or
+/// loses the rollout's desired row when it had none, and is marked rolled
+/// back. Returns the events to commit (one per device, then the
+/// rollout's) and the stores whose desired state changed.
+pub(crate) async fn roll_back(
+    write: &mut RolloutWrite,
+    rollout: &RolloutRecord,
+    strategy: &Strategy,
+    reason: &str,
+    actor: &str,
+) -> Result<(Vec<NewEvent>, BTreeSet<String>), Error> {
+    let touched = write.dispatched_devices().await?;
+    let release = DesiredBundleRecord {
+        name: rollout.bundle_name.clone(),
+        version: rollout.bundle_version.clone(),
+        kind: rollout.bundle_kind.clone(),
+        download_ahead: strategy.download_ahead,
+        emergency: strategy.emergency,
+        rollback: true,
+    };
+    let restore: Vec<(String, String)> = touched
+        .iter()
+        .map(|d| {
+            (
+                d.device_id.clone(),
+                d.previous_version.clone().unwrap_or_default(),
+            )
+        })
+        .filter(|(_, previous)| *previous != rollout.bundle_version)
+        .collect();
+    write.restore_desired(&release, &restore).await?;
+    let changes: Vec<crate::storage::rollouts::DeviceChange> = touched
+        .iter()
+        .filter(|d| d.state != DeviceState::RolledBack)
+        .map(|d| crate::storage::rollouts::DeviceChange {
+            device_id: d.device_id.clone(),
+            from: d.state,
+            to: DeviceState::RolledBack,
+            reason: reason.to_string(),
+        })
+        .collect();
+    write.change_devices(&changes).await?;
+    write
+        .set_state(RolloutState::RolledBack, reason, true)
+        .await?;
+    let mut events: Vec<NewEvent> = touched
+        .iter()
+        .filter(|d| d.state != DeviceState::RolledBack)
+        .map(|d| {
+            NewEvent::new(
+                "rollout.device_rolled_back",
+                &rollout.id,
+                &d.device_id,
+                json!({
+                    "store_id": d.store_id,
+                    "wave": d.wave,
+                    "state": "rolled_back",
+                    "previous_state": d.state.as_str(),
+                    "reason": reason,
+                    "version": d.previous_version.clone().unwrap_or_default(),
+                }),
+            )
+        })
+        .collect();
+    events.push(NewEvent::new(
+        "rollout.rolled_back",
+        &rollout.id,
+        "",
+        json!({
+            "bundle": rollout.bundle_name,
+            "version": rollout.bundle_version,
+            "state": "rolled_back",
+            "previous_state": rollout.state.as_str(),
+            "reason": reason,
+            "by": actor,
+            "devices": touched.len(),
+        }),
+    ));
+    let stores = touched.iter().map(|d| d.store_id.clone()).collect();
+    Ok((events, stores))
+}
+
+/// Largest analysis policy file.
+pub const MAX_ANALYSIS_POLICY_BYTES: usize = 64 * 1024;
+
+/// An analysis policy must parse, and every wave it judges (all but the
+/// last) must leave its stores control tills: waves of whole stores do not.
+fn validate_analysis(text: &str, strategy: &Strategy) -> Result<(), Status> {
+    if text.is_empty() {
+        return Ok(());
+    }
+    if text.len() > MAX_ANALYSIS_POLICY_BYTES {
+        return Err(invalid(
+            "analysis_policy",
+            format!("at most {MAX_ANALYSIS_POLICY_BYTES} bytes"),
+        ));
+    }
+    AnalysisPolicy::from_toml(text).map_err(|e| invalid("analysis_policy", e.to_string()))?;
+    if strategy.wave_unit == WaveUnit::Stores {
+        return Err(invalid(
+            "analysis_policy",
+            "canary analysis compares a wave's tills with the other tills of their stores, \
+             and waves counted in stores leave none: count waves in devices (the default)",
+        ));
+    }
+    let judged = strategy.waves.len().saturating_sub(1);
+    if let Some(i) = strategy.waves[..judged]
+        .iter()
+        .position(|w| matches!(w, WaveSize::Stores(_)))
+    {
+        return Err(invalid(
+            &format!("strategy.waves[{i}]"),
+            "canary analysis compares a wave's tills with the other tills of their stores, \
+             and a wave of named stores takes every till of them: use a count or a percentage",
+        ));
+    }
+    Ok(())
+}
+
+/// A wave's latest analysis, for `GetRollout`.
+fn wave_analysis(w: &crate::storage::rollouts::WaveRecord) -> Option<v1::WaveAnalysis> {
+    let verdict = w.analysis_verdict.clone()?;
+    let judgement: Option<Judgement> = w
+        .analysis_json
+        .as_deref()
+        .and_then(|j| serde_json::from_str(j).ok());
+    Some(v1::WaveAnalysis {
+        verdict,
+        summary: judgement
+            .as_ref()
+            .map(Judgement::summary)
+            .unwrap_or_default(),
+        elapsed_minutes: judgement.as_ref().map_or(0, |j| j.elapsed_minutes),
+        judged_at_unix_ms: w.analysis_at_ms.unwrap_or(0),
+        evidence_json: judgement
+            .and_then(|j| serde_json::to_string(&j.signals).ok())
+            .unwrap_or_default(),
+    })
+}
+
 fn validate_waves_present(s: &v1::RolloutStrategy) -> Result<(), Status> {
     if s.waves.is_empty() {
         return Err(invalid("strategy.waves", "at least one wave (e.g. 100%)"));
@@ -1019,7 +1101,7 @@ pub fn rollout_view(
         started_at_unix_ms: r.started_at_ms.unwrap_or(0),
         finished_at_unix_ms: r.finished_at_ms.unwrap_or(0),
         created_by: r.created_by,
-        analysis_policy: String::new(),
+        analysis_policy: r.analysis_policy,
     })
 }
 

@@ -57,6 +57,8 @@ pub struct RolloutRecord {
     pub approved_by: String,
     pub approved_by_id: String,
     pub approved_at_ms: Option<i64>,
+    /// The canary analysis policy (TOML); empty for none.
+    pub analysis_policy: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +69,12 @@ pub struct WaveRecord {
     pub finished_at_ms: Option<i64>,
     pub bake_until_ms: Option<i64>,
     pub failures_acknowledged: i64,
+    /// The latest canary analysis judgement: its verdict (`observing`,
+    /// `pass`, `fail`, `inconclusive`, or `accepted` by an operator's
+    /// resume), the judgement as JSON, and when.
+    pub analysis_verdict: Option<String>,
+    pub analysis_json: Option<String>,
+    pub analysis_at_ms: Option<i64>,
 }
 
 /// A device of a rollout.
@@ -172,6 +180,7 @@ fn rollout_from_row(row: &AnyRow) -> Result<RolloutRecord, Error> {
         approved_by: row.try_get("approved_by")?,
         approved_by_id: row.try_get("approved_by_id")?,
         approved_at_ms: row.try_get("approved_at_ms")?,
+        analysis_policy: row.try_get("analysis_policy")?,
     })
 }
 
@@ -301,9 +310,9 @@ impl Storage {
             "INSERT INTO rollouts (id, bundle_name, bundle_version, bundle_kind, selector_json, \
              strategy_json, state, current_wave, wave_count, reason, revision, created_by, \
              created_at_ms, started_at_ms, finished_at_ms, updated_at_ms, created_by_id, \
-             selected_devices) \
+             selected_devices, analysis_policy) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
-             $17, $18)",
+             $17, $18, $19)",
         )
         .bind(&rollout.id)
         .bind(&rollout.bundle_name)
@@ -323,6 +332,7 @@ impl Storage {
         .bind(rollout.updated_at_ms)
         .bind(&rollout.created_by_id)
         .bind(rollout.selected_devices)
+        .bind(&rollout.analysis_policy)
         .execute(&mut *tx)
         .await?;
         self.append_event(&mut tx, rollout.created_at_ms, event)
@@ -405,6 +415,9 @@ impl Storage {
                     finished_at_ms: row.try_get("finished_at_ms")?,
                     bake_until_ms: row.try_get("bake_until_ms")?,
                     failures_acknowledged: row.try_get("failures_acknowledged")?,
+                    analysis_verdict: row.try_get("analysis_verdict")?,
+                    analysis_json: row.try_get("analysis_json")?,
+                    analysis_at_ms: row.try_get("analysis_at_ms")?,
                 })
             })
             .collect()
@@ -940,6 +953,43 @@ impl RolloutWrite {
         .bind(wave)
         .bind(now)
         .bind(bake_until_ms)
+        .execute(self.conn())
+        .await?;
+        Ok(())
+    }
+
+    /// Records wave `wave`'s latest canary analysis judgement.
+    pub async fn set_wave_analysis(
+        &mut self,
+        wave: i64,
+        verdict: &str,
+        judgement_json: &str,
+    ) -> Result<(), Error> {
+        let now = self.now_ms;
+        let id = self.rollout_id.clone();
+        sqlx::query(
+            "UPDATE rollout_waves SET analysis_verdict = $3, analysis_json = $4, \
+             analysis_at_ms = $5 WHERE rollout_id = $1 AND wave = $2",
+        )
+        .bind(id)
+        .bind(wave)
+        .bind(verdict)
+        .bind(judgement_json)
+        .bind(now)
+        .execute(self.conn())
+        .await?;
+        Ok(())
+    }
+
+    /// An operator resumed the rollout: failed and inconclusive analyses
+    /// are accepted, so the next waves may start.
+    pub async fn accept_analyses(&mut self) -> Result<(), Error> {
+        let id = self.rollout_id.clone();
+        sqlx::query(
+            "UPDATE rollout_waves SET analysis_verdict = 'accepted' \
+             WHERE rollout_id = $1 AND analysis_verdict IN ('fail', 'inconclusive')",
+        )
+        .bind(id)
         .execute(self.conn())
         .await?;
         Ok(())

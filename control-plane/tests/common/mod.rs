@@ -3,6 +3,8 @@
 //! clients that speak to it the way agents and the CLI do.
 #![allow(dead_code)]
 
+pub mod fleet;
+
 use ed25519_dalek::{Signer, SigningKey};
 use posfleet_bundle::manifest::{Kind, Manifest};
 use posfleet_bundle::repo::{self, RootKeys};

@@ -14,7 +14,8 @@
 //! - `ranks`: continuous signals, Mann–Whitney U with a Hodges–Lehmann
 //!   interval, judged at planned looks with the false-alarm rate split
 //!   among them;
-//! - `verdict`: each signal's status and the wave's verdict.
+//! - `verdict`: each signal's status and the wave's verdict;
+//! - `observe`: what tills reported, sorted into canary and control.
 //!
 //! # The policy file
 //!
@@ -40,6 +41,7 @@
 //! weighs a quiet till like a busy one.
 
 mod counts;
+mod observe;
 mod policy;
 mod ranks;
 mod verdict;
@@ -48,6 +50,7 @@ mod verdict;
 mod tests;
 
 pub use counts::{CountBucket, CountEvidence, CountTest, GroupCount, bucket_log_likelihood_ratio};
+pub use observe::{Group, TillMinute, observe};
 pub use policy::{
     AnalysisPolicy, Direction, OnFail, OnInconclusive, PolicyError, SignalKind, SignalPolicy,
 };
