@@ -337,6 +337,8 @@ async fn heartbeats_fill_the_fleet_view(backend: Backend) {
         store_peers_digest: Vec::new(),
         trust_bundle_sha256: Vec::new(),
         p2p_peers_banned: 0,
+        signal_minutes: Vec::new(),
+        signals_dropped: 0,
         health: Some(v1::Health {
             uptime_seconds: 3600,
             disk_free_bytes: 5 << 30,
