@@ -66,6 +66,8 @@ pub struct Agent {
     started: Instant,
     /// What its launcher told the agent, when one started it.
     launched: Option<Launched>,
+    /// This till's signals, carried by the heartbeats.
+    signals: crate::signals::Signals,
 }
 
 /// The till's mutual TLS, shared with the channel and the repository.
@@ -166,6 +168,7 @@ impl Agent {
             peripherals,
             started: Instant::now(),
             launched: None,
+            signals: crate::signals::Signals::new(),
         })
     }
 
@@ -199,6 +202,8 @@ impl Agent {
             |error| tracing::error!(%error, "Cannot open the log store; logs on demand are off."),
         )
         .ok();
+        // Every minute the agent runs is one of exposure, enrolled or not.
+        let signal_tasks = self.start_signals();
         if self.config.insecure_dev && !self.config.tls() {
             tracing::warn!(
                 server_url = %self.config.server_url,
@@ -379,6 +384,9 @@ impl Agent {
         }
         let _ = stop_tx.send(true);
         reporter.abort();
+        for task in signal_tasks {
+            task.abort();
+        }
         if let Some(p2p) = &self.p2p {
             p2p.shutdown().await;
         }
@@ -404,6 +412,27 @@ impl Agent {
         }
         tracing::info!("Agent stopped.");
         Ok(())
+    }
+
+    /// Starts the minute ticker and the local API (when its socket can be
+    /// bound: without it the till sells on, reporting the agent's own
+    /// signals only).
+    fn start_signals(&self) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut tasks = vec![self.signals.spawn_ticker()];
+        let path = self.config.signal_socket();
+        match crate::signals::socket::bind(&path, self.hook_user.as_ref()) {
+            Ok(socket) => {
+                tracing::info!(socket = %path.display(), "Listening for signals.");
+                tasks.push(crate::signals::socket::spawn_server(
+                    socket,
+                    self.signals.clone(),
+                ));
+            }
+            Err(error) => {
+                tracing::error!(%error, "The local signal API is off.");
+            }
+        }
+        tasks
     }
 
     /// A new agent version on trial confirms itself once the control plane
@@ -857,6 +886,7 @@ impl Agent {
             .iter()
             .map(|(name, version)| (name.clone(), version.clone()))
             .collect();
+        let mut signals = self.signals.batch();
         let mut request = Request::new(HeartbeatRequest {
             p2p_peers_banned: u32::try_from(banned.saturating_sub(self.bans_reported))
                 .unwrap_or(u32::MAX),
@@ -874,8 +904,8 @@ impl Agent {
                 .as_ref()
                 .map(|tls| tls.certificate.trust_digest())
                 .unwrap_or_default(),
-            signal_minutes: Vec::new(),
-            signals_dropped: 0,
+            signal_minutes: std::mem::take(&mut signals.minutes),
+            signals_dropped: signals.dropped,
         });
         if let Some(authorization) = authorization(enrollment)? {
             request
@@ -885,6 +915,7 @@ impl Agent {
         let mut response = self.client.heartbeat(request).await?.into_inner();
         tracing::debug!(installed = ?told, "Heartbeat acknowledged.");
         self.bans_reported = banned;
+        self.signals.ack(&signals);
         if let Some(peers) = response.store_peers.take() {
             self.set_store_peers(StorePeers::from_proto(peers)).await;
         }

@@ -18,6 +18,7 @@ pub mod logs;
 pub mod repository;
 pub mod selfupdate;
 mod sharing;
+pub mod signals;
 mod state;
 mod tls;
 /// The maintenance-window rules, the same as the control plane's.
