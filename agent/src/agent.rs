@@ -188,7 +188,47 @@ impl Agent {
 
     /// Runs until `shutdown` completes. Returns an error only when the agent
     /// cannot go on at all (no enrollment possible, unusable data dir).
+    ///
+    /// Whatever the network does, from the start: the minutes of signals,
+    /// the local API, and the bundles' supervised programs, stopped last.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        let signal_tasks = self.start_signals();
+        let (stop_supervisor, supervisor) = watch::channel(false);
+        let supervisor = tokio::spawn(self.supervisor()?.run(supervisor));
+        let result = self.serve(shutdown).await;
+        let _ = stop_supervisor.send(true);
+        if let Err(error) = supervisor.await {
+            tracing::error!(%error, "The supervisor task failed.");
+        }
+        for task in signal_tasks {
+            task.abort();
+        }
+        result
+    }
+
+    /// The supervisor of the bundles' programs.
+    fn supervisor(&self) -> Result<crate::supervisor::Supervisor, Error> {
+        // `POSFLEET_AGENT` names this executable only when it is the agent
+        // (the agent also runs inside other programs' tests and demos).
+        let agent_executable = std::env::current_exe().ok().filter(|path| {
+            path.file_name()
+                .is_some_and(|name| name == "posfleet-agent")
+        });
+        Ok(crate::supervisor::Supervisor::new(
+            Slots::open(&self.config.data_dir)?,
+            crate::supervisor::Context {
+                agent_executable,
+                hook_user: self.hook_user.clone(),
+                ..crate::supervisor::Context::new(
+                    &self.config.data_dir,
+                    self.signals.clone(),
+                    self.config.signal_socket(),
+                )
+            },
+        ))
+    }
+
+    async fn serve(&mut self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         tokio::pin!(shutdown);
         // Kept from the start, enrolled or not; a store that cannot be
         // opened turns logs on demand off, nothing else.
@@ -202,8 +242,6 @@ impl Agent {
             |error| tracing::error!(%error, "Cannot open the log store; logs on demand are off."),
         )
         .ok();
-        // Every minute the agent runs is one of exposure, enrolled or not.
-        let signal_tasks = self.start_signals();
         if self.config.insecure_dev && !self.config.tls() {
             tracing::warn!(
                 server_url = %self.config.server_url,
@@ -384,9 +422,6 @@ impl Agent {
         }
         let _ = stop_tx.send(true);
         reporter.abort();
-        for task in signal_tasks {
-            task.abort();
-        }
         if let Some(p2p) = &self.p2p {
             p2p.shutdown().await;
         }

@@ -20,6 +20,7 @@ pub mod selfupdate;
 mod sharing;
 pub mod signals;
 mod state;
+pub mod supervisor;
 mod tls;
 /// The maintenance-window rules, the same as the control plane's.
 use posfleet_runtime::window;
