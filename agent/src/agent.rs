@@ -146,6 +146,12 @@ impl Agent {
                 .map_err(|e| Error::Repository(e.to_string()))?,
             )
         };
+        let signals = if config.clock_file.as_os_str().is_empty() {
+            crate::signals::Signals::new()
+        } else {
+            let clock = Clock::File(config.clock_file.clone());
+            crate::signals::Signals::with_clock(move || clock.now().timestamp().div_euclid(60))
+        };
         Ok(Agent {
             p2p: None,
             p2p_addrs: Vec::new(),
@@ -168,7 +174,7 @@ impl Agent {
             peripherals,
             started: Instant::now(),
             launched: None,
-            signals: crate::signals::Signals::new(),
+            signals,
         })
     }
 

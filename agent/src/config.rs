@@ -78,8 +78,8 @@ pub struct AgentConfig {
     /// is refused before it starts.
     pub min_free_disk_bytes: u64,
     /// For tests only: read the current time (RFC 3339) from this file
-    /// instead of the system clock, for maintenance windows. Empty: the
-    /// system clock.
+    /// instead of the system clock, for maintenance windows and the
+    /// minutes of signals. Empty: the system clock.
     pub clock_file: PathBuf,
     /// Talk plaintext gRPC to a control plane beyond loopback. Until TLS is
     /// configured the device credential crosses the network in clear, so
