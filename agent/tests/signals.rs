@@ -183,3 +183,57 @@ async fn a_stale_socket_is_replaced_and_a_file_in_its_place_is_refused() {
     assert!(err.to_string().contains("is not a socket"), "{err}");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
 }
+
+/// examples/pos-app copied to `dir` with `conf` as its pos-app.conf.
+fn pos_app(dir: &Path, conf: &str) -> std::path::PathBuf {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/pos-app");
+    let app = dir.join("pos-app");
+    std::fs::create_dir_all(app.join("bin")).unwrap();
+    for file in ["bin/pos-app", "posfleet-bundle.toml"] {
+        std::fs::copy(example.join(file), app.join(file)).unwrap();
+    }
+    std::fs::write(app.join("pos-app.conf"), conf).unwrap();
+    app
+}
+
+#[tokio::test]
+async fn the_example_program_reports_its_sales_and_crashes_when_told() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = Api::start(dir.path());
+    let app = pos_app(
+        dir.path(),
+        "sale_seconds=1\nfailed_tender_every=2\ncrash_every_seconds=3\n",
+    );
+    let started = std::time::Instant::now();
+    let run = tokio::process::Command::new(app.join("bin/pos-app"))
+        .arg("run")
+        .env("POSFLEET_SIGNAL_SOCKET", &api.path)
+        .env("POSFLEET_AGENT", env!("CARGO_BIN_EXE_posfleet-agent"))
+        .output()
+        .await
+        .unwrap();
+    // Three sales a second apart, then the crash it was told to have.
+    assert_eq!(run.status.code(), Some(1), "{run:?}");
+    assert!(started.elapsed() >= Duration::from_secs(3));
+    assert!(
+        String::from_utf8_lossy(&run.stderr).contains("crashed after 3 s"),
+        "{run:?}"
+    );
+    let (minute, dropped) = api
+        .wait_for(|m, _| m.counts.get("transactions") == Some(&3))
+        .await;
+    assert_eq!(minute.counts["failed_tenders"], 1);
+    let checkouts = &minute.values["checkout_seconds"].values;
+    assert_eq!(checkouts.len(), 3);
+    assert!(
+        checkouts.iter().all(|s| (0.5..2.5).contains(s)),
+        "{checkouts:?}"
+    );
+    assert_eq!(dropped, 0);
+    // Its health check passes all the same.
+    let health = std::process::Command::new(app.join("bin/pos-app"))
+        .arg("health")
+        .output()
+        .unwrap();
+    assert!(health.status.success(), "{health:?}");
+}
