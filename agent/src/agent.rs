@@ -66,6 +66,8 @@ pub struct Agent {
     started: Instant,
     /// What its launcher told the agent, when one started it.
     launched: Option<Launched>,
+    /// This till's signals, carried by the heartbeats.
+    signals: crate::signals::Signals,
 }
 
 /// The till's mutual TLS, shared with the channel and the repository.
@@ -144,6 +146,12 @@ impl Agent {
                 .map_err(|e| Error::Repository(e.to_string()))?,
             )
         };
+        let signals = if config.clock_file.as_os_str().is_empty() {
+            crate::signals::Signals::new()
+        } else {
+            let clock = Clock::File(config.clock_file.clone());
+            crate::signals::Signals::with_clock(move || clock.now().timestamp().div_euclid(60))
+        };
         Ok(Agent {
             p2p: None,
             p2p_addrs: Vec::new(),
@@ -166,6 +174,7 @@ impl Agent {
             peripherals,
             started: Instant::now(),
             launched: None,
+            signals,
         })
     }
 
@@ -185,7 +194,47 @@ impl Agent {
 
     /// Runs until `shutdown` completes. Returns an error only when the agent
     /// cannot go on at all (no enrollment possible, unusable data dir).
+    ///
+    /// Whatever the network does, from the start: the minutes of signals,
+    /// the local API, and the bundles' supervised programs, stopped last.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        let signal_tasks = self.start_signals();
+        let (stop_supervisor, supervisor) = watch::channel(false);
+        let supervisor = tokio::spawn(self.supervisor()?.run(supervisor));
+        let result = self.serve(shutdown).await;
+        let _ = stop_supervisor.send(true);
+        if let Err(error) = supervisor.await {
+            tracing::error!(%error, "The supervisor task failed.");
+        }
+        for task in signal_tasks {
+            task.abort();
+        }
+        result
+    }
+
+    /// The supervisor of the bundles' programs.
+    fn supervisor(&self) -> Result<crate::supervisor::Supervisor, Error> {
+        // `POSFLEET_AGENT` names this executable only when it is the agent
+        // (the agent also runs inside other programs' tests and demos).
+        let agent_executable = std::env::current_exe().ok().filter(|path| {
+            path.file_name()
+                .is_some_and(|name| name == "posfleet-agent")
+        });
+        Ok(crate::supervisor::Supervisor::new(
+            Slots::open(&self.config.data_dir)?,
+            crate::supervisor::Context {
+                agent_executable,
+                hook_user: self.hook_user.clone(),
+                ..crate::supervisor::Context::new(
+                    &self.config.data_dir,
+                    self.signals.clone(),
+                    self.config.signal_socket(),
+                )
+            },
+        ))
+    }
+
+    async fn serve(&mut self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         tokio::pin!(shutdown);
         // Kept from the start, enrolled or not; a store that cannot be
         // opened turns logs on demand off, nothing else.
@@ -404,6 +453,27 @@ impl Agent {
         }
         tracing::info!("Agent stopped.");
         Ok(())
+    }
+
+    /// Starts the minute ticker and the local API (when its socket can be
+    /// bound: without it the till sells on, reporting the agent's own
+    /// signals only).
+    fn start_signals(&self) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut tasks = vec![self.signals.spawn_ticker()];
+        let path = self.config.signal_socket();
+        match crate::signals::socket::bind(&path, self.hook_user.as_ref()) {
+            Ok(socket) => {
+                tracing::info!(socket = %path.display(), "Listening for signals.");
+                tasks.push(crate::signals::socket::spawn_server(
+                    socket,
+                    self.signals.clone(),
+                ));
+            }
+            Err(error) => {
+                tracing::error!(%error, "The local signal API is off.");
+            }
+        }
+        tasks
     }
 
     /// A new agent version on trial confirms itself once the control plane
@@ -857,6 +927,7 @@ impl Agent {
             .iter()
             .map(|(name, version)| (name.clone(), version.clone()))
             .collect();
+        let mut signals = self.signals.batch();
         let mut request = Request::new(HeartbeatRequest {
             p2p_peers_banned: u32::try_from(banned.saturating_sub(self.bans_reported))
                 .unwrap_or(u32::MAX),
@@ -874,8 +945,8 @@ impl Agent {
                 .as_ref()
                 .map(|tls| tls.certificate.trust_digest())
                 .unwrap_or_default(),
-            signal_minutes: Vec::new(),
-            signals_dropped: 0,
+            signal_minutes: std::mem::take(&mut signals.minutes),
+            signals_dropped: signals.dropped,
         });
         if let Some(authorization) = authorization(enrollment)? {
             request
@@ -885,6 +956,7 @@ impl Agent {
         let mut response = self.client.heartbeat(request).await?.into_inner();
         tracing::debug!(installed = ?told, "Heartbeat acknowledged.");
         self.bans_reported = banned;
+        self.signals.ack(&signals);
         if let Some(peers) = response.store_peers.take() {
             self.set_store_peers(StorePeers::from_proto(peers)).await;
         }

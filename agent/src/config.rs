@@ -78,8 +78,8 @@ pub struct AgentConfig {
     /// is refused before it starts.
     pub min_free_disk_bytes: u64,
     /// For tests only: read the current time (RFC 3339) from this file
-    /// instead of the system clock, for maintenance windows. Empty: the
-    /// system clock.
+    /// instead of the system clock, for maintenance windows and the
+    /// minutes of signals. Empty: the system clock.
     pub clock_file: PathBuf,
     /// Talk plaintext gRPC to a control plane beyond loopback. Until TLS is
     /// configured the device credential crosses the network in clear, so
@@ -120,6 +120,9 @@ pub struct AgentConfig {
     /// control plane and report healthy before its launcher switches back
     /// to the version before it.
     pub agent_update_confirm_seconds: u64,
+    /// The local API's Unix datagram socket, where the point-of-sale
+    /// program reports its signals. Empty: `signals.sock` in the data dir.
+    pub signal_socket_path: PathBuf,
 }
 
 /// Every key but the enrollment token, which enrolls a till into its store
@@ -163,6 +166,7 @@ impl std::fmt::Debug for AgentConfig {
             log_upload_limit_bytes_per_second,
             log_redact_patterns,
             agent_update_confirm_seconds,
+            signal_socket_path,
         } = self;
         f.debug_struct("AgentConfig")
             .field("server_url", server_url)
@@ -212,6 +216,7 @@ impl std::fmt::Debug for AgentConfig {
             )
             .field("log_redact_patterns", log_redact_patterns)
             .field("agent_update_confirm_seconds", agent_update_confirm_seconds)
+            .field("signal_socket_path", signal_socket_path)
             .finish()
     }
 }
@@ -287,6 +292,7 @@ impl Default for AgentConfig {
                 .map(|p| p.to_string())
                 .collect(),
             agent_update_confirm_seconds: 300,
+            signal_socket_path: PathBuf::new(),
         }
     }
 }
@@ -295,7 +301,8 @@ impl Default for AgentConfig {
 #[command(
     name = "posfleet-agent",
     version,
-    about = "The posfleet point-of-sale agent."
+    about = "The posfleet point-of-sale agent.",
+    after_help = "Also: `posfleet-agent signal LINE...` reports signals to the running agent (see `posfleet-agent signal --help`)."
 )]
 pub struct Args {
     /// TOML configuration file.
@@ -411,6 +418,9 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent_update_confirm_seconds: Option<u64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signal_socket_path: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -497,6 +507,17 @@ impl AgentConfig {
                 format!("cannot look up `{}`: {e}", self.hook_user),
             )),
         }
+    }
+
+    /// The local API's socket: `signal_socket_path`, else `signals.sock`
+    /// in the data dir; absolute, since programs get it from any folder.
+    pub fn signal_socket(&self) -> PathBuf {
+        let path = if self.signal_socket_path.as_os_str().is_empty() {
+            self.data_dir.join(crate::signals::socket::SOCKET_FILE)
+        } else {
+            self.signal_socket_path.clone()
+        };
+        std::path::absolute(&path).unwrap_or(path)
     }
 
     /// Whether the control plane is reached over TLS (`https://`).

@@ -92,7 +92,8 @@ pub enum HookError {
     },
 }
 
-fn describe(status: &ExitStatus) -> String {
+/// How a process ended, in words: `exited with code 1`, `was killed by SIGKILL`.
+pub(crate) fn describe(status: &ExitStatus) -> String {
     match (status.code(), status.signal()) {
         (Some(code), _) => format!("exited with code {code}"),
         (None, Some(signal)) => match Signal::try_from(signal) {
@@ -346,6 +347,7 @@ mod tests {
             command: command.iter().map(|s| s.to_string()).collect(),
             timeout_seconds,
             retries,
+            interval_seconds: None,
         }
     }
 

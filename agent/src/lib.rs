@@ -18,7 +18,9 @@ pub mod logs;
 pub mod repository;
 pub mod selfupdate;
 mod sharing;
+pub mod signals;
 mod state;
+pub mod supervisor;
 mod tls;
 /// The maintenance-window rules, the same as the control plane's.
 use posfleet_runtime::window;

@@ -12,6 +12,11 @@ use std::process::ExitCode;
 const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
+    // `posfleet-agent signal LINE...`: the point-of-sale program's reports.
+    let mut argv = std::env::args_os().skip(1);
+    if argv.next().is_some_and(|first| first == "signal") {
+        return posfleet_agent::signals::command::main(argv);
+    }
     let args = Args::parse();
     let config = match AgentConfig::load(&args) {
         Ok(config) => config,

@@ -46,6 +46,32 @@ pub struct Hook {
     /// Extra attempts after a failure (health checks).
     #[serde(default)]
     pub retries: u32,
+    /// Health checks only: also run every this many seconds while the
+    /// version runs, reported as signals (it never rolls back).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_seconds: Option<u64>,
+}
+
+/// Longest `restart_delay_seconds` of a service.
+pub const MAX_RESTART_DELAY_SECONDS: u64 = 300;
+/// Range of a health check's `interval_seconds`.
+pub const HEALTH_CHECK_INTERVAL_SECONDS: std::ops::RangeInclusive<u64> = 5..=86_400;
+
+/// The program the agent keeps running while this version is the active
+/// one (software bundles only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    /// Program and arguments, relative to the unpacked bundle.
+    pub command: Vec<String>,
+    /// Pause before the program is started again after it exited; longer
+    /// after repeated quick crashes.
+    #[serde(default = "default_restart_delay")]
+    pub restart_delay_seconds: u64,
+}
+
+fn default_restart_delay() -> u64 {
+    1
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,6 +86,8 @@ pub struct Manifest {
     pub pre_activate: Option<Hook>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<Hook>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<Service>,
 }
 
 impl Manifest {
@@ -98,18 +126,24 @@ impl Manifest {
         }
         // A catalog is data: nothing of it runs on the till.
         if manifest.kind == Kind::Catalog
-            && (manifest.pre_activate.is_some() || manifest.health_check.is_some())
+            && (manifest.pre_activate.is_some()
+                || manifest.health_check.is_some()
+                || manifest.service.is_some())
         {
             return Err(error(
-                "a catalog bundle is data and carries no hooks (pre_activate, health_check)".into(),
+                "a catalog bundle is data and carries no hooks (pre_activate, health_check) or service"
+                    .into(),
             ));
         }
         // An agent confirms itself (it reaches the control plane and reports
         // healthy); nothing else of it runs, and a till runs one agent.
         if manifest.kind == Kind::Agent {
-            if manifest.pre_activate.is_some() || manifest.health_check.is_some() {
+            if manifest.pre_activate.is_some()
+                || manifest.health_check.is_some()
+                || manifest.service.is_some()
+            {
                 return Err(error(
-                    "an agent bundle confirms itself and carries no hooks (pre_activate, health_check)"
+                    "an agent bundle confirms itself and carries no hooks (pre_activate, health_check) or service"
                         .into(),
                 ));
             }
@@ -134,6 +168,31 @@ impl Manifest {
                 if hook.retries > 10 {
                     return Err(error(format!("{field}.retries must be at most 10")));
                 }
+                match hook.interval_seconds {
+                    Some(_) if field != "health_check" => {
+                        return Err(error(format!(
+                            "{field}.interval_seconds: only a health check runs periodically"
+                        )));
+                    }
+                    Some(seconds) if !HEALTH_CHECK_INTERVAL_SECONDS.contains(&seconds) => {
+                        return Err(error(format!(
+                            "{field}.interval_seconds must be {} to {}",
+                            HEALTH_CHECK_INTERVAL_SECONDS.start(),
+                            HEALTH_CHECK_INTERVAL_SECONDS.end()
+                        )));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if let Some(service) = &manifest.service {
+            if service.command.is_empty() || service.command[0].is_empty() {
+                return Err(error("service.command must name a program".into()));
+            }
+            if !(1..=MAX_RESTART_DELAY_SECONDS).contains(&service.restart_delay_seconds) {
+                return Err(error(format!(
+                    "service.restart_delay_seconds must be 1 to {MAX_RESTART_DELAY_SECONDS}"
+                )));
             }
         }
         Ok(manifest)
@@ -187,6 +246,66 @@ mod tests {
     }
 
     #[test]
+    fn a_service_and_a_periodic_health_check_are_optional_and_bounded() {
+        let base =
+            "name = \"pos-app\"\nversion = \"1.0.0\"\nkind = \"software\"\nhardware = [\"*\"]\n";
+        let check =
+            "[health_check]\ncommand = [\"bin/pos-app\", \"health\"]\ntimeout_seconds = 10\n";
+        let m = parse(&format!(
+            "{base}[service]\ncommand = [\"bin/pos-app\", \"run\"]\n{check}interval_seconds = 60\n"
+        ))
+        .unwrap();
+        let service = m.service.unwrap();
+        assert_eq!(service.command, ["bin/pos-app", "run"]);
+        assert_eq!(service.restart_delay_seconds, 1, "the default");
+        assert_eq!(m.health_check.unwrap().interval_seconds, Some(60));
+        let delayed = parse(&format!(
+            "{base}[service]\ncommand = [\"run\"]\nrestart_delay_seconds = 300\n"
+        ))
+        .unwrap();
+        assert_eq!(delayed.service.unwrap().restart_delay_seconds, 300);
+        assert_eq!(parse(base).unwrap().service, None);
+        for (bad, reason) in [
+            (
+                format!("{base}[service]\ncommand = []\n"),
+                "service.command must name a program",
+            ),
+            (
+                format!("{base}[service]\ncommand = [\"run\"]\nrestart_delay_seconds = 0\n"),
+                "service.restart_delay_seconds must be 1 to 300",
+            ),
+            (
+                format!("{base}[service]\ncommand = [\"run\"]\nrestart_delay_seconds = 301\n"),
+                "service.restart_delay_seconds must be 1 to 300",
+            ),
+            (
+                format!("{base}[service]\ncommand = [\"run\"]\nuser = \"root\"\n"),
+                "unknown field `user`",
+            ),
+            (
+                format!("{base}{check}interval_seconds = 4\n"),
+                "health_check.interval_seconds must be 5 to 86400",
+            ),
+            (
+                format!(
+                    "{base}[pre_activate]\ncommand = [\"x\"]\ntimeout_seconds = 5\ninterval_seconds = 60\n"
+                ),
+                "only a health check runs periodically",
+            ),
+            (
+                format!(
+                    "{}[service]\ncommand = [\"run\"]\n",
+                    base.replace("software", "catalog")
+                ),
+                "carries no hooks",
+            ),
+        ] {
+            let err = parse(&bad).unwrap_err().to_string();
+            assert!(err.contains(reason), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn agent_bundles_are_named_posfleet_agent_and_carry_no_hooks() {
         let agent = "name = \"posfleet-agent\"\nversion = \"2.0.0\"\nkind = \"agent\"\nhardware = [\"*\"]\n";
         let m = parse(agent).unwrap();
@@ -195,6 +314,7 @@ mod tests {
             agent.replace("posfleet-agent", "pos-app"),
             format!("{agent}[health_check]\ncommand = [\"x\"]\ntimeout_seconds = 5\n"),
             format!("{agent}[pre_activate]\ncommand = [\"x\"]\ntimeout_seconds = 5\n"),
+            format!("{agent}[service]\ncommand = [\"x\"]\n"),
         ] {
             assert!(parse(&bad).is_err(), "{bad}");
         }

@@ -106,6 +106,7 @@ impl Repo {
             hardware: hardware.iter().map(|h| h.to_string()).collect(),
             pre_activate: None,
             health_check: None,
+            service: None,
         };
         let digest = chunks::digest_reader(&data[..]).unwrap();
         self.entries
@@ -666,6 +667,7 @@ impl Repo {
             hardware: hardware.iter().map(|h| h.to_string()).collect(),
             pre_activate: None,
             health_check: None,
+            service: None,
         };
         let (result_manifest, base_manifest) = (manifest(version), manifest(base_version));
         let data = vec![len as u8; len];

@@ -21,6 +21,7 @@ fn manifest(version: &str, kind: Kind) -> Manifest {
         hardware: vec!["pos-x1".into()],
         pre_activate: None,
         health_check: None,
+        service: None,
     }
 }
 

@@ -89,6 +89,7 @@ impl Fixture {
             hardware: vec![HARDWARE.into()],
             pre_activate: None,
             health_check: None,
+            service: None,
         };
         let digest = chunks::digest_reader(&[7u8; 100][..]).expect("reading memory");
         let entries = BTreeMap::from([(BUNDLE.into(), repo::target_file(&manifest, &digest))]);

@@ -26,6 +26,7 @@ fn software(name: &str) -> Manifest {
         hardware: vec!["*".into()],
         pre_activate: None,
         health_check: None,
+        service: None,
     }
 }
 

@@ -618,6 +618,7 @@ impl Admin {
             hardware: hardware.iter().map(|h| h.to_string()).collect(),
             pre_activate: None,
             health_check: None,
+            service: None,
         };
         let bytes: Vec<u8> = format!("{name} {version} ").repeat(300).into_bytes();
         let digest = posfleet_bundle::chunks::digest_reader(bytes.as_slice()).unwrap();

@@ -100,6 +100,7 @@ fn publish(dir: &Path, digest: &chunks::FileDigest, now: SystemTime) -> anyhow::
         hardware: vec![HARDWARE_MODEL.into()],
         pre_activate: None,
         health_check: None,
+        service: None,
     };
     let entries = BTreeMap::from([(manifest.target_name(), repo::target_file(&manifest, digest))]);
     let targets = tuf::sign(&repo::targets(1, expires.into(), entries), &[&targets_key]);
