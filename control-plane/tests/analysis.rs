@@ -3,7 +3,7 @@
 //! against the control tills of the same stores, on SQLite and (with
 //! --ignored) PostgreSQL.
 //!
-//! Each judged test waits for real minutes to end (a wave is judged on
+//! Each judged scenario waits for real minutes to end (a wave is judged on
 //! finished minutes only): about two minutes each; they run side by side.
 
 mod common;
@@ -321,10 +321,18 @@ async fn bad_policies_and_bad_signals_are_refused(backend: Backend) {
     s.finish().await;
 }
 
+/// The judged scenarios side by side, each on its own control plane: they
+/// mostly wait for minutes to end.
+async fn judged_waves_fail_pass_roll_back_or_stay_inconclusive(backend: Backend) {
+    tokio::join!(
+        a_release_that_crashes_more_on_canary_tills_fails_and_pauses(backend),
+        a_release_as_good_as_the_old_one_passes(backend),
+        without_signals_the_wave_is_inconclusive_and_pauses(backend),
+        a_failed_wave_rolls_back_when_the_policy_says_so(backend),
+    );
+}
+
 on_both_backends!(
-    a_release_that_crashes_more_on_canary_tills_fails_and_pauses,
-    a_release_as_good_as_the_old_one_passes,
-    without_signals_the_wave_is_inconclusive_and_pauses,
-    a_failed_wave_rolls_back_when_the_policy_says_so,
+    judged_waves_fail_pass_roll_back_or_stay_inconclusive,
     bad_policies_and_bad_signals_are_refused,
 );
