@@ -268,6 +268,16 @@ impl Fleet {
         std::fs::metadata(file).expect("bundle file").len()
     }
 
+    /// Builds and publishes pos-app `version` with `conf` as its
+    /// `pos-app.conf` (how its supervised program behaves: see the file in
+    /// `examples/pos-app`).
+    pub fn publish_configured(&self, version: &str, conf: &str) {
+        let src = self.dir.path().join(format!("pos-app-{version}"));
+        pos_app_source(&src, version, true, 0);
+        std::fs::write(src.join("pos-app.conf"), conf).expect("write conf");
+        self.cp.publish(&src, &self.keys);
+    }
+
     /// Publishes pos-app `version` as the release `base` (published with
     /// [`Fleet::publish`]) with only its version changed, and a signed delta
     /// to it from `base`: with `base_file`, from the base's bundle file
