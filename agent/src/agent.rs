@@ -68,6 +68,9 @@ pub struct Agent {
     launched: Option<Launched>,
     /// This till's signals, carried by the heartbeats.
     signals: crate::signals::Signals,
+    /// The program whose `signal` subcommand supervised programs run to
+    /// report (`POSFLEET_AGENT`), when the agent runs inside another one.
+    signal_executable: Option<std::path::PathBuf>,
 }
 
 /// The till's mutual TLS, shared with the channel and the repository.
@@ -175,7 +178,15 @@ impl Agent {
             started: Instant::now(),
             launched: None,
             signals,
+            signal_executable: None,
         })
+    }
+
+    /// Runs inside `program`, which answers `program signal LINE...` as
+    /// `posfleet-agent signal` does: supervised programs report through it.
+    pub fn with_signal_executable(mut self, program: std::path::PathBuf) -> Agent {
+        self.signal_executable = Some(program);
+        self
     }
 
     /// Keeps the agent's own log lines (from `logs::capture`'s layer) in
@@ -215,10 +226,13 @@ impl Agent {
     /// The supervisor of the bundles' programs.
     fn supervisor(&self) -> Result<crate::supervisor::Supervisor, Error> {
         // `POSFLEET_AGENT` names this executable only when it is the agent
-        // (the agent also runs inside other programs' tests and demos).
-        let agent_executable = std::env::current_exe().ok().filter(|path| {
-            path.file_name()
-                .is_some_and(|name| name == "posfleet-agent")
+        // (the agent also runs inside other programs' tests and demos),
+        // or the program it runs in, when that one said it answers.
+        let agent_executable = self.signal_executable.clone().or_else(|| {
+            std::env::current_exe().ok().filter(|path| {
+                path.file_name()
+                    .is_some_and(|name| name == "posfleet-agent")
+            })
         });
         Ok(crate::supervisor::Supervisor::new(
             Slots::open(&self.config.data_dir)?,

@@ -2,8 +2,9 @@
 //! stores with three tills each (real agents speaking gRPC over loopback),
 //! shown coming online, taking the example POS program from 1.0.0 to 1.1.0
 //! (as a delta from 1.0.0, the bytes it saved reported) with their store's
-//! catalog once a second person approved it, and
-//! rolling back a 1.2.0 whose health check fails. Everything it does goes
+//! catalog once a second person approved it, rolling back a 1.2.0 whose
+//! health check fails, and canary analysis pausing a 1.3.0 whose program
+//! keeps crashing while a good 1.2.1 passes. Everything it does goes
 //! through the same APIs an ops engineer and a till use; its two people log
 //! in as `posfleet login` does, the demo computing the TOTP codes their
 //! phones would show.
@@ -25,6 +26,31 @@ use tokio::sync::watch;
 use crate::repo_cmd::{self, RoleKeyCounts};
 use crate::view::{self, DeviceView};
 use crate::{Admin, Output, login_cmd, session_file};
+
+/// The example POS program's settings (`pos-app.conf`) in the demo: a
+/// sale every 2 seconds, each reported to the agent.
+const SELLING: &str = "healthy=yes\nsale_seconds=2\nfailed_tender_every=0\ncrash_every_seconds=0\n";
+/// A release that passes its health check but whose program exits 1
+/// every 4 seconds (the agent restarts it, later each time).
+const CRASHING: &str =
+    "healthy=yes\nsale_seconds=2\nfailed_tender_every=0\ncrash_every_seconds=4\n";
+/// The demo's canary analysis policy: sales and checkout times, judged
+/// from the first finished minute.
+const ANALYSIS_POLICY: &str = r#"min_observation_minutes = 1
+max_observation_minutes = 10
+min_canary_till_hours = 0
+on_fail = "pause"
+on_inconclusive = "pause"
+
+[signals.transactions]
+kind = "count"
+bad = "decrease"
+effect = 0.5
+
+[signals.checkout_seconds]
+kind = "continuous"
+effect = 0.25
+"#;
 
 /// The second person, a deployer, who approves big rollouts.
 const APPROVER: &str = "alice";
@@ -75,6 +101,19 @@ struct DeltaSummary {
     bytes_saved: u64,
 }
 
+#[derive(Clone, Serialize)]
+struct AnalysisSummary {
+    /// The crashing release's rollout: its state (paused), its first
+    /// wave's verdict (fail) and the reason, with the figures.
+    rollout_1_3_0: String,
+    verdict_1_3_0: String,
+    reason_1_3_0: String,
+    /// The good release's rollout: completed, its first wave passed.
+    rollout_1_2_1: String,
+    verdict_1_2_1: String,
+    summary_1_2_1: String,
+}
+
 #[derive(Serialize)]
 struct Summary {
     bundles_published: Vec<String>,
@@ -109,6 +148,8 @@ struct Summary {
     transfers_1_1_0: BTreeMap<String, TransferSummary>,
     /// What the delta from 1.0.0 did for the 1.1.0 rollout.
     delta_1_1_0: DeltaSummary,
+    /// The canary analysis of a crashing release and of a good one.
+    analysis: Option<AnalysisSummary>,
     grpc_address: String,
     http_address: String,
 }
@@ -213,14 +254,14 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
     let day = Duration::from_secs(86_400);
     repo_cmd::init(&mut admin, &keys, one_each, 30 * day, 7 * day).await?;
     let mut published = Vec::new();
-    let base = build_pos_app(dir.path(), "1.0.0", true)?;
+    let base = build_pos_app(dir.path(), "1.0.0", SELLING)?;
     published.push(repo_cmd::publish(&mut admin, &base, &keys, 7 * day).await?);
-    let point = build_pos_app(dir.path(), "1.1.0", true)?;
+    let point = build_pos_app(dir.path(), "1.1.0", SELLING)?;
     published.push(repo_cmd::publish(&mut admin, &point, &keys, 7 * day).await?);
     // 1.1.0 also as a delta from 1.0.0: tills holding 1.0.0 fetch that.
     let delta = repo_cmd::publish_delta(&mut admin, &base, &point, &keys, 7 * day).await?;
     published.push(delta.clone());
-    let bad = build_pos_app(dir.path(), "1.2.0", false)?;
+    let bad = build_pos_app(dir.path(), "1.2.0", "healthy=no\n")?;
     published.push(repo_cmd::publish(&mut admin, &bad, &keys, 7 * day).await?);
     for &(store_id, name, _) in &STORES[..args.stores as usize] {
         let bundle = build_catalog(dir.path(), store_id, name)?;
@@ -271,7 +312,10 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
                 p2p_mdns: false,
                 ..AgentConfig::default()
             };
-            let agent = Agent::open(config)?;
+            let mut agent = Agent::open(config)?;
+            if let Ok(program) = std::env::current_exe() {
+                agent = agent.with_signal_executable(program);
+            }
             agents.push(tokio::spawn(agent.run(stopped(stop_rx.clone()))));
         }
     }
@@ -343,9 +387,9 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
         &mut admin,
         &mut approver,
         ("pos-app", "1.1.0"),
-        &[],
+        (&[], &[]),
         "1,50%,100%",
-        2,
+        (2, ""),
         &say,
     )
     .await?;
@@ -430,9 +474,9 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
         &mut admin,
         &mut approver,
         ("pos-app", "1.2.0"),
-        &[canary],
+        (&[], &[canary]),
         "100%",
-        0,
+        (0, ""),
         &say,
     )
     .await?;
@@ -473,6 +517,25 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
     let devices_rolled_back_1_2_0 = rollback_reasons.len();
     rollback_reasons.sort();
     rollback_reasons.dedup();
+
+    let analysis = if stores.len() >= 2 && args.tills_per_store >= 2 {
+        let stores = [stores[0].0, stores[1].0];
+        let dir = dir.path();
+        Some(
+            canary_analysis(
+                &mut admin,
+                &mut approver,
+                (dir, &keys),
+                stores,
+                &bad.id,
+                &say,
+            )
+            .await?,
+        )
+    } else {
+        say("\nCanary analysis needs 2 stores of 2 tills or more: skipped.");
+        None
+    };
 
     // Each till holds its own store's catalog, and no other.
     let mut devices_with_own_catalog = 0;
@@ -522,6 +585,7 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
             devices_with_own_catalog,
             transfers_1_1_0,
             delta_1_1_0,
+            analysis: analysis.clone(),
             grpc_address,
             http_address: http_address.clone(),
         };
@@ -542,6 +606,15 @@ pub async fn run(args: &DemoArgs, output: Output) -> anyhow::Result<()> {
             bad.reason,
             rollback_reasons.join("; ")
         );
+        if let Some(summary) = &analysis {
+            println!(
+                "Rollout of pos-app 1.3.0 {} by its canary analysis ({}); rollout of pos-app 1.2.1 {}, its canary analysis: {}.",
+                summary.rollout_1_3_0,
+                summary.reason_1_3_0,
+                summary.rollout_1_2_1,
+                summary.summary_1_2_1
+            );
+        }
         println!(
             "{devices_with_own_catalog} of {expected} tills hold their own store's catalog and no other."
         );
@@ -733,9 +806,9 @@ async fn start_rollout(
     admin: &mut Admin,
     approver: &mut Admin,
     (name, version): (&str, &str),
-    canary: &[&str],
+    (only_stores, canary): (&[&str], &[&str]),
     waves: &str,
-    bake_seconds: u64,
+    (bake_seconds, analysis_policy): (u64, &str),
     say: &impl Fn(&str),
 ) -> anyhow::Result<v1::Rollout> {
     let mut all_waves = Vec::new();
@@ -750,9 +823,12 @@ async fn start_rollout(
     let rollout = admin
         .create_rollout(v1::CreateRolloutRequest {
             bundle_name: name.into(),
-            analysis_policy: String::new(),
+            analysis_policy: analysis_policy.into(),
             bundle_version: version.into(),
-            selector: Some(v1::RolloutSelector::default()),
+            selector: Some(v1::RolloutSelector {
+                store_ids: only_stores.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            }),
             strategy: Some(v1::RolloutStrategy {
                 waves: all_waves,
                 wave_unit: v1::WaveUnit::Devices as i32,
@@ -776,6 +852,87 @@ async fn start_rollout(
             .await?;
     }
     admin.rollout_operation("start", &rollout.id, "").await
+}
+
+/// Canary analysis: 1.3.0, which passes its health check but whose program
+/// keeps crashing, and 1.2.1, as good as 1.1.0, each rolled out to one of
+/// `stores` with a first wave of one till judged against the store's other
+/// tills. The paused 1.2.0 rollout is aborted first (its tills are its own
+/// until then).
+async fn canary_analysis(
+    admin: &mut Admin,
+    approver: &mut Admin,
+    (dir, keys): (&std::path::Path, &std::path::Path),
+    stores: [&str; 2],
+    paused: &str,
+    say: &impl Fn(&str),
+) -> anyhow::Result<AnalysisSummary> {
+    say(&format!(
+        "\nposfleet rollout abort {paused} (1.2.0 stays where it is; its tills are free for the next rollouts)"
+    ));
+    admin
+        .rollout_operation("abort", paused, "the next releases replace it")
+        .await?;
+    let day = Duration::from_secs(86_400);
+    for (version, conf) in [("1.2.1", SELLING), ("1.3.0", CRASHING)] {
+        let bundle = build_pos_app(dir, version, conf)?;
+        repo_cmd::publish(admin, &bundle, keys, 7 * day).await?;
+    }
+    let policy = dir.join("canary.toml");
+    std::fs::write(&policy, ANALYSIS_POLICY)?;
+    say(&format!(
+        "Canary analysis (policy {}: sales must not fall by half, checkout times not shift by a quarter; \
+         judged on finished minutes, so this takes a few minutes). Published pos-app 1.3.0, which passes \
+         its health check but whose program exits every 4 s, and 1.2.1, as good as 1.1.0:",
+        policy.display()
+    ));
+    let mut rollouts = Vec::new();
+    for (version, store) in [("1.3.0", stores[0]), ("1.2.1", stores[1])] {
+        say(&format!(
+            "posfleet rollout create --release pos-app@{version} --stores {store} --waves 1,100% \
+             --analysis {} --start",
+            policy.display()
+        ));
+        let rollout = start_rollout(
+            admin,
+            approver,
+            ("pos-app", version),
+            (&[store], &[]),
+            "1,100%",
+            (0, ANALYSIS_POLICY),
+            say,
+        )
+        .await?;
+        rollouts.push(rollout.id);
+    }
+    // A judgement needs a finished minute after the canary installed.
+    let wait = Duration::from_secs(360);
+    let crashing = follow_rollout(admin, &rollouts[0], wait, say).await?;
+    let good = follow_rollout(admin, &rollouts[1], wait, say).await?;
+    let verdict = |detail: &v1::RolloutDetail| {
+        detail
+            .waves
+            .first()
+            .and_then(|w| w.analysis.clone())
+            .unwrap_or_default()
+    };
+    let crashing_detail = admin.get_rollout(&rollouts[0]).await?;
+    let good_detail = admin.get_rollout(&rollouts[1]).await?;
+    let shown = crate::rollout_cmd::RolloutDetailView::from(crashing_detail.clone());
+    say(&format!(
+        "posfleet rollout show {}:\n{}",
+        rollouts[0],
+        crate::rollout_cmd::detail_text(&shown)
+    ));
+    let good_verdict = verdict(&good_detail);
+    Ok(AnalysisSummary {
+        rollout_1_3_0: rollout_state(crashing.state),
+        verdict_1_3_0: verdict(&crashing_detail).verdict,
+        reason_1_3_0: crashing.reason,
+        rollout_1_2_1: rollout_state(good.state),
+        verdict_1_2_1: good_verdict.verdict,
+        summary_1_2_1: good_verdict.summary,
+    })
 }
 
 /// Polls a rollout until it completes, stops or pauses, printing each
@@ -908,7 +1065,7 @@ const POS_APP: &[(&str, &str, u32)] = &[
 fn build_pos_app(
     dir: &std::path::Path,
     version: &str,
-    healthy: bool,
+    conf: &str,
 ) -> anyhow::Result<std::path::PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let src = dir.join(format!("pos-app-{version}"));
@@ -919,7 +1076,7 @@ fn build_pos_app(
             "posfleet-bundle.toml" => {
                 text.replace("version = \"1.0.0\"", &format!("version = \"{version}\""))
             }
-            "pos-app.conf" if !healthy => "healthy=no\n".into(),
+            "pos-app.conf" => conf.to_string(),
             _ => text.to_string(),
         };
         std::fs::write(&file, text)?;

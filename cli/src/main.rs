@@ -1049,6 +1049,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    // `posfleet signal LINE...`: the demo's tills run inside this program,
+    // so the POS programs they supervise report through it, as they do
+    // through `posfleet-agent signal` on a real till.
+    #[cfg(feature = "demo")]
+    {
+        let mut argv = std::env::args_os().skip(1);
+        if argv.next().is_some_and(|first| first == "signal") {
+            return posfleet_agent::signals::command::main(argv);
+        }
+    }
     let cli = Cli::parse();
     posfleet_pki::install_crypto_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

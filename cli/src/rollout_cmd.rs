@@ -523,7 +523,7 @@ fn rollouts_table(rollouts: &[RolloutView]) -> comfy_table::Table {
     t
 }
 
-fn detail_text(d: &RolloutDetailView) -> String {
+pub(crate) fn detail_text(d: &RolloutDetailView) -> String {
     let r = &d.rollout;
     let mut out = format!(
         "Rollout {} of {}: {}{}\nCreated {} by {}; started {}; finished {}\nDevices: {}\n",

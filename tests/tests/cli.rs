@@ -203,7 +203,7 @@ fn tables_for_people_and_json_for_scripts() {
 }
 
 #[test]
-fn the_demo_rolls_out_in_waves_and_a_bad_release_pauses_itself() {
+fn the_demo_rolls_out_in_waves_and_bad_releases_pause_themselves() {
     let output = Command::new(binary("posfleet"))
         .args(["demo", "--output", "json"])
         .output()
@@ -226,7 +226,9 @@ fn the_demo_rolls_out_in_waves_and_a_bad_release_pauses_itself() {
             "pos-app/1.0.0",
             "pos-app/1.1.0",
             "pos-app/1.1.0/from-1.0.0.delta",
-            "pos-app/1.2.0"
+            "pos-app/1.2.0",
+            "pos-app/1.2.1",
+            "pos-app/1.3.0"
         ])
     );
     assert_eq!(summary["devices_on_1_1_0"], 6);
@@ -271,6 +273,19 @@ fn the_demo_rolls_out_in_waves_and_a_bad_release_pauses_itself() {
     }
     let reasons = summary["rollback_reasons"].to_string();
     assert!(reasons.contains("cash drawer does not answer"), "{reasons}");
+    // Canary analysis: the release whose program keeps crashing (its
+    // health check passes) is paused with the evidence, fewer sales on
+    // its canary till than on the store's others; the good one passes.
+    let analysis = &summary["analysis"];
+    assert_eq!(analysis["rollout_1_3_0"], "paused", "{analysis}");
+    assert_eq!(analysis["verdict_1_3_0"], "fail", "{analysis}");
+    let reason = analysis["reason_1_3_0"].as_str().unwrap();
+    assert!(
+        reason.starts_with("analysis_fail") && reason.contains("transactions FAIL"),
+        "{reason}"
+    );
+    assert_eq!(analysis["rollout_1_2_1"], "completed", "{analysis}");
+    assert_eq!(analysis["verdict_1_2_1"], "pass", "{analysis}");
 }
 
 /// A 200 MiB bundle published over a 4 MiB/s link (about 50 s) publishes.
