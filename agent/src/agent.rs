@@ -461,9 +461,14 @@ impl Agent {
     fn start_signals(&self) -> Vec<tokio::task::JoinHandle<()>> {
         let mut tasks = vec![self.signals.spawn_ticker()];
         let path = self.config.signal_socket();
-        match crate::signals::socket::bind(&path, self.hook_user.as_ref()) {
+        match crate::signals::socket::bind(&path) {
             Ok(socket) => {
                 tracing::info!(socket = %path.display(), "Listening for signals.");
+                if let Some(user) = &self.hook_user
+                    && let Err(error) = crate::signals::socket::allow(&path, user)
+                {
+                    tracing::error!(%error, user = %user.name, "The supervised program cannot report signals.");
+                }
                 tasks.push(crate::signals::socket::spawn_server(
                     socket,
                     self.signals.clone(),
