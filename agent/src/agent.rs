@@ -214,11 +214,15 @@ impl Agent {
 
     /// The supervisor of the bundles' programs.
     fn supervisor(&self) -> Result<crate::supervisor::Supervisor, Error> {
-        // `POSFLEET_AGENT` names this executable only when it is the agent
-        // (the agent also runs inside other programs' tests and demos).
-        let agent_executable = std::env::current_exe().ok().filter(|path| {
-            path.file_name()
-                .is_some_and(|name| name == "posfleet-agent")
+        // `POSFLEET_AGENT` names this executable when it is the agent, else
+        // a `posfleet-agent` beside it (the agent also runs inside
+        // `posfleet demo`), else nothing.
+        let agent_executable = std::env::current_exe().ok().and_then(|exe| {
+            if exe.file_name().is_some_and(|name| name == "posfleet-agent") {
+                Some(exe)
+            } else {
+                Some(exe.with_file_name("posfleet-agent")).filter(|sibling| sibling.is_file())
+            }
         });
         Ok(crate::supervisor::Supervisor::new(
             Slots::open(&self.config.data_dir)?,
