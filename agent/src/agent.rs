@@ -225,14 +225,16 @@ impl Agent {
 
     /// The supervisor of the bundles' programs.
     fn supervisor(&self) -> Result<crate::supervisor::Supervisor, Error> {
-        // `POSFLEET_AGENT` names this executable only when it is the agent
-        // (the agent also runs inside other programs' tests and demos),
-        // or the program it runs in, when that one said it answers.
+        // `POSFLEET_AGENT`: the program the agent runs in, when that one said
+        // it answers `signal` (`posfleet demo`); else this executable when it
+        // is the agent; else a `posfleet-agent` beside it; else nothing.
         let agent_executable = self.signal_executable.clone().or_else(|| {
-            std::env::current_exe().ok().filter(|path| {
-                path.file_name()
-                    .is_some_and(|name| name == "posfleet-agent")
-            })
+            let exe = std::env::current_exe().ok()?;
+            if exe.file_name().is_some_and(|name| name == "posfleet-agent") {
+                Some(exe)
+            } else {
+                Some(exe.with_file_name("posfleet-agent")).filter(|sibling| sibling.is_file())
+            }
         });
         Ok(crate::supervisor::Supervisor::new(
             Slots::open(&self.config.data_dir)?,
@@ -475,9 +477,14 @@ impl Agent {
     fn start_signals(&self) -> Vec<tokio::task::JoinHandle<()>> {
         let mut tasks = vec![self.signals.spawn_ticker()];
         let path = self.config.signal_socket();
-        match crate::signals::socket::bind(&path, self.hook_user.as_ref()) {
+        match crate::signals::socket::bind(&path) {
             Ok(socket) => {
                 tracing::info!(socket = %path.display(), "Listening for signals.");
+                if let Some(user) = &self.hook_user
+                    && let Err(error) = crate::signals::socket::allow(&path, user)
+                {
+                    tracing::error!(%error, user = %user.name, "The supervised program cannot report signals.");
+                }
                 tasks.push(crate::signals::socket::spawn_server(
                     socket,
                     self.signals.clone(),

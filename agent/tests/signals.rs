@@ -24,7 +24,7 @@ impl Api {
         let clock = minute.clone();
         let signals = Signals::with_clock(move || clock.load(Ordering::SeqCst));
         let path = dir.join("signals.sock");
-        let server = socket::spawn_server(socket::bind(&path, None).unwrap(), signals.clone());
+        let server = socket::spawn_server(socket::bind(&path).unwrap(), signals.clone());
         Api {
             signals,
             minute,
@@ -171,15 +171,15 @@ async fn the_signal_command_reports_lines_and_refuses_bad_ones_whole() {
 async fn a_stale_socket_is_replaced_and_a_file_in_its_place_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("signals.sock");
-    drop(socket::bind(&path, None).unwrap());
-    let socket = socket::bind(&path, None).unwrap();
+    drop(socket::bind(&path).unwrap());
+    let socket = socket::bind(&path).unwrap();
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&path).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o660);
     drop(socket);
     let file = dir.path().join("file");
     std::fs::write(&file, "keep me").unwrap();
-    let err = socket::bind(&file, None).unwrap_err();
+    let err = socket::bind(&file).unwrap_err();
     assert!(err.to_string().contains("is not a socket"), "{err}");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
 }
@@ -236,4 +236,44 @@ async fn the_example_program_reports_its_sales_and_crashes_when_told() {
         .output()
         .unwrap();
     assert!(health.status.success(), "{health:?}");
+}
+
+#[tokio::test]
+async fn the_program_running_as_hook_user_may_report() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: only root can give the socket to another user's group");
+        return;
+    }
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::process::CommandExt;
+    let nobody = posfleet_agent::HookUser::lookup("nobody")
+        .unwrap()
+        .expect("a `nobody` user");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let api = Api::start(dir.path());
+    let as_nobody = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_posfleet-agent"))
+            .args([
+                "signal",
+                "--socket",
+                api.path.to_str().unwrap(),
+                "transactions|c",
+            ])
+            .gid(nobody.gid)
+            .uid(nobody.uid)
+            .output()
+            .unwrap()
+    };
+    // Not in its group yet: refused by the system.
+    let refused = as_nobody();
+    assert_eq!(refused.status.code(), Some(69), "{refused:?}");
+    socket::allow(&api.path, &nobody).unwrap();
+    assert_eq!(std::fs::metadata(&api.path).unwrap().gid(), nobody.gid);
+    let sent = as_nobody();
+    assert!(sent.status.success(), "{sent:?}");
+    let (minute, _) = api
+        .wait_for(|m, _| m.counts.contains_key("transactions"))
+        .await;
+    assert_eq!(minute.counts["transactions"], 1);
 }

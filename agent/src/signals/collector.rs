@@ -10,12 +10,18 @@
 
 use posfleet_proto::signals::{MAX_MINUTES_PER_HEARTBEAT, MAX_NAMES, MAX_VALUES_PER_NAME};
 use posfleet_proto::v1::{SignalMinute, SignalValues};
+use prost::Message;
 use rand::Rng;
 use std::collections::{BTreeMap, VecDeque};
 
 /// Finished minutes kept until a heartbeat is acknowledged: 24 h. Beyond
 /// it the oldest are dropped (and counted).
 pub const BACKLOG_MINUTES: usize = 24 * 60;
+/// Encoded bytes of minutes one heartbeat carries at most, so that a
+/// heartbeat stays well within the control plane's message limit (64 KiB
+/// by default) however much a till has to catch up on. A full minute
+/// (every name with every value) is under 20 KiB.
+pub const MAX_SIGNAL_BYTES_PER_HEARTBEAT: usize = 32 * 1024;
 
 /// Values of one name in one minute: a uniform sample of at most
 /// [`MAX_VALUES_PER_NAME`] of those reported (reservoir sampling).
@@ -192,13 +198,20 @@ impl Collector {
     }
 
     /// The next heartbeat's signals: the oldest finished minutes (at most
-    /// [`MAX_MINUTES_PER_HEARTBEAT`]) and the drops so far. Nothing is
-    /// removed until [`Collector::ack`].
+    /// [`MAX_MINUTES_PER_HEARTBEAT`], and at most
+    /// [`MAX_SIGNAL_BYTES_PER_HEARTBEAT`] of them but always one) and the
+    /// drops so far. Nothing is removed until [`Collector::ack`].
     pub fn batch(&self) -> Batch {
+        let mut bytes = 0;
         let taken: Vec<&(u64, SignalMinute)> = self
             .backlog
             .iter()
             .take(MAX_MINUTES_PER_HEARTBEAT)
+            .take_while(|(_, minute)| {
+                // The minute, its field tag and its length.
+                bytes += minute.encoded_len() + 4;
+                bytes <= MAX_SIGNAL_BYTES_PER_HEARTBEAT || bytes == minute.encoded_len() + 4
+            })
             .collect();
         Batch {
             last: taken.last().map(|(seq, _)| *seq),
@@ -303,21 +316,63 @@ mod tests {
         }
         c.tick(rounds);
         let mut kept_per_tenth = [0u32; 10];
-        let batch = c.batch();
-        assert_eq!(batch.minutes.len(), MAX_MINUTES_PER_HEARTBEAT);
-        for minute in &batch.minutes {
-            let values = &minute.values["checkout_seconds"].values;
-            assert_eq!(values.len(), MAX_VALUES_PER_NAME);
-            for v in values {
-                kept_per_tenth[*v as usize * 10 / per_minute] += 1;
+        let mut seen = 0;
+        loop {
+            let batch = c.batch();
+            if batch.minutes.is_empty() {
+                break;
             }
+            assert_eq!(batch.dropped, 0, "sampling is not dropping");
+            for minute in &batch.minutes {
+                let values = &minute.values["checkout_seconds"].values;
+                assert_eq!(values.len(), MAX_VALUES_PER_NAME);
+                for v in values {
+                    kept_per_tenth[*v as usize * 10 / per_minute] += 1;
+                }
+            }
+            seen += batch.minutes.len();
+            c.ack(&batch);
         }
-        // Expected per tenth: 120 minutes × 64 / 10 = 768; a sample that
+        assert_eq!(seen, rounds as usize);
+        // Expected per tenth: 200 minutes × 64 / 10 = 1280; a sample that
         // kept the first (or the last) values would put them all in one.
         for kept in kept_per_tenth {
-            assert!((650..=890).contains(&kept), "{kept_per_tenth:?}");
+            assert!((1150..=1410).contains(&kept), "{kept_per_tenth:?}");
         }
-        assert_eq!(batch.dropped, 0, "sampling is not dropping");
+    }
+
+    #[test]
+    fn a_heartbeat_carries_at_most_its_byte_budget_of_full_minutes() {
+        let mut c = Collector::default();
+        let mut rng = rng();
+        let full_minutes = 10;
+        for minute in 0..full_minutes {
+            for name in 0..MAX_NAMES {
+                for i in 0..MAX_VALUES_PER_NAME {
+                    c.value(
+                        minute,
+                        &format!("a_rather_long_signal_name_{name}"),
+                        i as f64 + 0.1,
+                        &mut rng,
+                    );
+                }
+            }
+        }
+        c.tick(full_minutes);
+        let mut sent = Vec::new();
+        loop {
+            let batch = c.batch();
+            if batch.minutes.is_empty() {
+                break;
+            }
+            let bytes: usize = batch.minutes.iter().map(|m| m.encoded_len() + 4).sum();
+            assert!(bytes <= MAX_SIGNAL_BYTES_PER_HEARTBEAT, "{bytes}");
+            assert!(batch.minutes.len() < full_minutes as usize);
+            sent.extend(minutes(&batch));
+            c.ack(&batch);
+        }
+        // All of them, over several heartbeats, in order.
+        assert_eq!(sent, (0..full_minutes).collect::<Vec<_>>());
     }
 
     #[test]

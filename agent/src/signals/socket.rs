@@ -39,8 +39,8 @@ pub enum SocketError {
 }
 
 /// Binds the socket at `path` (replacing one a previous run left), mode
-/// 0660, owned by the group of `user` when given.
-pub fn bind(path: &Path, user: Option<&HookUser>) -> Result<UnixDatagram, SocketError> {
+/// 0660.
+pub fn bind(path: &Path) -> Result<UnixDatagram, SocketError> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     let bind_error = |source| SocketError::Bind {
         path: path.to_path_buf(),
@@ -60,16 +60,19 @@ pub fn bind(path: &Path, user: Option<&HookUser>) -> Result<UnixDatagram, Socket
     }
     let socket = UnixDatagram::bind(path).map_err(bind_error)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(bind_error)?;
-    if let Some(user) = user {
-        nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(user.gid))).map_err(
-            |e| SocketError::Permissions {
-                path: path.to_path_buf(),
-                gid: user.gid,
-                source: e.into(),
-            },
-        )?;
-    }
     Ok(socket)
+}
+
+/// Gives the socket at `path` to the primary group of `user`, the user
+/// the supervised program runs as, so that it may write to it.
+pub fn allow(path: &Path, user: &HookUser) -> Result<(), SocketError> {
+    nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(user.gid))).map_err(|e| {
+        SocketError::Permissions {
+            path: path.to_path_buf(),
+            gid: user.gid,
+            source: e.into(),
+        }
+    })
 }
 
 /// Records what one datagram reports.
