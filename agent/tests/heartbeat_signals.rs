@@ -116,7 +116,7 @@ async fn heartbeats_carry_finished_minutes_until_one_is_acknowledged() {
         ..AgentConfig::default()
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(Agent::open(config).unwrap().run(async {
+    let agent = tokio::spawn(Agent::open(config.clone()).unwrap().run(async {
         let _ = stopped.await;
     }));
     // The program reports through the local API once it listens.
@@ -193,6 +193,36 @@ async fn heartbeats_carry_finished_minutes_until_one_is_acknowledged() {
         .0;
     assert_eq!(last.signal_minutes.len(), 1);
     assert!(last.signal_minutes[0].counts.is_empty() && last.signal_minutes[0].values.is_empty());
+    // What a stop leaves unsent (the minute being filled) goes out after
+    // the next start.
+    report(&["transactions:5|c"]).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(20), agent)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(data_dir.join("signals.pb").is_file());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(Agent::open(config).unwrap().run(async {
+        let _ = stopped.await;
+    }));
+    wait_for(&recorder, "the minute kept over the restart", |h| {
+        h.iter().any(|(h, ok)| {
+            *ok && h
+                .signal_minutes
+                .iter()
+                .any(|m| m.minute == minute + 2 && m.counts.get("transactions") == Some(&5))
+        })
+    })
+    .await;
+    let sent: Vec<i64> = heartbeats()
+        .iter()
+        .filter(|(_, ok)| *ok)
+        .flat_map(|(h, _)| h.signal_minutes.iter().map(|m| m.minute))
+        .collect();
+    assert_eq!(sent, [minute, minute + 1, minute + 2], "each minute once");
     stop.send(()).unwrap();
     tokio::time::timeout(Duration::from_secs(20), agent)
         .await
