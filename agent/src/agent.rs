@@ -33,6 +33,9 @@ const MAX_HEARTBEAT_INTERVAL_SECONDS: u32 = 4 * 3600;
 /// The control plane keeps at most this many P2P addresses per till.
 const MAX_REPORTED_P2P_ADDRS: usize = 16;
 
+/// Where the signals not yet sent wait from a stop to the next start.
+const SIGNALS_FILE: &str = "signals.pb";
+
 /// First retry delay after a failed call.
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
 
@@ -209,9 +212,12 @@ impl Agent {
     /// Whatever the network does, from the start: the minutes of signals,
     /// the local API, and the bundles' supervised programs, stopped last.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        let supervisor = self.supervisor()?;
+        let kept = self.config.data_dir.join(SIGNALS_FILE);
+        self.signals.restore(&kept);
         let signal_tasks = self.start_signals();
-        let (stop_supervisor, supervisor) = watch::channel(false);
-        let supervisor = tokio::spawn(self.supervisor()?.run(supervisor));
+        let (stop_supervisor, stopped) = watch::channel(false);
+        let supervisor = tokio::spawn(supervisor.run(stopped));
         let result = self.serve(shutdown).await;
         let _ = stop_supervisor.send(true);
         if let Err(error) = supervisor.await {
@@ -219,6 +225,9 @@ impl Agent {
         }
         for task in signal_tasks {
             task.abort();
+        }
+        if let Err(error) = self.signals.save(&kept) {
+            tracing::warn!(%error, "Cannot keep the signals not yet sent.");
         }
         result
     }

@@ -74,6 +74,32 @@ impl AgentService for Recorder {
 
 type Heartbeats = [(HeartbeatRequest, bool)];
 
+/// An agent running in this process until stopped.
+struct Running {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), posfleet_agent::Error>>,
+}
+
+impl Running {
+    fn start(config: &AgentConfig) -> Running {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(Agent::open(config.clone()).unwrap().run(async {
+            let _ = stopped.await;
+        }));
+        Running { stop, task }
+    }
+
+    /// Stops it as SIGTERM would, and waits until it stopped.
+    async fn stop(self) {
+        self.stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+}
+
 /// Waits until the heartbeats received satisfy `done`.
 async fn wait_for(recorder: &Recorder, what: &str, done: impl Fn(&Heartbeats) -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -115,10 +141,7 @@ async fn heartbeats_carry_finished_minutes_until_one_is_acknowledged() {
         max_backoff_seconds: 1,
         ..AgentConfig::default()
     };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(Agent::open(config).unwrap().run(async {
-        let _ = stopped.await;
-    }));
+    let agent = Running::start(&config);
     // The program reports through the local API once it listens.
     let socket = data_dir.join("signals.sock");
     let report = |lines: &[&str]| {
@@ -193,10 +216,27 @@ async fn heartbeats_carry_finished_minutes_until_one_is_acknowledged() {
         .0;
     assert_eq!(last.signal_minutes.len(), 1);
     assert!(last.signal_minutes[0].counts.is_empty() && last.signal_minutes[0].values.is_empty());
-    stop.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(20), agent)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    // What a stop leaves unsent (the minute being filled) goes out after
+    // the next start.
+    report(&["transactions:5|c"]).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    agent.stop().await;
+    assert!(data_dir.join("signals.pb").is_file());
+    let agent = Running::start(&config);
+    wait_for(&recorder, "the minute kept over the restart", |h| {
+        h.iter().any(|(h, ok)| {
+            *ok && h
+                .signal_minutes
+                .iter()
+                .any(|m| m.minute == minute + 2 && m.counts.get("transactions") == Some(&5))
+        })
+    })
+    .await;
+    let sent: Vec<i64> = heartbeats()
+        .iter()
+        .filter(|(_, ok)| *ok)
+        .flat_map(|(h, _)| h.signal_minutes.iter().map(|m| m.minute))
+        .collect();
+    assert_eq!(sent, [minute, minute + 1, minute + 2], "each minute once");
+    agent.stop().await;
 }

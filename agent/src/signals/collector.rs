@@ -116,6 +116,8 @@ pub struct Collector {
     next_seq: u64,
     /// Reports dropped and not yet acknowledged as reported.
     dropped: u64,
+    /// The latest minute finished.
+    last_finished: Option<i64>,
 }
 
 impl Default for Collector {
@@ -133,6 +135,7 @@ impl Collector {
             capacity: capacity.max(1),
             next_seq: 0,
             dropped: 0,
+            last_finished: None,
         }
     }
 
@@ -144,8 +147,14 @@ impl Collector {
         self.bucket(minute);
     }
 
-    /// The bucket to fill at `minute` (see [`Collector::tick`]).
+    /// The bucket to fill at `minute` (see [`Collector::tick`]). A minute
+    /// already finished (kept from before a restart in the same minute)
+    /// is not filled again: the next one is.
     fn bucket(&mut self, minute: i64) -> &mut Bucket {
+        let minute = match self.last_finished {
+            Some(last) => minute.max(last.saturating_add(1)),
+            None => minute,
+        };
         if let Some(bucket) = self.current.take_if(|bucket| bucket.minute < minute) {
             self.push(bucket.finish());
         }
@@ -157,6 +166,10 @@ impl Collector {
             self.backlog.pop_front();
             self.dropped = self.dropped.saturating_add(1);
         }
+        self.last_finished = Some(
+            self.last_finished
+                .map_or(minute.minute, |m| m.max(minute.minute)),
+        );
         self.backlog.push_back((self.next_seq, minute));
         self.next_seq += 1;
     }
@@ -230,6 +243,28 @@ impl Collector {
             }
         }
         self.dropped = self.dropped.saturating_sub(batch.dropped);
+    }
+
+    /// Finishes the minute being filled (the agent stops), and returns
+    /// every finished minute not yet acknowledged and the drops not yet
+    /// reported, to keep until the next start.
+    pub fn finish(&mut self) -> (Vec<SignalMinute>, u64) {
+        if let Some(bucket) = self.current.take() {
+            self.push(bucket.finish());
+        }
+        (
+            self.backlog.iter().map(|(_, m)| m.clone()).collect(),
+            self.dropped,
+        )
+    }
+
+    /// Takes back what [`Collector::finish`] returned at the last stop,
+    /// before anything is recorded.
+    pub fn restore(&mut self, minutes: Vec<SignalMinute>, dropped: u64) {
+        for minute in minutes {
+            self.push(minute);
+        }
+        self.dropped = self.dropped.saturating_add(dropped);
     }
 
     /// What the minute being filled holds so far.
@@ -373,6 +408,29 @@ mod tests {
         }
         // All of them, over several heartbeats, in order.
         assert_eq!(sent, (0..full_minutes).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn what_a_stop_leaves_unsent_is_taken_back_at_the_next_start() {
+        let mut c = Collector::default();
+        c.count(1, "transactions", 1);
+        c.tick(2);
+        c.ack(&c.batch());
+        c.count(2, "transactions", 2);
+        c.tick(3);
+        c.count(3, "transactions", 3);
+        c.drop_one();
+        let (kept, dropped) = c.finish();
+        let mut next = Collector::default();
+        next.restore(kept, dropped);
+        // Started again within minute 3: minute 3 is not reported twice.
+        next.count(3, "transactions", 4);
+        next.tick(5);
+        let batch = next.batch();
+        assert_eq!(minutes(&batch), [2, 3, 4]);
+        assert_eq!(batch.minutes[1].counts["transactions"], 3);
+        assert_eq!(batch.minutes[2].counts["transactions"], 4);
+        assert_eq!(batch.dropped, 1);
     }
 
     #[test]

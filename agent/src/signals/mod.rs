@@ -19,7 +19,9 @@ pub mod socket;
 pub use collector::{BACKLOG_MINUTES, Batch, Collector};
 pub use line::{LineError, Report, parse_line};
 
-use posfleet_proto::v1::SignalMinute;
+use posfleet_proto::v1::{HeartbeatRequest, SignalMinute};
+use prost::Message;
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -117,6 +119,41 @@ impl Signals {
     /// The heartbeat that carried `batch` was acknowledged.
     pub fn ack(&self, batch: &Batch) {
         self.lock().ack(batch);
+    }
+
+    /// Keeps what was not sent in `path` (the agent stops): the minute
+    /// being filled is finished, and the next start takes them back with
+    /// [`Signals::restore`].
+    pub fn save(&self, path: &Path) -> Result<(), crate::Error> {
+        let (signal_minutes, signals_dropped) = self.lock().finish();
+        // The heartbeat's own fields, in its wire format.
+        let kept = HeartbeatRequest {
+            signal_minutes,
+            signals_dropped,
+            ..Default::default()
+        };
+        crate::files::write_private(path, &kept.encode_to_vec())
+    }
+
+    /// Takes back what [`Signals::save`] kept in `path`, once: the file is
+    /// removed. A file that cannot be read is dropped with a warning.
+    pub fn restore(&self, path: &Path) {
+        let kept = match crate::files::read_optional(path) {
+            Ok(Some(bytes)) => {
+                HeartbeatRequest::decode(bytes.as_slice()).map_err(|e| e.to_string())
+            }
+            Ok(None) => return,
+            Err(error) => Err(error.to_string()),
+        };
+        match kept {
+            Ok(kept) => self
+                .lock()
+                .restore(kept.signal_minutes, kept.signals_dropped),
+            Err(error) => {
+                tracing::warn!(path = %path.display(), %error, "Signals kept at the last stop are lost.")
+            }
+        }
+        let _ = std::fs::remove_file(path);
     }
 
     /// Finishes each minute as the clock leaves it, until dropped (the task
