@@ -35,7 +35,7 @@ pub const PAUSE_REASONS: [&str; 4] = [
     "operator",
 ];
 
-/// Every value of the `result` label of `posfleet_signal_minutes_total`.
+/// Every value of the `result` label of `posfleet_signal_reports_total`.
 pub const SIGNAL_MINUTE_RESULTS: [&str; 3] = ["stored", "unobserved", "out_of_range"];
 
 /// Every value of the `result` label of `posfleet_enrollments_total`.
@@ -295,9 +295,10 @@ impl Metrics {
         .expect("static metric definition is valid");
         let signal_minutes = IntCounterVec::new(
             Opts::new(
-                "posfleet_signal_minutes_total",
-                "Minutes of signals tills reported, by result: stored (the store is under \
-                 canary analysis), unobserved (it is not), out_of_range (too old or in the future).",
+                "posfleet_signal_reports_total",
+                "Per-minute signal reports of tills (one per till and minute), by result: stored \
+                 (the store is under canary analysis), unobserved (it is not), out_of_range (too \
+                 old or in the future).",
             ),
             &["result"],
         )

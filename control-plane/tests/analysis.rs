@@ -137,7 +137,7 @@ async fn a_release_that_crashes_more_on_canary_tills_fails_and_pauses(backend: B
         1.0,
     );
     assert!(
-        common::metric_sample(&text, r#"posfleet_signal_minutes_total{result="stored"}"#)
+        common::metric_sample(&text, r#"posfleet_signal_reports_total{result="stored"}"#)
             .is_some_and(|n| n >= 1.0),
         "{text}"
     );
@@ -315,7 +315,7 @@ async fn bad_policies_and_bad_signals_are_refused(backend: Backend) {
     let (_, text) = s.server.http_get("/metrics").await;
     assert_metric(
         &text,
-        r#"posfleet_signal_minutes_total{result="unobserved"}"#,
+        r#"posfleet_signal_reports_total{result="unobserved"}"#,
         1.0,
     );
     s.finish().await;
