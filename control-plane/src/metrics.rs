@@ -36,7 +36,7 @@ pub const PAUSE_REASONS: [&str; 4] = [
 ];
 
 /// Every value of the `result` label of `posfleet_signal_reports_total`.
-pub const SIGNAL_MINUTE_RESULTS: [&str; 3] = ["stored", "unobserved", "out_of_range"];
+pub const SIGNAL_REPORT_RESULTS: [&str; 3] = ["stored", "unobserved", "out_of_range"];
 
 /// Every value of the `result` label of `posfleet_enrollments_total`.
 pub const ENROLLMENT_RESULTS: [&str; 9] = [
@@ -127,7 +127,7 @@ pub struct Metrics {
     pub http_in_flight: IntGaugeVec,
     /// Peers tills banned for serving bad data, as their heartbeats report.
     pub p2p_bans: prometheus::IntCounter,
-    /// Tills' signal minutes, by `result` (`SIGNAL_MINUTE_RESULTS`).
+    /// Tills' signal minutes, by `result` (`SIGNAL_REPORT_RESULTS`).
     pub signal_minutes: IntCounterVec,
     /// Signal reports tills dropped (malformed, over a cap), as their
     /// heartbeats report.
@@ -448,7 +448,7 @@ impl Metrics {
         for result in ENROLLMENT_RESULTS {
             enrollments.with_label_values(&[result]);
         }
-        for result in SIGNAL_MINUTE_RESULTS {
+        for result in SIGNAL_REPORT_RESULTS {
             signal_minutes.with_label_values(&[result]);
         }
         for result in crate::session_api::LOGIN_RESULTS {
