@@ -111,8 +111,8 @@ fn within(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
     false
 }
 
-/// Fails the test, with what the tills and replicas last logged.
-fn fail(cluster: &Replicas, tills: &[Till], what: &str) -> ! {
+/// Fails the test with `why`, after what the tills and replicas last logged.
+fn fail(cluster: &Replicas, tills: &[Till], why: &str) -> ! {
     for till in tills {
         let lines = till.process.lines();
         eprintln!("== till {}", till.data.display());
@@ -129,7 +129,7 @@ fn fail(cluster: &Replicas, tills: &[Till], what: &str) -> ! {
             }
         }
     }
-    panic!("timed out after {TIMEOUT:?} waiting for {what}");
+    panic!("{why}");
 }
 
 fn timestamp_ms(line: &Value) -> i64 {
@@ -223,7 +223,11 @@ fn three_replicas_on_postgres_behind_haproxy_survive_kill9_during_heartbeats_pub
         within(TIMEOUT, || all_on(&reader, "1.0.0"))
     });
     if !converged {
-        fail(&cluster, &tills, "every till on pos-app 1.0.0");
+        fail(
+            &cluster,
+            &tills,
+            &format!("timed out after {TIMEOUT:?} waiting for every till on pos-app 1.0.0"),
+        );
     }
 
     // The publish of 1.1.0: the replica receiving the upload is killed
@@ -231,9 +235,31 @@ fn three_replicas_on_postgres_behind_haproxy_survive_kill9_during_heartbeats_pub
     let release = build(&operator, dir.path(), "1.1.0", 16 << 20);
     let (publisher, file, root) = (operator.clone(), release.clone(), keys.clone());
     let attempt = std::thread::spawn(move || publish(&publisher, &file, &root));
-    let receiving = eventually("a replica receiving the upload", TIMEOUT, || {
-        cluster.receiving_upload()
-    });
+    // Looked for often, since the upload may last a fraction of a second;
+    // should the command end before any replica was seen receiving it, the
+    // failure says how it ended.
+    let seen_by = Instant::now() + TIMEOUT;
+    let receiving = loop {
+        if let Some(replica) = cluster.receiving_upload() {
+            break replica;
+        }
+        if attempt.is_finished() {
+            let outcome = attempt.join().unwrap();
+            fail(
+                &cluster,
+                &tills,
+                &format!("the publish ended before a replica was seen receiving it: {outcome:?}"),
+            );
+        }
+        if Instant::now() > seen_by {
+            fail(
+                &cluster,
+                &tills,
+                &format!("timed out after {TIMEOUT:?} waiting for a replica receiving the upload"),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
     cluster.kill_and_restart(receiving, "publish", DOWN_FOR);
     let cut = attempt.join().unwrap();
     eprintln!("the publish whose replica was killed: {cut:?}");
