@@ -253,7 +253,7 @@ impl AgentApi {
         if minutes.is_empty() {
             return None;
         }
-        let counter = |result: &str| self.metrics.signal_minutes.with_label_values(&[result]);
+        let counter = |result: &str| self.metrics.signal_reports.with_label_values(&[result]);
         if !self.analysed.contains(store_id) {
             counter("unobserved").inc_by(minutes.len() as u64);
             return None;

@@ -127,8 +127,8 @@ pub struct Metrics {
     pub http_in_flight: IntGaugeVec,
     /// Peers tills banned for serving bad data, as their heartbeats report.
     pub p2p_bans: prometheus::IntCounter,
-    /// Tills' signal minutes, by `result` (`SIGNAL_REPORT_RESULTS`).
-    pub signal_minutes: IntCounterVec,
+    /// Tills' per-minute signal reports, by `result` (`SIGNAL_REPORT_RESULTS`).
+    pub signal_reports: IntCounterVec,
     /// Signal reports tills dropped (malformed, over a cap), as their
     /// heartbeats report.
     pub signals_dropped: prometheus::IntCounter,
@@ -293,7 +293,7 @@ impl Metrics {
             "Store peers tills banned for serving bad data, as their heartbeats report.",
         )
         .expect("static metric definition is valid");
-        let signal_minutes = IntCounterVec::new(
+        let signal_reports = IntCounterVec::new(
             Opts::new(
                 "posfleet_signal_reports_total",
                 "Per-minute signal reports of tills (one per till and minute), by result: stored \
@@ -400,7 +400,7 @@ impl Metrics {
             Box::new(http_duration.clone()),
             Box::new(http_in_flight.clone()),
             Box::new(p2p_bans.clone()),
-            Box::new(signal_minutes.clone()),
+            Box::new(signal_reports.clone()),
             Box::new(signals_dropped.clone()),
             Box::new(database_connections.clone()),
             Box::new(database_connections_max.clone()),
@@ -449,7 +449,7 @@ impl Metrics {
             enrollments.with_label_values(&[result]);
         }
         for result in SIGNAL_REPORT_RESULTS {
-            signal_minutes.with_label_values(&[result]);
+            signal_reports.with_label_values(&[result]);
         }
         for result in crate::session_api::LOGIN_RESULTS {
             logins.with_label_values(&[result]);
@@ -490,7 +490,7 @@ impl Metrics {
             http_duration,
             http_in_flight,
             p2p_bans,
-            signal_minutes,
+            signal_reports,
             signals_dropped,
             database_connections,
             database_connections_max,
